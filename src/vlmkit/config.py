@@ -1,0 +1,211 @@
+"""Typed configuration for every vlmkit model.
+
+A model is three parts (vision tower -> projector -> language model) and each
+part has one dataclass here. Configs validate themselves on construction, so a
+bad value fails where it is written, not deep inside a forward pass. They turn
+into plain dicts (`to_dict`) and back (`from_dict`) exactly, which is how a
+config is saved next to every checkpoint.
+
+    >>> lm = LMConfig(vocab_size=100, hidden_size=64, intermediate_size=128,
+    ...               num_layers=2, num_heads=4, num_kv_heads=2)
+    >>> lm.head_dim
+    16
+    >>> LMConfig.from_dict(lm.to_dict()) == lm
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "yarn")
+VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
+SELECT_FEATURES = ("patch", "cls_patch")
+
+
+def _require(ok: bool, message: str) -> None:
+    """Raise ValueError(message) unless ok: the one way configs reject values."""
+    if not ok:
+        raise ValueError(message)
+
+
+class _Serializable:
+    """to_dict / from_dict for (nested) config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        _require(not unknown, f"{cls.__name__}: unknown keys {unknown}; valid keys are {sorted(names)}")
+        return cls(**data)
+
+
+@dataclass
+class LMConfig(_Serializable):
+    """A Llama-family decoder: Llama, Mistral, Qwen2, Phi-3, SmolLM2."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int | None = None  # None = num_heads (no grouped-query attention)
+    head_dim: int | None = None  # None = hidden_size // num_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # RoPE scaling in transformers' `rope_parameters` form minus rope_theta,
+    # e.g. {"rope_type": "linear", "factor": 2.0}; None = plain RoPE.
+    rope_scaling: dict[str, Any] | None = None
+    partial_rotary_factor: float = 1.0  # fraction of head_dim that is rotated
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False  # Qwen2: True
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False  # SmolLM2: True
+    sliding_window: int | None = None  # Mistral: attend to at most this many previous tokens
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None:
+            _require(
+                self.hidden_size % self.num_heads == 0,
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                "set head_dim explicitly",
+            )
+            self.head_dim = self.hidden_size // self.num_heads
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
+            _require(getattr(self, name) > 0, f"LMConfig.{name} must be positive, got {getattr(self, name)}")
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}",
+        )
+        _require(self.hidden_act in ("silu", "gelu", "gelu_pytorch_tanh"),
+                 f"LMConfig.hidden_act {self.hidden_act!r} unsupported; use silu, gelu or gelu_pytorch_tanh")
+        _require(0.0 < self.partial_rotary_factor <= 1.0,
+                 f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            _require(kind in ROPE_TYPES, f"rope_scaling type {kind!r} unknown; valid: {ROPE_TYPES}")
+        _require(self.sliding_window is None or self.sliding_window > 0,
+                 f"sliding_window must be positive or None, got {self.sliding_window}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Number of leading channels of each head that RoPE rotates (even)."""
+        dim = int(self.head_dim * self.partial_rotary_factor)
+        return dim - dim % 2
+
+
+@dataclass
+class VisionConfig(_Serializable):
+    """A ViT image encoder: CLIP (CLS token, pre-layernorm, quick_gelu) or SigLIP (no CLS, gelu-tanh)."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    use_cls_token: bool = True  # CLIP: True, SigLIP: False
+    pre_layernorm: bool = True  # CLIP: True, SigLIP: False
+    post_layernorm: bool = True
+    use_head: bool = False  # SigLIP attention-pooling head (not used by VLMs)
+    patch_bias: bool = False  # CLIP's patch conv has no bias, SigLIP's does
+    # Which hidden state a VLM takes: -1 = last layer, -2 = penultimate (LLaVA).
+    select_layer: int = -2
+    select_feature: str = "patch"  # "patch" drops CLS, "cls_patch" keeps every token
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    def __post_init__(self) -> None:
+        self.image_mean = tuple(self.image_mean)  # type: ignore[assignment]
+        self.image_std = tuple(self.image_std)  # type: ignore[assignment]
+        for name in ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            _require(getattr(self, name) > 0, f"VisionConfig.{name} must be positive, got {getattr(self, name)}")
+        _require(self.image_size % self.patch_size == 0,
+                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        _require(self.hidden_size % self.num_heads == 0,
+                 f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        _require(self.hidden_act in VISION_ACTIVATIONS,
+                 f"VisionConfig.hidden_act {self.hidden_act!r} unknown; valid: {VISION_ACTIVATIONS}")
+        _require(self.select_feature in SELECT_FEATURES,
+                 f"select_feature {self.select_feature!r} unknown; valid: {SELECT_FEATURES}")
+        _require(-self.num_layers - 1 <= self.select_layer <= self.num_layers,
+                 f"select_layer {self.select_layer} is out of range for {self.num_layers} layers "
+                 f"(valid: {-self.num_layers - 1}..{self.num_layers})")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_patches + int(self.use_cls_token)
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Feature vectors the tower hands to the projector for one image at image_size."""
+        keep_cls = self.use_cls_token and self.select_feature == "cls_patch"
+        return self.num_patches + int(keep_cls)
+
+
+@dataclass
+class ProjectorConfig(_Serializable):
+    """Maps vision features to the LM width. `type` is a key of models.projectors.PROJECTORS:
+    "linear", "mlp{N}x_gelu" or "merge2x2_mlp{N}x_gelu" (2x2 space-to-depth, then the MLP)."""
+
+    type: str = "mlp2x_gelu"
+    in_dim: int = 1024
+    out_dim: int = 4096
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        from vlmkit.models.projectors import parse_projector_type  # validates the name, lists valid ones
+
+        parse_projector_type(self.type)
+        _require(self.in_dim > 0 and self.out_dim > 0,
+                 f"projector dims must be positive, got in_dim={self.in_dim}, out_dim={self.out_dim}")
+
+
+@dataclass
+class VLMConfig(_Serializable):
+    """A vision-language model: vision tower -> projector -> language model."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    image_token_id: int = 32000  # placeholder id in input_ids that image features replace
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig.from_dict(self.vision)
+        if isinstance(self.projector, dict):
+            self.projector = ProjectorConfig.from_dict(self.projector)
+        if isinstance(self.lm, dict):
+            self.lm = LMConfig.from_dict(self.lm)
+        _require(self.projector.in_dim == self.vision.hidden_size * _merge_factor(self.projector.type),
+                 f"projector.in_dim {self.projector.in_dim} does not match the vision width "
+                 f"{self.vision.hidden_size} x merge factor {_merge_factor(self.projector.type)}")
+        _require(self.projector.out_dim == self.lm.hidden_size,
+                 f"projector.out_dim {self.projector.out_dim} != lm.hidden_size {self.lm.hidden_size}")
+        _require(0 <= self.image_token_id < self.lm.vocab_size,
+                 f"image_token_id {self.image_token_id} is outside the LM vocabulary (size {self.lm.vocab_size})")
+
+
+def _merge_factor(projector_type: str) -> int:
+    from vlmkit.models.projectors import parse_projector_type
+
+    return parse_projector_type(projector_type).merge ** 2

@@ -1,0 +1,247 @@
+"""The language model: one Llama-family decoder for Llama, Mistral, Qwen2, Phi-3 and SmolLM2.
+
+    x = embed(ids)                                   # (B, T, C)
+    for each layer:
+        x = x + attn(rms_norm(x))                    # RoPE, grouped-query attention, KV cache
+        x = x + down(silu(gate(h)) * up(h)), h = rms_norm(x)
+    logits = lm_head(rms_norm(x))                    # (B, T, V)
+
+The architectures differ only in data (LMConfig): qkv bias (Qwen2), sliding
+window (Mistral), tied embeddings (SmolLM2), RoPE scaling (Phi-3 longrope,
+Llama-3 ...). Query/key/value and gate/up projections are stored fused
+(`qkv`, `gate_up`): one matmul instead of three or two, which is faster on a
+CPU; weights/ splits and joins them for each checkpoint format.
+
+Run `python -m vlmkit.models.lm` for a shape check on a tiny random model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vlmkit.config import LMConfig
+from vlmkit.models.rope import RotaryEmbedding, apply_rotary
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, T, V), or (B, k, V) when only the last k positions were asked for
+    loss: torch.Tensor | None = None
+
+
+class KVCache:
+    """Preallocated key/value buffers for every layer, filled left to right.
+
+    `length` tokens are stored; a forward pass writes its T new keys/values at
+    [length, length + T) in every layer and then calls `advance(T)`.
+    """
+
+    def __init__(self, cfg: LMConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hd) after the cached tokens; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions but {end} are needed; "
+                             "create the cache with a larger max_len")
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (e.g. drop finished sequences)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 and cast back, as Llama's reference does."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LMConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)
+        self.out = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd), S = cached + T
+        causal_only = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal_only,
+                                           enable_gqa=self.nkv != self.nh)  # (B, nh, T, hd)
+        return self.out(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x)), gate and up fused into one matmul."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = {"silu": F.silu, "gelu": F.gelu,
+                    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh")}[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.act(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LMConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM with a head. forward takes ids or embeddings and returns CausalLMOutput."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rope = RotaryEmbedding(cfg)
+        self.gradient_checkpointing = False
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.cfg, batch_size, max_len, dtype=p.dtype, device=p.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,  # (B, T)
+        inputs_embeds: torch.Tensor | None = None,  # (B, T, C)
+        attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real token, 0 = padding; S = cached + T
+        position_ids: torch.Tensor | None = None,  # (B, T)
+        cache: KVCache | None = None,
+        labels: torch.Tensor | None = None,  # (B, T), IGNORE_INDEX where no loss is taken
+        logits_to_keep: int = 0,  # 0 = all positions, k = only the last k (generation needs 1)
+    ) -> CausalLMOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T, _ = x.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, past, T, x.device)
+        cos, sin = self.rope(position_ids, x.dtype)  # (B, T, rotary_dim) each
+        mask = attention_bias(attention_mask, past, T, self.cfg.sliding_window, x.device)
+
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits=logits, loss=loss)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions whose label is not IGNORE_INDEX."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+def default_position_ids(attention_mask: torch.Tensor | None, past: int, T: int,
+                         device: torch.device) -> torch.Tensor:
+    """Positions of the T new tokens: count of real tokens before each one (left padding aware)."""
+    if attention_mask is None:
+        return torch.arange(past, past + T, device=device).unsqueeze(0)  # (1, T)
+    positions = attention_mask.long().cumsum(-1) - 1  # (B, S)
+    return positions.clamp(min=0)[:, -T:]
+
+
+def attention_bias(attention_mask: torch.Tensor | None, past: int, T: int,
+                   sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean mask (B or 1, 1, T, S) where True = may attend; None when plain causal attention will do.
+
+    Query i (absolute position past + i) sees key j when j <= past + i, j is not
+    padding, and, with a sliding window W, past + i - j < W.
+    """
+    S = past + T
+    needs_window = sliding_window is not None and S > sliding_window
+    if attention_mask is None and not needs_window and (past == 0 or T == 1):
+        return None  # is_causal (T > 1, no cache) or a single query that sees everything
+    q = torch.arange(past, S, device=device).unsqueeze(1)  # (T, 1)
+    k = torch.arange(S, device=device).unsqueeze(0)  # (1, S)
+    allowed = k <= q
+    if needs_window:
+        allowed = allowed & (q - k < sliding_window)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != S:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions but "
+                             f"{past} cached + {T} new = {S} are attended")
+        allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+        # A fully padded query row (left padding) would give NaN; let it see itself.
+        allowed = allowed | _diagonal(T, S, device)
+    return allowed
+
+
+def _diagonal(T: int, S: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, T, S) mask letting each new query attend to its own key."""
+    eye = torch.zeros(T, S, dtype=torch.bool, device=device)
+    eye[torch.arange(T), torch.arange(S - T, S)] = True
+    return eye[None, None]
+
+
+if __name__ == "__main__":
+    cfg = LMConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+    model = CausalLM(cfg)
+    ids = torch.randint(0, 100, (2, 7))
+    print("logits", tuple(model(ids).logits.shape))  # (2, 7, 100)

@@ -1,0 +1,113 @@
+"""Projectors: map vision features (B, N, Dv) to the LM width (B, N', C).
+
+Three families, chosen by the config string ProjectorConfig.type:
+
+- ``linear``               one Linear(Dv, C)                        (LLaVA-1.0, Vary)
+- ``mlp{N}x_gelu``         Linear(Dv, C), then (GELU, Linear(C, C)) x (N-1)  (LLaVA-1.5 uses N=2)
+- ``merge2x2_mlp{N}x_gelu`` every 2x2 block of neighbouring patches is
+  concatenated into one vector of 4*Dv (space-to-depth / pixel shuffle, as in
+  Phi-3.5-vision and Qwen2-VL), then the MLP: N tokens -> N/4 tokens.
+
+    >>> parse_projector_type("mlp2x_gelu")
+    ProjectorSpec(family='mlp', depth=2, merge=1)
+    >>> parse_projector_type("merge2x2_mlp2x_gelu").merge
+    2
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+# Each valid form: (regex, family). The registry below maps families to builders.
+_FORMS = {
+    r"linear": "linear",
+    r"mlp(?P<depth>\d+)x_gelu": "mlp",
+    r"merge(?P<m1>\d+)x(?P<m2>\d+)_mlp(?P<depth>\d+)x_gelu": "merge_mlp",
+}
+VALID_PROJECTOR_TYPES = ("linear", "mlp{N}x_gelu", "merge2x2_mlp{N}x_gelu")
+
+
+@dataclass(frozen=True)
+class ProjectorSpec:
+    family: str
+    depth: int = 1  # number of Linear layers
+    merge: int = 1  # side of the square block of patches merged into one token
+
+
+def parse_projector_type(name: str) -> ProjectorSpec:
+    """Parse a projector type string; raise ValueError listing the valid forms if it is unknown."""
+    for pattern, family in _FORMS.items():
+        m = re.fullmatch(pattern, name)
+        if m is None:
+            continue
+        groups = m.groupdict()
+        depth = int(groups.get("depth") or 1)
+        merge = int(groups.get("m1") or 1)
+        if depth < 1:
+            break
+        if family == "merge_mlp" and not (groups["m1"] == groups["m2"] == "2"):
+            raise ValueError(f"projector type {name!r}: only a 2x2 merge is supported")
+        return ProjectorSpec(family, depth, merge)
+    raise ValueError(f"unknown projector type {name!r}; valid types are {', '.join(VALID_PROJECTOR_TYPES)}")
+
+
+def mlp_gelu(in_dim: int, out_dim: int, depth: int, bias: bool = True) -> nn.Sequential:
+    """Linear(in, out) followed by (GELU, Linear(out, out)) depth-1 times; indices 0, 2, 4 ... are Linear."""
+    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim, bias=bias)]
+    for _ in range(depth - 1):
+        layers += [nn.GELU(), nn.Linear(out_dim, out_dim, bias=bias)]
+    return nn.Sequential(*layers)
+
+
+def merge_2x2(x: torch.Tensor) -> torch.Tensor:
+    """Space-to-depth: (B, H*W, D) on a square H x W grid -> (B, H/2 * W/2, 4*D).
+
+    The 4 patches of each 2x2 block are concatenated in row-major order
+    (top-left, top-right, bottom-left, bottom-right), as Phi-3.5-vision's
+    `reshape_hd_patches_2x2merge` does; odd sides are an error.
+    """
+    B, N, D = x.shape
+    side = math.isqrt(N)
+    if side * side != N or side % 2:
+        raise ValueError(f"2x2 merge needs an even square grid of patches, got {N} tokens")
+    x = x.view(B, side // 2, 2, side // 2, 2, D)  # (B, h, 2, w, 2, D)
+    x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h, w, 2, 2, D)
+    return x.reshape(B, (side // 2) ** 2, 4 * D)
+
+
+class Projector(nn.Module):
+    """An optional 2x2 merge followed by a Linear/MLP stack."""
+
+    def __init__(self, spec: ProjectorSpec, in_dim: int, out_dim: int, bias: bool = True) -> None:
+        super().__init__()
+        self.spec = spec
+        self.mlp = mlp_gelu(in_dim, out_dim, spec.depth, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.merge == 2:
+            x = merge_2x2(x)  # (B, N/4, 4*Dv)
+        return self.mlp(x)  # (B, N', C)
+
+
+def tokens_after_projection(projector_type: str, num_features: int) -> int:
+    """How many LM tokens a projector makes from num_features vision features."""
+    return num_features // parse_projector_type(projector_type).merge ** 2
+
+
+PROJECTORS: dict[str, Callable[[ProjectorSpec, int, int, bool], nn.Module]] = {
+    "linear": Projector,
+    "mlp": Projector,
+    "merge_mlp": Projector,
+}
+
+
+def build_projector(projector_type: str, in_dim: int, out_dim: int, bias: bool = True) -> nn.Module:
+    """Build the projector named by a ProjectorConfig.type string."""
+    spec = parse_projector_type(projector_type)
+    return PROJECTORS[spec.family](spec, in_dim, out_dim, bias)

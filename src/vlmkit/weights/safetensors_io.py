@@ -1,0 +1,80 @@
+"""Read and write transformers-format directories: config.json + safetensors (sharded or not).
+
+Only safetensors is deserialized here: a directory holding nothing but
+pytorch_model.bin (a pickle) is refused with a message saying how to convert it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_config(path: str | Path) -> dict:
+    """Parse path/config.json, with errors that name the file."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: a model directory needs config.json beside its safetensors")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load every tensor of a directory's model.safetensors or of the shards its index lists."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(load_file(path / shard))
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise ValueError(f"{index} lists tensors no shard holds: {missing[:5]}")
+        return state
+    if (path / SINGLE_FILE).is_file():
+        return load_file(path / SINGLE_FILE)
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) == 1:
+        return load_file(files[0])
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+        raise ValueError(f"{path} holds only pickle checkpoints (.bin/.pt), which vlmkit never loads; "
+                         "convert them to safetensors with transformers' save_pretrained(safe_serialization=True)")
+    raise FileNotFoundError(f"no {SINGLE_FILE}, {INDEX_FILE} or single *.safetensors file in {path}")
+
+
+def write_dir(path: str | Path, config: dict, state: dict[str, torch.Tensor],
+              max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Write config.json and the tensors, split into shards of at most max_shard_bytes with an index."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # safetensors refuses shared storage (tied weights): store contiguous copies.
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], path / SINGLE_FILE, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / fname, metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -1,0 +1,61 @@
+"""Projectors: the registry, shapes, and the 2x2 merge against the element order of Phi-3.5-vision's
+`reshape_hd_patches_2x2merge` (seed 000), written out block by block as the oracle."""
+
+import pytest
+import torch
+
+from vlmkit.config import ProjectorConfig
+from vlmkit.models.projectors import build_projector, merge_2x2, parse_projector_type, tokens_after_projection
+
+
+def test_registry_rejects_unknown_names_and_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown projector type 'qformer'.*linear.*mlp\{N\}x_gelu"):
+        parse_projector_type("qformer")
+    with pytest.raises(ValueError, match="unknown projector type"):
+        ProjectorConfig(type="mlp0x_gelu")
+    with pytest.raises(ValueError, match="only a 2x2 merge"):
+        parse_projector_type("merge3x3_mlp2x_gelu")
+
+
+@pytest.mark.parametrize("name, linears", [("linear", 1), ("mlp2x_gelu", 2), ("mlp3x_gelu", 3),
+                                           ("merge2x2_mlp2x_gelu", 2)])
+def test_layer_structure(name, linears):
+    spec = parse_projector_type(name)
+    proj = build_projector(name, 16 * spec.merge**2, 24)
+    kinds = [type(m).__name__ for m in proj.mlp]
+    assert kinds.count("Linear") == linears
+    assert kinds.count("GELU") == linears - 1
+
+
+def test_mlp2x_gelu_formula():
+    torch.manual_seed(0)
+    proj = build_projector("mlp2x_gelu", 8, 12)
+    x = torch.randn(2, 5, 8)
+    l1, l2 = proj.mlp[0], proj.mlp[2]
+    expected = torch.nn.functional.gelu(x @ l1.weight.T + l1.bias) @ l2.weight.T + l2.bias
+    torch.testing.assert_close(proj(x), expected)
+
+
+def test_merge_2x2_matches_block_by_block_oracle():
+    torch.manual_seed(0)
+    B, side, D = 2, 6, 3
+    x = torch.randn(B, side * side, D)
+    grid = x.view(B, side, side, D)
+    expected = torch.stack([
+        torch.cat([grid[:, 2 * i, 2 * j], grid[:, 2 * i, 2 * j + 1],
+                   grid[:, 2 * i + 1, 2 * j], grid[:, 2 * i + 1, 2 * j + 1]], dim=-1)
+        for i in range(side // 2) for j in range(side // 2)], dim=1)
+    assert torch.equal(merge_2x2(x), expected)
+
+
+def test_merge_projector_token_count():
+    proj = build_projector("merge2x2_mlp2x_gelu", 4 * 16, 32)
+    out = proj(torch.randn(1, 24 * 24, 16))
+    assert out.shape == (1, 144, 32)  # Phi-3.5-V: 24x24 patches -> 12x12 tokens
+    assert tokens_after_projection("merge2x2_mlp2x_gelu", 576) == 144
+    assert tokens_after_projection("mlp2x_gelu", 576) == 576
+
+
+def test_merge_rejects_odd_grid():
+    with pytest.raises(ValueError, match="even square grid"):
+        merge_2x2(torch.randn(1, 25, 4))
