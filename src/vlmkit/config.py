@@ -101,9 +101,10 @@ class LMConfig(_Serializable):
 
     @property
     def rotary_dim(self) -> int:
-        """Number of leading channels of each head that RoPE rotates (even)."""
+        """Number of leading channels of each head that RoPE rotates: int(head_dim * factor),
+        rounded up to even as transformers' frequency table (arange(0, dim, 2)) does."""
         dim = int(self.head_dim * self.partial_rotary_factor)
-        return dim - dim % 2
+        return dim + dim % 2
 
 
 @dataclass
