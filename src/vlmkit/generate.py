@@ -1,0 +1,432 @@
+"""Text generation with a KV cache: sampling, batching, stop conditions and streaming.
+
+    cfg = GenerationConfig(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0)
+    result = generate(model, [tok.encode("Hello")], cfg, tokenizer=tok)
+    result.texts[0], result.finish_reasons[0]           # "...", "stop" or "length"
+    for piece in stream(model, tok.encode("Hello"), cfg, tok):
+        print(piece, end="", flush=True)
+
+The model needs only `new_cache(batch_size, max_len)` and a forward taking
+input_ids, attention_mask (B, S), cache and logits_to_keep (CausalLM and VLM
+both have them). Prompts of different lengths are left-padded; the prompt goes
+through the model once (prefill, the only pass that gets prefill inputs such as
+pixel_values), then each step feeds one token per row and reuses the cache.
+Rows that finish leave the batch (KVCache.select), and every row samples from
+its own generator seeded with cfg.seed, so a row's output does not depend on
+the rest of the batch: batched generation equals running each prompt alone.
+
+`generate_naive` runs the full sequence through the model at every step with no
+cache and keeps finished rows in the batch (fed padding): slow and plainly
+right, kept to check the fast path.
+
+Sampling applies transformers' logits processors in transformers' order
+(generation/utils.py, _get_logits_processor): repetition penalty, temperature,
+top-k, top-p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+# A prompt batch: a (B, T) tensor (with an optional attention_mask) or one list of ids per prompt.
+Prompts = torch.Tensor | Sequence[Sequence[int]]
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick tokens and when to stop. temperature 0 means greedy (argmax)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy; otherwise logits are divided by it before sampling
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # keep the smallest set of tokens with probability >= top_p; 1 = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt + output; 1 = off
+    stop_token_ids: tuple[int, ...] = ()  # a row stops when it samples one (the tokenizer's eos is added)
+    stop_strings: tuple[str, ...] = ()  # a row stops when its text contains one (needs a tokenizer)
+    seed: int | None = None  # None = a fresh random seed per call
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop_token_ids, int):
+            self.stop_token_ids = (self.stop_token_ids,)
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = (self.stop_strings,)
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        self.stop_strings = tuple(self.stop_strings)
+        checks = [
+            (_is_int(self.max_new_tokens) and self.max_new_tokens > 0,
+             f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}"),
+            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {self.top_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+            (all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+             f"stop_token_ids must be non-negative ints, got {self.stop_token_ids}"),
+            (all(isinstance(s, str) and s for s in self.stop_strings),
+             f"stop_strings must be non-empty strings, got {self.stop_strings}"),
+            (self.seed is None or _is_int(self.seed), f"seed must be an int or None, got {self.seed!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class GenerationResult:
+    """Per prompt: generated ids (no prompt, no padding, no stop token), why it ended, and the text.
+
+    After a stop string, token_ids still holds every sampled token (the last one
+    completed the stop string) while texts ends before the stop string.
+    """
+
+    token_ids: list[list[int]]
+    finish_reasons: list[str]  # "stop" (stop token or stop string) or "length" (max_new_tokens reached)
+    texts: list[str] | None = None  # decoded text when a tokenizer was given
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al. 2019, sec. 4.1) as transformers applies it: the logit of every
+    token in previous_ids is divided by penalty if positive and multiplied by it if negative.
+
+    logits (B, V); previous_ids (B, L) with negative entries meaning padding (ignored).
+    """
+    B, V = logits.shape
+    ids = torch.where(previous_ids < 0, V, previous_ids.long())  # padding -> a spare column, dropped below
+    seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device).scatter_(1, ids, True)[:, :V]  # (B, V)
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)  # (B, V)
+    return torch.where(seen, penalized, logits)
+
+
+def process_logits(logits: torch.Tensor, cfg: GenerationConfig,
+                   previous_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The scores tokens are drawn from: fp32 logits (B, V) after repetition penalty, temperature,
+    top-k and top-p, removed tokens at -inf. For greedy (temperature 0) only the penalty applies:
+    the rest cannot change the argmax."""
+    scores = logits.float()  # (B, V)
+    if cfg.repetition_penalty != 1.0 and previous_ids is not None:
+        scores = apply_repetition_penalty(scores, previous_ids, cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return scores
+    scores = scores / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(scores, min(cfg.top_k, scores.shape[-1])).values[:, -1:]  # (B, 1)
+        scores = scores.masked_fill(scores < kth, float("-inf"))  # ties with the k-th are kept
+    if cfg.top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)  # (B, V) each
+        probs = sorted_scores.softmax(dim=-1)
+        mass_above = torch.cat([torch.zeros_like(probs[:, :1]), probs.cumsum(dim=-1)[:, :-1]], dim=-1)  # (B, V)
+        drop_sorted = mass_above >= cfg.top_p  # the most likely token always stays (its mass_above is 0)
+        drop = drop_sorted.scatter(1, order, drop_sorted)  # back to vocabulary order
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def sample_next(logits: torch.Tensor, cfg: GenerationConfig,
+                generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                previous_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Pick the next token of every row: (B,) ids from logits (B, V).
+
+    previous_ids (B, L) are the ids already in prompt + output (for the repetition
+    penalty; negative = padding). generator is one torch.Generator for the whole
+    batch or one per row (rows then draw independently of each other).
+    """
+    scores = process_logits(logits, cfg, previous_ids)  # (B, V)
+    if cfg.temperature == 0:
+        return scores.argmax(dim=-1)
+    probs = scores.softmax(dim=-1)  # (B, V)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if len(generator) != probs.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for {probs.shape[0]} rows; pass one per row or one")
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
+
+
+def _row_generators(cfg: GenerationConfig, n: int) -> list[torch.Generator] | None:
+    """One generator per row, all seeded with cfg.seed (or one fresh random seed); None for greedy."""
+    if cfg.temperature == 0:
+        return None
+    seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+    return [torch.Generator().manual_seed(seed) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- text and stops
+
+
+class _TextTracker:
+    """Turns one row's tokens into text pieces: only whole characters, and nothing from a stop string on.
+
+    Each push decodes a short window ids[prefix:] and emits what it adds past
+    ids[prefix:read] (decoding a window rather than single tokens keeps the spaces
+    that some tokenizers drop at the start of a decode). Text ending in U+FFFD
+    waits: the rest of a UTF-8 character may still come. Text that could be the
+    start of a stop string waits too, until it is known not to be one.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop_strings: tuple[str, ...]) -> None:
+        self.decode, self.stop_strings = decode, stop_strings
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+        self.held = ""  # decoded text that might begin a stop string
+        self.stopped = False  # a stop string was found; nothing more is emitted
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        done = self.decode(self.ids[self.prefix:self.read])
+        text = self.decode(self.ids[self.prefix:])
+        if len(text) <= len(done) or text.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return self._filter(text[len(done):])
+
+    def finish(self) -> str:
+        """The text still held back at the end of generation (an unfinished character is kept as U+FFFD)."""
+        rest = self.decode(self.ids[self.prefix:])[len(self.decode(self.ids[self.prefix:self.read])):]
+        text = self._filter(rest)
+        if not self.stopped:
+            text, self.held = text + self.held, ""
+        return text
+
+    def _filter(self, new: str) -> str:
+        if self.stopped:
+            return ""
+        text = self.held + new
+        hits = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
+        if hits:
+            self.stopped, self.held = True, ""
+            return text[:min(hits)]
+        keep = max((n for s in self.stop_strings for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep]
+
+
+class _Row:
+    """One prompt's progress: sampled ids, text pieces, finish reason."""
+
+    def __init__(self, prompt: list[int], cfg: GenerationConfig, stop_ids: set[int], tokenizer: Any) -> None:
+        self.prompt, self.max_new_tokens, self.stop_ids = prompt, cfg.max_new_tokens, stop_ids
+        self.ids: list[int] = []
+        self.pieces: list[str] = []
+        self.finish_reason: str | None = None
+        self.text = None
+        if tokenizer is not None:
+            self.text = _TextTracker(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), cfg.stop_strings)
+
+    def push(self, token_id: int) -> None:
+        if token_id in self.stop_ids:
+            self._finish("stop")
+            return
+        self.ids.append(token_id)
+        if self.text is not None:
+            self._emit(self.text.push(token_id))
+            if self.text.stopped:
+                self._finish("stop")
+                return
+        if len(self.ids) >= self.max_new_tokens:
+            self._finish("length")
+
+    def _finish(self, reason: str) -> None:
+        if self.text is not None:
+            self._emit(self.text.finish())
+            reason = "stop" if self.text.stopped else reason
+        self.finish_reason = reason
+
+    def _emit(self, piece: str) -> None:
+        if piece:
+            self.pieces.append(piece)
+
+
+def _make_rows(input_ids: Prompts, attention_mask: torch.Tensor | None, cfg: GenerationConfig,
+               tokenizer: Any) -> list[_Row]:
+    """Unpadded prompts from a (B, T) tensor (+ mask) or lists of ids, one _Row each."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        if attention_mask is None:
+            prompts = input_ids.tolist()
+        else:
+            prompts = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
+    else:
+        if attention_mask is not None:
+            raise ValueError("attention_mask goes with a tensor input_ids; pass lists of ids without padding")
+        if not all(isinstance(p, (Sequence, torch.Tensor)) for p in input_ids):
+            raise ValueError("input_ids must be a (B, T) tensor or a list of prompts (lists of ids), "
+                             "e.g. [[1, 2, 3]] for one prompt")
+        prompts = [[int(t) for t in p] for p in input_ids]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (got an empty batch or an empty prompt)")
+    if cfg.stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode text; pass tokenizer=")
+    stop_ids = set(cfg.stop_token_ids)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    stop_ids.update([eos] if _is_int(eos) else eos or [])
+    return [_Row(p, cfg, stop_ids, tokenizer) for p in prompts]
+
+
+def _result(rows: list[_Row], with_text: bool) -> GenerationResult:
+    return GenerationResult(token_ids=[r.ids for r in rows], finish_reasons=[r.finish_reason for r in rows],
+                            texts=["".join(r.pieces) for r in rows] if with_text else None)
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and 1/0 mask with every prompt right-aligned."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p):] = 1
+    return ids, mask
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return pad if pad is not None else 0
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- decoding loops
+
+
+@torch.inference_mode()
+def _decode_cached(model: nn.Module, rows: list[_Row], cfg: GenerationConfig,
+                   prefill_inputs: dict[str, Any], pad_id: int) -> Iterator[None]:
+    """KV-cache decoding: push each sampled token into its row, yield after every step."""
+    ids, mask = _left_pad([r.prompt for r in rows], pad_id, _device(model))  # (B, T) each
+    B, T = ids.shape
+    history = ids.masked_fill(mask == 0, -1)  # (B, T) prompt ids, -1 = padding
+    attention = None if bool(mask.all()) else mask  # no padding: plain causal attention
+    generators = _row_generators(cfg, B)
+    active = list(range(B))  # rows[active[j]] is batch row j
+    cache = model.new_cache(B, T + cfg.max_new_tokens)
+    out = model(input_ids=ids, attention_mask=attention, cache=cache, logits_to_keep=1, **prefill_inputs)
+    while True:
+        tokens = sample_next(out.logits[:, -1], cfg, generators, history)  # (b,)
+        for j, token in enumerate(tokens.tolist()):
+            rows[active[j]].push(token)
+        yield
+        keep = [j for j, i in enumerate(active) if rows[i].finish_reason is None]
+        if not keep:
+            return
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=tokens.device)
+            cache.select(index)
+            tokens, history = tokens[index], history[index]
+            attention = attention[index] if attention is not None else None
+            generators = [generators[j] for j in keep] if generators is not None else None
+            active = [active[j] for j in keep]
+        history = torch.cat([history, tokens[:, None]], dim=1)  # (b, S)
+        if attention is not None:
+            attention = torch.cat([attention, attention.new_ones(len(active), 1)], dim=1)  # (b, S)
+        out = model(input_ids=tokens[:, None], attention_mask=attention, cache=cache, logits_to_keep=1)
+
+
+@torch.inference_mode()
+def _decode_naive(model: nn.Module, rows: list[_Row], cfg: GenerationConfig,
+                  prefill_inputs: dict[str, Any], pad_id: int) -> Iterator[None]:
+    """No cache: the whole sequence goes through the model (with prefill inputs) every step;
+    finished rows stay in the batch and are fed padding."""
+    ids, mask = _left_pad([r.prompt for r in rows], pad_id, _device(model))  # (B, T) each
+    generators = _row_generators(cfg, len(rows))
+    while True:
+        out = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **prefill_inputs)
+        tokens = sample_next(out.logits[:, -1], cfg, generators, ids.masked_fill(mask == 0, -1))  # (B,)
+        live = [r.finish_reason is None for r in rows]
+        for row, token, was_live in zip(rows, tokens.tolist(), live):
+            if was_live:
+                row.push(token)
+        yield
+        live = torch.tensor([r.finish_reason is None for r in rows], device=ids.device)  # (B,)
+        if not bool(live.any()):
+            return
+        ids = torch.cat([ids, torch.where(live, tokens, pad_id)[:, None]], dim=1)  # (B, S)
+        mask = torch.cat([mask, live.long()[:, None]], dim=1)  # (B, S)
+
+
+# ----------------------------------------------------------------------------- public entry points
+
+
+def generate(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig | None = None,
+             attention_mask: torch.Tensor | None = None, prefill_inputs: dict[str, Any] | None = None,
+             tokenizer: Any = None) -> GenerationResult:
+    """Generate a continuation of every prompt with the KV cache.
+
+    input_ids is a (B, T) tensor (padding marked by attention_mask, any side) or
+    a list of id lists. prefill_inputs (e.g. pixel_values, image_sizes) go to the
+    first forward pass only. With a tokenizer: its pad id pads, its eos stops a
+    row, and texts are decoded.
+    """
+    cfg = cfg or GenerationConfig()
+    rows = _make_rows(input_ids, attention_mask, cfg, tokenizer)
+    for _ in _decode_cached(model, rows, cfg, prefill_inputs or {}, _pad_id(tokenizer)):
+        pass
+    return _result(rows, tokenizer is not None)
+
+
+def generate_naive(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig | None = None,
+                   attention_mask: torch.Tensor | None = None, prefill_inputs: dict[str, Any] | None = None,
+                   tokenizer: Any = None) -> GenerationResult:
+    """Same as generate, without a cache (reference path; prefill inputs go to every forward pass)."""
+    cfg = cfg or GenerationConfig()
+    rows = _make_rows(input_ids, attention_mask, cfg, tokenizer)
+    for _ in _decode_naive(model, rows, cfg, prefill_inputs or {}, _pad_id(tokenizer)):
+        pass
+    return _result(rows, tokenizer is not None)
+
+
+class TextStream:
+    """Iterator over the text pieces of one generation; `result` is set once it is exhausted."""
+
+    def __init__(self, steps: Iterator[None], row: _Row) -> None:
+        self._steps, self._row, self._sent = steps, row, 0
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        while self._sent == len(self._row.pieces):
+            if self.result is not None:
+                raise StopIteration
+            try:
+                next(self._steps)
+            except StopIteration:
+                self.result = _result([self._row], with_text=True)
+        self._sent += 1
+        return self._row.pieces[self._sent - 1]
+
+
+def stream(model: nn.Module, input_ids: torch.Tensor | Sequence[int], cfg: GenerationConfig | None,
+           tokenizer: Any, prefill_inputs: dict[str, Any] | None = None) -> TextStream:
+    """Generate for one prompt ((T,) or (1, T) ids), yielding text as it becomes final.
+
+    Pieces hold whole characters only and stop before a stop string; joined, they
+    equal generate(...).texts[0].
+    """
+    if tokenizer is None:
+        raise ValueError("stream needs a tokenizer to turn tokens into text")
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 2 and input_ids.shape[0] != 1:
+            raise ValueError(f"stream takes one prompt, got a batch of {input_ids.shape[0]}; use generate")
+        prompt = input_ids.reshape(-1).tolist()
+    else:
+        prompt = list(input_ids)
+    cfg = cfg or GenerationConfig()
+    rows = _make_rows([prompt], None, cfg, tokenizer)
+    return TextStream(_decode_cached(model, rows, cfg, prefill_inputs or {}, _pad_id(tokenizer)), rows[0])
