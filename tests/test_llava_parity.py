@@ -121,3 +121,24 @@ def test_placeholder_count_mismatch_names_both_counts(models):
         ours(input_ids=ids, pixel_values=pixels)
     with pytest.raises(ValueError, match=r"16 image placeholder tokens but no pixel_values"):
         ours(input_ids=torch.tensor([_prompt(1, 16)]))
+
+
+def test_loss_and_loss_only_path_match_transformers(models):
+    hf, ours = models
+    pixels = _pixels(ours)
+    ids = torch.tensor([_prompt(1, image_token_count(ours.cfg), text_len=12)])
+    labels = ids.masked_fill(ids == IMAGE_TOKEN, -100)
+    labels[0, :5] = -100  # an unlabelled prompt prefix, as in SFT
+    expected = hf(input_ids=ids, pixel_values=pixels, labels=labels).loss
+    full = ours(input_ids=ids, pixel_values=pixels, labels=labels)
+    ours.zero_grad()
+    fast = ours(input_ids=ids, pixel_values=pixels, labels=labels, loss_only=True)
+    assert fast.logits is None
+    assert abs(full.loss.item() - expected.item()) <= 1e-5
+    assert abs(fast.loss.item() - expected.item()) <= 1e-5
+    fast.loss.backward()
+    grad_fast = ours.projector.mlp[0].weight.grad.clone()
+    ours.zero_grad()
+    full.loss.backward()
+    torch.testing.assert_close(grad_fast, ours.projector.mlp[0].weight.grad, atol=1e-6, rtol=1e-4)
+    ours.zero_grad()

@@ -23,14 +23,15 @@ def llava_15_7b() -> VLMConfig:
                      image_token_id=32000)
 
 
-def tiny_random(vocab_size: int = 128) -> VLMConfig:
-    """A few-hundred-thousand-parameter LLaVA-shaped model for smoke runs and protocol tests."""
+def tiny_random(vocab_size: int = 128, image_token_id: int | None = None) -> VLMConfig:
+    """A LLaVA-shaped model of about 200k parameters for smoke runs and protocol tests.
+    The image placeholder is the last vocabulary id unless image_token_id says otherwise."""
     vision = VisionConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_layers=2,
                           num_heads=4, select_layer=-2, select_feature="patch")
     lm = LMConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                   num_kv_heads=2, max_position_embeddings=512)
     return VLMConfig(vision=vision, projector=ProjectorConfig("mlp2x_gelu", 64, 64), lm=lm,
-                     image_token_id=vocab_size - 1)
+                     image_token_id=vocab_size - 1 if image_token_id is None else image_token_id)
 
 
 def bench_tiny() -> VLMConfig:

@@ -31,7 +31,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # (B, T, V), or (B, k, V) when only the last k positions were asked for
+    logits: torch.Tensor | None  # (B, T, V), (B, k, V) for logits_to_keep=k, None for loss_only
     loss: torch.Tensor | None = None
 
 
@@ -164,6 +164,7 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         labels: torch.Tensor | None = None,  # (B, T), IGNORE_INDEX where no loss is taken
         logits_to_keep: int = 0,  # 0 = all positions, k = only the last k (generation needs 1)
+        loss_only: bool = False,  # with labels: project only the labelled positions, return no logits
     ) -> CausalLMOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -183,11 +184,25 @@ class CausalLM(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
+        if loss_only:
+            if labels is None:
+                raise ValueError("loss_only=True needs labels")
+            return CausalLMOutput(logits=None, loss=self.labelled_loss(x, labels))
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)  # (B, T, V)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
+
+
+    def labelled_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """causal_lm_loss computed from final hidden states (B, T, C), running lm_head only where a
+        next-token label exists. In VLM training most positions (image, prompt) carry IGNORE_INDEX,
+        so this skips most of the vocabulary projection and its backward pass; the value is the same."""
+        targets = labels[:, 1:]  # (B, T-1)
+        keep = targets != IGNORE_INDEX
+        logits = self.lm_head(hidden[:, :-1][keep])  # (N, V)
+        return F.cross_entropy(logits.float(), targets[keep])
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,7 @@ class VLM(nn.Module):
         labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         inputs_embeds: torch.Tensor | None = None,
+        loss_only: bool = False,
     ) -> CausalLMOutput:
         if inputs_embeds is None:
             if input_ids is None:
@@ -92,4 +93,4 @@ class VLM(nn.Module):
                 raise ValueError(f"the prompt has {placeholders} image placeholder tokens but no pixel_values "
                                  "were given (0 feature tokens); pass the images or remove the placeholders")
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                       cache=cache, labels=labels, logits_to_keep=logits_to_keep)
+                       cache=cache, labels=labels, logits_to_keep=logits_to_keep, loss_only=loss_only)

@@ -1,0 +1,124 @@
+"""The `vlmkit` command line: `vlmkit <verb> --help` describes each verb.
+
+    vlmkit generate --model smollm2-135m --prompt "What is the capital of France?"
+    vlmkit generate --model tiny-random --image photo.jpg --prompt "Describe it." --json
+    vlmkit presets --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from vlmkit.generate import GenerationConfig, generate, stream
+from vlmkit.image.load import load_image
+from vlmkit.load import SPECIAL_SPECS, load_model
+from vlmkit.models.vlm import VLM, image_token_count
+from vlmkit.presets import PRESETS, get_preset
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="answer one prompt (optionally about images) and exit",
+                       description="Answer one prompt with a model, streaming the text to stdout.")
+    p.add_argument("--model", required=True,
+                   help=f"a model directory, a .gguf file, or one of: {', '.join(SPECIAL_SPECS)}")
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image to ask about (repeat for several); placed before the prompt")
+    p.add_argument("--system", default=None, help="an optional system message")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), >0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model)
+    images = [load_image(path) for path in args.image]
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": content}]
+    prompt = loaded.prompt_ids(messages, num_images=len(images))
+    pixels = loaded.pixel_values(images)
+    prefill = {"pixel_values": pixels} if pixels is not None else None
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                           stop_strings=tuple(args.stop), seed=args.seed)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        if args.json:
+            result = generate(loaded.model, [prompt], cfg, prefill_inputs=prefill, tokenizer=loaded.tokenizer)
+            ids, reason, text = result.token_ids[0], result.finish_reasons[0], result.texts[0]
+        else:
+            pieces = stream(loaded.model, prompt, cfg, loaded.tokenizer, prefill_inputs=prefill)
+            for piece in pieces:
+                print(piece, end="", flush=True)
+            print(flush=True)
+            ids, reason = pieces.result.token_ids[0], pieces.result.finish_reasons[0]
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({"model": loaded.name, "text": text, "finish_reason": reason,
+                          "prompt_tokens": len(prompt), "completion_tokens": len(ids),
+                          "seconds": round(seconds, 3)}, ensure_ascii=False))
+    else:
+        print(f"[{len(prompt)} prompt tokens, {len(ids)} generated in {seconds:.2f} s, {reason}]", file=sys.stderr)
+    return 0
+
+
+def _add_presets(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("presets", help="list the model presets", description="List the model presets.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=_run_presets)
+
+
+def _run_presets(args: argparse.Namespace) -> int:
+    rows = []
+    for name in sorted(PRESETS):
+        cfg = get_preset(name)
+        with torch.device("meta"):  # count parameters without allocating them
+            params = sum(p.numel() for p in VLM(cfg).parameters())
+        rows.append({"name": name, "vision": f"ViT {cfg.vision.image_size}px/{cfg.vision.patch_size} "
+                                               f"x{cfg.vision.num_layers} w{cfg.vision.hidden_size}",
+                     "projector": cfg.projector.type,
+                     "lm": f"x{cfg.lm.num_layers} w{cfg.lm.hidden_size} vocab {cfg.lm.vocab_size}",
+                     "parameters": params, "image_tokens": image_token_count(cfg)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['name']:<14} {r['parameters'] / 1e6:>9.2f}M  {r['vision']:<24} {r['projector']:<12} "
+                  f"{r['lm']:<28} {r['image_tokens']} tokens/image")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmkit", description="vlmkit: vision-language models in pure PyTorch")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _add_generate(sub)
+    _add_presets(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vlmkit {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

