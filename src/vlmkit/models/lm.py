@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlmkit.config import LMConfig
-from vlmkit.models.rope import RotaryEmbedding, apply_rotary
+from vlmkit.models.rope import RotaryEmbedding, apply_rotary, signed_sin
 
 IGNORE_INDEX = -100
 
@@ -71,6 +71,8 @@ class KVCache:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in fp32 and cast back, as Llama's reference does."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op for the common fp32 case
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
@@ -92,14 +94,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, (self.nh + 2 * self.nkv) * self.hd, bias=cfg.qkv_bias)
         self.out = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
                 mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
-        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv(x).view(B, T, self.nh + 2 * self.nkv, self.hd)  # (B, T, nh + 2 nkv, hd)
+        qk = apply_rotary(qkv[:, :, : self.nh + self.nkv], cos, sin_signed)  # queries and keys in one pass
+        q = qk[:, :, : self.nh].transpose(1, 2)  # (B, nh, T, hd)
+        k = qk[:, :, self.nh:].transpose(1, 2)  # (B, nkv, T, hd)
+        v = qkv[:, :, self.nh + self.nkv:].transpose(1, 2)  # (B, nkv, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd), S = cached + T
         causal_only = mask is None and T > 1
@@ -174,6 +176,7 @@ class CausalLM(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, past, T, x.device)
         cos, sin = self.rope(position_ids, x.dtype)  # (B, T, rotary_dim) each
+        cos, sin = cos.unsqueeze(2), signed_sin(sin).unsqueeze(2)  # (B, T, 1, rotary_dim): broadcast over heads
         mask = attention_bias(attention_mask, past, T, self.cfg.sliding_window, x.device)
 
         for layer in self.layers:

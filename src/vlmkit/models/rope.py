@@ -228,17 +228,22 @@ class RotaryEmbedding(nn.Module):
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """(s, s) -> (-s, s) on the two halves of the last dimension: the sin table apply_rotary takes."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rotary_dim channels of x (B, H, T, hd) by cos/sin (B, T, rotary_dim)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rd)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rotary_dim channels of x (..., hd) by cos and signed_sin(sin) (..., rotary_dim),
+    broadcast over the leading dimensions.
+
+    transformers computes x * cos + rotate_half(x) * sin with rotate_half(x1, x2) = (-x2, x1).
+    Rolling x by half gives (x2, x1); times (-s, s) that is the same product, bit for bit
+    (negation is exact), in one op instead of three.
+    """
     rd = cos.shape[-1]
     if rd == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + x.roll(rd // 2, dims=-1) * sin_signed
     x_rot, x_pass = x[..., :rd], x[..., rd:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+    return torch.cat((x_rot * cos + x_rot.roll(rd // 2, dims=-1) * sin_signed, x_pass), dim=-1)
