@@ -263,6 +263,83 @@ def test_greedy_matches_transformers_llama(tmp_path):
     assert len(set(expected)) > 3
 
 
+def _phi3_longrope(tmp_path):
+    """A tiny random transformers Phi-3 whose RoPE switches to the long factors past 16 positions,
+    and the same checkpoint loaded in vlmkit."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from vlmkit.models import from_pretrained
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+            "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [1.0 + 0.7 * i for i in range(8)]}
+    hf_cfg = Phi3Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                        original_max_position_embeddings=16, rope_parameters=rope,
+                        bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    hf = Phi3ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # wider weights than the default init, so argmax is never a near tie
+        for param in hf.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.15)
+    hf.save_pretrained(tmp_path)
+    return hf, from_pretrained(tmp_path)
+
+
+def test_phi3_longrope_recomputes_the_cache_like_transformers(tmp_path, monkeypatch):
+    """10 prompt tokens + 20 new: at 17 tokens the sequence outgrows original_max_position_embeddings (16)
+    and transformers' Phi-3 recomputes its cache with the long factors; vlmkit must do the same."""
+    import vlmkit.generate as vg
+
+    hf, model = _phi3_longrope(tmp_path)
+    assert model.rope.long_threshold == 16
+    cfg = GenerationConfig(max_new_tokens=20)
+    ids = torch.tensor([PROMPTS[2][:10], [0, 0, 0] + PROMPTS[0]])  # 10 tokens; 7 left-padded to 10
+    mask = (torch.arange(10) >= torch.tensor([[0], [3]])).long()  # (2, 10)
+    expected = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20, min_new_tokens=20,
+                           pad_token_id=0)[:, 10:].tolist()
+    alone = hf.generate(ids[:1], do_sample=False, max_new_tokens=20, min_new_tokens=20,
+                        pad_token_id=0)[:, 10:].tolist()
+    assert len(set(alone[0])) > 3
+    for run in (generate, generate_naive):
+        assert run(model, ids[:1], cfg).token_ids == alone, run.__name__
+        assert run(model, ids, cfg, attention_mask=mask).token_ids == expected, run.__name__
+    # The check has teeth: keeping the short-factor cache past the switch changes the output.
+    monkeypatch.setattr(vg, "_long_rope_threshold", lambda model: None)
+    assert generate(model, ids[:1], cfg).token_ids != alone
+
+
+def test_longrope_vlm_recompute_feeds_the_images_again():
+    """A VLM's LM is found at model.lm; at the switch every row (a finished one too) is recomputed with the
+    pixel_values, and the cached path still equals the no-cache reference."""
+    import vlmkit.generate as vg
+    from vlmkit.config import ProjectorConfig, VisionConfig, VLMConfig
+    from vlmkit.models.vlm import VLM, image_token_count
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "longrope", "original_max_position_embeddings": 16,
+            "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [1.0 + 0.7 * i for i in range(8)]}
+    lm = LMConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                  max_position_embeddings=64, rope_scaling=rope)
+    vision = VisionConfig(image_size=8, patch_size=4, hidden_size=32, intermediate_size=64, num_layers=2,
+                          num_heads=2)
+    vlm_cfg = VLMConfig(vision=vision, projector=ProjectorConfig(in_dim=32, out_dim=64), lm=lm, image_token_id=99)
+    model = VLM(vlm_cfg).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.15)
+    assert vg._long_rope_threshold(model) == 16
+    image = [99] * image_token_count(vlm_cfg)  # 4 placeholders
+    prompts = [image + [5, 17, 42, 8], image + [7, 12]]  # 8 tokens: the switch comes after 9 new ones
+    pixels = {"pixel_values": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))}
+    free = generate(model, prompts, GenerationConfig(max_new_tokens=14), prefill_inputs=pixels).token_ids
+    cfg = GenerationConfig(max_new_tokens=14, stop_token_ids=[free[1][0]])  # row 1 stops at once
+    fast = generate(model, prompts, cfg, prefill_inputs=pixels).token_ids
+    assert fast == generate_naive(model, prompts, cfg, prefill_inputs=pixels).token_ids
+    assert fast[1] == [] and len(fast[0]) > 9
+
+
 # ----------------------------------------------------------------------------- stops and streaming
 
 

@@ -1,6 +1,7 @@
 """GGUF: dequantization against gguf's reference, tiny GGUF files written here (tensors named, permuted
-and quantized the way llama.cpp's converter does) loaded by vlmkit and by transformers' GGUF loader,
-the GGUF tokenizer against transformers, and SmolLM2-135M-Instruct end to end (slow)."""
+and quantized the way llama.cpp's converter does) loaded by vlmkit and by transformers'
+from_pretrained(dir, gguf_file=name), the GGUF tokenizer against transformers, and
+SmolLM2-135M-Instruct end to end (slow)."""
 
 from __future__ import annotations
 
@@ -244,18 +245,15 @@ def tiny_hf_model(arch: str, vocab_size: int):
 
 
 def transformers_from_gguf(path):
-    """transformers' own GGUF loading, as from_pretrained(dir, gguf_file=) runs it for llama/qwen2 files
-    (config from the metadata; load_gguf_checkpoint dequantizes, reverse-permutes Q/K and renames),
-    without from_pretrained's accelerate requirement."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    """transformers' own GGUF loading, literally from_pretrained(dir, gguf_file=name): config from the
+    metadata, tensors dequantized, Q/K reverse-permuted and renamed. Returns the model and its weights by
+    name, a tied lm_head left out (the file stores that matrix once, as token_embd)."""
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     model.generation_config.eos_token_id = None  # generate the full length in the comparison
+    tied = model.config.tie_word_embeddings
+    tensors = {name: t for name, t in model.state_dict().items() if not (tied and name == "lm_head.weight")}
     return model.eval(), tensors
 
 
@@ -365,12 +363,15 @@ def test_smollm2_tokenizer_and_template_match_transformers():
 
 @pytest.mark.slow
 def test_smollm2_logits_match_transformers(smollm2):
+    """Oracle: AutoModelForCausalLM.from_pretrained(dir, gguf_file=name), the same Q4_1 file dequantized."""
     reference, _ = transformers_from_gguf(smollm2_gguf_path())
     model, tok = smollm2
     prompt = chat_template_for(tok).render(QUESTION, add_generation_prompt=True)
     ids = torch.tensor([tok.encode(prompt)])
     with torch.no_grad():
-        assert (model(ids).logits - reference(ids).logits).abs().max() <= 1e-3
+        assert (model(ids).logits - reference(ids).logits).abs().max() <= 1e-4
+        expected = reference.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
+        assert greedy(model, ids, 20) == expected
 
 
 @pytest.mark.slow

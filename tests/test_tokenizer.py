@@ -11,7 +11,8 @@ from tokenizers import decoders, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
-from vlmkit.text.tokenizer import CharTokenizer, HFTokenizer, _byte_level_alphabet, load_tokenizer
+from vlmkit.text.gguf_vocab import byte_level_alphabet
+from vlmkit.text.tokenizer import CharTokenizer, HFTokenizer, load_tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. It's 12:45 on 2024-05-17!",
@@ -176,4 +177,4 @@ def test_load_tokenizer_dispatch(hf_dir, tmp_path):
 def test_byte_level_alphabet_matches_transformers():
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    assert _byte_level_alphabet() == bytes_to_unicode()
+    assert byte_level_alphabet() == bytes_to_unicode()

@@ -15,6 +15,13 @@ Rows that finish leave the batch (KVCache.select), and every row samples from
 its own generator seeded with cfg.seed, so a row's output does not depend on
 the rest of the batch: batched generation equals running each prompt alone.
 
+Phi-3's longrope is the one exception to "prefill once": keys cached with the
+short RoPE factors are wrong once the model switches to the long ones, so at
+the step where the (padded) sequence first grows past
+original_max_position_embeddings the cache is dropped and the whole sequence
+recomputed with the prefill inputs, the rule of transformers' Phi-3
+(modeling_phi3.py, Phi3ForCausalLM.prepare_inputs_for_generation).
+
 `generate_naive` runs the full sequence through the model at every step with no
 cache and keeps finished rows in the batch (fed padding): slow and plainly
 right, kept to check the fast path.
@@ -280,9 +287,10 @@ def _result(rows: list[_Row], with_text: bool) -> GenerationResult:
                             texts=["".join(r.pieces) for r in rows] if with_text else None)
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and 1/0 mask with every prompt right-aligned."""
-    T = max(len(p) for p in prompts)
+def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device,
+              width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and 1/0 mask with every prompt right-aligned; T = width or the longest prompt."""
+    T = width or max(len(p) for p in prompts)
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(prompts), T), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
@@ -301,6 +309,13 @@ def _device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def _long_rope_threshold(model: nn.Module) -> int | None:
+    """original_max_position_embeddings of a longrope (Phi-3) language model, where its RoPE switches
+    from the short to the long factors; None for every other model. A VLM's LM is model.lm."""
+    lm = getattr(model, "lm", model)
+    return getattr(getattr(lm, "rope", None), "long_threshold", None)
+
+
 # ----------------------------------------------------------------------------- decoding loops
 
 
@@ -314,10 +329,12 @@ def _decode_cached(model: nn.Module, rows: list[_Row], cfg: GenerationConfig,
     attention = None if bool(mask.all()) else mask  # no padding: plain causal attention
     generators = _row_generators(cfg, B)
     active = list(range(B))  # rows[active[j]] is batch row j
+    long_threshold = _long_rope_threshold(model)
     cache = model.new_cache(B, T + cfg.max_new_tokens)
-    out = model(input_ids=ids, attention_mask=attention, cache=cache, logits_to_keep=1, **prefill_inputs)
+    logits = model(input_ids=ids, attention_mask=attention, cache=cache, logits_to_keep=1,
+                   **prefill_inputs).logits  # (B, 1, V)
     while True:
-        tokens = sample_next(out.logits[:, -1], cfg, generators, history)  # (b,)
+        tokens = sample_next(logits[:, -1], cfg, generators, history)  # (b,)
         for j, token in enumerate(tokens.tolist()):
             rows[active[j]].push(token)
         yield
@@ -334,7 +351,29 @@ def _decode_cached(model: nn.Module, rows: list[_Row], cfg: GenerationConfig,
         history = torch.cat([history, tokens[:, None]], dim=1)  # (b, S)
         if attention is not None:
             attention = torch.cat([attention, attention.new_ones(len(active), 1)], dim=1)  # (b, S)
-        out = model(input_ids=tokens[:, None], attention_mask=attention, cache=cache, logits_to_keep=1)
+        if long_threshold is not None and cache.length <= long_threshold < history.shape[1]:
+            cache, logits = _recompute(model, rows, active, history.shape[1], T + cfg.max_new_tokens,
+                                       prefill_inputs, pad_id)
+        else:
+            logits = model(input_ids=tokens[:, None], attention_mask=attention, cache=cache,
+                           logits_to_keep=1).logits  # (b, 1, V)
+
+
+def _recompute(model: nn.Module, rows: list[_Row], active: list[int], width: int, max_len: int,
+               prefill_inputs: dict[str, Any], pad_id: int) -> tuple[Any, torch.Tensor]:
+    """A fresh cache and the last logits (b, 1, V) of the active rows, from every row's whole sequence.
+
+    Rows are left-padded to width, the current padded length, so active rows keep
+    their layout (and positions). Finished rows go through too, because prefill
+    inputs such as pixel_values cover the whole batch; they are dropped after.
+    """
+    ids, mask = _left_pad([r.prompt + r.ids for r in rows], pad_id, _device(model), width)  # (B, S) each
+    cache = model.new_cache(len(rows), max_len)
+    logits = model(input_ids=ids, attention_mask=mask, cache=cache, logits_to_keep=1,
+                   **prefill_inputs).logits  # (B, 1, V)
+    index = torch.tensor(active, device=ids.device)
+    cache.select(index)
+    return cache, logits[index]
 
 
 @torch.inference_mode()

@@ -8,7 +8,8 @@
 `HFTokenizer` wraps a `tokenizers.Tokenizer` (the Rust library transformers'
 fast tokenizers use), so a checkpoint's own tokenizer.json gives the same ids
 as transformers. A GGUF file has no tokenizer.json: `HFTokenizer.from_gguf`
-rebuilds one from the `tokenizer.ggml.*` metadata the way llama.cpp reads it.
+rebuilds one from the `tokenizer.ggml.*` metadata the way llama.cpp reads it
+(the builder lives in text/gguf_vocab.py).
 `CharTokenizer` is a character-level vocabulary for models trained from scratch.
 """
 
@@ -21,9 +22,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as RustTokenizer
-from tokenizers.models import BPE
+
+from vlmkit.text.gguf_vocab import gguf_tokenizer_spec
 
 
 class Tokenizer(ABC):
@@ -150,25 +152,10 @@ class HFTokenizer(Tokenizer):
     def from_gguf_metadata(cls, meta: dict[str, Any], source: str = "GGUF metadata") -> HFTokenizer:
         """Build from parsed GGUF metadata (key -> value). Supports tokenizer.ggml.model "gpt2"
         (byte-level BPE: GPT-2, Llama-3, Qwen2, SmolLM2 ...)."""
-        kind = meta.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise ValueError(f"{source}: tokenizer.ggml.model {kind!r} is not supported; supported: 'gpt2' "
-                             "(byte-level BPE). Load the model's tokenizer.json with HFTokenizer.from_dir instead")
-        tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
-        types: list[int] = list(meta.get("tokenizer.ggml.token_type", [GGUF_NORMAL] * len(tokens)))
-        pre = meta.get("tokenizer.ggml.pre", "default")
-        backend = _byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges", []), pre, source)
-        _add_gguf_special_tokens(backend, tokens, types)
-
-        def token(key: str) -> str | None:
-            token_id = meta.get(f"tokenizer.ggml.{key}")
-            return None if token_id is None else tokens[int(token_id)]
-
-        return cls(backend, bos_token=token("bos_token_id"), eos_token=token("eos_token_id"),
-                   pad_token=token("padding_token_id"), unk_token=token("unknown_token_id"),
-                   chat_template=meta.get("tokenizer.chat_template"),
-                   add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-                   add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)))
+        spec = gguf_tokenizer_spec(meta, source)
+        return cls(spec.backend, bos_token=spec.bos_token, eos_token=spec.eos_token, pad_token=spec.pad_token,
+                   unk_token=spec.unk_token, chat_template=spec.chat_template,
+                   add_bos_token=spec.add_bos_token, add_eos_token=spec.add_eos_token)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -217,88 +204,7 @@ class HFTokenizer(Tokenizer):
         return self._chat_template
 
 
-# --- GGUF vocabularies ------------------------------------------------------------------------
-
-# llama.cpp's token types (gguf.TokenType): control tokens are special, user-defined ones are
-# added tokens matched whole in the text.
-GGUF_NORMAL, GGUF_CONTROL, GGUF_USER_DEFINED = 1, 3, 4
-
-# How llama.cpp splits text before byte-level BPE, by `tokenizer.ggml.pre` (llama.cpp
-# src/llama-vocab.cpp, llm_tokenizer_bpe): a split regex, or GPT-2's own regex (the one
-# pre_tokenizers.ByteLevel(use_regex=True) applies), optionally after isolating every digit.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT2 = "gpt2"  # GPT-2's regex
-_DIGITS_GPT2 = "digits+gpt2"  # every digit on its own, then GPT-2's regex (SmolLM2, StarCoder)
-GGUF_PRE_TOKENIZERS: dict[str, str] = {
-    "default": _GPT2, "gpt2": _GPT2,
-    "smollm": _DIGITS_GPT2, "starcoder": _DIGITS_GPT2, "refact": _DIGITS_GPT2, "codeshell": _DIGITS_GPT2,
-    "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-    "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
-}
-
-
-def _byte_level_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (bytes_to_unicode): printable bytes map to
-    themselves, the other 68 to chr(256 + n) in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _byte_level_bpe(tokens: list[str], merges: Sequence[str], pre: str, source: str) -> RustTokenizer:
-    """A byte-level BPE tokenizer from a GGUF vocabulary, merges and pre-tokenizer name."""
-    if pre not in GGUF_PRE_TOKENIZERS:
-        raise ValueError(f"{source}: tokenizer.ggml.pre {pre!r} is not supported; supported: "
-                         f"{sorted(GGUF_PRE_TOKENIZERS)}")
-    alphabet = _byte_level_alphabet()
-    spelled = set(alphabet.values())
-    # Byte-level vocabularies spell every byte with the printable alphabet; llama.cpp stores a few
-    # added tokens raw (with real spaces, say), which are respelled so the BPE model can hold them.
-    vocab = {t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8")): i
-             for i, t in enumerate(tokens)}
-    pairs = [tuple(m.split(" ")) for m in merges]
-    split = GGUF_PRE_TOKENIZERS[pre]
-    # llama.cpp matches whole words against the vocabulary before merging for Llama-3 (ignore_merges).
-    model = BPE(vocab=vocab, merges=pairs, continuing_subword_prefix="", end_of_word_suffix="",
-                fuse_unk=False, ignore_merges=split == _LLAMA3_SPLIT)
-    backend = RustTokenizer(model)
-    if split == _GPT2:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    elif split == _DIGITS_GPT2:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    backend.decoder = decoders.ByteLevel()
-    return backend
-
-
-def _add_gguf_special_tokens(backend: RustTokenizer, tokens: list[str], types: list[int]) -> None:
-    """Control tokens become special added tokens, user-defined ones plain added tokens: both are
-    then matched whole in the text instead of being cut into pieces by BPE."""
-    spelled = set(_byte_level_alphabet().values())
-    # A control token using characters outside the byte alphabet is a mislabelled llama.cpp entry
-    # that the BPE vocabulary cannot hold; adding it would grow the vocabulary past the model's.
-    control = [AddedToken(t, special=True, normalized=False)
-               for t, k in zip(tokens, types, strict=True) if k == GGUF_CONTROL and set(t) <= spelled]
-    user = [AddedToken(t, special=False, normalized=False)
-            for t, k in zip(tokens, types, strict=True) if k == GGUF_USER_DEFINED and set(t) <= spelled]
-    if control:
-        backend.add_special_tokens(control)
-    if user:
-        backend.add_tokens(user)
+# --- tokenizer_config.json and friends -----------------------------------------------------------
 
 
 def _read_json(file: Path) -> dict:
