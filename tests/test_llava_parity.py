@@ -142,3 +142,25 @@ def test_loss_and_loss_only_path_match_transformers(models):
     full.loss.backward()
     torch.testing.assert_close(grad_fast, ours.projector.mlp[0].weight.grad, atol=1e-6, rtol=1e-4)
     ours.zero_grad()
+
+
+def test_llava_with_a_qwen2_language_model_round_trips(tmp_path):
+    torch.manual_seed(0)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=16, patch_size=8)
+    text = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=120)
+    hf = transformers.LlavaForConditionalGeneration(
+        transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = from_pretrained(tmp_path / "hf")
+    assert ours.cfg.lm.qkv_bias and not ours.cfg.lm.o_bias
+    save_pretrained(ours, tmp_path / "ours")
+    back = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    assert back.config.text_config.model_type == "qwen2"
+    ids = torch.tensor([_prompt(1, image_token_count(ours.cfg))])
+    pixels = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=pixels).logits
+        assert (ours(input_ids=ids, pixel_values=pixels).logits - expected).abs().max().item() <= TOL
+        assert torch.equal(back(input_ids=ids, pixel_values=pixels).logits, expected)

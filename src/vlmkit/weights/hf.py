@@ -69,7 +69,8 @@ def save_pretrained(model: nn.Module, path: str | Path, model_type: str | None =
     """Write model as a transformers-format directory (config.json + safetensors).
 
     model_type defaults to the type it was loaded from, or the model's natural
-    type (llava for a VLM, llama for a CausalLM, clip/siglip for a vision tower).
+    type (llava for a VLM, the llama-family type that expresses a CausalLM's config,
+    clip/siglip for a vision tower).
     """
     model_type = model_type or getattr(model, "hf_model_type", None) or default_model_type(model)
     conv = get_converter(model_type)
@@ -86,7 +87,9 @@ def default_model_type(model: nn.Module) -> str:
     if isinstance(model, VLM):
         return "llava" if model.cfg.projector.type == "mlp2x_gelu" else "vlmkit"
     if isinstance(model, CausalLM):
-        return "llama"
+        from vlmkit.weights.llama import natural_model_type
+
+        return natural_model_type(model.cfg)
     if isinstance(model, VisionTower):
         return "clip_vision_model" if model.cfg.use_cls_token else "siglip_vision_model"
     raise ValueError(f"cannot tell the transformers model_type of {type(model).__name__}; pass model_type=")

@@ -165,6 +165,18 @@ def _check_representable(cfg: LMConfig, model_type: str) -> None:
         raise ValueError(f"cannot save this LM as model_type {model_type!r}: " + "; ".join(problems))
 
 
+def natural_model_type(cfg: LMConfig) -> str:
+    """The transformers model_type that expresses cfg: the first of llama, qwen2, mistral, phi3 that
+    _check_representable accepts (llama when none does, so the save error names what is wrong)."""
+    for model_type in ("llama", "qwen2", "mistral", "phi3"):
+        try:
+            _check_representable(cfg, model_type)
+        except ValueError:
+            continue
+        return model_type
+    return "llama"
+
+
 def lm_config_to_hf(cfg: LMConfig, model_type: str) -> dict[str, Any]:
     """LMConfig -> a transformers 5 config.json dict for model_type (llama, mistral, qwen2 or phi3)."""
     _check_model_type(model_type)

@@ -15,7 +15,8 @@ from __future__ import annotations
 from vlmkit.config import ProjectorConfig, VLMConfig
 from vlmkit.models.vlm import VLM
 from vlmkit.weights.converter import Converter, StateDict
-from vlmkit.weights.llama import lm_config_from_hf, lm_config_to_hf, lm_state_from_hf, lm_state_to_hf
+from vlmkit.weights.llama import (lm_config_from_hf, lm_config_to_hf, lm_state_from_hf, lm_state_to_hf,
+                                  natural_model_type)
 from vlmkit.weights.vision import (vision_config_from_hf, vision_config_to_hf, vision_state_from_hf,
                                    vision_state_to_hf)
 
@@ -89,7 +90,7 @@ def config_to_hf(cfg: VLMConfig) -> dict:
         raise ValueError(f"transformers' llava has only an mlp2x_gelu projector, this model has "
                          f"{cfg.projector.type!r}; save it with model_type='vlmkit' instead")
     strategy = {v: k for k, v in _SELECT.items()}[cfg.vision.select_feature]
-    text = lm_config_to_hf(cfg.lm, "llama")
+    text = lm_config_to_hf(cfg.lm, natural_model_type(cfg.lm))
     return {
         "model_type": "llava",
         "architectures": ["LlavaForConditionalGeneration"],
@@ -109,7 +110,7 @@ def state_to_hf(state: StateDict, cfg: VLMConfig) -> StateDict:
         return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
     out = {f"vision_tower.{k}": v for k, v in vision_state_to_hf(part("vision."), cfg.vision, prefix="").items()}
-    for key, tensor in lm_state_to_hf(part("lm."), cfg.lm, "llama", prefix="model.").items():
+    for key, tensor in lm_state_to_hf(part("lm."), cfg.lm, natural_model_type(cfg.lm), prefix="model.").items():
         out[f"language_model.{key}"] = tensor
     for index, linear in zip((0, 2), _PROJECTOR_LINEARS["mlp"]):
         for param in ("weight", "bias") if cfg.projector.bias else ("weight",):
