@@ -1,0 +1,50 @@
+"""ImagePlan: what an image scheme decides for one image, the single source of its token count.
+
+Every scheme in image/schemes/ returns one ImagePlan. The prompt builder puts
+`num_tokens` placeholder ids for the image; the VLM glue lays out the features
+from `grid`/`parts` and checks that it produced exactly `num_tokens` vectors.
+No other code computes how many tokens an image costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ImagePlan:
+    """One image's preprocessing result.
+
+    scheme:        the scheme's name ("pad", "anyres", "hd", "tiles", "slices", "dynamic", "dual")
+    pixel_values:  the tensors the vision tower(s) take for this image, e.g. (views, 3, S, S) for
+                   tiling schemes or (patches, C * T * P * P) for Qwen2-VL's dynamic scheme
+    original_size: (width, height) of the input image
+    resized_size:  (width, height) the image was resized to before cutting into views
+    grid:          (rows, cols) of the local tiles / crops / slices, or of the patch grid
+    parts:         tokens per named part, in prompt order, e.g. {"base": 576, "tiles": 2304,
+                   "newlines": 48}; their sum is num_tokens
+    extra:         scheme-specific values the model side needs (e.g. {"image_grid_thw": (1, 16, 16)})
+    """
+
+    scheme: str
+    pixel_values: torch.Tensor
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    grid: tuple[int, int]
+    parts: dict[str, int]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        """Placeholder tokens this image occupies in the prompt."""
+        return sum(self.parts.values())
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-friendly description (no tensors), for `vlmkit tokens --json` and logs."""
+        return {"scheme": self.scheme, "original_size": list(self.original_size),
+                "resized_size": list(self.resized_size), "grid": list(self.grid), "parts": dict(self.parts),
+                "num_tokens": self.num_tokens, "pixel_values_shape": list(self.pixel_values.shape),
+                **{k: v for k, v in self.extra.items() if isinstance(v, (int, float, str, list, tuple))}}
