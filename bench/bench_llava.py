@@ -10,9 +10,12 @@ the same weights. Measured, alternating the two implementations every
 repetition so that machine noise hits both alike:
 
 - training step: forward + loss + backward + AdamW step, batch 16, one image
-  (144 tokens) + 48 text tokens per sample, fp32;
+  (144 tokens) + 48 text tokens per sample, in fp32 and under bf16 autocast
+  (both implementations in the same precision in each row). vlmkit computes
+  the loss with `loss_only=True`, its training path: lm_head runs only where a
+  label exists (here 48 of 193 positions), the loss value is the same;
 - greedy generation: 32 new tokens after a prompt with one image, batch 1 and
-  16, tokens/s counting generated tokens only (prefill time included).
+  16, fp32, tokens/s counting generated tokens only (prefill time included).
 
 Both must produce the same greedy tokens, or the run stops. Medians of --reps
 repetitions are printed with the ratio vlmkit / transformers (higher = vlmkit faster).
