@@ -50,9 +50,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": content}]
-    prompt = loaded.prompt_ids(messages, num_images=len(images))
-    pixels = loaded.pixel_values(images)
-    prefill = {"pixel_values": pixels} if pixels is not None else None
+    plans = loaded.plan_images(images)
+    prompt = loaded.prompt_ids(messages, plans)
+    prefill = loaded.image_inputs(plans)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                            stop_strings=tuple(args.stop), seed=args.seed)

@@ -23,6 +23,7 @@ from typing import Any
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "yarn")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
 SELECT_FEATURES = ("patch", "cls_patch")
+IMAGE_SCHEMES = ("pad", "anyres")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -189,6 +190,11 @@ class VLMConfig(_Serializable):
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     image_token_id: int = 32000  # placeholder id in input_ids that image features replace
+    # How an image becomes views and tokens: "pad" (LLaVA-1.5, one square view) or
+    # "anyres" (LLaVA-NeXT: base view + tiles of a canvas from grid_pinpoints, unpad, newline per row).
+    image_scheme: str = "pad"
+    # anyres: candidate canvases as (height, width), multiples of vision.image_size; () for pad.
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -197,6 +203,8 @@ class VLMConfig(_Serializable):
             self.projector = ProjectorConfig.from_dict(self.projector)
         if isinstance(self.lm, dict):
             self.lm = LMConfig.from_dict(self.lm)
+        self.grid_pinpoints = tuple(tuple(p) for p in self.grid_pinpoints)  # type: ignore[misc]
+        self._check_image_scheme()
         _require(self.projector.in_dim == self.vision.hidden_size * _merge_factor(self.projector.type),
                  f"projector.in_dim {self.projector.in_dim} does not match the vision width "
                  f"{self.vision.hidden_size} x merge factor {_merge_factor(self.projector.type)}")
@@ -204,6 +212,25 @@ class VLMConfig(_Serializable):
                  f"projector.out_dim {self.projector.out_dim} != lm.hidden_size {self.lm.hidden_size}")
         _require(0 <= self.image_token_id < self.lm.vocab_size,
                  f"image_token_id {self.image_token_id} is outside the LM vocabulary (size {self.lm.vocab_size})")
+
+    def _check_image_scheme(self) -> None:
+        _require(self.image_scheme in IMAGE_SCHEMES,
+                 f"image_scheme {self.image_scheme!r} unknown; valid: {IMAGE_SCHEMES}")
+        if self.image_scheme == "pad":
+            _require(not self.grid_pinpoints, "grid_pinpoints are only used by image_scheme='anyres'; "
+                                              "remove them or set image_scheme='anyres'")
+            return
+        tile = self.vision.image_size
+        _require(bool(self.grid_pinpoints), "image_scheme='anyres' needs grid_pinpoints, e.g. "
+                                            f"(({tile}, {2 * tile}), ({2 * tile}, {tile}), ({2 * tile}, {2 * tile}))")
+        for pinpoint in self.grid_pinpoints:
+            _require(len(pinpoint) == 2 and all(isinstance(v, int) and v > 0 and v % tile == 0 for v in pinpoint),
+                     f"grid pinpoint {pinpoint} must be (height, width), positive multiples of the tower's "
+                     f"image_size {tile}")
+        _require(self.vision.select_feature == "patch",
+                 "image_scheme='anyres' lays out square patch grids: set vision.select_feature='patch' (drop CLS)")
+        _require(_merge_factor(self.projector.type) == 1,
+                 f"image_scheme='anyres' does not combine with the merging projector {self.projector.type!r}")
 
 
 def _merge_factor(projector_type: str) -> int:

@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from vlmkit.image.schemes.pad import preprocess_pad
+from vlmkit.image.plan import ImagePlan
 from vlmkit.models import from_pretrained
-from vlmkit.models.vlm import VLM, image_token_count
+from vlmkit.models.vlm import VLM, image_inputs, plan_image
 from vlmkit.presets import tiny_random
 from vlmkit.prompt import build_prompt_ids
 from vlmkit.text.chat import ChatTemplate, Message, chat_template_for
@@ -43,22 +43,22 @@ class LoadedModel:
     def is_vlm(self) -> bool:
         return isinstance(self.model, VLM)
 
-    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor | None:
-        """(N, 3, S, S) tensor for the tower (LLaVA-1.5 pad scheme), or None for no images."""
-        if not images:
-            return None
-        if not self.is_vlm:
+    def plan_images(self, images: Sequence[Image.Image]) -> list[ImagePlan]:
+        """One ImagePlan per image under the model's image scheme (views + token count)."""
+        if images and not self.is_vlm:
             raise ValueError(f"{self.name} is a text-only model; it cannot take images")
-        v = self.model.cfg.vision
-        return torch.stack([preprocess_pad(img, v.image_size, v.image_mean, v.image_std) for img in images])
+        return [plan_image(self.model.cfg, img) for img in images]
 
-    def prompt_ids(self, messages: Sequence[Message], num_images: int = 0) -> list[int]:
-        """Token ids of the conversation with a generation prompt, image placeholders expanded."""
-        if num_images and not self.is_vlm:
+    def image_inputs(self, plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor] | None:
+        """The prefill inputs for the planned images (pixel_values, and image_sizes for anyres), or None."""
+        return image_inputs(plans) or None
+
+    def prompt_ids(self, messages: Sequence[Message], plans: Sequence[ImagePlan] = ()) -> list[int]:
+        """Token ids of the conversation with a generation prompt, image i expanded to plans[i].num_tokens."""
+        if plans and not self.is_vlm:
             raise ValueError(f"{self.name} is a text-only model; it cannot take images")
         image_token_id = self.model.cfg.image_token_id if self.is_vlm else None
-        per_image = [image_token_count(self.model.cfg)] * num_images if self.is_vlm else []
-        return build_prompt_ids(self.tokenizer, self.chat_template, messages, image_token_id, per_image)
+        return build_prompt_ids(self.tokenizer, self.chat_template, messages, image_token_id, plans)
 
 
 def tiny_random_model(seed: int = 0) -> LoadedModel:

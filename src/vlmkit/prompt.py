@@ -1,14 +1,15 @@
 """From a conversation to prompt token ids: chat template -> tokens -> image placeholders expanded.
 
 The template writes one image placeholder token (e.g. `<image>`) per image; each
-is then expanded to the number of feature tokens that image costs, the count
-the VLM's features will have (`vlmkit.models.vlm.image_token_count`).
+is then expanded to the number of tokens that image costs, `plan.num_tokens` of
+its ImagePlan (image/schemes/), the same count the VLM's feature layout checks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from vlmkit.image.plan import ImagePlan
 from vlmkit.text.chat import ChatTemplate, Message
 from vlmkit.text.tokenizer import Tokenizer
 
@@ -31,16 +32,17 @@ def expand_image_placeholders(ids: Sequence[int], image_token_id: int, tokens_pe
 
 
 def build_prompt_ids(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Message],
-                     image_token_id: int | None = None, tokens_per_image: Sequence[int] = (),
+                     image_token_id: int | None = None, plans: Sequence[ImagePlan] = (),
                      add_generation_prompt: bool = True) -> list[int]:
     """Render messages with the template, tokenize, and expand image placeholders.
 
-    tokens_per_image has one entry per image part in the messages, in order.
+    plans has one ImagePlan per image part in the messages, in order; image i
+    gets plans[i].num_tokens placeholder ids.
     """
     text = template.render(messages, add_generation_prompt=add_generation_prompt)
     ids = tokenizer.encode(text)
     if image_token_id is None:
-        if tokens_per_image:
+        if plans:
             raise ValueError("images were given but this model has no image placeholder token (text-only model)")
         return ids
-    return expand_image_placeholders(ids, image_token_id, tokens_per_image)
+    return expand_image_placeholders(ids, image_token_id, [plan.num_tokens for plan in plans])

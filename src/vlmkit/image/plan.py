@@ -24,8 +24,11 @@ class ImagePlan:
     original_size: (width, height) of the input image
     resized_size:  (width, height) the image was resized to before cutting into views
     grid:          (rows, cols) of the local tiles / crops / slices, or of the patch grid
-    parts:         tokens per named part, in prompt order, e.g. {"base": 576, "tiles": 2304,
-                   "newlines": 48}; their sum is num_tokens
+    parts:         positions the MODEL fills, per named part in prompt order, e.g. {"base": 576,
+                   "tiles": 2304, "newlines": 48} (features and learned newline/separator
+                   embeddings); their sum is num_tokens, the placeholder count
+    text_parts:    ordinary text tokens the chat template writes around the image, e.g.
+                   {"<|vision_start|>": 1, "<|vision_end|>": 1}; counted in context_tokens only
     extra:         scheme-specific values the model side needs (e.g. {"image_grid_thw": (1, 16, 16)})
     """
 
@@ -36,15 +39,22 @@ class ImagePlan:
     grid: tuple[int, int]
     parts: dict[str, int]
     extra: dict[str, Any] = field(default_factory=dict)
+    text_parts: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
-        """Placeholder tokens this image occupies in the prompt."""
+        """Placeholder tokens for this image: the positions the model fills with image embeddings."""
         return sum(self.parts.values())
+
+    @property
+    def context_tokens(self) -> int:
+        """Everything this image costs in the context: placeholders plus its text wrapper tokens."""
+        return self.num_tokens + sum(self.text_parts.values())
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly description (no tensors), for `vlmkit tokens --json` and logs."""
         return {"scheme": self.scheme, "original_size": list(self.original_size),
                 "resized_size": list(self.resized_size), "grid": list(self.grid), "parts": dict(self.parts),
-                "num_tokens": self.num_tokens, "pixel_values_shape": list(self.pixel_values.shape),
+                "num_tokens": self.num_tokens, "text_parts": dict(self.text_parts),
+                "context_tokens": self.context_tokens, "pixel_values_shape": list(self.pixel_values.shape),
                 **{k: v for k, v in self.extra.items() if isinstance(v, (int, float, str, list, tuple))}}

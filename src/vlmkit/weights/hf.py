@@ -13,7 +13,7 @@ from vlmkit.weights.safetensors_io import read_config, read_state_dict, write_di
 
 def converters() -> dict[str, Converter]:
     """model_type -> Converter for every transformers model type vlmkit reads and writes."""
-    from vlmkit.weights import llama, llava, native, vision
+    from vlmkit.weights import llama, llava, llava_next, native, vision
 
     return {
         "llama": llama.LLAMA,
@@ -23,6 +23,7 @@ def converters() -> dict[str, Converter]:
         "clip_vision_model": vision.CLIP_VISION,
         "siglip_vision_model": vision.SIGLIP_VISION,
         "llava": llava.LLAVA,
+        "llava_next": llava_next.LLAVA_NEXT,
         native.MODEL_TYPE: native.NATIVE,
     }
 
@@ -85,7 +86,9 @@ def default_model_type(model: nn.Module) -> str:
     from vlmkit.models.vlm import VLM
 
     if isinstance(model, VLM):
-        return "llava" if model.cfg.projector.type == "mlp2x_gelu" else "vlmkit"
+        if model.cfg.projector.type != "mlp2x_gelu":
+            return "vlmkit"
+        return "llava_next" if model.cfg.image_scheme == "anyres" else "llava"
     if isinstance(model, CausalLM):
         from vlmkit.weights.llama import natural_model_type
 

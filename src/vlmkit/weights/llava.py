@@ -86,6 +86,9 @@ def state_from_hf(state: StateDict, cfg: VLMConfig) -> StateDict:
 
 
 def config_to_hf(cfg: VLMConfig) -> dict:
+    if cfg.image_scheme != "pad":
+        raise ValueError(f"transformers' llava has only the pad image scheme, this model uses "
+                         f"{cfg.image_scheme!r}; save it with model_type='llava_next' (anyres) instead")
     if cfg.projector.type != "mlp2x_gelu":
         raise ValueError(f"transformers' llava has only an mlp2x_gelu projector, this model has "
                          f"{cfg.projector.type!r}; save it with model_type='vlmkit' instead")

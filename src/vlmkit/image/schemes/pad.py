@@ -3,6 +3,8 @@
     >>> from PIL import Image
     >>> pad_to_square(Image.new("RGB", (40, 20)), (1, 2, 3)).size
     (40, 40)
+    >>> pad_token_count(336, 14)   # LLaVA-1.5: 24 x 24 patches, CLS dropped
+    576
 
 The image sits in the middle of the square (left/top offset = (side - size) // 2),
 the fill is the normalisation mean as 0-255 integers, as transformers'
@@ -14,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
+
+from vlmkit.image.plan import ImagePlan
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -39,3 +43,20 @@ def preprocess_pad(image: Image.Image, size: int, mean: tuple[float, ...], std: 
     fill = tuple(int(m * 255) for m in mean)
     square = pad_to_square(image.convert("RGB"), fill)  # type: ignore[arg-type]
     return normalize(square.resize((size, size), Image.Resampling.BICUBIC), mean, std)
+
+
+def pad_token_count(size: int, patch_size: int, keep_cls: bool = False, merge: int = 1) -> int:
+    """Tokens one size x size view costs: its patches (plus CLS if kept), merge x merge blocks fused."""
+    return ((size // patch_size) ** 2 + int(keep_cls)) // merge**2
+
+
+def plan_pad(image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...],
+             patch_size: int = 14, keep_cls: bool = False, merge: int = 1) -> ImagePlan:
+    """The pad scheme's plan: pixel_values (1, 3, size, size) and parts {"image": tokens}.
+
+        >>> plan_pad(Image.new("RGB", (40, 20)), 336, (0.5,) * 3, (0.5,) * 3).num_tokens
+        576
+    """
+    pixels = preprocess_pad(image, size, mean, std)[None]  # (1, 3, size, size)
+    return ImagePlan(scheme="pad", pixel_values=pixels, original_size=image.size, resized_size=(size, size),
+                     grid=(1, 1), parts={"image": pad_token_count(size, patch_size, keep_cls, merge)})

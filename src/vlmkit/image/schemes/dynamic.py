@@ -1,0 +1,193 @@
+"""The Qwen2-VL `dynamic` scheme: native resolution, 14-px patches, 2x2 merge, frames paired in time.
+
+One pure function per step, as transformers' Qwen2VLImageProcessor(Pil) and
+Qwen2VLVideoProcessor do them (the reference for every number here):
+
+1. `smart_resize`: round height and width to multiples of 28 (patch 14 x merge 2),
+   then scale into [min_pixels, max_pixels] keeping the aspect ratio.
+2. bicubic resize (PIL), x / 255, (x - mean) / std with OpenAI CLIP's mean/std.
+3. `patchify`: cut into 14x14 patches, pair frames along time (temporal patch 2; a
+   single image, or the last frame of an odd-length clip, is repeated), and order the
+   rows so that every 2x2 merge group is 4 consecutive rows -> (t*h*w, C*T*P*P).
+
+    >>> from PIL import Image
+    >>> plan = plan_dynamic(Image.new("RGB", (224, 224)))
+    >>> plan.extra["image_grid_thw"], tuple(plan.pixel_values.shape), plan.num_tokens
+    ((1, 16, 16), (256, 1176), 64)
+    >>> plan.context_tokens, plan.text_parts
+    (66, {'<|vision_start|>': 1, '<|vision_end|>': 1})
+
+Token count. transformers' Qwen2VLProcessor expands each `<|image_pad|>` into
+t*h*w / merge**2 copies, and the model scatters exactly that many merged patch
+features into them; the chat template writes `<|vision_start|>` and `<|vision_end|>`
+around the pad as ordinary text tokens, which get no image features. So a plan's
+`num_tokens` (its `parts`) is the placeholder count the model fills (64 for 224x224),
+which is what the prompt builder repeats and what the feature count is checked
+against. The two wrapper tokens are `VISION_WRAPPER`, the plan's `text_parts`, so
+`context_tokens` (= num_tokens + 2, 66 for 224x224 as seed 003 counts it) comes from
+the same plan, for context-budget planning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from vlmkit.image.plan import ImagePlan
+from vlmkit.image.schemes.pad import normalize
+
+PATCH_SIZE = 14            # ViT patch side in pixels
+MERGE_SIZE = 2             # 2x2 neighbouring patches become one LLM token
+TEMPORAL_PATCH_SIZE = 2    # frames per temporal patch (Conv3d depth)
+MAX_ASPECT_RATIO = 200     # smart_resize refuses longer / shorter side above this
+
+IMAGE_MIN_PIXELS = 56 * 56
+IMAGE_MAX_PIXELS = 28 * 28 * 1280
+VIDEO_MIN_PIXELS = 128 * 28 * 28   # Qwen2VLVideoProcessor's per-frame defaults
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+
+QWEN2_VL_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP's, as the reference uses
+QWEN2_VL_STD = (0.26862954, 0.26130258, 0.27577711)
+
+VISION_WRAPPER = ("<|vision_start|>", "<|vision_end|>")  # text tokens around each image/video's pads
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+    """(height, width) rounded to multiples of `factor` with min_pixels <= h*w <= max_pixels.
+
+    Follows transformers' qwen2_vl `smart_resize`: round each side to the nearest
+    multiple; if the area is too large, scale both sides down by sqrt(area / max_pixels)
+    and floor; if too small, scale up by sqrt(min_pixels / area) and ceil.
+
+        >>> smart_resize(224, 224)
+        (224, 224)
+        >>> smart_resize(480, 640)
+        (476, 644)
+        >>> smart_resize(1080, 1920)   # 1036x1848 would exceed max_pixels: scaled down
+        (728, 1316)
+        >>> smart_resize(10, 10)       # below min_pixels: scaled up
+        (56, 56)
+        >>> smart_resize(1, 201)
+        Traceback (most recent call last):
+        ...
+        ValueError: aspect ratio 201.0 of a 1x201 image (height x width) exceeds 200; crop or pad it first
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width} (height x width)")
+    if min_pixels > max_pixels:
+        raise ValueError(f"min_pixels={min_pixels} exceeds max_pixels={max_pixels}; swap or fix them")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ValueError(f"aspect ratio {ratio} of a {height}x{width} image (height x width) exceeds "
+                         f"{MAX_ASPECT_RATIO}; crop or pad it first")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def patchify(frames: torch.Tensor, patch_size: int = PATCH_SIZE, merge_size: int = MERGE_SIZE,
+             temporal_patch_size: int = TEMPORAL_PATCH_SIZE) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(F, C, H, W) frames -> ((t*h*w, C*T*P*P) patch rows, (t, h, w) patch grid).
+
+    Frames are grouped `temporal_patch_size` at a time; when F is not a multiple the
+    last frame is repeated (one image becomes two identical frames). Rows are ordered
+    (t, h/merge, w/merge, merge_row, merge_col), so each merge group is `merge**2`
+    consecutive rows, and each row is laid out (C, T, P, P), as the reference does.
+
+        >>> rows, thw = patchify(torch.zeros(1, 3, 56, 28))
+        >>> tuple(rows.shape), thw
+        ((8, 1176), (1, 4, 2))
+        >>> x = torch.arange(16.).view(1, 1, 4, 4)   # one 1-channel 4x4 frame, patch 1, merge 2
+        >>> patchify(x, patch_size=1, merge_size=2, temporal_patch_size=1)[0].flatten().tolist()
+        [0.0, 1.0, 4.0, 5.0, 2.0, 3.0, 6.0, 7.0, 8.0, 9.0, 12.0, 13.0, 10.0, 11.0, 14.0, 15.0]
+    """
+    num_frames, channels, height, width = frames.shape
+    unit = patch_size * merge_size
+    if num_frames == 0:
+        raise ValueError("patchify got 0 frames; pass at least one image")
+    if height % unit or width % unit:
+        raise ValueError(f"frame size {height}x{width} is not a multiple of patch*merge={unit}; "
+                         f"resize with smart_resize first")
+    if pad := -num_frames % temporal_patch_size:
+        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])  # (F + pad, C, H, W)
+    t = frames.shape[0] // temporal_patch_size
+    h, w = height // patch_size, width // patch_size
+    x = frames.reshape(t, temporal_patch_size, channels, h // merge_size, merge_size, patch_size,
+                       w // merge_size, merge_size, patch_size)  # (t, T, C, h/m, m, P, w/m, m, P)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t, h/m, w/m, m, m, C, T, P, P)
+    rows = x.reshape(t * h * w, channels * temporal_patch_size * patch_size * patch_size)  # (t*h*w, C*T*P*P)
+    return rows, (t, h, w)
+
+
+def _resized_frames(frames: Sequence[Image.Image], size: tuple[int, int], mean: tuple[float, ...],
+                    std: tuple[float, ...]) -> torch.Tensor:
+    """Bicubic-resize RGB frames to size=(width, height) and normalise -> (F, 3, H, W)."""
+    return torch.stack([normalize(f.convert("RGB").resize(size, Image.Resampling.BICUBIC), mean, std)
+                        for f in frames])  # (F, 3, H, W)
+
+
+def _plan(frames: Sequence[Image.Image], modality: str, min_pixels: int, max_pixels: int,
+          mean: tuple[float, ...], std: tuple[float, ...]) -> ImagePlan:
+    """Shared body of plan_dynamic / plan_video_dynamic; modality is "image" or "video"."""
+    width, height = frames[0].size
+    new_h, new_w = smart_resize(height, width, PATCH_SIZE * MERGE_SIZE, min_pixels, max_pixels)
+    rows, (t, h, w) = patchify(_resized_frames(frames, (new_w, new_h), mean, std))
+    tokens = t * h * w // MERGE_SIZE**2
+    return ImagePlan(
+        scheme="dynamic", pixel_values=rows, original_size=(width, height), resized_size=(new_w, new_h),
+        grid=(h, w), parts={f"{modality}_pad": tokens}, text_parts={token: 1 for token in VISION_WRAPPER},
+        extra={f"{modality}_grid_thw": (t, h, w), "merge_size": MERGE_SIZE})
+
+
+def plan_dynamic(image: Image.Image, min_pixels: int = IMAGE_MIN_PIXELS, max_pixels: int = IMAGE_MAX_PIXELS,
+                 mean: tuple[float, ...] = QWEN2_VL_MEAN, std: tuple[float, ...] = QWEN2_VL_STD) -> ImagePlan:
+    """Plan one image the Qwen2-VL way.
+
+    pixel_values (t*h*w, 3*2*14*14) with t = 1; grid (h, w) in 14-px patches;
+    parts {"image_pad": t*h*w/4}; text_parts the two vision wrapper tokens; extra
+    {"image_grid_thw", "merge_size"} (see the module docstring).
+
+        >>> plan = plan_dynamic(Image.new("RGB", (640, 480)))
+        >>> plan.resized_size, plan.grid, plan.parts
+        ((644, 476), (34, 46), {'image_pad': 391})
+    """
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"image has zero size {image.width}x{image.height}; pass a non-empty image")
+    return _plan([image], "image", min_pixels, max_pixels, mean, std)
+
+
+def plan_video_dynamic(frames: Sequence[Image.Image], min_pixels: int = VIDEO_MIN_PIXELS,
+                       max_pixels: int = VIDEO_MAX_PIXELS, mean: tuple[float, ...] = QWEN2_VL_MEAN,
+                       std: tuple[float, ...] = QWEN2_VL_STD) -> ImagePlan:
+    """Plan a clip of already-sampled, equally sized frames as one Qwen2-VL video.
+
+    Frames are paired along time, grid_t = ceil(len(frames) / 2) (an odd count repeats
+    the last frame); every frame is resized to the same smart_resize size with the
+    video processor's per-frame pixel limits. parts {"video_pad": t*h*w/4}, extra
+    {"video_grid_thw", ...}.
+
+        >>> clip = [Image.new("RGB", (448, 448))] * 3
+        >>> plan = plan_video_dynamic(clip)
+        >>> plan.extra["video_grid_thw"], plan.num_tokens, plan.context_tokens
+        ((2, 32, 32), 512, 514)
+    """
+    if not frames:
+        raise ValueError("plan_video_dynamic got no frames; sample at least one frame from the video")
+    sizes = {f.size for f in frames}
+    if len(sizes) > 1:
+        raise ValueError(f"video frames differ in size {sorted(sizes)}; all frames of a clip must match")
+    if 0 in frames[0].size:
+        raise ValueError(f"video frames have zero size {frames[0].size}; pass non-empty frames")
+    return _plan(list(frames), "video", min_pixels, max_pixels, mean, std)
