@@ -124,8 +124,8 @@ def test_config_validates_the_anyres_fields():
         VLMConfig.from_dict({**cfg.to_dict(), "grid_pinpoints": [[32, 48]]})
     with pytest.raises(ValueError, match="needs grid_pinpoints"):
         VLMConfig.from_dict({**cfg.to_dict(), "grid_pinpoints": []})
-    with pytest.raises(ValueError, match="image_scheme 'tiles' unknown"):
-        VLMConfig.from_dict({**cfg.to_dict(), "image_scheme": "tiles"})
+    with pytest.raises(ValueError, match="image_scheme 'mosaic' unknown"):
+        VLMConfig.from_dict({**cfg.to_dict(), "image_scheme": "mosaic"})
     with pytest.raises(ValueError, match="only used by image_scheme='anyres'"):
         VLMConfig.from_dict({**cfg.to_dict(), "image_scheme": "pad"})
 

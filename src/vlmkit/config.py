@@ -23,7 +23,7 @@ from typing import Any
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "yarn")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
 SELECT_FEATURES = ("patch", "cls_patch")
-IMAGE_SCHEMES = ("pad", "anyres")
+IMAGE_SCHEMES = ("pad", "anyres", "hd", "tiles")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -190,11 +190,17 @@ class VLMConfig(_Serializable):
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     image_token_id: int = 32000  # placeholder id in input_ids that image features replace
-    # How an image becomes views and tokens: "pad" (LLaVA-1.5, one square view) or
-    # "anyres" (LLaVA-NeXT: base view + tiles of a canvas from grid_pinpoints, unpad, newline per row).
+    # How an image becomes views and tokens (image/schemes/, layouts in models/layouts/):
+    #   "pad"    LLaVA-1.5: one square view;
+    #   "anyres" LLaVA-NeXT: base view + tiles of a canvas from grid_pinpoints, unpad, newline per row;
+    #   "hd"     Phi-3.5-vision HD-N: global + up to max_crops 336-px crops, 2x2 merge, sub_GN/glb_GN;
+    #   "tiles"  DeepSeek-VL2: global + up to max_crops 384-px tiles, 2x2 downsample, newline/separator.
     image_scheme: str = "pad"
-    # anyres: candidate canvases as (height, width), multiples of vision.image_size; () for pad.
+    # anyres: candidate canvases as (height, width), multiples of vision.image_size; () otherwise.
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    # hd: N of HD-N (Phi-3.5-vision: 16 for one image, 4 for many); tiles: most local tiles m*n
+    # (DeepSeek-VL2: 9). None = that default; must stay None for pad and anyres.
+    max_crops: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -216,10 +222,17 @@ class VLMConfig(_Serializable):
     def _check_image_scheme(self) -> None:
         _require(self.image_scheme in IMAGE_SCHEMES,
                  f"image_scheme {self.image_scheme!r} unknown; valid: {IMAGE_SCHEMES}")
-        if self.image_scheme == "pad":
+        if self.image_scheme != "anyres":
             _require(not self.grid_pinpoints, "grid_pinpoints are only used by image_scheme='anyres'; "
                                               "remove them or set image_scheme='anyres'")
-            return
+        if self.image_scheme in ("pad", "anyres"):
+            _require(self.max_crops is None, f"max_crops is only used by image_scheme 'hd' and 'tiles'; "
+                                             f"remove it for image_scheme={self.image_scheme!r}")
+        checks = {"anyres": self._check_anyres, "hd": self._check_hd, "tiles": self._check_tiles}
+        if self.image_scheme in checks:
+            checks[self.image_scheme]()
+
+    def _check_anyres(self) -> None:
         tile = self.vision.image_size
         _require(bool(self.grid_pinpoints), "image_scheme='anyres' needs grid_pinpoints, e.g. "
                                             f"(({tile}, {2 * tile}), ({2 * tile}, {tile}), ({2 * tile}, {2 * tile}))")
@@ -231,6 +244,36 @@ class VLMConfig(_Serializable):
                  "image_scheme='anyres' lays out square patch grids: set vision.select_feature='patch' (drop CLS)")
         _require(_merge_factor(self.projector.type) == 1,
                  f"image_scheme='anyres' does not combine with the merging projector {self.projector.type!r}")
+
+    def _check_merged_views(self, view: int, patch: int, tower_size: int, default_crops: int) -> None:
+        """hd / tiles: the plan counts tokens for `view`-px views of `patch`-px patches merged 2x2,
+        so the tower must see exactly that grid, and the projector must take the merged 4*D vectors."""
+        scheme = self.image_scheme
+        if self.max_crops is None:
+            self.max_crops = default_crops
+        _require(isinstance(self.max_crops, int) and self.max_crops >= 1,
+                 f"max_crops is {self.max_crops!r}; image_scheme={scheme!r} needs a positive int")
+        _require(self.vision.patch_size == patch and self.vision.image_size == tower_size,
+                 f"image_scheme={scheme!r} plans {view}-px views of {patch}-px patches; set vision.patch_size="
+                 f"{patch} and vision.image_size={tower_size} (got {self.vision.patch_size} and "
+                 f"{self.vision.image_size})")
+        _require(self.vision.select_feature == "patch",
+                 f"image_scheme={scheme!r} merges square patch grids: set vision.select_feature='patch'")
+        _require(_merge_factor(self.projector.type) == 4,
+                 f"image_scheme={scheme!r} merges 2x2 patches before the projector MLP: use a "
+                 f"'merge2x2_mlp{{N}}x_gelu' projector with in_dim 4 * {self.vision.hidden_size}, "
+                 f"not {self.projector.type!r}")
+
+    def _check_hd(self) -> None:
+        from vlmkit.image.schemes.hd import CROP
+
+        self._check_merged_views(CROP, 14, CROP, 16)  # 24 x 24 patches -> 12 x 12 merged tokens per crop
+
+    def _check_tiles(self) -> None:
+        from vlmkit.image.schemes.tiles import PATCH, TILE
+
+        # SigLIP-so400m's stride-14 patch conv reads the first 27 * 14 = 378 pixels of each 384-px tile.
+        self._check_merged_views(TILE, PATCH, TILE // PATCH * PATCH, 9)
 
 
 def _merge_factor(projector_type: str) -> int:

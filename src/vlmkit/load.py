@@ -16,13 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from PIL import Image
 
-from vlmkit.image.plan import ImagePlan
 from vlmkit.models import from_pretrained
-from vlmkit.models.vlm import VLM, image_inputs, plan_image
+from vlmkit.models.vlm import VLM, Media, image_inputs, plan_images
 from vlmkit.presets import tiny_random
-from vlmkit.prompt import build_prompt_ids
+from vlmkit.prompt import MediaPlans, Prompt, build_prompt, build_prompt_ids, flat_plans
 from vlmkit.text.chat import ChatTemplate, Message, chat_template_for
 from vlmkit.text.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 from vlmkit.weights.gguf import load_gguf, smollm2_gguf_path
@@ -43,18 +41,29 @@ class LoadedModel:
     def is_vlm(self) -> bool:
         return isinstance(self.model, VLM)
 
-    def plan_images(self, images: Sequence[Image.Image]) -> list[ImagePlan]:
-        """One ImagePlan per image under the model's image scheme (views + token count)."""
-        if images and not self.is_vlm:
+    def plan_images(self, media: Sequence[Media]) -> list[MediaPlans]:
+        """Plans of the prompt's images and videos in message order, under the model's image scheme:
+        an image (PIL) gives one ImagePlan, a video (its sampled frames) a list of them."""
+        if media and not self.is_vlm:
             raise ValueError(f"{self.name} is a text-only model; it cannot take images")
-        return [plan_image(self.model.cfg, img) for img in images]
+        return plan_images(self.model.cfg, media)
 
-    def image_inputs(self, plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor] | None:
-        """The prefill inputs for the planned images (pixel_values, and image_sizes for anyres), or None."""
-        return image_inputs(plans) or None
+    def image_inputs(self, plans: Sequence[MediaPlans]) -> dict[str, torch.Tensor] | None:
+        """The prefill inputs for the planned images in prompt order (pixel_values, and image_sizes
+        for the tiling schemes), or None."""
+        return image_inputs(flat_plans(plans)) or None
 
-    def prompt_ids(self, messages: Sequence[Message], plans: Sequence[ImagePlan] = ()) -> list[int]:
-        """Token ids of the conversation with a generation prompt, image i expanded to plans[i].num_tokens."""
+    def prompt(self, messages: Sequence[Message], plans: Sequence[MediaPlans] = ()) -> Prompt:
+        """The conversation's ids with a generation prompt and the plans of its image runs in prompt order
+        (pass prompt.plans to image_inputs); see vlmkit.prompt for the placeholder rule."""
+        if plans and not self.is_vlm:
+            raise ValueError(f"{self.name} is a text-only model; it cannot take images")
+        image_token_id = self.model.cfg.image_token_id if self.is_vlm else None
+        return build_prompt(self.tokenizer, self.chat_template, messages, image_token_id, plans)
+
+    def prompt_ids(self, messages: Sequence[Message], plans: Sequence[MediaPlans] = ()) -> list[int]:
+        """Token ids of the conversation with a generation prompt, each image expanded to its plan's
+        num_tokens; for placeholders that show the images in order (else use prompt())."""
         if plans and not self.is_vlm:
             raise ValueError(f"{self.name} is a text-only model; it cannot take images")
         image_token_id = self.model.cfg.image_token_id if self.is_vlm else None

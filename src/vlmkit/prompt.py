@@ -1,48 +1,184 @@
-"""From a conversation to prompt token ids: chat template -> tokens -> image placeholders expanded.
+"""From a conversation to prompt token ids: chat template -> image placeholders found in the text -> ids.
 
-The template writes one image placeholder token (e.g. `<image>`) per image; each
-is then expanded to the number of tokens that image costs, `plan.num_tokens` of
-its ImagePlan (image/schemes/), the same count the VLM's feature layout checks.
+The template renders each image as a placeholder: the image token's own text (`<image>`),
+taken in order, or a numbered `<|image_N|>` (Phi-3-vision), which names image N (1-based).
+The rendered prompt is split on the placeholder pattern at the text level, so the numbered
+placeholders need not be tokens of the vocabulary, and every placeholder becomes a run of
+`plan.num_tokens` image token ids, the count of the image's ImagePlan (image/schemes/) that
+the VLM's feature layout checks.
+
+Numbered placeholders, the rule (it is that of Phi-3-vision's processor, `processing_phi3_v.py`:
+each `<|image_N|>` is replaced by image N's token run; the numbers used must be exactly
+1..len(images)): they may come in any order and repeat. The model fills image runs in prompt
+order, so `build_prompt` returns the plans in that order (a repeated image twice): pass
+`Prompt.plans` to `image_inputs`. Phi-3-vision's model instead fills the runs with the images in
+the order given, which is only right when the placeholders read 1, 2, ... once each.
+
+A video is a content part {"type": "video"}; its entry in `plans` is the list of plans of its
+frames (models.vlm.plan_video), and the part is rendered as that many image parts, so every
+template that knows image parts can show a video. A scheme with one plan per clip (Qwen2-VL's
+`plan_video_dynamic`) gives a one-element list.
+
+Tokenizing: when the image token's text encodes to exactly the image token id (the usual case:
+`<image>` is an added token), the prompt is tokenized in one pass with every placeholder written
+as that text, as transformers' LLaVA processors do; segment-wise tokenization would differ for
+tokenizers that prefix the start of every encode (sentencepiece's Metaspace "first" scheme).
+Otherwise the text segments between placeholders are tokenized one by one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from vlmkit.image.plan import ImagePlan
 from vlmkit.text.chat import ChatTemplate, Message
 from vlmkit.text.tokenizer import Tokenizer
 
+NUMBERED_PLACEHOLDER = r"<\|image_(\d+)\|>"  # Phi-3-vision's <|image_1|>, <|image_2|>, ...
 
-def expand_image_placeholders(ids: Sequence[int], image_token_id: int, tokens_per_image: Sequence[int]) -> list[int]:
-    """Replace the i-th occurrence of image_token_id with tokens_per_image[i] copies of it.
+MediaPlans = ImagePlan | Sequence[ImagePlan]  # an image's plan, or a video's plans (one per frame / clip)
 
-        >>> expand_image_placeholders([5, 9, 6, 9], image_token_id=9, tokens_per_image=[2, 3])
-        [5, 9, 9, 6, 9, 9, 9]
+
+@dataclass
+class Prompt:
+    """Prompt token ids and, in prompt order, the plan of every image-token run in them."""
+
+    ids: list[int]
+    plans: list[ImagePlan]
+
+
+def placeholder_order(text: str, num_images: int, plain: str | None = "<image>") -> tuple[list[str], list[int]]:
+    """Split text on image placeholders: (the len(order) + 1 text segments around them, and for each
+    placeholder the 0-based index of the image it shows). Plain placeholders take images in order.
+
+        >>> placeholder_order("a<image>b<image>", 2)
+        (['a', 'b', ''], [0, 1])
+        >>> placeholder_order("<|image_2|> vs <|image_1|>, again <|image_2|>", 2)
+        (['', ' vs ', ', again ', ''], [1, 0, 1])
     """
-    found = sum(1 for t in ids if t == image_token_id)
-    if found != len(tokens_per_image):
-        raise ValueError(f"the prompt has {found} image placeholder(s) but {len(tokens_per_image)} image(s) "
-                         "were given; put one image part in the messages per image")
-    out: list[int] = []
-    images = iter(tokens_per_image)
-    for t in ids:
-        out.extend([t] * next(images) if t == image_token_id else [t])
+    pattern = NUMBERED_PLACEHOLDER if plain is None else f"{re.escape(plain)}|{NUMBERED_PLACEHOLDER}"
+    matches = list(re.finditer(pattern, text))
+    segments, start = [], 0
+    for m in matches:
+        segments.append(text[start:m.start()])
+        start = m.end()
+    segments.append(text[start:])
+    numbers = [m.group(1) for m in matches]
+    if any(n is None for n in numbers) and any(n is not None for n in numbers):
+        raise ValueError(f"the prompt mixes plain {plain} and numbered <|image_N|> placeholders; "
+                         "write one kind only")
+    if not matches or numbers[0] is None:
+        if len(matches) != num_images:
+            raise ValueError(f"the prompt has {len(matches)} image placeholder(s) ({plain}) but {num_images} "
+                             "image(s) were given; put one image part in the messages per image")
+        return segments, list(range(num_images))
+    order = [int(n) - 1 for n in numbers]
+    missing = sorted({i + 1 for i in order if not 0 <= i < num_images})
+    if missing:
+        raise ValueError(f"the prompt has the placeholder <|image_{missing[0]}|> but only {num_images} image(s) "
+                         f"were given (numbers run 1..{num_images})")
+    unused = sorted(set(range(num_images)) - set(order))
+    if unused:
+        raise ValueError(f"image(s) {[i + 1 for i in unused]} were given but no <|image_N|> placeholder "
+                         "refers to them; reference every image or drop it")
+    return segments, order
+
+
+def videos_as_images(messages: Sequence[Message], frames_per_video: Sequence[int]) -> list[Message]:
+    """The messages with the i-th {"type": "video"} part replaced by frames_per_video[i] image parts.
+
+        >>> videos_as_images([{"role": "user", "content": [{"type": "video"}]}], [2])[0]["content"]
+        [{'type': 'image'}, {'type': 'image'}]
+    """
+    videos = iter(frames_per_video)
+    out = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if isinstance(part, Mapping) and part.get("type") == "video":
+                    count = next(videos, None)
+                    if count is None:
+                        raise ValueError(f"the messages have more video parts than the {len(frames_per_video)} "
+                                         "video(s) given; pass one list of plans per video part")
+                    parts += [{"type": "image"}] * count
+                else:
+                    parts.append(part)
+            message = {**message, "content": parts}
+        out.append(message)
+    if next(videos, None) is not None:
+        raise ValueError(f"{len(frames_per_video)} video(s) were given but the messages have fewer video parts; "
+                         "put one {'type': 'video'} part per video")
     return out
 
 
-def build_prompt_ids(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Message],
-                     image_token_id: int | None = None, plans: Sequence[ImagePlan] = (),
-                     add_generation_prompt: bool = True) -> list[int]:
-    """Render messages with the template, tokenize, and expand image placeholders.
+def flat_plans(plans: Sequence[MediaPlans]) -> list[ImagePlan]:
+    """Every image's plan in message order, a video's plans in its place."""
+    return [q for p in plans for q in ([p] if isinstance(p, ImagePlan) else p)]
 
-    plans has one ImagePlan per image part in the messages, in order; image i
-    gets plans[i].num_tokens placeholder ids.
+
+def _flatten(messages: Sequence[Message], plans: Sequence[MediaPlans]) -> tuple[list[Message], list[ImagePlan]]:
+    """Videos rendered as image parts, and every image's plan in message order."""
+    videos = [list(p) for p in plans if not isinstance(p, ImagePlan)]
+    if any(not v for v in videos):
+        raise ValueError("a video was given with no plans; plan at least one frame (models.vlm.plan_video)")
+    return videos_as_images(messages, [len(v) for v in videos]), flat_plans(plans)
+
+
+def _encode_runs(tokenizer: Tokenizer, segments: Sequence[str], runs: Sequence[int], image_token_id: int) -> list[int]:
+    """Ids of segments[0] run[0] segments[1] run[1] ... segments[-1], a run being that many image ids."""
+    try:
+        marker = tokenizer.id_to_token(image_token_id)
+    except ValueError:
+        marker = None
+    if marker is not None and tokenizer.encode(marker) == [image_token_id]:
+        ids = tokenizer.encode(marker.join(segments))  # one pass, as the reference processors tokenize
+        if ids.count(image_token_id) == len(runs):
+            out: list[int] = []
+            pending = iter(runs)
+            for t in ids:
+                out.extend([t] * next(pending) if t == image_token_id else [t])
+            return out
+    out = tokenizer.encode(segments[0])
+    for run, segment in zip(runs, segments[1:]):
+        out += [image_token_id] * run + tokenizer.encode(segment)
+    return out
+
+
+def build_prompt(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Message],
+                 image_token_id: int | None = None, plans: Sequence[MediaPlans] = (),
+                 add_generation_prompt: bool = True) -> Prompt:
+    """Render messages with the template, then turn each image placeholder into its run of image ids.
+
+    plans has one entry per image or video part of the messages, in order: an ImagePlan for an
+    image, a list of ImagePlans for a video. Returns the ids and the plans of the runs in prompt
+    order (for image_inputs); see the module docstring for the placeholder rule.
     """
+    messages, flat = _flatten(messages, plans)
     text = template.render(messages, add_generation_prompt=add_generation_prompt)
-    ids = tokenizer.encode(text)
     if image_token_id is None:
-        if plans:
+        if flat:
             raise ValueError("images were given but this model has no image placeholder token (text-only model)")
-        return ids
-    return expand_image_placeholders(ids, image_token_id, [plan.num_tokens for plan in plans])
+        return Prompt(tokenizer.encode(text), [])
+    try:
+        plain: str | None = tokenizer.id_to_token(image_token_id)
+    except ValueError:
+        plain = None
+    segments, order = placeholder_order(text, len(flat), plain)
+    ordered = [flat[i] for i in order]
+    return Prompt(_encode_runs(tokenizer, segments, [p.num_tokens for p in ordered], image_token_id), ordered)
+
+
+def build_prompt_ids(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Message],
+                     image_token_id: int | None = None, plans: Sequence[MediaPlans] = (),
+                     add_generation_prompt: bool = True) -> list[int]:
+    """build_prompt's ids, for prompts whose placeholders show images 1, 2, ... once each in order
+    (so image_inputs(plans) matches); other orders raise ValueError: use build_prompt."""
+    prompt = build_prompt(tokenizer, template, messages, image_token_id, plans, add_generation_prompt)
+    if [id(p) for p in prompt.plans] != [id(p) for p in flat_plans(plans)]:
+        raise ValueError("the prompt's placeholders show the images out of order or more than once; call "
+                         "build_prompt and pass its .plans to image_inputs")
+    return prompt.ids

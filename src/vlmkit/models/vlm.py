@@ -1,21 +1,30 @@
 """The VLM glue: vision tower -> projector -> feature layout -> one masked scatter into the LM's embeddings.
 
     pad (LLaVA-1.5):     pixel_values (N, 3, S, S) --tower--> (N, P, Dv) --projector--> (N, P', C)
-    anyres (LLaVA-NeXT): pixel_values (N, V, 3, S, S) zero-padded views + image_sizes (N, 2) as (height, width)
+    anyres (LLaVA-NeXT): pixel_values (N, V, 3, S, S) zero-padded views + image_sizes (N, 2) original (h, w)
                          --tower, projector--> per image (1 + tiles, P, C) --layouts.anyres--> (T_i, C)
+    hd (Phi-3.5-V):      pixel_values (N, V, 3, 336, 336) [global, crops] + image_sizes (N, 2) HD canvas (h, w)
+                         --tower--> (V, 576, Dv) --layouts.hd (2x2 merge, sub_GN, glb_GN)--> (T_i, 4Dv)
+                         --projector MLP--> (T_i, C)
+    tiles (DeepSeek-VL2): pixel_values (N, V, 3, 384, 384) [global, tiles] + image_sizes (N, 2) tile canvas (h, w)
+                         --tower (first 378 px)--> (V, 729, Dv) --downsample_2x2, projector MLP--> (V, 196, C)
+                         --layouts.tiles (newline, view separator)--> (T_i, C)
     input_ids (B, T) with T_i placeholder ids per image --embed--> (B, T, C)
     the placeholder rows are replaced, in order, by the images' feature rows
     --> language model --> logits (B, T, V)
 
-How many tokens an image costs comes from its ImagePlan (image/schemes/), built
-by `plan_image` for the prompt and rebuilt from image_sizes inside forward; a
-placeholder / feature count mismatch raises ValueError with both counts.
+Each scheme's handling is one row of `SCHEMES` (plan, forward inputs, encoder, learned
+vectors). How many tokens an image costs comes from its ImagePlan (image/schemes/):
+`plan_images` builds the plans for the prompt; forward rebuilds each image's plan (or
+its scheme's token formula) from image_sizes, and a placeholder / feature count
+mismatch raises ValueError with both counts.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -23,12 +32,18 @@ from PIL import Image
 
 from vlmkit.config import VLMConfig
 from vlmkit.image.plan import ImagePlan
+from vlmkit.image.schemes import hd as hd_scheme
+from vlmkit.image.schemes import tiles as tiles_scheme
 from vlmkit.image.schemes.anyres import anyres_plan, plan_anyres
 from vlmkit.image.schemes.pad import pad_token_count, plan_pad
 from vlmkit.models.layouts.anyres import pack_anyres
+from vlmkit.models.layouts.hd import hd_layout
+from vlmkit.models.layouts.tiles import downsample_2x2, tiles_layout
 from vlmkit.models.lm import CausalLM, CausalLMOutput, KVCache
 from vlmkit.models.projectors import build_projector, parse_projector_type
 from vlmkit.models.vit import VisionTower
+
+Media = Image.Image | Sequence[Image.Image]  # one image, or a video as its sampled frames
 
 
 def _pad_args(cfg: VLMConfig) -> dict[str, int | bool]:
@@ -45,34 +60,108 @@ def image_token_count(cfg: VLMConfig) -> int:
     return pad_token_count(cfg.vision.image_size, **_pad_args(cfg))  # type: ignore[arg-type]
 
 
-def plan_image(cfg: VLMConfig, image: Image.Image) -> ImagePlan:
-    """The ImagePlan of one image under the model's image scheme: its views and its token count."""
+# ---- planning: image -> ImagePlan, per scheme -------------------------------------------------------
+
+def _plan_pad(cfg: VLMConfig, image: Image.Image, num_images: int) -> ImagePlan:
     v = cfg.vision
-    if cfg.image_scheme == "anyres":
-        return plan_anyres(image, cfg.grid_pinpoints, v.image_size, v.image_mean, v.image_std, v.patch_size)
     return plan_pad(image, v.image_size, v.image_mean, v.image_std, **_pad_args(cfg))  # type: ignore[arg-type]
 
 
+def _plan_anyres(cfg: VLMConfig, image: Image.Image, num_images: int) -> ImagePlan:
+    v = cfg.vision
+    return plan_anyres(image, cfg.grid_pinpoints, v.image_size, v.image_mean, v.image_std, v.patch_size)
+
+
+def _plan_hd(cfg: VLMConfig, image: Image.Image, num_images: int) -> ImagePlan:
+    v = cfg.vision
+    return hd_scheme.plan_hd(image, cfg.max_crops, v.image_mean, v.image_std)  # type: ignore[arg-type]
+
+
+def _plan_tiles(cfg: VLMConfig, image: Image.Image, num_images: int) -> ImagePlan:
+    return tiles_scheme.plan_tiles(image, num_images=num_images, max_tiles=cfg.max_crops,  # type: ignore[arg-type]
+                                   mean=cfg.vision.image_mean, std=cfg.vision.image_std)
+
+
+def plan_image(cfg: VLMConfig, image: Image.Image, num_images: int = 1) -> ImagePlan:
+    """The ImagePlan of one image under the model's image scheme: its views and its token count.
+    num_images is how many images the prompt holds (tiles turns tiling off above 2)."""
+    return SCHEMES[cfg.image_scheme].plan(cfg, image, num_images)
+
+
+def plan_video(cfg: VLMConfig, frames: Sequence[Image.Image], num_images: int | None = None) -> list[ImagePlan]:
+    """The plans of a video given as sampled frames (image.video.load_video_frames): every frame is
+    planned as one image, as LLaVA-style models take video. num_images counts the prompt's images
+    (frames included); default len(frames)."""
+    if not frames:
+        raise ValueError("the video has no frames; sample at least one with vlmkit.image.video")
+    total = len(frames) if num_images is None else num_images
+    return [plan_image(cfg, frame, total) for frame in frames]
+
+
+def plan_images(cfg: VLMConfig, media: Sequence[Media]) -> list[ImagePlan | list[ImagePlan]]:
+    """Plan every image and video of one prompt, in message order: an image gives one ImagePlan,
+    a video (a list of frames) a list of ImagePlans, the form prompt.build_prompt takes."""
+    total = sum(1 if isinstance(m, Image.Image) else len(m) for m in media)
+    return [plan_image(cfg, m, total) if isinstance(m, Image.Image) else plan_video(cfg, m, total) for m in media]
+
+
+# ---- forward inputs: plans -> keyword tensors ---------------------------------------------------------
+
+def _stacked_views(plans: Sequence[ImagePlan]) -> torch.Tensor:
+    """(N, V_max, 3, S, S): each image's views, zero-padded to the most views."""
+    views = max(p.pixel_values.shape[0] for p in plans)
+    return torch.stack([torch.cat([p.pixel_values, p.pixel_values.new_zeros(
+        views - p.pixel_values.shape[0], *p.pixel_values.shape[1:])]) for p in plans])  # (N, V_max, 3, S, S)
+
+
+def _inputs_pad(plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.cat([p.pixel_values for p in plans])}  # (N, 3, S, S)
+
+
+def _inputs_anyres(plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor]:
+    sizes = torch.tensor([[p.original_size[1], p.original_size[0]] for p in plans])  # (N, 2) (height, width)
+    return {"pixel_values": _stacked_views(plans), "image_sizes": sizes}
+
+
+def _inputs_canvas(plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor]:
+    """hd / tiles: image_sizes is the local canvas (rows * S, cols * S), as Phi-3.5-V's processor sends it."""
+    sizes = torch.tensor([[p.grid[0] * p.pixel_values.shape[-2], p.grid[1] * p.pixel_values.shape[-1]]
+                          for p in plans])  # (N, 2) (height, width)
+    return {"pixel_values": _stacked_views(plans), "image_sizes": sizes}
+
+
 def image_inputs(plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor]:
-    """The forward keyword tensors for the images of a batch, as transformers' processors make them:
-    pad -> pixel_values (N, 3, S, S); anyres -> pixel_values (N, V_max, 3, S, S) zero-padded views
-    and image_sizes (N, 2) as (height, width). No plans -> {}."""
+    """The forward keyword tensors for the images of a batch, in prompt order, as transformers' processors
+    make them: pad -> pixel_values (N, 3, S, S); anyres, hd, tiles -> pixel_values (N, V_max, 3, S, S)
+    zero-padded views and image_sizes (N, 2) as (height, width) (see the module docstring). No plans -> {}."""
     if not plans:
         return {}
     schemes = {p.scheme for p in plans}
     if len(schemes) > 1:
         raise ValueError(f"the images were planned with different schemes {sorted(schemes)}; use the model's one")
-    if plans[0].scheme == "pad":
-        return {"pixel_values": torch.cat([p.pixel_values for p in plans])}
-    views = max(p.pixel_values.shape[0] for p in plans)
-    pixels = torch.stack([torch.cat([p.pixel_values, p.pixel_values.new_zeros(
-        views - p.pixel_values.shape[0], *p.pixel_values.shape[1:])]) for p in plans])  # (N, V_max, 3, S, S)
-    sizes = torch.tensor([[p.original_size[1], p.original_size[0]] for p in plans])  # (N, 2) (height, width)
-    return {"pixel_values": pixels, "image_sizes": sizes}
+    if plans[0].scheme not in SCHEMES:
+        raise ValueError(f"the VLM glue has no {plans[0].scheme!r} scheme; valid: {sorted(SCHEMES)}")
+    return SCHEMES[plans[0].scheme].inputs(plans)
+
+
+@dataclass(frozen=True)
+class SchemeGlue:
+    """How the VLM handles one image scheme.
+
+    plan:      (cfg, image, images in the prompt) -> ImagePlan
+    inputs:    plans -> forward keyword tensors
+    encode:    (model, pixel_values, image_sizes) -> each image's (T_i, C) rows, in order
+    vectors:   learned embeddings the layout inserts: parameter name -> its width given the config
+    """
+
+    plan: Callable[[VLMConfig, Image.Image, int], ImagePlan]
+    inputs: Callable[[Sequence[ImagePlan]], dict[str, torch.Tensor]]
+    encode: Callable[[VLM, torch.Tensor, torch.Tensor | None], list[torch.Tensor]]
+    vectors: dict[str, Callable[[VLMConfig], int]]
 
 
 class VLM(nn.Module):
-    """A LLaVA-style vision-language model built from a VLMConfig (LLaVA-1.5 pad or LLaVA-NeXT anyres)."""
+    """A LLaVA-style vision-language model built from a VLMConfig; cfg.image_scheme picks its row of SCHEMES."""
 
     def __init__(self, cfg: VLMConfig) -> None:
         super().__init__()
@@ -81,9 +170,9 @@ class VLM(nn.Module):
         p = cfg.projector
         self.projector = build_projector(p.type, p.in_dim, p.out_dim, p.bias)
         self.lm = CausalLM(cfg.lm)
-        if cfg.image_scheme == "anyres":  # LLaVA-NeXT's learned end-of-row embedding
-            C = cfg.lm.hidden_size
-            self.image_newline = nn.Parameter(torch.randn(C) / math.sqrt(C))  # (C,)
+        for name, width_of in SCHEMES[cfg.image_scheme].vectors.items():  # e.g. LLaVA-NeXT's image_newline
+            width = width_of(cfg)
+            self.register_parameter(name, nn.Parameter(torch.randn(width) / math.sqrt(width)))  # (width,)
 
     @property
     def image_token_id(self) -> int:
@@ -94,16 +183,15 @@ class VLM(nn.Module):
 
     def _project(self, views: torch.Tensor) -> torch.Tensor:
         """(V, 3, S, S) views -> (V, P', C) LM-width features."""
-        dtype = self.projector.mlp[0].weight.dtype
-        return self.projector(self.vision.features(views.to(dtype)))  # (V, P', C)
+        return self.projector(self._features(views))  # (V, P', C)
+
+    def _features(self, views: torch.Tensor) -> torch.Tensor:
+        """(V, 3, S, S) views -> (V, P, Dv) tower features, in the projector's dtype."""
+        return self.vision.features(views.to(self.projector.mlp[0].weight.dtype))  # (V, P, Dv)
 
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Every image's token sequence (T_i, C), in order; see the module docstring for the input shapes."""
-        if self.cfg.image_scheme == "anyres":
-            return self._encode_anyres(pixel_values, image_sizes)
-        if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must be (num_images, 3, H, W), got shape {tuple(pixel_values.shape)}")
-        return list(self._project(pixel_values).unbind(0))  # N x (P', C)
+        return SCHEMES[self.cfg.image_scheme].encode(self, pixel_values, image_sizes)
 
     def anyres_plans(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[ImagePlan]:
         """Rebuild each image's anyres plan from transformers-style inputs: pixel_values (N, V, 3, S, S)
@@ -130,11 +218,45 @@ class VLM(nn.Module):
             raise ValueError(f"pixel_values holds {pixel_values.shape[0]} views but the image_sizes plan {offset}")
         return plans
 
-    def _encode_anyres(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
-        plans = self.anyres_plans(pixel_values, image_sizes)
-        features = self._project(torch.cat([p.pixel_values for p in plans]))  # (sum V, P, C)
-        chunks = features.split([p.pixel_values.shape[0] for p in plans])
-        return [pack_anyres(f, p, self.image_newline) for f, p in zip(chunks, plans)]  # N x (T_i, C)
+    def canvas_plans(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[ImagePlan]:
+        """hd / tiles: rebuild each image's grid and token count from its canvas size.
+
+        pixel_values (N, V, 3, S, S) zero-padded or (sum V, 3, S, S) concatenated, [global, local row-major];
+        image_sizes (N, 2): the local canvas (rows * S, cols * S) as (height, width). The token count is the
+        scheme's own formula (hd_num_tokens / tiles_num_tokens), which the layout checks its output against.
+        """
+        scheme = self.cfg.image_scheme
+        if image_sizes is None:
+            raise ValueError(f"an {scheme} model needs image_sizes (num_images, 2), each image's local canvas "
+                             "(height, width), next to pixel_values; image_inputs(plans) makes both")
+        if pixel_values.ndim not in (4, 5):
+            raise ValueError(f"pixel_values must be (images, views, 3, S, S) or (views, 3, S, S), "
+                             f"got shape {tuple(pixel_values.shape)}")
+        side = pixel_values.shape[-1]
+        plans, offset = [], 0
+        for i, (h, w) in enumerate(image_sizes.tolist()):
+            if h <= 0 or w <= 0 or h % side or w % side:
+                raise ValueError(f"image_sizes[{i}] = ({h}, {w}) is not a canvas of whole {side}-px views")
+            rows, cols = h // side, w // side
+            views = 1 + rows * cols
+            if pixel_values.ndim == 5:
+                if i >= pixel_values.shape[0] or views > pixel_values.shape[1]:
+                    raise ValueError(f"image {i} has a {rows}x{cols} grid ({views} views) but pixel_values has "
+                                     f"shape {tuple(pixel_values.shape)}")
+                pixels = pixel_values[i, :views]  # (views, 3, S, S)
+            else:
+                pixels = pixel_values[offset:offset + views]  # (views, 3, S, S)
+                offset += views
+                if pixels.shape[0] != views:
+                    raise ValueError(f"pixel_values holds {pixel_values.shape[0]} views but the image_sizes "
+                                     f"need at least {offset}")
+            tokens = SCHEME_TOKEN_FORMULAS[scheme](rows, cols)
+            plans.append(ImagePlan(scheme, pixels, (w, h), (w, h), (rows, cols), {"tokens": tokens}))
+        if pixel_values.ndim == 5 and pixel_values.shape[0] != len(plans):
+            raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but image_sizes {len(plans)}")
+        if pixel_values.ndim == 4 and offset != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values holds {pixel_values.shape[0]} views but the image_sizes plan {offset}")
+        return plans
 
     def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor,
                              image_embeds: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -154,8 +276,8 @@ class VLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor | None = None,  # (B, T)
-        pixel_values: torch.Tensor | None = None,  # pad: (N, 3, S, S); anyres: (N, V, 3, S, S), prompt order
-        image_sizes: torch.Tensor | None = None,  # (N, 2) original (height, width); anyres only
+        pixel_values: torch.Tensor | None = None,  # pad: (N, 3, S, S); others: (N, V, 3, S, S), prompt order
+        image_sizes: torch.Tensor | None = None,  # (N, 2) (height, width), per scheme: see the module docstring
         attention_mask: torch.Tensor | None = None,  # (B, S)
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
@@ -180,3 +302,63 @@ class VLM(nn.Module):
                                  "were given (0 feature tokens); pass the images or remove the placeholders")
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                        cache=cache, labels=labels, logits_to_keep=logits_to_keep, loss_only=loss_only)
+
+
+# ---- encoders: forward inputs -> each image's (T_i, C) rows, per scheme ------------------------------
+
+def _encode_pad(model: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
+    if pixel_values.ndim != 4:
+        raise ValueError(f"pixel_values must be (num_images, 3, H, W), got shape {tuple(pixel_values.shape)}")
+    return list(model._project(pixel_values).unbind(0))  # N x (P', C)
+
+
+def _encode_anyres(model: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
+    plans = model.anyres_plans(pixel_values, image_sizes)
+    features = model._project(torch.cat([p.pixel_values for p in plans]))  # (sum V, P, C)
+    chunks = features.split([p.pixel_values.shape[0] for p in plans])
+    return [pack_anyres(f, p, model.image_newline) for f, p in zip(chunks, plans)]  # N x (T_i, C)
+
+
+def _encode_hd(model: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
+    """Phi-3.5-V: layout at the vision width (merge, sub_GN, glb_GN), then the projector MLP."""
+    plans = model.canvas_plans(pixel_values, image_sizes)
+    features = model._features(torch.cat([p.pixel_values for p in plans]))  # (sum V, 576, Dv)
+    chunks = features.split([p.pixel_values.shape[0] for p in plans])
+    return [model.projector.mlp(hd_layout(f, p, model.sub_gn, model.glb_gn))  # (T_i, 4Dv) -> (T_i, C)
+            for f, p in zip(chunks, plans)]
+
+
+def _encode_tiles(model: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[torch.Tensor]:
+    """DeepSeek-VL2: downsample + projector MLP per view, then the layout at the LM width."""
+    plans = model.canvas_plans(pixel_values, image_sizes)
+    seen = model.cfg.vision.image_size  # the stride-14 conv reads the first 27 * 14 = 378 px of a 384 tile
+    views = torch.cat([p.pixel_values for p in plans])[..., :seen, :seen]  # (sum V, 3, 378, 378)
+    projected = model.projector.mlp(downsample_2x2(model._features(views)))  # (sum V, 196, C)
+    chunks = projected.split([p.pixel_values.shape[0] for p in plans])
+    return [tiles_layout(f, p, model.image_newline, model.view_separator) for f, p in zip(chunks, plans)]
+
+
+def _lm_width(cfg: VLMConfig) -> int:
+    return cfg.lm.hidden_size
+
+
+def _merged_vision_width(cfg: VLMConfig) -> int:
+    return 4 * cfg.vision.hidden_size
+
+
+SCHEMES: dict[str, SchemeGlue] = {
+    "pad": SchemeGlue(_plan_pad, _inputs_pad, _encode_pad, {}),
+    "anyres": SchemeGlue(_plan_anyres, _inputs_anyres, _encode_anyres, {"image_newline": _lm_width}),
+    # Phi-3.5-V's sub_GN (row newline) and glb_GN (local/global separator) live at 4 * vision width.
+    "hd": SchemeGlue(_plan_hd, _inputs_canvas, _encode_hd, {"sub_gn": _merged_vision_width,
+                                                            "glb_gn": _merged_vision_width}),
+    # DeepSeek-VL2's image_newline and view_seperator live at the LM width.
+    "tiles": SchemeGlue(_plan_tiles, _inputs_canvas, _encode_tiles, {"image_newline": _lm_width,
+                                                                     "view_separator": _lm_width}),
+}
+
+# Tokens of an image with a rows x cols local grid, the formulas of image/schemes/{hd,tiles}.py.
+SCHEME_TOKEN_FORMULAS: dict[str, Callable[[int, int], int]] = {
+    "hd": hd_scheme.hd_num_tokens,
+    "tiles": lambda rows, cols: tiles_scheme.tiles_num_tokens(rows, cols, tiles_scheme.view_side()),
+}
