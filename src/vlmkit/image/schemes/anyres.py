@@ -26,11 +26,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
 from vlmkit.image.plan import ImagePlan
-from vlmkit.image.schemes.pad import normalize
+from vlmkit.image.schemes.pad import as_rgb, normalize_uint8, rgb_array
 
 LLAVA_V16_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
@@ -86,18 +87,6 @@ def resize_and_pad(image: Image.Image, canvas: tuple[int, int]) -> Image.Image:
     out = Image.new("RGB", (canvas_w, canvas_h), (0, 0, 0))
     out.paste(resized, ((canvas_w - new_w) // 2, (canvas_h - new_h) // 2))
     return out
-
-
-def tile_crop(image: Image.Image, tile_size: int) -> list[Image.Image]:
-    """Cut an image whose sides are multiples of tile_size into tiles, row by row.
-
-    >>> [t.size for t in tile_crop(Image.new("RGB", (64, 32)), 32)]
-    [(32, 32), (32, 32)]
-    """
-    if image.width % tile_size or image.height % tile_size:
-        raise ValueError(f"a {image.width}x{image.height} canvas does not divide into {tile_size}-pixel tiles")
-    return [image.crop((x, y, x + tile_size, y + tile_size))
-            for y in range(0, image.height, tile_size) for x in range(0, image.width, tile_size)]
 
 
 def unpad_bounds(original_size: tuple[int, int], current_size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -168,10 +157,17 @@ def plan_anyres(image: Image.Image, grid_pinpoints: Sequence[tuple[int, int]], t
     >>> plan.grid, tuple(plan.pixel_values.shape), plan.num_tokens
     ((2, 2), (5, 3, 336, 336), 2340)
     """
-    image = image.convert("RGB")
+    image = as_rgb(image)
     _check_geometry(grid_pinpoints, tile_size, patch_size)
     canvas = select_best_resolution((image.height, image.width), grid_pinpoints)
-    views = [image.resize((tile_size, tile_size), Image.Resampling.BICUBIC)]
-    views += tile_crop(resize_and_pad(image, canvas), tile_size)
-    pixel_values = torch.stack([normalize(v, mean, std) for v in views])  # (1 + rows*cols, 3, S, S)
+    rows, cols = canvas[0] // tile_size, canvas[1] // tile_size
+    # The views are gathered as uint8 and normalised in one pass; the tiles are row-major slices of the
+    # padded canvas (the same pixels as PIL crops), so no per-tile image objects or copies are made.
+    base = rgb_array(image.resize((tile_size, tile_size), Image.Resampling.BICUBIC))  # (S, S, 3)
+    padded = rgb_array(resize_and_pad(image, canvas))  # (rows*S, cols*S, 3)
+    views = np.empty((1 + rows * cols, 3, tile_size, tile_size), dtype=np.uint8)  # (1 + rows*cols, 3, S, S)
+    views[0] = base.transpose(2, 0, 1)
+    tiles = padded.reshape(rows, tile_size, cols, tile_size, 3).transpose(0, 2, 4, 1, 3)  # (rows, cols, 3, S, S)
+    views[1:].reshape(rows, cols, 3, tile_size, tile_size)[...] = tiles
+    pixel_values = normalize_uint8(torch.from_numpy(views), mean, std)  # (1 + rows*cols, 3, S, S)
     return anyres_plan(image.size, pixel_values, grid_pinpoints, tile_size, patch_size)

@@ -33,11 +33,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
 from vlmkit.image.plan import ImagePlan
-from vlmkit.image.schemes.pad import normalize
+from vlmkit.image.schemes.pad import as_rgb, normalize_uint8
 
 PATCH_SIZE = 14            # ViT patch side in pixels
 MERGE_SIZE = 2             # 2x2 neighbouring patches become one LLM token
@@ -131,11 +132,32 @@ def patchify(frames: torch.Tensor, patch_size: int = PATCH_SIZE, merge_size: int
     return rows, (t, h, w)
 
 
-def _resized_frames(frames: Sequence[Image.Image], size: tuple[int, int], mean: tuple[float, ...],
-                    std: tuple[float, ...]) -> torch.Tensor:
-    """Bicubic-resize RGB frames to size=(width, height) and normalise -> (F, 3, H, W)."""
-    return torch.stack([normalize(f.convert("RGB").resize(size, Image.Resampling.BICUBIC), mean, std)
-                        for f in frames])  # (F, 3, H, W)
+def patch_rows(frames: Sequence[Image.Image], size: tuple[int, int], mean: tuple[float, ...],
+               std: tuple[float, ...]) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Bicubic-resize frames to size=(width, height), normalise and patchify them ->
+    ((t*h*w, 3*T*P*P) rows, (t, h, w)), the same rows as `patchify` of the normalised frames.
+
+    Done in the cheap order: the patch reordering runs on uint8 pixels with T = 1 (one byte
+    per value, each frame once), one fused pass normalises, and only then is every frame
+    copied into its temporal slot(s) (an image, or the last frame of an odd clip, into two).
+
+        >>> rows, thw = patch_rows([Image.new("RGB", (64, 64), (255, 0, 0))], (56, 28), (0.5,) * 3, (0.5,) * 3)
+        >>> tuple(rows.shape), thw, rows[0, :4].tolist(), rows[0, -1].item()
+        ((8, 1176), (1, 2, 4), [1.0, 1.0, 1.0, 1.0], -1.0)
+    """
+    pixels = torch.from_numpy(np.stack([np.asarray(as_rgb(f).resize(size, Image.Resampling.BICUBIC))
+                                        for f in frames]))  # (F, H, W, 3) uint8
+    byte_rows, (num_frames, h, w) = patchify(pixels.permute(0, 3, 1, 2), temporal_patch_size=1)  # (F*h*w, 3*P*P)
+    normalised = normalize_uint8(byte_rows.view(num_frames, h * w, 3, PATCH_SIZE * PATCH_SIZE, 1), mean, std)
+    normalised = normalised.squeeze(-1)  # (F, h*w, C, P*P)
+    t = -(-num_frames // TEMPORAL_PATCH_SIZE)
+    if num_frames == 1:  # an image fills every temporal slot: a broadcast view, copied once below
+        slots = normalised.expand(TEMPORAL_PATCH_SIZE, -1, -1, -1)  # (T, h*w, C, P*P)
+    else:  # slots past the last frame repeat it, as patchify pads
+        slots = normalised[torch.arange(t * TEMPORAL_PATCH_SIZE).clamp(max=num_frames - 1)]  # (t*T, h*w, C, P*P)
+    slots = slots.view(t, TEMPORAL_PATCH_SIZE, h * w, 3, PATCH_SIZE * PATCH_SIZE)  # (t, T, h*w, C, P*P)
+    rows = slots.permute(0, 2, 3, 1, 4).reshape(t * h * w, -1)  # (t*h*w, C*T*P*P)
+    return rows, (t, h, w)
 
 
 def _plan(frames: Sequence[Image.Image], modality: str, min_pixels: int, max_pixels: int,
@@ -143,7 +165,7 @@ def _plan(frames: Sequence[Image.Image], modality: str, min_pixels: int, max_pix
     """Shared body of plan_dynamic / plan_video_dynamic; modality is "image" or "video"."""
     width, height = frames[0].size
     new_h, new_w = smart_resize(height, width, PATCH_SIZE * MERGE_SIZE, min_pixels, max_pixels)
-    rows, (t, h, w) = patchify(_resized_frames(frames, (new_w, new_h), mean, std))
+    rows, (t, h, w) = patch_rows(frames, (new_w, new_h), mean, std)
     tokens = t * h * w // MERGE_SIZE**2
     return ImagePlan(
         scheme="dynamic", pixel_values=rows, original_size=(width, height), resized_size=(new_w, new_h),
