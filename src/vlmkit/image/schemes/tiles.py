@@ -41,6 +41,7 @@ import torch
 from PIL import Image, ImageOps
 
 from vlmkit.image.plan import ImagePlan
+from vlmkit.image.schemes.anyres import select_best_resolution as anyres_best_resolution
 from vlmkit.image.schemes.pad import normalize
 
 TILE = 384
@@ -72,14 +73,9 @@ def select_best_resolution(image_size: tuple[int, int], candidates: list[tuple[i
         raise ValueError(f"image has zero size {width}x{height}; the tiles scheme needs at least 1x1 pixels")
     if not candidates:
         raise ValueError("no candidate resolutions to choose from; pass candidate_resolutions()")
-    best, best_effective, best_waste = candidates[0], -1, math.inf
-    for cand_w, cand_h in candidates:
-        scale = min(cand_w / width, cand_h / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        waste = cand_w * cand_h - effective
-        if effective > best_effective or (effective == best_effective and waste < best_waste):
-            best, best_effective, best_waste = (cand_w, cand_h), effective, waste
-    return best
+    # The same rule as LLaVA-NeXT's, which takes and returns (height, width).
+    best_h, best_w = anyres_best_resolution((height, width), [(h, w) for w, h in candidates])
+    return best_w, best_h
 
 
 def view_side(tile: int = TILE, patch: int = PATCH, downsample: int = DOWNSAMPLE) -> int:

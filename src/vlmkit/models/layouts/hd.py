@@ -24,21 +24,7 @@ import math
 import torch
 
 from vlmkit.image.plan import ImagePlan
-
-
-def merge_2x2(features: torch.Tensor) -> torch.Tensor:
-    """(N, side*side, C) -> (N, side/2, side/2, 4C), concatenating each 2x2 block row-major.
-
-    >>> merge_2x2(torch.arange(4.0).view(1, 4, 1)).flatten().tolist()
-    [0.0, 1.0, 2.0, 3.0]
-    """
-    n, length, c = features.shape
-    side = math.isqrt(length)
-    if side * side != length or side % 2:
-        raise ValueError(f"hd layout needs an even square patch grid per view; got {length} patches per view")
-    half = side // 2
-    blocks = features.reshape(n, half, 2, half, 2, c).permute(0, 1, 3, 2, 4, 5)  # (N, h, w, 2, 2, C)
-    return blocks.reshape(n, half, half, 4 * c)
+from vlmkit.models.projectors import merge_2x2
 
 
 def stitch_crops(crops: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -65,7 +51,9 @@ def hd_layout(features: torch.Tensor, plan: ImagePlan, sub_gn: torch.Tensor, glb
     if features.shape[0] != 1 + rows * cols:
         raise ValueError(f"hd layout: plan grid {rows}x{cols} needs {1 + rows * cols} views "
                          f"(global + crops), got features for {features.shape[0]}")
-    merged = merge_2x2(features)  # (1 + rows*cols, h, w, 4C)
+    views, length, _ = features.shape
+    half = math.isqrt(length) // 2
+    merged = merge_2x2(features).view(views, half, half, -1)  # (1 + rows*cols, h, w, 4C)
     d = merged.shape[-1]
     if sub_gn.numel() != d or glb_gn.numel() != d:
         raise ValueError(f"hd layout: merged features have {d} channels but sub_GN has {sub_gn.numel()} "
