@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlmkit.config import LMConfig
-from vlmkit.generate import (GenerationConfig, apply_repetition_penalty, generate, generate_naive,
-                             process_logits, sample_next, stream)
+from vlmkit.generate import GenerationConfig, generate, generate_naive, stream
+from vlmkit.sampling import apply_repetition_penalty, process_logits, sample_next
 from vlmkit.models.lm import CausalLM, KVCache
 
 EOS, PAD = 256, 257

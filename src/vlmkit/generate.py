@@ -26,9 +26,7 @@ recomputed with the prefill inputs, the rule of transformers' Phi-3
 cache and keeps finished rows in the batch (fed padding): slow and plainly
 right, kept to check the fast path.
 
-Sampling applies transformers' logits processors in transformers' order
-(generation/utils.py, _get_logits_processor): repetition penalty, temperature,
-top-k, top-p.
+Sampling (settings, logits processors, seeded draws) lives in sampling.py.
 """
 
 from __future__ import annotations
@@ -39,50 +37,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from vlmkit.sampling import GenerationConfig, is_int, row_generators, sample_next
+
 # A prompt batch: a (B, T) tensor (with an optional attention_mask) or one list of ids per prompt.
 Prompts = torch.Tensor | Sequence[Sequence[int]]
-
-
-@dataclass
-class GenerationConfig:
-    """How to pick tokens and when to stop. temperature 0 means greedy (argmax)."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy; otherwise logits are divided by it before sampling
-    top_k: int = 0  # keep the k most likely tokens; 0 = off
-    top_p: float = 1.0  # keep the smallest set of tokens with probability >= top_p; 1 = off
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt + output; 1 = off
-    stop_token_ids: tuple[int, ...] = ()  # a row stops when it samples one (the tokenizer's eos is added)
-    stop_strings: tuple[str, ...] = ()  # a row stops when its text contains one (needs a tokenizer)
-    seed: int | None = None  # None = a fresh random seed per call
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop_token_ids, int):
-            self.stop_token_ids = (self.stop_token_ids,)
-        if isinstance(self.stop_strings, str):
-            self.stop_strings = (self.stop_strings,)
-        self.stop_token_ids = tuple(self.stop_token_ids)
-        self.stop_strings = tuple(self.stop_strings)
-        checks = [
-            (_is_int(self.max_new_tokens) and self.max_new_tokens > 0,
-             f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}"),
-            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
-            (_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {self.top_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
-            (all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
-             f"stop_token_ids must be non-negative ints, got {self.stop_token_ids}"),
-            (all(isinstance(s, str) and s for s in self.stop_strings),
-             f"stop_strings must be non-empty strings, got {self.stop_strings}"),
-            (self.seed is None or _is_int(self.seed), f"seed must be an int or None, got {self.seed!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -96,74 +54,6 @@ class GenerationResult:
     token_ids: list[list[int]]
     finish_reasons: list[str]  # "stop" (stop token or stop string) or "length" (max_new_tokens reached)
     texts: list[str] | None = None  # decoded text when a tokenizer was given
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's penalty (Keskar et al. 2019, sec. 4.1) as transformers applies it: the logit of every
-    token in previous_ids is divided by penalty if positive and multiplied by it if negative.
-
-    logits (B, V); previous_ids (B, L) with negative entries meaning padding (ignored).
-    """
-    B, V = logits.shape
-    ids = torch.where(previous_ids < 0, V, previous_ids.long())  # padding -> a spare column, dropped below
-    seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device).scatter_(1, ids, True)[:, :V]  # (B, V)
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)  # (B, V)
-    return torch.where(seen, penalized, logits)
-
-
-def process_logits(logits: torch.Tensor, cfg: GenerationConfig,
-                   previous_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The scores tokens are drawn from: fp32 logits (B, V) after repetition penalty, temperature,
-    top-k and top-p, removed tokens at -inf. For greedy (temperature 0) only the penalty applies:
-    the rest cannot change the argmax."""
-    scores = logits.float()  # (B, V)
-    if cfg.repetition_penalty != 1.0 and previous_ids is not None:
-        scores = apply_repetition_penalty(scores, previous_ids, cfg.repetition_penalty)
-    if cfg.temperature == 0:
-        return scores
-    scores = scores / cfg.temperature
-    if cfg.top_k:
-        kth = torch.topk(scores, min(cfg.top_k, scores.shape[-1])).values[:, -1:]  # (B, 1)
-        scores = scores.masked_fill(scores < kth, float("-inf"))  # ties with the k-th are kept
-    if cfg.top_p < 1.0:
-        sorted_scores, order = scores.sort(dim=-1, descending=True)  # (B, V) each
-        probs = sorted_scores.softmax(dim=-1)
-        mass_above = torch.cat([torch.zeros_like(probs[:, :1]), probs.cumsum(dim=-1)[:, :-1]], dim=-1)  # (B, V)
-        drop_sorted = mass_above >= cfg.top_p  # the most likely token always stays (its mass_above is 0)
-        drop = drop_sorted.scatter(1, order, drop_sorted)  # back to vocabulary order
-        scores = scores.masked_fill(drop, float("-inf"))
-    return scores
-
-
-def sample_next(logits: torch.Tensor, cfg: GenerationConfig,
-                generator: torch.Generator | Sequence[torch.Generator] | None = None,
-                previous_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Pick the next token of every row: (B,) ids from logits (B, V).
-
-    previous_ids (B, L) are the ids already in prompt + output (for the repetition
-    penalty; negative = padding). generator is one torch.Generator for the whole
-    batch or one per row (rows then draw independently of each other).
-    """
-    scores = process_logits(logits, cfg, previous_ids)  # (B, V)
-    if cfg.temperature == 0:
-        return scores.argmax(dim=-1)
-    probs = scores.softmax(dim=-1)  # (B, V)
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    if len(generator) != probs.shape[0]:
-        raise ValueError(f"got {len(generator)} generators for {probs.shape[0]} rows; pass one per row or one")
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
-
-
-def _row_generators(cfg: GenerationConfig, n: int) -> list[torch.Generator] | None:
-    """One generator per row, all seeded with cfg.seed (or one fresh random seed); None for greedy."""
-    if cfg.temperature == 0:
-        return None
-    seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-    return [torch.Generator().manual_seed(seed) for _ in range(n)]
 
 
 # ----------------------------------------------------------------------------- text and stops
@@ -278,7 +168,7 @@ def _make_rows(input_ids: Prompts, attention_mask: torch.Tensor | None, cfg: Gen
         raise ValueError("stop_strings need a tokenizer to decode text; pass tokenizer=")
     stop_ids = set(cfg.stop_token_ids)
     eos = getattr(tokenizer, "eos_token_id", None)
-    stop_ids.update([eos] if _is_int(eos) else eos or [])
+    stop_ids.update([eos] if is_int(eos) else eos or [])
     return [_Row(p, cfg, stop_ids, tokenizer) for p in prompts]
 
 
@@ -327,7 +217,7 @@ def _decode_cached(model: nn.Module, rows: list[_Row], cfg: GenerationConfig,
     B, T = ids.shape
     history = ids.masked_fill(mask == 0, -1)  # (B, T) prompt ids, -1 = padding
     attention = None if bool(mask.all()) else mask  # no padding: plain causal attention
-    generators = _row_generators(cfg, B)
+    generators = row_generators(cfg, B)
     active = list(range(B))  # rows[active[j]] is batch row j
     long_threshold = _long_rope_threshold(model)
     cache = model.new_cache(B, T + cfg.max_new_tokens)
@@ -382,7 +272,7 @@ def _decode_naive(model: nn.Module, rows: list[_Row], cfg: GenerationConfig,
     """No cache: the whole sequence goes through the model (with prefill inputs) every step;
     finished rows stay in the batch and are fed padding."""
     ids, mask = _left_pad([r.prompt for r in rows], pad_id, _device(model))  # (B, T) each
-    generators = _row_generators(cfg, len(rows))
+    generators = row_generators(cfg, len(rows))
     while True:
         out = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **prefill_inputs)
         tokens = sample_next(out.logits[:, -1], cfg, generators, ids.masked_fill(mask == 0, -1))  # (B,)

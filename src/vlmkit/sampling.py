@@ -1,0 +1,122 @@
+"""Sampling the next token: the generation settings and transformers' logits processors.
+
+Processors run in transformers' order (generation/utils.py, _get_logits_processor):
+repetition penalty, temperature, top-k, top-p; temperature 0 means greedy (argmax).
+Every row may carry its own seeded torch.Generator, so a row's draws do not depend on
+the rest of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick tokens and when to stop. temperature 0 means greedy (argmax)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy; otherwise logits are divided by it before sampling
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # keep the smallest set of tokens with probability >= top_p; 1 = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt + output; 1 = off
+    stop_token_ids: tuple[int, ...] = ()  # a row stops when it samples one (the tokenizer's eos is added)
+    stop_strings: tuple[str, ...] = ()  # a row stops when its text contains one (needs a tokenizer)
+    seed: int | None = None  # None = a fresh random seed per call
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop_token_ids, int):
+            self.stop_token_ids = (self.stop_token_ids,)
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = (self.stop_strings,)
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        self.stop_strings = tuple(self.stop_strings)
+        checks = [
+            (is_int(self.max_new_tokens) and self.max_new_tokens > 0,
+             f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}"),
+            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (is_int(self.top_k) and self.top_k >= 0, f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {self.top_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+            (all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+             f"stop_token_ids must be non-negative ints, got {self.stop_token_ids}"),
+            (all(isinstance(s, str) and s for s in self.stop_strings),
+             f"stop_strings must be non-empty strings, got {self.stop_strings}"),
+            (self.seed is None or is_int(self.seed), f"seed must be an int or None, got {self.seed!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def is_int(value: Any) -> bool:
+    """True for ints, not bools (a bool is an int in Python but never a valid count or id here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al. 2019, sec. 4.1) as transformers applies it: the logit of every
+    token in previous_ids is divided by penalty if positive and multiplied by it if negative.
+
+    logits (B, V); previous_ids (B, L) with negative entries meaning padding (ignored).
+    """
+    B, V = logits.shape
+    ids = torch.where(previous_ids < 0, V, previous_ids.long())  # padding -> a spare column, dropped below
+    seen = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device).scatter_(1, ids, True)[:, :V]  # (B, V)
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)  # (B, V)
+    return torch.where(seen, penalized, logits)
+
+
+def process_logits(logits: torch.Tensor, cfg: GenerationConfig,
+                   previous_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The scores tokens are drawn from: fp32 logits (B, V) after repetition penalty, temperature,
+    top-k and top-p, removed tokens at -inf. For greedy (temperature 0) only the penalty applies:
+    the rest cannot change the argmax."""
+    scores = logits.float()  # (B, V)
+    if cfg.repetition_penalty != 1.0 and previous_ids is not None:
+        scores = apply_repetition_penalty(scores, previous_ids, cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return scores
+    scores = scores / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(scores, min(cfg.top_k, scores.shape[-1])).values[:, -1:]  # (B, 1)
+        scores = scores.masked_fill(scores < kth, float("-inf"))  # ties with the k-th are kept
+    if cfg.top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)  # (B, V) each
+        probs = sorted_scores.softmax(dim=-1)
+        mass_above = torch.cat([torch.zeros_like(probs[:, :1]), probs.cumsum(dim=-1)[:, :-1]], dim=-1)  # (B, V)
+        drop_sorted = mass_above >= cfg.top_p  # the most likely token always stays (its mass_above is 0)
+        drop = drop_sorted.scatter(1, order, drop_sorted)  # back to vocabulary order
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def sample_next(logits: torch.Tensor, cfg: GenerationConfig,
+                generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                previous_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Pick the next token of every row: (B,) ids from logits (B, V).
+
+    previous_ids (B, L) are the ids already in prompt + output (for the repetition
+    penalty; negative = padding). generator is one torch.Generator for the whole
+    batch or one per row (rows then draw independently of each other).
+    """
+    scores = process_logits(logits, cfg, previous_ids)  # (B, V)
+    if cfg.temperature == 0:
+        return scores.argmax(dim=-1)
+    probs = scores.softmax(dim=-1)  # (B, V)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if len(generator) != probs.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for {probs.shape[0]} rows; pass one per row or one")
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
+
+
+def row_generators(cfg: GenerationConfig, n: int) -> list[torch.Generator] | None:
+    """One generator per row, all seeded with cfg.seed (or one fresh random seed); None for greedy."""
+    if cfg.temperature == 0:
+        return None
+    seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+    return [torch.Generator().manual_seed(seed) for _ in range(n)]
