@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from vlmkit.config import ProjectorConfig
-from vlmkit.models.projectors import build_projector, merge_2x2, parse_projector_type, tokens_after_projection
+from vlmkit.image.schemes.pad import pad_token_count
+from vlmkit.models.projectors import build_projector, merge_2x2, parse_projector_type
 
 
 def test_registry_rejects_unknown_names_and_lists_valid_ones():
@@ -52,10 +53,32 @@ def test_merge_projector_token_count():
     proj = build_projector("merge2x2_mlp2x_gelu", 4 * 16, 32)
     out = proj(torch.randn(1, 24 * 24, 16))
     assert out.shape == (1, 144, 32)  # Phi-3.5-V: 24x24 patches -> 12x12 tokens
-    assert tokens_after_projection("merge2x2_mlp2x_gelu", 576) == 144
-    assert tokens_after_projection("mlp2x_gelu", 576) == 576
+    assert pad_token_count(336, 14, merge=parse_projector_type("merge2x2_mlp2x_gelu").merge) == 144
+    assert pad_token_count(336, 14, merge=parse_projector_type("mlp2x_gelu").merge) == 576
 
 
 def test_merge_rejects_odd_grid():
     with pytest.raises(ValueError, match="even square grid"):
         merge_2x2(torch.randn(1, 25, 4))
+
+
+@pytest.mark.parametrize("projector", ["perceiver4q_1x32", "qwen_resampler4q"])
+def test_resampler_projector_in_a_vlm_sets_the_placeholder_count(projector):
+    from PIL import Image
+
+    from vlmkit.config import LMConfig, VisionConfig, VLMConfig
+    from vlmkit.models.vlm import VLM, image_inputs, plan_image
+
+    vision = VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2,
+                          num_heads=4)
+    lm = LMConfig(vocab_size=50, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4)
+    cfg = VLMConfig(vision=vision, projector=ProjectorConfig(projector, 32, 64), lm=lm, image_token_id=49)
+    torch.manual_seed(0)
+    model = VLM(cfg).eval()
+    plan = plan_image(cfg, Image.new("RGB", (40, 30), (200, 10, 10)))
+    assert plan.num_tokens == 4  # the resampler's queries, not the 16 patches
+    ids = torch.tensor([[1, 2] + [49] * 4 + [3]])
+    with torch.no_grad():
+        assert model(input_ids=ids, **image_inputs([plan])).logits.shape == (1, 7, 50)
+        with pytest.raises(ValueError, match="5 image placeholder tokens"):
+            model(input_ids=torch.tensor([[1] + [49] * 5]), **image_inputs([plan]))

@@ -1,15 +1,21 @@
 """Projectors: map vision features (B, N, Dv) to the LM width (B, N', C).
 
-Three families, chosen by the config string ProjectorConfig.type:
+Five families, chosen by the config string ProjectorConfig.type:
 
 - ``linear``               one Linear(Dv, C)                        (LLaVA-1.0, Vary)
 - ``mlp{N}x_gelu``         Linear(Dv, C), then (GELU, Linear(C, C)) x (N-1)  (LLaVA-1.5 uses N=2)
 - ``merge2x2_mlp{N}x_gelu`` every 2x2 block of neighbouring patches is
   concatenated into one vector of 4*Dv (space-to-depth / pixel shuffle, as in
   Phi-3.5-vision and Qwen2-VL), then the MLP: N tokens -> N/4 tokens.
+- ``qwen_resampler{Q}q``   Qwen-VL's one cross-attention layer with Q learnable queries and
+  2-D sin-cos positions: any N tokens -> Q tokens (models/resampler.py)
+- ``perceiver{Q}q`` / ``perceiver{Q}q_{L}x{H}``  a BLIP-2 Q-Former of Q queries (BERT-base, or
+  L layers of width H), then a Linear to C: N tokens -> Q tokens (models/resampler.py)
 
     >>> parse_projector_type("mlp2x_gelu")
-    ProjectorSpec(family='mlp', depth=2, merge=1)
+    ProjectorSpec(family='mlp', depth=2, merge=1, queries=0, width=0)
+    >>> parse_projector_type("perceiver64q_2x32").queries
+    64
     >>> parse_projector_type("merge2x2_mlp2x_gelu").merge
     2
 """
@@ -24,13 +30,18 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from vlmkit.models.resampler import build_perceiver, build_qwen_resampler
+
 # Each valid form: (regex, family). The registry below maps families to builders.
 _FORMS = {
     r"linear": "linear",
     r"mlp(?P<depth>\d+)x_gelu": "mlp",
     r"merge(?P<m1>\d+)x(?P<m2>\d+)_mlp(?P<depth>\d+)x_gelu": "merge_mlp",
+    r"qwen_resampler(?P<queries>\d+)q": "qwen_resampler",
+    r"perceiver(?P<queries>\d+)q(?:_(?P<depth>\d+)x(?P<width>\d+))?": "perceiver",
 }
-VALID_PROJECTOR_TYPES = ("linear", "mlp{N}x_gelu", "merge2x2_mlp{N}x_gelu")
+VALID_PROJECTOR_TYPES = ("linear", "mlp{N}x_gelu", "merge2x2_mlp{N}x_gelu", "qwen_resampler{Q}q",
+                         "perceiver{Q}q", "perceiver{Q}q_{L}x{H}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,8 @@ class ProjectorSpec:
     family: str
     depth: int = 1  # number of Linear layers
     merge: int = 1  # side of the square block of patches merged into one token
+    queries: int = 0  # resamplers: number of learnable queries = LM tokens per image (0: not a resampler)
+    width: int = 0  # perceiver{Q}q_{L}x{H}: Q-Former width H (0: BERT-base Q-Former)
 
 
 def parse_projector_type(name: str) -> ProjectorSpec:
@@ -49,11 +62,13 @@ def parse_projector_type(name: str) -> ProjectorSpec:
         groups = m.groupdict()
         depth = int(groups.get("depth") or 1)
         merge = int(groups.get("m1") or 1)
-        if depth < 1:
+        queries = int(groups.get("queries") or 0)
+        width = int(groups.get("width") or 0)
+        if depth < 1 or ("queries" in groups and queries < 1) or (groups.get("width") is not None and width < 1):
             break
         if family == "merge_mlp" and not (groups["m1"] == groups["m2"] == "2"):
             raise ValueError(f"projector type {name!r}: only a 2x2 merge is supported")
-        return ProjectorSpec(family, depth, merge)
+        return ProjectorSpec(family, depth, merge, queries, width)
     raise ValueError(f"unknown projector type {name!r}; valid types are {', '.join(VALID_PROJECTOR_TYPES)}")
 
 
@@ -95,15 +110,12 @@ class Projector(nn.Module):
         return self.mlp(x)  # (B, N', C)
 
 
-def tokens_after_projection(projector_type: str, num_features: int) -> int:
-    """How many LM tokens a projector makes from num_features vision features."""
-    return num_features // parse_projector_type(projector_type).merge ** 2
-
-
 PROJECTORS: dict[str, Callable[[ProjectorSpec, int, int, bool], nn.Module]] = {
     "linear": Projector,
     "mlp": Projector,
     "merge_mlp": Projector,
+    "qwen_resampler": build_qwen_resampler,
+    "perceiver": build_perceiver,
 }
 
 

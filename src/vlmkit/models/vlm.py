@@ -47,9 +47,9 @@ Media = Image.Image | Sequence[Image.Image]  # one image, or a video as its samp
 
 
 def _pad_args(cfg: VLMConfig) -> dict[str, int | bool]:
-    v = cfg.vision
+    v, spec = cfg.vision, parse_projector_type(cfg.projector.type)
     return {"patch_size": v.patch_size, "keep_cls": v.use_cls_token and v.select_feature == "cls_patch",
-            "merge": parse_projector_type(cfg.projector.type).merge}
+            "merge": spec.merge, "queries": spec.queries}
 
 
 def image_token_count(cfg: VLMConfig) -> int:
@@ -187,7 +187,7 @@ class VLM(nn.Module):
 
     def _features(self, views: torch.Tensor) -> torch.Tensor:
         """(V, 3, S, S) views -> (V, P, Dv) tower features, in the projector's dtype."""
-        return self.vision.features(views.to(self.projector.mlp[0].weight.dtype))  # (V, P, Dv)
+        return self.vision.features(views.to(next(self.projector.parameters()).dtype))  # (V, P, Dv)
 
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Every image's token sequence (T_i, C), in order; see the module docstring for the input shapes."""

@@ -74,13 +74,20 @@ def preprocess_pad(image: Image.Image, size: int, mean: tuple[float, ...], std: 
     return normalize(square.resize((size, size), Image.Resampling.BICUBIC), mean, std)
 
 
-def pad_token_count(size: int, patch_size: int, keep_cls: bool = False, merge: int = 1) -> int:
-    """Tokens one size x size view costs: its patches (plus CLS if kept), merge x merge blocks fused."""
+def pad_token_count(size: int, patch_size: int, keep_cls: bool = False, merge: int = 1, queries: int = 0) -> int:
+    """Tokens one size x size view costs: its patches (plus CLS if kept), merge x merge blocks fused,
+    or a resampler's fixed number of queries when it has one.
+
+        >>> pad_token_count(336, 14, merge=2), pad_token_count(448, 14, queries=256)
+        (144, 256)
+    """
+    if queries:
+        return queries
     return ((size // patch_size) ** 2 + int(keep_cls)) // merge**2
 
 
 def plan_pad(image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...],
-             patch_size: int = 14, keep_cls: bool = False, merge: int = 1) -> ImagePlan:
+             patch_size: int = 14, keep_cls: bool = False, merge: int = 1, queries: int = 0) -> ImagePlan:
     """The pad scheme's plan: pixel_values (1, 3, size, size) and parts {"image": tokens}.
 
         >>> plan_pad(Image.new("RGB", (40, 20)), 336, (0.5,) * 3, (0.5,) * 3).num_tokens
@@ -88,4 +95,4 @@ def plan_pad(image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[
     """
     pixels = preprocess_pad(image, size, mean, std)[None]  # (1, 3, size, size)
     return ImagePlan(scheme="pad", pixel_values=pixels, original_size=image.size, resized_size=(size, size),
-                     grid=(1, 1), parts={"image": pad_token_count(size, patch_size, keep_cls, merge)})
+                     grid=(1, 1), parts={"image": pad_token_count(size, patch_size, keep_cls, merge, queries)})
