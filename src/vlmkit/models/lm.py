@@ -162,7 +162,7 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor | None = None,  # (B, T)
         inputs_embeds: torch.Tensor | None = None,  # (B, T, C)
         attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real token, 0 = padding; S = cached + T
-        position_ids: torch.Tensor | None = None,  # (B, T)
+        position_ids: torch.Tensor | None = None,  # (B, T), or (3, B, T) t/h/w positions with M-RoPE
         cache: KVCache | None = None,
         labels: torch.Tensor | None = None,  # (B, T), IGNORE_INDEX where no loss is taken
         logits_to_keep: int = 0,  # 0 = all positions, k = only the last k (generation needs 1)

@@ -14,6 +14,13 @@ Scaling variants change inv_freq (and sometimes scale cos/sin):
 The formulas follow transformers' modeling_rope_utils.py (the reference these
 are tested against). LMConfig.rope_scaling holds transformers' `rope_parameters`
 dict minus rope_theta, e.g. {"rope_type": "llama3", "factor": 8.0, ...}.
+
+M-RoPE (Qwen2-VL, arXiv:2409.12191 sec. 2.1): with `mrope_section` in rope_scaling,
+e.g. {"rope_type": "default", "mrope_section": [16, 24, 24]}, position_ids may be
+(3, B, T) temporal/height/width positions; frequency i of the rotary_dim / 2 takes its
+angle from axis k when it lies in the k-th section (sections cycling t, h, w), as
+transformers' Qwen2VLRotaryEmbedding.recomposition_frequencies does. Text tokens carry
+the same position on all three axes, which is plain RoPE.
 """
 
 from __future__ import annotations
@@ -193,6 +200,12 @@ class RotaryEmbedding(nn.Module):
         self.original_inv_freq = self.inv_freq
         self.original_max_len = cfg.max_position_embeddings
         self.max_len_seen = cfg.max_position_embeddings  # dynamic: the length inv_freq was stretched to
+        self.mrope_section = params.get("mrope_section")  # M-RoPE: frequencies per t/h/w axis, or None
+        if self.mrope_section is not None:
+            self.mrope_section = [int(n) for n in self.mrope_section]
+            if sum(self.mrope_section) != cfg.rotary_dim // 2 or min(self.mrope_section) < 0:
+                raise ValueError(f"mrope_section {self.mrope_section} must be non-negative and sum to rotary_dim / 2 "
+                                 f"= {cfg.rotary_dim // 2}, the number of rotary frequencies")
         if self.rope_type == "longrope":
             self.long_threshold = params["original_max_position_embeddings"]
             self.long_inv_freq, _ = rope_inv_freq(cfg, seq_len=self.long_threshold + 1)
@@ -220,12 +233,23 @@ class RotaryEmbedding(nn.Module):
         return self.inv_freq
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (B, T, rotary_dim) for position_ids (B, T), cast to dtype."""
+        """cos, sin of shape (B, T, rotary_dim) for position_ids (B, T), or for (3, B, T) t/h/w positions
+        with M-RoPE (rope_scaling["mrope_section"]), cast to dtype."""
         self._follow(position_ids.device)
         inv_freq = self._current_inv_freq(position_ids)  # (rotary_dim/2,)
-        freqs = position_ids[..., None].float() * inv_freq  # (B, T, rotary_dim/2)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, rotary_dim/2) or (3, B, T, rotary_dim/2)
+        if position_ids.dim() == 3:
+            freqs = self._mrope_select(freqs)  # (B, T, rotary_dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rotary_dim)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+    def _mrope_select(self, freqs: torch.Tensor) -> torch.Tensor:
+        """(3, B, T, rotary_dim/2) angles per axis -> (B, T, rotary_dim/2): section k from axis k % 3."""
+        if self.mrope_section is None or freqs.shape[0] != 3:
+            raise ValueError(f"position_ids of shape {tuple(freqs.shape[:-1])} need M-RoPE: 3 axes (t, h, w) and "
+                             "rope_scaling['mrope_section']; pass (B, T) positions for plain RoPE")
+        sections = freqs.split(self.mrope_section, dim=-1)
+        return torch.cat([part[k % 3] for k, part in enumerate(sections)], dim=-1)
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from vlmkit.weights.safetensors_io import read_config, read_state_dict, write_di
 
 def converters() -> dict[str, Converter]:
     """model_type -> Converter for every transformers model type vlmkit reads and writes."""
-    from vlmkit.weights import llama, llava, llava_next, native, vision
+    from vlmkit.weights import llama, llava, llava_next, native, qwen2_vl, sam, vision
 
     return {
         "llama": llama.LLAMA,
@@ -24,6 +24,8 @@ def converters() -> dict[str, Converter]:
         "siglip_vision_model": vision.SIGLIP_VISION,
         "llava": llava.LLAVA,
         "llava_next": llava_next.LLAVA_NEXT,
+        "sam_vision_model": sam.SAM_VISION,
+        "qwen2_vl": qwen2_vl.QWEN2_VL,
         native.MODEL_TYPE: native.NATIVE,
     }
 
@@ -82,6 +84,8 @@ def save_pretrained(model: nn.Module, path: str | Path, model_type: str | None =
 
 def default_model_type(model: nn.Module) -> str:
     from vlmkit.models.lm import CausalLM
+    from vlmkit.models.qwen2_vl import Qwen2VL
+    from vlmkit.models.sam import SamEncoder
     from vlmkit.models.vit import VisionTower
     from vlmkit.models.vlm import VLM
 
@@ -93,6 +97,10 @@ def default_model_type(model: nn.Module) -> str:
         from vlmkit.weights.llama import natural_model_type
 
         return natural_model_type(model.cfg)
+    if isinstance(model, Qwen2VL):
+        return "qwen2_vl"
+    if isinstance(model, SamEncoder):
+        return "sam_vision_model"
     if isinstance(model, VisionTower):
         return "clip_vision_model" if model.cfg.use_cls_token else "siglip_vision_model"
     raise ValueError(f"cannot tell the transformers model_type of {type(model).__name__}; pass model_type=")

@@ -1,0 +1,385 @@
+"""Qwen2-VL: a native-resolution ViT with 2-D RoPE and a 2x2 patch merger, feeding a Qwen2 LM with M-RoPE.
+
+    pixel_values (N, C*T*P*P) patch rows from image/schemes/dynamic.py, image_grid_thw (I, 3)
+      --patch_embed (the Conv3d as one matmul)--> (N, E)
+      --blocks: x + attn(LN(x)) with 2-D rotary over each patch's (row, col), attention within one
+                frame of one image; x + mlp(LN(x))--> (N, E)
+      --merger: LN, 4 consecutive rows (one 2x2 group) concatenated, Linear-GELU-Linear--> (N/4, C)
+    input_ids (B, T) --embed, the image_token_id rows replaced in order by the merged rows--> (B, T, C)
+      --CausalLM with (3, B, T) t/h/w positions (M-RoPE)--> logits (B, T, V)
+
+Positions (`mrope_positions`, after transformers' Qwen2VLModel.get_rope_index): a text token
+has the same position on all three axes, counting on from the previous maximum + 1; an
+image's merged tokens get (start, start + row, start + col) with start = that next free
+position, and the text after it starts at start + max(rows, cols). Decoding continues
+from the prefill's largest position: the cache keeps each row's `rope_deltas` (largest
+position + 1 - number of real tokens) and a new token's position is its count of real
+tokens before it plus that delta, as transformers' rope_deltas does.
+
+The reference is transformers' models/qwen2_vl/modeling_qwen2_vl.py (Qwen2-VL only; Qwen2.5-VL's
+windowed attention and RMSNorm vision blocks are not here). Run `python -m vlmkit.models.qwen2_vl`
+for a shape check on a tiny random model.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vlmkit.config import LMConfig, _require, _Serializable
+from vlmkit.models.lm import CausalLM, CausalLMOutput, KVCache, default_position_ids
+from vlmkit.models.rope import apply_rotary, rope_parameters, signed_sin
+
+VISION_LAYER_NORM_EPS = 1e-6  # transformers' Qwen2VLVisionBlock and PatchMerger hard-code this
+_ACTIVATIONS = {
+    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+@dataclass
+class Qwen2VLVisionConfig(_Serializable):
+    """The Qwen2-VL ViT: patch embedding over (C, T, P, P) cubes, 2-D RoPE, LayerNorm blocks, 2x2 merger."""
+
+    depth: int = 32
+    embed_dim: int = 1280
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    hidden_act: str = "quick_gelu"
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    out_hidden_size: int = 3584  # the merger's output width = the LM's hidden size (HF vision_config.hidden_size)
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "embed_dim", "num_heads", "in_channels", "patch_size", "temporal_patch_size",
+                     "spatial_merge_size", "out_hidden_size"):
+            _require(getattr(self, name) > 0, f"Qwen2VLVisionConfig.{name} must be positive, got {getattr(self, name)}")
+        _require(self.embed_dim % self.num_heads == 0,
+                 f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        _require(self.head_dim % 4 == 0, f"the vision head size {self.head_dim} must be a multiple of 4: "
+                                         "2-D RoPE splits half of it between rows and columns, in pairs")
+        _require(self.hidden_act in _ACTIVATIONS,
+                 f"vision hidden_act {self.hidden_act!r} unknown; valid: {sorted(_ACTIVATIONS)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one pixel_values row: C * T * P * P."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+
+@dataclass
+class Qwen2VLConfig(_Serializable):
+    """Qwen2-VL: vision tower (with its merger) + a Qwen2 LM whose rope_scaling carries `mrope_section`."""
+
+    vision: Qwen2VLVisionConfig = field(default_factory=Qwen2VLVisionConfig)
+    lm: LMConfig = field(default_factory=lambda: LMConfig(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
+        rope_theta=1000000.0, rope_scaling={"rope_type": "default", "mrope_section": [16, 24, 24]},
+        max_position_embeddings=32768, qkv_bias=True, rms_norm_eps=1e-6))
+    image_token_id: int = 151655  # <|image_pad|>: the placeholders image features replace
+    video_token_id: int = 151656  # <|video_pad|> (videos are not run by this model yet)
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):
+            self.vision = Qwen2VLVisionConfig.from_dict(self.vision)
+        if isinstance(self.lm, dict):
+            self.lm = LMConfig.from_dict(self.lm)
+        _require(self.vision.out_hidden_size == self.lm.hidden_size,
+                 f"vision.out_hidden_size {self.vision.out_hidden_size} != lm.hidden_size {self.lm.hidden_size}")
+        section = rope_parameters(self.lm).get("mrope_section")
+        _require(section is not None, "Qwen2-VL's LM needs M-RoPE: set lm.rope_scaling = "
+                                      "{'rope_type': 'default', 'mrope_section': [t, h, w]}")
+        _require(sum(section) == self.lm.rotary_dim // 2,
+                 f"mrope_section {section} must sum to head_dim / 2 = {self.lm.rotary_dim // 2}")
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            _require(0 <= getattr(self, name), f"{name} must be non-negative, got {getattr(self, name)}")
+        _require(self.image_token_id < self.lm.vocab_size,
+                 f"image_token_id {self.image_token_id} is outside the LM vocabulary (size {self.lm.vocab_size})")
+
+
+# ----------------------------------------------------------------------------- vision tower
+
+
+def _grid_list(grid_thw: torch.Tensor | list) -> list[tuple[int, int, int]]:
+    """image_grid_thw as a list of (t, h, w) ints, from an (I, 3) tensor or a list of triples."""
+    rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else list(grid_thw)
+    if not all(len(r) == 3 for r in rows):
+        raise ValueError(f"image_grid_thw must be (num_images, 3) rows of (t, h, w), got {rows}")
+    return [(int(t), int(h), int(w)) for t, h, w in rows]
+
+
+def patch_positions(grid_thw: list[tuple[int, int, int]], merge: int) -> torch.Tensor:
+    """(N, 2) (row, col) of every patch row, in the order patchify writes them: each `merge x merge`
+    group is consecutive, groups in raster order, repeated for every temporal slice.
+
+        >>> patch_positions([(1, 2, 4)], 2)[:, 1].tolist()
+        [0, 1, 0, 1, 2, 3, 2, 3]
+    """
+    out = []
+    for t, h, w in grid_thw:
+        rows = torch.arange(h).view(h // merge, merge, 1, 1).expand(-1, -1, w // merge, merge)  # (h/m, m, w/m, m)
+        cols = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, -1, -1)  # (h/m, m, w/m, m)
+        hw = torch.stack([rows.transpose(1, 2).flatten(), cols.transpose(1, 2).flatten()], dim=-1)  # (h*w, 2)
+        out.append(hw.repeat(t, 1))  # (t*h*w, 2)
+    return torch.cat(out)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: Qwen2VLVisionConfig) -> None:
+        super().__init__()
+        self.nh, self.hd = cfg.num_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+                lengths: list[int]) -> torch.Tensor:
+        N = x.shape[0]
+        qkv = self.qkv(x).view(N, 3, self.nh, self.hd)  # (N, 3, nh, hd)
+        # transformers rotates in fp32 (apply_rotary_pos_emb_vision) and casts back.
+        qk = apply_rotary(qkv[:, :2].float(), cos, sin_signed).to(x.dtype)  # (N, 2, nh, hd)
+        q, k, v = (t.transpose(0, 1) for t in (qk[:, 0], qk[:, 1], qkv[:, 2]))  # (nh, N, hd) each
+        # Each frame of each image attends only to itself (transformers' cu_seqlens segments).
+        y = torch.cat([F.scaled_dot_product_attention(qs, ks, vs) for qs, ks, vs in
+                       zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))], dim=1)  # (nh, N, hd)
+        return self.proj(y.transpose(0, 1).reshape(N, self.nh * self.hd))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: Qwen2VLVisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.embed_dim, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.embed_dim)
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: Qwen2VLVisionConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=VISION_LAYER_NORM_EPS)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=VISION_LAYER_NORM_EPS)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x, cos, sin_signed, lengths):
+        x = x + self.attn(self.norm1(x), cos, sin_signed, lengths)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """LayerNorm each patch, concatenate the merge x merge consecutive rows of a group, then an MLP."""
+
+    def __init__(self, cfg: Qwen2VLVisionConfig) -> None:
+        super().__init__()
+        self.group_dim = cfg.embed_dim * cfg.spatial_merge_size**2
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=VISION_LAYER_NORM_EPS)
+        self.fc1 = nn.Linear(self.group_dim, self.group_dim)
+        self.fc2 = nn.Linear(self.group_dim, cfg.out_hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x).view(-1, self.group_dim)  # (N/m^2, m^2 E)
+        return self.fc2(F.gelu(self.fc1(x)))  # (N/m^2, C)
+
+
+class Qwen2VisionTower(nn.Module):
+    """pixel_values (N, C*T*P*P) + grid (I, 3) -> merged features (N / merge^2, out_hidden_size)."""
+
+    def __init__(self, cfg: Qwen2VLVisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # transformers' Conv3d with kernel = stride = (T, P, P) over one (C, T, P, P) cube is this matmul.
+        self.patch_embed = nn.Linear(cfg.patch_dim, cfg.embed_dim, bias=False)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.merger = PatchMerger(cfg)
+        quarter = torch.arange(0, cfg.head_dim // 2, 2, dtype=torch.int64).float() / (cfg.head_dim // 2)
+        self.inv_freq = 1.0 / cfg.rope_theta**quarter  # (hd/4,) fp32, a plain attribute like RotaryEmbedding's
+
+    def rotary(self, grid: list[tuple[int, int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin (N, 1, 1, hd) of the 2-D RoPE: the first hd/4 frequencies turn with the
+        patch row, the next hd/4 with the column, and the pair (i, i + hd/2) rotates together."""
+        pos = patch_positions(grid, self.cfg.spatial_merge_size).to(device)  # (N, 2)
+        freqs = (pos[..., None].float() * self.inv_freq.to(device)).flatten(1)  # (N, hd/2): rows then cols
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, None]  # (N, 1, 1, hd): broadcast over q/k and heads
+        return emb.cos(), signed_sin(emb.sin())
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | list) -> torch.Tensor:
+        grid = _grid_list(grid_thw)
+        merge = self.cfg.spatial_merge_size
+        expected = sum(t * h * w for t, h, w in grid)
+        if pixel_values.dim() != 2 or pixel_values.shape != (expected, self.cfg.patch_dim):
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; image_grid_thw {grid} needs "
+                             f"({expected}, {self.cfg.patch_dim}): pass the rows plan_dynamic builds, concatenated")
+        if any(h % merge or w % merge for _, h, w in grid):
+            raise ValueError(f"image_grid_thw {grid}: h and w must be multiples of spatial_merge_size {merge}")
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # (N, E)
+        cos, sin = self.rotary(grid, x.device)  # (N, 1, 1, hd) each
+        lengths = [h * w for t, h, w in grid for _ in range(t)]  # one attention segment per frame
+        for block in self.blocks:
+            x = block(x, cos, sin, lengths)
+        return self.merger(x)  # (N/m^2, C)
+
+
+# ----------------------------------------------------------------------------- M-RoPE positions
+
+
+def mrope_positions(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | list | None, image_token_id: int,
+                    merge: int, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, B, T) t/h/w positions and (B, 1) rope deltas for a prompt batch (transformers' get_rope_index).
+
+    Each run of image_token_id takes the next image_grid_thw rows in order (several images may
+    follow each other directly; each takes t*h*w / merge^2 tokens). Padding (attention_mask 0)
+    gets position 0 and is skipped. delta = largest position + 1 - number of real tokens.
+
+        >>> pos, delta = mrope_positions(torch.tensor([[5, 9, 9, 9, 9, 6]]), [(1, 4, 4)], 9, 2)
+        >>> pos[:, 0].tolist(), delta.tolist()
+        ([[0, 1, 1, 1, 1, 3], [0, 1, 1, 2, 2, 3], [0, 1, 2, 1, 2, 3]], [[-2]])
+    """
+    B, T = input_ids.shape
+    grids = iter(_grid_list(image_grid_thw) if image_grid_thw is not None else [])
+    positions = torch.zeros(3, B, T, dtype=torch.long)
+    deltas = []
+    for b in range(B):
+        keep = attention_mask[b].bool().cpu() if attention_mask is not None else torch.ones(T, dtype=torch.bool)
+        ids = input_ids[b].cpu()[keep].tolist()
+        parts, start = [], 0
+        for is_image, run in itertools.groupby(ids, key=lambda i: i == image_token_id):
+            n = len(list(run))
+            if not is_image:
+                parts.append(torch.arange(start, start + n).expand(3, -1))  # (3, n)
+                start += n
+                continue
+            while n > 0:
+                grid = next(grids, None)
+                if grid is None:
+                    raise ValueError("input_ids hold more image placeholder runs than image_grid_thw has rows; "
+                                     "pass one (t, h, w) row per image")
+                t, gh, gw = grid[0], grid[1] // merge, grid[2] // merge
+                if t * gh * gw > n:
+                    raise ValueError(f"an image of grid {grid} needs {t * gh * gw} placeholder tokens but its run "
+                                     f"has only {n}; build the prompt from the image's plan (num_tokens)")
+                tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+                parts.append(torch.stack([tt, hh, ww]).reshape(3, -1) + start)  # (3, t*gh*gw)
+                start += max(gh, gw)
+                n -= t * gh * gw
+        row = torch.cat(parts, dim=1)  # (3, real tokens)
+        positions[:, b, keep] = row
+        deltas.append(int(row.max()) + 1 - len(ids))
+    if next(grids, None) is not None:
+        raise ValueError("image_grid_thw has more rows than input_ids have images; pass one row per image")
+    return positions.to(input_ids.device), torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class MRopeCache(KVCache):
+    """A KVCache that also keeps each row's M-RoPE delta, set by the prefill, used by every decode step."""
+
+    def __init__(self, cfg: LMConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        super().__init__(cfg, batch_size, max_len, dtype=dtype, device=device)
+        self.rope_deltas = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
+
+    def select(self, rows: torch.Tensor) -> None:
+        super().select(rows)
+        self.rope_deltas = self.rope_deltas[rows]
+
+
+class Qwen2VL(nn.Module):
+    """Qwen2-VL for generation and training: forward(input_ids, pixel_values, image_grid_thw, ...) -> logits."""
+
+    def __init__(self, cfg: Qwen2VLConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision = Qwen2VisionTower(cfg.vision)
+        self.lm = CausalLM(cfg.lm)
+
+    def new_cache(self, batch_size: int, max_len: int) -> MRopeCache:
+        p = self.lm.embed.weight
+        return MRopeCache(self.cfg.lm, batch_size, max_len, dtype=p.dtype, device=p.device)
+
+    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+               image_grid_thw: torch.Tensor | list | None) -> torch.Tensor:
+        """Token embeddings (B, T, C) with the image placeholders replaced by the merged features in order."""
+        x = self.lm.embed(input_ids)  # (B, T, C)
+        if pixel_values is None:
+            return x
+        if image_grid_thw is None:
+            raise ValueError("pixel_values need image_grid_thw (one (t, h, w) row per image, from plan_dynamic)")
+        features = self.vision(pixel_values, image_grid_thw).to(x.dtype)  # (F, C)
+        slots = input_ids == self.cfg.image_token_id  # (B, T)
+        if int(slots.sum()) != features.shape[0]:
+            raise ValueError(f"input_ids hold {int(slots.sum())} image placeholder tokens but the images give "
+                             f"{features.shape[0]} features; put plan.num_tokens placeholders per image")
+        return x.masked_scatter(slots.unsqueeze(-1), features)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        pixel_values: torch.Tensor | None = None,  # (N, C*T*P*P) rows of every image, concatenated
+        image_grid_thw: torch.Tensor | list | None = None,  # (I, 3) (t, h, w) patches per image
+        attention_mask: torch.Tensor | None = None,  # (B, S) 1 = real token, 0 = padding; S = cached + T
+        position_ids: torch.Tensor | None = None,  # (3, B, T) or (B, T); None = computed (M-RoPE)
+        cache: KVCache | None = None,
+        labels: torch.Tensor | None = None,  # (B, T), IGNORE_INDEX where no loss is taken
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        past = cache.length if cache is not None else 0
+        if past and pixel_values is not None:
+            raise ValueError("pixel_values go with the first (prefill) pass over an empty cache; "
+                             "start a new cache for a prompt with new images")
+        x = self._embed(input_ids, pixel_values, image_grid_thw)  # (B, T, C)
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = self._positions(input_ids, image_grid_thw, attention_mask, cache)
+        elif position_ids.dim() == 2:
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)  # (3, B, T): text on every axis
+        return self.lm(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                       labels=labels, logits_to_keep=logits_to_keep)
+
+    def _positions(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | list | None,
+                   attention_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        """(3, B, T): from the prompt on an empty cache (storing the deltas), else cached length + delta."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past == 0:
+            positions, deltas = mrope_positions(input_ids, image_grid_thw, self.cfg.image_token_id,
+                                                self.cfg.vision.spatial_merge_size, attention_mask)
+            if isinstance(cache, MRopeCache):
+                cache.rope_deltas = deltas
+            return positions
+        if not isinstance(cache, MRopeCache):
+            raise ValueError("decoding Qwen2-VL needs the cache from model.new_cache (it keeps the M-RoPE offsets)")
+        text = default_position_ids(attention_mask, past, T, input_ids.device)  # (B or 1, T)
+        return (text + cache.rope_deltas).unsqueeze(0).expand(3, -1, -1)  # (3, B, T)
+
+
+if __name__ == "__main__":
+    lm = LMConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                  qkv_bias=True, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})
+    vision = Qwen2VLVisionConfig(depth=2, embed_dim=32, num_heads=4, out_hidden_size=64)
+    model = Qwen2VL(Qwen2VLConfig(vision=vision, lm=lm, image_token_id=99))
+    pixels = torch.randn(1 * 4 * 6, vision.patch_dim)  # one image of 4 x 6 patches -> 6 merged tokens
+    ids = torch.tensor([[1, 2] + [99] * 6 + [3]])
+    print("logits", tuple(model(ids, pixels, [(1, 4, 6)]).logits.shape))  # (1, 9, 100)
