@@ -26,13 +26,13 @@ SELECT_FEATURES = ("patch", "cls_patch")
 IMAGE_SCHEMES = ("pad", "anyres", "hd", "tiles")
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
     """Raise ValueError(message) unless ok: the one way configs reject values."""
     if not ok:
         raise ValueError(message)
 
 
-class _Serializable:
+class Serializable:
     """to_dict / from_dict for (nested) config dataclasses."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -42,12 +42,12 @@ class _Serializable:
     def from_dict(cls, data: dict[str, Any]):
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names)
-        _require(not unknown, f"{cls.__name__}: unknown keys {unknown}; valid keys are {sorted(names)}")
+        require(not unknown, f"{cls.__name__}: unknown keys {unknown}; valid keys are {sorted(names)}")
         return cls(**data)
 
 
 @dataclass
-class LMConfig(_Serializable):
+class LMConfig(Serializable):
     """A Llama-family decoder: Llama, Mistral, Qwen2, Phi-3, SmolLM2."""
 
     vocab_size: int = 32000
@@ -78,26 +78,26 @@ class LMConfig(_Serializable):
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.head_dim is None:
-            _require(
+            require(
                 self.hidden_size % self.num_heads == 0,
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
                 "set head_dim explicitly",
             )
             self.head_dim = self.hidden_size // self.num_heads
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
-            _require(getattr(self, name) > 0, f"LMConfig.{name} must be positive, got {getattr(self, name)}")
-        _require(
+            require(getattr(self, name) > 0, f"LMConfig.{name} must be positive, got {getattr(self, name)}")
+        require(
             self.num_heads % self.num_kv_heads == 0,
             f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}",
         )
-        _require(self.hidden_act in ("silu", "gelu", "gelu_pytorch_tanh"),
+        require(self.hidden_act in ("silu", "gelu", "gelu_pytorch_tanh"),
                  f"LMConfig.hidden_act {self.hidden_act!r} unsupported; use silu, gelu or gelu_pytorch_tanh")
-        _require(0.0 < self.partial_rotary_factor <= 1.0,
+        require(0.0 < self.partial_rotary_factor <= 1.0,
                  f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            _require(kind in ROPE_TYPES, f"rope_scaling type {kind!r} unknown; valid: {ROPE_TYPES}")
-        _require(self.sliding_window is None or self.sliding_window > 0,
+            require(kind in ROPE_TYPES, f"rope_scaling type {kind!r} unknown; valid: {ROPE_TYPES}")
+        require(self.sliding_window is None or self.sliding_window > 0,
                  f"sliding_window must be positive or None, got {self.sliding_window}")
 
     @property
@@ -109,7 +109,7 @@ class LMConfig(_Serializable):
 
 
 @dataclass
-class VisionConfig(_Serializable):
+class VisionConfig(Serializable):
     """A ViT image encoder: CLIP (CLS token, pre-layernorm, quick_gelu) or SigLIP (no CLS, gelu-tanh)."""
 
     image_size: int = 336
@@ -136,16 +136,16 @@ class VisionConfig(_Serializable):
         self.image_mean = tuple(self.image_mean)  # type: ignore[assignment]
         self.image_std = tuple(self.image_std)  # type: ignore[assignment]
         for name in ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
-            _require(getattr(self, name) > 0, f"VisionConfig.{name} must be positive, got {getattr(self, name)}")
-        _require(self.image_size % self.patch_size == 0,
+            require(getattr(self, name) > 0, f"VisionConfig.{name} must be positive, got {getattr(self, name)}")
+        require(self.image_size % self.patch_size == 0,
                  f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        _require(self.hidden_size % self.num_heads == 0,
+        require(self.hidden_size % self.num_heads == 0,
                  f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        _require(self.hidden_act in VISION_ACTIVATIONS,
+        require(self.hidden_act in VISION_ACTIVATIONS,
                  f"VisionConfig.hidden_act {self.hidden_act!r} unknown; valid: {VISION_ACTIVATIONS}")
-        _require(self.select_feature in SELECT_FEATURES,
+        require(self.select_feature in SELECT_FEATURES,
                  f"select_feature {self.select_feature!r} unknown; valid: {SELECT_FEATURES}")
-        _require(-self.num_layers - 1 <= self.select_layer <= self.num_layers,
+        require(-self.num_layers - 1 <= self.select_layer <= self.num_layers,
                  f"select_layer {self.select_layer} is out of range for {self.num_layers} layers "
                  f"(valid: {-self.num_layers - 1}..{self.num_layers})")
 
@@ -165,7 +165,7 @@ class VisionConfig(_Serializable):
 
 
 @dataclass
-class ProjectorConfig(_Serializable):
+class ProjectorConfig(Serializable):
     """Maps vision features to the LM width. `type` is a key of models.projectors.PROJECTORS:
     "linear", "mlp{N}x_gelu" or "merge2x2_mlp{N}x_gelu" (2x2 space-to-depth, then the MLP)."""
 
@@ -178,12 +178,12 @@ class ProjectorConfig(_Serializable):
         from vlmkit.models.projectors import parse_projector_type  # validates the name, lists valid ones
 
         parse_projector_type(self.type)
-        _require(self.in_dim > 0 and self.out_dim > 0,
+        require(self.in_dim > 0 and self.out_dim > 0,
                  f"projector dims must be positive, got in_dim={self.in_dim}, out_dim={self.out_dim}")
 
 
 @dataclass
-class VLMConfig(_Serializable):
+class VLMConfig(Serializable):
     """A vision-language model: vision tower -> projector -> language model."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -211,22 +211,22 @@ class VLMConfig(_Serializable):
             self.lm = LMConfig.from_dict(self.lm)
         self.grid_pinpoints = tuple(tuple(p) for p in self.grid_pinpoints)  # type: ignore[misc]
         self._check_image_scheme()
-        _require(self.projector.in_dim == self.vision.hidden_size * _merge_factor(self.projector.type),
+        require(self.projector.in_dim == self.vision.hidden_size * _merge_factor(self.projector.type),
                  f"projector.in_dim {self.projector.in_dim} does not match the vision width "
                  f"{self.vision.hidden_size} x merge factor {_merge_factor(self.projector.type)}")
-        _require(self.projector.out_dim == self.lm.hidden_size,
+        require(self.projector.out_dim == self.lm.hidden_size,
                  f"projector.out_dim {self.projector.out_dim} != lm.hidden_size {self.lm.hidden_size}")
-        _require(0 <= self.image_token_id < self.lm.vocab_size,
+        require(0 <= self.image_token_id < self.lm.vocab_size,
                  f"image_token_id {self.image_token_id} is outside the LM vocabulary (size {self.lm.vocab_size})")
 
     def _check_image_scheme(self) -> None:
-        _require(self.image_scheme in IMAGE_SCHEMES,
+        require(self.image_scheme in IMAGE_SCHEMES,
                  f"image_scheme {self.image_scheme!r} unknown; valid: {IMAGE_SCHEMES}")
         if self.image_scheme != "anyres":
-            _require(not self.grid_pinpoints, "grid_pinpoints are only used by image_scheme='anyres'; "
+            require(not self.grid_pinpoints, "grid_pinpoints are only used by image_scheme='anyres'; "
                                               "remove them or set image_scheme='anyres'")
         if self.image_scheme in ("pad", "anyres"):
-            _require(self.max_crops is None, f"max_crops is only used by image_scheme 'hd' and 'tiles'; "
+            require(self.max_crops is None, f"max_crops is only used by image_scheme 'hd' and 'tiles'; "
                                              f"remove it for image_scheme={self.image_scheme!r}")
         checks = {"anyres": self._check_anyres, "hd": self._check_hd, "tiles": self._check_tiles}
         if self.image_scheme in checks:
@@ -234,15 +234,15 @@ class VLMConfig(_Serializable):
 
     def _check_anyres(self) -> None:
         tile = self.vision.image_size
-        _require(bool(self.grid_pinpoints), "image_scheme='anyres' needs grid_pinpoints, e.g. "
+        require(bool(self.grid_pinpoints), "image_scheme='anyres' needs grid_pinpoints, e.g. "
                                             f"(({tile}, {2 * tile}), ({2 * tile}, {tile}), ({2 * tile}, {2 * tile}))")
         for pinpoint in self.grid_pinpoints:
-            _require(len(pinpoint) == 2 and all(isinstance(v, int) and v > 0 and v % tile == 0 for v in pinpoint),
+            require(len(pinpoint) == 2 and all(isinstance(v, int) and v > 0 and v % tile == 0 for v in pinpoint),
                      f"grid pinpoint {pinpoint} must be (height, width), positive multiples of the tower's "
                      f"image_size {tile}")
-        _require(self.vision.select_feature == "patch",
+        require(self.vision.select_feature == "patch",
                  "image_scheme='anyres' lays out square patch grids: set vision.select_feature='patch' (drop CLS)")
-        _require(_merge_factor(self.projector.type) == 1,
+        require(_merge_factor(self.projector.type) == 1,
                  f"image_scheme='anyres' does not combine with the merging projector {self.projector.type!r}")
 
     def _check_merged_views(self, view: int, patch: int, tower_size: int, default_crops: int) -> None:
@@ -251,15 +251,15 @@ class VLMConfig(_Serializable):
         scheme = self.image_scheme
         if self.max_crops is None:
             self.max_crops = default_crops
-        _require(isinstance(self.max_crops, int) and self.max_crops >= 1,
+        require(isinstance(self.max_crops, int) and self.max_crops >= 1,
                  f"max_crops is {self.max_crops!r}; image_scheme={scheme!r} needs a positive int")
-        _require(self.vision.patch_size == patch and self.vision.image_size == tower_size,
+        require(self.vision.patch_size == patch and self.vision.image_size == tower_size,
                  f"image_scheme={scheme!r} plans {view}-px views of {patch}-px patches; set vision.patch_size="
                  f"{patch} and vision.image_size={tower_size} (got {self.vision.patch_size} and "
                  f"{self.vision.image_size})")
-        _require(self.vision.select_feature == "patch",
+        require(self.vision.select_feature == "patch",
                  f"image_scheme={scheme!r} merges square patch grids: set vision.select_feature='patch'")
-        _require(_merge_factor(self.projector.type) == 4,
+        require(_merge_factor(self.projector.type) == 4,
                  f"image_scheme={scheme!r} merges 2x2 patches before the projector MLP: use a "
                  f"'merge2x2_mlp{{N}}x_gelu' projector with in_dim 4 * {self.vision.hidden_size}, "
                  f"not {self.projector.type!r}")
@@ -288,7 +288,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
-class SamConfig(_Serializable):
+class SamConfig(Serializable):
     """SAM's ViTDet image encoder (models/sam.py) and the downsampling that VLMs add after its neck.
 
     Defaults are SAM ViT-B at 1024 px: 768 wide, 12 layers, windows of 14 patches,
@@ -330,29 +330,29 @@ class SamConfig(_Serializable):
         self.image_std = tuple(self.image_std)  # type: ignore[assignment]
         for name in ("image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size",
                      "num_layers", "num_heads", "output_channels"):
-            _require(getattr(self, name) > 0, f"SamConfig.{name} must be positive, got {getattr(self, name)}")
-        _require(self.image_size % self.patch_size == 0,
+            require(getattr(self, name) > 0, f"SamConfig.{name} must be positive, got {getattr(self, name)}")
+        require(self.image_size % self.patch_size == 0,
                  f"SAM image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        _require(self.hidden_size % self.num_heads == 0,
+        require(self.hidden_size % self.num_heads == 0,
                  f"SAM hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        _require(self.hidden_act in VISION_ACTIVATIONS,
+        require(self.hidden_act in VISION_ACTIVATIONS,
                  f"SamConfig.hidden_act {self.hidden_act!r} unknown; valid: {VISION_ACTIVATIONS}")
-        _require(self.window_size >= 0, f"SamConfig.window_size must be >= 0 (0 = global), got {self.window_size}")
+        require(self.window_size >= 0, f"SamConfig.window_size must be >= 0 (0 = global), got {self.window_size}")
         bad = [i for i in self.global_attn_indexes if not 0 <= i < self.num_layers]
-        _require(not bad, f"global_attn_indexes {bad} are outside layers 0..{self.num_layers - 1}")
-        _require(self.downsample in SAM_DOWNSAMPLES,
+        require(not bad, f"global_attn_indexes {bad} are outside layers 0..{self.num_layers - 1}")
+        require(self.downsample in SAM_DOWNSAMPLES,
                  f"SamConfig.downsample {self.downsample!r} unknown; valid: {SAM_DOWNSAMPLES}")
-        _require(len(self.downsample_channels) == 2 and all(c > 0 for c in self.downsample_channels),
+        require(len(self.downsample_channels) == 2 and all(c > 0 for c in self.downsample_channels),
                  f"downsample_channels must be two positive ints (e.g. (512, 1024)), got {self.downsample_channels}")
         if self.downsample == "deepseek":
             if self.resize_to is None:
                 self.resize_to = 96
-            _require(self.resize_to > 0, f"SamConfig.resize_to must be positive, got {self.resize_to}")
+            require(self.resize_to > 0, f"SamConfig.resize_to must be positive, got {self.resize_to}")
         else:
-            _require(self.resize_to is None and not self.global_branch,
+            require(self.resize_to is None and not self.global_branch,
                      f"resize_to and global_branch are only used by downsample='deepseek'; remove them "
                      f"for downsample={self.downsample!r}")
-        _require(not self.global_branch or bool(self.global_attn_indexes),
+        require(not self.global_branch or bool(self.global_attn_indexes),
                  "global_branch reads the first global-attention layer: set global_attn_indexes")
 
     @property

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlmkit.config import LMConfig, _require, _Serializable
+from vlmkit.config import LMConfig, require, Serializable
 from vlmkit.models.lm import CausalLM, CausalLMOutput, KVCache, default_position_ids
 from vlmkit.models.rope import apply_rotary, rope_parameters, signed_sin
 
@@ -44,7 +44,7 @@ _ACTIVATIONS = {
 
 
 @dataclass
-class Qwen2VLVisionConfig(_Serializable):
+class Qwen2VLVisionConfig(Serializable):
     """The Qwen2-VL ViT: patch embedding over (C, T, P, P) cubes, 2-D RoPE, LayerNorm blocks, 2x2 merger."""
 
     depth: int = 32
@@ -62,12 +62,12 @@ class Qwen2VLVisionConfig(_Serializable):
     def __post_init__(self) -> None:
         for name in ("depth", "embed_dim", "num_heads", "in_channels", "patch_size", "temporal_patch_size",
                      "spatial_merge_size", "out_hidden_size"):
-            _require(getattr(self, name) > 0, f"Qwen2VLVisionConfig.{name} must be positive, got {getattr(self, name)}")
-        _require(self.embed_dim % self.num_heads == 0,
+            require(getattr(self, name) > 0, f"Qwen2VLVisionConfig.{name} must be positive, got {getattr(self, name)}")
+        require(self.embed_dim % self.num_heads == 0,
                  f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        _require(self.head_dim % 4 == 0, f"the vision head size {self.head_dim} must be a multiple of 4: "
+        require(self.head_dim % 4 == 0, f"the vision head size {self.head_dim} must be a multiple of 4: "
                                          "2-D RoPE splits half of it between rows and columns, in pairs")
-        _require(self.hidden_act in _ACTIVATIONS,
+        require(self.hidden_act in _ACTIVATIONS,
                  f"vision hidden_act {self.hidden_act!r} unknown; valid: {sorted(_ACTIVATIONS)}")
 
     @property
@@ -85,7 +85,7 @@ class Qwen2VLVisionConfig(_Serializable):
 
 
 @dataclass
-class Qwen2VLConfig(_Serializable):
+class Qwen2VLConfig(Serializable):
     """Qwen2-VL: vision tower (with its merger) + a Qwen2 LM whose rope_scaling carries `mrope_section`."""
 
     vision: Qwen2VLVisionConfig = field(default_factory=Qwen2VLVisionConfig)
@@ -103,16 +103,16 @@ class Qwen2VLConfig(_Serializable):
             self.vision = Qwen2VLVisionConfig.from_dict(self.vision)
         if isinstance(self.lm, dict):
             self.lm = LMConfig.from_dict(self.lm)
-        _require(self.vision.out_hidden_size == self.lm.hidden_size,
+        require(self.vision.out_hidden_size == self.lm.hidden_size,
                  f"vision.out_hidden_size {self.vision.out_hidden_size} != lm.hidden_size {self.lm.hidden_size}")
         section = rope_parameters(self.lm).get("mrope_section")
-        _require(section is not None, "Qwen2-VL's LM needs M-RoPE: set lm.rope_scaling = "
+        require(section is not None, "Qwen2-VL's LM needs M-RoPE: set lm.rope_scaling = "
                                       "{'rope_type': 'default', 'mrope_section': [t, h, w]}")
-        _require(sum(section) == self.lm.rotary_dim // 2,
+        require(sum(section) == self.lm.rotary_dim // 2,
                  f"mrope_section {section} must sum to head_dim / 2 = {self.lm.rotary_dim // 2}")
         for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-            _require(0 <= getattr(self, name), f"{name} must be non-negative, got {getattr(self, name)}")
-        _require(self.image_token_id < self.lm.vocab_size,
+            require(0 <= getattr(self, name), f"{name} must be non-negative, got {getattr(self, name)}")
+        require(self.image_token_id < self.lm.vocab_size,
                  f"image_token_id {self.image_token_id} is outside the LM vocabulary (size {self.lm.vocab_size})")
 
 
