@@ -23,7 +23,7 @@ from typing import Any
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "yarn")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
 SELECT_FEATURES = ("patch", "cls_patch")
-IMAGE_SCHEMES = ("pad", "anyres", "hd", "tiles")
+IMAGE_SCHEMES = ("pad", "anyres", "hd", "tiles", "dual", "slices")
 
 
 def require(ok: bool, message: str) -> None:
@@ -194,13 +194,21 @@ class VLMConfig(Serializable):
     #   "pad"    LLaVA-1.5: one square view;
     #   "anyres" LLaVA-NeXT: base view + tiles of a canvas from grid_pinpoints, unpad, newline per row;
     #   "hd"     Phi-3.5-vision HD-N: global + up to max_crops 336-px crops, 2x2 merge, sub_GN/glb_GN;
-    #   "tiles"  DeepSeek-VL2: global + up to max_crops 384-px tiles, 2x2 downsample, newline/separator.
+    #   "tiles"  DeepSeek-VL2: global + up to max_crops 384-px tiles, 2x2 downsample, newline/separator;
+    #   "dual"   Vary-base: a CLIP view for `vision` and a SAM view for `vision_high`, one row per token;
+    #   "slices" MiniCPM-V: source + up to max_crops slices near vision.image_size**2 px, each view at its
+    #            own size through the tower and a perceiver resampler (models/glue_slices.py).
     image_scheme: str = "pad"
     # anyres: candidate canvases as (height, width), multiples of vision.image_size; () otherwise.
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
     # hd: N of HD-N (Phi-3.5-vision: 16 for one image, 4 for many); tiles: most local tiles m*n
-    # (DeepSeek-VL2: 9). None = that default; must stay None for pad and anyres.
+    # (DeepSeek-VL2: 9); slices: max_slices (MiniCPM-V: 9). None = that default; must stay None for pad and anyres.
     max_crops: int | None = None
+    # dual only (None otherwise): the SAM tower (downsample="vary") and its own projector. An image's
+    # rows are cat([projector(CLIP tokens), projector_high(SAM tokens)], dim=-1), concatenated along
+    # channels, so projector.out_dim + projector_high.out_dim == lm.hidden_size (Vary: 1024 + 1024).
+    vision_high: SamConfig | None = None
+    projector_high: ProjectorConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -209,13 +217,20 @@ class VLMConfig(Serializable):
             self.projector = ProjectorConfig.from_dict(self.projector)
         if isinstance(self.lm, dict):
             self.lm = LMConfig.from_dict(self.lm)
+        if isinstance(self.vision_high, dict):
+            self.vision_high = SamConfig.from_dict(self.vision_high)
+        if isinstance(self.projector_high, dict):
+            self.projector_high = ProjectorConfig.from_dict(self.projector_high)
         self.grid_pinpoints = tuple(tuple(p) for p in self.grid_pinpoints)  # type: ignore[misc]
         self._check_image_scheme()
+        self._check_dual()
         require(self.projector.in_dim == self.vision.hidden_size * _merge_factor(self.projector.type),
                  f"projector.in_dim {self.projector.in_dim} does not match the vision width "
                  f"{self.vision.hidden_size} x merge factor {_merge_factor(self.projector.type)}")
-        require(self.projector.out_dim == self.lm.hidden_size,
-                 f"projector.out_dim {self.projector.out_dim} != lm.hidden_size {self.lm.hidden_size}")
+        high = self.projector_high.out_dim if self.projector_high is not None else 0
+        require(self.projector.out_dim + high == self.lm.hidden_size,
+                 f"projector.out_dim {self.projector.out_dim}" + (f" + projector_high.out_dim {high}" if high else "")
+                 + f" != lm.hidden_size {self.lm.hidden_size}")
         require(0 <= self.image_token_id < self.lm.vocab_size,
                  f"image_token_id {self.image_token_id} is outside the LM vocabulary (size {self.lm.vocab_size})")
 
@@ -226,9 +241,10 @@ class VLMConfig(Serializable):
             require(not self.grid_pinpoints, "grid_pinpoints are only used by image_scheme='anyres'; "
                                               "remove them or set image_scheme='anyres'")
         if self.image_scheme in ("pad", "anyres"):
-            require(self.max_crops is None, f"max_crops is only used by image_scheme 'hd' and 'tiles'; "
+            require(self.max_crops is None, f"max_crops is only used by image_scheme 'hd', 'tiles' and 'slices'; "
                                              f"remove it for image_scheme={self.image_scheme!r}")
-        checks = {"anyres": self._check_anyres, "hd": self._check_hd, "tiles": self._check_tiles}
+        checks = {"anyres": self._check_anyres, "hd": self._check_hd, "tiles": self._check_tiles,
+                  "slices": self._check_slices}
         if self.image_scheme in checks:
             checks[self.image_scheme]()
 
@@ -275,11 +291,59 @@ class VLMConfig(Serializable):
         # SigLIP-so400m's stride-14 patch conv reads the first 27 * 14 = 378 pixels of each 384-px tile.
         self._check_merged_views(TILE, PATCH, TILE // PATCH * PATCH, 9)
 
+    def _check_slices(self) -> None:
+        """slices: every view, whatever its size, becomes the resampler's Q query tokens; the plan takes its
+        query_num from the projector, max_slices from max_crops and its slice resolution from vision.image_size."""
+        from vlmkit.models.projectors import parse_projector_type
+
+        if self.max_crops is None:
+            self.max_crops = 9
+        require(isinstance(self.max_crops, int) and self.max_crops >= 1,
+                 f"max_crops is {self.max_crops!r}; image_scheme='slices' needs a positive int (max_slices, 9)")
+        require(parse_projector_type(self.projector.type).family == "perceiver",
+                 f"image_scheme='slices' gives every view (non-square, any size) the same number of query "
+                 f"tokens: use a 'perceiver{{Q}}q' or 'perceiver{{Q}}q_{{L}}x{{H}}' resampler projector, not "
+                 f"{self.projector.type!r} (qwen_resampler{{Q}}q takes square patch grids only)")
+
+    def _check_dual(self) -> None:
+        """vision_high / projector_high exist exactly for image_scheme='dual', where both branches must
+        give the same number of tokens (their rows are concatenated along channels) at full resolution."""
+        high, proj = self.vision_high, self.projector_high
+        if self.image_scheme != "dual":
+            require(high is None and proj is None, "vision_high and projector_high are only used by "
+                                                   "image_scheme='dual'; remove them or set image_scheme='dual'")
+            return
+        require(high is not None and proj is not None,
+                 "image_scheme='dual' (Vary-base) needs vision_high (a SamConfig with downsample='vary') and "
+                 "projector_high (in_dim = vision_high.feature_dim, e.g. 1024)")
+        require(self.max_crops is None, "max_crops is not used by image_scheme='dual'; remove it")
+        require(high.downsample == "vary", f"image_scheme='dual' plans Vary's SAM branch: set "
+                                           f"vision_high.downsample='vary', not {high.downsample!r}")
+        require(self.vision.select_feature == "patch",
+                 "image_scheme='dual' drops CLIP's CLS token as Vary does: set vision.select_feature='patch'")
+        for name, p in (("projector", self.projector), ("projector_high", proj)):
+            require(_merge_factor(p.type) == 1 and not _is_resampler(p.type),
+                     f"image_scheme='dual' keeps every token of both branches: {name} must be 'linear' or "
+                     f"'mlp{{N}}x_gelu', not {p.type!r}")
+        require(proj.in_dim == high.feature_dim,
+                 f"projector_high.in_dim {proj.in_dim} != vision_high.feature_dim {high.feature_dim}")
+        clip, sam = self.vision.num_patches, high.tokens_per_image
+        require(clip == sam, f"the CLIP branch gives {clip} tokens ({self.vision.image_size} px / "
+                             f"{self.vision.patch_size}) but the SAM branch {sam} ({high.image_size} px / "
+                             f"{high.patch_size}, two stride-2 convs); both must match (Vary: 224/14 and 1024/16)")
+
 
 def _merge_factor(projector_type: str) -> int:
     from vlmkit.models.projectors import parse_projector_type
 
     return parse_projector_type(projector_type).merge ** 2
+
+
+def _is_resampler(projector_type: str) -> bool:
+    """A projector of learned queries (qwen_resampler, perceiver) sets its own token count."""
+    from vlmkit.models.projectors import parse_projector_type
+
+    return parse_projector_type(projector_type).queries > 0
 
 
 SAM_DOWNSAMPLES = ("none", "vary", "deepseek")

@@ -49,8 +49,8 @@ class LoadedModel:
         return plan_images(self.model.cfg, media)
 
     def image_inputs(self, plans: Sequence[MediaPlans]) -> dict[str, torch.Tensor] | None:
-        """The prefill inputs for the planned images in prompt order (pixel_values, and image_sizes
-        for the tiling schemes), or None."""
+        """The prefill inputs for the planned images in prompt order (pixel_values, plus what the scheme
+        needs: image_sizes for the tiling schemes, pixel_values_high for dual), or None."""
         return image_inputs(flat_plans(plans)) or None
 
     def prompt(self, messages: Sequence[Message], plans: Sequence[MediaPlans] = ()) -> Prompt:

@@ -33,14 +33,9 @@ import torch.nn.functional as F
 from vlmkit.config import LMConfig, require, Serializable
 from vlmkit.models.lm import CausalLM, CausalLMOutput, KVCache, default_position_ids
 from vlmkit.models.rope import apply_rotary, rope_parameters, signed_sin
+from vlmkit.models.vit import ACTIVATIONS, MLP
 
 VISION_LAYER_NORM_EPS = 1e-6  # transformers' Qwen2VLVisionBlock and PatchMerger hard-code this
-_ACTIVATIONS = {
-    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "silu": F.silu,
-}
 
 
 @dataclass
@@ -67,8 +62,8 @@ class Qwen2VLVisionConfig(Serializable):
                  f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         require(self.head_dim % 4 == 0, f"the vision head size {self.head_dim} must be a multiple of 4: "
                                          "2-D RoPE splits half of it between rows and columns, in pairs")
-        require(self.hidden_act in _ACTIVATIONS,
-                 f"vision hidden_act {self.hidden_act!r} unknown; valid: {sorted(_ACTIVATIONS)}")
+        require(self.hidden_act in ACTIVATIONS,
+                 f"vision hidden_act {self.hidden_act!r} unknown; valid: {sorted(ACTIVATIONS)}")
 
     @property
     def head_dim(self) -> int:
@@ -163,24 +158,13 @@ class VisionAttention(nn.Module):
         return self.proj(y.transpose(0, 1).reshape(N, self.nh * self.hd))
 
 
-class VisionMLP(nn.Module):
-    def __init__(self, cfg: Qwen2VLVisionConfig) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.embed_dim, cfg.mlp_dim)
-        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.embed_dim)
-        self.act = _ACTIVATIONS[cfg.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class VisionBlock(nn.Module):
     def __init__(self, cfg: Qwen2VLVisionConfig) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=VISION_LAYER_NORM_EPS)
         self.attn = VisionAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=VISION_LAYER_NORM_EPS)
-        self.mlp = VisionMLP(cfg)
+        self.mlp = MLP(cfg.embed_dim, cfg.mlp_dim, cfg.hidden_act)
 
     def forward(self, x, cos, sin_signed, lengths):
         x = x + self.attn(self.norm1(x), cos, sin_signed, lengths)

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlmkit.config import SamConfig
-from vlmkit.models.vit import ACTIVATIONS
+from vlmkit.models.vit import MLP
 
 
 @dataclass
@@ -118,17 +118,6 @@ class SamAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, h, w, D))  # (B, h, w, D)
 
 
-class SamMLP(nn.Module):
-    def __init__(self, cfg: SamConfig) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = ACTIVATIONS[cfg.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class SamBlock(nn.Module):
     """Pre-norm transformer block; window > 0 attends inside window x window tiles, 0 globally."""
 
@@ -138,7 +127,7 @@ class SamBlock(nn.Module):
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attn = SamAttention(cfg, window if window > 0 else cfg.grid)
         self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = SamMLP(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[1], x.shape[2]

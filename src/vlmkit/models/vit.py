@@ -1,6 +1,6 @@
 """The vision tower: one ViT for CLIP and SigLIP image encoders.
 
-    x = patch_conv(pixels)                               # (B, N, D), N = (H/P)^2
+    x = patch_conv(pixels)                               # (B, N, D), N = (H/P)(W/P)
     x = [cls; x] + positions                             # CLIP prepends a learned CLS token
     x = pre_layernorm(x)                                 # CLIP only
     for each layer:
@@ -50,6 +50,7 @@ ACTIVATIONS = {
     "quick_gelu": quick_gelu,
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
 }
 
 
@@ -70,11 +71,13 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: VisionConfig) -> None:
+    """fc2(act(fc1(x))): the feed-forward block of every ViT here (CLIP, SigLIP, SAM, Qwen2-VL)."""
+
+    def __init__(self, dim: int, hidden: int, act: str) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -88,7 +91,7 @@ class EncoderLayer(nn.Module):
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attn = SelfAttention(cfg)
         self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x))
@@ -111,7 +114,7 @@ class AttentionPoolHead(nn.Module):
         self.kv = nn.Linear(D, 2 * D)
         self.out = nn.Linear(D, D)
         self.norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
@@ -182,47 +185,53 @@ class VisionTower(nn.Module):
     def embed(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """Patch embeddings + CLS + positions (+ CLIP's pre-layernorm): (B, C, H, W) -> (B, N, D)."""
         grid = self._check_pixels(pixel_values, interpolate_pos_encoding)
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # (B, D, g, g)
-        x = x.flatten(2).transpose(1, 2)  # (B, g*g, D)
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # (B, D, gh, gw)
+        x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, D)
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], 1, -1), x], dim=1)  # (B, 1 + g*g, D)
+            x = torch.cat([self.cls_token.expand(x.shape[0], 1, -1), x], dim=1)  # (B, 1 + gh*gw, D)
         x = x + self.positions(grid)
         return self.pre_norm(x) if self.pre_norm is not None else x
 
-    def positions(self, grid: int) -> torch.Tensor:
-        """Position embeddings for a grid x grid patch layout: (num_cls + grid^2, D).
+    def positions(self, grid: int | tuple[int, int]) -> torch.Tensor:
+        """Position embeddings for a rows x cols patch layout (an int: square): (num_cls + rows*cols, D).
 
-        Other grids than the trained one resize the 2-D table bicubically
-        (align_corners=False), as transformers' interpolate_pos_encoding does;
-        the CLS position is kept as is.
+        Other grids than the trained one resize the 2-D table bicubically to (rows, cols)
+        (align_corners=False), as transformers' interpolate_pos_encoding does, non-square
+        grids included; the CLS position is kept as is.
         """
+        rows, cols = (grid, grid) if isinstance(grid, int) else grid
         native = self.cfg.image_size // self.cfg.patch_size
-        if grid == native:
+        if rows == cols == native:
             return self.pos_embed
         n_cls = int(self.cls_token is not None)
         D = self.pos_embed.shape[-1]
         table = self.pos_embed[n_cls:].reshape(1, native, native, D).permute(0, 3, 1, 2)  # (1, D, g0, g0)
-        table = F.interpolate(table, size=(grid, grid), mode="bicubic", align_corners=False)  # (1, D, g, g)
-        table = table.permute(0, 2, 3, 1).reshape(grid * grid, D)  # (g*g, D)
+        table = F.interpolate(table, size=(rows, cols), mode="bicubic", align_corners=False)  # (1, D, gh, gw)
+        table = table.permute(0, 2, 3, 1).reshape(rows * cols, D)  # (gh*gw, D)
         return torch.cat([self.pos_embed[:n_cls], table], dim=0)
 
-    def _check_pixels(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> int:
-        """Validate a (B, C, H, W) batch and return its patch-grid side."""
+    def _check_pixels(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> tuple[int, int]:
+        """Validate a (B, C, H, W) batch and return its patch grid (H/P, W/P).
+
+        Without interpolate_pos_encoding the images must be image_size x image_size; with it any
+        H x W of whole patches, square or not.
+        """
         shape = tuple(pixel_values.shape)
         C, P, size = self.cfg.num_channels, self.cfg.patch_size, self.cfg.image_size
         if pixel_values.dim() != 4 or shape[1] != C:
             raise ValueError(f"pixel_values has shape {shape}; the vision tower expects (batch, {C}, height, width)")
         H, W = shape[2], shape[3]
-        if H != W:
+        if H != W and not interpolate_pos_encoding:
             raise ValueError(f"pixel_values has shape {shape}: images must be square (height == width); "
-                             f"resize or pad them to {size}x{size}")
-        if H % P:
-            raise ValueError(f"pixel_values has shape {shape}: the side {H} is not a multiple of "
-                             f"patch_size {P}")
+                             f"resize or pad them to {size}x{size}, or pass interpolate_pos_encoding=True")
+        for side in (H, W):
+            if side <= 0 or side % P:
+                raise ValueError(f"pixel_values has shape {shape}: the side {side} is not a positive multiple of "
+                                 f"patch_size {P}")
         if H != size and not interpolate_pos_encoding:
             raise ValueError(f"pixel_values has shape {shape} but the tower was trained at {size}x{size}; "
                              "resize the images or pass interpolate_pos_encoding=True")
-        return H // P
+        return H // P, W // P
 
 
 if __name__ == "__main__":

@@ -9,6 +9,12 @@
     tiles (DeepSeek-VL2): pixel_values (N, V, 3, 384, 384) [global, tiles] + image_sizes (N, 2) tile canvas (h, w)
                          --tower (first 378 px)--> (V, 729, Dv) --downsample_2x2, projector MLP--> (V, 196, C)
                          --layouts.tiles (newline, view separator)--> (T_i, C)
+    dual (Vary-base):    pixel_values (N, 3, 224, 224) CLIP views + pixel_values_high (N, 3, 1024, 1024) SAM views
+                         --tower, projector | vision_high, projector_high--> cat on channels (N, 256, C)
+                         (models/glue_dual.py)
+    slices (MiniCPM-V):  pixel_values (N, V, 3, H, W) zero-padded views [source, slices] + image_sizes (N, V, 2)
+                         each view's (h, w) --tower at its own size, resampler--> (V, Q, C) concatenated
+                         (models/glue_slices.py)
     input_ids (B, T) with T_i placeholder ids per image --embed--> (B, T, C)
     the placeholder rows are replaced, in order, by the images' feature rows
     --> language model --> logits (B, T, V)
@@ -36,11 +42,14 @@ from vlmkit.image.schemes import hd as hd_scheme
 from vlmkit.image.schemes import tiles as tiles_scheme
 from vlmkit.image.schemes.anyres import anyres_plan, plan_anyres
 from vlmkit.image.schemes.pad import pad_token_count, plan_pad
+from vlmkit.models.glue_dual import dual_inputs, dual_plan, encode_dual
+from vlmkit.models.glue_slices import encode_slices, slices_inputs, slices_plan
 from vlmkit.models.layouts.anyres import pack_anyres
 from vlmkit.models.layouts.hd import hd_layout
 from vlmkit.models.layouts.tiles import downsample_2x2, tiles_layout
 from vlmkit.models.lm import CausalLM, CausalLMOutput, KVCache
 from vlmkit.models.projectors import build_projector, parse_projector_type
+from vlmkit.models.sam import SamEncoder
 from vlmkit.models.vit import VisionTower
 
 Media = Image.Image | Sequence[Image.Image]  # one image, or a video as its sampled frames
@@ -150,13 +159,14 @@ class SchemeGlue:
 
     plan:      (cfg, image, images in the prompt) -> ImagePlan
     inputs:    plans -> forward keyword tensors
-    encode:    (model, pixel_values, image_sizes) -> each image's (T_i, C) rows, in order
+    encode:    (model, pixel_values, image_sizes, **scheme inputs such as dual's pixel_values_high)
+               -> each image's (T_i, C) rows, in order
     vectors:   learned embeddings the layout inserts: parameter name -> its width given the config
     """
 
     plan: Callable[[VLMConfig, Image.Image, int], ImagePlan]
     inputs: Callable[[Sequence[ImagePlan]], dict[str, torch.Tensor]]
-    encode: Callable[[VLM, torch.Tensor, torch.Tensor | None], list[torch.Tensor]]
+    encode: Callable[..., list[torch.Tensor]]
     vectors: dict[str, Callable[[VLMConfig], int]]
 
 
@@ -170,6 +180,10 @@ class VLM(nn.Module):
         p = cfg.projector
         self.projector = build_projector(p.type, p.in_dim, p.out_dim, p.bias)
         self.lm = CausalLM(cfg.lm)
+        if cfg.image_scheme == "dual":  # Vary-base's SAM branch and its projector (models/glue_dual.py)
+            q = cfg.projector_high
+            self.vision_high = SamEncoder(cfg.vision_high)
+            self.projector_high = build_projector(q.type, q.in_dim, q.out_dim, q.bias)
         for name, width_of in SCHEMES[cfg.image_scheme].vectors.items():  # e.g. LLaVA-NeXT's image_newline
             width = width_of(cfg)
             self.register_parameter(name, nn.Parameter(torch.randn(width) / math.sqrt(width)))  # (width,)
@@ -189,9 +203,11 @@ class VLM(nn.Module):
         """(V, 3, S, S) views -> (V, P, Dv) tower features, in the projector's dtype."""
         return self.vision.features(views.to(next(self.projector.parameters()).dtype))  # (V, P, Dv)
 
-    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Every image's token sequence (T_i, C), in order; see the module docstring for the input shapes."""
-        return SCHEMES[self.cfg.image_scheme].encode(self, pixel_values, image_sizes)
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None,
+                      **scheme_inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Every image's token sequence (T_i, C), in order; see the module docstring for the input shapes.
+        scheme_inputs are a scheme's own tensors (dual: pixel_values_high)."""
+        return SCHEMES[self.cfg.image_scheme].encode(self, pixel_values, image_sizes, **scheme_inputs)
 
     def anyres_plans(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[ImagePlan]:
         """Rebuild each image's anyres plan from transformers-style inputs: pixel_values (N, V, 3, S, S)
@@ -285,6 +301,7 @@ class VLM(nn.Module):
         logits_to_keep: int = 0,
         inputs_embeds: torch.Tensor | None = None,
         loss_only: bool = False,
+        pixel_values_high: torch.Tensor | None = None,  # dual: (N, 3, S_high, S_high) SAM views
     ) -> CausalLMOutput:
         if inputs_embeds is None:
             if input_ids is None:
@@ -293,8 +310,12 @@ class VLM(nn.Module):
         if pixel_values is not None:
             if input_ids is None:
                 raise ValueError("pixel_values need input_ids to show where the image placeholders are")
+            scheme_inputs = {} if pixel_values_high is None else {"pixel_values_high": pixel_values_high}
+            if scheme_inputs and self.cfg.image_scheme != "dual":
+                raise ValueError(f"pixel_values_high is only used by image_scheme='dual', not "
+                                 f"{self.cfg.image_scheme!r}; drop it")
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds,
-                                                      self.encode_images(pixel_values, image_sizes))
+                                                      self.encode_images(pixel_values, image_sizes, **scheme_inputs))
         elif input_ids is not None and (cache is None or cache.length == 0):
             placeholders = int((input_ids == self.image_token_id).sum())
             if placeholders:
@@ -355,6 +376,9 @@ SCHEMES: dict[str, SchemeGlue] = {
     # DeepSeek-VL2's image_newline and view_seperator live at the LM width.
     "tiles": SchemeGlue(_plan_tiles, _inputs_canvas, _encode_tiles, {"image_newline": _lm_width,
                                                                      "view_separator": _lm_width}),
+    "dual": SchemeGlue(dual_plan, dual_inputs, encode_dual, {}),
+    # MiniCPM-V: wrappers and row breaks are prompt text, every view gives the resampler's queries.
+    "slices": SchemeGlue(slices_plan, slices_inputs, encode_slices, {}),
 }
 
 # Tokens of an image with a rows x cols local grid, the formulas of image/schemes/{hd,tiles}.py.

@@ -90,8 +90,8 @@ def default_model_type(model: nn.Module) -> str:
     from vlmkit.models.vlm import VLM
 
     if isinstance(model, VLM):
-        if model.cfg.projector.type != "mlp2x_gelu":
-            return "vlmkit"
+        if model.cfg.projector.type != "mlp2x_gelu" or model.cfg.image_scheme not in ("pad", "anyres"):
+            return "vlmkit"  # only llava / llava_next express the rest: vlmkit's own format (weights/native.py)
         return "llava_next" if model.cfg.image_scheme == "anyres" else "llava"
     if isinstance(model, CausalLM):
         from vlmkit.weights.llama import natural_model_type

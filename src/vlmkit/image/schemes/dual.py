@@ -65,19 +65,31 @@ def sam_view(image: Image.Image, size: int = SAM_SIZE, mean: tuple[float, ...] =
     return normalize(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), mean, std)
 
 
-def dual_num_tokens(sam_size: int = SAM_SIZE, sam_convs: bool = True) -> int:
-    """Positions per image: (sam_size / 16)**2 from SAM, / 4 per stride-2 conv (two of them)."""
-    side = sam_size // 16
+def dual_num_tokens(sam_size: int = SAM_SIZE, sam_convs: bool = True, sam_patch: int = 16) -> int:
+    """Positions per image: the SAM grid sam_size / sam_patch, each 3x3 stride-2 pad-1 conv (two of them)
+    taking a side n to ceil(n / 2); squared.
+
+    >>> dual_num_tokens(256)   # a tiny SAM: 16 x 16 patches -> 8 -> 4
+    16
+    """
+    side = sam_size // sam_patch
     if sam_convs:
-        side //= 4
+        for _ in range(2):
+            side = (side + 1) // 2
     return side * side
 
 
-def plan_dual(image: Image.Image, clip_size: int = CLIP_SIZE, sam_size: int = SAM_SIZE) -> ImagePlan:
-    """Vary plan: CLIP view in pixel_values (1, 3, 224, 224), SAM view in extra["pixel_values_high"]."""
+def plan_dual(image: Image.Image, clip_size: int = CLIP_SIZE, sam_size: int = SAM_SIZE,
+              clip_patch: int = 14, sam_patch: int = 16) -> ImagePlan:
+    """Vary plan: CLIP view in pixel_values (1, 3, 224, 224), SAM view in extra["pixel_values_high"].
+    The sizes and patch sizes are the two towers' (tiny test models use e.g. 32 / 8 and 256 / 16).
+
+    >>> plan_dual(Image.new("RGB", (40, 30)), clip_size=32, sam_size=256, clip_patch=8).num_tokens
+    16
+    """
     _check(image)
-    tokens = dual_num_tokens(sam_size)
-    clip_tokens = (clip_size // 14) ** 2
+    tokens = dual_num_tokens(sam_size, sam_patch=sam_patch)
+    clip_tokens = (clip_size // clip_patch) ** 2
     if clip_tokens != tokens:
         raise ValueError(f"CLIP at {clip_size} gives {clip_tokens} tokens but SAM at {sam_size} gives {tokens}; "
                          "Vary concatenates them along channels, so both must match (224 and 1024)")

@@ -33,7 +33,7 @@ Of these, only the q * views query positions receive image features: they are th
 `parts` (num_tokens, 448 for 1344x896); the wrappers and row breaks are text tokens the prompt
 builder writes around them, the plan's `text_parts` (context_tokens = 463).
 pixel_values holds the views zero-padded to the largest one: (views, 3, H_max, W_max), with each
-view's (width, height) in extra["view_sizes"] and its patch grid (h/14, w/14) in extra["tgt_sizes"].
+view's (width, height) in extra["view_sizes"] and its patch grid (h/P, w/P) in extra["tgt_sizes"].
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def plan_size_tokens(width: int, height: int, max_slices: int = 9, query_num: in
 
 def plan_slices(image: Image.Image, max_slices: int = 9, query_num: int = 64, row_breaks: bool = True,
                 scale_resolution: int = SCALE_RESOLUTION, size_multiple: int = PATCH,
-                mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> ImagePlan:
+                mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD, patch_size: int = PATCH) -> ImagePlan:
     """MiniCPM-V plan: views [source, slices row-major], zero-padded into one tensor.
 
     >>> plan = plan_slices(Image.new("RGB", (1344, 896)))
@@ -167,4 +167,4 @@ def plan_slices(image: Image.Image, max_slices: int = 9, query_num: int = 64, ro
     return ImagePlan(scheme="slices", pixel_values=pixel_values, original_size=image.size, resized_size=resized,
                      grid=(rows, cols), parts=parts, text_parts=text,
                      extra={"view_sizes": [v.size for v in views],
-                            "tgt_sizes": [(v.height // PATCH, v.width // PATCH) for v in views]})
+                            "tgt_sizes": [(v.height // patch_size, v.width // patch_size) for v in views]})
