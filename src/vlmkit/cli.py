@@ -23,8 +23,7 @@ from vlmkit.image.overlay import draw_plan
 from vlmkit.image.plan import ImagePlan
 from vlmkit.image.schemes import SCHEMES, get_scheme
 from vlmkit.load import SPECIAL_SPECS, load_model
-from vlmkit.models.vlm import VLM, image_token_count
-from vlmkit.presets import PRESETS, get_preset
+from vlmkit.presets import PRESETS, SUMMARY_SIZES, summarize
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -84,28 +83,25 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _add_presets(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("presets", help="list the model presets", description="List the model presets.")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    sizes = ", ".join(f"{w}x{h}" for w, h in SUMMARY_SIZES)
+    p = sub.add_parser("presets", help="list the model presets",
+                       description="List the model presets: parts, parameter count (counted on the meta device) "
+                                   f"and the image tokens of a {sizes} (width x height) image under each model's "
+                                   "own image plan.")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per preset")
     p.set_defaults(run=_run_presets)
 
 
 def _run_presets(args: argparse.Namespace) -> int:
-    rows = []
-    for name in sorted(PRESETS):
-        cfg = get_preset(name)
-        with torch.device("meta"):  # count parameters without allocating them
-            params = sum(p.numel() for p in VLM(cfg).parameters())
-        rows.append({"name": name, "vision": f"ViT {cfg.vision.image_size}px/{cfg.vision.patch_size} "
-                                               f"x{cfg.vision.num_layers} w{cfg.vision.hidden_size}",
-                     "projector": cfg.projector.type,
-                     "lm": f"x{cfg.lm.num_layers} w{cfg.lm.hidden_size} vocab {cfg.lm.vocab_size}",
-                     "parameters": params, "image_tokens": image_token_count(cfg)})
+    rows = [summarize(name) for name in PRESETS]
     if args.json:
         print(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            print(f"{r['name']:<14} {r['parameters'] / 1e6:>9.2f}M  {r['vision']:<24} {r['projector']:<12} "
-                  f"{r['lm']:<28} {r['image_tokens']} tokens/image")
+        return 0
+    for r in rows:
+        tokens = "  ".join(f"{size}: {n}" for size, n in r["tokens"].items())
+        print(f"{r['name']:<19} {r['parameters'] / 1e6:>10.2f}M  {r['scheme']:<7} {r['projector']:<28} "
+              f"{r['lm']:<26} tokens {tokens}")
+        print(f"{'':<19} {r['vision']}")
     return 0
 
 

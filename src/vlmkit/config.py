@@ -46,9 +46,13 @@ class Serializable:
         return cls(**data)
 
 
+_MOE_FIELDS = ("num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+               "shared_expert_intermediate_size", "shared_expert_gate", "dense_layers")
+
+
 @dataclass
 class LMConfig(Serializable):
-    """A Llama-family decoder: Llama, Mistral, Qwen2, Phi-3, SmolLM2."""
+    """A Llama-family decoder: Llama, Mistral, Qwen2, Phi-3, SmolLM2; with experts, Qwen2-MoE."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -73,6 +77,15 @@ class LMConfig(Serializable):
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # Mixture of experts (models/moe.py); num_experts 0 = a dense MLP in every layer and the
+    # other MoE fields keep their defaults. Qwen2-MoE: 60 experts, top-4, one gated shared expert.
+    num_experts: int = 0  # routed SwiGLU experts per MoE layer
+    num_experts_per_tok: int = 0  # top-k: routed experts each token goes through
+    moe_intermediate_size: int = 0  # hidden width of one routed expert
+    norm_topk_prob: bool = False  # rescale each token's top-k softmax weights to sum to 1
+    shared_expert_intermediate_size: int = 0  # width of the always-on shared expert(s); 0 = none
+    shared_expert_gate: bool = False  # Qwen2-MoE: scale the shared expert by sigmoid(w . x)
+    dense_layers: tuple[int, ...] = ()  # layers that keep the dense MLP (intermediate_size) in an MoE model
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -99,6 +112,33 @@ class LMConfig(Serializable):
             require(kind in ROPE_TYPES, f"rope_scaling type {kind!r} unknown; valid: {ROPE_TYPES}")
         require(self.sliding_window is None or self.sliding_window > 0,
                  f"sliding_window must be positive or None, got {self.sliding_window}")
+        self.dense_layers = tuple(self.dense_layers)
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.num_experts == 0:
+            moe_set = [f.name for f in dataclasses.fields(self)
+                       if f.name in _MOE_FIELDS and getattr(self, f.name) != f.default]
+            require(not moe_set, f"LMConfig fields {moe_set} only apply to a mixture of experts; "
+                                 "set num_experts > 0 or remove them")
+            return
+        require(self.num_experts > 0, f"LMConfig.num_experts must be >= 0, got {self.num_experts}")
+        require(1 <= self.num_experts_per_tok <= self.num_experts,
+                 f"num_experts_per_tok must be in 1..num_experts ({self.num_experts}), "
+                 f"got {self.num_experts_per_tok}")
+        require(self.moe_intermediate_size > 0,
+                 f"moe_intermediate_size must be positive with experts, got {self.moe_intermediate_size}")
+        require(self.shared_expert_intermediate_size >= 0,
+                 f"shared_expert_intermediate_size must be >= 0, got {self.shared_expert_intermediate_size}")
+        require(not self.shared_expert_gate or self.shared_expert_intermediate_size > 0,
+                 "shared_expert_gate needs a shared expert: set shared_expert_intermediate_size > 0")
+        require(not self.mlp_bias, "mixture-of-experts MLPs have no bias; set mlp_bias=False")
+        bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
+        require(not bad, f"dense_layers {bad} are out of range for {self.num_layers} layers")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer `layer` uses the mixture-of-experts block instead of the dense MLP."""
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     @property
     def rotary_dim(self) -> int:

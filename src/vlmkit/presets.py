@@ -1,26 +1,159 @@
-"""Named model configurations. A preset is data: a function returning a VLMConfig.
+"""Named model configurations. A preset is data: a function returning a config, nothing more.
 
-    >>> get_preset("llava-1.5-7b").vision.num_patches
+Each reference architecture has a preset at its published size and a `-small` twin for CPU runs
+and tests: the same scheme, image geometry, projector type and parts, with tiny widths, two
+layers and a 512-token vocabulary (`shrink`). Qwen2-VL is its own model class, so its presets
+return a Qwen2VLConfig; every other preset returns a VLMConfig.
+
+    >>> get_preset("llava-1.5").vision.num_patches
     576
-    >>> sorted(PRESETS)[:2]
-    ['bench-tiny', 'llava-1.5-7b']
+    >>> get_preset("phi-3.5-v-small").image_scheme
+    'hd'
+    >>> summarize("llava-1.5")["tokens"]["336x336"]
+    576
+
+`build_model` turns any preset into its module (on the meta device to count parameters without
+memory), `plan_tokens` counts an image's tokens through the model's own plan function, and
+`summarize` gives the row `vlmkit presets` prints.
+
+Not here: Vary-tiny (the SAM branch alone with an OPT-125M decoder): a VLMConfig always has a
+CLIP-style `vision` tower, and `dual` needs both branches, so a SAM-only model is not expressible.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from collections.abc import Callable
+from typing import Any
 
-from vlmkit.config import LMConfig, ProjectorConfig, VisionConfig, VLMConfig
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from vlmkit.config import LMConfig, ProjectorConfig, SamConfig, VisionConfig, VLMConfig
+from vlmkit.image.schemes.anyres import LLAVA_V16_PINPOINTS
+from vlmkit.image.schemes.dynamic import plan_dynamic
+from vlmkit.models.projectors import parse_projector_type
+from vlmkit.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
+from vlmkit.models.vlm import VLM, plan_image
+
+Preset = VLMConfig | Qwen2VLConfig
+
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+SUMMARY_SIZES = ((336, 336), (1344, 672))  # (width, height) of the images `vlmkit presets` counts tokens for
 
 
-def llava_15_7b() -> VLMConfig:
+# ---- parts shared by several presets ------------------------------------------------------------------
+
+def clip_vit_l(image_size: int = 336) -> VisionConfig:
+    """OpenAI CLIP ViT-L/14 at image_size, penultimate layer, CLS dropped (LLaVA's feature choice)."""
+    return VisionConfig(image_size=image_size, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                        num_layers=24, num_heads=16, select_layer=-2, select_feature="patch")
+
+
+def siglip_so400m(image_size: int, select_layer: int = -1) -> VisionConfig:
+    """SigLIP so400m/14: 1152 wide, 27 layers, no CLS, no pre-layernorm, biased patch conv."""
+    return VisionConfig(image_size=image_size, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                        num_layers=27, num_heads=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+                        use_cls_token=False, pre_layernorm=False, patch_bias=True, select_layer=select_layer,
+                        select_feature="patch", image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
+
+
+def vicuna_7b() -> LMConfig:
+    """Vicuna-7B v1.5 as LLaVA's HF checkpoints carry it (vocabulary padded to 32064)."""
+    return LMConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                    rms_norm_eps=1e-5, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def qwen_7b() -> LMConfig:
+    """Qwen-7B (the first Qwen): 4096 wide, 32 layers, MLP 11008 per branch, biased qkv, vocab 151936."""
+    return LMConfig(vocab_size=151936, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                    rms_norm_eps=1e-6, max_position_embeddings=8192, qkv_bias=True, eos_token_id=151643)
+
+
+QWEN_IMGPAD = 151859  # Qwen-VL's and Vary's <imgpad>, after <img> 151857 and </img> 151858
+
+
+# ---- published sizes -----------------------------------------------------------------------------------
+
+def llava_15() -> VLMConfig:
     """LLaVA-1.5-7B (seed 004): CLIP ViT-L/14-336, layer -2 without CLS (576 tokens), mlp2x_gelu, Vicuna-7B."""
-    vision = VisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                          num_layers=24, num_heads=16, select_layer=-2, select_feature="patch")
-    lm = LMConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-                  rms_norm_eps=1e-5, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return VLMConfig(vision=vision, projector=ProjectorConfig("mlp2x_gelu", 1024, 4096), lm=lm,
+    return VLMConfig(vision=clip_vit_l(336), projector=ProjectorConfig("mlp2x_gelu", 1024, 4096), lm=vicuna_7b(),
                      image_token_id=32000)
+
+
+def llava_next() -> VLMConfig:
+    """LLaVA-NeXT (v1.6) Vicuna-7B: LLaVA-1.5's parts under anyres with v1.6's five 336-px pinpoints."""
+    return dataclasses.replace(llava_15(), image_scheme="anyres", grid_pinpoints=LLAVA_V16_PINPOINTS)
+
+
+def phi_35_v() -> VLMConfig:
+    """Phi-3.5-vision (seed 000): CLIP ViT-L/14-336, HD-16, 2x2 merge then Linear 4096 -> 3072, GELU,
+    Linear 3072 -> 3072, Phi-3-mini (3072 wide, 32 layers, 32 heads, vocab 32064).
+
+    The LM uses plain RoPE over 4096 positions: the released model's longrope factors (128k context)
+    come from a checkpoint's config. image_token_id 32044 is vLLM's `<|image|>` id; the reference
+    processor writes negative ids instead."""
+    lm = LMConfig(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_layers=32, num_heads=32,
+                  rms_norm_eps=1e-5, max_position_embeddings=4096, bos_token_id=1, eos_token_id=32007,
+                  pad_token_id=32000)
+    return VLMConfig(vision=clip_vit_l(336), projector=ProjectorConfig("merge2x2_mlp2x_gelu", 4096, 3072), lm=lm,
+                     image_token_id=32044, image_scheme="hd", max_crops=16)
+
+
+def vary_base() -> VLMConfig:
+    """Vary-base (seed 001): CLIP-L/14 at 224 (256 tokens) beside SAM ViTDet-B at 1024 with Vary's two
+    stride-2 convs (256 tokens of 1024), each through its own Linear, concatenated along channels into
+    Qwen-7B. The linears are 1024 -> 2048 (the paper's text) so the halves fill Qwen-7B's 4096; the code
+    the seed prints uses 1024 -> 1024 with a 2048-wide LM."""
+    return VLMConfig(vision=clip_vit_l(224), projector=ProjectorConfig("linear", 1024, 2048), lm=qwen_7b(),
+                     image_token_id=QWEN_IMGPAD, image_scheme="dual", vision_high=SamConfig(downsample="vary"),
+                     projector_high=ProjectorConfig("linear", 1024, 2048))
+
+
+def qwen_vl() -> VLMConfig:
+    """Qwen-VL (seed 003): ViT-bigG/14 at 448 (1664 wide, 48 layers, MLP 8192, no CLS, last layer),
+    one cross-attention resampler of 256 queries (qwen_resampler256q, with its ln_post and proj), Qwen-7B."""
+    vision = VisionConfig(image_size=448, patch_size=14, hidden_size=1664, intermediate_size=8192, num_layers=48,
+                          num_heads=16, layer_norm_eps=1e-6, hidden_act="gelu", use_cls_token=False,
+                          post_layernorm=False, select_layer=-1, select_feature="patch")
+    return VLMConfig(vision=vision, projector=ProjectorConfig("qwen_resampler256q", 1664, 4096), lm=qwen_7b(),
+                     image_token_id=QWEN_IMGPAD)
+
+
+def qwen2_vl() -> Qwen2VLConfig:
+    """Qwen2-VL-7B: 675M-parameter ViT (32 layers, 1280 wide, 2-D RoPE, 2x2 merger to 3584) and Qwen2-7B with M-RoPE."""
+    return Qwen2VLConfig()
+
+
+def deepseek_vl2() -> VLMConfig:
+    """DeepSeek-VL2 (seed 003): SigLIP-so400m/14 at 384 (the conv reads 378 px: 27x27 = 729 patches),
+    tiles of up to 9, 2x2 downsample then a two-layer MLP 4608 -> 2560.
+
+    The language model is NOT DeepSeek-VL2's: its MoE (72 routed + 2 shared experts, top-6) with MLA
+    attention is not implemented. This is a dense Llama-style decoder of the published depth (30),
+    width (2560), heads (32) and vocabulary (129280), its FFN width 12288 a stand-in for the experts,
+    so the parameter count is not the published 27.5B total / 4.5B activated."""
+    lm = LMConfig(vocab_size=129280, hidden_size=2560, intermediate_size=12288, num_layers=30, num_heads=32,
+                  max_position_embeddings=4096, bos_token_id=0, eos_token_id=1)
+    return VLMConfig(vision=siglip_so400m(378), projector=ProjectorConfig("merge2x2_mlp2x_gelu", 4608, 2560),
+                     lm=lm, image_token_id=128815, image_scheme="tiles", max_crops=9)
+
+
+def minicpm_v() -> VLMConfig:
+    """MiniCPM-V 2.6 (seed 002): SigLIP-400m slicing at 448 px (up to 9 slices), 64 query tokens per view,
+    Qwen2-7B.
+
+    Two gaps: the projector is `perceiver64q`, a BERT-base Q-Former, because MiniCPM-V's own resampler
+    (one Qwen-VL-style cross-attention at the LM width with 2-D sin-cos positions for any grid) is not
+    implemented: vlmkit's qwen_resampler takes square grids only. And the tower's position table is
+    32x32 (448 / 14), interpolated per view, where the release keeps 70x70. image_token_id 128244 is
+    the `<unk>` the prompt repeats, as the 2.6 tokenizer numbers it."""
+    lm = LMConfig(vocab_size=151666, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                  num_kv_heads=4, rope_theta=1000000.0, max_position_embeddings=32768, qkv_bias=True)
+    return VLMConfig(vision=siglip_so400m(448), projector=ProjectorConfig("perceiver64q", 1152, 3584), lm=lm,
+                     image_token_id=128244, image_scheme="slices", max_crops=9)
 
 
 def tiny_random(vocab_size: int = 128, image_token_id: int | None = None) -> VLMConfig:
@@ -44,14 +177,130 @@ def bench_tiny() -> VLMConfig:
                      image_token_id=4095)
 
 
-PRESETS: dict[str, Callable[[], VLMConfig]] = {
-    "llava-1.5-7b": llava_15_7b,
+# ---- -small twins -------------------------------------------------------------------------------------
+
+SMALL_VOCAB = 512
+
+
+def _small_lm(lm: LMConfig) -> LMConfig:
+    """Two layers of width 64 (4 heads of 16), GQA kept if the original has it, biases and RoPE kept."""
+    kv = 2 if lm.num_kv_heads != lm.num_heads else 4
+    return dataclasses.replace(lm, vocab_size=SMALL_VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
+                               num_heads=4, num_kv_heads=kv, head_dim=None,
+                               bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def _small_projector(p: ProjectorConfig, in_dim: int, out_dim: int) -> ProjectorConfig:
+    """The same projector family at tiny widths; a BERT-base Q-Former becomes one 32-wide layer."""
+    spec = parse_projector_type(p.type)
+    kind = f"perceiver{spec.queries}q_1x32" if spec.family == "perceiver" else p.type
+    return dataclasses.replace(p, type=kind, in_dim=in_dim, out_dim=out_dim)
+
+
+def shrink(cfg: Preset) -> Preset:
+    """The `-small` twin of a preset: same scheme, image and patch sizes, projector family and parts;
+    vision towers 32 wide with 2 layers, LM 64 wide with 2 layers and a 512-token vocabulary, the image
+    placeholder its last id."""
+    if isinstance(cfg, Qwen2VLConfig):
+        lm = dataclasses.replace(_small_lm(cfg.lm), rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})
+        vision = dataclasses.replace(cfg.vision, depth=2, embed_dim=32, num_heads=2, out_hidden_size=64)
+        return Qwen2VLConfig(vision=vision, lm=lm, image_token_id=SMALL_VOCAB - 1, video_token_id=SMALL_VOCAB - 2,
+                             vision_start_token_id=SMALL_VOCAB - 4, vision_end_token_id=SMALL_VOCAB - 3)
+    vision = dataclasses.replace(cfg.vision, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
+    merge = parse_projector_type(cfg.projector.type).merge ** 2
+    lm = _small_lm(cfg.lm)
+    high = proj_high = None
+    width = lm.hidden_size
+    if cfg.vision_high is not None:
+        high = dataclasses.replace(cfg.vision_high, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                                   global_attn_indexes=(1,), output_channels=16, downsample_channels=(16, 32))
+        width = lm.hidden_size // 2
+        proj_high = _small_projector(cfg.projector_high, high.feature_dim, lm.hidden_size - width)
+    return dataclasses.replace(cfg, vision=vision, projector=_small_projector(cfg.projector, 32 * merge, width),
+                               lm=lm, image_token_id=SMALL_VOCAB - 1, vision_high=high, projector_high=proj_high)
+
+
+# ---- the registry --------------------------------------------------------------------------------------
+
+PUBLISHED: dict[str, Callable[[], Preset]] = {
+    "llava-1.5": llava_15,
+    "llava-next": llava_next,
+    "phi-3.5-v": phi_35_v,
+    "vary-base": vary_base,
+    "qwen-vl": qwen_vl,
+    "qwen2-vl": qwen2_vl,
+    "deepseek-vl2": deepseek_vl2,
+    "minicpm-v": minicpm_v,
+}
+
+
+def _small(full: Callable[[], Preset]) -> Callable[[], Preset]:
+    def small() -> Preset:
+        return shrink(full())
+    small.__doc__ = f"{full.__name__} at tiny widths (see shrink)."
+    return small
+
+
+# "deepseek-vl2-small" is the tiny twin of "deepseek-vl2", not the published DeepSeek-VL2-Small.
+PRESETS: dict[str, Callable[[], Preset]] = {
+    **PUBLISHED,
+    **{f"{name}-small": _small(fn) for name, fn in PUBLISHED.items()},
     "tiny-random": tiny_random,
     "bench-tiny": bench_tiny,
 }
 
 
-def get_preset(name: str) -> VLMConfig:
+def get_preset(name: str) -> Preset:
+    """The config of a named preset; ValueError listing the valid names if it is unknown."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]()
+
+
+# ---- what a preset builds and costs --------------------------------------------------------------------
+
+def build_model(cfg: Preset) -> nn.Module:
+    """The module of a preset's config: Qwen2VL for a Qwen2VLConfig, else VLM. Builds on the current
+    default device, so `with torch.device("meta"): build_model(cfg)` allocates nothing."""
+    return Qwen2VL(cfg) if isinstance(cfg, Qwen2VLConfig) else VLM(cfg)
+
+
+def count_parameters(cfg: Preset) -> int:
+    """Parameters of the preset's model, counted on the meta device (no memory, no initialisation)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(cfg).parameters())
+
+
+def plan_tokens(cfg: Preset, size: tuple[int, int]) -> int:
+    """Image placeholders a blank (width, height) image costs, from the model's own plan function:
+    vlm.plan_image (the config's image_scheme) or, for Qwen2-VL, plan_dynamic."""
+    image = Image.new("RGB", size)
+    plan = plan_dynamic(image) if isinstance(cfg, Qwen2VLConfig) else plan_image(cfg, image)
+    return plan.num_tokens
+
+
+def describe_parts(cfg: Preset) -> dict[str, str]:
+    """Short text for each part: vision tower(s), image scheme, projector(s), language model."""
+    if isinstance(cfg, Qwen2VLConfig):
+        v = cfg.vision
+        vision = f"Qwen2-VL ViT {v.patch_size}px patches x{v.depth} w{v.embed_dim}"
+        scheme, projector = "dynamic", f"merger{v.spatial_merge_size}x{v.spatial_merge_size}_mlp"
+    else:
+        v = cfg.vision
+        vision = f"ViT {v.image_size}px/{v.patch_size} x{v.num_layers} w{v.hidden_size}"
+        scheme, projector = cfg.image_scheme, cfg.projector.type
+        if cfg.vision_high is not None:
+            h = cfg.vision_high
+            vision += f" + SAM {h.image_size}px/{h.patch_size} x{h.num_layers} w{h.hidden_size} ({h.downsample})"
+            projector += f" + {cfg.projector_high.type}"
+    lm = cfg.lm
+    return {"vision": vision, "scheme": scheme, "projector": projector,
+            "lm": f"x{lm.num_layers} w{lm.hidden_size} vocab {lm.vocab_size}"}
+
+
+def summarize(name: str) -> dict[str, Any]:
+    """The `vlmkit presets` row of one preset: name, parts, parameters, and tokens per image size
+    ("WxH" keys for SUMMARY_SIZES)."""
+    cfg = get_preset(name)
+    return {"name": name, **describe_parts(cfg), "parameters": count_parameters(cfg),
+            "tokens": {f"{w}x{h}": plan_tokens(cfg, (w, h)) for w, h in SUMMARY_SIZES}}

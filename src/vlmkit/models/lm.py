@@ -8,9 +8,10 @@
 
 The architectures differ only in data (LMConfig): qkv bias (Qwen2), sliding
 window (Mistral), tied embeddings (SmolLM2), RoPE scaling (Phi-3 longrope,
-Llama-3 ...). Query/key/value and gate/up projections are stored fused
-(`qkv`, `gate_up`): one matmul instead of three or two, which is faster on a
-CPU; weights/ splits and joins them for each checkpoint format.
+Llama-3 ...), a mixture of experts in place of the MLP (Qwen2-MoE, models/moe.py).
+Query/key/value and gate/up projections are stored fused (`qkv`, `gate_up`):
+one matmul instead of three or two, which is faster on a CPU; weights/ splits
+and joins them for each checkpoint format.
 
 Run `python -m vlmkit.models.lm` for a shape check on a tiny random model.
 """
@@ -110,15 +111,19 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(act(gate(x)) * up(x)), gate and up fused into one matmul."""
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh")}
 
-    def __init__(self, cfg: LMConfig) -> None:
+
+class MLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x)), gate and up fused into one matmul.
+    intermediate_size defaults to cfg.intermediate_size (an MoE's shared expert passes its own)."""
+
+    def __init__(self, cfg: LMConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.act = {"silu": F.silu, "gelu": F.gelu,
-                    "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh")}[cfg.hidden_act]
+        inter = intermediate_size or cfg.intermediate_size
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * inter, bias=cfg.mlp_bias)
+        self.down = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -131,7 +136,12 @@ class DecoderLayer(nn.Module):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        if cfg.is_moe_layer(layer):
+            from vlmkit.models.moe import MoE  # here, not at the top: moe.py builds on this file's MLP
+
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
