@@ -250,3 +250,24 @@ def test_save_refuses_what_qwen2_moe_cannot_express():
     cfg = dataclasses.replace(tiny_cfg(), shared_expert_intermediate_size=0)
     with pytest.raises(ValueError, match="sigmoid-gated shared expert"):
         QWEN2_MOE.config_to_hf(cfg)
+
+
+def test_moe_directories_go_through_the_common_loader(tmp_path):
+    from vlmkit.models import from_pretrained, save_pretrained
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2MoeConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64, num_experts=4,
+                                      num_experts_per_tok=2, moe_intermediate_size=16,
+                                      shared_expert_intermediate_size=24)
+    hf = transformers.Qwen2MoeForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = from_pretrained(tmp_path / "hf")
+    assert ours.cfg.num_experts == 4
+    save_pretrained(ours, tmp_path / "ours")
+    back = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    ids = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        assert (ours(ids).logits - expected).abs().max().item() <= 1e-4
+        assert torch.equal(back(ids).logits, expected)

@@ -13,13 +13,14 @@ from vlmkit.weights.safetensors_io import read_config, read_state_dict, write_di
 
 def converters() -> dict[str, Converter]:
     """model_type -> Converter for every transformers model type vlmkit reads and writes."""
-    from vlmkit.weights import llama, llava, llava_next, native, qwen2_vl, sam, vision
+    from vlmkit.weights import llama, llava, llava_next, native, qwen2_moe, qwen2_vl, sam, vision
 
     return {
         "llama": llama.LLAMA,
         "mistral": llama.MISTRAL,
         "qwen2": llama.QWEN2,
         "phi3": llama.PHI3,
+        "qwen2_moe": qwen2_moe.QWEN2_MOE,
         "clip_vision_model": vision.CLIP_VISION,
         "siglip_vision_model": vision.SIGLIP_VISION,
         "llava": llava.LLAVA,
@@ -96,6 +97,8 @@ def default_model_type(model: nn.Module) -> str:
     if isinstance(model, CausalLM):
         from vlmkit.weights.llama import natural_model_type
 
+        if model.cfg.num_experts:
+            return "qwen2_moe"
         return natural_model_type(model.cfg)
     if isinstance(model, Qwen2VL):
         return "qwen2_vl"

@@ -144,6 +144,8 @@ def lm_config_from_hf(hf: dict[str, Any]) -> LMConfig:
 def _check_representable(cfg: LMConfig, model_type: str) -> None:
     """Refuse to save a config the target transformers class cannot express, naming one that can."""
     problems = []
+    if cfg.num_experts:
+        problems.append(f"{model_type} is dense; a mixture-of-experts LM saves as qwen2_moe")
     if model_type == "llama":
         if cfg.qkv_bias != cfg.o_bias:
             problems.append("llama biases q, k, v and o together (attention_bias); use qwen2 for q/k/v bias only")
@@ -222,7 +224,7 @@ def _params(bias: bool) -> list[str]:
     return ["weight", "bias"] if bias else ["weight"]
 
 
-class _Reader:
+class StateReader:
     """Pops named tensors from a checkpoint, so that leftovers can be reported as unexpected."""
 
     def __init__(self, state: StateDict) -> None:
@@ -254,7 +256,7 @@ def lm_state_from_hf(state: StateDict, cfg: LMConfig, prefix: str = "model.", he
     Every tensor in `state` must be used (legacy rotary_emb.inv_freq buffers
     excepted), so pass only the language model's tensors.
     """
-    src = _Reader(state)
+    src = StateReader(state)
     nh, nkv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
     out: StateDict = {"embed.weight": src.take(f"{prefix}embed_tokens.weight", cfg.vocab_size)}
     for i in range(cfg.num_layers):

@@ -28,7 +28,7 @@ import torch
 from vlmkit.config import LMConfig
 from vlmkit.models.lm import CausalLM
 from vlmkit.weights.converter import Converter, StateDict
-from vlmkit.weights.llama import _Reader, lm_config_from_hf, lm_config_to_hf
+from vlmkit.weights.llama import StateReader, lm_config_from_hf, lm_config_to_hf
 
 MODEL_TYPE = "qwen2_moe"
 ARCHITECTURE = "Qwen2MoeForCausalLM"
@@ -95,12 +95,12 @@ def config_to_hf(cfg: LMConfig) -> dict[str, Any]:
     return hf
 
 
-def _gate_up(src: _Reader, prefix: str, inter: int) -> torch.Tensor:
+def _gate_up(src: StateReader, prefix: str, inter: int) -> torch.Tensor:
     """[gate; up] (2 inter, C) from {prefix}gate_proj.weight and {prefix}up_proj.weight."""
     return torch.cat([src.take(f"{prefix}gate_proj.weight", inter), src.take(f"{prefix}up_proj.weight", inter)])
 
 
-def _experts_from_hf(src: _Reader, hf: str, cfg: LMConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _experts_from_hf(src: StateReader, hf: str, cfg: LMConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Stacked (E, 2I, C) gate|up and (E, C, I) down weights, from the fused or the per-expert layout."""
     E, inter = cfg.num_experts, cfg.moe_intermediate_size
     if src.has(f"{hf}mlp.experts.gate_up_proj"):
@@ -113,7 +113,7 @@ def _experts_from_hf(src: _Reader, hf: str, cfg: LMConfig) -> tuple[torch.Tensor
 
 def state_from_hf(state: StateDict, cfg: LMConfig) -> StateDict:
     """transformers qwen2_moe tensors -> the complete vlmkit CausalLM state dict; every tensor must be used."""
-    src = _Reader(state)
+    src = StateReader(state)
     nh, nkv, C = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size
     out: StateDict = {"embed.weight": src.take("model.embed_tokens.weight", cfg.vocab_size)}
     for i in range(cfg.num_layers):
