@@ -16,9 +16,10 @@ from the prefill's largest position: the cache keeps each row's `rope_deltas` (l
 position + 1 - number of real tokens) and a new token's position is its count of real
 tokens before it plus that delta, as transformers' rope_deltas does.
 
-The reference is transformers' models/qwen2_vl/modeling_qwen2_vl.py (Qwen2-VL only; Qwen2.5-VL's
-windowed attention and RMSNorm vision blocks are not here). Run `python -m vlmkit.models.qwen2_vl`
-for a shape check on a tiny random model.
+The reference is transformers' models/qwen2_vl/modeling_qwen2_vl.py. Qwen2.5-VL
+(models/qwen2_5_vl.py) reuses this file's attention, rotary, merger, positions and top-level
+model with its own tower. Run `python -m vlmkit.models.qwen2_vl` for a shape check on a tiny
+random model.
 """
 
 from __future__ import annotations
@@ -122,6 +123,19 @@ def _grid_list(grid_thw: torch.Tensor | list) -> list[tuple[int, int, int]]:
     return [(int(t), int(h), int(w)) for t, h, w in rows]
 
 
+def checked_grid(pixel_values: torch.Tensor, grid_thw: torch.Tensor | list, patch_dim: int,
+                 merge: int) -> list[tuple[int, int, int]]:
+    """image_grid_thw as (t, h, w) ints, after checking it against pixel_values (N, patch_dim)."""
+    grid = _grid_list(grid_thw)
+    expected = sum(t * h * w for t, h, w in grid)
+    if pixel_values.dim() != 2 or pixel_values.shape != (expected, patch_dim):
+        raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; image_grid_thw {grid} needs "
+                         f"({expected}, {patch_dim}): pass the rows plan_dynamic builds, concatenated")
+    if any(h % merge or w % merge for _, h, w in grid):
+        raise ValueError(f"image_grid_thw {grid}: h and w must be multiples of spatial_merge_size {merge}")
+    return grid
+
+
 def patch_positions(grid_thw: list[tuple[int, int, int]], merge: int) -> torch.Tensor:
     """(N, 2) (row, col) of every patch row, in the order patchify writes them: each `merge x merge`
     group is consecutive, groups in raster order, repeated for every temporal slice.
@@ -136,6 +150,23 @@ def patch_positions(grid_thw: list[tuple[int, int, int]], merge: int) -> torch.T
         hw = torch.stack([rows.transpose(1, 2).flatten(), cols.transpose(1, 2).flatten()], dim=-1)  # (h*w, 2)
         out.append(hw.repeat(t, 1))  # (t*h*w, 2)
     return torch.cat(out)
+
+
+def vision_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """(hd/4,) fp32 inverse frequencies of the ViT's 2-D RoPE, shared by the row and the column axis."""
+    quarter = torch.arange(0, head_dim // 2, 2, dtype=torch.int64).float() / (head_dim // 2)
+    return 1.0 / theta**quarter
+
+
+def vision_rotary(grid: list[tuple[int, int, int]], merge: int, inv_freq: torch.Tensor,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin (N, 1, 1, hd) of the 2-D RoPE, rows in patchify order: the first hd/4
+    frequencies turn with the patch row, the next hd/4 with the column, and the pair (i, i + hd/2)
+    rotates together."""
+    pos = patch_positions(grid, merge).to(device)  # (N, 2)
+    freqs = (pos[..., None].float() * inv_freq.to(device)).flatten(1)  # (N, hd/2): rows then cols
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, None]  # (N, 1, 1, hd): broadcast over q/k and heads
+    return emb.cos(), signed_sin(emb.sin())
 
 
 class VisionAttention(nn.Module):
@@ -172,12 +203,13 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """LayerNorm each patch, concatenate the merge x merge consecutive rows of a group, then an MLP."""
+    """LayerNorm each patch (or the `norm` given), concatenate the merge x merge consecutive rows of a
+    group, then an MLP."""
 
-    def __init__(self, cfg: Qwen2VLVisionConfig) -> None:
+    def __init__(self, cfg: Qwen2VLVisionConfig, norm: nn.Module | None = None) -> None:
         super().__init__()
         self.group_dim = cfg.embed_dim * cfg.spatial_merge_size**2
-        self.norm = nn.LayerNorm(cfg.embed_dim, eps=VISION_LAYER_NORM_EPS)
+        self.norm = norm if norm is not None else nn.LayerNorm(cfg.embed_dim, eps=VISION_LAYER_NORM_EPS)
         self.fc1 = nn.Linear(self.group_dim, self.group_dim)
         self.fc2 = nn.Linear(self.group_dim, cfg.out_hidden_size)
 
@@ -196,26 +228,14 @@ class Qwen2VisionTower(nn.Module):
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.embed_dim, bias=False)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
-        quarter = torch.arange(0, cfg.head_dim // 2, 2, dtype=torch.int64).float() / (cfg.head_dim // 2)
-        self.inv_freq = 1.0 / cfg.rope_theta**quarter  # (hd/4,) fp32, a plain attribute like RotaryEmbedding's
+        self.inv_freq = vision_inv_freq(cfg.head_dim, cfg.rope_theta)  # (hd/4,) fp32, a plain attribute
 
     def rotary(self, grid: list[tuple[int, int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin (N, 1, 1, hd) of the 2-D RoPE: the first hd/4 frequencies turn with the
-        patch row, the next hd/4 with the column, and the pair (i, i + hd/2) rotates together."""
-        pos = patch_positions(grid, self.cfg.spatial_merge_size).to(device)  # (N, 2)
-        freqs = (pos[..., None].float() * self.inv_freq.to(device)).flatten(1)  # (N, hd/2): rows then cols
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, None]  # (N, 1, 1, hd): broadcast over q/k and heads
-        return emb.cos(), signed_sin(emb.sin())
+        """cos and signed sin (N, 1, 1, hd) of the 2-D RoPE (see `vision_rotary`)."""
+        return vision_rotary(grid, self.cfg.spatial_merge_size, self.inv_freq, device)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | list) -> torch.Tensor:
-        grid = _grid_list(grid_thw)
-        merge = self.cfg.spatial_merge_size
-        expected = sum(t * h * w for t, h, w in grid)
-        if pixel_values.dim() != 2 or pixel_values.shape != (expected, self.cfg.patch_dim):
-            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; image_grid_thw {grid} needs "
-                             f"({expected}, {self.cfg.patch_dim}): pass the rows plan_dynamic builds, concatenated")
-        if any(h % merge or w % merge for _, h, w in grid):
-            raise ValueError(f"image_grid_thw {grid}: h and w must be multiples of spatial_merge_size {merge}")
+        grid = checked_grid(pixel_values, grid_thw, self.cfg.patch_dim, self.cfg.spatial_merge_size)
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # (N, E)
         cos, sin = self.rotary(grid, x.device)  # (N, 1, 1, hd) each
         lengths = [h * w for t, h, w in grid for _ in range(t)]  # one attention segment per frame
@@ -293,10 +313,11 @@ class MRopeCache(KVCache):
 class Qwen2VL(nn.Module):
     """Qwen2-VL for generation and training: forward(input_ids, pixel_values, image_grid_thw, ...) -> logits."""
 
-    def __init__(self, cfg: Qwen2VLConfig) -> None:
+    def __init__(self, cfg: Qwen2VLConfig, vision: nn.Module | None = None) -> None:
+        """vision: the tower mapping (pixel_values, image_grid_thw) to merged features; None = Qwen2-VL's."""
         super().__init__()
         self.cfg = cfg
-        self.vision = Qwen2VisionTower(cfg.vision)
+        self.vision = vision if vision is not None else Qwen2VisionTower(cfg.vision)
         self.lm = CausalLM(cfg.lm)
 
     def new_cache(self, batch_size: int, max_len: int) -> MRopeCache:

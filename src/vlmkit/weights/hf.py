@@ -13,7 +13,8 @@ from vlmkit.weights.safetensors_io import read_config, read_state_dict, write_di
 
 def converters() -> dict[str, Converter]:
     """model_type -> Converter for every transformers model type vlmkit reads and writes."""
-    from vlmkit.weights import llama, llava, llava_next, native, qwen2_moe, qwen2_vl, sam, vision
+    from vlmkit.weights import (deepseek_vl, llama, llava, llava_next, native, qwen2_5_vl, qwen2_moe, qwen2_vl,
+                                sam, vision)
 
     return {
         "llama": llama.LLAMA,
@@ -27,6 +28,8 @@ def converters() -> dict[str, Converter]:
         "llava_next": llava_next.LLAVA_NEXT,
         "sam_vision_model": sam.SAM_VISION,
         "qwen2_vl": qwen2_vl.QWEN2_VL,
+        "qwen2_5_vl": qwen2_5_vl.QWEN2_5_VL,
+        "deepseek_vl_hybrid": deepseek_vl.DEEPSEEK_VL_HYBRID,
         native.MODEL_TYPE: native.NATIVE,
     }
 
@@ -85,6 +88,8 @@ def save_pretrained(model: nn.Module, path: str | Path, model_type: str | None =
 
 def default_model_type(model: nn.Module) -> str:
     from vlmkit.models.lm import CausalLM
+    from vlmkit.models.deepseek_vl import DeepseekVL
+    from vlmkit.models.qwen2_5_vl import Qwen2_5_VL
     from vlmkit.models.qwen2_vl import Qwen2VL
     from vlmkit.models.sam import SamEncoder
     from vlmkit.models.vit import VisionTower
@@ -100,6 +105,10 @@ def default_model_type(model: nn.Module) -> str:
         if model.cfg.num_experts:
             return "qwen2_moe"
         return natural_model_type(model.cfg)
+    if isinstance(model, DeepseekVL):
+        return "deepseek_vl_hybrid"
+    if isinstance(model, Qwen2_5_VL):  # before Qwen2VL, its base class
+        return "qwen2_5_vl"
     if isinstance(model, Qwen2VL):
         return "qwen2_vl"
     if isinstance(model, SamEncoder):

@@ -53,7 +53,7 @@ def _text_config(hf: dict) -> dict:
     return {k: hf[k] for k in (*_TEXT_DEFAULTS, "rope_theta", "rope_scaling", "rope_parameters") if k in hf}
 
 
-def _lm_from_hf(hf: dict) -> LMConfig:
+def text_config_from_hf(hf: dict) -> LMConfig:
     text = {**_TEXT_DEFAULTS, **_text_config(hf)}
     rope = dict(text.pop("rope_scaling", None) or text.pop("rope_parameters", None) or {})
     kind = rope.get("rope_type", rope.get("type", "default"))
@@ -76,16 +76,22 @@ def config_from_hf(hf: dict) -> Qwen2VLConfig:
     vision = {ours: raw.get(theirs, getattr(_VISION_DEFAULTS, ours)) for ours, theirs in _VISION_KEYS.items()}
     vision["rope_theta"] = float((raw.get("rope_parameters") or {}).get("rope_theta", _VISION_DEFAULTS.rope_theta))
     ids = {name: hf[name] for name in _TOKEN_IDS if hf.get(name) is not None}
-    return Qwen2VLConfig(vision=Qwen2VLVisionConfig(**vision), lm=_lm_from_hf(hf), **ids)
+    return Qwen2VLConfig(vision=Qwen2VLVisionConfig(**vision), lm=text_config_from_hf(hf), **ids)
+
+
+def text_config_to_hf(lm: LMConfig, model_type: str = "qwen2_vl_text") -> dict:
+    """The LM as a transformers 5 text_config dict (rope_parameters carrying mrope_section)."""
+    text = lm_config_to_hf(lm, "qwen2")
+    for key in ("architectures", "head_dim", "tie_word_embeddings"):
+        text.pop(key)
+    text["model_type"] = model_type
+    text["rope_parameters"] = {"rope_theta": lm.rope_theta, **rope_parameters(lm)}
+    return text
 
 
 def config_to_hf(cfg: Qwen2VLConfig) -> dict:
     """Qwen2VLConfig -> a transformers 5 qwen2_vl config.json dict."""
-    text = lm_config_to_hf(cfg.lm, "qwen2")  # rope_parameters carries mrope_section through rope_parameters()
-    for key in ("architectures", "head_dim", "tie_word_embeddings"):
-        text.pop(key)
-    text["model_type"] = "qwen2_vl_text"
-    text["rope_parameters"] = {"rope_theta": cfg.lm.rope_theta, **rope_parameters(cfg.lm)}
+    text = text_config_to_hf(cfg.lm)
     vision = {theirs: getattr(cfg.vision, ours) for ours, theirs in _VISION_KEYS.items()}
     vision.update(model_type="qwen2_vl_vision", rope_parameters={"rope_type": "axial",
                                                                  "rope_theta": cfg.vision.rope_theta})
@@ -94,7 +100,7 @@ def config_to_hf(cfg: Qwen2VLConfig) -> dict:
             **{name: getattr(cfg, name) for name in _TOKEN_IDS}}
 
 
-def _split(state: StateDict) -> tuple[StateDict, StateDict]:
+def split_checkpoint(state: StateDict) -> tuple[StateDict, StateDict]:
     """(vision tensors without prefix, LM tensors as `model.*` / `lm_head.weight`)."""
     vision, lm = {}, {}
     for key, tensor in state.items():
@@ -126,7 +132,7 @@ def _vision_from_hf(state: StateDict, cfg: Qwen2VLVisionConfig) -> StateDict:
 
 
 def state_from_hf(state: StateDict, cfg: Qwen2VLConfig) -> StateDict:
-    vision, lm = _split(state)
+    vision, lm = split_checkpoint(state)
     out = {f"vision.{k}": v for k, v in _vision_from_hf(vision, cfg.vision).items()}
     out.update({f"lm.{k}": v for k, v in lm_state_from_hf(lm, cfg.lm, prefix="model.").items()})
     return out

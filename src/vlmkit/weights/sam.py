@@ -41,7 +41,7 @@ _VLMKIT_TO_HF = {v: k for k, v in _HF_TO_VLMKIT.items()}
 _LAYER_VLMKIT_TO_HF = {v: k for k, v in _LAYER_HF_TO_VLMKIT.items()}
 _HF_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 # DeepSeek-VL hybrid: hf name under its prefix -> vlmkit name.
-_DEEPSEEK_EXTRA = {
+DEEPSEEK_EXTRA_NAMES = {
     "high_res_vision_alpha": "global_alpha",
     "high_res_vision_proj.conv1.weight": "downsample.conv1.weight",
     "high_res_vision_proj.conv2.weight": "downsample.conv2.weight",
@@ -171,7 +171,7 @@ def deepseek_sam_config_from_hf(d: dict) -> SamConfig:
 def deepseek_sam_state_from_hf(sd: StateDict, cfg: SamConfig, prefix: str = "model.") -> StateDict:
     """A DeepSeek-VL hybrid checkpoint's SAM branch (encoder, both necks, convs, alpha) -> SamEncoder state."""
     out = sam_state_from_hf(sd, cfg, prefix + "high_res_vision_model." + PREFIX)
-    out.update({ours: sd[prefix + hf] for hf, ours in _DEEPSEEK_EXTRA.items() if prefix + hf in sd})
+    out.update({ours: sd[prefix + hf] for hf, ours in DEEPSEEK_EXTRA_NAMES.items() if prefix + hf in sd})
     return out
 
 
