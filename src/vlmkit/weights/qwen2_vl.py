@@ -54,6 +54,7 @@ def _text_config(hf: dict) -> dict:
 
 
 def text_config_from_hf(hf: dict) -> LMConfig:
+    """The language model's LMConfig (with its M-RoPE sections) from a qwen2_vl / qwen2_5_vl config.json dict."""
     text = {**_TEXT_DEFAULTS, **_text_config(hf)}
     rope = dict(text.pop("rope_scaling", None) or text.pop("rope_parameters", None) or {})
     kind = rope.get("rope_type", rope.get("type", "default"))
