@@ -1,0 +1,6 @@
+"""Training and evaluation data: dataset files in, normalised samples out.
+
+- `formats`: read LLaVA-style JSON / JSONL datasets (the `conversations` form and the `messages`
+  form) into `Sample`s, validating every record (file:line and cause for each bad one), and write
+  samples back as LLaVA JSON (`load_dataset`, `write_llava_json`).
+"""
