@@ -120,7 +120,7 @@ def flat_plans(plans: Sequence[MediaPlans]) -> list[ImagePlan]:
     return [q for p in plans for q in ([p] if isinstance(p, ImagePlan) else p)]
 
 
-def _flatten(messages: Sequence[Message], plans: Sequence[MediaPlans]) -> tuple[list[Message], list[ImagePlan]]:
+def flatten_media(messages: Sequence[Message], plans: Sequence[MediaPlans]) -> tuple[list[Message], list[ImagePlan]]:
     """Videos rendered as image parts, and every image's plan in message order."""
     videos = [list(p) for p in plans if not isinstance(p, ImagePlan)]
     if any(not v for v in videos):
@@ -128,7 +128,7 @@ def _flatten(messages: Sequence[Message], plans: Sequence[MediaPlans]) -> tuple[
     return videos_as_images(messages, [len(v) for v in videos]), flat_plans(plans)
 
 
-def _encode_runs(tokenizer: Tokenizer, segments: Sequence[str], runs: Sequence[int], image_token_id: int) -> list[int]:
+def encode_with_image_runs(tokenizer: Tokenizer, segments: Sequence[str], runs: Sequence[int], image_token_id: int) -> list[int]:
     """Ids of segments[0] run[0] segments[1] run[1] ... segments[-1], a run being that many image ids."""
     try:
         marker = tokenizer.id_to_token(image_token_id)
@@ -157,7 +157,7 @@ def build_prompt(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequenc
     image, a list of ImagePlans for a video. Returns the ids and the plans of the runs in prompt
     order (for image_inputs); see the module docstring for the placeholder rule.
     """
-    messages, flat = _flatten(messages, plans)
+    messages, flat = flatten_media(messages, plans)
     text = template.render(messages, add_generation_prompt=add_generation_prompt)
     if image_token_id is None:
         if flat:
@@ -169,7 +169,7 @@ def build_prompt(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequenc
         plain = None
     segments, order = placeholder_order(text, len(flat), plain)
     ordered = [flat[i] for i in order]
-    return Prompt(_encode_runs(tokenizer, segments, [p.num_tokens for p in ordered], image_token_id), ordered)
+    return Prompt(encode_with_image_runs(tokenizer, segments, [p.num_tokens for p in ordered], image_token_id), ordered)
 
 
 def build_prompt_ids(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Message],

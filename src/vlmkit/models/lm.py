@@ -177,17 +177,22 @@ class CausalLM(nn.Module):
         labels: torch.Tensor | None = None,  # (B, T), IGNORE_INDEX where no loss is taken
         logits_to_keep: int = 0,  # 0 = all positions, k = only the last k (generation needs 1)
         loss_only: bool = False,  # with labels: project only the labelled positions, return no logits
+        segment_ids: torch.Tensor | None = None,  # (B, T) packed samples: a token sees only its own segment
     ) -> CausalLMOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
+        if segment_ids is not None and (past or segment_ids.shape != x.shape[:2]):
+            raise ValueError(f"segment_ids must be (B, T) = {tuple(x.shape[:2])} for a forward without a KV cache "
+                             f"(packed training); got {tuple(segment_ids.shape)} with {past} cached positions")
         if position_ids is None:
-            position_ids = default_position_ids(attention_mask, past, T, x.device)
+            position_ids = (segment_position_ids(segment_ids) if segment_ids is not None
+                            else default_position_ids(attention_mask, past, T, x.device))
         cos, sin = self.rope(position_ids, x.dtype)  # (B, T, rotary_dim) each
         cos, sin = cos.unsqueeze(2), signed_sin(sin).unsqueeze(2)  # (B, T, 1, rotary_dim): broadcast over heads
-        mask = attention_bias(attention_mask, past, T, self.cfg.sliding_window, x.device)
+        mask = attention_bias(attention_mask, past, T, self.cfg.sliding_window, x.device, segment_ids)
 
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -234,16 +239,32 @@ def default_position_ids(attention_mask: torch.Tensor | None, past: int, T: int,
     return positions.clamp(min=0)[:, -T:]
 
 
+def segment_position_ids(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions (B, T) counting from 0 at the start of every run of equal segment ids (packed samples).
+
+        >>> segment_position_ids(torch.tensor([[1, 1, 1, 2, 2, 0]])).tolist()
+        [[0, 1, 2, 0, 1, 0]]
+    """
+    T = segment_ids.shape[-1]
+    index = torch.arange(T, device=segment_ids.device).expand_as(segment_ids)  # (B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(-1).values  # (B, T) start of each run
+    return index - first
+
+
 def attention_bias(attention_mask: torch.Tensor | None, past: int, T: int,
-                   sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
+                   sliding_window: int | None, device: torch.device,
+                   segment_ids: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean mask (B or 1, 1, T, S) where True = may attend; None when plain causal attention will do.
 
     Query i (absolute position past + i) sees key j when j <= past + i, j is not
-    padding, and, with a sliding window W, past + i - j < W.
+    padding, with a sliding window W, past + i - j < W, and, with segment_ids (B, T)
+    (packed samples, no cache), segment_ids[i] == segment_ids[j]: block-diagonal causal.
     """
     S = past + T
     needs_window = sliding_window is not None and S > sliding_window
-    if attention_mask is None and not needs_window and (past == 0 or T == 1):
+    if attention_mask is None and segment_ids is None and not needs_window and (past == 0 or T == 1):
         return None  # is_causal (T > 1, no cache) or a single query that sees everything
     q = torch.arange(past, S, device=device).unsqueeze(1)  # (T, 1)
     k = torch.arange(S, device=device).unsqueeze(0)  # (1, S)
@@ -251,6 +272,8 @@ def attention_bias(attention_mask: torch.Tensor | None, past: int, T: int,
     if needs_window:
         allowed = allowed & (q - k < sliding_window)
     allowed = allowed[None, None]  # (1, 1, T, S)
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # (B, 1, T, T)
     if attention_mask is not None:
         if attention_mask.shape[-1] != S:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions but "
