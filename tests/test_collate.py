@@ -10,9 +10,10 @@ import torch
 
 from vlmkit.config import LMConfig
 from vlmkit.data.collate import collate, pack
-from vlmkit.data.labels import TrainingExample
+from vlmkit.data.labels import TrainingExample, build_training_example
 from vlmkit.image.plan import ImagePlan
 from vlmkit.models.lm import IGNORE_INDEX, CausalLM
+from vlmkit.models.vlm import image_inputs
 
 X = IGNORE_INDEX
 
@@ -109,3 +110,28 @@ def test_segment_ids_with_a_cache_are_refused(model):
     model(torch.tensor([[1, 2]]), cache=cache)
     with pytest.raises(ValueError, match="segment_ids"):
         model(torch.tensor([[3]]), cache=cache, segment_ids=torch.tensor([[1]]))
+
+
+def test_packed_vlm_batch_equals_its_samples_alone():
+    from PIL import Image
+
+    from vlmkit.load import tiny_random_model
+
+    loaded = tiny_random_model()
+    img = Image.new("RGB", (40, 30), (10, 200, 30))
+    examples = []
+    for text, reply in (("hi", "ok"), ("what?", "a green box")):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]},
+                    {"role": "assistant", "content": reply}]
+        examples.append(build_training_example(loaded.tokenizer, loaded.chat_template, messages,
+                                               loaded.model.image_token_id, loaded.plan_images([img])))
+    packed = pack(examples, max_len=200, pad_id=loaded.tokenizer.pad_token_id)
+    with torch.no_grad():
+        together = loaded.model(**packed).logits[0]
+        start = 0
+        for ex in examples:
+            alone = loaded.model(input_ids=torch.tensor([ex.input_ids]),
+                                 **image_inputs(ex.plans)).logits[0]
+            n = len(ex.input_ids)
+            assert (together[start:start + n] - alone).abs().max().item() <= 1e-5
+            start += n

@@ -16,7 +16,8 @@ import torch
 from matplotlib import cbook
 from PIL import Image
 
-from vlmkit.config import LMConfig, ProjectorConfig, SamConfig, VisionConfig, VLMConfig
+from vlmkit.models.sam import SamConfig
+from vlmkit.config import LMConfig, ProjectorConfig, VisionConfig, VLMConfig
 from vlmkit.generate import generate, generate_naive
 from vlmkit.load import LoadedModel
 from vlmkit.models.glue_dual import dual_rows

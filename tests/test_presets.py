@@ -29,12 +29,16 @@ def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 def test_registry_names_and_unknown_name():
-    expected = {"llava-1.5", "llava-next", "phi-3.5-v", "vary-base", "qwen-vl", "qwen2-vl", "deepseek-vl2",
-                "minicpm-v", "tiny-random", "bench-tiny"}
+    expected = {"llava-1.5", "llava-next", "phi-3.5-v", "vary-base", "vary-tiny", "qwen-vl", "qwen2-vl",
+                "qwen2.5-vl", "deepseek-vl2", "minicpm-v", "tiny-random", "bench-tiny"}
     assert expected <= set(PRESETS)
     assert all(f"{name}-small" in PRESETS for name in PUBLISHED)
     with pytest.raises(ValueError, match="valid presets: .*llava-1.5"):
         get_preset("llava-1.5-7b")
+
+
+# Vary-tiny is SAM-B (~90M) with a decoder of OPT-125M's size; every other published model has billions.
+MIN_PARAMETERS = {"vary-tiny": 2e8}
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
@@ -43,7 +47,7 @@ def test_full_size_builds_on_meta(name):
     with torch.device("meta"):
         model = build_model(cfg)
     assert all(p.is_meta for p in model.parameters())
-    assert count_parameters(cfg) > 1e9
+    assert count_parameters(cfg) > MIN_PARAMETERS.get(name, 1e9)
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
@@ -55,15 +59,23 @@ def test_small_twin_keeps_structure(name):
     if isinstance(full, VLMConfig):
         assert small.image_scheme == full.image_scheme and small.grid_pinpoints == full.grid_pinpoints
         assert small.max_crops == full.max_crops
-        assert (small.vision.image_size, small.vision.patch_size) == (full.vision.image_size, full.vision.patch_size)
+        assert (small.vision is None) == (full.vision is None)
+        if full.vision is not None:
+            assert (small.vision.image_size, small.vision.patch_size) == (full.vision.image_size,
+                                                                          full.vision.patch_size)
         spec, small_spec = parse_projector_type(full.projector.type), parse_projector_type(small.projector.type)
         assert (small_spec.family, small_spec.merge, small_spec.queries) == (spec.family, spec.merge, spec.queries)
         assert (small.vision_high is None) == (full.vision_high is None)
+        if full.vision_high is not None:
+            high, small_high = full.vision_high, small.vision_high
+            assert (small_high.image_size, small_high.patch_size, small_high.downsample) == (
+                high.image_size, high.patch_size, high.downsample)
     assert count_parameters(small) < 1e6
 
 
 # Image sizes the forward test plans: small enough to run fast, each giving a real multi-part plan.
-FORWARD_SIZES = {"llava-next-small": (500, 300), "deepseek-vl2-small": (384, 384), "qwen2-vl-small": (224, 224)}
+FORWARD_SIZES = {"llava-next-small": (500, 300), "deepseek-vl2-small": (384, 384), "qwen2-vl-small": (224, 224),
+                 "qwen2.5-vl-small": (224, 224)}
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -92,8 +104,10 @@ def test_small_preset_runs_forward(name):
     ("llava-next", (672, 672), 2928),      # 576 base + 48 x 48 tiles + 48 newlines
     ("phi-3.5-v", (1344, 1344), 2509),     # HD-16: 4 x 4 crops
     ("qwen2-vl", (224, 224), 64),          # seed 003: 256 patches -> 64 merged tokens
+    ("qwen2.5-vl", (224, 224), 64),        # the same patches and 2x2 merger as Qwen2-VL
     ("deepseek-vl2", (384, 384), 421),     # 14 x 15 global + 1 separator + 14 x 15 tile
     ("vary-base", (800, 600), 256),        # seed 001: 256 <imgpad>
+    ("vary-tiny", (800, 600), 256),        # seed 001: the same SAM branch alone, 256 tokens of 1024
     ("qwen-vl", (800, 600), 256),          # seed 003: 256 resampler queries
 ])
 def test_published_token_counts(name, size, tokens):
@@ -103,6 +117,7 @@ def test_published_token_counts(name, size, tokens):
 @pytest.mark.parametrize("name, published, tolerance", [
     ("llava-1.5", 7.06e9, 0.01e9),   # LLaVA-1.5-7B: ~7.06B
     ("phi-3.5-v", 4.2e9, 0.1e9),     # Phi-3.5-vision: "4.2B", given to one decimal
+    ("qwen2.5-vl", 8.29e9, 0.01e9),  # Qwen2.5-VL-7B-Instruct's model card: 8.29B
 ])
 def test_parameter_counts_match_published(name, published, tolerance):
     assert abs(count_parameters(get_preset(name)) - published) <= tolerance
@@ -121,6 +136,10 @@ def test_cli_presets_json(capsys):
     assert by_name["qwen2-vl"]["scheme"] == "dynamic"
     assert by_name["qwen2-vl"]["tokens"]["1344x672"] == 1152  # 96 x 48 patches, 2x2 merged
     assert by_name["vary-base"]["scheme"] == "dual" and "SAM" in by_name["vary-base"]["vision"]
+    assert by_name["vary-tiny"]["scheme"] == "sam" and by_name["vary-tiny"]["vision"].startswith("SAM 1024px/16")
+    assert by_name["vary-tiny"]["tokens"] == {"336x336": 256, "1344x672": 256}
+    assert by_name["qwen2.5-vl"]["scheme"] == "dynamic" and "Qwen2.5-VL" in by_name["qwen2.5-vl"]["vision"]
+    assert by_name["qwen2.5-vl"]["tokens"]["1344x672"] == 1152
 
 
 def test_cli_presets_text(capsys):

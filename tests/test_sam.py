@@ -15,9 +15,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from vlmkit.config import SamConfig  # noqa: E402
 from vlmkit.models.sam import (  # noqa: E402
-    SamEncoder, decomposed_rel_pos, rel_pos_table, window_partition, window_unpartition)
+    SamConfig, SamEncoder, decomposed_rel_pos, rel_pos_table, window_partition, window_unpartition)
 from vlmkit.weights.safetensors_io import read_config, read_state_dict, write_dir  # noqa: E402
 from vlmkit.weights.sam import (  # noqa: E402
     SAM_VISION, deepseek_sam_config_from_hf, deepseek_sam_state_from_hf, sam_from_pretrained)

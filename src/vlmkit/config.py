@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vlmkit.models.sam import SamConfig
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "yarn")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
 SELECT_FEATURES = ("patch", "cls_patch")
-IMAGE_SCHEMES = ("pad", "anyres", "hd", "tiles", "dual", "slices")
+IMAGE_SCHEMES = ("pad", "anyres", "hd", "tiles", "dual", "slices", "sam")
 
 
 def require(ok: bool, message: str) -> None:
@@ -224,9 +227,10 @@ class ProjectorConfig(Serializable):
 
 @dataclass
 class VLMConfig(Serializable):
-    """A vision-language model: vision tower -> projector -> language model."""
+    """A vision-language model: vision tower -> projector -> language model.
+    `vision` is None exactly for image_scheme='sam', whose only tower is vision_high."""
 
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    vision: VisionConfig | None = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     image_token_id: int = 32000  # placeholder id in input_ids that image features replace
@@ -237,14 +241,16 @@ class VLMConfig(Serializable):
     #   "tiles"  DeepSeek-VL2: global + up to max_crops 384-px tiles, 2x2 downsample, newline/separator;
     #   "dual"   Vary-base: a CLIP view for `vision` and a SAM view for `vision_high`, one row per token;
     #   "slices" MiniCPM-V: source + up to max_crops slices near vision.image_size**2 px, each view at its
-    #            own size through the tower and a perceiver resampler (models/glue_slices.py).
+    #            own size through the tower and a perceiver resampler (models/glue_slices.py);
+    #   "sam"    Vary-tiny: no CLIP tower (vision=None), the image resized to vision_high.image_size, the SAM
+    #            tokens through `projector` alone (models/glue_sam.py).
     image_scheme: str = "pad"
     # anyres: candidate canvases as (height, width), multiples of vision.image_size; () otherwise.
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
     # hd: N of HD-N (Phi-3.5-vision: 16 for one image, 4 for many); tiles: most local tiles m*n
     # (DeepSeek-VL2: 9); slices: max_slices (MiniCPM-V: 9). None = that default; must stay None for pad and anyres.
     max_crops: int | None = None
-    # dual only (None otherwise): the SAM tower (downsample="vary") and its own projector. An image's
+    # dual (and sam: vision_high only, projector_high None; None otherwise): the SAM tower (downsample="vary") and its own projector. An image's
     # rows are cat([projector(CLIP tokens), projector_high(SAM tokens)], dim=-1), concatenated along
     # channels, so projector.out_dim + projector_high.out_dim == lm.hidden_size (Vary: 1024 + 1024).
     vision_high: SamConfig | None = None
@@ -258,15 +264,23 @@ class VLMConfig(Serializable):
         if isinstance(self.lm, dict):
             self.lm = LMConfig.from_dict(self.lm)
         if isinstance(self.vision_high, dict):
+            from vlmkit.models.sam import SamConfig  # the SAM tower's config lives with the tower
+
             self.vision_high = SamConfig.from_dict(self.vision_high)
         if isinstance(self.projector_high, dict):
             self.projector_high = ProjectorConfig.from_dict(self.projector_high)
         self.grid_pinpoints = tuple(tuple(p) for p in self.grid_pinpoints)  # type: ignore[misc]
+        require(self.vision is not None or self.image_scheme == "sam",
+                 f"image_scheme={self.image_scheme!r} needs a vision tower: set vision (only image_scheme='sam' "
+                 "runs without one)")
         self._check_image_scheme()
         self._check_dual()
-        require(self.projector.in_dim == self.vision.hidden_size * _merge_factor(self.projector.type),
-                 f"projector.in_dim {self.projector.in_dim} does not match the vision width "
-                 f"{self.vision.hidden_size} x merge factor {_merge_factor(self.projector.type)}")
+        if self.image_scheme == "sam":
+            self._check_sam()
+        else:
+            require(self.projector.in_dim == self.vision.hidden_size * _merge_factor(self.projector.type),
+                    f"projector.in_dim {self.projector.in_dim} does not match the vision width "
+                    f"{self.vision.hidden_size} x merge factor {_merge_factor(self.projector.type)}")
         high = self.projector_high.out_dim if self.projector_high is not None else 0
         require(self.projector.out_dim + high == self.lm.hidden_size,
                  f"projector.out_dim {self.projector.out_dim}" + (f" + projector_high.out_dim {high}" if high else "")
@@ -349,9 +363,12 @@ class VLMConfig(Serializable):
         """vision_high / projector_high exist exactly for image_scheme='dual', where both branches must
         give the same number of tokens (their rows are concatenated along channels) at full resolution."""
         high, proj = self.vision_high, self.projector_high
+        if self.image_scheme == "sam":
+            return
         if self.image_scheme != "dual":
             require(high is None and proj is None, "vision_high and projector_high are only used by "
-                                                   "image_scheme='dual'; remove them or set image_scheme='dual'")
+                                                   "image_scheme='dual' (and vision_high by 'sam'); remove "
+                                                   "them or set image_scheme='dual'")
             return
         require(high is not None and proj is not None,
                  "image_scheme='dual' (Vary-base) needs vision_high (a SamConfig with downsample='vary') and "
@@ -373,6 +390,22 @@ class VLMConfig(Serializable):
                              f"{high.patch_size}, two stride-2 convs); both must match (Vary: 224/14 and 1024/16)")
 
 
+    def _check_sam(self) -> None:
+        """sam (Vary-tiny): the SAM tower is the only one, every one of its tokens goes through `projector`."""
+        require(self.vision is None, "image_scheme='sam' has no CLIP tower: set vision=None (the SAM tower is "
+                                     "vision_high)")
+        require(self.vision_high is not None, "image_scheme='sam' (Vary-tiny) needs vision_high, a SamConfig "
+                                              "(downsample='vary' for Vary's 256 tokens of 1024)")
+        require(self.projector_high is None, "image_scheme='sam' has one projector: set projector (in_dim = "
+                                             "vision_high.feature_dim) and remove projector_high")
+        require(self.max_crops is None, "max_crops is not used by image_scheme='sam'; remove it")
+        require(_merge_factor(self.projector.type) == 1 and not _is_resampler(self.projector.type),
+                 f"image_scheme='sam' keeps every SAM token: projector must be 'linear' or 'mlp{{N}}x_gelu', "
+                 f"not {self.projector.type!r}")
+        require(self.projector.in_dim == self.vision_high.feature_dim,
+                 f"projector.in_dim {self.projector.in_dim} != vision_high.feature_dim {self.vision_high.feature_dim}")
+
+
 def _merge_factor(projector_type: str) -> int:
     from vlmkit.models.projectors import parse_projector_type
 
@@ -384,102 +417,3 @@ def _is_resampler(projector_type: str) -> bool:
     from vlmkit.models.projectors import parse_projector_type
 
     return parse_projector_type(projector_type).queries > 0
-
-
-SAM_DOWNSAMPLES = ("none", "vary", "deepseek")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class SamConfig(Serializable):
-    """SAM's ViTDet image encoder (models/sam.py) and the downsampling that VLMs add after its neck.
-
-    Defaults are SAM ViT-B at 1024 px: 768 wide, 12 layers, windows of 14 patches,
-    global attention at layers 2, 5, 8, 11, neck to 256 channels -> (256, 64, 64).
-    `downsample` picks what follows the neck:
-      "none"     the (output_channels, 64, 64) map itself;
-      "vary"     Vary: two stride-2 3x3 convs 256 -> 512 -> 1024, 64x64 -> 16x16 = 256 tokens;
-      "deepseek" DeepSeek-VL: bilinear resize to resize_to (default 96), then the same two convs
-                 -> 24x24 = 576 tokens; with global_branch, DeepSeek-VL's "sam_hd" path adds a
-                 second neck on the first global layer's output, scaled by a learned alpha.
-    """
-
-    image_size: int = 1024
-    patch_size: int = 16
-    num_channels: int = 3
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_layers: int = 12
-    num_heads: int = 12
-    layer_norm_eps: float = 1e-6
-    hidden_act: str = "gelu"
-    qkv_bias: bool = True
-    use_abs_pos: bool = True
-    use_rel_pos: bool = True
-    window_size: int = 14  # side of the attention windows in patches; 0 = every layer global
-    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
-    output_channels: int = 256
-    downsample: str = "none"
-    downsample_channels: tuple[int, int] = (512, 1024)
-    resize_to: int | None = None  # "deepseek" only: side the neck map is resized to; None = 96
-    global_branch: bool = False  # "deepseek" only: DeepSeek-VL's sam_hd second neck
-    image_mean: tuple[float, float, float] = IMAGENET_MEAN
-    image_std: tuple[float, float, float] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        self.global_attn_indexes = tuple(self.global_attn_indexes)
-        self.downsample_channels = tuple(self.downsample_channels)  # type: ignore[assignment]
-        self.image_mean = tuple(self.image_mean)  # type: ignore[assignment]
-        self.image_std = tuple(self.image_std)  # type: ignore[assignment]
-        for name in ("image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size",
-                     "num_layers", "num_heads", "output_channels"):
-            require(getattr(self, name) > 0, f"SamConfig.{name} must be positive, got {getattr(self, name)}")
-        require(self.image_size % self.patch_size == 0,
-                 f"SAM image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        require(self.hidden_size % self.num_heads == 0,
-                 f"SAM hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        require(self.hidden_act in VISION_ACTIVATIONS,
-                 f"SamConfig.hidden_act {self.hidden_act!r} unknown; valid: {VISION_ACTIVATIONS}")
-        require(self.window_size >= 0, f"SamConfig.window_size must be >= 0 (0 = global), got {self.window_size}")
-        bad = [i for i in self.global_attn_indexes if not 0 <= i < self.num_layers]
-        require(not bad, f"global_attn_indexes {bad} are outside layers 0..{self.num_layers - 1}")
-        require(self.downsample in SAM_DOWNSAMPLES,
-                 f"SamConfig.downsample {self.downsample!r} unknown; valid: {SAM_DOWNSAMPLES}")
-        require(len(self.downsample_channels) == 2 and all(c > 0 for c in self.downsample_channels),
-                 f"downsample_channels must be two positive ints (e.g. (512, 1024)), got {self.downsample_channels}")
-        if self.downsample == "deepseek":
-            if self.resize_to is None:
-                self.resize_to = 96
-            require(self.resize_to > 0, f"SamConfig.resize_to must be positive, got {self.resize_to}")
-        else:
-            require(self.resize_to is None and not self.global_branch,
-                     f"resize_to and global_branch are only used by downsample='deepseek'; remove them "
-                     f"for downsample={self.downsample!r}")
-        require(not self.global_branch or bool(self.global_attn_indexes),
-                 "global_branch reads the first global-attention layer: set global_attn_indexes")
-
-    @property
-    def grid(self) -> int:
-        """Patches per side of the image: 64 for 1024 px / 16."""
-        return self.image_size // self.patch_size
-
-    @property
-    def feature_size(self) -> int:
-        """Side of the final feature map: grid (none), 16 (Vary at 1024 px), 24 (DeepSeek-VL)."""
-        if self.downsample == "none":
-            return self.grid
-        side = self.grid if self.downsample == "vary" else self.resize_to
-        for _ in range(2):  # each 3x3 stride-2 pad-1 conv maps n -> ceil(n / 2)
-            side = (side + 1) // 2
-        return side
-
-    @property
-    def feature_dim(self) -> int:
-        """Channels of each output token: output_channels, or downsample_channels[1] after downsampling."""
-        return self.output_channels if self.downsample == "none" else self.downsample_channels[1]
-
-    @property
-    def tokens_per_image(self) -> int:
-        """Tokens one image becomes: 4096 (none), 256 (Vary), 576 (DeepSeek-VL) at 1024 px."""
-        return self.feature_size ** 2

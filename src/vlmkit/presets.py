@@ -2,8 +2,8 @@
 
 Each reference architecture has a preset at its published size and a `-small` twin for CPU runs
 and tests: the same scheme, image geometry, projector type and parts, with tiny widths, two
-layers and a 512-token vocabulary (`shrink`). Qwen2-VL is its own model class, so its presets
-return a Qwen2VLConfig; every other preset returns a VLMConfig.
+layers and a 512-token vocabulary (`shrink`). Qwen2-VL and Qwen2.5-VL are their own model classes,
+so their presets return a Qwen2VLConfig / Qwen2_5_VLConfig; every other preset returns a VLMConfig.
 
     >>> get_preset("llava-1.5").vision.num_patches
     576
@@ -15,9 +15,6 @@ return a Qwen2VLConfig; every other preset returns a VLMConfig.
 `build_model` turns any preset into its module (on the meta device to count parameters without
 memory), `plan_tokens` counts an image's tokens through the model's own plan function, and
 `summarize` gives the row `vlmkit presets` prints.
-
-Not here: Vary-tiny (the SAM branch alone with an OPT-125M decoder): a VLMConfig always has a
-CLIP-style `vision` tower, and `dual` needs both branches, so a SAM-only model is not expressible.
 """
 
 from __future__ import annotations
@@ -30,10 +27,12 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from vlmkit.config import LMConfig, ProjectorConfig, SamConfig, VisionConfig, VLMConfig
+from vlmkit.models.sam import SamConfig
+from vlmkit.config import LMConfig, ProjectorConfig, VisionConfig, VLMConfig
 from vlmkit.image.schemes.anyres import LLAVA_V16_PINPOINTS
 from vlmkit.image.schemes.dynamic import plan_dynamic
 from vlmkit.models.projectors import parse_projector_type
+from vlmkit.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
 from vlmkit.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
 from vlmkit.models.vlm import VLM, plan_image
 
@@ -41,6 +40,8 @@ Preset = VLMConfig | Qwen2VLConfig
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # also Vary's BlipImageEvalProcessor defaults for the SAM view
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SUMMARY_SIZES = ((336, 336), (1344, 672))  # (width, height) of the images `vlmkit presets` counts tokens for
 
 
@@ -112,6 +113,25 @@ def vary_base() -> VLMConfig:
                      projector_high=ProjectorConfig("linear", 1024, 2048))
 
 
+def vary_tiny() -> VLMConfig:
+    """Vary-tiny (seed 001, Vary's first stage): SAM ViTDet-B at 1024 px with Vary's two stride-2 convs
+    (256 tokens of 1024), a Linear 1024 -> 768, and a 768-wide decoder; no CLIP tower (image_scheme 'sam').
+    The SAM view is bicubic-resized to 1024 x 1024 and normalised with CLIP's mean / std, as Vary's
+    BlipImageEvalProcessor does.
+
+    The decoder is NOT Vary-tiny's: the paper uses OPT-125M (learned absolute positions, LayerNorm,
+    ReLU MLP), which vlmkit does not implement. This is a Llama-family decoder of OPT-125M's size:
+    12 layers, 768 wide, 12 heads, FFN 3072, vocabulary 50272, 2048 positions, tied embeddings, so its
+    parameters (SwiGLU has three FFN matrices to OPT's two) are not OPT-125M's. image_token_id 50265
+    assumes <imgpad> is the first token added after OPT's 50265, inside the padded 50272."""
+    lm = LMConfig(vocab_size=50272, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
+                  max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=2, eos_token_id=2,
+                  pad_token_id=1)
+    sam = SamConfig(downsample="vary", image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    return VLMConfig(vision=None, projector=ProjectorConfig("linear", sam.feature_dim, 768), lm=lm,
+                     image_token_id=50265, image_scheme="sam", vision_high=sam)
+
+
 def qwen_vl() -> VLMConfig:
     """Qwen-VL (seed 003): ViT-bigG/14 at 448 (1664 wide, 48 layers, MLP 8192, no CLS, last layer),
     one cross-attention resampler of 256 queries (qwen_resampler256q, with its ln_post and proj), Qwen-7B."""
@@ -125,6 +145,13 @@ def qwen_vl() -> VLMConfig:
 def qwen2_vl() -> Qwen2VLConfig:
     """Qwen2-VL-7B: 675M-parameter ViT (32 layers, 1280 wide, 2-D RoPE, 2x2 merger to 3584) and Qwen2-7B with M-RoPE."""
     return Qwen2VLConfig()
+
+
+def qwen2_5_vl() -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-7B: Qwen2-VL's native-resolution ViT (32 layers, 1280 wide) with 112-px window attention
+    (full attention in blocks 7, 15, 23, 31), RMSNorm and SwiGLU (3420), 2x2 merger to 3584, and Qwen2-7B
+    with M-RoPE over 128000 positions. Images are planned by plan_dynamic as for Qwen2-VL."""
+    return Qwen2_5_VLConfig()
 
 
 def deepseek_vl2() -> VLMConfig:
@@ -201,22 +228,27 @@ def shrink(cfg: Preset) -> Preset:
     """The `-small` twin of a preset: same scheme, image and patch sizes, projector family and parts;
     vision towers 32 wide with 2 layers, LM 64 wide with 2 layers and a 512-token vocabulary, the image
     placeholder its last id."""
-    if isinstance(cfg, Qwen2VLConfig):
+    if isinstance(cfg, Qwen2VLConfig):  # Qwen2-VL and Qwen2.5-VL
         lm = dataclasses.replace(_small_lm(cfg.lm), rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})
-        vision = dataclasses.replace(cfg.vision, depth=2, embed_dim=32, num_heads=2, out_hidden_size=64)
-        return Qwen2VLConfig(vision=vision, lm=lm, image_token_id=SMALL_VOCAB - 1, video_token_id=SMALL_VOCAB - 2,
-                             vision_start_token_id=SMALL_VOCAB - 4, vision_end_token_id=SMALL_VOCAB - 3)
-    vision = dataclasses.replace(cfg.vision, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
-    merge = parse_projector_type(cfg.projector.type).merge ** 2
+        windowed = {"intermediate_size": 64, "fullatt_block_indexes": [1]} if isinstance(cfg, Qwen2_5_VLConfig) else {}
+        vision = dataclasses.replace(cfg.vision, depth=2, embed_dim=32, num_heads=2, out_hidden_size=64, **windowed)
+        return type(cfg)(vision=vision, lm=lm, image_token_id=SMALL_VOCAB - 1, video_token_id=SMALL_VOCAB - 2,
+                         vision_start_token_id=SMALL_VOCAB - 4, vision_end_token_id=SMALL_VOCAB - 3)
     lm = _small_lm(cfg.lm)
-    high = proj_high = None
+    vision = high = proj_high = None
+    if cfg.vision is not None:
+        vision = dataclasses.replace(cfg.vision, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
+    in_dim = 32 * parse_projector_type(cfg.projector.type).merge ** 2
     width = lm.hidden_size
     if cfg.vision_high is not None:
         high = dataclasses.replace(cfg.vision_high, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                                    global_attn_indexes=(1,), output_channels=16, downsample_channels=(16, 32))
+    if cfg.image_scheme == "sam":  # the SAM tower feeds the only projector
+        in_dim = high.feature_dim
+    if cfg.projector_high is not None:  # dual: each branch fills half of the LM width
         width = lm.hidden_size // 2
         proj_high = _small_projector(cfg.projector_high, high.feature_dim, lm.hidden_size - width)
-    return dataclasses.replace(cfg, vision=vision, projector=_small_projector(cfg.projector, 32 * merge, width),
+    return dataclasses.replace(cfg, vision=vision, projector=_small_projector(cfg.projector, in_dim, width),
                                lm=lm, image_token_id=SMALL_VOCAB - 1, vision_high=high, projector_high=proj_high)
 
 
@@ -227,8 +259,10 @@ PUBLISHED: dict[str, Callable[[], Preset]] = {
     "llava-next": llava_next,
     "phi-3.5-v": phi_35_v,
     "vary-base": vary_base,
+    "vary-tiny": vary_tiny,
     "qwen-vl": qwen_vl,
     "qwen2-vl": qwen2_vl,
+    "qwen2.5-vl": qwen2_5_vl,
     "deepseek-vl2": deepseek_vl2,
     "minicpm-v": minicpm_v,
 }
@@ -260,8 +294,10 @@ def get_preset(name: str) -> Preset:
 # ---- what a preset builds and costs --------------------------------------------------------------------
 
 def build_model(cfg: Preset) -> nn.Module:
-    """The module of a preset's config: Qwen2VL for a Qwen2VLConfig, else VLM. Builds on the current
-    default device, so `with torch.device("meta"): build_model(cfg)` allocates nothing."""
+    """The module of a preset's config: Qwen2_5_VL for a Qwen2_5_VLConfig, Qwen2VL for a Qwen2VLConfig, else
+    VLM. Builds on the current default device, so `with torch.device("meta"): build_model(cfg)` allocates nothing."""
+    if isinstance(cfg, Qwen2_5_VLConfig):
+        return Qwen2_5_VL(cfg)
     return Qwen2VL(cfg) if isinstance(cfg, Qwen2VLConfig) else VLM(cfg)
 
 
@@ -273,7 +309,7 @@ def count_parameters(cfg: Preset) -> int:
 
 def plan_tokens(cfg: Preset, size: tuple[int, int]) -> int:
     """Image placeholders a blank (width, height) image costs, from the model's own plan function:
-    vlm.plan_image (the config's image_scheme) or, for Qwen2-VL, plan_dynamic."""
+    vlm.plan_image (the config's image_scheme) or, for Qwen2-VL and Qwen2.5-VL, plan_dynamic."""
     image = Image.new("RGB", size)
     plan = plan_dynamic(image) if isinstance(cfg, Qwen2VLConfig) else plan_image(cfg, image)
     return plan.num_tokens
@@ -284,14 +320,19 @@ def describe_parts(cfg: Preset) -> dict[str, str]:
     if isinstance(cfg, Qwen2VLConfig):
         v = cfg.vision
         vision = f"Qwen2-VL ViT {v.patch_size}px patches x{v.depth} w{v.embed_dim}"
+        if isinstance(cfg, Qwen2_5_VLConfig):
+            vision = f"Qwen2.5-VL ViT {v.patch_size}px patches x{v.depth} w{v.embed_dim} window {v.window_size}px"
         scheme, projector = "dynamic", f"merger{v.spatial_merge_size}x{v.spatial_merge_size}_mlp"
     else:
-        v = cfg.vision
-        vision = f"ViT {v.image_size}px/{v.patch_size} x{v.num_layers} w{v.hidden_size}"
-        scheme, projector = cfg.image_scheme, cfg.projector.type
+        towers = []
+        if cfg.vision is not None:
+            v = cfg.vision
+            towers.append(f"ViT {v.image_size}px/{v.patch_size} x{v.num_layers} w{v.hidden_size}")
         if cfg.vision_high is not None:
             h = cfg.vision_high
-            vision += f" + SAM {h.image_size}px/{h.patch_size} x{h.num_layers} w{h.hidden_size} ({h.downsample})"
+            towers.append(f"SAM {h.image_size}px/{h.patch_size} x{h.num_layers} w{h.hidden_size} ({h.downsample})")
+        vision, scheme, projector = " + ".join(towers), cfg.image_scheme, cfg.projector.type
+        if cfg.projector_high is not None:
             projector += f" + {cfg.projector_high.type}"
     lm = cfg.lm
     return {"vision": vision, "scheme": scheme, "projector": projector,

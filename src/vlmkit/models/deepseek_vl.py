@@ -29,10 +29,10 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from vlmkit.config import LMConfig, SamConfig, Serializable, VisionConfig, require
+from vlmkit.config import LMConfig, Serializable, VisionConfig, require
 from vlmkit.models.lm import CausalLM, CausalLMOutput, KVCache
 from vlmkit.models.projectors import build_projector
-from vlmkit.models.sam import SamEncoder
+from vlmkit.models.sam import SamConfig, SamEncoder
 from vlmkit.models.vit import VisionTower
 
 

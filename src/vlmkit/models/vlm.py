@@ -15,6 +15,8 @@
     slices (MiniCPM-V):  pixel_values (N, V, 3, H, W) zero-padded views [source, slices] + image_sizes (N, V, 2)
                          each view's (h, w) --tower at its own size, resampler--> (V, Q, C) concatenated
                          (models/glue_slices.py)
+    sam (Vary-tiny):     pixel_values (N, 3, 1024, 1024) SAM views, no CLIP tower (self.vision is None)
+                         --vision_high (SAM + vary convs), projector--> (N, 256, C) (models/glue_sam.py)
     input_ids (B, T) with T_i placeholder ids per image --embed--> (B, T, C)
     the placeholder rows are replaced, in order, by the images' feature rows
     --> language model --> logits (B, T, V)
@@ -43,6 +45,7 @@ from vlmkit.image.schemes import tiles as tiles_scheme
 from vlmkit.image.schemes.anyres import anyres_plan, plan_anyres
 from vlmkit.image.schemes.pad import pad_token_count, plan_pad
 from vlmkit.models.glue_dual import dual_inputs, dual_plan, encode_dual
+from vlmkit.models.glue_sam import encode_sam, sam_inputs, sam_plan
 from vlmkit.models.glue_slices import encode_slices, slices_inputs, slices_plan
 from vlmkit.models.layouts.anyres import pack_anyres
 from vlmkit.models.layouts.hd import hd_layout
@@ -176,13 +179,14 @@ class VLM(nn.Module):
     def __init__(self, cfg: VLMConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionTower(cfg.vision)
+        self.vision = VisionTower(cfg.vision) if cfg.vision is not None else None  # None: sam (Vary-tiny)
         p = cfg.projector
         self.projector = build_projector(p.type, p.in_dim, p.out_dim, p.bias)
         self.lm = CausalLM(cfg.lm)
-        if cfg.image_scheme == "dual":  # Vary-base's SAM branch and its projector (models/glue_dual.py)
-            q = cfg.projector_high
+        if cfg.vision_high is not None:  # Vary's SAM branch: beside CLIP (dual) or alone (sam)
             self.vision_high = SamEncoder(cfg.vision_high)
+        if cfg.projector_high is not None:  # dual: the SAM branch's own projector (models/glue_dual.py)
+            q = cfg.projector_high
             self.projector_high = build_projector(q.type, q.in_dim, q.out_dim, q.bias)
         for name, width_of in SCHEMES[cfg.image_scheme].vectors.items():  # e.g. LLaVA-NeXT's image_newline
             width = width_of(cfg)
@@ -302,6 +306,7 @@ class VLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         loss_only: bool = False,
         pixel_values_high: torch.Tensor | None = None,  # dual: (N, 3, S_high, S_high) SAM views
+        segment_ids: torch.Tensor | None = None,  # (B, T) packed samples: 1, 2, ... per sample, 0 = padding
     ) -> CausalLMOutput:
         if inputs_embeds is None:
             if input_ids is None:
@@ -322,7 +327,8 @@ class VLM(nn.Module):
                 raise ValueError(f"the prompt has {placeholders} image placeholder tokens but no pixel_values "
                                  "were given (0 feature tokens); pass the images or remove the placeholders")
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                       cache=cache, labels=labels, logits_to_keep=logits_to_keep, loss_only=loss_only)
+                       cache=cache, labels=labels, logits_to_keep=logits_to_keep, loss_only=loss_only,
+                       segment_ids=segment_ids)
 
 
 # ---- encoders: forward inputs -> each image's (T_i, C) rows, per scheme ------------------------------
@@ -379,6 +385,8 @@ SCHEMES: dict[str, SchemeGlue] = {
     "dual": SchemeGlue(dual_plan, dual_inputs, encode_dual, {}),
     # MiniCPM-V: wrappers and row breaks are prompt text, every view gives the resampler's queries.
     "slices": SchemeGlue(slices_plan, slices_inputs, encode_slices, {}),
+    # Vary-tiny: the SAM tower alone; <img> / </img> are prompt text.
+    "sam": SchemeGlue(sam_plan, sam_inputs, encode_sam, {}),
 }
 
 # Tokens of an image with a rows x cols local grid, the formulas of image/schemes/{hd,tiles}.py.

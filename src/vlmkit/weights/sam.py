@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from vlmkit.config import SamConfig
+from vlmkit.models.sam import SamConfig
 from vlmkit.models.sam import SamEncoder
 from vlmkit.weights.converter import Converter, StateDict
 from vlmkit.weights.safetensors_io import read_config, read_state_dict
