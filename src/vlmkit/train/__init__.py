@@ -1,0 +1,14 @@
+"""Training: stages as data, one loop for every stage and architecture, exact-resume checkpoints.
+
+- `stages`: `Stage` (learning rate per module group, 0 = frozen; weight decay; warmup; clipping) and the
+  built-ins `align`, `sft`, `full` (`get_stage`).
+- `loop`: `train(model, batches, stage, steps, ...)`, AdamW + warmup/cosine + clipping + accumulation,
+  optional bf16 autocast and activation checkpointing, metrics CSV + loss-curve PNG; `ShuffledBatches`,
+  the seeded, resumable data order.
+- `checkpoint`: atomic checkpoints (weights, optimizer, schedule, RNG, data position) without pickle.
+
+    stage = get_stage("align")
+    batches = ShuffledBatches(examples, batch_size=16, pad_id=tok.pad_id, seed=0)
+    result = train(model, batches, stage, steps=1000, out_dir="runs/align", save_every=200)
+    train(model, batches, stage, steps=1000, out_dir="runs/align", resume=latest_checkpoint("runs/align"))
+"""

@@ -1,0 +1,155 @@
+"""Training checkpoints that resume exactly, written atomically and without pickle.
+
+    path = save_checkpoint(out_dir, model, optimizer, TrainState(step, sample_index, schedule))
+    state = load_checkpoint(latest_checkpoint(out_dir), model, optimizer)   # also restores the RNGs
+
+A checkpoint is a directory `step-000123/`:
+    model.safetensors      the weights (tied tensors stored once)
+    optimizer.safetensors  every tensor of the optimizer state, keyed `<param index>.<name>`
+    rng.safetensors        torch's CPU generator state
+    state.json             step, data position (sample index), schedule, optimizer hyper-parameters
+                           and the names of its parameters, python's and numpy's RNG states
+    config.json            the model config, when the model has one (VLMConfig / LMConfig)
+It is first written to a hidden temporary directory beside it, every file fsynced, then renamed into
+place, so a crash leaves either the previous checkpoints or the complete new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+PREFIX = "step-"
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: optimizer steps done, samples consumed from the data order, the schedule."""
+
+    step: int
+    sample_index: int
+    schedule: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / f"{PREFIX}{step:06d}"
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint of out_dir with the most steps, or None when there is none."""
+    found = [p for p in Path(out_dir).glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX):].isdigit()]
+    return max(found, key=lambda p: int(p.name[len(PREFIX):]), default=None)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return ({"torch": torch.get_rng_state()},
+            {"python": [version, list(mt), gauss],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]})
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], states: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    version, mt, gauss = states["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The optimizer state split into tensors (for safetensors) and everything else (for JSON)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in sd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: TrainState, extra: dict[str, Any] | None = None) -> Path:
+    """Write the checkpoint of state.step atomically under out_dir; returns its directory.
+    extra is stored in state.json (e.g. the stage) for the record."""
+    final = checkpoint_dir(out_dir, state.step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    opt_tensors, opt_meta = _optimizer_parts(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng_tensors, rng_meta = _rng_state()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    meta = {"step": state.step, "sample_index": state.sample_index, "schedule": state.schedule,
+            "optimizer": opt_meta, "rng": rng_meta, "extra": extra or {}}
+    (tmp / "state.json").write_text(json.dumps(meta) + "\n")
+    cfg = getattr(model, "cfg", None)
+    if hasattr(cfg, "to_dict"):
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    for file in tmp.iterdir():
+        _fsync(file)
+    _fsync(tmp)
+    if final.exists():  # the same step saved again: move the old one aside, then drop it
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync(final.parent)
+    return final
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    restore_rng: bool = True) -> TrainState:
+    """Load weights and optimizer state from a checkpoint directory into model and optimizer (built the same
+    way as when it was saved), restore the torch / python / numpy RNGs, and return its TrainState."""
+    path = Path(path)
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{state_file} not found: pass a checkpoint directory (step-NNNNNN/) "
+                                "written by save_checkpoint")
+    meta = json.loads(state_file.read_text())
+    saved = [g.get("param_names") for g in meta["optimizer"]["param_groups"]]
+    current = [g.get("param_names") for g in optimizer.param_groups]
+    if saved != current:
+        raise ValueError(f"{path} holds the optimizer of other parameter groups than this run's "
+                         f"({[g.get('name') for g in meta['optimizer']['param_groups']]} vs "
+                         f"{[g.get('name') for g in optimizer.param_groups]}); resume with the same model and stage")
+    load_model(model, str(path / "model.safetensors"))
+    optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")), meta["optimizer"]))
+    if restore_rng:
+        _set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
+    return TrainState(meta["step"], meta["sample_index"], meta["schedule"])

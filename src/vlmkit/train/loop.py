@@ -1,0 +1,315 @@
+"""The training loop: one `train()` for every stage and every architecture.
+
+    batches = ShuffledBatches(examples, batch_size=8, pad_id=0, seed=0)     # seeded, resumable order
+    result = train(model, batches, get_stage("align"), steps=500, out_dir="runs/a", save_every=100)
+    result = train(model, batches, stage, steps=500, out_dir="runs/a", resume=latest_checkpoint("runs/a"))
+
+Per optimizer step: `grad_accum` micro-batches, each forward under optional bf16 autocast with
+`loss_only=True`; the step's loss is the mean over all labelled tokens of its micro-batches (each
+micro-batch's mean is weighted by its token count, so 2 x batch 2 gives the same gradient as batch 4);
+gradients clipped to `stage.grad_clip`; AdamW. Weight decay follows nanoGPT's rule: parameters with
+2 or more dimensions decay (linear and conv weights, embedding matrices), 1-D ones do not (biases,
+norm weights, learned vectors such as image_newline). The learning rate is linear warmup then cosine
+decay (`lr_multiplier`). Metrics go to `metrics.csv` (step, loss, lr, samples_per_s, grad_norm) and
+the loss curve to `loss.png` in out_dir.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from vlmkit.data.collate import collate, pack
+from vlmkit.data.labels import TrainingExample
+from vlmkit.models.lm import IGNORE_INDEX
+from vlmkit.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from vlmkit.train.stages import Stage, module_groups
+
+Batch = dict[str, torch.Tensor]
+METRICS = ("step", "loss", "lr", "samples_per_s", "grad_norm")
+
+
+class ShuffledBatches:
+    """An endless, seeded stream of collated batches: epoch e visits the examples in the order of
+    torch.randperm(n) under seed + e; batches run across epoch ends. `sample_index` counts the samples
+    handed out so far, and seek(sample_index) continues the stream exactly from there (for resume).
+    pack_len packs each batch's examples into rows of at most pack_len tokens instead of padding."""
+
+    def __init__(self, examples: Sequence[TrainingExample], batch_size: int, pad_id: int, seed: int = 0,
+                 pack_len: int | None = None) -> None:
+        if not examples:
+            raise ValueError("no training examples; pass at least one TrainingExample")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.examples, self.batch_size, self.pad_id = list(examples), batch_size, pad_id
+        self.seed, self.pack_len = seed, pack_len
+        self.sample_index = 0
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def seek(self, sample_index: int) -> None:
+        """Continue from the sample_index-th sample of the stream."""
+        self.sample_index = sample_index
+
+    def _example(self, i: int) -> TrainingExample:
+        epoch, pos = divmod(i, len(self.examples))
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
+        return self.examples[int(self._order[pos])]
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            chunk = [self._example(i) for i in range(self.sample_index, self.sample_index + self.batch_size)]
+            self.sample_index += self.batch_size
+            yield pack(chunk, self.pack_len, self.pad_id) if self.pack_len else collate(chunk, self.pad_id)
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """Fraction of the peak lr for optimizer step `step` (0-based) of total_steps: (step + 1) / warmup
+    during warmup, then a cosine from 1 down towards min_ratio over the remaining steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 -> 1
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, stage: Stage) -> torch.optim.AdamW:
+    """Freeze the stage's lr-0 groups (requires_grad False, left out of the optimizer) and build AdamW over
+    the others: per group one decayed set (dim >= 2) and one undecayed set (dim < 2). Each optimizer
+    group records its name, its peak lr (`base_lr`) and its parameter names."""
+    param_groups = []
+    for group, params in module_groups(model, stage).items():
+        lr = stage.lrs[group]
+        for _, p in params:
+            p.requires_grad_(lr > 0)
+        if lr == 0:
+            continue
+        for decay in (True, False):
+            chosen = [(n, p) for n, p in params if (p.dim() >= 2) == decay]
+            if chosen:
+                param_groups.append({"params": [p for _, p in chosen], "param_names": [n for n, _ in chosen],
+                                     "name": f"{group}.{'decay' if decay else 'no_decay'}", "lr": lr,
+                                     "base_lr": lr, "weight_decay": stage.weight_decay if decay else 0.0})
+    return torch.optim.AdamW(param_groups, betas=stage.betas, eps=stage.eps)
+
+
+@dataclass
+class TrainResult:
+    """What a train() call did: the steps it ran (1-based step numbers), their losses, the last checkpoint."""
+
+    steps: list[int]
+    losses: list[float]
+    checkpoint: Path | None
+    metrics_csv: Path | None
+    loss_png: Path | None
+
+
+def _labelled(batch: Batch) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _samples(batch: Batch) -> int:
+    if "segment_ids" in batch:  # packed: samples, not rows
+        return int(batch["segment_ids"].amax(dim=1).sum())
+    return batch["input_ids"].shape[0]
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _set_checkpointing(model: nn.Module, on: bool) -> dict[nn.Module, bool]:
+    """Set every `gradient_checkpointing` flag of model's modules; returns the previous values."""
+    before = {m: m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")}
+    for m in before:
+        m.gradient_checkpointing = on
+    return before
+
+
+def _read_metrics(path: Path, upto: int) -> list[dict[str, str]]:
+    """The rows of metrics.csv up to step `upto` (rows after a checkpoint are redone on resume)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [row for row in csv.DictReader(f) if int(row["step"]) <= upto]
+
+
+def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRICS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_loss(metrics_csv: str | Path, png: str | Path) -> Path | None:
+    """Draw the loss curve of a metrics.csv into png (matplotlib, Agg backend). Returns png, or None with a
+    note on stderr when matplotlib is not installed (it is not a dependency of vlmkit)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed, so {png} was not drawn; pip install matplotlib", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with Path(metrics_csv).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return Path(png)
+
+
+class _Progress:
+    """tqdm when installed (it is not a vlmkit dependency), else a printed line every `every` steps."""
+
+    def __init__(self, start: int, total: int, enabled: bool, every: int) -> None:
+        self.total, self.enabled, self.every = total, enabled, every
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, loss: float, lr: float, samples_per_s: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}", refresh=False)
+            self.bar.update(1)
+        elif step % self.every == 0 or step == self.total:
+            print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {samples_per_s:.1f} samples/s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, *, grad_accum: int = 1,
+          bf16: bool = False, activation_checkpointing: bool = False, seed: int = 0,
+          out_dir: str | Path | None = None, save_every: int = 0, resume: str | Path | None = None,
+          stop_after: int | None = None, progress: bool = True, log_every: int = 10,
+          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train model for `steps` optimizer steps of `stage` on `batches` (collate()/pack() dicts, each one
+    micro-batch; grad_accum of them make a step).
+
+    seed seeds torch, python and numpy at the start of a fresh run (a resumed run restores the saved RNG
+    states instead). out_dir receives metrics.csv, loss.png and, every save_every steps and at the end,
+    checkpoints (see train.checkpoint). resume is a checkpoint directory: the weights, optimizer, schedule,
+    RNGs and the data position (ShuffledBatches.seek, else the consumed batches are skipped) are restored
+    and training continues from the step after it. stop_after ends this call after that step while the
+    schedule still spans `steps` (a time budget, or an interrupted run in tests). on_step(step, loss) is
+    called after every step.
+    """
+    if steps < 1 or grad_accum < 1:
+        raise ValueError(f"steps and grad_accum must be >= 1, got steps={steps}, grad_accum={grad_accum}")
+    if (save_every or resume is not None) and out_dir is None:
+        raise ValueError("checkpoints need an out_dir; pass out_dir=... with save_every or resume")
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    optimizer = build_optimizer(model, stage)
+    warmup = stage.warmup(steps)
+    schedule = {"kind": "warmup_cosine", "total_steps": steps, "warmup_steps": warmup,
+                "min_lr_ratio": stage.min_lr_ratio}
+    start, sample_index = 0, 0
+    if resume is not None:
+        state = load_checkpoint(resume, model, optimizer)
+        if state.schedule != schedule:
+            raise ValueError(f"{resume} was saved with schedule {state.schedule} but this run has {schedule}; "
+                             "resume with the same stage and steps")
+        start, sample_index = state.step, state.sample_index
+    else:
+        _seed_everything(seed)
+    if hasattr(batches, "seek"):
+        batches.seek(sample_index)
+        stream = iter(batches)
+    else:
+        stream = iter(batches)
+        for _ in range(start * grad_accum):
+            next(stream)
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    metrics_csv = out / "metrics.csv" if out is not None else None
+    rows = _read_metrics(metrics_csv, start) if metrics_csv is not None else []
+    end = steps if stop_after is None else min(steps, stop_after)
+    result = TrainResult([], [], None, metrics_csv, None)
+    previous_flags = _set_checkpointing(model, activation_checkpointing)
+    was_training = model.training
+    model.train()
+    bar = _Progress(start, steps, progress, log_every)
+    try:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            multiplier = lr_multiplier(step, steps, warmup, stage.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * multiplier
+            micro = []
+            for _ in range(grad_accum):
+                try:
+                    micro.append(next(stream))
+                except StopIteration:
+                    raise ValueError(f"the batches ran out at step {step + 1} of {steps}; pass an endless stream "
+                                     "(ShuffledBatches) or fewer steps") from None
+            tokens = sum(_labelled(b) for b in micro)
+            if tokens == 0:
+                raise ValueError(f"step {step + 1} has no labelled tokens (every label is {IGNORE_INDEX}); "
+                                 "check the examples' labels")
+            loss_sum = 0.0
+            for batch in micro:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = model(**batch, loss_only=True).loss  # mean over this micro-batch's labelled tokens
+                weight = _labelled(batch) / tokens
+                (loss * weight).backward()
+                loss_sum += loss.item() * weight
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip if stage.grad_clip else math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            samples = sum(_samples(b) for b in micro)
+            sample_index = batches.sample_index if hasattr(batches, "seek") else sample_index + samples
+            done = step + 1
+            samples_per_s = samples / (time.perf_counter() - t0)
+            lr = max(g["lr"] for g in optimizer.param_groups)
+            rows.append({"step": done, "loss": loss_sum, "lr": lr, "samples_per_s": round(samples_per_s, 2),
+                         "grad_norm": float(grad_norm)})
+            result.steps.append(done)
+            result.losses.append(loss_sum)
+            bar.update(done, loss_sum, lr, samples_per_s)
+            if on_step is not None:
+                on_step(done, loss_sum)
+            if metrics_csv is not None and (done % log_every == 0 or done == end):
+                _write_metrics(metrics_csv, rows)
+            if out is not None and (save_every and done % save_every == 0 or done == end):
+                result.checkpoint = save_checkpoint(out, model, optimizer, TrainState(done, sample_index, schedule),
+                                                    extra={"stage": stage.name})
+    finally:
+        bar.close()
+        for module, flag in previous_flags.items():
+            module.gradient_checkpointing = flag
+        model.train(was_training)
+    if metrics_csv is not None and rows:
+        _write_metrics(metrics_csv, rows)
+        result.loss_png = plot_loss(metrics_csv, out / "loss.png")
+    return result
