@@ -2,8 +2,11 @@
 
     vlmkit generate --model smollm2-135m --prompt "What is the capital of France?"
     vlmkit generate --model tiny-random --image photo.jpg --prompt "Describe it." --json
+    vlmkit chat --model tiny-random                  # interactive: /image PATH, /reset, /save FILE, /quit
+    vlmkit chat --model tiny-random --image photo.jpg --prompt "Describe it." --json
     vlmkit presets --json
     vlmkit tokens photo.jpg scan.png --scheme anyres --overlay plan.png
+    vlmkit data synth --out synth --lines 1000 --shapes 200 --image-size 256x64 --seed 0
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from vlmkit.chat_session import ChatSession
+from vlmkit.data.synth import DATASET_FILE, KINDS, parse_size, synthesize
 from vlmkit.generate import GenerationConfig, generate, stream
 from vlmkit.image.load import load_image
 from vlmkit.image.overlay import draw_plan
@@ -26,15 +31,13 @@ from vlmkit.load import SPECIAL_SPECS, load_model
 from vlmkit.presets import PRESETS, SUMMARY_SIZES, summarize
 
 
-def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="answer one prompt (optionally about images) and exit",
-                       description="Answer one prompt with a model, streaming the text to stdout.")
+def _add_model_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help=f"a model directory, a .gguf file, or one of: {', '.join(SPECIAL_SPECS)}")
-    p.add_argument("--prompt", required=True, help="the user message")
-    p.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="an image to ask about (repeat for several); placed before the prompt")
-    p.add_argument("--system", default=None, help="an optional system message")
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """The sampling and stopping flags shared by the verbs that generate (read back by _generation_config)."""
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many tokens (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), >0 samples")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
@@ -43,6 +46,24 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _generation_config(args: argparse.Namespace) -> GenerationConfig:
+    """The GenerationConfig of the flags added by _add_generation_flags."""
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                            stop_strings=tuple(args.stop), seed=args.seed)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="answer one prompt (optionally about images) and exit",
+                       description="Answer one prompt with a model, streaming the text to stdout.")
+    _add_model_flag(p)
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image to ask about (repeat for several); placed before the prompt")
+    p.add_argument("--system", default=None, help="an optional system message")
+    _add_generation_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(run=_run_generate)
 
@@ -58,9 +79,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     plans = loaded.plan_images(images)
     prompt = loaded.prompt_ids(messages, plans)
     prefill = loaded.image_inputs(plans)
-    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                           stop_strings=tuple(args.stop), seed=args.seed)
+    cfg = _generation_config(args)
     start = time.perf_counter()
     with torch.inference_mode():
         if args.json:
@@ -80,6 +99,100 @@ def _run_generate(args: argparse.Namespace) -> int:
     else:
         print(f"[{len(prompt)} prompt tokens, {len(ids)} generated in {seconds:.2f} s, {reason}]", file=sys.stderr)
     return 0
+
+
+CHAT_COMMANDS = "commands: /image PATH (attach to the next question), /reset, /save FILE, /quit"
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="talk with a model in the terminal: images, several turns, streamed answers",
+                       description="Chat with a model. Each line you type is a question, answered as a stream; "
+                                   f"{CHAT_COMMANDS}; end of input also quits. With --prompt, ask once and exit. "
+                                   "An image is encoded once per conversation, however many turns follow.")
+    _add_model_flag(p)
+    p.add_argument("--prompt", default=None,
+                   help="ask this one question, print the answer and exit; without it, chat interactively")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for the first question (repeat for several)")
+    p.add_argument("--system", default=None, help="an optional system message, kept across /reset")
+    _add_generation_flags(p)
+    p.add_argument("--json", action="store_true",
+                   help="with --prompt: print one JSON object (text, finish_reason, prompt_tokens, "
+                        "completion_tokens) instead of streaming text")
+    p.set_defaults(run=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    if args.json and args.prompt is None:
+        raise ValueError("--json goes with --prompt (the one-shot form); leave it out to chat interactively")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    session = ChatSession(load_model(args.model), _generation_config(args), system=args.system)
+    for path in args.image:
+        session.attach_image(path)
+    if args.prompt is None:
+        return _chat_loop(session)
+    start = time.perf_counter()
+    if not args.json:
+        _print_answer(session, args.prompt)
+        result = session.last_result
+        print(f"[{session.last_prompt_tokens} prompt tokens, {len(result.token_ids[0])} generated in "
+              f"{time.perf_counter() - start:.2f} s, {result.finish_reasons[0]}]", file=sys.stderr)
+        return 0
+    text = "".join(session.ask(args.prompt))
+    result = session.last_result
+    print(json.dumps({"model": session.loaded.name, "text": text, "finish_reason": result.finish_reasons[0],
+                      "prompt_tokens": session.last_prompt_tokens, "completion_tokens": len(result.token_ids[0]),
+                      "seconds": round(time.perf_counter() - start, 3)}, ensure_ascii=False))
+    return 0
+
+
+def _print_answer(session: ChatSession, text: str) -> None:
+    """Stream the answer to text to stdout, then a newline."""
+    for piece in session.ask(text):
+        print(piece, end="", flush=True)
+    print(flush=True)
+
+
+def _chat_loop(session: ChatSession) -> int:
+    """Read stdin line by line until /quit or end of input: commands act on the session, other lines are
+    questions. Answers go to stdout, notes and errors to stderr; a bad line is reported and the chat goes on."""
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+    print(f"vlmkit chat with {session.loaded.name}; {CHAT_COMMANDS}", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "").strip()
+        except (EOFError, KeyboardInterrupt):
+            return 0
+        command, _, rest = line.partition(" ")
+        rest = rest.strip()
+        try:
+            if not line:
+                continue
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/reset":
+                session.reset()
+                print("[conversation cleared]", file=sys.stderr)
+            elif command in ("/image", "/save") and not rest:
+                raise ValueError(f"{command} needs a path: {command} {'PATH' if command == '/image' else 'FILE'}")
+            elif command == "/image":
+                session.attach_image(rest)
+                print(f"[attached {rest}; {len(session.pending)} image(s) go with the next question]",
+                      file=sys.stderr)
+            elif command == "/save":
+                session.save(rest)
+                print(f"[saved {len(session.messages)} messages to {rest}]", file=sys.stderr)
+            elif command.startswith("/"):
+                raise ValueError(f"unknown command {command}; {CHAT_COMMANDS}")
+            else:
+                _print_answer(session, line)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("\n[answer interrupted; the question was dropped]", file=sys.stderr)
 
 
 def _add_presets(sub: argparse._SubParsersAction) -> None:
@@ -177,12 +290,37 @@ def _describe(path: str, plan: ImagePlan) -> str:
     ])
 
 
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="make datasets (data synth)", description="Make datasets.")
+    data_sub = p.add_subparsers(dest="data_verb", required=True, metavar="SUBCOMMAND")
+    s = data_sub.add_parser("synth", help="write a Vary-style synthetic dataset (images + LLaVA JSON)",
+                            description="Synthesize images with their exact answers (rendered English text, "
+                                        "charts, tables, natural-image negatives, shape questions, grounding) "
+                                        f"and write them as OUT/{DATASET_FILE} plus OUT/images/*.png. "
+                                        "The same seed gives the same files.")
+    s.add_argument("--out", required=True, metavar="DIR", help="the folder to write (created if missing)")
+    for kind in KINDS:
+        s.add_argument(f"--{kind}", type=int, default=0, metavar="N", help=f"number of {kind} samples (default 0)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--image-size", default="256x256", metavar="WxH", help="image width x height (default 256x256)")
+    s.set_defaults(run=_run_data_synth)
+
+
+def _run_data_synth(args: argparse.Namespace) -> int:
+    counts = {kind: getattr(args, kind) for kind in KINDS}
+    samples = synthesize(args.out, counts, seed=args.seed, image_size=parse_size(args.image_size))
+    print(f"wrote {len(samples)} samples to {Path(args.out) / DATASET_FILE}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmkit", description="vlmkit: vision-language models in pure PyTorch")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _add_generate(sub)
+    _add_chat(sub)
     _add_presets(sub)
     _add_tokens(sub)
+    _add_data(sub)
     return parser
 
 
