@@ -4,9 +4,11 @@
     vlmkit generate --model tiny-random --image photo.jpg --prompt "Describe it." --json
     vlmkit chat --model tiny-random                  # interactive: /image PATH, /reset, /save FILE, /quit
     vlmkit chat --model tiny-random --image photo.jpg --prompt "Describe it." --json
+    vlmkit serve --model tiny-random --port 8000     # OpenAI-compatible HTTP API on 127.0.0.1
     vlmkit presets --json
     vlmkit tokens photo.jpg scan.png --scheme anyres --overlay plan.png
     vlmkit data synth --out synth --lines 1000 --shapes 200 --image-size 256x64 --seed 0
+    vlmkit eval --model tiny-random --data synth/data.json --metrics ned,cer --out eval-out --tesseract
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +24,11 @@ from pathlib import Path
 import torch
 
 from vlmkit.chat_session import ChatSession
+from vlmkit.data.formats import load_dataset
 from vlmkit.data.synth import DATASET_FILE, KINDS, parse_size, synthesize
+from vlmkit.eval.runner import (DEFAULT_METRICS, METRICS, PREDICTIONS_FILE, SUMMARY_FILE, evaluate, get_metrics,
+                                summary_table, write_results)
+from vlmkit.eval.tesseract import TesseractError
 from vlmkit.generate import GenerationConfig, generate, stream
 from vlmkit.image.load import load_image
 from vlmkit.image.overlay import draw_plan
@@ -29,6 +36,8 @@ from vlmkit.image.plan import ImagePlan
 from vlmkit.image.schemes import SCHEMES, get_scheme
 from vlmkit.load import SPECIAL_SPECS, load_model
 from vlmkit.presets import PRESETS, SUMMARY_SIZES, summarize
+from vlmkit.serve import DEFAULT_HOST, DEFAULT_PORT, Limits, create_app, run_server
+from vlmkit.serve.requests import MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_PROMPT_TOKENS, MAX_REQUEST_BYTES, MAX_TOKENS
 
 
 def _add_model_flag(p: argparse.ArgumentParser) -> None:
@@ -313,6 +322,81 @@ def _run_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="answer every sample of a dataset and score the answers",
+                       description="Evaluate a model on a LLaVA-style dataset: each conversation up to its last "
+                                   "assistant turn is the prompt, that turn the reference; answers are greedy. "
+                                   f"Prints the mean scores; with --out writes {PREDICTIONS_FILE} and {SUMMARY_FILE}.")
+    _add_model_flag(p)
+    p.add_argument("--data", required=True, metavar="DATA.json", help="the dataset file (JSON or JSONL)")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), metavar="A,B",
+                   help=f"comma-separated metrics from: {', '.join(METRICS)} (default {','.join(DEFAULT_METRICS)})")
+    p.add_argument("--out", default=None, metavar="DIR", help=f"write {PREDICTIONS_FILE} and {SUMMARY_FILE} here")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
+    p.add_argument("--answer-separator", default=None, metavar="TEXT",
+                   help="split each reference into several accepted answers at this text (for anls, vqa_accuracy)")
+    p.add_argument("--tesseract", action="store_true",
+                   help="also read each one-image sample with Tesseract and report its scores beside the model's")
+    p.add_argument("--tesseract-psm", type=int, default=7,
+                   help="Tesseract page segmentation mode: 7 one text line (default), 6 a block, 3 automatic")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object instead of a table")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    metrics = list(get_metrics([name.strip() for name in args.metrics.split(",") if name.strip()]))
+    samples, _ = load_dataset(args.data)
+    result = evaluate(load_model(args.model), samples, metrics, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, answer_separator=args.answer_separator,
+                      compare_tesseract=args.tesseract, tesseract_psm=args.tesseract_psm, quiet=args.json)
+    if args.out is not None:
+        write_results(result, args.out)
+    print(json.dumps(result.to_json(), ensure_ascii=False) if args.json else summary_table(result))
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over HTTP with OpenAI's chat-completions API",
+                       description="Serve a model at /v1/chat/completions (OpenAI's format: text and base64 "
+                                   "image_url parts, streaming), /v1/models and /health. One request generates "
+                                   "at a time; others wait.")
+    _add_model_flag(p)
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    p.add_argument("--api-key", default=os.environ.get("VLMKIT_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $VLMKIT_API_KEY, else none)")
+    p.add_argument("--allow-local-images", default=None, metavar="ROOT",
+                   help="let image_url parts name files inside this directory (default: base64 data URLs only)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the --model value)")
+    p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+                   help=f"largest request body (default {MAX_REQUEST_BYTES})")
+    p.add_argument("--max-images", type=int, default=MAX_IMAGES, help=f"images per request (default {MAX_IMAGES})")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help=f"width x height of one image (default {MAX_IMAGE_PIXELS})")
+    p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS,
+                   help=f"prompt tokens, image tokens included (default {MAX_PROMPT_TOKENS})")
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
+                   help=f"largest max_tokens a request may ask for (default {MAX_TOKENS})")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    limits = Limits(max_request_bytes=args.max_request_bytes, max_images=args.max_images,
+                    max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
+                    max_tokens=args.max_tokens)
+    app = create_app(load_model(args.model), model_name=args.model_name or args.model, api_key=args.api_key,
+                     allow_local_images_root=args.allow_local_images, limits=limits)
+    run_server(app, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmkit", description="vlmkit: vision-language models in pure PyTorch")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -321,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_presets(sub)
     _add_tokens(sub)
     _add_data(sub)
+    _add_serve(sub)
+    _add_eval(sub)
     return parser
 
 
@@ -328,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, TesseractError) as e:
         print(f"vlmkit {args.verb}: error: {e}", file=sys.stderr)
         return 2
 
