@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from vlmkit.config import LMConfig, Serializable, require
 from vlmkit.models.lm import RMSNorm
-from vlmkit.models.qwen2_vl import (PatchMerger, Qwen2VL, Qwen2VLConfig, VisionAttention, checked_grid,
+from vlmkit.models.qwen2_vl import (PatchMerger, Qwen2VL, Qwen2VLConfig, VisionAttention, checked_grid, qwen2_7b_lm,
                                     vision_inv_freq, vision_rotary)
 from vlmkit.models.vit import ACTIVATIONS
 
@@ -93,10 +93,7 @@ class Qwen2_5_VLConfig(Qwen2VLConfig):
     """Qwen2.5-VL: the windowed vision tower + Qwen2-VL's LM with M-RoPE and its special tokens."""
 
     vision: Qwen2_5_VLVisionConfig = field(default_factory=Qwen2_5_VLVisionConfig)
-    lm: LMConfig = field(default_factory=lambda: LMConfig(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
-        rope_theta=1000000.0, rope_scaling={"rope_type": "default", "mrope_section": [16, 24, 24]},
-        max_position_embeddings=128000, qkv_bias=True, rms_norm_eps=1e-6))
+    lm: LMConfig = field(default_factory=lambda: qwen2_7b_lm(max_position_embeddings=128000))
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):

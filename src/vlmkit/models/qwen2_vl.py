@@ -80,15 +80,20 @@ class Qwen2VLVisionConfig(Serializable):
         return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
 
+def qwen2_7b_lm(max_position_embeddings: int = 32768) -> LMConfig:
+    """The 7B Qwen2 language model of Qwen2-VL / Qwen2.5-VL, its rope_scaling carrying M-RoPE's sections."""
+    return LMConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                    num_kv_heads=4, rope_theta=1000000.0,
+                    rope_scaling={"rope_type": "default", "mrope_section": [16, 24, 24]},
+                    max_position_embeddings=max_position_embeddings, qkv_bias=True, rms_norm_eps=1e-6)
+
+
 @dataclass
 class Qwen2VLConfig(Serializable):
     """Qwen2-VL: vision tower (with its merger) + a Qwen2 LM whose rope_scaling carries `mrope_section`."""
 
     vision: Qwen2VLVisionConfig = field(default_factory=Qwen2VLVisionConfig)
-    lm: LMConfig = field(default_factory=lambda: LMConfig(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
-        rope_theta=1000000.0, rope_scaling={"rope_type": "default", "mrope_section": [16, 24, 24]},
-        max_position_embeddings=32768, qkv_bias=True, rms_norm_eps=1e-6))
+    lm: LMConfig = field(default_factory=qwen2_7b_lm)
     image_token_id: int = 151655  # <|image_pad|>: the placeholders image features replace
     video_token_id: int = 151656  # <|video_pad|> (videos are not run by this model yet)
     vision_start_token_id: int = 151652
