@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlmkit.config import LMConfig
+from vlmkit.models.activations import ACTIVATIONS
 from vlmkit.models.rope import RotaryEmbedding, apply_rotary, signed_sin
 
 IGNORE_INDEX = -100
@@ -111,23 +112,26 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda t: F.gelu(t, approximate="tanh")}
+class SwiGLU(nn.Module):
+    """down(act(gate(x)) * up(x)), gate and up fused into one matmul (`gate_up`)."""
 
-
-class MLP(nn.Module):
-    """SwiGLU: down(act(gate(x)) * up(x)), gate and up fused into one matmul.
-    intermediate_size defaults to cfg.intermediate_size (an MoE's shared expert passes its own)."""
-
-    def __init__(self, cfg: LMConfig, intermediate_size: int | None = None) -> None:
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool = False) -> None:
         super().__init__()
-        inter = intermediate_size or cfg.intermediate_size
-        self.gate_up = nn.Linear(cfg.hidden_size, 2 * inter, bias=cfg.mlp_bias)
-        self.down = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (..., hidden) each
         return self.down(self.act(gate) * up)
+
+
+class MLP(SwiGLU):
+    """The decoder's SwiGLU; intermediate_size defaults to cfg.intermediate_size (an MoE's shared expert
+    passes its own)."""
+
+    def __init__(self, cfg: LMConfig, intermediate_size: int | None = None) -> None:
+        super().__init__(cfg.hidden_size, intermediate_size or cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
 
 
 class DecoderLayer(nn.Module):

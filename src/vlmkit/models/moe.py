@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlmkit.config import LMConfig
-from vlmkit.models.lm import ACTIVATIONS, MLP
+from vlmkit.models.activations import ACTIVATIONS
+from vlmkit.models.lm import MLP
 
 
 def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:

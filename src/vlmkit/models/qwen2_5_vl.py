@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 
 from vlmkit.config import LMConfig, Serializable, require
-from vlmkit.models.lm import RMSNorm
+from vlmkit.models.lm import RMSNorm, SwiGLU
 from vlmkit.models.qwen2_vl import (PatchMerger, Qwen2VL, Qwen2VLConfig, VisionAttention, checked_grid, qwen2_7b_lm,
                                     vision_inv_freq, vision_rotary)
-from vlmkit.models.vit import ACTIVATIONS
+from vlmkit.models.activations import ACTIVATIONS
 
 VISION_RMS_NORM_EPS = 1e-6  # transformers' Qwen2_5_VLVisionBlock and PatchMerger hard-code this
 
@@ -133,27 +133,13 @@ def _by_token(x: torch.Tensor, order: torch.Tensor, merge: int) -> torch.Tensor:
     return x.unflatten(0, (-1, merge**2))[order].flatten(0, 1)  # (N, ...)
 
 
-class VisionMLP(nn.Module):
-    """SwiGLU with biases: down(act(gate(x)) * up(x)), gate and up fused into one matmul."""
-
-    def __init__(self, cfg: Qwen2_5_VLVisionConfig) -> None:
-        super().__init__()
-        self.gate_up = nn.Linear(cfg.embed_dim, 2 * cfg.intermediate_size)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.embed_dim)
-        self.act = ACTIVATIONS[cfg.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (N, I) each
-        return self.down(self.act(gate) * up)
-
-
 class VisionBlock(nn.Module):
     def __init__(self, cfg: Qwen2_5_VLVisionConfig) -> None:
         super().__init__()
         self.norm1 = RMSNorm(cfg.embed_dim, VISION_RMS_NORM_EPS)
         self.attn = VisionAttention(cfg)
         self.norm2 = RMSNorm(cfg.embed_dim, VISION_RMS_NORM_EPS)
-        self.mlp = VisionMLP(cfg)
+        self.mlp = SwiGLU(cfg.embed_dim, cfg.intermediate_size, cfg.hidden_act, bias=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
                 lengths: list[int]) -> torch.Tensor:

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from vlmkit.config import LMConfig, require, Serializable
 from vlmkit.models.lm import CausalLM, CausalLMOutput, KVCache, default_position_ids
 from vlmkit.models.rope import apply_rotary, rope_parameters, signed_sin
-from vlmkit.models.vit import ACTIVATIONS, MLP
+from vlmkit.models.activations import ACTIVATIONS
+from vlmkit.models.vit import MLP
 
 VISION_LAYER_NORM_EPS = 1e-6  # transformers' Qwen2VLVisionBlock and PatchMerger hard-code this
 

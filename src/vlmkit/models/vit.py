@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlmkit.config import VisionConfig
+from vlmkit.models.activations import ACTIVATIONS
 
 
 @dataclass
@@ -39,19 +40,6 @@ class VisionOutput:
     last_hidden_state: torch.Tensor  # (B, N, D); post-layernormed for SigLIP, not for CLIP
     pooler_output: torch.Tensor | None = None  # (B, D): CLIP's normed CLS, SigLIP's head; None without a head
     hidden_states: tuple[torch.Tensor, ...] | None = None  # num_layers + 1 entries of (B, N, D)
-
-
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x)."""
-    return x * torch.sigmoid(1.702 * x)
-
-
-ACTIVATIONS = {
-    "quick_gelu": quick_gelu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "silu": F.silu,
-}
 
 
 class SelfAttention(nn.Module):
