@@ -106,8 +106,12 @@ class _TextTracker:
         return text[:len(text) - keep]
 
 
-class _Row:
-    """One prompt's progress: sampled ids, text pieces, finish reason."""
+class Row:
+    """One prompt's progress: sampled ids, text pieces, finish reason.
+
+    push(token) applies the stop rules (stop ids, stop strings, max_new_tokens); the
+    serving batcher (serve/batcher.py) drives rows with its own decoding loop.
+    """
 
     def __init__(self, prompt: list[int], cfg: GenerationConfig, stop_ids: set[int], tokenizer: Any) -> None:
         self.prompt, self.max_new_tokens, self.stop_ids = prompt, cfg.max_new_tokens, stop_ids
@@ -143,8 +147,8 @@ class _Row:
 
 
 def _make_rows(input_ids: Prompts, attention_mask: torch.Tensor | None, cfg: GenerationConfig,
-               tokenizer: Any) -> list[_Row]:
-    """Unpadded prompts from a (B, T) tensor (+ mask) or lists of ids, one _Row each."""
+               tokenizer: Any) -> list[Row]:
+    """Unpadded prompts from a (B, T) tensor (+ mask) or lists of ids, one Row each."""
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -169,10 +173,16 @@ def _make_rows(input_ids: Prompts, attention_mask: torch.Tensor | None, cfg: Gen
     stop_ids = set(cfg.stop_token_ids)
     eos = getattr(tokenizer, "eos_token_id", None)
     stop_ids.update([eos] if is_int(eos) else eos or [])
-    return [_Row(p, cfg, stop_ids, tokenizer) for p in prompts]
+    return [Row(p, cfg, stop_ids, tokenizer) for p in prompts]
 
 
-def _result(rows: list[_Row], with_text: bool) -> GenerationResult:
+def new_row(prompt: Sequence[int], cfg: GenerationConfig, tokenizer: Any = None) -> Row:
+    """One prompt's Row (checked like generate's prompts; the tokenizer's eos joins the stop ids)."""
+    return _make_rows([prompt], None, cfg, tokenizer)[0]
+
+
+def result_of(rows: list[Row], with_text: bool) -> GenerationResult:
+    """The GenerationResult of finished rows (texts when with_text, i.e. a tokenizer decoded them)."""
     return GenerationResult(token_ids=[r.ids for r in rows], finish_reasons=[r.finish_reason for r in rows],
                             texts=["".join(r.pieces) for r in rows] if with_text else None)
 
@@ -194,7 +204,7 @@ def _pad_id(tokenizer: Any) -> int:
     return pad if pad is not None else 0
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
@@ -210,10 +220,10 @@ def _long_rope_threshold(model: nn.Module) -> int | None:
 
 
 @torch.inference_mode()
-def _decode_cached(model: nn.Module, rows: list[_Row], cfg: GenerationConfig,
+def _decode_cached(model: nn.Module, rows: list[Row], cfg: GenerationConfig,
                    prefill_inputs: dict[str, Any], pad_id: int) -> Iterator[None]:
     """KV-cache decoding: push each sampled token into its row, yield after every step."""
-    ids, mask = _left_pad([r.prompt for r in rows], pad_id, _device(model))  # (B, T) each
+    ids, mask = _left_pad([r.prompt for r in rows], pad_id, model_device(model))  # (B, T) each
     B, T = ids.shape
     history = ids.masked_fill(mask == 0, -1)  # (B, T) prompt ids, -1 = padding
     attention = None if bool(mask.all()) else mask  # no padding: plain causal attention
@@ -249,7 +259,7 @@ def _decode_cached(model: nn.Module, rows: list[_Row], cfg: GenerationConfig,
                            logits_to_keep=1).logits  # (b, 1, V)
 
 
-def _recompute(model: nn.Module, rows: list[_Row], active: list[int], width: int, max_len: int,
+def _recompute(model: nn.Module, rows: list[Row], active: list[int], width: int, max_len: int,
                prefill_inputs: dict[str, Any], pad_id: int) -> tuple[Any, torch.Tensor]:
     """A fresh cache and the last logits (b, 1, V) of the active rows, from every row's whole sequence.
 
@@ -257,7 +267,7 @@ def _recompute(model: nn.Module, rows: list[_Row], active: list[int], width: int
     their layout (and positions). Finished rows go through too, because prefill
     inputs such as pixel_values cover the whole batch; they are dropped after.
     """
-    ids, mask = _left_pad([r.prompt + r.ids for r in rows], pad_id, _device(model), width)  # (B, S) each
+    ids, mask = _left_pad([r.prompt + r.ids for r in rows], pad_id, model_device(model), width)  # (B, S) each
     cache = model.new_cache(len(rows), max_len)
     logits = model(input_ids=ids, attention_mask=mask, cache=cache, logits_to_keep=1,
                    **prefill_inputs).logits  # (B, 1, V)
@@ -267,11 +277,11 @@ def _recompute(model: nn.Module, rows: list[_Row], active: list[int], width: int
 
 
 @torch.inference_mode()
-def _decode_naive(model: nn.Module, rows: list[_Row], cfg: GenerationConfig,
+def _decode_naive(model: nn.Module, rows: list[Row], cfg: GenerationConfig,
                   prefill_inputs: dict[str, Any], pad_id: int) -> Iterator[None]:
     """No cache: the whole sequence goes through the model (with prefill inputs) every step;
     finished rows stay in the batch and are fed padding."""
-    ids, mask = _left_pad([r.prompt for r in rows], pad_id, _device(model))  # (B, T) each
+    ids, mask = _left_pad([r.prompt for r in rows], pad_id, model_device(model))  # (B, T) each
     generators = row_generators(cfg, len(rows))
     while True:
         out = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **prefill_inputs)
@@ -305,7 +315,7 @@ def generate(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig | None 
     rows = _make_rows(input_ids, attention_mask, cfg, tokenizer)
     for _ in _decode_cached(model, rows, cfg, prefill_inputs or {}, _pad_id(tokenizer)):
         pass
-    return _result(rows, tokenizer is not None)
+    return result_of(rows, tokenizer is not None)
 
 
 def generate_naive(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig | None = None,
@@ -316,13 +326,13 @@ def generate_naive(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig |
     rows = _make_rows(input_ids, attention_mask, cfg, tokenizer)
     for _ in _decode_naive(model, rows, cfg, prefill_inputs or {}, _pad_id(tokenizer)):
         pass
-    return _result(rows, tokenizer is not None)
+    return result_of(rows, tokenizer is not None)
 
 
 class TextStream:
     """Iterator over the text pieces of one generation; `result` is set once it is exhausted."""
 
-    def __init__(self, steps: Iterator[None], row: _Row) -> None:
+    def __init__(self, steps: Iterator[None], row: Row) -> None:
         self._steps, self._row, self._sent = steps, row, 0
         self.result: GenerationResult | None = None
 
@@ -336,7 +346,7 @@ class TextStream:
             try:
                 next(self._steps)
             except StopIteration:
-                self.result = _result([self._row], with_text=True)
+                self.result = result_of([self._row], with_text=True)
         self._sent += 1
         return self._row.pieces[self._sent - 1]
 

@@ -114,6 +114,34 @@ def sample_next(logits: torch.Tensor, cfg: GenerationConfig,
     return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
 
 
+def sample_rows(logits: torch.Tensor, cfgs: Sequence[GenerationConfig],
+                generators: Sequence[torch.Generator | None],
+                previous_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Pick the next token of rows that each have their own settings: (B,) ids from logits (B, V).
+
+    cfgs[i] and generators[i] (None for a greedy row) belong to row i. Rows with the
+    same temperature, top-k, top-p and repetition penalty go through sample_next
+    together; every operation there is row by row, so a row's token is what
+    sample_next gives for it alone. previous_ids (B, L), negative = padding, is
+    needed only when some row has a repetition penalty.
+    """
+    if not len(cfgs) == len(generators) == logits.shape[0]:
+        raise ValueError(f"got {logits.shape[0]} rows of logits, {len(cfgs)} configs and {len(generators)} "
+                         "generators; pass one config and one generator (or None) per row")
+    groups: dict[tuple[float, int, float, float], list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        groups.setdefault((cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty), []).append(i)
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)  # (B,)
+    for rows in groups.values():
+        cfg, index = cfgs[rows[0]], torch.tensor(rows, device=logits.device)
+        if cfg.repetition_penalty != 1.0 and previous_ids is None:
+            raise ValueError("a row has a repetition penalty; pass previous_ids (B, L) for the batch")
+        previous = previous_ids[index] if cfg.repetition_penalty != 1.0 else None
+        group_generators = [generators[i] for i in rows] if cfg.temperature != 0 else None
+        tokens[index] = sample_next(logits[index], cfg, group_generators, previous)
+    return tokens
+
+
 def row_generators(cfg: GenerationConfig, n: int) -> list[torch.Generator] | None:
     """One generator per row, all seeded with cfg.seed (or one fresh random seed); None for greedy."""
     if cfg.temperature == 0:

@@ -3,22 +3,25 @@
     app = create_app(load_model("tiny-random"), model_name="tiny-random")
     run_server(app, host="127.0.0.1", port=8000)      # or: vlmkit serve --model tiny-random
 
-    GET  /health               {"status": "ok", "model": ...}   (no API key needed)
+    GET  /health               {"status": "ok", "model": ..., "active_requests": n, "queued_requests": n}
+                               (no API key needed)
     GET  /v1/models            OpenAI's model list (one model)
     GET  /v1/models/{id}
     POST /v1/chat/completions  OpenAI's chat completions: text and image_url parts, stream: true as
                                server-sent events ending with `data: [DONE]`, usage counts
 
-Request checking lives in requests.py. Every refusal is a 4xx JSON body in OpenAI's error shape; an
+Request checking lives in requests.py. Every refusal is a 4xx (or 503) JSON body in OpenAI's error shape; an
 unexpected ValueError from the model side becomes a 400 (logged with its traceback), any other
 exception a 500 whose traceback uvicorn logs. With `api_key`, the /v1 routes need
 `Authorization: Bearer <api_key>` (401 otherwise).
 
-Concurrency: one generation at a time. Requests are parsed and their images decoded concurrently
-in worker threads, then wait for the model lock (an asyncio.Lock, without a bound on how many
-wait); generation runs in a worker thread so the event loop keeps answering /health. A streaming
-client that disconnects cancels its response, which releases the lock after the current decoding
-step. Batching concurrent requests into shared forward passes is not done here.
+Concurrency: requests are parsed and their images decoded concurrently in worker threads, then
+handed to the Batcher (batcher.py): up to max_batch_size requests decode together in one forward
+pass per step, joining and leaving between steps (continuous batching), each with its own settings
+and seed, so an answer is the same as when its request runs alone. At most max_queue more wait for
+a row; beyond that a request is refused with 503 (OpenAI's error shape, code "server_overloaded",
+a Retry-After header): the server is overloaded, not the client over a quota (that would be 429).
+A client that disconnects, streaming or not, frees its row or its queue place at the next step.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,14 +41,16 @@ from typing import Any
 import torch.nn as nn
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from vlmkit.generate import GenerationResult, generate, stream
+from vlmkit.generate import GenerationResult, _long_rope_threshold
 from vlmkit.load import LoadedModel
 from vlmkit.sampling import GenerationConfig
+from vlmkit.serve.batcher import MAX_BATCH_SIZE, MAX_QUEUE, Batcher, QueueFull, Ticket
 from vlmkit.serve.requests import ERROR_TYPES, ChatRequest, Limits, RequestError, error_body, parse_chat_request
+from vlmkit.serve.web import register_web_page
 
 DEFAULT_HOST = "127.0.0.1"  # local only unless asked otherwise
 DEFAULT_PORT = 8000
@@ -62,12 +68,12 @@ class _Job:
 
 
 class _Engine:
-    """The loaded model behind a lock: turns checked requests into prompts and generates for them."""
+    """The loaded model behind the batcher: turns checked requests into prompts and queues them."""
 
-    def __init__(self, loaded: LoadedModel, limits: Limits) -> None:
+    def __init__(self, loaded: LoadedModel, limits: Limits, max_batch_size: int, max_queue: int) -> None:
         self.loaded, self.limits = loaded, limits
         self.context_length = _context_length(loaded.model)
-        self.lock = asyncio.Lock()
+        self.batcher = Batcher(loaded.model, loaded.tokenizer, max_batch_size, max_queue)
 
     def prepare(self, chat: ChatRequest) -> _Job:
         """Plan the images and build the prompt ids; check the prompt-token limits."""
@@ -84,32 +90,28 @@ class _Engine:
         wanted = len(ids) + chat.config.max_new_tokens
         if self.context_length is not None and wanted > self.context_length:
             raise RequestError(f"the prompt ({len(ids)} tokens) plus max_tokens ({chat.config.max_new_tokens}) "
-                               f"is {wanted}, more than the model's context of {self.context_length} tokens; "
-                               "lower max_tokens or shorten the conversation", param="max_tokens",
+                               f"is {wanted}, more than the context of {self.context_length} tokens this server "
+                               "runs the model with; lower max_tokens or shorten the conversation", param="max_tokens",
                                code="context_length_exceeded")
         return _Job(ids, prefill, chat.config)
 
-    async def complete(self, job: _Job) -> GenerationResult:
-        """Generate the whole answer (in a worker thread, holding the lock)."""
-        async with self.lock:
-            return await run_in_threadpool(generate, self.loaded.model, [job.ids], job.config,
-                                           prefill_inputs=job.prefill, tokenizer=self.loaded.tokenizer)
-
-    async def pieces(self, job: _Job) -> AsyncIterator[str | GenerationResult]:
-        """The answer's text pieces as they become final, then the GenerationResult (holding the lock)."""
-        async with self.lock:
-            text = stream(self.loaded.model, job.ids, job.config, self.loaded.tokenizer, prefill_inputs=job.prefill)
-            while (piece := await run_in_threadpool(next, text, None)) is not None:
-                yield piece
-            yield text.result
+    def submit(self, job: _Job) -> Ticket:
+        """Queue the job for the batcher; a 503 when it is full."""
+        try:
+            return self.batcher.submit(job.ids, job.prefill, job.config)
+        except QueueFull as e:
+            raise RequestError(str(e), status=503, code="server_overloaded") from e
 
 
 def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: str | None = None,
-               allow_local_images_root: str | Path | None = None, limits: Limits = Limits()) -> FastAPI:
+               allow_local_images_root: str | Path | None = None, limits: Limits = Limits(),
+               max_batch_size: int = MAX_BATCH_SIZE, max_queue: int = MAX_QUEUE) -> FastAPI:
     """The server app for loaded, answering as model_name (default: loaded.name).
 
     api_key: require `Authorization: Bearer <api_key>` on /v1 routes. allow_local_images_root: let
     image_url parts name local files, only inside this directory (symlinks resolved); None: data URLs only.
+    max_batch_size: requests decoded together; max_queue: requests that may wait for a row (then 503).
+    The batcher's worker thread starts with the first request and stops when the app shuts down.
     """
     model_name = model_name or loaded.name
     root = None
@@ -120,13 +122,21 @@ def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: s
                              "give an existing folder")
     if api_key is not None and not api_key:
         raise ValueError("the API key is empty; give a non-empty key or none")
-    engine = _Engine(loaded, limits)
+    engine = _Engine(loaded, limits, max_batch_size, max_queue)
     created = int(time.time())
-    app = FastAPI(title="vlmkit", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(engine.batcher.stop)
+
+    app = FastAPI(title="vlmkit", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.batcher = engine.batcher
 
     @app.exception_handler(RequestError)
     async def _refused(request: Request, e: RequestError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        headers = {"Retry-After": "1"} if e.status == 503 else None  # overloaded: try again shortly
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
@@ -156,8 +166,9 @@ def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: s
         return {"id": model_name, "object": "model", "created": created, "owned_by": "vlmkit"}
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "model": model_name}
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, "active_requests": engine.batcher.active,
+                "queued_requests": engine.batcher.queued}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -184,17 +195,25 @@ def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: s
                                        local_images_root=root)
         job = await run_in_threadpool(engine.prepare, chat)
         completion_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        ticket = engine.submit(job)
         if chat.stream:
-            events = _events(engine, job, completion_id, now, model_name, chat.include_usage)
+            events = _events(request, ticket, job, completion_id, now, model_name, chat.include_usage)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        result = await engine.complete(job)
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, ticket))
+        try:
+            result = await ticket.complete()
+        finally:
+            watcher.cancel()
+        if result is None:  # the client went away; nobody reads this
+            return Response(status_code=499)
         return {"id": completion_id, "object": "chat.completion", "created": now, "model": model_name,
                 "system_fingerprint": None,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.texts[0]},
                              "logprobs": None, "finish_reason": result.finish_reasons[0]}],
                 "usage": _usage(job, result)}
 
+    register_web_page(app)  # GET /: the chat page (web.py)
     return app
 
 
@@ -219,9 +238,19 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _events(engine: _Engine, job: _Job, completion_id: str, created: int, model_name: str,
-                  include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chat.completion.chunk format, ending with `data: [DONE]`."""
+async def _cancel_on_disconnect(request: Request, ticket: Ticket) -> None:
+    """Cancel ticket when the client disconnects (the body is read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    ticket.cancel()
+
+
+async def _events(request: Request, ticket: Ticket, job: _Job, completion_id: str, created: int,
+                  model_name: str, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chat.completion.chunk format, ending with `data: [DONE]`.
+
+    The ticket is cancelled when the client disconnects (watched while the stream runs) or when
+    the response is closed early for any other reason."""
     def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
         event = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
                  "system_fingerprint": None, "choices": choices}
@@ -232,16 +261,22 @@ async def _events(engine: _Engine, job: _Job, completion_id: str, created: int, 
     def choice(delta: dict[str, str], finish_reason: str | None = None) -> list[dict[str, Any]]:
         return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
 
-    yield chunk(choice({"role": "assistant", "content": ""}))
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, ticket))
     try:
-        async for item in engine.pieces(job):
-            if isinstance(item, str):
-                yield chunk(choice({"content": item}))
-            else:
-                result = item
-    except Exception:  # the status line is sent: report in the stream, keep the traceback in the log
-        logger.exception("generation failed during a streamed response")
-        yield f"data: {json.dumps(error_body('generation failed; see the server log', 'server_error'))}\n\n"
+        yield chunk(choice({"role": "assistant", "content": ""}))
+        try:
+            async for piece in ticket:
+                yield chunk(choice({"content": piece}))
+        except Exception:  # the status line is sent: report in the stream, keep the traceback in the log
+            logger.exception("generation failed during a streamed response")
+            yield f"data: {json.dumps(error_body('generation failed; see the server log', 'server_error'))}\n\n"
+            return
+    finally:
+        watcher.cancel()
+        if ticket.result is None:
+            ticket.cancel()
+    result = ticket.result
+    if result is None:  # cancelled: the client is gone
         return
     yield chunk(choice({}, result.finish_reasons[0]))
     if include_usage:
@@ -256,6 +291,10 @@ def _usage(job: _Job, result: GenerationResult) -> dict[str, int]:
 
 
 def _context_length(model: nn.Module) -> int | None:
-    """The language model's max_position_embeddings (a VLM's config holds it under .lm), or None."""
+    """The language model's max_position_embeddings (a VLM's config holds it under .lm), or None.
+
+    A longrope (Phi-3) model is held to original_max_position_embeddings: past it the RoPE factors
+    change for the whole batch (see batcher.py), and rows of a batch must not affect each other."""
     cfg = getattr(model, "cfg", None)
-    return getattr(getattr(cfg, "lm", cfg), "max_position_embeddings", None)
+    limits = [getattr(getattr(cfg, "lm", cfg), "max_position_embeddings", None), _long_rope_threshold(model)]
+    return min((n for n in limits if n is not None), default=None)

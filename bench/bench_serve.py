@@ -1,0 +1,198 @@
+"""Batched serving: 8 concurrent streaming clients vs the same 8 requests one after another.
+
+    python bench/bench_serve.py                       # default: 5 repetitions, 1 torch thread, 128 tokens
+    python bench/bench_serve.py --reps 7 --threads 2 --max-tokens 64 --json bench/results/serve.json
+    python bench/bench_serve.py --lm vary-tiny --workload text --reps 3   # a 12-layer, 768-wide LM
+
+A real `vlmkit serve` app (uvicorn) runs in a subprocess on a free 127.0.0.1 port, serving the
+`bench-tiny` preset's model (CLIP-style ViT 96 px, patch 8, 192 wide, 4 layers; mlp2x_gelu; Llama LM
+256 wide, 4 layers) with random weights and the printable-ASCII character tokenizer of `tiny-random`
+(so the LM's vocabulary is that tokenizer's, 107 ids, instead of the preset's 4096). `--lm vary-tiny`
+swaps in the `vary-tiny` preset's language model (12 layers, 768 wide, 113M parameters: the size
+where a CPU decoding step is bound by reading the weights, so batching pays), same vocabulary. The 8 requests
+are different questions, greedy, `max_tokens` new tokens, streamed with the official `openai`
+client; the completion tokens come from each stream's `usage`. Two workloads: each question about
+one image (144 image tokens, a prompt of ~190 tokens), and the same questions as text only.
+For each, alternating the two modes every repetition (so machine noise hits both alike):
+
+- sequential: the 8 requests one after another, each waiting for the previous answer;
+- concurrent: 8 client threads send them at once; the server decodes them as one batch.
+
+Reported: total completion tokens / wall time for each mode (medians over --reps), their ratio, and
+the median of the per-repetition ratios (steadier on a busy machine: the two runs of a repetition
+are seconds apart).
+Both modes must give the same 8 answers, or the run stops. Only decoding is batched: each prompt is
+prefilled alone (a batched prefill is no faster on a CPU, it is compute-bound), so the image
+workload, whose prefill runs the vision tower, gains less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import string
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+CLIENTS = 8
+QUESTIONS = ["What is in the picture?", "Which colours do you see?", "How many shapes are there?",
+             "Describe the image in detail.", "Is there a circle?", "What is at the top left?",
+             "Write a caption.", "What would you call this scene?"]
+IMAGE = Path(__file__).resolve().parent.parent / "examples" / "shapes.png"
+MODELS = {"bench-tiny": "bench-tiny (char vocabulary)",
+          "vary-tiny": "bench-tiny's vision + vary-tiny's LM (12 x 768, char vocabulary)"}
+
+
+def serve(port: int, threads: int, max_tokens: int, lm: str) -> None:
+    """The server process: the bench model behind create_app, run by uvicorn (until killed)."""
+    import dataclasses
+
+    import torch
+
+    from vlmkit.load import LoadedModel
+    from vlmkit.models.vlm import VLM
+    from vlmkit.config import ProjectorConfig
+    from vlmkit.presets import bench_tiny, get_preset
+    from vlmkit.serve import Limits, create_app, run_server
+    from vlmkit.text.chat import chat_template_for
+    from vlmkit.text.tokenizer import CharTokenizer
+
+    torch.set_num_threads(threads)
+    tokenizer = CharTokenizer(string.printable)
+    cfg = bench_tiny()
+    lm_cfg = cfg.lm if lm == "bench-tiny" else get_preset(lm).lm
+    cfg = dataclasses.replace(cfg, lm=dataclasses.replace(lm_cfg, vocab_size=tokenizer.vocab_size),
+                              projector=ProjectorConfig("mlp2x_gelu", cfg.vision.hidden_size, lm_cfg.hidden_size),
+                              image_token_id=tokenizer.token_to_id("<image>"))
+    torch.manual_seed(0)
+    model = VLM(cfg).eval()
+    loaded = LoadedModel("bench-tiny", model, tokenizer, chat_template_for(tokenizer))
+    run_server(create_app(loaded, limits=Limits(max_tokens=max_tokens)), port=port)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ask(client, question: str, image_url: str | None, max_tokens: int) -> tuple[str, int]:
+    """One streamed request, with the image if image_url is given: (answer text, completion tokens)."""
+    image = [{"type": "image_url", "image_url": {"url": image_url}}] if image_url else []
+    messages = [{"role": "user", "content": [*image, {"type": "text", "text": question}]}]
+    chunks = list(client.chat.completions.create(model="bench-tiny", messages=messages, max_tokens=max_tokens,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks[-1].usage.completion_tokens
+
+
+def sequential(client, image_url: str | None, max_tokens: int) -> tuple[float, list[tuple[str, int]]]:
+    start = time.perf_counter()
+    answers = [ask(client, q, image_url, max_tokens) for q in QUESTIONS]
+    return time.perf_counter() - start, answers
+
+
+def concurrent(client, image_url: str | None, max_tokens: int) -> tuple[float, list[tuple[str, int]]]:
+    answers: list = [None] * CLIENTS
+    barrier = threading.Barrier(CLIENTS + 1)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        answers[i] = ask(client, QUESTIONS[i], image_url, max_tokens)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start, answers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=5, help="repetitions of each mode (medians are reported)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server process")
+    parser.add_argument("--max-tokens", type=int, default=128, help="max_tokens of every request")
+    parser.add_argument("--lm", choices=["bench-tiny", "vary-tiny"], default="bench-tiny",
+                        help="whose language model to serve (the vision tower is bench-tiny's either way)")
+    parser.add_argument("--workload", choices=["both", "image", "text"], default="both",
+                        help="questions about one image, text only, or both")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--serve-port", type=int, default=None, help=argparse.SUPPRESS)  # the server subprocess
+    args = parser.parse_args()
+    if args.serve_port is not None:
+        serve(args.serve_port, args.threads, args.max_tokens, args.lm)
+        return
+
+    import base64
+
+    import openai
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, __file__, "--serve-port", str(port), "--threads", str(args.threads),
+                               "--max-tokens", str(args.max_tokens), "--lm", args.lm],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the server did not start")
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        image_url = "data:image/png;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
+        kinds = {"one image": "image", "text only": "text"}
+        workloads = {w: u for w, u in {"one image": image_url, "text only": None}.items()
+                     if args.workload in ("both", kinds[w])}
+        for url in workloads.values():
+            ask(client, QUESTIONS[0], url, 4)  # warm-up
+        rates = {(w, m): [] for w in workloads for m in ("sequential", "concurrent")}
+        references: dict[str, list] = {}
+        for rep in range(args.reps):
+            for workload, url in workloads.items():
+                for mode, run in (("sequential", sequential), ("concurrent", concurrent)):
+                    seconds, answers = run(client, url, args.max_tokens)
+                    reference = references.setdefault(workload, answers)
+                    if answers != reference:
+                        raise SystemExit(f"{workload}, {mode}: the answers differ from the first run's: "
+                                         f"{answers} vs {reference}")
+                    tokens = sum(n for _, n in answers)
+                    rates[workload, mode].append(tokens / seconds)
+                    print(f"rep {rep + 1} {workload:<9} {mode:<10} {tokens} tokens in {seconds:.2f} s = "
+                          f"{tokens / seconds:.1f} tokens/s", flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    medians = {key: statistics.median(values) for key, values in rates.items()}
+    print(f"\n{MODELS[args.lm]}, {CLIENTS} streamed greedy requests of {args.max_tokens} max new tokens, "
+          f"{args.threads} torch thread(s) in the server, medians of {args.reps}; total completion tokens/s")
+    print(f"{'workload':<10} {'sequential':>11} {f'{CLIENTS} concurrent':>13} {'ratio':>7}   median of each "
+          "repetition's ratio (its two modes ran back to back)")
+    paired = {w: statistics.median(c / s for s, c in zip(rates[w, "sequential"], rates[w, "concurrent"]))
+              for w in workloads}
+    for workload in workloads:
+        seq, conc = medians[workload, "sequential"], medians[workload, "concurrent"]
+        print(f"{workload:<10} {seq:>11.1f} {conc:>13.1f} {conc / seq:>6.2f}x   {paired[workload]:.2f}x")
+    if args.json is not None:
+        args.json.write_text(json.dumps({
+            "model": MODELS[args.lm], "clients": CLIENTS, "max_tokens": args.max_tokens,
+            "threads": args.threads, "reps": args.reps,
+            "tokens_per_s": {f"{w} / {m}": v for (w, m), v in medians.items()},
+            "ratio": {w: medians[w, "concurrent"] / medians[w, "sequential"] for w in workloads},
+            "median_paired_ratio": paired,
+            "all_tokens_per_s": {f"{w} / {m}": v for (w, m), v in rates.items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
