@@ -15,6 +15,7 @@ from PIL import Image
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.models import from_pretrained, save_pretrained
 from vlmkit.models.deepseek_vl import DeepseekVL, deepseek_vl_pixels
+from vlmkit.models.vlm import image_inputs, plan_image
 
 IMAGE_TOKEN = 100
 TOL = 1e-4
@@ -139,3 +140,18 @@ def test_placeholder_count_mismatch_names_both_counts(models):
         ours(input_ids=ids, pixel_values=inputs["pixel_values"])
     with pytest.raises(ValueError, match="16 image placeholder tokens but no pixel_values"):
         ours(input_ids=ids)
+
+
+def test_image_plan_feeds_the_same_pixels(models):
+    """vlmkit's prompt path (models.vlm.plan_image -> image_inputs) gives the processor's two views and the
+    token count the model checks: DeepSeek-VL's plans are of scheme 'hybrid', 16 tokens at this tiny size."""
+    hf, ours = models
+    photos = _photos(((300, 200), (120, 260)))
+    plans = [plan_image(ours.cfg, p) for p in photos]
+    assert [(p.scheme, p.num_tokens) for p in plans] == [("hybrid", 16), ("hybrid", 16)]
+    got, expected = image_inputs(plans), _processor()(images=photos, return_tensors="pt")
+    for key in ("pixel_values", "high_res_pixel_values"):
+        assert (got[key] - expected[key]).abs().max().item() <= 1e-6
+    ids, _ = _inputs(ours, ((300, 200), (120, 260)))
+    with torch.no_grad():
+        assert (ours(input_ids=ids, **got).logits - hf(input_ids=ids, **got).logits).abs().max().item() <= TOL

@@ -75,6 +75,58 @@ def test_route_hand_checked():
     assert experts.tolist() == [[0], [1]] and weights.tolist() == [[1.0], [1.0]]
 
 
+def _pairs(weights: torch.Tensor, experts: torch.Tensor) -> list[list[tuple[int, float]]]:
+    """Each token's (expert, weight) pairs sorted by expert id: the picks, whatever topk's order."""
+    return [sorted(zip(e.tolist(), w.tolist())) for w, e in zip(weights, experts)]
+
+
+def test_group_limited_greedy_hand_checked():
+    """DeepSeek-V2 sec. 2.2.2 (device-limited routing): 3 groups of 2 experts, a group scored by its best
+    expert. p = [.30, .05 | .25, .20 | .10, .10]: plain top-2 takes experts 0 and 2; limited to the best
+    group (topk_group=1) it must take 0 and 1; with 2 groups, 0 and 2 again. Weights are p, times the scale."""
+    p = torch.tensor([[0.30, 0.05, 0.25, 0.20, 0.10, 0.10]])
+    kw = dict(method="group_limited_greedy", n_group=3, scaling=2.0)
+    got = _pairs(*route(p.log(), top_k=2, norm_topk_prob=False, topk_group=1, **kw))
+    assert got == [[(0, pytest.approx(0.60)), (1, pytest.approx(0.10))]]
+    got = _pairs(*route(p.log(), top_k=2, norm_topk_prob=False, topk_group=2, **kw))
+    assert got == [[(0, pytest.approx(0.60)), (2, pytest.approx(0.50))]]
+
+
+def test_noaux_tc_hand_checked():
+    """DeepSeek-V3 sec. 2.1.2: sigmoid scores s; the bias b only chooses (s + b), the weights are s, renormalised,
+    times the routed scale. s = [.9, .3 | .6, .5], b = [0, 0, 0, .3], groups scored by their two best:
+    without b group 0 wins (1.2 > 1.1), with b group 1 (0.6 + 0.8 = 1.4): experts 2 and 3, weights
+    2.5 * [.6, .5] / 1.1."""
+    s = torch.tensor([[0.9, 0.3, 0.6, 0.5]])
+    logits = torch.log(s / (1 - s))  # sigmoid(logits) = s
+    kw = dict(scoring="sigmoid", method="noaux_tc", n_group=2, topk_group=1, scaling=2.5)
+    no_bias = route(logits, top_k=2, norm_topk_prob=True, correction_bias=torch.zeros(4), **kw)
+    assert _pairs(*no_bias) == [[(0, pytest.approx(2.5 * 0.75)), (1, pytest.approx(2.5 * 0.25))]]
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.3])
+    got = _pairs(*route(logits, top_k=2, norm_topk_prob=True, correction_bias=bias, **kw))
+    assert got == [[(2, pytest.approx(2.5 * 0.6 / 1.1)), (3, pytest.approx(2.5 * 0.5 / 1.1))]]
+    greedy = route(logits, top_k=2, norm_topk_prob=False, scoring="sigmoid")  # plain sigmoid top-2: experts 0, 2
+    assert _pairs(*greedy) == [[(0, pytest.approx(0.9)), (2, pytest.approx(0.6))]]
+
+
+def test_deepseek_routing_validated():
+    base = dict(num_experts=6, num_experts_per_tok=2)
+    assert tiny_cfg(**base, moe_topk_method="noaux_tc", moe_n_group=3, moe_scoring="sigmoid").moe_n_group == 3
+    with pytest.raises(ValueError, match="moe_topk_method 'top1' unknown"):
+        tiny_cfg(**base, moe_topk_method="top1")
+    with pytest.raises(ValueError, match="moe_scoring 'relu' unknown"):
+        tiny_cfg(**base, moe_scoring="relu")
+    with pytest.raises(ValueError, match="moe_n_group 4 must be >= 1 and divide num_experts 6"):
+        tiny_cfg(**base, moe_n_group=4)
+    with pytest.raises(ValueError, match="2 reachable"):  # one group of 2 cannot give 3 experts
+        tiny_cfg(num_experts=6, num_experts_per_tok=3, moe_topk_method="group_limited_greedy", moe_n_group=3)
+    with pytest.raises(ValueError, match="two best experts"):
+        tiny_cfg(**base, moe_topk_method="noaux_tc", moe_n_group=6, moe_topk_group=2)
+    with pytest.raises(ValueError, match="only apply to a mixture of experts"):
+        LMConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 routed_scaling_factor=2.0)
+
+
 def _swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """down * silu(gate . x) * (up . x) for one token x (C,), gate/up (C,), down (C,): width-1 expert."""
     return down * F.silu(gate @ x) * (up @ x)

@@ -30,7 +30,7 @@ def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 def test_registry_names_and_unknown_name():
     expected = {"llava-1.5", "llava-next", "phi-3.5-v", "vary-base", "vary-tiny", "qwen-vl", "qwen2-vl",
-                "qwen2.5-vl", "deepseek-vl2", "minicpm-v", "tiny-random", "bench-tiny"}
+                "qwen2.5-vl", "deepseek-vl", "deepseek-vl2", "minicpm-v", "tiny-random", "bench-tiny"}
     assert expected <= set(PRESETS)
     assert all(f"{name}-small" in PRESETS for name in PUBLISHED)
     with pytest.raises(ValueError, match="valid presets: .*llava-1.5"):
@@ -106,6 +106,8 @@ def test_small_preset_runs_forward(name):
     ("qwen2-vl", (224, 224), 64),          # seed 003: 256 patches -> 64 merged tokens
     ("qwen2.5-vl", (224, 224), 64),        # the same patches and 2x2 merger as Qwen2-VL
     ("deepseek-vl2", (384, 384), 421),     # 14 x 15 global + 1 separator + 14 x 15 tile
+    ("deepseek-vl", (336, 336), 576),      # seed 003: SigLIP 384 / 16 = 24 x 24 = SAM's 24 x 24 x 1024
+    ("deepseek-vl", (1344, 672), 576),     # any image: resized and padded to 1024 and 384 squares
     ("vary-base", (800, 600), 256),        # seed 001: 256 <imgpad>
     ("vary-tiny", (800, 600), 256),        # seed 001: the same SAM branch alone, 256 tokens of 1024
     ("qwen-vl", (800, 600), 256),          # seed 003: 256 resampler queries
@@ -118,6 +120,7 @@ def test_published_token_counts(name, size, tokens):
     ("llava-1.5", 7.06e9, 0.01e9),   # LLaVA-1.5-7B: ~7.06B
     ("phi-3.5-v", 4.2e9, 0.1e9),     # Phi-3.5-vision: "4.2B", given to one decimal
     ("qwen2.5-vl", 8.29e9, 0.01e9),  # Qwen2.5-VL-7B-Instruct's model card: 8.29B
+    ("deepseek-vl2", 27.5e9, 0.05e9),  # DeepSeek-VL2 paper, Table 1: 27.5B total (4.5B activated)
 ])
 def test_parameter_counts_match_published(name, published, tolerance):
     assert abs(count_parameters(get_preset(name)) - published) <= tolerance
@@ -128,7 +131,7 @@ def test_cli_presets_json(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == list(PRESETS)
     for r in rows:
-        assert set(r) == {"name", "vision", "scheme", "projector", "lm", "parameters", "tokens"}
+        assert set(r) == {"name", "vision", "scheme", "projector", "lm", "parameters", "tokens", "recipe"}
         assert isinstance(r["parameters"], int) and r["parameters"] > 0
         assert set(r["tokens"]) == {"336x336", "1344x672"}
     by_name = {r["name"]: r for r in rows}
@@ -140,6 +143,9 @@ def test_cli_presets_json(capsys):
     assert by_name["vary-tiny"]["tokens"] == {"336x336": 256, "1344x672": 256}
     assert by_name["qwen2.5-vl"]["scheme"] == "dynamic" and "Qwen2.5-VL" in by_name["qwen2.5-vl"]["vision"]
     assert by_name["qwen2.5-vl"]["tokens"]["1344x672"] == 1152
+    assert by_name["deepseek-vl"]["scheme"] == "hybrid" and "SAM 1024px/16" in by_name["deepseek-vl"]["vision"]
+    assert by_name["deepseek-vl"]["tokens"] == {"336x336": 576, "1344x672": 576}
+    assert "MoE 72e top6 MLA" in by_name["deepseek-vl2"]["lm"]
 
 
 def test_cli_presets_text(capsys):

@@ -50,12 +50,15 @@ class Serializable:
 
 
 _MOE_FIELDS = ("num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
-               "shared_expert_intermediate_size", "shared_expert_gate", "dense_layers")
+               "shared_expert_intermediate_size", "shared_expert_gate", "dense_layers", "moe_scoring",
+               "moe_topk_method", "moe_n_group", "moe_topk_group", "routed_scaling_factor", "moe_router_fp32")
+_MLA_FIELDS = ("q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_interleave")
 
 
 @dataclass
 class LMConfig(Serializable):
-    """A Llama-family decoder: Llama, Mistral, Qwen2, Phi-3, SmolLM2; with experts, Qwen2-MoE."""
+    """A Llama-family decoder: Llama, Mistral, Qwen2, Phi-3, SmolLM2; with experts, Qwen2-MoE; with
+    experts and latent attention, DeepSeek-V2/V3 (the language model of DeepSeek-VL2)."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -89,6 +92,20 @@ class LMConfig(Serializable):
     shared_expert_intermediate_size: int = 0  # width of the always-on shared expert(s); 0 = none
     shared_expert_gate: bool = False  # Qwen2-MoE: scale the shared expert by sigmoid(w . x)
     dense_layers: tuple[int, ...] = ()  # layers that keep the dense MLP (intermediate_size) in an MoE model
+    # DeepSeek-V2/V3 routing (models/moe.py route): how experts are scored, picked and weighted.
+    moe_scoring: str = "softmax"  # "softmax" (Qwen2-MoE, DeepSeek-V2) or "sigmoid" (DeepSeek-V3, DeepSeek-VL2)
+    moe_topk_method: str = "greedy"  # "greedy", "group_limited_greedy" (V2) or "noaux_tc" (V3: + correction bias)
+    moe_n_group: int = 1  # expert groups of the group-limited methods (num_experts / moe_n_group per group)
+    moe_topk_group: int = 1  # groups a token may take its experts from
+    routed_scaling_factor: float = 1.0  # the routed experts' weights are multiplied by this (DeepSeek-VL2: 2.0)
+    moe_router_fp32: bool = False  # DeepSeek: router logits in fp32; Qwen2-MoE: in the model dtype
+    # Multi-head latent attention (models/mla.py, DeepSeek-V2/V3); kv_lora_rank 0 = ordinary attention.
+    kv_lora_rank: int = 0  # width of the compressed key/value latent that the KV cache stores
+    q_lora_rank: int = 0  # width of the query bottleneck; 0 = one full query projection
+    qk_nope_head_dim: int = 0  # per-head query/key channels without RoPE
+    qk_rope_head_dim: int = 0  # per-head query channels with RoPE; the key's are one head shared by all
+    v_head_dim: int = 0  # per-head value channels
+    rope_interleave: bool = False  # MLA: rotate channel pairs (2i, 2i + 1), DeepSeek's layout, not (i, i + d/2)
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -117,6 +134,7 @@ class LMConfig(Serializable):
                  f"sliding_window must be positive or None, got {self.sliding_window}")
         self.dense_layers = tuple(self.dense_layers)
         self._check_moe()
+        self._check_mla()
 
     def _check_moe(self) -> None:
         if self.num_experts == 0:
@@ -138,6 +156,20 @@ class LMConfig(Serializable):
         require(not self.mlp_bias, "mixture-of-experts MLPs have no bias; set mlp_bias=False")
         bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
         require(not bad, f"dense_layers {bad} are out of range for {self.num_layers} layers")
+        from vlmkit.models.moe import check_routing  # the routing options are checked beside the router
+
+        check_routing(self)
+
+    def _check_mla(self) -> None:
+        if self.kv_lora_rank == 0:
+            mla_set = [f.name for f in dataclasses.fields(self)
+                       if f.name in _MLA_FIELDS and getattr(self, f.name) != f.default]
+            require(not mla_set, f"LMConfig fields {mla_set} only apply to multi-head latent attention; "
+                                 "set kv_lora_rank > 0 or remove them")
+            return
+        from vlmkit.models.mla import check_latent_attention  # checked beside the attention it configures
+
+        check_latent_attention(self)
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether decoder layer `layer` uses the mixture-of-experts block instead of the dense MLP."""
@@ -146,7 +178,10 @@ class LMConfig(Serializable):
     @property
     def rotary_dim(self) -> int:
         """Number of leading channels of each head that RoPE rotates: int(head_dim * factor),
-        rounded up to even as transformers' frequency table (arange(0, dim, 2)) does."""
+        rounded up to even as transformers' frequency table (arange(0, dim, 2)) does;
+        qk_rope_head_dim with latent attention."""
+        if self.kv_lora_rank:
+            return self.qk_rope_head_dim
         dim = int(self.head_dim * self.partial_rotary_factor)
         return dim + dim % 2
 

@@ -31,12 +31,14 @@ from vlmkit.models.sam import SamConfig
 from vlmkit.config import LMConfig, ProjectorConfig, VisionConfig, VLMConfig
 from vlmkit.image.schemes.anyres import LLAVA_V16_PINPOINTS
 from vlmkit.image.schemes.dynamic import plan_dynamic
+from vlmkit.models.deepseek_vl import DeepseekVL, DeepseekVLConfig
 from vlmkit.models.projectors import parse_projector_type
 from vlmkit.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
 from vlmkit.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
 from vlmkit.models.vlm import VLM, plan_image
+from vlmkit.weights.deepseek_v2 import config_from_hf as deepseek_lm_config
 
-Preset = VLMConfig | Qwen2VLConfig
+Preset = VLMConfig | Qwen2VLConfig | DeepseekVLConfig
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -154,18 +156,38 @@ def qwen2_5_vl() -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig()
 
 
-def deepseek_vl2() -> VLMConfig:
-    """DeepSeek-VL2 (seed 003): SigLIP-so400m/14 at 384 (the conv reads 378 px: 27x27 = 729 patches),
-    tiles of up to 9, 2x2 downsample then a two-layer MLP 4608 -> 2560.
+def deepseek_vl() -> DeepseekVLConfig:
+    """DeepSeek-VL-7B (seed 003): SigLIP-L/16 at 384 px (576 tokens of 1024) beside SAM-B at 1024 px (64x64x256,
+    resized to 96x96, two stride-2 convs -> 24x24x1024 = 576 tokens), the hybrid aligner (each branch to 2048,
+    concatenated, GELU, Linear 4096 -> 4096) and DeepSeek-LLM-7B (30 layers, 4096 wide, 32 heads, FFN 11008,
+    vocabulary 102400). 576 placeholders per image whatever its size (models/deepseek_vl.plan_hybrid)."""
+    lm = LMConfig(vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_layers=30, num_heads=32,
+                  max_position_embeddings=4096, bos_token_id=100000, eos_token_id=100001)
+    return DeepseekVLConfig(lm=lm, image_token_id=100015)
 
-    The language model is NOT DeepSeek-VL2's: its MoE (72 routed + 2 shared experts, top-6) with MLA
-    attention is not implemented. This is a dense Llama-style decoder of the published depth (30),
-    width (2560), heads (32) and vocabulary (129280), its FFN width 12288 a stand-in for the experts,
-    so the parameter count is not the published 27.5B total / 4.5B activated."""
-    lm = LMConfig(vocab_size=129280, hidden_size=2560, intermediate_size=12288, num_layers=30, num_heads=32,
-                  max_position_embeddings=4096, bos_token_id=0, eos_token_id=1)
+
+# DeepSeek-VL2's language_config (deepseek-ai/deepseek-vl2, config.json), the keys that differ from the
+# deepseek_v2 defaults: DeepSeekMoE with 72 routed experts (top-6, noaux_tc over sigmoid scores, weights
+# renormalised and scaled by 2.0) + 2 shared, layer 0 dense, and latent attention without a query bottleneck.
+DEEPSEEK_VL2_LM = {
+    "model_type": "deepseek_v2", "vocab_size": 129280, "hidden_size": 2560, "intermediate_size": 12288,
+    "num_hidden_layers": 30, "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
+    "bos_token_id": 0, "eos_token_id": 1, "moe_intermediate_size": 1536, "n_routed_experts": 72,
+    "n_shared_experts": 2, "num_experts_per_tok": 6, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+    "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.0,
+    "use_mla": True, "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+}
+
+
+def deepseek_vl2() -> VLMConfig:
+    """DeepSeek-VL2 (seed 003; the base size, 4.5B activated of 27B parameters): SigLIP-so400m/14 at 384 (the
+    conv reads 378 px: 27x27 = 729 patches), tiles of up to 9, 2x2 downsample then a two-layer MLP
+    4608 -> 2560, and the DeepSeekMoE language model read from its published language_config (DEEPSEEK_VL2_LM)
+    by weights/deepseek_v2.py: 30 layers of multi-head latent attention, 72 routed + 2 shared experts."""
     return VLMConfig(vision=siglip_so400m(378), projector=ProjectorConfig("merge2x2_mlp2x_gelu", 4608, 2560),
-                     lm=lm, image_token_id=128815, image_scheme="tiles", max_crops=9)
+                     lm=deepseek_lm_config(DEEPSEEK_VL2_LM), image_token_id=128815, image_scheme="tiles",
+                     max_crops=9)
 
 
 def minicpm_v() -> VLMConfig:
@@ -210,11 +232,22 @@ SMALL_VOCAB = 512
 
 
 def _small_lm(lm: LMConfig) -> LMConfig:
-    """Two layers of width 64 (4 heads of 16), GQA kept if the original has it, biases and RoPE kept."""
+    """Two layers of width 64 (4 heads of 16), GQA kept if the original has it, biases and RoPE kept; a mixture
+    of experts keeps its routing, shared experts and dense first layer with 8 experts of 32 (top-2), latent
+    attention its layout at ranks 16 (kv) and 24 (q, if it has one)."""
     kv = 2 if lm.num_kv_heads != lm.num_heads else 4
-    return dataclasses.replace(lm, vocab_size=SMALL_VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
-                               num_heads=4, num_kv_heads=kv, head_dim=None,
-                               bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    small = dict(vocab_size=SMALL_VOCAB, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 num_kv_heads=kv, head_dim=None, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if lm.num_experts:
+        shared = round(lm.shared_expert_intermediate_size / lm.moe_intermediate_size)  # shared experts' count
+        small.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                     shared_expert_intermediate_size=32 * shared, moe_n_group=min(lm.moe_n_group, 2),
+                     moe_topk_group=min(lm.moe_topk_group, 2),
+                     dense_layers=tuple(i for i in lm.dense_layers if i < 1))
+    if lm.kv_lora_rank:
+        small.update(kv_lora_rank=16, q_lora_rank=24 if lm.q_lora_rank else 0, qk_nope_head_dim=8,
+                     qk_rope_head_dim=8, v_head_dim=16)
+    return dataclasses.replace(lm, **small)
 
 
 def _small_projector(p: ProjectorConfig, in_dim: int, out_dim: int) -> ProjectorConfig:
@@ -228,6 +261,12 @@ def shrink(cfg: Preset) -> Preset:
     """The `-small` twin of a preset: same scheme, image and patch sizes, projector family and parts;
     vision towers 32 wide with 2 layers, LM 64 wide with 2 layers and a 512-token vocabulary, the image
     placeholder its last id."""
+    if isinstance(cfg, DeepseekVLConfig):  # DeepSeek-VL: both towers shrunk, 384 / 1024 px kept
+        vision = dataclasses.replace(cfg.vision, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
+        high = dataclasses.replace(cfg.vision_high, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                                   global_attn_indexes=(1,), output_channels=8,  # convs 2x and 4x it, as in
+                                   downsample_channels=(16, 32))  # transformers' DeepSeek-VL hybrid
+        return DeepseekVLConfig(vision=vision, vision_high=high, lm=_small_lm(cfg.lm), image_token_id=SMALL_VOCAB - 1)
     if isinstance(cfg, Qwen2VLConfig):  # Qwen2-VL and Qwen2.5-VL
         lm = dataclasses.replace(_small_lm(cfg.lm), rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})
         windowed = {"intermediate_size": 64, "fullatt_block_indexes": [1]} if isinstance(cfg, Qwen2_5_VLConfig) else {}
@@ -263,6 +302,7 @@ PUBLISHED: dict[str, Callable[[], Preset]] = {
     "qwen-vl": qwen_vl,
     "qwen2-vl": qwen2_vl,
     "qwen2.5-vl": qwen2_5_vl,
+    "deepseek-vl": deepseek_vl,
     "deepseek-vl2": deepseek_vl2,
     "minicpm-v": minicpm_v,
 }
@@ -294,8 +334,11 @@ def get_preset(name: str) -> Preset:
 # ---- what a preset builds and costs --------------------------------------------------------------------
 
 def build_model(cfg: Preset) -> nn.Module:
-    """The module of a preset's config: Qwen2_5_VL for a Qwen2_5_VLConfig, Qwen2VL for a Qwen2VLConfig, else
-    VLM. Builds on the current default device, so `with torch.device("meta"): build_model(cfg)` allocates nothing."""
+    """The module of a preset's config: DeepseekVL for a DeepseekVLConfig, Qwen2_5_VL for a Qwen2_5_VLConfig,
+    Qwen2VL for a Qwen2VLConfig, else VLM. Builds on the current default device, so
+    `with torch.device("meta"): build_model(cfg)` allocates nothing."""
+    if isinstance(cfg, DeepseekVLConfig):
+        return DeepseekVL(cfg)
     if isinstance(cfg, Qwen2_5_VLConfig):
         return Qwen2_5_VL(cfg)
     return Qwen2VL(cfg) if isinstance(cfg, Qwen2VLConfig) else VLM(cfg)
@@ -309,7 +352,8 @@ def count_parameters(cfg: Preset) -> int:
 
 def plan_tokens(cfg: Preset, size: tuple[int, int]) -> int:
     """Image placeholders a blank (width, height) image costs, from the model's own plan function:
-    vlm.plan_image (the config's image_scheme) or, for Qwen2-VL and Qwen2.5-VL, plan_dynamic."""
+    vlm.plan_image (the config's image_scheme; DeepSeek-VL's plan_hybrid) or, for Qwen2-VL and Qwen2.5-VL,
+    plan_dynamic."""
     image = Image.new("RGB", size)
     plan = plan_dynamic(image) if isinstance(cfg, Qwen2VLConfig) else plan_image(cfg, image)
     return plan.num_tokens
@@ -323,6 +367,11 @@ def describe_parts(cfg: Preset) -> dict[str, str]:
         if isinstance(cfg, Qwen2_5_VLConfig):
             vision = f"Qwen2.5-VL ViT {v.patch_size}px patches x{v.depth} w{v.embed_dim} window {v.window_size}px"
         scheme, projector = "dynamic", f"merger{v.spatial_merge_size}x{v.spatial_merge_size}_mlp"
+    elif isinstance(cfg, DeepseekVLConfig):
+        v, h = cfg.vision, cfg.vision_high
+        vision = (f"ViT {v.image_size}px/{v.patch_size} x{v.num_layers} w{v.hidden_size} + "
+                  f"SAM {h.image_size}px/{h.patch_size} x{h.num_layers} w{h.hidden_size} ({h.downsample})")
+        scheme, projector = "hybrid", "hybrid_split_mlp"
     else:
         towers = []
         if cfg.vision is not None:
@@ -335,8 +384,12 @@ def describe_parts(cfg: Preset) -> dict[str, str]:
         if cfg.projector_high is not None:
             projector += f" + {cfg.projector_high.type}"
     lm = cfg.lm
-    return {"vision": vision, "scheme": scheme, "projector": projector,
-            "lm": f"x{lm.num_layers} w{lm.hidden_size} vocab {lm.vocab_size}"}
+    text = f"x{lm.num_layers} w{lm.hidden_size} vocab {lm.vocab_size}"
+    if lm.num_experts:
+        text += f" MoE {lm.num_experts}e top{lm.num_experts_per_tok}"
+    if lm.kv_lora_rank:
+        text += " MLA"
+    return {"vision": vision, "scheme": scheme, "projector": projector, "lm": text}
 
 
 def summarize(name: str) -> dict[str, Any]:

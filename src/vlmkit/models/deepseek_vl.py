@@ -17,7 +17,9 @@ The reference is transformers' DeepseekVLHybridForConditionalGeneration
 DeepseekVLHybridAligner, get_high_res_image_features); the SAM branch is models/sam.py.
 Images are preprocessed by `deepseek_vl_pixels`, the steps of transformers'
 DeepseekVLHybridImageProcessorPil: resize the long side to 1024 and pad to a square with
-the mean colour, resize that to 384 and pad again, then normalize each.
+the mean colour, resize that to 384 and pad again, then normalize each. `plan_hybrid` wraps
+them in an ImagePlan of scheme "hybrid" (the one place an image's 576 tokens are counted for
+prompts), and `hybrid_inputs` turns a batch's plans into the forward's two pixel tensors.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch.nn as nn
 from PIL import Image
 
 from vlmkit.config import LMConfig, Serializable, VisionConfig, require
+from vlmkit.image.plan import ImagePlan
 from vlmkit.models.lm import CausalLM, CausalLMOutput, KVCache
 from vlmkit.models.projectors import build_projector
 from vlmkit.models.sam import SamConfig, SamEncoder
@@ -91,14 +94,15 @@ class HybridAligner(nn.Module):
 
 
 class DeepseekVL(nn.Module):
-    """DeepSeek-VL's hybrid model: VisionTower + SamEncoder -> HybridAligner -> masked scatter -> CausalLM."""
+    """DeepSeek-VL's hybrid model: VisionTower + SamEncoder -> HybridAligner -> masked scatter -> CausalLM.
+    The parts are named as VLM's (vision, vision_high, projector, lm), the groups training stages name."""
 
     def __init__(self, cfg: DeepseekVLConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.vision = VisionTower(cfg.vision)
         self.vision_high = SamEncoder(cfg.vision_high)
-        self.aligner = HybridAligner(cfg.vision.hidden_size, cfg.vision_high.downsample_channels[1],
+        self.projector = HybridAligner(cfg.vision.hidden_size, cfg.vision_high.downsample_channels[1],
                                      cfg.lm.hidden_size)
         self.lm = CausalLM(cfg.lm)
 
@@ -117,11 +121,11 @@ class DeepseekVL(nn.Module):
         if pixel_values.shape[0] != high_res_pixel_values.shape[0]:
             raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but high_res_pixel_values "
                              f"{high_res_pixel_values.shape[0]}; pass both views of every image")
-        dtype = self.aligner.proj.weight.dtype
+        dtype = self.projector.proj.weight.dtype
         low = self.vision.features(pixel_values.to(dtype))  # (N, 576, Dv), last layer
         low = self.vision.post_norm(low)  # (N, 576, Dv): SigLIP's last_hidden_state
         high = self.vision_high.features(high_res_pixel_values.to(dtype))  # (N, 576, 4 Cs)
-        return self.aligner(low, high)  # (N, 576, C)
+        return self.projector(low, high)  # (N, 576, C)
 
     def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor,
                              image_embeds: torch.Tensor) -> torch.Tensor:
@@ -146,6 +150,8 @@ class DeepseekVL(nn.Module):
         cache: KVCache | None = None,
         labels: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        loss_only: bool = False,  # with labels: project only the labelled positions (train/loop.py)
+        segment_ids: torch.Tensor | None = None,  # (B, T) packed samples, as CausalLM takes them
     ) -> CausalLMOutput:
         if (pixel_values is None) != (high_res_pixel_values is None):
             raise ValueError("DeepSeek-VL needs both pixel_values (384 px) and high_res_pixel_values (1024 px) "
@@ -160,7 +166,8 @@ class DeepseekVL(nn.Module):
                 raise ValueError(f"the prompt has {placeholders} image placeholder tokens but no pixel_values "
                                  "were given (0 feature tokens); pass the images or remove the placeholders")
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                       cache=cache, labels=labels, logits_to_keep=logits_to_keep)
+                       cache=cache, labels=labels, logits_to_keep=logits_to_keep, loss_only=loss_only,
+                       segment_ids=segment_ids)
 
 
 def _resize_long_side(image: Image.Image, side: int, min_size: int) -> Image.Image:
@@ -210,3 +217,25 @@ def deepseek_vl_pixels(cfg: DeepseekVLConfig, images: list[Image.Image],
         high.append(_normalize(big, high_cfg.image_mean, high_cfg.image_std))
         low.append(_normalize(small, low_cfg.image_mean, low_cfg.image_std))
     return {"pixel_values": torch.stack(low), "high_res_pixel_values": torch.stack(high)}
+
+
+HYBRID = "hybrid"  # the ImagePlan scheme name of DeepSeek-VL's two fixed views
+
+
+def plan_hybrid(cfg: DeepseekVLConfig, image: Image.Image) -> ImagePlan:
+    """One image's plan: its 384-px SigLIP view as pixel_values (1, 3, 384, 384), its 1024-px SAM view in
+    extra["high_res_pixel_values"] (1, 3, 1024, 1024), and cfg.tokens_per_image (576) placeholders
+    whatever the image size."""
+    views = deepseek_vl_pixels(cfg, [image])
+    side = cfg.vision.image_size // cfg.vision.patch_size
+    return ImagePlan(HYBRID, views["pixel_values"], original_size=image.size,
+                     resized_size=(cfg.vision.image_size, cfg.vision.image_size), grid=(side, side),
+                     parts={"image": cfg.tokens_per_image},
+                     extra={"high_res_pixel_values": views["high_res_pixel_values"]})
+
+
+def hybrid_inputs(plans: list[ImagePlan]) -> dict[str, torch.Tensor]:
+    """The forward keyword tensors of a batch's hybrid plans, in prompt order: pixel_values (N, 3, 384, 384)
+    and high_res_pixel_values (N, 3, 1024, 1024)."""
+    return {"pixel_values": torch.cat([p.pixel_values for p in plans]),
+            "high_res_pixel_values": torch.cat([p.extra["high_res_pixel_values"] for p in plans])}

@@ -8,7 +8,8 @@
 
 The architectures differ only in data (LMConfig): qkv bias (Qwen2), sliding
 window (Mistral), tied embeddings (SmolLM2), RoPE scaling (Phi-3 longrope,
-Llama-3 ...), a mixture of experts in place of the MLP (Qwen2-MoE, models/moe.py).
+Llama-3 ...), a mixture of experts in place of the MLP (Qwen2-MoE, DeepSeek-V2/V3,
+models/moe.py), latent attention in place of attention (DeepSeek-V2/V3, models/mla.py).
 Query/key/value and gate/up projections are stored fused (`qkv`, `gate_up`):
 one matmul instead of three or two, which is faster on a CPU; weights/ splits
 and joins them for each checkpoint format.
@@ -46,9 +47,12 @@ class KVCache:
 
     def __init__(self, cfg: LMConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        k_shape = v_shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        if cfg.kv_lora_rank:  # latent attention caches its latent and shared RoPE key (models/mla.py)
+            k_shape = (batch_size, 1, max_len, cfg.kv_lora_rank)
+            v_shape = (batch_size, 1, max_len, cfg.qk_rope_head_dim)
+        self.keys = [torch.zeros(k_shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.values = [torch.zeros(v_shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.max_len = max_len
         self.length = 0
 
@@ -138,7 +142,12 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: LMConfig, layer: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg, layer)
+        if cfg.kv_lora_rank:
+            from vlmkit.models.mla import LatentAttention  # here, not at the top: mla.py builds on this file
+
+            self.attn = LatentAttention(cfg, layer)
+        else:
+            self.attn = Attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if cfg.is_moe_layer(layer):
             from vlmkit.models.moe import MoE  # here, not at the top: moe.py builds on this file's MLP

@@ -1,17 +1,30 @@
 """Mixture-of-experts feed-forward block: routed top-k SwiGLU experts plus always-on shared experts.
 
-    p = softmax(router(x))                                  # (N, E) over the routed experts
-    w, e = topk(p, k)                                       # (N, k) weights and expert ids per token
-    w = w / w.sum(-1) if norm_topk_prob                     # renormalise the k weights to sum to 1
+    s = softmax(router(x)) or sigmoid(router(x))            # (N, E) scores over the routed experts
+    e = experts picked from s (moe_topk_method, below)      # (N, k) expert ids per token
+    w = s[e]; w = w / w.sum(-1) if norm_topk_prob           # (N, k) weights, renormalised to sum to 1
+    w = w * routed_scaling_factor
     y = sum_j w_j * expert_{e_j}(x)                         # each expert a SwiGLU of width moe_intermediate_size
     y = y + g * shared(x), g = sigmoid(shared_gate(x))      # Qwen2-MoE; g = 1 without the gate (DeepSeek)
 
-This is transformers' Qwen2MoeSparseMoeBlock (models/qwen2_moe/modeling_qwen2_moe.py:
-Qwen2MoeTopKRouter, Qwen2MoeExperts). DeepSeek-style several shared experts are one
-SwiGLU whose width is their sum (transformers' DeepseekV2 builds them that way), so
-shared_expert_intermediate_size covers both. Only the experts that received tokens run:
-each gathers its tokens (index_select), and its weighted output is scattered back
-(index_add_), so the cost is k expert MLPs per token rather than all E.
+How the k experts are picked (DeepSeek-V2 paper sec. 2.2.2, DeepSeek-V3 paper sec. 2.1.2):
+    greedy                the k best scores (Qwen2-MoE, DeepSeek-V2-Lite, DeepSeek-VL2-Tiny/Small);
+    group_limited_greedy  experts split into moe_n_group groups, a group scored by its best expert,
+                          the k best among the moe_topk_group best groups (DeepSeek-V2);
+    noaux_tc              as above on s + correction_bias, a group scored by its two best, and the
+                          weights read from s without the bias (DeepSeek-V3, DeepSeek-VL2).
+This is transformers' Qwen2MoeSparseMoeBlock (models/qwen2_moe/modeling_qwen2_moe.py) and
+DeepseekV2Moe / DeepseekV3MoE (DeepseekV2TopkRouter, DeepseekV3TopkRouter). DeepSeek's
+n_shared_experts are one SwiGLU whose width is their sum (transformers builds them that way), so
+shared_expert_intermediate_size covers both. Only the experts that received tokens run: each
+gathers its tokens (index_select), and its weighted output is scattered back (index_add_), so
+the cost is k expert MLPs per token rather than all E.
+
+Two details differ between DeepSeek's own code and transformers, and vlmkit follows transformers:
+noaux_tc drops the experts of unpicked groups with -inf (DeepSeek-VL2's MoEGate fills 0.0; the same
+whenever bias-corrected scores are positive, and always with one group, as DeepSeek-VL2 has), and
+norm_topk_prob renormalises also at k = 1. transformers' DeepseekV2 ignores norm_topk_prob; every
+released V2 checkpoint sets it false.
 
 Routed expert weights are stored stacked, with gate and up fused like models/lm.py's MLP:
 `experts_gate_up` (E, 2 I, C) holds [gate; up] and `experts_down` (E, C, I).
@@ -23,24 +36,64 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlmkit.config import LMConfig
+from vlmkit.config import LMConfig, require
 from vlmkit.models.activations import ACTIVATIONS
 from vlmkit.models.lm import MLP
 
 
-def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+MOE_SCORINGS = ("softmax", "sigmoid")
+MOE_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+
+def check_routing(cfg: LMConfig) -> None:
+    """Raise ValueError for routing options route() cannot follow (LMConfig.__post_init__ calls this)."""
+    require(cfg.moe_scoring in MOE_SCORINGS, f"moe_scoring {cfg.moe_scoring!r} unknown; valid: {MOE_SCORINGS}")
+    require(cfg.moe_topk_method in MOE_TOPK_METHODS,
+            f"moe_topk_method {cfg.moe_topk_method!r} unknown; valid: {MOE_TOPK_METHODS}")
+    require(cfg.routed_scaling_factor > 0, f"routed_scaling_factor must be positive, got {cfg.routed_scaling_factor}")
+    G, E = cfg.moe_n_group, cfg.num_experts
+    require(G >= 1 and E % G == 0, f"moe_n_group {G} must be >= 1 and divide num_experts {E}")
+    require(1 <= cfg.moe_topk_group <= G, f"moe_topk_group must be in 1..moe_n_group ({G}), got {cfg.moe_topk_group}")
+    if cfg.moe_topk_method != "greedy":
+        reachable = cfg.moe_topk_group * (E // G)
+        require(cfg.num_experts_per_tok <= reachable,
+                f"{cfg.moe_topk_method} picks {cfg.num_experts_per_tok} experts from {cfg.moe_topk_group} "
+                f"group(s) of {E // G} ({reachable} reachable); raise moe_topk_group or lower num_experts_per_tok")
+    require(cfg.moe_topk_method != "noaux_tc" or E // G >= 2,
+            f"noaux_tc scores a group by its two best experts; num_experts / moe_n_group is {E // G}")
+
+
+def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool, *, scoring: str = "softmax",
+          method: str = "greedy", n_group: int = 1, topk_group: int = 1,
+          correction_bias: torch.Tensor | None = None, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick each token's top_k experts from router logits (N, E): (weights (N, k), expert ids (N, k)).
 
-    Weights are the softmax probabilities (computed in fp32) of the chosen experts, in
-    descending order, renormalised to sum to 1 when norm_topk_prob; they come back in
-    the logits' dtype. Example: logits [[0, ln 3, ln 2, ln 4]] -> p = [.1, .3, .2, .4];
-    top-2 picks experts [3, 1] with weights [.4, .3], or [4/7, 3/7] renormalised.
+    Scores are softmax or sigmoid of the logits (in fp32); `method` picks the experts (module docstring);
+    weights are the picked experts' scores, renormalised to sum to 1 when norm_topk_prob, times `scaling`,
+    returned in the logits' dtype. Example: logits [[0, ln 3, ln 2, ln 4]] -> p = [.1, .3, .2, .4];
+    greedy top-2 picks experts [3, 1] with weights [.4, .3], or [4/7, 3/7] renormalised.
     """
-    probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)  # (N, E)
-    weights, experts = torch.topk(probs, top_k, dim=-1)  # (N, k) each
+    logits = router_logits.float()
+    scores = F.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)  # (N, E)
+    if method == "greedy":
+        weights, experts = torch.topk(scores, top_k, dim=-1)  # (N, k) each
+    else:
+        choice = scores if correction_bias is None else scores + correction_bias.float()  # (N, E)
+        N, E = choice.shape
+        grouped = choice.view(N, n_group, E // n_group)  # (N, G, E/G)
+        if method == "group_limited_greedy":
+            group_scores = grouped.max(dim=-1).values  # (N, G): a group's best expert
+        else:  # noaux_tc
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G): its two best
+        best_groups = torch.topk(group_scores, topk_group, dim=-1).indices  # (N, topk_group)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)  # (N, G)
+        dropped = 0.0 if method == "group_limited_greedy" else float("-inf")  # as transformers' V2 / V3 routers
+        choice = choice.masked_fill(~keep.repeat_interleave(E // n_group, dim=1), dropped)  # (N, E)
+        experts = torch.topk(choice, top_k, dim=-1).indices  # (N, k)
+        weights = scores.gather(1, experts)  # (N, k): scores without the correction bias
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)  # (N, k)
-    return weights.to(router_logits.dtype), experts
+    return (weights * scaling).to(router_logits.dtype), experts
 
 
 class MoE(nn.Module):
@@ -49,8 +102,12 @@ class MoE(nn.Module):
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         E, C, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.cfg = cfg
         self.router = nn.Linear(C, E, bias=False)
+        if cfg.moe_topk_method == "noaux_tc":  # set by DeepSeek's load balancing, not by gradients: a buffer
+            self.register_buffer("correction_bias", torch.zeros(E))
+        else:
+            self.correction_bias = None
         self.experts_gate_up = nn.Parameter(torch.empty(E, 2 * inter, C))  # [gate; up] per expert
         self.experts_down = nn.Parameter(torch.empty(E, C, inter))
         bound = C ** -0.5  # nn.Linear's default init range for the experts, so a fresh model is usable
@@ -64,7 +121,15 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, C), N = B * T tokens
-        weights, experts = route(self.router(flat), self.top_k, self.norm_topk_prob)  # (N, k) each
+        cfg = self.cfg
+        if cfg.moe_router_fp32:
+            logits = F.linear(flat.float(), self.router.weight.float())  # (N, E) fp32, as DeepSeek's router
+        else:
+            logits = self.router(flat)  # (N, E) in the model dtype, as Qwen2-MoE's
+        weights, experts = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob, scoring=cfg.moe_scoring,
+                                 method=cfg.moe_topk_method, n_group=cfg.moe_n_group, topk_group=cfg.moe_topk_group,
+                                 correction_bias=self.correction_bias, scaling=cfg.routed_scaling_factor)
+        weights = weights.to(flat.dtype)  # (N, k) each
         out = torch.zeros_like(flat)  # (N, C)
         counts = torch.bincount(experts.flatten(), minlength=self.experts_gate_up.shape[0])  # (E,)
         for e in counts.nonzero().flatten().tolist():  # only experts that received tokens

@@ -7,9 +7,9 @@ Key layout (transformers 5's DeepseekVLHybridForConditionalGeneration):
     model.high_res_vision_neck.*                           vision_high.global_neck.*
     model.high_res_vision_proj.conv{1,2}.weight            vision_high.downsample.conv{1,2}.weight
     model.high_res_vision_alpha                            vision_high.global_alpha
-    model.aligner.vision_proj.*                            aligner.low.mlp.0.*
-    model.aligner.high_res_vision_proj.*                   aligner.high.mlp.0.*
-    model.aligner.proj.*                                   aligner.proj.*
+    model.aligner.vision_proj.*                            projector.low.mlp.0.*
+    model.aligner.high_res_vision_proj.*                   projector.high.mlp.0.*
+    model.aligner.proj.*                                   projector.proj.*
     model.language_model.<llama body>, lm_head.weight      lm.*            (weights/llama.py)
 
 The top-level tie_word_embeddings (default true) decides whether lm_head is the embedding,
@@ -97,7 +97,7 @@ def state_from_hf(state: StateDict, cfg: DeepseekVLConfig) -> StateDict:
             key = f"model.aligner.{hf}.{param}"
             if key not in state:
                 raise ValueError(f"{MODEL_TYPE} checkpoint lacks {key}")
-            out[f"aligner.{ours}.{param}"] = state[key]
+            out[f"projector.{ours}.{param}"] = state[key]
     out.update({f"lm.{k}": v for k, v in lm_state_from_hf(_lm_part(state), cfg.lm).items()})
     return out
 
@@ -112,7 +112,7 @@ def state_to_hf(state: StateDict, cfg: DeepseekVLConfig) -> StateDict:
         out[_SAM_EXTRA_TO_HF.get(key, key)] = tensor  # downsample / global branch: the hybrid model's names
     for hf, ours in _ALIGNER.items():
         for param in ("weight", "bias"):
-            out[f"model.aligner.{hf}.{param}"] = state[f"aligner.{ours}.{param}"]
+            out[f"model.aligner.{hf}.{param}"] = state[f"projector.{ours}.{param}"]
     for key, tensor in lm_state_to_hf(part("lm."), cfg.lm, "llama").items():
         out[(_LM + key.removeprefix("model.")) if key.startswith("model.") else key] = tensor  # lm_head stays
     return out

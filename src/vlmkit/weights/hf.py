@@ -13,8 +13,8 @@ from vlmkit.weights.safetensors_io import read_config, read_state_dict, write_di
 
 def converters() -> dict[str, Converter]:
     """model_type -> Converter for every transformers model type vlmkit reads and writes."""
-    from vlmkit.weights import (deepseek_vl, llama, llava, llava_next, native, qwen2_5_vl, qwen2_moe, qwen2_vl,
-                                sam, vision)
+    from vlmkit.weights import (deepseek_v2, deepseek_vl, llama, llava, llava_next, native, qwen2_5_vl, qwen2_moe,
+                                qwen2_vl, sam, vision)
 
     return {
         "llama": llama.LLAMA,
@@ -22,6 +22,8 @@ def converters() -> dict[str, Converter]:
         "qwen2": llama.QWEN2,
         "phi3": llama.PHI3,
         "qwen2_moe": qwen2_moe.QWEN2_MOE,
+        "deepseek_v2": deepseek_v2.DEEPSEEK_V2,
+        "deepseek_v3": deepseek_v2.DEEPSEEK_V3,
         "clip_vision_model": vision.CLIP_VISION,
         "siglip_vision_model": vision.SIGLIP_VISION,
         "llava": llava.LLAVA,
@@ -102,6 +104,10 @@ def default_model_type(model: nn.Module) -> str:
     if isinstance(model, CausalLM):
         from vlmkit.weights.llama import natural_model_type
 
+        if model.cfg.kv_lora_rank or (model.cfg.num_experts and not model.cfg.shared_expert_gate):
+            from vlmkit.weights.deepseek_v2 import natural_model_type as deepseek_type
+
+            return deepseek_type(model.cfg)
         if model.cfg.num_experts:
             return "qwen2_moe"
         return natural_model_type(model.cfg)
