@@ -23,6 +23,11 @@ step, for the training loop to call after `optimizer.step()`.
     text:   CausalLM body (no vocabulary head), hidden state of each row's last real token
             -> Linear(no bias) -> (B, E)
 
+Training through the common loop (train/loop.py): `forward(**batch, loss_only=True).loss`, with the
+batch from `collate_pairs` (pixel_values, input_ids, attention_mask and `labels`, the (B, B) pair
+matrix: 1 where image i and text j belong together, the identity for a batch of pairs), and the stage
+from train/recipes.py's `contrastive_stage`.
+
 Last-token pooling: the text body is causal, so the last real token is the only one that has seen the
 whole string (CLIP's text transformer pools at its end-of-text token for the same reason). Padding on
 either side is allowed; `attention_mask` says which tokens are real.
@@ -32,7 +37,7 @@ either side is allowed; `attention_mask` says which tokens are real.
     ...                         num_layers=1, num_heads=4),
     ...     text=LMConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4),
     ...     embed_dim=16, loss="siglip")
-    >>> loss, logits = ContrastivePair(cfg)(torch.randn(3, 3, 16, 16), torch.randint(0, 50, (3, 5)))
+    >>> loss, logits = ContrastivePair(cfg)(torch.randn(3, 3, 16, 16), torch.randint(0, 50, (3, 5)))  # a NamedTuple
     >>> tuple(logits.shape)
     (3, 3)
 """
@@ -40,8 +45,9 @@ either side is allowed; `attention_mask` says which tokens are real.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -125,8 +131,32 @@ class ContrastiveConfig(Serializable):
                  "or vision.use_head=True (SigLIP: attention-pooling head)")
 
 
+class ContrastiveOutput(NamedTuple):
+    """What ContrastivePair.forward returns; unpacks as (loss, logits)."""
+
+    loss: torch.Tensor  # scalar, over the batch
+    logits: torch.Tensor  # (B_img, B_txt) logits_per_image
+
+
+def collate_pairs(pixel_values: Sequence[torch.Tensor], token_ids: Sequence[Sequence[int]],
+                  pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch of B image-text pairs (image i with text i) for ContrastivePair and train(): pixel_values
+    (B, C, H, W), input_ids (B, T) right-padded with pad_id, attention_mask (B, T), labels (B, B) identity."""
+    if len(pixel_values) != len(token_ids) or len(pixel_values) < 2:
+        raise ValueError(f"got {len(pixel_values)} images and {len(token_ids)} texts; a contrastive batch needs "
+                         "one text per image and at least 2 pairs (the other pairs are each pair's negatives)")
+    if any(len(ids) == 0 for ids in token_ids):
+        raise ValueError("a text has no tokens; every caption needs at least one")
+    width = max(len(ids) for ids in token_ids)
+    ids = torch.tensor([list(t) + [pad_id] * (width - len(t)) for t in token_ids])  # (B, T)
+    mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in token_ids])  # (B, T)
+    B = len(token_ids)
+    return {"pixel_values": torch.stack(list(pixel_values)), "input_ids": ids, "attention_mask": mask,
+            "labels": torch.eye(B, dtype=torch.long)}  # (B, B) pair matrix
+
+
 class ContrastivePair(nn.Module):
-    """Dual encoder for contrastive pretraining; forward returns (loss, logits_per_image)."""
+    """Dual encoder for contrastive pretraining; forward returns ContrastiveOutput(loss, logits_per_image)."""
 
     def __init__(self, cfg: ContrastiveConfig) -> None:
         super().__init__()
@@ -157,12 +187,20 @@ class ContrastivePair(nn.Module):
         pooled = hidden[torch.arange(B, device=hidden.device), last]  # (B, C)
         return self.text_proj(pooled)  # (B, E)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss over the batch (image i pairs with text i) and the (B_img, B_txt) logits."""
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, loss_only: bool = False) -> ContrastiveOutput:
+        """Loss over the batch (image i pairs with text i) and the (B_img, B_txt) logits.
+
+        labels: the (B, B) pair matrix collate_pairs gives; only the identity (one text per image, in
+        order) is supported. loss_only is accepted for the training loop's call: the (B, B) logits are the
+        loss's input and are returned either way."""
+        B = pixel_values.shape[0]
+        if labels is not None and not torch.equal(labels.cpu(), torch.eye(B, dtype=labels.dtype)):
+            raise ValueError(f"labels must be the ({B}, {B}) identity (image i pairs with text i); got a "
+                             f"{tuple(labels.shape)} matrix that is not: order the texts like the images")
         logits = similarity_logits(self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask),
                                    self.logit_scale, self.logit_bias)  # (B, B)
-        return self.loss_fn(logits), logits
+        return ContrastiveOutput(self.loss_fn(logits), logits)
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:

@@ -10,9 +10,9 @@
 
 Everything after the tower (placeholder scatter, M-RoPE positions, the Qwen2 LM, the
 cache's rope deltas) is Qwen2-VL's: `Qwen2_5_VL` is `Qwen2VL` with this tower. For images
-the positions are the same as Qwen2-VL's; Qwen2.5-VL spaces a video's temporal ids by
-`tokens_per_second * second_per_grid_ts`, kept in the config for videos, which this model
-does not run.
+the positions are the same as Qwen2-VL's; a video's time ids step by
+`tokens_per_second * second_per_grid_ts` per temporal patch (seed 003: "M-RoPE time ids aligned
+to absolute time"), second_per_grid_ts = temporal_patch_size / fps, 1 when not given.
 
 The reference is transformers' models/qwen2_5_vl/modeling_qwen2_5_vl.py
 (Qwen2_5_VisionTransformerPretrainedModel) and vision_utils.get_vision_window_index. Run
@@ -52,7 +52,7 @@ class Qwen2_5_VLVisionConfig(Serializable):
     out_hidden_size: int = 3584  # the merger's output width = the LM's hidden size
     window_size: int = 112  # a window's side in pixels: window_size // (patch_size * merge) merged tokens
     fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
-    tokens_per_second: int = 2  # video temporal position spacing (videos are not run by this model)
+    tokens_per_second: int = 2  # video time ids per second of video (M-RoPE time spacing)
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
@@ -181,6 +181,18 @@ class Qwen2_5_VL(Qwen2VL):
 
     def __init__(self, cfg: Qwen2_5_VLConfig) -> None:
         super().__init__(cfg, vision=Qwen2_5VisionTower(cfg.vision))
+
+    def video_intervals(self, video_grid_thw: torch.Tensor | list | None,
+                        second_per_grid_ts: torch.Tensor | list | None) -> list[torch.Tensor] | None:
+        """Per video, tokens_per_second * second_per_grid_ts (fp32 scalars, as transformers multiplies them)."""
+        if video_grid_thw is None:
+            return None
+        count = len(video_grid_thw)
+        seconds = torch.ones(count) if second_per_grid_ts is None else torch.as_tensor(second_per_grid_ts).float()
+        if seconds.shape != (count,):
+            raise ValueError(f"second_per_grid_ts has shape {tuple(seconds.shape)}; give one value per video "
+                             f"({count})")
+        return list((self.cfg.vision.tokens_per_second * seconds.cpu()).unbind())
 
 
 if __name__ == "__main__":

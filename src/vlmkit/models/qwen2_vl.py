@@ -5,13 +5,19 @@
       --blocks: x + attn(LN(x)) with 2-D rotary over each patch's (row, col), attention within one
                 frame of one image; x + mlp(LN(x))--> (N, E)
       --merger: LN, 4 consecutive rows (one 2x2 group) concatenated, Linear-GELU-Linear--> (N/4, C)
-    input_ids (B, T) --embed, the image_token_id rows replaced in order by the merged rows--> (B, T, C)
+    pixel_values_videos, video_grid_thw: the same for videos (frames paired in time: t = ceil(frames / 2))
+    input_ids (B, T) --embed, the image_token_id rows replaced in order by the images' merged rows, the
+      video_token_id rows by the videos'--> (B, T, C)
       --CausalLM with (3, B, T) t/h/w positions (M-RoPE)--> logits (B, T, V)
 
 Positions (`mrope_positions`, after transformers' Qwen2VLModel.get_rope_index): a text token
 has the same position on all three axes, counting on from the previous maximum + 1; an
 image's merged tokens get (start, start + row, start + col) with start = that next free
-position, and the text after it starts at start + max(rows, cols). Decoding continues
+position, and the text after it starts at start + max(rows, cols). A video's tokens get
+(start + frame * interval, start + row, start + col) for each temporal patch `frame`, with
+interval 1 in Qwen2-VL and tokens_per_second * second_per_grid_ts in Qwen2.5-VL (truncated to
+an integer, as transformers does); the text after a video also starts at start + max(rows, cols)
+(transformers 5's get_rope_index, even when the video's time ids run past it). Decoding continues
 from the prefill's largest position: the cache keeps each row's `rope_deltas` (largest
 position + 1 - number of real tokens) and a new token's position is its count of real
 tokens before it plus that delta, as transformers' rope_deltas does.
@@ -25,6 +31,7 @@ random model.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlmkit.config import LMConfig, require, Serializable
+from vlmkit.image.plan import ImagePlan
 from vlmkit.models.lm import CausalLM, CausalLMOutput, KVCache, default_position_ids
 from vlmkit.models.rope import apply_rotary, rope_parameters, signed_sin
 from vlmkit.models.activations import ACTIVATIONS
@@ -96,7 +104,7 @@ class Qwen2VLConfig(Serializable):
     vision: Qwen2VLVisionConfig = field(default_factory=Qwen2VLVisionConfig)
     lm: LMConfig = field(default_factory=qwen2_7b_lm)
     image_token_id: int = 151655  # <|image_pad|>: the placeholders image features replace
-    video_token_id: int = 151656  # <|video_pad|> (videos are not run by this model yet)
+    video_token_id: int = 151656  # <|video_pad|>: the placeholders video features replace
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
 
@@ -116,6 +124,8 @@ class Qwen2VLConfig(Serializable):
             require(0 <= getattr(self, name), f"{name} must be non-negative, got {getattr(self, name)}")
         require(self.image_token_id < self.lm.vocab_size,
                  f"image_token_id {self.image_token_id} is outside the LM vocabulary (size {self.lm.vocab_size})")
+        require(self.image_token_id != self.video_token_id,
+                 f"image_token_id and video_token_id are both {self.image_token_id}; give each its own id")
 
 
 # ----------------------------------------------------------------------------- vision tower
@@ -254,49 +264,63 @@ class Qwen2VisionTower(nn.Module):
 
 
 def mrope_positions(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | list | None, image_token_id: int,
-                    merge: int, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    merge: int, attention_mask: torch.Tensor | None = None, *,
+                    video_grid_thw: torch.Tensor | list | None = None, video_token_id: int | None = None,
+                    video_intervals: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(3, B, T) t/h/w positions and (B, 1) rope deltas for a prompt batch (transformers' get_rope_index).
 
-    Each run of image_token_id takes the next image_grid_thw rows in order (several images may
-    follow each other directly; each takes t*h*w / merge^2 tokens). Padding (attention_mask 0)
-    gets position 0 and is skipped. delta = largest position + 1 - number of real tokens.
+    Each run of image_token_id takes the next image_grid_thw rows in order, each run of video_token_id the
+    next video_grid_thw rows (several may follow each other directly; each takes t*h*w / merge^2 tokens).
+    Video v's time ids step by video_intervals[v] (a scalar tensor; default 1) per temporal patch.
+    Padding (attention_mask 0) gets position 0 and is skipped. delta = largest position + 1 - real tokens.
 
         >>> pos, delta = mrope_positions(torch.tensor([[5, 9, 9, 9, 9, 6]]), [(1, 4, 4)], 9, 2)
         >>> pos[:, 0].tolist(), delta.tolist()
         ([[0, 1, 1, 1, 1, 3], [0, 1, 1, 2, 2, 3], [0, 1, 2, 1, 2, 3]], [[-2]])
+        >>> pos, _ = mrope_positions(torch.tensor([[5, 8, 8, 6]]), None, 9, 2, video_grid_thw=[(2, 2, 2)],
+        ...                          video_token_id=8)
+        >>> pos[:, 0].tolist()  # two temporal patches of one token each: time 1, then 2
+        [[0, 1, 2, 2], [0, 1, 1, 2], [0, 1, 1, 2]]
     """
     B, T = input_ids.shape
-    grids = iter(_grid_list(image_grid_thw) if image_grid_thw is not None else [])
+    grids = {"image": iter(_grid_list(image_grid_thw) if image_grid_thw is not None else []),
+             "video": iter(_grid_list(video_grid_thw) if video_grid_thw is not None else [])}
+    intervals = iter(video_intervals if video_intervals is not None else [])
+    kind_of = {image_token_id: "image"} | ({video_token_id: "video"} if video_token_id is not None else {})
     positions = torch.zeros(3, B, T, dtype=torch.long)
     deltas = []
     for b in range(B):
         keep = attention_mask[b].bool().cpu() if attention_mask is not None else torch.ones(T, dtype=torch.bool)
         ids = input_ids[b].cpu()[keep].tolist()
         parts, start = [], 0
-        for is_image, run in itertools.groupby(ids, key=lambda i: i == image_token_id):
+        for kind, run in itertools.groupby(ids, key=lambda i: kind_of.get(i, "text")):
             n = len(list(run))
-            if not is_image:
+            if kind == "text":
                 parts.append(torch.arange(start, start + n).expand(3, -1))  # (3, n)
                 start += n
                 continue
             while n > 0:
-                grid = next(grids, None)
+                grid = next(grids[kind], None)
                 if grid is None:
-                    raise ValueError("input_ids hold more image placeholder runs than image_grid_thw has rows; "
-                                     "pass one (t, h, w) row per image")
+                    raise ValueError(f"input_ids hold more {kind} placeholder runs than {kind}_grid_thw has rows; "
+                                     f"pass one (t, h, w) row per {kind}")
                 t, gh, gw = grid[0], grid[1] // merge, grid[2] // merge
                 if t * gh * gw > n:
-                    raise ValueError(f"an image of grid {grid} needs {t * gh * gw} placeholder tokens but its run "
-                                     f"has only {n}; build the prompt from the image's plan (num_tokens)")
-                tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+                    raise ValueError(f"a {kind} of grid {grid} needs {t * gh * gw} placeholder tokens but its run "
+                                     f"has only {n}; build the prompt from the {kind}'s plan (num_tokens)")
+                time = torch.arange(t)
+                if kind == "video":
+                    time = (time * next(intervals, torch.tensor(1))).long()  # (t,) as transformers truncates
+                tt, hh, ww = torch.meshgrid(time, torch.arange(gh), torch.arange(gw), indexing="ij")
                 parts.append(torch.stack([tt, hh, ww]).reshape(3, -1) + start)  # (3, t*gh*gw)
                 start += max(gh, gw)
                 n -= t * gh * gw
         row = torch.cat(parts, dim=1)  # (3, real tokens)
         positions[:, b, keep] = row
         deltas.append(int(row.max()) + 1 - len(ids))
-    if next(grids, None) is not None:
-        raise ValueError("image_grid_thw has more rows than input_ids have images; pass one row per image")
+    for kind, rest in grids.items():
+        if next(rest, None) is not None:
+            raise ValueError(f"{kind}_grid_thw has more rows than input_ids have {kind}s; pass one row per {kind}")
     return positions.to(input_ids.device), torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
 
 
@@ -330,19 +354,21 @@ class Qwen2VL(nn.Module):
         p = self.lm.embed.weight
         return MRopeCache(self.cfg.lm, batch_size, max_len, dtype=p.dtype, device=p.device)
 
-    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-               image_grid_thw: torch.Tensor | list | None) -> torch.Tensor:
-        """Token embeddings (B, T, C) with the image placeholders replaced by the merged features in order."""
-        x = self.lm.embed(input_ids)  # (B, T, C)
-        if pixel_values is None:
+    def _scatter(self, x: torch.Tensor, input_ids: torch.Tensor, pixels: torch.Tensor | None,
+                 grid_thw: torch.Tensor | list | None, kind: str) -> torch.Tensor:
+        """x (B, T, C) with the kind's ("image" / "video") placeholders replaced by its merged features in order."""
+        token_id = self.cfg.image_token_id if kind == "image" else self.cfg.video_token_id
+        slots = input_ids == token_id  # (B, T)
+        if pixels is None:
+            if grid_thw is not None:
+                raise ValueError(f"{kind}_grid_thw was given without the {kind}'s pixel values; pass both")
             return x
-        if image_grid_thw is None:
-            raise ValueError("pixel_values need image_grid_thw (one (t, h, w) row per image, from plan_dynamic)")
-        features = self.vision(pixel_values, image_grid_thw).to(x.dtype)  # (F, C)
-        slots = input_ids == self.cfg.image_token_id  # (B, T)
+        if grid_thw is None:
+            raise ValueError(f"{kind} pixels need {kind}_grid_thw (one (t, h, w) row per {kind}, from its plan)")
+        features = self.vision(pixels, grid_thw).to(x.dtype)  # (F, C)
         if int(slots.sum()) != features.shape[0]:
-            raise ValueError(f"input_ids hold {int(slots.sum())} image placeholder tokens but the images give "
-                             f"{features.shape[0]} features; put plan.num_tokens placeholders per image")
+            raise ValueError(f"input_ids hold {int(slots.sum())} {kind} placeholder tokens but the {kind}s give "
+                             f"{features.shape[0]} features; put plan.num_tokens placeholders per {kind}")
         return x.masked_scatter(slots.unsqueeze(-1), features)
 
     def forward(
@@ -355,28 +381,45 @@ class Qwen2VL(nn.Module):
         cache: KVCache | None = None,
         labels: torch.Tensor | None = None,  # (B, T), IGNORE_INDEX where no loss is taken
         logits_to_keep: int = 0,
+        pixel_values_videos: torch.Tensor | None = None,  # (N', C*T*P*P) rows of every video, concatenated
+        video_grid_thw: torch.Tensor | list | None = None,  # (V, 3) (t, h, w) per video, t = temporal patches
+        second_per_grid_ts: torch.Tensor | list | None = None,  # (V,) seconds per temporal patch (Qwen2.5-VL)
+        loss_only: bool = False,  # with labels: project only the labelled positions, return no logits
     ) -> CausalLMOutput:
         past = cache.length if cache is not None else 0
-        if past and pixel_values is not None:
-            raise ValueError("pixel_values go with the first (prefill) pass over an empty cache; "
-                             "start a new cache for a prompt with new images")
-        x = self._embed(input_ids, pixel_values, image_grid_thw)  # (B, T, C)
-        B, T = input_ids.shape
+        if past and (pixel_values is not None or pixel_values_videos is not None):
+            raise ValueError("pixel values go with the first (prefill) pass over an empty cache; "
+                             "start a new cache for a prompt with new images or videos")
+        x = self.lm.embed(input_ids)  # (B, T, C)
+        x = self._scatter(x, input_ids, pixel_values, image_grid_thw, "image")
+        x = self._scatter(x, input_ids, pixel_values_videos, video_grid_thw, "video")
         if position_ids is None:
-            position_ids = self._positions(input_ids, image_grid_thw, attention_mask, cache)
+            position_ids = self._positions(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
+                                           attention_mask, cache)
         elif position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)  # (3, B, T): text on every axis
         return self.lm(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                       labels=labels, logits_to_keep=logits_to_keep)
+                       labels=labels, logits_to_keep=logits_to_keep, loss_only=loss_only)
+
+    def video_intervals(self, video_grid_thw: torch.Tensor | list | None,
+                        second_per_grid_ts: torch.Tensor | list | None) -> list[torch.Tensor] | None:
+        """Per video, the step of its M-RoPE time ids per temporal patch: 1 in Qwen2-VL (None)."""
+        if second_per_grid_ts is not None:
+            raise ValueError("second_per_grid_ts spaces Qwen2.5-VL's video time ids; Qwen2-VL steps them by 1, "
+                             "drop it")
+        return None
 
     def _positions(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | list | None,
+                   video_grid_thw: torch.Tensor | list | None, second_per_grid_ts: torch.Tensor | list | None,
                    attention_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         """(3, B, T): from the prompt on an empty cache (storing the deltas), else cached length + delta."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if past == 0:
-            positions, deltas = mrope_positions(input_ids, image_grid_thw, self.cfg.image_token_id,
-                                                self.cfg.vision.spatial_merge_size, attention_mask)
+            positions, deltas = mrope_positions(
+                input_ids, image_grid_thw, self.cfg.image_token_id, self.cfg.vision.spatial_merge_size,
+                attention_mask, video_grid_thw=video_grid_thw, video_token_id=self.cfg.video_token_id,
+                video_intervals=self.video_intervals(video_grid_thw, second_per_grid_ts))
             if isinstance(cache, MRopeCache):
                 cache.rope_deltas = deltas
             return positions
@@ -384,6 +427,18 @@ class Qwen2VL(nn.Module):
             raise ValueError("decoding Qwen2-VL needs the cache from model.new_cache (it keeps the M-RoPE offsets)")
         text = default_position_ids(attention_mask, past, T, input_ids.device)  # (B or 1, T)
         return (text + cache.rope_deltas).unsqueeze(0).expand(3, -1, -1)  # (3, B, T)
+
+
+def dynamic_inputs(plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor]:
+    """Forward keyword tensors for `dynamic` plans in prompt order (image/schemes/dynamic.py): image plans give
+    pixel_values (N, C*T*P*P) and image_grid_thw (I, 3), video plans pixel_values_videos and video_grid_thw."""
+    out: dict[str, torch.Tensor] = {}
+    for kind, pixels_key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        chosen = [p for p in plans if f"{kind}_grid_thw" in p.extra]
+        if chosen:
+            out[pixels_key] = torch.cat([p.pixel_values for p in chosen])  # (sum t*h*w, C*T*P*P)
+            out[f"{kind}_grid_thw"] = torch.tensor([p.extra[f"{kind}_grid_thw"] for p in chosen])  # (n, 3)
+    return out
 
 
 if __name__ == "__main__":

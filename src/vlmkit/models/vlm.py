@@ -44,6 +44,7 @@ from vlmkit.image.schemes import hd as hd_scheme
 from vlmkit.image.schemes import tiles as tiles_scheme
 from vlmkit.image.schemes.anyres import anyres_plan, plan_anyres
 from vlmkit.image.schemes.pad import pad_token_count, plan_pad
+from vlmkit.models.deepseek_vl import HYBRID, DeepseekVLConfig, hybrid_inputs, plan_hybrid
 from vlmkit.models.glue_dual import dual_inputs, dual_plan, encode_dual
 from vlmkit.models.glue_sam import encode_sam, sam_inputs, sam_plan
 from vlmkit.models.glue_slices import encode_slices, slices_inputs, slices_plan
@@ -52,6 +53,7 @@ from vlmkit.models.layouts.hd import hd_layout
 from vlmkit.models.layouts.tiles import downsample_2x2, tiles_layout
 from vlmkit.models.lm import CausalLM, CausalLMOutput, KVCache
 from vlmkit.models.projectors import build_projector, parse_projector_type
+from vlmkit.models.qwen2_vl import dynamic_inputs
 from vlmkit.models.sam import SamEncoder
 from vlmkit.models.vit import VisionTower
 
@@ -96,7 +98,10 @@ def _plan_tiles(cfg: VLMConfig, image: Image.Image, num_images: int) -> ImagePla
 
 def plan_image(cfg: VLMConfig, image: Image.Image, num_images: int = 1) -> ImagePlan:
     """The ImagePlan of one image under the model's image scheme: its views and its token count.
-    num_images is how many images the prompt holds (tiles turns tiling off above 2)."""
+    num_images is how many images the prompt holds (tiles turns tiling off above 2). DeepSeek-VL, its own
+    model class, plans its two fixed views with models/deepseek_vl.plan_hybrid."""
+    if isinstance(cfg, DeepseekVLConfig):
+        return plan_hybrid(cfg, image)
     return SCHEMES[cfg.image_scheme].plan(cfg, image, num_images)
 
 
@@ -145,12 +150,17 @@ def _inputs_canvas(plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor]:
 def image_inputs(plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor]:
     """The forward keyword tensors for the images of a batch, in prompt order, as transformers' processors
     make them: pad -> pixel_values (N, 3, S, S); anyres, hd, tiles -> pixel_values (N, V_max, 3, S, S)
-    zero-padded views and image_sizes (N, 2) as (height, width) (see the module docstring). No plans -> {}."""
+    zero-padded views and image_sizes (N, 2) as (height, width) (see the module docstring); dynamic (Qwen2-VL)
+    -> models/qwen2_vl.dynamic_inputs. No plans -> {}."""
     if not plans:
         return {}
     schemes = {p.scheme for p in plans}
     if len(schemes) > 1:
         raise ValueError(f"the images were planned with different schemes {sorted(schemes)}; use the model's one")
+    if plans[0].scheme == "dynamic":  # Qwen2-VL / Qwen2.5-VL, their own model class (models/qwen2_vl.py)
+        return dynamic_inputs(plans)
+    if plans[0].scheme == HYBRID:  # DeepSeek-VL, its own model class (models/deepseek_vl.py)
+        return hybrid_inputs(plans)
     if plans[0].scheme not in SCHEMES:
         raise ValueError(f"the VLM glue has no {plans[0].scheme!r} scheme; valid: {sorted(SCHEMES)}")
     return SCHEMES[plans[0].scheme].inputs(plans)
