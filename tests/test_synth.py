@@ -15,7 +15,9 @@ from vlmkit.data.formats import load_dataset
 from vlmkit.data.synth import DATASET_FILE, KINDS, READ_TEXT, generate_item, parse_size, synthesize
 from vlmkit.data.synth_charts import CHART_KINDS, chart_figure, draw_chart
 from vlmkit.data.synth_scenes import COLOURS, NEGATIVE_ANSWER, SHAPE_QUESTIONS, SHAPES
-from vlmkit.data.synth_text import random_style, random_text, render_text
+from vlmkit.data import synth_text
+from vlmkit.data.synth_text import (CHINESE_ALPHABET, CJK_FONT_FILES, font_path, load_font, random_style,
+                                     random_text, render_text)
 from vlmkit.text.grounding import parse_grounding, to_pixels
 
 SIZES = {"lines": (256, 32), "paragraphs": (256, 80), "pages": (320, 320), "charts": (200, 160),
@@ -188,3 +190,62 @@ def test_cli_writes_the_dataset(tmp_path, capsys):
     assert problems == [] and len(samples) == 6
     assert all(Image.open(s.images[0]).size == (256, 64) for s in samples)
     assert main(["data", "synth", "--out", str(out), "--lines", "1", "--image-size", "wide"]) == 2
+
+
+# ---- Chinese text (Noto CJK from apt fonts-noto-cjk) ---------------------------------------------------
+
+PRIVATE_USE = "\ue000"  # a code point no font draws: its mask is the font's "tofu" (.notdef) box
+
+
+def test_chinese_glyphs_are_drawn_not_tofu():
+    """Noto CJK draws every character of the alphabet as its own glyph; DejaVu Sans, which lacks CJK, draws
+    them all as its tofu box (which shows the check can fail)."""
+    text = generate_item("lines", 0, 0, (256, 32), lang="zh").answer
+    cjk, latin = load_font(CJK_FONT_FILES[0], 24), load_font("DejaVuSans.ttf", 24)
+
+    def bitmap(font, char):
+        mask = font.getmask(char)
+        return mask.size, bytes(mask)
+
+    assert all(bitmap(latin, c) == bitmap(latin, PRIVATE_USE) for c in text)  # tofu
+    assert all(bitmap(cjk, c) != bitmap(cjk, PRIVATE_USE) for c in set(CHINESE_ALPHABET))
+    assert len({bitmap(cjk, c) for c in set(text)}) == len(set(text))  # distinct characters, distinct glyphs
+    assert cjk.getname()[0].endswith(" SC")  # the simplified-Chinese face of the collection
+
+
+def test_chinese_line_has_ink_and_its_text():
+    item = generate_item("lines", 0, 3, (256, 32), lang="zh")
+    assert 4 <= len(item.answer) <= 12 and set(item.answer) <= set(CHINESE_ALPHABET)  # no spaces in Chinese
+    style = replace(random_style(np.random.default_rng(0), (256, 32), fonts=CJK_FONT_FILES[:1]),
+                    angle=0.0, noise=0.0)
+    drawn = render_text([item.answer], style, (256, 32))
+    box = _ink_box(drawn, style.background)
+    assert box[2] - box[0] > 4 * (box[3] - box[1])  # a line of several square glyphs, wider than high
+    paragraph = generate_item("paragraphs", 0, 1, (256, 96), lang="zh").answer.split("\n")
+    assert 2 <= len(paragraph) <= 3 and all(set(x) <= set(CHINESE_ALPHABET) for x in paragraph)
+
+
+def test_chinese_text_round_trips_through_the_dataset(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path / "zh"), "--lines", "2", "--paragraphs", "1",
+                 "--shapes", "1", "--image-size", "256x96", "--lang", "both"]) == 0
+    capsys.readouterr()
+    samples, problems = load_dataset(tmp_path / "zh" / DATASET_FILE, check_images=True)
+    answers = {s.id: s.messages[1]["content"][0]["text"] for s in samples}
+    assert problems == [] and answers["lines-000001"] == generate_item("lines", 0, 1, (256, 96), lang="zh").answer
+    assert set(answers["lines-000001"]) <= set(CHINESE_ALPHABET)  # odd indices Chinese under --lang both
+    assert answers["lines-000000"] == generate_item("lines", 0, 0, (256, 96)).answer  # even ones English
+    assert answers["shapes-000000"] == generate_item("shapes", 0, 0, (256, 96)).answer  # other kinds unchanged
+
+
+def test_missing_cjk_font_names_the_apt_package(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(synth_text, "CJK_FONT_DIRS", (str(tmp_path),))
+    load_font.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError, match="apt-get install fonts-noto-cjk"):
+            font_path(CJK_FONT_FILES[0])
+        assert main(["data", "synth", "--out", str(tmp_path / "zh"), "--lines", "1", "--lang", "zh"]) == 2
+        assert "fonts-noto-cjk" in capsys.readouterr().err
+    finally:
+        load_font.cache_clear()
+    with pytest.raises(ValueError, match="unknown text language 'fr'"):
+        generate_item("lines", 0, 0, (256, 32), lang="fr")

@@ -185,3 +185,46 @@ def test_bf16_autocast_and_activation_checkpointing_run(examples):
     ckpt = train(ckpt_model, _batches(examples), ALL, steps=2, activation_checkpointing=True, progress=False)
     assert ckpt.losses == pytest.approx(plain.losses, abs=1e-6)
     assert not ckpt_model.lm.gradient_checkpointing  # the flags are put back
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(step):
+    def on_step(done, loss):
+        if done == step:
+            raise _Crash(f"crashed after step {done}")
+    return on_step
+
+
+def test_a_crash_between_checkpoints_loses_no_metrics_rows(examples, tmp_path):
+    """metrics.csv is written with every checkpoint (not only every log_every steps), so rows the checkpoint
+    covers survive a crash; rows after it are dropped on resume and redone, each step once."""
+    straight = train(tiny_random_model().model, _batches(examples), ALL, steps=6, out_dir=tmp_path / "a",
+                     progress=False)
+    with pytest.raises(_Crash):
+        train(tiny_random_model().model, _batches(examples), ALL, steps=6, out_dir=tmp_path / "b", save_every=3,
+              log_every=100, on_step=_crash_at(5), progress=False)
+    assert [int(r["step"]) for r in _csv(tmp_path / "b" / "metrics.csv")] == [1, 2, 3]
+    (tmp_path / "b" / ".step-000004.tmp-999").mkdir()  # a checkpoint whose writing was cut off
+    resumed = train(tiny_random_model(seed=5).model, _batches(examples), ALL, steps=6, out_dir=tmp_path / "b",
+                    resume=latest_checkpoint(tmp_path / "b"), log_every=100, progress=False)
+    assert resumed.steps == [4, 5, 6] and not (tmp_path / "b" / ".step-000004.tmp-999").exists()
+    rows = [(r["step"], r["loss"], r["lr"]) for r in _csv(tmp_path / "b" / "metrics.csv")]
+    assert rows == [(r["step"], r["loss"], r["lr"]) for r in _csv(straight.metrics_csv)]
+
+
+def test_resume_refuses_a_metrics_file_without_the_checkpoints_rows(examples, tmp_path):
+    train(tiny_random_model().model, _batches(examples), ALL, steps=4, out_dir=tmp_path, save_every=2,
+          stop_after=2, progress=False)
+    (tmp_path / "metrics.csv").unlink()
+    with pytest.raises(ValueError, match=r"should hold one row per step 1\.\.2"):
+        train(tiny_random_model().model, _batches(examples), ALL, steps=4, out_dir=tmp_path,
+              resume=latest_checkpoint(tmp_path), progress=False)
+
+
+def test_keep_checkpoints_keeps_the_newest(examples, tmp_path):
+    train(tiny_random_model().model, _batches(examples), ALL, steps=5, out_dir=tmp_path, save_every=1,
+          keep_checkpoints=2, progress=False)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000004", "step-000005"]

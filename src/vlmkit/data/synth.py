@@ -17,8 +17,10 @@ Kinds (`KINDS`), each a pure function of (random generator, image size) -> `Synt
 | grounding  | 2-3 coloured shapes                            | `<ref>name</ref><box>(x1,y1),(x2,y2)</box>` |
 
 Sample i of a kind draws from np.random.default_rng([seed, kind number, i]), so a sample does not
-depend on the counts of other kinds and the same seed gives byte-identical files. Text is English
-(DejaVu fonts from matplotlib); Chinese needs Noto CJK fonts, which are not bundled.
+depend on the counts of other kinds and the same seed gives byte-identical files. The text kinds (lines,
+paragraphs, pages) are English (DejaVu fonts from matplotlib) or, with lang="zh", Chinese (Noto CJK from
+apt `fonts-noto-cjk`, not bundled; 4-12 characters a line, as a character is a full em wide); lang="both"
+makes even indices English and odd ones Chinese.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -85,14 +88,21 @@ GENERATORS: dict[str, Callable[[np.random.Generator, tuple[int, int]], SynthItem
     "grounding": _question(grounding_sample),
 }
 KINDS = tuple(GENERATORS)
+CHINESE_GENERATORS = {kind: _text(partial(make, min_chars=4, max_chars=12, lang="zh")) for kind, make
+                      in (("lines", line_sample), ("paragraphs", paragraph_sample), ("pages", page_sample))}
+TEXT_LANGUAGES = ("en", "zh", "both")
 
 
-def generate_item(kind: str, seed: int, index: int, image_size: tuple[int, int]) -> SynthItem:
-    """Sample index of kind for seed, on an image of image_size (width, height)."""
+def generate_item(kind: str, seed: int, index: int, image_size: tuple[int, int], lang: str = "en") -> SynthItem:
+    """Sample index of kind for seed, on an image of image_size (width, height); lang ("en", "zh" or "both")
+    is the language of the text kinds."""
     if kind not in GENERATORS:
         raise ValueError(f"unknown synthetic kind {kind!r}; choose from {', '.join(KINDS)}")
+    if lang not in TEXT_LANGUAGES:
+        raise ValueError(f"unknown text language {lang!r}; choose from {', '.join(TEXT_LANGUAGES)}")
     rng = np.random.default_rng([seed, KINDS.index(kind), index])
-    return GENERATORS[kind](rng, image_size)
+    chinese = kind in CHINESE_GENERATORS and (lang == "zh" or lang == "both" and index % 2 == 1)
+    return (CHINESE_GENERATORS if chinese else GENERATORS)[kind](rng, image_size)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -128,16 +138,19 @@ def _progress(items: Iterable[T], total: int, show: bool) -> Iterator[T]:
 
 def synthesize(out_dir: str | os.PathLike, counts: Mapping[str, int], seed: int = 0,
                image_size: tuple[int, int] | Mapping[str, tuple[int, int]] = (256, 256),
-               progress: bool = True) -> list[Sample]:
+               progress: bool = True, lang: str = "en") -> list[Sample]:
     """Write counts[kind] samples of each kind to out_dir: images/<kind>-<i>.png and data.json (LLaVA form).
 
     image_size: (width, height) for every kind, or a mapping kind -> (width, height) covering the
     kinds asked for. Each record is one exchange: user `<image>` + the instruction, assistant the answer.
+    lang: the language of the text kinds, "en", "zh" or "both" (see the module docstring).
     Returns the samples in file order (kinds in KINDS order, then by index).
     """
     unknown = sorted(set(counts) - set(KINDS))
     if unknown:
         raise ValueError(f"unknown synthetic kind(s) {unknown}; choose from {', '.join(KINDS)}")
+    if lang not in TEXT_LANGUAGES:
+        raise ValueError(f"unknown text language {lang!r}; choose from {', '.join(TEXT_LANGUAGES)}")
     if any(not isinstance(n, int) or n < 0 for n in counts.values()):
         raise ValueError(f"counts must be non-negative integers, got {dict(counts)}")
     sizes = {kind: _size_for(kind, image_size) for kind in KINDS if counts.get(kind, 0)}
@@ -148,7 +161,7 @@ def synthesize(out_dir: str | os.PathLike, counts: Mapping[str, int], seed: int 
     (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
     samples = []
     for kind, i in _progress(jobs, len(jobs), progress):
-        item = generate_item(kind, seed, i, sizes[kind])
+        item = generate_item(kind, seed, i, sizes[kind], lang)
         path = (out / IMAGE_DIR / f"{kind}-{i:06d}.png").absolute()
         item.image.save(path)
         samples.append(Sample(

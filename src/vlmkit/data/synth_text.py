@@ -9,7 +9,8 @@ with a DejaVu font (shipped with matplotlib) in a random style, and the answer i
 Every sample is a pure function of the generator's state: a `TextStyle` is drawn first, then
 `render_text(lines, style, size)` draws it, so the same style and lines give the same pixels.
 Lines of a paragraph are joined with "\\n", paragraphs of a page with a blank line ("\\n\\n").
-English only: Chinese needs Noto CJK fonts (apt `fonts-noto-cjk`), which vlmkit does not bundle.
+Chinese (`lang="zh"`): characters from CHINESE_ALPHABET without spaces, drawn with the simplified-Chinese
+face of the system's Noto Sans / Serif CJK fonts (apt `fonts-noto-cjk`; vlmkit does not bundle them).
 """
 
 from __future__ import annotations
@@ -26,6 +27,23 @@ DEFAULT_ALPHABET = string.ascii_letters + string.digits
 FONT_FILES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf")
 MIN_FONT_SIZE = 7
 MIN_CONTRAST = 110  # least luminance difference (0..255) between text and background
+CJK_FONT_FILES = ("NotoSansCJK-Regular.ttc", "NotoSansCJK-Bold.ttc", "NotoSerifCJK-Regular.ttc")
+CJK_FONT_DIRS = ("/usr/share/fonts/opentype/noto", "/usr/share/fonts/noto-cjk", "/usr/share/fonts/google-noto-cjk",
+                 "/usr/share/fonts/opentype/noto-cjk", "/usr/local/share/fonts", "~/.local/share/fonts")
+CJK_INSTALL_HINT = "apt-get install fonts-noto-cjk (Debian/Ubuntu)"
+# 543 frequent simplified Chinese characters (the head of modern text frequency lists).
+CHINESE_ALPHABET = "".join(dict.fromkeys(
+    "的一是不了在人有我他这个们中来上大为和国地到以说时要就出会可也你对生能而子那得于着下自之年过发后作里用道行所然"
+    "家种事成方多经么去法学如都同现当没动面起看定天分还进好小部其些主样理心她本前开但因只从想实日军者意无力它与长把"
+    "机十民第公此已工使情明性知全三又关点正业外将两高间由问很最重并物手应战向头文体政美相见被利什二等产或新己制身果"
+    "加西斯月话合回特代内信表化老给世位次度门任常先海通教儿原东声提立及比员解水名真论处走义各入几口认条平系气题活"
+    "尔更别打女变四神总何电数安少报才结反受目太量再感建务做接必场件计管期市直德资命山金指克许统区保至队形社便空决"
+    "治展马科司五基眼书非则听白却界达光放强即像难且权思王象完设式色路记南品住告类求据程北边死张该交规万取拉格望觉"
+    "术领共确传师观清今切院让识候带导争运笑飞风步改收根干造言联持组每济车亲极林服快办议往元英士证近失转夫令准布始"
+    "怎呢存未远叫台单影具罗字爱击流备兵连调深商算质团集百需价花党华城石级整府离况亚请技际约示复病息究线似官火断精"
+    "满支视消越器容照须九增研写称企八功吗包片史委乎查轻易早曾除农找装广显吧阿李标谈吃图念六引历首医局突专费号尽另"
+    "周较注语仅考落青随选列武红响虽推势参希古众构房半节土投某案黑维革划敌致陈律足态护七兴派孩验责营星够章音跟志底"))
+LANGUAGES = ("en", "zh")
 
 
 @dataclass(frozen=True)
@@ -52,7 +70,14 @@ class TextStyle:
 
 
 def font_path(name: str) -> Path:
-    """The path of a DejaVu font file shipped with matplotlib (matplotlib is needed for synthesis)."""
+    """The path of a DejaVu font file shipped with matplotlib (matplotlib is needed for synthesis), or of a
+    Noto CJK font (a CJK_FONT_FILES name) in the system's font folders."""
+    if name in CJK_FONT_FILES:
+        for folder in CJK_FONT_DIRS:
+            if (Path(folder).expanduser() / name).is_file():
+                return Path(folder).expanduser() / name
+        raise FileNotFoundError(f"Chinese text needs the Noto CJK font {name}, which is in none of {CJK_FONT_DIRS}; "
+                                f"install it: {CJK_INSTALL_HINT}")
     try:
         import matplotlib
     except ImportError as e:
@@ -65,13 +90,22 @@ def font_path(name: str) -> Path:
 
 @lru_cache(maxsize=256)
 def load_font(name: str, size: int) -> ImageFont.FreeTypeFont:
-    """A DejaVu font (a FONT_FILES name) at size pixels, cached."""
-    return ImageFont.truetype(str(font_path(name)), size)
+    """A DejaVu font (a FONT_FILES name) or the simplified-Chinese face of a Noto CJK collection (a
+    CJK_FONT_FILES name) at size pixels, cached."""
+    path = font_path(name)
+    if path.suffix != ".ttc":
+        return ImageFont.truetype(str(path), size)
+    for index in range(16):  # the faces of a Noto CJK collection: JP, KR, SC, TC, HK, ...
+        font = ImageFont.truetype(str(path), size, index=index)
+        if font.getname()[0].endswith(" SC"):
+            return font
+    raise ValueError(f"{path} has no simplified-Chinese (SC) face; reinstall it: {CJK_INSTALL_HINT}")
 
 
 def random_text(rng: np.random.Generator, min_chars: int = 8, max_chars: int = 24,
-                alphabet: str = DEFAULT_ALPHABET) -> str:
-    """min_chars..max_chars characters: words of 1-8 letters from alphabet separated by single spaces."""
+                alphabet: str = DEFAULT_ALPHABET, separator: str = " ") -> str:
+    """min_chars..max_chars characters: words of 1-8 letters from alphabet separated by single spaces
+    (by separator: Chinese passes "", as it writes no spaces)."""
     if not 1 <= min_chars <= max_chars:
         raise ValueError(f"need 1 <= min_chars <= max_chars, got {min_chars} and {max_chars}")
     if not alphabet or " " in alphabet:
@@ -82,7 +116,7 @@ def random_text(rng: np.random.Generator, min_chars: int = 8, max_chars: int = 2
         word = int(rng.integers(1, 9))
         chars.extend(alphabet[int(i)] for i in rng.integers(0, len(alphabet), word))
         if len(chars) < length - 1:
-            chars.append(" ")
+            chars.extend(separator)
     return "".join(chars[:length])  # a space is only added where a letter follows it
 
 
@@ -100,13 +134,15 @@ def contrasting_colours(rng: np.random.Generator) -> tuple[tuple[int, int, int],
     return ((0, 0, 0) if _luminance(background) >= 128 else (255, 255, 255)), background
 
 
-def random_style(rng: np.random.Generator, size: tuple[int, int], num_lines: int = 1) -> TextStyle:
-    """A random style for num_lines lines on an image of size (width, height): font, size, colours, noise, tilt."""
+def random_style(rng: np.random.Generator, size: tuple[int, int], num_lines: int = 1,
+                 fonts: tuple[str, ...] = FONT_FILES) -> TextStyle:
+    """A random style for num_lines lines on an image of size (width, height): font (one of fonts), size,
+    colours, noise, tilt."""
     text_colour, background = contrasting_colours(rng)
     leading = float(rng.uniform(1.15, 1.5))
     largest = max(MIN_FONT_SIZE, int(size[1] / (num_lines * leading + 0.5)))
     return TextStyle(
-        font=FONT_FILES[int(rng.integers(len(FONT_FILES)))],
+        font=fonts[int(rng.integers(len(fonts)))],
         size=int(rng.integers(max(MIN_FONT_SIZE, largest * 6 // 10), largest + 1)),
         spacing=int(rng.integers(0, 3)),
         leading=leading,
@@ -163,26 +199,38 @@ def render_text(lines: list[str], style: TextStyle, size: tuple[int, int]) -> Im
     return image
 
 
+def _script(lang: str, alphabet: str | None) -> tuple[str, tuple[str, ...], str]:
+    """(alphabet, fonts, word separator) of a language ("en" or "zh"); alphabet None = the language's own."""
+    if lang not in LANGUAGES:
+        raise ValueError(f"unknown language {lang!r}; choose from {', '.join(LANGUAGES)}")
+    if lang == "zh":
+        return alphabet or CHINESE_ALPHABET, CJK_FONT_FILES, ""
+    return alphabet or DEFAULT_ALPHABET, FONT_FILES, " "
+
+
 def line_sample(rng: np.random.Generator, size: tuple[int, int], min_chars: int = 8, max_chars: int = 24,
-                alphabet: str = DEFAULT_ALPHABET) -> tuple[Image.Image, str]:
-    """One rendered line of random words and its text."""
-    text = random_text(rng, min_chars, max_chars, alphabet)
-    return render_text([text], random_style(rng, size), size), text
+                alphabet: str | None = None, lang: str = "en") -> tuple[Image.Image, str]:
+    """One rendered line of random words and its text (alphabet: default the language's)."""
+    alphabet, fonts, separator = _script(lang, alphabet)
+    text = random_text(rng, min_chars, max_chars, alphabet, separator)
+    return render_text([text], random_style(rng, size, fonts=fonts), size), text
 
 
 def paragraph_sample(rng: np.random.Generator, size: tuple[int, int], min_chars: int = 8, max_chars: int = 24,
-                     alphabet: str = DEFAULT_ALPHABET) -> tuple[Image.Image, str]:
+                     alphabet: str | None = None, lang: str = "en") -> tuple[Image.Image, str]:
     """2-3 rendered lines and their text, lines joined with newlines."""
-    lines = [random_text(rng, min_chars, max_chars, alphabet) for _ in range(int(rng.integers(2, 4)))]
-    return render_text(lines, random_style(rng, size, len(lines)), size), "\n".join(lines)
+    alphabet, fonts, separator = _script(lang, alphabet)
+    lines = [random_text(rng, min_chars, max_chars, alphabet, separator) for _ in range(int(rng.integers(2, 4)))]
+    return render_text(lines, random_style(rng, size, len(lines), fonts), size), "\n".join(lines)
 
 
 def page_sample(rng: np.random.Generator, size: tuple[int, int], min_chars: int = 8, max_chars: int = 24,
-                alphabet: str = DEFAULT_ALPHABET) -> tuple[Image.Image, str]:
+                alphabet: str | None = None, lang: str = "en") -> tuple[Image.Image, str]:
     """2-4 paragraphs of 2-3 lines, separated by a blank line, and their text (tilt kept under 1 degree)."""
-    paragraphs = [[random_text(rng, min_chars, max_chars, alphabet) for _ in range(int(rng.integers(2, 4)))]
+    alphabet, fonts, separator = _script(lang, alphabet)
+    paragraphs = [[random_text(rng, min_chars, max_chars, alphabet, separator) for _ in range(int(rng.integers(2, 4)))]
                   for _ in range(int(rng.integers(2, 5)))]
     lines = [line for i, p in enumerate(paragraphs) for line in ([""] if i else []) + p]
-    style = random_style(rng, size, len(lines))
+    style = random_style(rng, size, len(lines), fonts)
     style = replace(style, angle=style.angle / 2)
     return render_text(lines, style, size), "\n\n".join("\n".join(p) for p in paragraphs)

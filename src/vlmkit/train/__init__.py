@@ -6,6 +6,8 @@
   optional bf16 autocast and activation checkpointing, metrics CSV + loss-curve PNG; `ShuffledBatches`,
   the seeded, resumable data order.
 - `checkpoint`: atomic checkpoints (weights, optimizer, schedule, RNG, data position) without pickle.
+- `distributed`: data-parallel training under torchrun (DDP, gloo on CPU), rank 0 writing the files.
+- `run`: `vlmkit train`, a dataset file + a model directory or small preset -> a run folder.
 
     stage = get_stage("align")
     batches = ShuffledBatches(examples, batch_size=16, pad_id=tok.pad_id, seed=0)

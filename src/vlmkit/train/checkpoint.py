@@ -7,11 +7,13 @@ A checkpoint is a directory `step-000123/`:
     model.safetensors      the weights (tied tensors stored once)
     optimizer.safetensors  every tensor of the optimizer state, keyed `<param index>.<name>`
     rng.safetensors        torch's CPU generator state
-    state.json             step, data position (sample index), schedule, optimizer hyper-parameters
-                           and the names of its parameters, python's and numpy's RNG states
+    state.json             step, data position (sample index), schedule, the number of metrics.csv rows
+                           it covers, optimizer hyper-parameters and the names of its parameters,
+                           python's and numpy's RNG states
     config.json            the model config, when the model has one (VLMConfig / LMConfig)
 It is first written to a hidden temporary directory beside it, every file fsynced, then renamed into
-place, so a crash leaves either the previous checkpoints or the complete new one, never half of one.
+place, so a crash leaves either the previous checkpoints or the complete new one, never half of one
+(plus a hidden `.step-*.tmp-*` directory, which `remove_partial_checkpoints` deletes on resume).
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ PREFIX = "step-"
 
 @dataclass
 class TrainState:
-    """Where a run stands: optimizer steps done, samples consumed from the data order, the schedule."""
+    """Where a run stands: optimizer steps done, samples consumed from the data order, the schedule, and
+    how many metrics rows (one per step) were written with it (None: not recorded)."""
 
     step: int
     sample_index: int
     schedule: dict[str, Any] = field(default_factory=dict)
+    metric_rows: int | None = None
 
 
 def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
@@ -49,6 +53,26 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The checkpoint of out_dir with the most steps, or None when there is none."""
     found = [p for p in Path(out_dir).glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX):].isdigit()]
     return max(found, key=lambda p: int(p.name[len(PREFIX):]), default=None)
+
+
+def remove_partial_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Delete the temporary directories of checkpoints whose writing was interrupted; returns them."""
+    partial = sorted(p for p in Path(out_dir).glob(f".{PREFIX}*.*-*") if p.is_dir())
+    for path in partial:
+        shutil.rmtree(path)
+    return partial
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest checkpoints of out_dir (keep 0 keeps all); returns the deleted ones."""
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0 (0 keeps every checkpoint), got {keep}")
+    found = sorted((p for p in Path(out_dir).glob(f"{PREFIX}*") if p.is_dir() and p.name[len(PREFIX):].isdigit()),
+                   key=lambda p: int(p.name[len(PREFIX):]))
+    old = found[:-keep] if keep else []
+    for path in old:
+        shutil.rmtree(path)
+    return old
 
 
 def _fsync(path: Path) -> None:
@@ -113,7 +137,7 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.opti
     rng_tensors, rng_meta = _rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     meta = {"step": state.step, "sample_index": state.sample_index, "schedule": state.schedule,
-            "optimizer": opt_meta, "rng": rng_meta, "extra": extra or {}}
+            "metric_rows": state.metric_rows, "optimizer": opt_meta, "rng": rng_meta, "extra": extra or {}}
     (tmp / "state.json").write_text(json.dumps(meta) + "\n")
     cfg = getattr(model, "cfg", None)
     if hasattr(cfg, "to_dict"):
@@ -152,4 +176,4 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")), meta["optimizer"]))
     if restore_rng:
         _set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
-    return TrainState(meta["step"], meta["sample_index"], meta["schedule"])
+    return TrainState(meta["step"], meta["sample_index"], meta["schedule"], meta.get("metric_rows"))

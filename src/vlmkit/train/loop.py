@@ -12,12 +12,24 @@ gradients clipped to `stage.grad_clip`; AdamW. Weight decay follows nanoGPT's ru
 norm weights, learned vectors such as image_newline). The learning rate is linear warmup then cosine
 decay (`lr_multiplier`). Metrics go to `metrics.csv` (step, loss, lr, samples_per_s, grad_norm) and
 the loss curve to `loss.png` in out_dir.
+
+Resume and the metrics file: metrics.csv is rewritten atomically (temporary file + rename) every
+log_every steps and right before every checkpoint, and the checkpoint records how many rows it covers.
+A resumed run keeps the rows up to its checkpoint's step and redoes the later ones, so a run killed at
+any moment and resumed ends with exactly one row per step (and raises if rows the checkpoint covers are
+missing, e.g. a deleted CSV).
+
+Under torchrun (an initialized process group, see train.distributed) the model is wrapped in
+DistributedDataParallel, each rank reads its slice of every global batch, the loss is weighted so the
+averaged gradient equals the single-process one, and only rank 0 writes files and shows progress.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
+import os
 import random
 import sys
 import time
@@ -33,7 +45,9 @@ import torch.nn as nn
 from vlmkit.data.collate import collate, pack
 from vlmkit.data.labels import TrainingExample
 from vlmkit.models.lm import IGNORE_INDEX
-from vlmkit.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from vlmkit.train.checkpoint import (TrainState, load_checkpoint, prune_checkpoints, remove_partial_checkpoints,
+                                     save_checkpoint)
+from vlmkit.train.distributed import World, all_reduce_sum, barrier, current_world, shard_bounds, wrap_model
 from vlmkit.train.stages import Stage, module_groups
 
 Batch = dict[str, torch.Tensor]
@@ -44,16 +58,26 @@ class ShuffledBatches:
     """An endless, seeded stream of collated batches: epoch e visits the examples in the order of
     torch.randperm(n) under seed + e; batches run across epoch ends. `sample_index` counts the samples
     handed out so far, and seek(sample_index) continues the stream exactly from there (for resume).
-    pack_len packs each batch's examples into rows of at most pack_len tokens instead of padding."""
+    pack_len packs each batch's examples into rows of at most pack_len tokens instead of padding.
+
+    For data-parallel training, batch_size is the global batch: the process of rank r out of world_size
+    collates only its contiguous slice [r * b, (r + 1) * b) of each global batch (b = batch_size /
+    world_size), while sample_index keeps counting global samples. examples may be any sequence (e.g.
+    one that builds each example when it is read); only the slice's examples are read."""
 
     def __init__(self, examples: Sequence[TrainingExample], batch_size: int, pad_id: int, seed: int = 0,
-                 pack_len: int | None = None) -> None:
-        if not examples:
+                 pack_len: int | None = None, rank: int = 0, world_size: int = 1) -> None:
+        examples = examples if isinstance(examples, Sequence) else list(examples)
+        if len(examples) == 0:
             raise ValueError("no training examples; pass at least one TrainingExample")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.examples, self.batch_size, self.pad_id = list(examples), batch_size, pad_id
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in 0..world_size-1, got rank {rank} of {world_size}")
+        self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
         self.seed, self.pack_len = seed, pack_len
+        self.rank, self.world_size = rank, world_size
+        self._slice = shard_bounds(batch_size, World(rank, world_size))
         self.sample_index = 0
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
 
@@ -70,7 +94,8 @@ class ShuffledBatches:
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
-            chunk = [self._example(i) for i in range(self.sample_index, self.sample_index + self.batch_size)]
+            first, stop = self._slice
+            chunk = [self._example(i) for i in range(self.sample_index + first, self.sample_index + stop)]
             self.sample_index += self.batch_size
             yield pack(chunk, self.pack_len, self.pad_id) if self.pack_len else collate(chunk, self.pad_id)
 
@@ -148,10 +173,15 @@ def _read_metrics(path: Path, upto: int) -> list[dict[str, str]]:
 
 
 def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
+    """Replace path with rows atomically: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRICS)
         writer.writeheader()
         writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def plot_loss(metrics_csv: str | Path, png: str | Path) -> Path | None:
@@ -212,36 +242,54 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
           bf16: bool = False, activation_checkpointing: bool = False, seed: int = 0,
           out_dir: str | Path | None = None, save_every: int = 0, resume: str | Path | None = None,
           stop_after: int | None = None, progress: bool = True, log_every: int = 10,
-          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, float], None] | None = None, keep_checkpoints: int = 0) -> TrainResult:
     """Train model for `steps` optimizer steps of `stage` on `batches` (collate()/pack() dicts, each one
     micro-batch; grad_accum of them make a step).
 
     seed seeds torch, python and numpy at the start of a fresh run (a resumed run restores the saved RNG
     states instead). out_dir receives metrics.csv, loss.png and, every save_every steps and at the end,
-    checkpoints (see train.checkpoint). resume is a checkpoint directory: the weights, optimizer, schedule,
-    RNGs and the data position (ShuffledBatches.seek, else the consumed batches are skipped) are restored
-    and training continues from the step after it. stop_after ends this call after that step while the
-    schedule still spans `steps` (a time budget, or an interrupted run in tests). on_step(step, loss) is
-    called after every step.
+    checkpoints (see train.checkpoint); keep_checkpoints > 0 deletes all but that many newest ones.
+    resume is a checkpoint directory: the weights, optimizer, schedule, RNGs and the data position
+    (ShuffledBatches.seek, else the consumed batches are skipped) are restored and training continues
+    from the step after it. stop_after ends this call after that step while the schedule still spans
+    `steps` (a time budget, or an interrupted run in tests). on_step(step, loss) is called after every step.
+
+    Under torchrun (torch.distributed initialized with several processes) the model is trained through
+    DistributedDataParallel and batches must be this rank's slice of each global batch (ShuffledBatches
+    with rank= and world_size=); the losses returned are the global ones, on every rank.
     """
     if steps < 1 or grad_accum < 1:
         raise ValueError(f"steps and grad_accum must be >= 1, got steps={steps}, grad_accum={grad_accum}")
     if (save_every or resume is not None) and out_dir is None:
         raise ValueError("checkpoints need an out_dir; pass out_dir=... with save_every or resume")
+    world = current_world()
+    if hasattr(batches, "world_size") and batches.world_size != world.size:
+        raise ValueError(f"the batches are sharded for {batches.world_size} process(es) but {world.size} are "
+                         "running; build ShuffledBatches with rank= and world_size= of this run")
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
+    writes = out is not None and world.is_main  # only rank 0 writes files
+    if writes:
         out.mkdir(parents=True, exist_ok=True)
     optimizer = build_optimizer(model, stage)
     warmup = stage.warmup(steps)
     schedule = {"kind": "warmup_cosine", "total_steps": steps, "warmup_steps": warmup,
                 "min_lr_ratio": stage.min_lr_ratio}
     start, sample_index = 0, 0
+    metrics_csv = out / "metrics.csv" if out is not None else None
+    rows: list[dict[str, Any]] = []
     if resume is not None:
         state = load_checkpoint(resume, model, optimizer)
         if state.schedule != schedule:
             raise ValueError(f"{resume} was saved with schedule {state.schedule} but this run has {schedule}; "
                              "resume with the same stage and steps")
         start, sample_index = state.step, state.sample_index
+        if writes:
+            remove_partial_checkpoints(out)
+            rows = _read_metrics(metrics_csv, start)
+            if state.metric_rows is not None and [int(r["step"]) for r in rows] != list(range(1, start + 1)):
+                raise ValueError(f"{metrics_csv} should hold one row per step 1..{start} (the checkpoint {resume} "
+                                 f"covers {state.metric_rows} rows) but holds steps "
+                                 f"{[int(r['step']) for r in rows][:10]}...; restore the file or start a new run")
     else:
         _seed_everything(seed)
     if hasattr(batches, "seek"):
@@ -252,14 +300,13 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
         for _ in range(start * grad_accum):
             next(stream)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    metrics_csv = out / "metrics.csv" if out is not None else None
-    rows = _read_metrics(metrics_csv, start) if metrics_csv is not None else []
     end = steps if stop_after is None else min(steps, stop_after)
-    result = TrainResult([], [], None, metrics_csv, None)
+    result = TrainResult([], [], None, metrics_csv if writes else None, None)
     previous_flags = _set_checkpointing(model, activation_checkpointing)
     was_training = model.training
     model.train()
-    bar = _Progress(start, steps, progress, log_every)
+    runner = wrap_model(model, world)  # DDP under torchrun, else model
+    bar = _Progress(start, steps, progress and world.is_main, log_every)
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
@@ -273,22 +320,25 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
                 except StopIteration:
                     raise ValueError(f"the batches ran out at step {step + 1} of {steps}; pass an endless stream "
                                      "(ShuffledBatches) or fewer steps") from None
-            tokens = sum(_labelled(b) for b in micro)
+            # labelled tokens and samples of the global step (summed over ranks)
+            tokens, samples = all_reduce_sum([sum(_labelled(b) for b in micro), sum(_samples(b) for b in micro)],
+                                             world)
             if tokens == 0:
                 raise ValueError(f"step {step + 1} has no labelled tokens (every label is {IGNORE_INDEX}); "
                                  "check the examples' labels")
             loss_sum = 0.0
-            for batch in micro:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss = model(**batch, loss_only=True).loss  # mean over this micro-batch's labelled tokens
-                weight = _labelled(batch) / tokens
-                (loss * weight).backward()
+            for i, batch in enumerate(micro):
+                with _sync_on_last(runner, i == len(micro) - 1):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        loss = runner(**batch, loss_only=True).loss  # mean over this micro-batch's labelled tokens
+                    weight = _labelled(batch) / tokens
+                    (loss * (weight * world.size)).backward()  # DDP averages over ranks: x size undoes it
                 loss_sum += loss.item() * weight
+            loss_sum = all_reduce_sum([loss_sum], world)[0]
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip if stage.grad_clip else math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            samples = sum(_samples(b) for b in micro)
-            sample_index = batches.sample_index if hasattr(batches, "seek") else sample_index + samples
+            sample_index = batches.sample_index if hasattr(batches, "seek") else sample_index + int(samples)
             done = step + 1
             samples_per_s = samples / (time.perf_counter() - t0)
             lr = max(g["lr"] for g in optimizer.param_groups)
@@ -299,17 +349,31 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
             bar.update(done, loss_sum, lr, samples_per_s)
             if on_step is not None:
                 on_step(done, loss_sum)
-            if metrics_csv is not None and (done % log_every == 0 or done == end):
-                _write_metrics(metrics_csv, rows)
-            if out is not None and (save_every and done % save_every == 0 or done == end):
-                result.checkpoint = save_checkpoint(out, model, optimizer, TrainState(done, sample_index, schedule),
-                                                    extra={"stage": stage.name})
+            save = out is not None and (save_every and done % save_every == 0 or done == end)
+            if writes and (save or done % log_every == 0):
+                _write_metrics(metrics_csv, rows)  # before the checkpoint: it covers these rows
+            if save:
+                if writes:
+                    result.checkpoint = save_checkpoint(
+                        out, model, optimizer, TrainState(done, sample_index, schedule, metric_rows=len(rows)),
+                        extra={"stage": stage.name, "world_size": world.size})
+                    prune_checkpoints(out, keep_checkpoints)
+                barrier(world)
     finally:
         bar.close()
         for module, flag in previous_flags.items():
             module.gradient_checkpointing = flag
         model.train(was_training)
-    if metrics_csv is not None and rows:
+    if writes and rows:
         _write_metrics(metrics_csv, rows)
         result.loss_png = plot_loss(metrics_csv, out / "loss.png")
+    barrier(world)
     return result
+
+
+def _sync_on_last(runner: nn.Module, last: bool) -> Any:
+    """DDP's no_sync() for the micro-batches before a step's last (their gradients only accumulate), else
+    a no-op context."""
+    if isinstance(runner, torch.nn.parallel.DistributedDataParallel) and not last:
+        return runner.no_sync()
+    return contextlib.nullcontext()

@@ -1,0 +1,123 @@
+"""Multi-process data-parallel training under `torchrun`: one process per rank, gloo on CPU.
+
+    torchrun --nproc_per_node 2 -m vlmkit.cli train --model tiny-random --data synth/data.json --out run
+    world = init_distributed()          # reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT
+    ...                                 # train.loop.train() sees the process group and wraps the model in DDP
+    shutdown()
+
+How a run splits (what `train.loop.train` does with the helpers here):
+- Data: every rank walks the same seeded global order (`ShuffledBatches(..., rank=, world_size=)`) and
+  takes its contiguous slice of each global batch, so the global batch is the single-process batch.
+- Gradients: the model is wrapped in DistributedDataParallel, which averages gradients over ranks.
+  Each rank's micro-batch loss is weighted by (its labelled tokens / the global labelled tokens) x
+  world size, so after the average the gradient is the single-process token-weighted mean. The global
+  token count is one all-reduce per step; micro-batches before the last of a step skip DDP's sync
+  (`no_sync`). Clipping then sees the same gradients on every rank.
+- Files: only rank 0 writes checkpoints, metrics and the loss curve and shows progress; the ranks meet
+  at a barrier after each checkpoint and at the end. On resume every rank reads the same checkpoint.
+The result equals single-process training up to the order of float additions: an all-reduce sums the
+ranks' partial gradients in another order than one backward over the whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run: rank in 0..size-1 (rank 0 writes the files)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment holds torchrun's variables (WORLD_SIZE and RANK)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: float = 10.0) -> World:
+    """Join the process group torchrun describes in the environment and return this rank's World.
+
+    Outside torchrun (no WORLD_SIZE / RANK) this returns World() and starts nothing. backend defaults to
+    gloo (CPU tensors); a collective that waits longer than timeout_minutes raises instead of hanging."""
+    if not launched_by_torchrun():
+        return World()
+    missing = [v for v in TORCHRUN_VARS if v not in os.environ]
+    if missing:
+        raise ValueError(f"the environment has WORLD_SIZE and RANK but not {missing}; launch with torchrun, "
+                         "which sets them all")
+    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        dist.init_process_group(backend or "gloo", rank=world.rank, world_size=world.size,
+                                timeout=timedelta(minutes=timeout_minutes))
+    return world
+
+
+def current_world() -> World:
+    """The World of the initialized process group, else World() (a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return World()
+
+
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group if one was joined, after a last barrier when wait (on an error the other
+    ranks may never reach it: pass wait=False; torchrun then stops them)."""
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(world: World) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if world.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], world: World) -> list[float]:
+    """The element-wise sum of values over the ranks (float64), values unchanged in a single process."""
+    if not world.distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def wrap_model(model: nn.Module, world: World) -> nn.Module:
+    """model in DistributedDataParallel when world is distributed, else model itself.
+
+    find_unused_parameters is on: a trained group may hold parameters a forward never reaches (a
+    vision tower's layers after its select_layer); DDP would otherwise wait for their gradients."""
+    if not world.distributed:
+        return model
+    return DistributedDataParallel(model, find_unused_parameters=True)
+
+
+def shard_bounds(batch_size: int, world: World) -> tuple[int, int]:
+    """[start, stop) of this rank's slice of a global batch of batch_size samples."""
+    if batch_size % world.size:
+        raise ValueError(f"the global batch size {batch_size} does not split evenly over {world.size} processes; "
+                         f"use a multiple of {world.size}")
+    per_rank = batch_size // world.size
+    return world.rank * per_rank, (world.rank + 1) * per_rank

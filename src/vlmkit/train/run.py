@@ -1,0 +1,298 @@
+"""`vlmkit train`: train a model on a LLaVA JSON / JSONL dataset with one stage and write a run folder.
+
+    vlmkit data synth --out synth --shapes 64 --image-size 32x32
+    vlmkit train --model tiny-random --data synth/data.json --stage full --steps 200 --out run
+    vlmkit generate --model run --image synth/images/shapes-000000.png --prompt "What shape is this?"
+    torchrun --nproc_per_node 2 -m vlmkit.cli train ...      # the same flags; the global batch is --batch-size
+
+    result = run_training(RunConfig(model="tiny-random", data="synth/data.json", out="run", steps=200))
+
+The model is a model directory (loaded with vlmkit.load.load_model, its tokenizer kept) or the name of
+a small preset built with random weights (`FRESH_PRESETS`: `tiny-random`, `bench-tiny` and the `*-small`
+twins that are vlmkit VLMs, i.e. all but Qwen2-VL's and DeepSeek-VL's): such a fresh model gets a CharTokenizer over the printable ASCII characters plus every character of the dataset's
+conversations, and its vocabulary and image placeholder are sized to it (for ASCII data `tiny-random`
+is exactly vlmkit.load's tiny-random model at the same seed).
+
+The data is read and validated by data.formats.load_dataset; then every sample is made into a training
+example once (images decoded and planned, labels built, the length checked against the model's context)
+so a bad sample is found before training starts. --data-policy fail stops on the first pass with every
+problem listed; skip drops the bad records, prints them and writes them to skipped.txt. During training
+examples are built again when read (a pure function of the sample), so pixels are never all in memory.
+
+The run folder (--out):
+    run.json                  the run's settings; --resume refuses a run whose settings differ
+    metrics.csv, loss.png     one row per optimizer step (train.loop)
+    step-NNNNNN/              checkpoints (train.checkpoint); the newest --keep-checkpoints are kept
+    skipped.txt               the problems of the records --data-policy skip dropped
+    config.json, model.safetensors, tokenizer files   the final model: `vlmkit generate --model OUT` loads it
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import string
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmkit.data.formats import POLICIES, DatasetError, Problem, Sample, load_dataset
+from vlmkit.data.labels import TrainingExample, build_training_example
+from vlmkit.config import VLMConfig
+from vlmkit.image.load import load_image
+from vlmkit.load import LoadedModel, load_model
+from vlmkit.models import save_pretrained
+from vlmkit.presets import PRESETS, build_model, get_preset
+from vlmkit.text.chat import chat_template_for
+from vlmkit.text.tokenizer import CharTokenizer
+from vlmkit.train.checkpoint import latest_checkpoint
+from vlmkit.train.distributed import World, current_world
+from vlmkit.train.loop import ShuffledBatches, TrainResult, train
+from vlmkit.train.stages import Stage, get_stage
+
+RUN_FILE = "run.json"
+SKIPPED_FILE = "skipped.txt"
+# Small presets of vlmkit's VLM class. Left out: Qwen2-VL / Qwen2.5-VL (their prompts need vision start/end and
+# video tokens a CharTokenizer lacks) and DeepSeek-VL (its hybrid model is not a VLM that LoadedModel can prompt).
+FRESH_PRESETS = tuple(n for n in PRESETS if (n.endswith("-small") or n in ("tiny-random", "bench-tiny"))
+                      and type(get_preset(n)) is VLMConfig)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json")
+# Settings that may change between a run and its resumption (they do not change the result).
+RESUMABLE_CHANGES = ("resume", "progress", "checkpoint_every", "keep_checkpoints", "log_every", "threads")
+
+
+@dataclass
+class RunConfig:
+    """The settings of one `vlmkit train` run (the CLI flags).
+
+    lr: peak learning rate of every group the stage trains (None: the stage's own); group_lrs then sets
+    single groups, e.g. {"vision": 1e-4} (0 freezes). warmup: warmup steps (None: the stage's rule).
+    resume: None (a fresh run), "latest" (the newest checkpoint in out) or a checkpoint directory.
+    """
+
+    model: str
+    data: str
+    out: str
+    stage: str = "sft"
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float | None = None
+    group_lrs: dict[str, float] = field(default_factory=dict)
+    warmup: int | None = None
+    weight_decay: float | None = None
+    grad_clip: float | None = None
+    bf16: bool = False
+    activation_checkpointing: bool = False
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 0
+    resume: str | None = None
+    seed: int = 0
+    data_policy: str = "fail"
+    image_root: str | None = None
+    max_len: int | None = None
+    pack_len: int | None = None
+    log_every: int = 10
+    progress: bool = True
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError(f"--steps, --batch-size and --grad-accum must be >= 1, got {self.steps}, "
+                             f"{self.batch_size}, {self.grad_accum}")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 0:
+            raise ValueError("--checkpoint-every and --keep-checkpoints must be >= 0 (0 = only at the end / keep all)")
+        if self.data_policy not in POLICIES:
+            raise ValueError(f"--data-policy must be one of {', '.join(POLICIES)}, got {self.data_policy!r}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"--lr must be > 0 (freeze groups with --group-lr NAME=0), got {self.lr}")
+
+
+@dataclass
+class RunResult:
+    """What run_training did: the loop's result, the run folder, the samples used and the records skipped."""
+
+    train: TrainResult
+    out: Path
+    num_samples: int
+    skipped: list[Problem]
+    model_dir: Path | None
+
+
+def build_stage(cfg: RunConfig) -> Stage:
+    """The named stage with the run's overrides: --lr on every trained group, --group-lr per group,
+    --warmup, --weight-decay, --grad-clip."""
+    stage = get_stage(cfg.stage)
+    lrs = {g: (cfg.lr if cfg.lr is not None and lr > 0 else lr) for g, lr in stage.lrs.items()}
+    lrs.update(cfg.group_lrs)
+    changes: dict[str, Any] = {"lrs": lrs}
+    if cfg.warmup is not None:
+        changes["warmup_steps"] = cfg.warmup
+    if cfg.weight_decay is not None:
+        changes["weight_decay"] = cfg.weight_decay
+    if cfg.grad_clip is not None:
+        changes["grad_clip"] = cfg.grad_clip
+    return dataclasses.replace(stage, **changes)
+
+
+def conversation_text(samples: Sequence[Sample]) -> str:
+    """Every text of the samples' messages, concatenated (the characters a fresh vocabulary needs)."""
+    return "".join(part.get("text", "") for s in samples for m in s.messages for part in m["content"])
+
+
+def fresh_model(preset: str, chars: str, seed: int) -> LoadedModel:
+    """A preset (one of FRESH_PRESETS) with random weights (torch seeded with seed) and a CharTokenizer over
+    printable ASCII plus chars; the LM vocabulary and image placeholder are set to the tokenizer's."""
+    if preset not in FRESH_PRESETS:
+        raise ValueError(f"--model {preset!r}: a preset trained from random weights must be one of "
+                         f"{', '.join(FRESH_PRESETS)} (published-size presets have no weights to start from, and "
+                         "Qwen2-VL / DeepSeek-VL need more than a character vocabulary); pass a model directory "
+                         "to fine-tune one")
+    tokenizer = CharTokenizer(string.printable + chars)
+    cfg = get_preset(preset)
+    cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, vocab_size=tokenizer.vocab_size),
+                              image_token_id=tokenizer.token_to_id("<image>"))
+    torch.manual_seed(seed)
+    return LoadedModel(preset, build_model(cfg), tokenizer, chat_template_for(tokenizer))
+
+
+def load_for_training(spec: str, samples: Sequence[Sample], seed: int) -> LoadedModel:
+    """A model directory (its own tokenizer and template), or a fresh preset (see fresh_model)."""
+    if Path(spec).is_dir():
+        return load_model(spec)
+    if spec in PRESETS:
+        return fresh_model(spec, conversation_text(samples), seed)
+    raise ValueError(f"--model {spec!r} is neither a model directory nor a preset; give a directory "
+                     f"(config.json + safetensors + tokenizer) or one of {', '.join(FRESH_PRESETS)}")
+
+
+def _context_length(loaded: LoadedModel) -> int:
+    cfg = loaded.model.cfg
+    return getattr(cfg, "lm", cfg).max_position_embeddings
+
+
+class TrainingSet(Sequence[TrainingExample]):
+    """The samples as TrainingExamples, each built when it is read: its images decoded and planned under the
+    model's image scheme, its ids and labels made by data.labels.build_training_example."""
+
+    def __init__(self, samples: Sequence[Sample], loaded: LoadedModel) -> None:
+        self.samples, self.loaded = list(samples), loaded
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> TrainingExample:  # type: ignore[override]
+        sample = self.samples[index]
+        plans = self.loaded.plan_images([load_image(path) for path in sample.images])
+        image_token_id = self.loaded.model.cfg.image_token_id if self.loaded.is_vlm else None
+        return build_training_example(self.loaded.tokenizer, self.loaded.chat_template, sample.messages,
+                                      image_token_id, plans)
+
+
+def prepare_data(samples: Sequence[Sample], loaded: LoadedModel, policy: str,
+                 max_len: int | None = None) -> tuple[TrainingSet, list[Problem]]:
+    """Build every sample's example once: a sample whose images cannot be read or planned, whose
+    conversation cannot be labelled, or which is longer than max_len tokens (default: the model's context)
+    is a Problem. policy "fail" raises DatasetError listing every problem; "skip" leaves them out."""
+    limit = max_len if max_len is not None else _context_length(loaded)
+    full = TrainingSet(samples, loaded)
+    good, problems = [], []
+    for i, sample in enumerate(full.samples):
+        try:
+            length = len(full[i])
+        except ValueError as e:  # ImageLoadError is a ValueError, as are labelling and planning errors
+            problems.append(Problem(sample.file, sample.line, sample.id, str(e)))
+            continue
+        if length > limit:
+            problems.append(Problem(sample.file, sample.line, sample.id,
+                                    f"{length} tokens (images included) is over the limit of {limit}; shorten it "
+                                    "or raise --max-len up to the model's context"))
+            continue
+        good.append(sample)
+    if problems and policy == "fail":
+        raise DatasetError(problems)
+    if not good:
+        raise ValueError(f"no sample of the dataset can be trained on ({len(problems)} skipped); see {SKIPPED_FILE}")
+    return TrainingSet(good, loaded), problems
+
+
+def save_model_dir(loaded: LoadedModel, out: Path, source: str) -> Path:
+    """Write the trained model to out as a model directory load_model reads: config.json + safetensors
+    (weights.save_pretrained) and the tokenizer (a CharTokenizer's JSON, else the source's tokenizer files)."""
+    save_pretrained(loaded.model, out)
+    if isinstance(loaded.tokenizer, CharTokenizer):
+        loaded.tokenizer.save(out / "tokenizer.json")
+    else:
+        for name in TOKENIZER_FILES:
+            if (Path(source) / name).is_file():
+                shutil.copyfile(Path(source) / name, out / name)
+    return out
+
+
+def _settings(cfg: RunConfig) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+
+
+def _resume_point(cfg: RunConfig, out: Path) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run), after checking run.json against cfg."""
+    saved = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else None
+    if cfg.resume is None:
+        if latest_checkpoint(out) is not None:
+            raise ValueError(f"{out} already holds checkpoints of a run; pass --resume to continue it, "
+                             "or choose another --out")
+        return None
+    if saved is not None and saved != _settings(cfg):
+        diff = {k: (saved.get(k), v) for k, v in _settings(cfg).items() if saved.get(k) != v}
+        raise ValueError(f"--resume: the run in {out} was started with other settings ({diff}, as "
+                         "(saved, now)); resume with the same flags")
+    path = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
+    if path is None:
+        raise FileNotFoundError(f"--resume: {out} holds no checkpoint (step-NNNNNN/) to continue from; "
+                                "run without --resume to start")
+    return path
+
+
+def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
+    """Load the data and the model, train cfg.steps steps of the stage, write the run folder (see the module
+    docstring). world is this process's rank (default: from the initialized process group, if any)."""
+    world = world or current_world()
+    say = print if world.is_main and cfg.progress else (lambda *a, **k: None)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    stage = build_stage(cfg)
+    resume = _resume_point(cfg, out)
+    samples, problems = load_dataset(cfg.data, image_root=cfg.image_root, policy=cfg.data_policy)
+    loaded = load_for_training(cfg.model, samples, cfg.seed)
+    max_len = cfg.max_len
+    if cfg.pack_len is not None and (max_len is None or max_len > cfg.pack_len):
+        max_len = cfg.pack_len  # a packed row must hold every sample
+    say(f"preparing {len(samples)} samples of {cfg.data}", file=sys.stderr, flush=True)
+    examples, more = prepare_data(samples, loaded, cfg.data_policy, max_len)
+    problems += more
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_FILE).write_text(json.dumps(_settings(cfg), indent=1) + "\n")
+        if problems:
+            (out / SKIPPED_FILE).write_text("".join(f"{p}\n" for p in problems))
+            print(f"skipped {len(problems)} bad record(s) (listed in {out / SKIPPED_FILE}):", file=sys.stderr)
+            for p in problems:
+                print(f"  {p}", file=sys.stderr)
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    batches = ShuffledBatches(examples, cfg.batch_size, pad_id, seed=cfg.seed, pack_len=cfg.pack_len,
+                              rank=world.rank, world_size=world.size)
+    say(f"training {loaded.name} on {len(examples)} samples: stage {stage.name} {stage.lrs}, {cfg.steps} steps of "
+        f"{cfg.batch_size} x {cfg.grad_accum} samples" + (f" over {world.size} processes" if world.distributed else ""),
+        file=sys.stderr, flush=True)
+    result = train(loaded.model, batches, stage, cfg.steps, grad_accum=cfg.grad_accum, bf16=cfg.bf16,
+                   activation_checkpointing=cfg.activation_checkpointing, seed=cfg.seed, out_dir=out,
+                   save_every=cfg.checkpoint_every, resume=resume, progress=cfg.progress, log_every=cfg.log_every,
+                   keep_checkpoints=cfg.keep_checkpoints)
+    model_dir = save_model_dir(loaded, out, cfg.model) if world.is_main else None
+    return RunResult(result, out, len(examples), problems, model_dir)

@@ -1,0 +1,185 @@
+"""`vlmkit train` end to end: a tiny synthetic dataset, tiny-random, the run folder, the saved model loading
+back, the data policy, and resume after SIGKILL equal to an uninterrupted run bit for bit.
+
+Two runs are subprocesses (the end-to-end run and the one that is killed); the others call the CLI's
+main() in this process, which is the same code without the ~5 s of starting Python and torch.
+
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_train_cli.py
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlmkit.cli import main
+from vlmkit.data.synth import DATASET_FILE, synthesize
+from vlmkit.load import load_model, tiny_random_model
+from vlmkit.train.checkpoint import latest_checkpoint
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def vlmkit(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlmkit.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """16 shape questions on 32x32 images (tiny-random's image size)."""
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, {"shapes": 16}, seed=0, image_size=(32, 32), progress=False)
+    return out / DATASET_FILE
+
+
+@pytest.fixture(scope="module")
+def align_run(data, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("run") / "align"
+    proc = vlmkit("train", "--model", "tiny-random", "--data", data, "--stage", "align", "--steps", 6,
+                  "--batch-size", 4, "--lr", "1e-2", "--warmup", 2, "--checkpoint-every", 2, "--keep-checkpoints", 2,
+                  "--out", out, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_train_writes_the_run_folder(align_run):
+    out, proc = align_run
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == [1, 2, 3, 4, 5, 6] and summary["samples"] == 16 and summary["skipped"] == 0
+    rows = _rows(out)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [float(r["loss"]) for r in rows] == summary["losses"]
+    # --lr 1e-2 --warmup 2 over 6 steps: (s + 1) / 2 for s < 2, then 0.5 * (1 + cos(pi * (s - 2) / 4))
+    expected = [1e-2 * ((s + 1) / 2 if s < 2 else 0.5 * (1 + math.cos(math.pi * (s - 2) / 4))) for s in range(6)]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-12)
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000004", "step-000006"]  # --keep-checkpoints 2
+    assert json.loads((out / "run.json").read_text())["stage"] == "align"
+
+
+def test_align_trains_only_the_projector_and_the_model_loads_back(align_run, data):
+    out, _ = align_run
+    start = tiny_random_model().model.state_dict()  # the preset's weights at seed 0, before training
+    trained = load_model(str(out))
+    assert trained.name == str(out) and trained.tokenizer.vocab_size == tiny_random_model().tokenizer.vocab_size
+    for name, value in trained.model.state_dict().items():
+        if name.startswith("projector."):
+            assert not torch.equal(value, start[name]), name
+        else:
+            assert torch.equal(value, start[name]), name
+    final = load_file(str(latest_checkpoint(out) / "model.safetensors"))
+    for name, value in final.items():
+        assert torch.equal(value, trained.model.state_dict()[name]), name
+    image = data.parent / "images" / "shapes-000000.png"
+    assert cli("generate", "--model", out, "--image", image, "--prompt", "What shape is this?",
+               "--max-new-tokens", 4, "--json") == 0
+
+
+def test_a_trained_model_directory_trains_again(align_run, tmp_path, data):
+    out, _ = align_run
+    assert cli("train", "--model", out, "--data", data, "--stage", "sft", "--steps", 1, "--batch-size", 2,
+               "--out", tmp_path / "again", "--quiet") == 0
+    again = load_model(str(tmp_path / "again"))
+    before = load_model(str(out)).model.state_dict()
+    changed = {n for n, v in again.model.state_dict().items() if not torch.equal(v, before[n])}
+    assert changed and all(n.startswith(("projector.", "lm.")) for n in changed)  # sft: the tower stays frozen
+
+
+def cli(*args: object) -> int:
+    """`vlmkit ARGS` in this process; returns the exit code."""
+    return main([str(a) for a in args])
+
+
+def test_data_policy_fail_lists_bad_records_and_skip_reports_them(data, tmp_path, capsys):
+    records = json.loads(data.read_text())[:4]
+    records[1]["image"] = "images/missing.png"
+    records[3]["conversations"][0]["value"] = "<image>\n<image>\nWhat shape is this?"
+    bad = data.parent / "bad.json"
+    bad.write_text(json.dumps(records, indent=1))
+    assert cli("train", "--model", "tiny-random", "--data", bad, "--steps", 1, "--batch-size", 2,
+               "--out", tmp_path / "fail") == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err and "missing.png" in err and "placeholder" in err
+    assert not (tmp_path / "fail" / "metrics.csv").exists()
+    assert cli("train", "--model", "tiny-random", "--data", bad, "--steps", 1, "--batch-size", 2,
+               "--data-policy", "skip", "--out", tmp_path / "skip", "--json") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 2
+    lines = (tmp_path / "skip" / "skipped.txt").read_text().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{bad}:") and "missing.png" in lines[0]
+
+
+def test_a_finished_run_is_not_overwritten_and_bad_flags_are_refused(align_run, data, capsys):
+    out, _ = align_run
+    assert cli("train", "--model", "tiny-random", "--data", data, "--steps", 2, "--out", out) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert cli("train", "--model", "tiny-random", "--data", data, "--stage", "align", "--steps", 6,
+               "--batch-size", 2, "--out", out, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "batch_size" in err
+    assert cli("train", "--model", "llava-1.5", "--data", data, "--steps", 1, "--out", out.parent / "big") == 2
+    assert "tiny-random" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli("train", "--help")
+    help_text = capsys.readouterr().out
+    for flag in ("--stage", "--steps", "--batch-size", "--grad-accum", "--lr", "--warmup", "--bf16",
+                 "--checkpoint-every", "--resume", "--out", "--seed", "--data-policy"):
+        assert flag in help_text, flag
+
+
+def _csv_columns(run: Path) -> list[tuple[str, str, str, str]]:
+    """(step, loss, lr, grad_norm) as written: Python writes floats with repr, so equal text = equal bits."""
+    return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in _rows(run)]
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(data, tmp_path):
+    """Kill -9 a run after its 4th checkpoint while it trains, resume it, and compare with a run never killed.
+    Checkpoints do not change the result (how often is not part of a run's settings): only the killed run
+    writes one every step."""
+    steps = 16
+    flags = ["--model", "tiny-random", "--data", data, "--stage", "full", "--steps", steps, "--batch-size", 4,
+             "--lr", "3e-3", "--seed", 1, "--threads", 1, "--quiet"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "vlmkit.cli", "train", *map(str, flags), "--out", str(killed),
+                             "--checkpoint-every", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    deadline = time.monotonic() + 120
+    while not (killed / "step-000004").is_dir():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    proc.stderr.close()
+    reached = int(latest_checkpoint(killed).name.split("-")[1])
+    assert 4 <= reached < steps and not (killed / "config.json").exists()  # killed mid-run, before the end
+
+    threads = torch.get_num_threads()
+    try:  # --threads 1 as in the killed process, so the float operations are the same
+        assert cli("train", *flags, "--out", killed, "--resume") == 0
+        assert cli("train", *flags, "--out", tmp_path / "straight") == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    expected = _csv_columns(tmp_path / "straight")
+    assert [int(r[0]) for r in expected] == list(range(1, steps + 1))
+    assert _csv_columns(killed) == expected  # one row per step, no duplicate or lost rows, the same bits
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(killed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
