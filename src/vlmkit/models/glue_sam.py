@@ -10,6 +10,12 @@ convs) trained with a small decoder before Vary-base puts it beside CLIP. Its im
 SAM branch's BlipImageEvalProcessor(image_size=1024), so the view is image/schemes/dual.py's `sam_view`
 with the tower's own image_mean / image_std. The token count is `vision_high.tokens_per_image`
 (SamConfig), the formula SamEncoder.features' output follows; the SAM encoder rejects views of another size.
+
+GOT-OCR2 (transformers' got_ocr2, Vary's successor) runs on this same glue (weights/got_ocr2.py). Seed 001's
+Vary code has net_2 Conv(256 -> 512), net_3 Conv(512 -> 1024), then a Linear 1024 -> LM width (1024 -> 1024
+in Vary-base's printout, 1024 -> 768 into Vary-tiny's OPT-125M); GOT-OCR2's second conv gives the LM width H
+directly and its Linear is H -> H. The config says which: vision_high.downsample_channels = (512, 1024) and
+projector 1024 -> C for Vary, (512, H) and H -> H for GOT-OCR2 (the same at GOT's H = 1024).
 """
 
 from __future__ import annotations

@@ -171,7 +171,8 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings:  # the head reuses the embedding: N(0, 0.02), as transformers and OPT initialise
+            nn.init.normal_(self.embed.weight, std=0.02)  # it; nn.Embedding's N(0, 1) gives logits ~sqrt(C) wide
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(cfg)
         self.gradient_checkpointing = False

@@ -13,8 +13,8 @@ from vlmkit.weights.safetensors_io import read_config, read_state_dict, write_di
 
 def converters() -> dict[str, Converter]:
     """model_type -> Converter for every transformers model type vlmkit reads and writes."""
-    from vlmkit.weights import (deepseek_v2, deepseek_vl, llama, llava, llava_next, native, qwen2_5_vl, qwen2_moe,
-                                qwen2_vl, sam, vision)
+    from vlmkit.weights import (deepseek_v2, deepseek_vl, got_ocr2, llama, llava, llava_next, native, qwen2_5_vl,
+                                qwen2_moe, qwen2_vl, sam, vision)
 
     return {
         "llama": llama.LLAMA,
@@ -32,6 +32,7 @@ def converters() -> dict[str, Converter]:
         "qwen2_vl": qwen2_vl.QWEN2_VL,
         "qwen2_5_vl": qwen2_5_vl.QWEN2_5_VL,
         "deepseek_vl_hybrid": deepseek_vl.DEEPSEEK_VL_HYBRID,
+        "got_ocr2": got_ocr2.GOT_OCR2,
         native.MODEL_TYPE: native.NATIVE,
     }
 
