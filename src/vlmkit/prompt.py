@@ -14,10 +14,15 @@ order, so `build_prompt` returns the plans in that order (a repeated image twice
 `Prompt.plans` to `image_inputs`. Phi-3-vision's model instead fills the runs with the images in
 the order given, which is only right when the placeholders read 1, 2, ... once each.
 
-A video is a content part {"type": "video"}; its entry in `plans` is the list of plans of its
-frames (models.vlm.plan_video), and the part is rendered as that many image parts, so every
-template that knows image parts can show a video. A scheme with one plan per clip (Qwen2-VL's
-`plan_video_dynamic`) gives a one-element list.
+A video is a content part {"type": "video"}; its entry in `plans` is a list of plans. Two ways:
+- frames as images (no video_token_id; LLaVA-style models): the list holds the plans of its frames
+  (models.vlm.plan_video), and the part is rendered as that many image parts, so every template
+  that knows image parts can show a video;
+- native video (video_token_id given; Qwen2-VL / Qwen2.5-VL): the list holds the clip's one plan
+  (image/schemes/dynamic.plan_video_dynamic), the template renders the part as its video
+  placeholder (the video token's text, `<|video_pad|>`), and that placeholder becomes a run of
+  plan.num_tokens video token ids, images' placeholders runs of image ids, each kind taking its
+  plans in message order. The count is the plan's: nothing here computes a token count.
 
 Tokenizing: when the image token's text encodes to exactly the image token id (the usual case:
 `<image>` is an added token), the prompt is tokenized in one pass with every placeholder written
@@ -130,33 +135,95 @@ def flatten_media(messages: Sequence[Message], plans: Sequence[MediaPlans]) -> t
 
 def encode_with_image_runs(tokenizer: Tokenizer, segments: Sequence[str], runs: Sequence[int], image_token_id: int) -> list[int]:
     """Ids of segments[0] run[0] segments[1] run[1] ... segments[-1], a run being that many image ids."""
+    return encode_with_runs(tokenizer, segments, [(image_token_id, n) for n in runs])
+
+
+def _token_text(tokenizer: Tokenizer, token_id: int) -> str | None:
+    """The text of token_id when it encodes back to exactly that one id, else None."""
     try:
-        marker = tokenizer.id_to_token(image_token_id)
+        marker = tokenizer.id_to_token(token_id)
     except ValueError:
-        marker = None
-    if marker is not None and tokenizer.encode(marker) == [image_token_id]:
-        ids = tokenizer.encode(marker.join(segments))  # one pass, as the reference processors tokenize
-        if ids.count(image_token_id) == len(runs):
+        return None
+    return marker if tokenizer.encode(marker) == [token_id] else None
+
+
+def encode_with_runs(tokenizer: Tokenizer, segments: Sequence[str], runs: Sequence[tuple[int, int]]) -> list[int]:
+    """Ids of segments[0] run[0] segments[1] run[1] ... segments[-1], a run (token_id, n) being n copies
+    of token_id (an image's or a video's placeholder id)."""
+    markers = [_token_text(tokenizer, token) for token, _ in runs]
+    if None not in markers:
+        text = segments[0] + "".join(m + seg for m, seg in zip(markers, segments[1:]))  # type: ignore[operator]
+        ids = tokenizer.encode(text)  # one pass, as the reference processors tokenize
+        run_ids = {token for token, _ in runs}
+        if [t for t in ids if t in run_ids] == [token for token, _ in runs]:
             out: list[int] = []
             pending = iter(runs)
             for t in ids:
-                out.extend([t] * next(pending) if t == image_token_id else [t])
+                out.extend([t] * next(pending)[1] if t in run_ids else [t])
             return out
     out = tokenizer.encode(segments[0])
-    for run, segment in zip(runs, segments[1:]):
-        out += [image_token_id] * run + tokenizer.encode(segment)
+    for (token, n), segment in zip(runs, segments[1:]):
+        out += [token] * n + tokenizer.encode(segment)
     return out
+
+
+def _native_video_prompt(tokenizer: Tokenizer, text: str, plans: Sequence[MediaPlans], image_token_id: int,
+                         video_token_id: int) -> Prompt:
+    """build_prompt for a model that takes video natively: each image placeholder (the image token's text)
+    and video placeholder (the video token's text) in text becomes its plan's run, in message order."""
+    queues: dict[int, list[ImagePlan]] = {image_token_id: [], video_token_id: []}
+    for entry in plans:
+        if isinstance(entry, ImagePlan):
+            queues[image_token_id].append(entry)
+        elif len(entry) != 1:
+            raise ValueError(f"a video was given as {len(entry)} plans, but this model takes each clip as one plan "
+                             "(image/schemes/dynamic.plan_video_dynamic of its sampled frames)")
+        else:
+            queues[video_token_id].append(entry[0])
+    names = {image_token_id: "image", video_token_id: "video"}
+    markers = {}
+    for token, kind in names.items():
+        marker = _token_text(tokenizer, token)
+        if marker is None:
+            raise ValueError(f"the {kind} token id {token} is not a single token of this tokenizer; the chat "
+                             f"template's {kind} placeholder cannot be found in the prompt")
+        markers[marker] = token
+    matches = list(re.finditer("|".join(re.escape(m) for m in markers), text))
+    for token, kind in names.items():
+        found = sum(markers[m.group(0)] == token for m in matches)
+        if found != len(queues[token]):
+            raise ValueError(f"the prompt has {found} {kind} placeholder(s) ({tokenizer.id_to_token(token)}) but "
+                             f"{len(queues[token])} {kind}(s) were given; put one {{'type': '{kind}'}} part in the "
+                             f"messages per {kind}")
+    segments, runs, ordered, start = [], [], [], 0
+    taken = {token: iter(queue) for token, queue in queues.items()}
+    for m in matches:
+        token = markers[m.group(0)]
+        plan = next(taken[token])
+        segments.append(text[start:m.start()])
+        runs.append((token, plan.num_tokens))
+        ordered.append(plan)
+        start = m.end()
+    segments.append(text[start:])
+    return Prompt(encode_with_runs(tokenizer, segments, runs), ordered)
 
 
 def build_prompt(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Message],
                  image_token_id: int | None = None, plans: Sequence[MediaPlans] = (),
-                 add_generation_prompt: bool = True) -> Prompt:
+                 add_generation_prompt: bool = True, video_token_id: int | None = None) -> Prompt:
     """Render messages with the template, then turn each image placeholder into its run of image ids.
 
     plans has one entry per image or video part of the messages, in order: an ImagePlan for an
-    image, a list of ImagePlans for a video. Returns the ids and the plans of the runs in prompt
-    order (for image_inputs); see the module docstring for the placeholder rule.
+    image, a list of ImagePlans for a video. video_token_id: the model takes video natively (each
+    video one plan, its placeholder a run of video ids); None: videos are shown as their frames.
+    Returns the ids and the plans of the runs in prompt order (for image_inputs); see the module
+    docstring for the placeholder rule.
     """
+    if video_token_id is not None:
+        if image_token_id is None:
+            raise ValueError("video_token_id was given without image_token_id; a model that takes video has both")
+        text = template.render(messages, add_generation_prompt=add_generation_prompt)
+        return _native_video_prompt(tokenizer, text, plans, image_token_id, video_token_id)
     messages, flat = flatten_media(messages, plans)
     text = template.render(messages, add_generation_prompt=add_generation_prompt)
     if image_token_id is None:
@@ -174,10 +241,11 @@ def build_prompt(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequenc
 
 def build_prompt_ids(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Message],
                      image_token_id: int | None = None, plans: Sequence[MediaPlans] = (),
-                     add_generation_prompt: bool = True) -> list[int]:
+                     add_generation_prompt: bool = True, video_token_id: int | None = None) -> list[int]:
     """build_prompt's ids, for prompts whose placeholders show images 1, 2, ... once each in order
     (so image_inputs(plans) matches); other orders raise ValueError: use build_prompt."""
-    prompt = build_prompt(tokenizer, template, messages, image_token_id, plans, add_generation_prompt)
+    prompt = build_prompt(tokenizer, template, messages, image_token_id, plans, add_generation_prompt,
+                          video_token_id)
     if [id(p) for p in prompt.plans] != [id(p) for p in flat_plans(plans)]:
         raise ValueError("the prompt's placeholders show the images out of order or more than once; call "
                          "build_prompt and pass its .plans to image_inputs")

@@ -48,13 +48,21 @@ class VideoFrames:
     """Sampled frames of a video.
 
     frames: RGB images, in time order; indices: their positions among the video's `total_frames`;
-    timestamps: each frame's start time in seconds (None when the source gives no timing).
+    timestamps: each frame's start time in seconds; duration: the whole video's length in seconds
+    (both None when the source gives no timing).
     """
 
     frames: list[Image.Image]
     indices: list[int]
     timestamps: list[float] | None
     total_frames: int
+    duration: float | None = None
+
+    @property
+    def sampled_fps(self) -> float | None:
+        """Sampled frames per second of video: len(frames) / duration (transformers' VideoMetadata.sampled_fps,
+        which Qwen2.5-VL's processor turns into seconds per temporal patch); None without timing."""
+        return None if self.duration is None else len(self.frames) / self.duration
 
 
 def sample_frame_indices(num_frames_total: int, fps_source: float | None = None, num_frames: int | None = None,
@@ -151,7 +159,7 @@ def load_video_frames(source: ImageSource, num_frames: int | None = None, fps: f
         indices = (sample_frame_indices_by_duration(durations, num_frames, fps) if durations is not None
                    else sample_frame_indices(total, num_frames=num_frames))
         frames = [opened.frame(i, background) for i in indices]
-    return VideoFrames(frames, indices, _timestamps(durations, indices), total)
+    return VideoFrames(frames, indices, _timestamps(durations, indices), total, _duration(durations))
 
 
 def numbered_frame_files(directory: str | os.PathLike) -> list[Path]:
@@ -186,7 +194,7 @@ def _load_directory(directory: Path, num_frames: int | None, fps: float | None, 
     indices = (sample_frame_indices_by_duration(durations, num_frames, fps) if durations is not None
                else sample_frame_indices(len(files), num_frames=num_frames))
     frames = [load_image(files[i], background=background, max_pixels=max_pixels) for i in indices]
-    return VideoFrames(frames, indices, _timestamps(durations, indices), len(files))
+    return VideoFrames(frames, indices, _timestamps(durations, indices), len(files), _duration(durations))
 
 
 def _timestamps(durations: list[Fraction] | None, indices: list[int]) -> list[float] | None:
@@ -194,6 +202,10 @@ def _timestamps(durations: list[Fraction] | None, indices: list[int]) -> list[fl
         return None
     starts = _starts(durations)
     return [float(starts[i]) for i in indices]
+
+
+def _duration(durations: list[Fraction] | None) -> float | None:
+    return None if durations is None else float(sum(durations))
 
 
 def _check_request(num_frames_total: int, num_frames: int | None, fps: float | None) -> None:

@@ -6,17 +6,21 @@ r"""Chat templates: a list of messages -> the prompt string a model was trained 
     # '<|user|>\n<|image_1|>\nDescribe it.<|end|>\n<|assistant|>\n'
 
 A message is {"role": "system" | "user" | "assistant", "content": str | list of parts},
-a part {"type": "text", "text": str} or {"type": "image"}. Two kinds of template:
+a part {"type": "text", "text": str}, {"type": "image"} or {"type": "video"}. Two kinds of template:
 
 - A checkpoint's own jinja template (tokenizer_config.json, chat_template.jinja, GGUF
   `tokenizer.chat_template`), rendered in a sandbox the way transformers'
   `apply_chat_template` renders it (trim_blocks, lstrip_blocks, `raise_exception`,
   a `tojson` that does not escape HTML, `bos_token` / `eos_token` in scope), so the
   same messages give the same string.
-- Built-ins by name (`BUILTIN_TEMPLATES`): vicuna_v1, llava, chatml, phi3. In these an
-  image part renders as the template's placeholder and a newline; phi3 numbers its
-  placeholders <|image_1|>, <|image_2|>, ... across the conversation. Text parts are
-  written as given, in order.
+- Built-ins by name (`BUILTIN_TEMPLATES`): vicuna_v1, llava, chatml, phi3, qwen2_vl. In these
+  an image part renders as the template's placeholder and a newline; phi3 numbers its
+  placeholders <|image_1|>, <|image_2|>, ... across the conversation. qwen2_vl is the
+  Qwen2-VL-Instruct checkpoints' chat template written as data: chatml with a default system
+  turn, `<|vision_start|><|image_pad|><|vision_end|>` for an image and `...<|video_pad|>...`
+  for a video, no newline after either. Only a template with a video placeholder (qwen2_vl)
+  renders video parts; prompt.py turns videos into image parts for the others. Text parts
+  are written as given, in order.
 """
 
 from __future__ import annotations
@@ -53,9 +57,11 @@ def _check_messages(messages: Sequence[Message]) -> None:
 
 
 def content_text(content: str | Sequence[Mapping[str, Any]], image_placeholder: str = "<image>",
-                 index: int = 0, images: int = 0) -> tuple[str, int]:
+                 index: int = 0, images: int = 0, video_placeholder: str | None = None,
+                 media_suffix: str = "\n") -> tuple[str, int]:
     """(text of message `index`'s content, images counted so far): text parts as given, each image part
-    as image_placeholder (its "{n}" = the image's 1-based number, counting from images) and a newline."""
+    as image_placeholder (its "{n}" = the image's 1-based number, counting from images) and media_suffix,
+    each video part as video_placeholder and media_suffix (a ValueError when there is none)."""
     if isinstance(content, str):
         return content, images
     pieces = []
@@ -65,10 +71,15 @@ def content_text(content: str | Sequence[Mapping[str, Any]], image_placeholder: 
             pieces.append(part["text"])
         elif kind == "image":
             images += 1
-            pieces.append(image_placeholder.replace("{n}", str(images)) + "\n")
+            pieces.append(image_placeholder.replace("{n}", str(images)) + media_suffix)
+        elif kind == "video" and video_placeholder is not None:
+            pieces.append(video_placeholder + media_suffix)
+        elif kind == "video":
+            raise ValueError(f"message {index} has a video part but this template has no video placeholder; "
+                             "give the video as its frames' image parts (prompt.videos_as_images)")
         else:
             raise ValueError(f"message {index} has content part {part!r}; parts are "
-                             "{'type': 'text', 'text': str} or {'type': 'image'}")
+                             "{'type': 'text', 'text': str}, {'type': 'image'} or {'type': 'video'}")
     return "".join(pieces), images
 
 
@@ -81,6 +92,8 @@ class BuiltinChatTemplate(ChatTemplate):
     generation_prompt: str
     image_placeholder: str = "<image>"  # "{n}" is replaced by the image's 1-based number in the conversation
     default_system: str | None = None  # written as a system turn when the first message is not one
+    video_placeholder: str | None = None  # a video part's text; None: the template takes no video parts
+    media_suffix: str = "\n"  # written after each image / video placeholder
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         _check_messages(messages)
@@ -93,7 +106,8 @@ class BuiltinChatTemplate(ChatTemplate):
             role = message["role"]
             if role not in self.turns:
                 raise ValueError(f"message {i} has role {role!r}; the {self.name} template knows {list(self.turns)}")
-            text, images = content_text(message["content"], self.image_placeholder, i, images)
+            text, images = content_text(message["content"], self.image_placeholder, i, images,
+                                        self.video_placeholder, self.media_suffix)
             before, after = self.turns[role]
             out.append(before + text + after)
         if add_generation_prompt:
@@ -129,6 +143,16 @@ BUILTIN_TEMPLATES: dict[str, BuiltinChatTemplate] = {
         turns={r: (f"<|{r}|>\n", "<|end|>\n") for r in ROLES},
         generation_prompt="<|assistant|>\n",
         image_placeholder="<|image_{n}|>",
+    ),
+    # Qwen2-VL-Instruct's chat_template.json (add_vision_id off), as data.
+    "qwen2_vl": BuiltinChatTemplate(
+        name="qwen2_vl",
+        turns={r: (f"<|im_start|>{r}\n", "<|im_end|>\n") for r in ROLES},
+        generation_prompt="<|im_start|>assistant\n",
+        image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+        video_placeholder="<|vision_start|><|video_pad|><|vision_end|>",
+        media_suffix="",
+        default_system="You are a helpful assistant.",
     ),
 }
 

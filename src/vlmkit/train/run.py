@@ -8,10 +8,21 @@
     result = run_training(RunConfig(model="tiny-random", data="synth/data.json", out="run", steps=200))
 
 The model is a model directory (loaded with vlmkit.load.load_model, its tokenizer kept) or the name of
-a small preset built with random weights (`FRESH_PRESETS`: `tiny-random`, `bench-tiny` and the `*-small`
-twins that are vlmkit VLMs, i.e. all but Qwen2-VL's and DeepSeek-VL's): such a fresh model gets a CharTokenizer over the printable ASCII characters plus every character of the dataset's
-conversations, and its vocabulary and image placeholder are sized to it (for ASCII data `tiny-random`
-is exactly vlmkit.load's tiny-random model at the same seed).
+a small preset built with random weights (`FRESH_PRESETS`: `tiny-random`, `bench-tiny` and every `*-small`
+twin): such a fresh model gets a CharTokenizer over the printable ASCII characters plus every character of
+the dataset's conversations and the special tokens its prompt format needs (`fresh_special_tokens`:
+Qwen2-VL's `<|vision_start|>`, `<|vision_end|>`, `<|image_pad|>`, `<|video_pad|>` with the built-in
+`qwen2_vl` chat template; `<image>` and chatml for the others), and its vocabulary and placeholder ids
+are sized to it (for ASCII data `tiny-random` is exactly vlmkit.load's tiny-random model at the same seed).
+
+The stage (`--stage`, `resolve_stage`) is one of
+    NAME           a stage of the model's recipe (train/recipes.py), e.g. `align` for llava-1.5-small or
+                   `vision-pretrain` for qwen2-vl-small, else a built-in stage of train/stages.py (sft, align, full)
+    recipe:N       the N-th stage (1-based) of the model's recipe
+    PRESET:NAME    a stage of another preset's recipe by name or number, e.g. `qwen2-vl:2`
+The model's recipe is its preset's: --model PRESET, or a run folder of `vlmkit train` whose run.json names
+a preset (so `--model RUN --stage recipe:2` continues a preset's recipe); a model directory from elsewhere
+has none (use PRESET:NAME or a built-in stage).
 
 The data is read and validated by data.formats.load_dataset; then every sample is made into a training
 example once (images decoded and planned, labels built, the length checked against the model's context)
@@ -43,24 +54,25 @@ import torch
 
 from vlmkit.data.formats import POLICIES, DatasetError, Problem, Sample, load_dataset
 from vlmkit.data.labels import TrainingExample, build_training_example
-from vlmkit.config import VLMConfig
 from vlmkit.image.load import load_image
+from vlmkit.image.schemes.dynamic import VISION_WRAPPER
 from vlmkit.load import LoadedModel, load_model
 from vlmkit.models import save_pretrained
-from vlmkit.presets import PRESETS, build_model, get_preset
+from vlmkit.models.qwen2_vl import Qwen2VLConfig
+from vlmkit.presets import PRESETS, Preset, build_model, get_preset
 from vlmkit.text.chat import chat_template_for
-from vlmkit.text.tokenizer import CharTokenizer
+from vlmkit.text.tokenizer import DEFAULT_SPECIAL_TOKENS, CharTokenizer
 from vlmkit.train.checkpoint import latest_checkpoint
 from vlmkit.train.distributed import World, current_world
 from vlmkit.train.loop import ShuffledBatches, TrainResult, train
-from vlmkit.train.stages import Stage, get_stage
+from vlmkit.train.recipes import RECIPES, SMALL_SUFFIX, recipe
+from vlmkit.train.stages import STAGES, Stage
 
 RUN_FILE = "run.json"
 SKIPPED_FILE = "skipped.txt"
-# Small presets of vlmkit's VLM class. Left out: Qwen2-VL / Qwen2.5-VL (their prompts need vision start/end and
-# video tokens a CharTokenizer lacks) and DeepSeek-VL (its hybrid model is not a VLM that LoadedModel can prompt).
-FRESH_PRESETS = tuple(n for n in PRESETS if (n.endswith("-small") or n in ("tiny-random", "bench-tiny"))
-                      and type(get_preset(n)) is VLMConfig)
+FRESH_PRESETS = tuple(n for n in PRESETS if n.endswith(SMALL_SUFFIX) or n in ("tiny-random", "bench-tiny"))
+QWEN2_VL_PADS = ("<|image_pad|>", "<|video_pad|>")  # Qwen2-VL's image and video placeholder tokens
+RECIPE_PREFIX = "recipe"  # --stage recipe:N
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json")
 # Settings that may change between a run and its resumption (they do not change the result).
@@ -79,7 +91,7 @@ class RunConfig:
     model: str
     data: str
     out: str
-    stage: str = "sft"
+    stage: str = "sft"  # see resolve_stage
     steps: int = 100
     batch_size: int = 8
     grad_accum: int = 1
@@ -125,10 +137,70 @@ class RunResult:
     model_dir: Path | None
 
 
+def model_preset(model: str) -> str | None:
+    """The preset whose recipe a --model trains by: the preset itself, or the preset named in a run folder's
+    run.json (a model trained by `vlmkit train`); None for any other model directory."""
+    if model in PRESETS:
+        return model
+    run_file = Path(model) / RUN_FILE
+    if run_file.is_file():
+        source = json.loads(run_file.read_text()).get("model")
+        return source if source in PRESETS else None
+    return None
+
+
+def _has_recipe(preset: str) -> bool:
+    return preset.removesuffix(SMALL_SUFFIX) in RECIPES
+
+
+def _pick(stages: list[Stage], which: str, owner: str) -> Stage:
+    """The stage of owner's recipe named which, or numbered which (1-based)."""
+    if which.isdigit() and 1 <= int(which) <= len(stages):
+        return stages[int(which) - 1]
+    for stage in stages:
+        if stage.name == which:
+            return stage
+    listed = ", ".join(f"{i}={s.name}" for i, s in enumerate(stages, 1))
+    raise ValueError(f"--stage: {owner}'s recipe has no stage {which!r}; its stages are {listed} "
+                     f"(give a name or a number 1..{len(stages)})")
+
+
+def resolve_stage(spec: str, model: str) -> Stage:
+    """The Stage a --stage value names for --model (see the module docstring: NAME, recipe:N, PRESET:NAME).
+    A name in the model's recipe wins over a built-in stage of the same name (qwen2-vl-small's sft freezes
+    the ViT and has no projector group). Raises ValueError listing the valid values."""
+    preset = model_preset(model)
+    own = preset if preset is not None and _has_recipe(preset) else None
+    owner, colon, which = spec.partition(":")
+    if colon:
+        if owner == RECIPE_PREFIX:
+            if own is None:
+                raise ValueError(f"--stage {spec}: --model {model} has no recipe of its own (it is not a preset nor a "
+                                 "run of one); name the recipe's preset, e.g. --stage qwen2-vl:2, or give a built-in "
+                                 f"stage: {', '.join(STAGES)}")
+            owner = own
+        try:
+            stages = recipe(owner)
+        except ValueError as e:
+            raise ValueError(f"--stage {spec}: {e}") from None
+        return _pick(stages, which, owner)
+    if own is not None and spec in {s.name for s in recipe(own)}:
+        return _pick(recipe(own), spec, own)
+    if spec in STAGES:
+        return STAGES[spec]
+    valid = [f"built-in stages {', '.join(STAGES)}"]
+    if own is not None:
+        stages = recipe(own)
+        valid.insert(0, f"{own}'s recipe stages {', '.join(s.name for s in stages)} "
+                        f"(or {RECIPE_PREFIX}:1..{RECIPE_PREFIX}:{len(stages)})")
+    raise ValueError(f"--stage {spec!r} is not a stage for --model {model}; valid: {'; '.join(valid)}; or "
+                     "PRESET:NAME / PRESET:N for a stage of any preset's recipe (e.g. qwen2-vl:sft)")
+
+
 def build_stage(cfg: RunConfig) -> Stage:
-    """The named stage with the run's overrides: --lr on every trained group, --group-lr per group,
-    --warmup, --weight-decay, --grad-clip."""
-    stage = get_stage(cfg.stage)
+    """The stage --stage names (resolve_stage) with the run's overrides: --lr on every trained group,
+    --group-lr per group, --warmup, --weight-decay, --grad-clip."""
+    stage = resolve_stage(cfg.stage, cfg.model)
     lrs = {g: (cfg.lr if cfg.lr is not None and lr > 0 else lr) for g, lr in stage.lrs.items()}
     lrs.update(cfg.group_lrs)
     changes: dict[str, Any] = {"lrs": lrs}
@@ -146,18 +218,33 @@ def conversation_text(samples: Sequence[Sample]) -> str:
     return "".join(part.get("text", "") for s in samples for m in s.messages for part in m["content"])
 
 
+def fresh_special_tokens(cfg: Preset) -> tuple[tuple[str, ...], str]:
+    """(special tokens, chat template) of a fresh CharTokenizer for a preset's prompt format: Qwen2-VL's
+    vision wrapper and image / video pads with the qwen2_vl template, else `<image>` with chatml."""
+    if isinstance(cfg, Qwen2VLConfig):
+        return (*DEFAULT_SPECIAL_TOKENS, *VISION_WRAPPER, *QWEN2_VL_PADS), "qwen2_vl"
+    return DEFAULT_SPECIAL_TOKENS, "chatml"
+
+
 def fresh_model(preset: str, chars: str, seed: int) -> LoadedModel:
     """A preset (one of FRESH_PRESETS) with random weights (torch seeded with seed) and a CharTokenizer over
-    printable ASCII plus chars; the LM vocabulary and image placeholder are set to the tokenizer's."""
+    printable ASCII plus chars and the preset's special tokens; the LM vocabulary and placeholder ids are
+    set to the tokenizer's."""
     if preset not in FRESH_PRESETS:
         raise ValueError(f"--model {preset!r}: a preset trained from random weights must be one of "
-                         f"{', '.join(FRESH_PRESETS)} (published-size presets have no weights to start from, and "
-                         "Qwen2-VL / DeepSeek-VL need more than a character vocabulary); pass a model directory "
-                         "to fine-tune one")
-    tokenizer = CharTokenizer(string.printable + chars)
+                         f"{', '.join(FRESH_PRESETS)} (published-size presets have no weights to start from); pass "
+                         "a model directory to fine-tune one")
     cfg = get_preset(preset)
-    cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, vocab_size=tokenizer.vocab_size),
-                              image_token_id=tokenizer.token_to_id("<image>"))
+    special, template = fresh_special_tokens(cfg)
+    tokenizer = CharTokenizer(string.printable + chars, special, chat_template=template)
+    ids: dict[str, Any] = {"image_token_id": tokenizer.token_to_id("<image>")}
+    if isinstance(cfg, Qwen2VLConfig):
+        start, end = VISION_WRAPPER
+        image_pad, video_pad = QWEN2_VL_PADS
+        ids = {"image_token_id": tokenizer.token_to_id(image_pad), "video_token_id": tokenizer.token_to_id(video_pad),
+               "vision_start_token_id": tokenizer.token_to_id(start),
+               "vision_end_token_id": tokenizer.token_to_id(end)}
+    cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, vocab_size=tokenizer.vocab_size), **ids)
     torch.manual_seed(seed)
     return LoadedModel(preset, build_model(cfg), tokenizer, chat_template_for(tokenizer))
 
@@ -190,9 +277,8 @@ class TrainingSet(Sequence[TrainingExample]):
     def __getitem__(self, index: int) -> TrainingExample:  # type: ignore[override]
         sample = self.samples[index]
         plans = self.loaded.plan_images([load_image(path) for path in sample.images])
-        image_token_id = self.loaded.model.cfg.image_token_id if self.loaded.is_vlm else None
         return build_training_example(self.loaded.tokenizer, self.loaded.chat_template, sample.messages,
-                                      image_token_id, plans)
+                                      self.loaded.image_token_id, plans)
 
 
 def prepare_data(samples: Sequence[Sample], loaded: LoadedModel, policy: str,
