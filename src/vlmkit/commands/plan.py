@@ -1,0 +1,118 @@
+"""The verbs that plan before a model runs: `vlmkit presets` (the model presets, their sizes, image tokens and
+training stages) and `vlmkit tokens` (how many tokens images cost under an image scheme, with an overlay)."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from pathlib import Path
+
+from vlmkit.image.load import load_image
+from vlmkit.image.overlay import draw_plan
+from vlmkit.image.plan import ImagePlan
+from vlmkit.image.schemes import SCHEMES, get_scheme
+from vlmkit.presets import PRESETS, SUMMARY_SIZES, summarize
+from vlmkit.train.recipes import describe_recipe
+
+
+GRID_UNITS = {"pad": "view", "anyres": "tiles", "hd": "crops", "tiles": "tiles", "slices": "slices",
+              "dynamic": "14-px patches", "dual": "view"}
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register `presets` and `tokens`."""
+    _add_presets(sub)
+    _add_tokens(sub)
+
+
+def _add_presets(sub: argparse._SubParsersAction) -> None:
+    sizes = ", ".join(f"{w}x{h}" for w, h in SUMMARY_SIZES)
+    p = sub.add_parser("presets", help="list the model presets",
+                       description="List the model presets: parts, parameter count (counted on the meta device) "
+                                   f"and the image tokens of a {sizes} (width x height) image under each model's "
+                                   "own image plan, then its training stages (train/recipes.py).")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per preset")
+    p.set_defaults(run=_run_presets)
+
+
+def _run_presets(args: argparse.Namespace) -> int:
+    rows = [{**summarize(name), "recipe": describe_recipe(name)} for name in PRESETS]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        tokens = "  ".join(f"{size}: {n}" for size, n in r["tokens"].items())
+        print(f"{r['name']:<19} {r['parameters'] / 1e6:>10.2f}M  {r['scheme']:<7} {r['projector']:<28} "
+              f"{r['lm']:<26} tokens {tokens}")
+        print(f"{'':<19} {r['vision']}")
+        print(f"{'':<19} stages: {' -> '.join(stage['name'] for stage in r['recipe'])}")
+    return 0
+
+
+def _add_tokens(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokens", help="plan how many tokens images cost under an image scheme",
+                       description="Print each image's plan under an image scheme (sizes, grid, tokens per part) "
+                                   "and the total: the token budget before a model ever runs. The images are "
+                                   "planned as the images of one prompt.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to plan")
+    p.add_argument("--scheme", required=True, metavar="S",
+                   help=f"the image scheme, with its reference model's defaults: {', '.join(SCHEMES)}")
+    p.add_argument("--num-images-in-prompt", type=int, default=None, metavar="N",
+                   help="how many images the prompt holds, for schemes that depend on it (tiles: tiling is off "
+                        "above 2); default: the number of IMAGE arguments")
+    p.add_argument("--overlay", default=None, metavar="OUT.png",
+                   help="draw the grid and global view over each image: the first image to OUT.png, "
+                        "the next ones to OUT-1.png, OUT-2.png, ...")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one plan summary per image")
+    p.set_defaults(run=_run_tokens)
+
+
+def overlay_paths(out: str, count: int) -> list[Path]:
+    """Where `--overlay out.png` writes count images: out.png, out-1.png, out-2.png, ..."""
+    path = Path(out)
+    return [path] + [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, count)]
+
+
+def _run_tokens(args: argparse.Namespace) -> int:
+    plan = get_scheme(args.scheme)
+    options = {}
+    if "num_images" in inspect.signature(plan).parameters:
+        given = args.num_images_in_prompt
+        options["num_images"] = len(args.images) if given is None else given
+    elif args.num_images_in_prompt is not None:
+        raise ValueError(f"--num-images-in-prompt does not apply to --scheme {args.scheme}: its plan does not "
+                         "depend on the number of images; leave it out")
+    if args.overlay is not None and Path(args.overlay).suffix.lower() != ".png":
+        raise ValueError(f"--overlay {args.overlay}: the overlay is a PNG; give a path ending in .png")
+    images = [load_image(path) for path in args.images]
+    plans = [plan(image, **options) for image in images]
+    if args.overlay is not None:
+        for image, image_plan, path in zip(images, plans, overlay_paths(args.overlay, len(images))):
+            draw_plan(image, image_plan).save(path)
+    if args.json:
+        print(json.dumps([{"image": path, **p.summary()} for path, p in zip(args.images, plans)], indent=2))
+        return 0
+    for path, image_plan in zip(args.images, plans):
+        print(_describe(path, image_plan))
+    num_tokens = sum(p.num_tokens for p in plans)
+    context = sum(p.context_tokens for p in plans)
+    print(f"total: {len(plans)} image(s), {num_tokens} model-filled tokens, {context} context tokens")
+    return 0
+
+
+def _describe(path: str, plan: ImagePlan) -> str:
+    """Several lines describing one image's plan, for `vlmkit tokens`."""
+    def listing(parts: dict[str, int]) -> str:
+        return " + ".join(f"{name} {count}" for name, count in parts.items()) or "none"
+    rows, cols = plan.grid
+    return "\n".join([
+        f"{path}  ({plan.scheme})",
+        f"  original size   {plan.original_size[0]}x{plan.original_size[1]}",
+        f"  resized size    {plan.resized_size[0]}x{plan.resized_size[1]}",
+        f"  grid            {rows}x{cols} {GRID_UNITS.get(plan.scheme, '')} (rows x cols)",
+        f"  model parts     {listing(plan.parts)} = {plan.num_tokens} (num_tokens)",
+        f"  text parts      {listing(plan.text_parts)}"
+        + (f" = {sum(plan.text_parts.values())}" if plan.text_parts else ""),
+        f"  context tokens  {plan.context_tokens}",
+    ])

@@ -1,0 +1,58 @@
+"""`vlmkit serve`: serve a model over HTTP with OpenAI's chat-completions API (vlmkit/serve/)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from vlmkit.commands.common import add_model_flag
+from vlmkit.load import load_model
+from vlmkit.serve import DEFAULT_HOST, DEFAULT_PORT, Limits, create_app, run_server
+from vlmkit.serve.batcher import MAX_BATCH_SIZE, MAX_QUEUE
+from vlmkit.serve.requests import MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_PROMPT_TOKENS, MAX_REQUEST_BYTES, MAX_TOKENS
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register `serve`."""
+    p = sub.add_parser("serve", help="serve a model over HTTP with OpenAI's chat-completions API",
+                       description="Serve a model at /v1/chat/completions (OpenAI's format: text and base64 "
+                                   "image_url parts, streaming), /v1/models and /health. Concurrent requests "
+                                   "decode together in one batch (continuous batching); a full queue is a 503.")
+    add_model_flag(p)
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    p.add_argument("--api-key", default=os.environ.get("VLMKIT_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $VLMKIT_API_KEY, else none)")
+    p.add_argument("--allow-local-images", default=None, metavar="ROOT",
+                   help="let image_url parts name files inside this directory (default: base64 data URLs only)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the --model value)")
+    p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+                   help=f"largest request body (default {MAX_REQUEST_BYTES})")
+    p.add_argument("--max-images", type=int, default=MAX_IMAGES, help=f"images per request (default {MAX_IMAGES})")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help=f"width x height of one image (default {MAX_IMAGE_PIXELS})")
+    p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS,
+                   help=f"prompt tokens, image tokens included (default {MAX_PROMPT_TOKENS})")
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
+                   help=f"largest max_tokens a request may ask for (default {MAX_TOKENS})")
+    p.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
+                   help=f"requests decoded together in one forward pass (default {MAX_BATCH_SIZE})")
+    p.add_argument("--max-queue", type=int, default=MAX_QUEUE,
+                   help=f"requests that may wait for a batch row; more get 503 (default {MAX_QUEUE})")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    limits = Limits(max_request_bytes=args.max_request_bytes, max_images=args.max_images,
+                    max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
+                    max_tokens=args.max_tokens)
+    app = create_app(load_model(args.model), model_name=args.model_name or args.model, api_key=args.api_key,
+                     allow_local_images_root=args.allow_local_images, limits=limits,
+                     max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    run_server(app, host=args.host, port=args.port)
+    return 0
