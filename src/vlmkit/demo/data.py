@@ -1,0 +1,312 @@
+"""The demo's data: rendered text lines, 3-line paragraphs and easy-VQA shape questions, as DemoVLM batches.
+
+Every sample is a pure function of (seed, task, split, index): text lines and paragraphs are rendered on the
+fly by vlmkit.data.synth_text from np.random.default_rng([seed, task, split, index]), so the held-out split
+(split 1) never meets training (split 0) and a stream can seek (exact resume). Shape questions are
+easy-VQA's (PyPI `easy-vqa`, images and questions shipped in the package): training draws from its train
+split, evaluation uses its test split (different images).
+
+A sample becomes one LM row:  <s> <image>*T  question "\\n"  answer </s>   (labels on answer and </s>)
+plus CTC targets for text images (the answer's characters; a paragraph's line breaks count as one
+character each, a space in the CTC alphabet).
+
+Pixels: text images become each channel's distance from its median (vlmkit.train.ctc.line_pixels: text
+bright on dark whatever the colours); shape images keep their colours. Both end in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlmkit.data.synth_text import (DEFAULT_ALPHABET, MIN_FONT_SIZE, TextStyle, load_font, random_style, random_text,
+                                    render_text)
+from vlmkit.demo.layout import stack_lines
+from vlmkit.models.ctc import BLANK
+from vlmkit.models.lm import IGNORE_INDEX
+from vlmkit.text.tokenizer import CharTokenizer, Tokenizer
+from vlmkit.train.ctc import CTCVocab, line_pixels
+
+TRAIN, HELDOUT = 0, 1
+TASK_IDS = {"line": 1, "paragraph": 2, "shape": 3}
+LINE_SIZE = (256, 32)  # (width, height): 64 image tokens
+COLUMN_PIXELS = 4  # pixels per token column of the demo tower
+PARAGRAPH_SIZE = (256, 96)  # three token rows of 32
+LINE_CHARS = (8, 24)  # random lines of 8-24 characters (issue 5)
+PARAGRAPH_LINES = 3
+READ_PROMPT = "Read the text."
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
+Batch = dict[str, torch.Tensor]
+
+
+class Prompted(Protocol):
+    """What prompt building needs from the model: its placeholder id and tokens per image size."""
+
+    image_token_id: int
+
+    def num_image_tokens(self, height: int, width: int) -> int: ...
+
+
+@dataclass
+class Sample:
+    """One question about one image: pixels (3, H, W), the question, the reference answer, the task;
+    for rendered lines also each character's centre column (pixels from the left edge)."""
+
+    pixels: torch.Tensor
+    question: str
+    answer: str
+    task: str
+    image: Image.Image | None = None  # kept for the report's pictures
+    centres: list[tuple[float, float]] | None = None  # each character's (centre x, advance width)
+    labels: tuple[int, int] | None = None  # a shape image's (colour, shape) class, IGNORE_INDEX where unknown
+
+
+def demo_tokenizer() -> CharTokenizer:
+    """The demo LM's character vocabulary: the line alphabet, space, newline and the questions' characters."""
+    return CharTokenizer(DEFAULT_ALPHABET + string.ascii_lowercase + " \n?.-'", special_tokens=SPECIAL_TOKENS,
+                         chat_template=None)
+
+
+def ctc_vocab() -> CTCVocab:
+    """The CTC classes: blank, then the line alphabet and the space."""
+    return CTCVocab(DEFAULT_ALPHABET)
+
+
+def ctc_to_lm(vocab: CTCVocab, tokenizer: CharTokenizer) -> tuple[int, ...]:
+    """LM token id of each CTC class 1..V-1 (the CTC's space stands for the space)."""
+    return tuple(tokenizer.encode(vocab.decode([k]))[0] for k in range(1, vocab.size))
+
+
+def text_pixels(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) pixels of a text image in [-1, 1]."""
+    return line_pixels(image, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def colour_pixels(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) pixels of a colour image in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
+    return x.permute(2, 0, 1).contiguous()
+
+
+def _rng(seed: int, task: str, split: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, TASK_IDS[task], split, index])
+
+
+def char_centres(text: str, style: TextStyle, size: tuple[int, int]) -> list[tuple[float, float]]:
+    """(centre x, width) of each character in render_text([text], style, size), from the same layout rules:
+    the font shrinks until the tilted line fits, characters advance by their length + spacing from x = 1
+    of the text mask, the mask turns about its centre (expanding) and is placed at the style's offset."""
+    width, height = size
+    for font_size in range(style.size, MIN_FONT_SIZE - 1, -1):
+        font = load_font(style.font, font_size)
+        advances = [font.getlength(c) for c in text]
+        mask_w = int(np.ceil(sum(advances) + style.spacing * max(len(text) - 1, 0))) + 2
+        ascent, descent = font.getmetrics()
+        mask_h = ascent + descent + 2
+        rot_w, rot_h = Image.new("L", (mask_w, mask_h)).rotate(style.angle, expand=True).size
+        if rot_w <= width - 4 and rot_h <= height - 4:
+            break
+    else:
+        raise ValueError(f"{text!r} does not fit {size} (render_text would have raised)")
+    x0 = 2 + round(style.offset[0] * (width - 4 - rot_w))
+    cos = float(np.cos(np.radians(style.angle)))
+    centres, x = [], 1.0
+    for advance in advances:
+        u = x + advance / 2 - mask_w / 2  # from the mask's centre, along the line
+        centres.append((x0 + rot_w / 2 + u * cos, advance * cos))
+        x += advance + style.spacing
+    return centres
+
+
+def line_item(seed: int, split: int, index: int, keep_image: bool = False) -> Sample:
+    """Text line number index of a split: 8-24 random letters/digits/spaces on a 256x32 image."""
+    rng = _rng(seed, "line", split, index)
+    text = random_text(rng, *LINE_CHARS)
+    style = random_style(rng, LINE_SIZE)
+    image = render_text([text], style, LINE_SIZE)
+    return Sample(text_pixels(image), READ_PROMPT, text, "line", image if keep_image else None,
+                  char_centres(text, style, LINE_SIZE))
+
+
+def frame_targets(targets: Sequence[int], centres: Sequence[tuple[float, float]], steps: int,
+                  step_width: float) -> list[int]:
+    """Per-step classes of a line, the peaky alignment CTC itself converges to: each character's class at
+    the step holding its centre (a taken step moves it to the next free one, so doubled letters stay two),
+    IGNORE_INDEX on the other steps the character covers (no penalty for the peak's exact place), blank on
+    the steps between and around characters.
+
+    >>> frame_targets([5, 5, 7], [(3.0, 2.0), (5.0, 2.0), (14.0, 12.0)], steps=6, step_width=4)
+    [5, 5, -100, 7, -100, 0]
+    """
+    frames = [BLANK] * steps
+    for step in range(steps):
+        middle = (step + 0.5) * step_width
+        if any(abs(middle - x) < width / 2 for x, width in centres):
+            frames[step] = IGNORE_INDEX
+    last = -1
+    for cls, (x, _) in zip(targets, centres):
+        step = min(steps - 1, max(last + 1, int(x // step_width)))
+        frames[step] = cls
+        last = step
+    return frames
+
+
+def paragraph_item(seed: int, split: int, index: int, keep_image: bool = False) -> Sample:
+    """Paragraph number index of a split: 3 random lines of 8-24 characters on a 256x96 image. The model
+    sees its lines stacked as 32-pixel bands (demo.layout.stack_lines: deskew, line finding)."""
+    rng = _rng(seed, "paragraph", split, index)
+    lines = [random_text(rng, *LINE_CHARS) for _ in range(PARAGRAPH_LINES)]
+    image = render_text(lines, random_style(rng, PARAGRAPH_SIZE, len(lines)), PARAGRAPH_SIZE)
+    return Sample(text_pixels(stack_lines(image)), READ_PROMPT, "\n".join(lines), "paragraph",
+                  image if keep_image else None)
+
+
+class ShapeQuestions:
+    """easy-VQA's questions of one split with its 64x64 images decoded once (uint8)."""
+
+    def __init__(self, split: int) -> None:
+        try:
+            from easy_vqa import easy_vqa
+        except ImportError as e:
+            raise ImportError("the demo's shape questions come from easy-VQA: pip install easy-vqa") from e
+        if split == TRAIN:
+            questions, answers, image_ids = easy_vqa.get_train_questions()
+            paths = easy_vqa.get_train_image_paths()
+        else:
+            questions, answers, image_ids = easy_vqa.get_test_questions()
+            paths = easy_vqa.get_test_image_paths()
+        self.split = split
+        self.questions, self.answers, self.image_ids = questions, answers, image_ids
+        self.paths = paths
+        self.images = {i: np.asarray(Image.open(paths[i]).convert("RGB")) for i in sorted(set(image_ids))}
+        self.labels = image_labels(questions, answers, image_ids)
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def item(self, index: int, keep_image: bool = False) -> Sample:
+        array = self.images[self.image_ids[index]]
+        image = Image.fromarray(array)
+        return Sample(colour_pixels(image), self.questions[index], self.answers[index], "shape",
+                      image if keep_image else None, labels=self.labels.get(self.image_ids[index]))
+
+
+SHAPE_COLOURS = ("red", "green", "blue", "yellow", "black", "gray", "teal", "brown")
+SHAPE_NAMES = ("circle", "rectangle", "triangle")
+
+
+def image_labels(questions: Sequence[str], answers: Sequence[str], image_ids: Sequence[int]
+                 ) -> dict[int, tuple[int, int]]:
+    """Each image's (colour, shape) class as its own "what" questions answer them (IGNORE_INDEX where none
+    does): the shape vocabulary of the tower, read off the training questions."""
+    labels: dict[int, list[int]] = {}
+    for question, answer, image in zip(questions, answers, image_ids):
+        entry = labels.setdefault(image, [IGNORE_INDEX, IGNORE_INDEX])
+        if question.startswith("what") and answer in SHAPE_COLOURS:
+            entry[0] = SHAPE_COLOURS.index(answer)
+        elif question.startswith("what") and answer in SHAPE_NAMES:
+            entry[1] = SHAPE_NAMES.index(answer)
+    return {image: (c, k) for image, (c, k) in labels.items()}
+
+
+def encode_row(tokenizer: Tokenizer, image_token_id: int, num_image_tokens: int, question: str,
+               answer: str | None) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one row; without an answer, the prompt only (for generation). The newline is encoded
+    on its own, so it is one token whatever the tokenizer (the model finds the question's end by it)."""
+    prompt = ([tokenizer.bos_token_id] + [image_token_id] * num_image_tokens + tokenizer.encode(question)
+              + tokenizer.encode("\n"))
+    if answer is None:
+        return prompt, [IGNORE_INDEX] * len(prompt)
+    reply = tokenizer.encode(answer) + [tokenizer.eos_token_id]
+    return prompt + reply, [IGNORE_INDEX] * len(prompt) + reply
+
+
+def collate_samples(samples: Sequence[Sample], tokenizer: Tokenizer, vocab: CTCVocab, model: Prompted) -> Batch:
+    """A DemoVLM training batch: pixel_values (B, 3, H, W) (shorter images padded at the bottom), input_ids
+    and labels (B, L) right-padded, ctc_targets (B, S) padded with BLANK, ctc_lengths (B,) (0 for non-text
+    images), ctc_frames (B, T) per-step classes of single lines (IGNORE_INDEX elsewhere).
+    model gives the image placeholder id and the image-token count of an image size."""
+    pixels = _stack_padded([s.pixels for s in samples])  # (B, 3, H, W)
+    num_image_tokens = model.num_image_tokens(pixels.shape[2], pixels.shape[3])
+    rows = [encode_row(tokenizer, model.image_token_id, num_image_tokens, s.question, s.answer) for s in samples]
+    L = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), L), IGNORE_INDEX, dtype=torch.long)
+    for r, (ids, lab) in enumerate(rows):
+        input_ids[r, :len(ids)] = torch.tensor(ids)
+        labels[r, :len(lab)] = torch.tensor(lab)
+    targets = [vocab.encode(s.answer.replace("\n", " ")) if s.task != "shape" else [] for s in samples]
+    S = max(1, max(len(t) for t in targets))
+    ctc_targets = torch.full((len(rows), S), BLANK, dtype=torch.long)
+    for r, t in enumerate(targets):
+        ctc_targets[r, :len(t)] = torch.tensor(t, dtype=torch.long)
+    steps = pixels.shape[-1] // COLUMN_PIXELS
+    frames = torch.full((len(rows), steps), IGNORE_INDEX, dtype=torch.long)
+    for r, (s, t) in enumerate(zip(samples, targets)):
+        if s.centres is not None and pixels.shape[-2] == LINE_SIZE[1]:
+            frames[r] = torch.tensor(frame_targets(t, s.centres, steps, COLUMN_PIXELS))
+    shape_targets = torch.tensor([s.labels or (IGNORE_INDEX, IGNORE_INDEX) for s in samples], dtype=torch.long)
+    return {"pixel_values": pixels, "input_ids": input_ids, "labels": labels, "ctc_targets": ctc_targets,
+            "ctc_lengths": torch.tensor([len(t) for t in targets], dtype=torch.long), "ctc_frames": frames,
+            "shape_targets": shape_targets}
+
+
+def _stack_padded(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack (3, H_i, W) images, padding shorter ones at the bottom with -1 (background after text_pixels)."""
+    H = max(p.shape[1] for p in pixels)
+    return torch.stack([torch.nn.functional.pad(p, (0, 0, 0, H - p.shape[1]), value=-1.0) for p in pixels])
+
+
+class DemoBatches:
+    """An endless, seeded stream of one-task batches for vlmkit.train.loop.train.
+
+    `pattern` lists the task of each batch in a repeating cycle (e.g. ("line", "line", "shape")); batch k
+    of the stream has the task pattern[k % len(pattern)] and takes that task's next batch_size samples.
+    seek(sample_index) continues exactly (sample_index counts every sample handed out)."""
+
+    def __init__(self, model: Prompted, tokenizer: Tokenizer, vocab: CTCVocab,
+                 batch_size: int, pattern: Sequence[str], seed: int = 0, shapes: ShapeQuestions | None = None) -> None:
+        if batch_size < 1 or not pattern:
+            raise ValueError(f"need batch_size >= 1 and a non-empty task pattern, got {batch_size}, {pattern}")
+        unknown = sorted(set(pattern) - set(TASK_IDS))
+        if unknown:
+            raise ValueError(f"unknown demo tasks {unknown}; valid: {sorted(TASK_IDS)}")
+        if "shape" in pattern and shapes is None:
+            raise ValueError("a pattern with 'shape' batches needs the easy-VQA train questions (shapes=...)")
+        self.model, self.tokenizer, self.vocab = model, tokenizer, vocab
+        self.batch_size, self.pattern, self.seed, self.shapes = batch_size, tuple(pattern), seed, shapes
+        self.sample_index = 0
+        if shapes is not None:
+            self._order = np.random.default_rng([seed, TASK_IDS["shape"]]).permutation(len(shapes))
+
+    def seek(self, sample_index: int) -> None:
+        self.sample_index = sample_index
+
+    def _position(self) -> tuple[str, int]:
+        """The task of the next batch and how many samples of that task came before it."""
+        batch = self.sample_index // self.batch_size
+        cycle, k = divmod(batch, len(self.pattern))
+        task = self.pattern[k]
+        before = cycle * self.pattern.count(task) + self.pattern[:k].count(task)
+        return task, before * self.batch_size
+
+    def samples(self, task: str, start: int) -> list[Sample]:
+        indices = range(start, start + self.batch_size)
+        if task == "line":
+            return [line_item(self.seed, TRAIN, i) for i in indices]
+        if task == "paragraph":
+            return [paragraph_item(self.seed, TRAIN, i) for i in indices]
+        n = len(self.shapes)
+        return [self.shapes.item(int(self._order[i % n])) for i in indices]
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            task, start = self._position()
+            self.sample_index += self.batch_size
+            yield collate_samples(self.samples(task, start), self.tokenizer, self.vocab, self.model)

@@ -1,0 +1,307 @@
+"""The demo's tiny VLM: a CNN-stem vision tower, a CTC reading head, a projector and a character-level LM.
+
+    pixels (B, 3, H, W), H a multiple of 32, W of 4
+      --stem: 4 conv3x3 (strides 1, 2, 2, (2, 1)), GroupNorm, GELU-->  (B, D, H/8, W/4)
+      --4x1 merge: 4 stem rows -> one token, Linear(4D -> D), + row/column embeddings-->  (B, H/32 * W/4, D)
+      --transformer layers (vit.EncoderLayer)-->  features (B, T, D)     # a 32x256 line: T = 64 tokens
+    ctc = CTCHead(features)                       # (B, T, V_ctc): the vision vocabulary (models/ctc.py)
+    image tokens = mlp(features) + softmax(ctc) @ E   # E: the LM's own embedding rows of the CTC characters
+    LM input: <s> [image tokens] question "\\n" answer </s>   -> CausalLM (models/lm.py), tied embeddings
+
+Why the CTC head feeds the projector. A tower trained from scratch learns to read fastest with a CTC loss
+(issue 5: autoregressive training alone stays at chance on a CPU for minutes). The head's per-step character
+posteriors, mapped through the LM's own (tied) character embeddings, make each image token look like the
+character it shows, and their running count is the image token's RoPE position: the token showing answer
+character t sits at the same position as the LM query that predicts character t, so the decoder's job is to
+copy what is at relative distance 0 instead of discovering the alignment. To make that path exist from the
+first step, head 0 of the LM's first layer starts as a position-matching head (`init_copy_head`: equal
+constant query and key on the fastest RoPE frequencies); in pilots the answers' NED after 100 / 200 joint
+steps went from 0.86 / 0.34 without it to 0.33 / 0.11 with it. The answer is still the LM's own
+autoregressive output (vlmkit.generate): it reads the features, can overrule the head, and answers
+questions about non-text images (shapes) where the count means nothing.
+
+Soft count (detached, so only the CTC loss shapes it): with p_j the posteriors of step j (blank = 0),
+    new_j = sum_c>0 p_j[c] * (1 - p_{j-1}[c])         # step j starts a character
+    n_j   = sum_{i <= j} new_i                         # characters read up to step j
+    position(image token j) = s - 1 + n_j              # s: position of the last prompt token ("\\n")
+
+Loss: ar_weight * mean next-token cross-entropy on the answer (+ </s>) + ctc_weight * CTC loss on the text
+images of the batch (`ctc_targets`, `ctc_lengths`; length 0 = not a text image) + frame_weight * per-step
+cross-entropy against the renderer's character positions (`ctc_frames`, demo.data.frame_targets: the peaky
+alignment CTC would have to discover, given outright for synthetic lines). `ar_weight = 0` skips the LM
+(the warm-up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vlmkit.config import LMConfig, VisionConfig
+from vlmkit.models.ctc import CTCHead, ctc_greedy_decode, ctc_loss
+from vlmkit.models.lm import IGNORE_INDEX, CausalLM, CausalLMOutput, KVCache
+from vlmkit.models.projectors import build_projector
+from vlmkit.models.vit import EncoderLayer
+
+SHAPE_CLASSES = (8, 3)  # easy-VQA's colours and shapes (demo.data.SHAPE_COLOURS, SHAPE_NAMES)
+STEM_STRIDE = (8, 4)  # (rows, columns) of pixels per stem cell
+ROW_MERGE = 4  # stem rows merged into one token: a token covers 32 x 4 pixels
+# Why 4-pixel columns: CTC needs a step per character (two for a doubled one); the lines' smallest fonts
+# draw characters 6 pixels wide, so 8-pixel columns leave 27% of 8-24 character lines unreadable.
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the demo VLM. ctc_to_lm maps CTC class k (1..V_ctc-1) to the LM token id of its character."""
+
+    lm_vocab_size: int
+    ctc_to_lm: tuple[int, ...]
+    image_token_id: int
+    prompt_end_id: int  # the token that ends every question ("\n"): the LM query before the first answer token
+    width: int = 192  # vision width D
+    vision_layers: int = 2
+    vision_heads: int = 4
+    stem_channels: tuple[int, int, int] = (32, 64, 128)
+    max_rows: int = 4  # token rows (image height / 32)
+    max_cols: int = 64  # token columns (image width / 4)
+    lm_width: int = 256
+    lm_layers: int = 4
+    lm_heads: int = 4
+    lm_intermediate: int = 512
+    stem_norm: str = "group"  # "group" or "batch"
+    copy_head: float = 4.7  # > 0: LM layer 0's head 0 starts as a position-matching head of this strength
+    aligned_positions: bool = True  # image tokens at the CTC count's RoPE positions (see module docstring)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ctc_vocab_size(self) -> int:
+        return len(self.ctc_to_lm) + 1
+
+
+def _conv(cin: int, cout: int, stride: int | tuple[int, int], norm: str = "group") -> nn.Sequential:
+    layer = nn.BatchNorm2d(cout) if norm == "batch" else nn.GroupNorm(8, cout)
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), layer, nn.GELU())
+
+
+class CNNTower(nn.Module):
+    """The demo's vision tower: a 4-conv stem (stride 8 x 4), 4x1 row merging, transformer layers.
+
+    (B, 3, H, W) -> (B, rows*cols, D) features, rows = H/32, cols = W/4, row-major; `grid(pixels)` gives
+    (rows, cols)."""
+
+    def __init__(self, cfg: DemoConfig, lm: CausalLM | None = None) -> None:
+        """lm: a pretrained language model to attach instead of a fresh one (its width must be cfg.lm_width)."""
+        super().__init__()
+        if lm is not None and lm.cfg.hidden_size != cfg.lm_width:
+            raise ValueError(f"the attached LM is {lm.cfg.hidden_size} wide but cfg.lm_width is {cfg.lm_width}")
+        c1, c2, c3 = cfg.stem_channels
+        D = cfg.width
+        n = cfg.stem_norm
+        self.stem = nn.Sequential(_conv(3, c1, 1, n), _conv(c1, c2, 2, n), _conv(c2, c3, 2, n), _conv(c3, D, (2, 1), n))
+        self.merge = nn.Linear(ROW_MERGE * D, D)
+        self.row_embed = nn.Parameter(torch.zeros(cfg.max_rows, D))
+        self.col_embed = nn.Parameter(torch.randn(cfg.max_cols, D) * 0.02)
+        vcfg = VisionConfig(image_size=32, patch_size=8, hidden_size=D, intermediate_size=4 * D,
+                            num_layers=max(1, cfg.vision_layers), num_heads=cfg.vision_heads, hidden_act="gelu",
+                            use_cls_token=False, pre_layernorm=False, select_layer=-1)
+        self.layers = nn.ModuleList(EncoderLayer(vcfg) for _ in range(cfg.vision_layers))
+        self.norm = nn.LayerNorm(D)
+        self.max_rows, self.max_cols = cfg.max_rows, cfg.max_cols
+
+    def grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """(rows, cols) of tokens for (B, 3, H, W) pixels; raises on sizes the tower cannot take."""
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected (batch, 3, H, W)")
+        H, W = pixel_values.shape[2:]
+        unit, step = STEM_STRIDE[0] * ROW_MERGE, STEM_STRIDE[1]
+        if H % unit or W % step or H // unit > self.max_rows or W // step > self.max_cols:
+            raise ValueError(f"images of {W}x{H} do not fit the demo tower: the height must be a multiple of {unit} "
+                             f"up to {unit * self.max_rows}, the width a multiple of {step} up to "
+                             f"{step * self.max_cols}")
+        return H // unit, W // step
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        rows, cols = self.grid(pixel_values)
+        x = self.stem(pixel_values)  # (B, D, 4*rows, cols)
+        B, D = x.shape[:2]
+        x = x.view(B, D, rows, ROW_MERGE, cols).permute(0, 2, 4, 3, 1).reshape(B, rows, cols, ROW_MERGE * D)
+        x = self.merge(x) + self.row_embed[:rows, None] + self.col_embed[None, :cols]  # (B, rows, cols, D)
+        x = x.reshape(B, rows * cols, D)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)  # (B, T, D)
+
+
+def soft_char_count(posteriors: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) CTC posteriors (blank = 0) -> (B, T) expected number of characters read up to each step.
+
+    >>> p = torch.tensor([[[0., 1, 0], [0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]])  # a a _ a b
+    >>> soft_char_count(p).tolist()
+    [[1.0, 1.0, 1.0, 2.0, 3.0]]
+    """
+    chars = posteriors[..., 1:]  # (B, T, V-1)
+    previous = F.pad(chars[:, :-1], (0, 0, 1, 0))  # (B, T, V-1), zeros before the first step
+    new = (chars * (1 - previous)).sum(-1)  # (B, T)
+    return new.cumsum(dim=1)
+
+
+class DemoVLM(nn.Module):
+    """Tower + CTC head + projector + LM; a forward that trains (AR + CTC) and generates (vlmkit.generate).
+
+    forward(input_ids (B, L) with T image placeholders per row after <s>, pixel_values, labels, ctc_targets,
+    ctc_lengths, attention_mask, cache, ...) -> CausalLMOutput. Set `ar_weight` / `ctc_weight` to weigh
+    the two losses (ar_weight 0: the CTC warm-up, the LM does not run)."""
+
+    def __init__(self, cfg: DemoConfig, lm: CausalLM | None = None) -> None:
+        """lm: a pretrained language model to attach instead of a fresh one (its width must be cfg.lm_width)."""
+        super().__init__()
+        if lm is not None and lm.cfg.hidden_size != cfg.lm_width:
+            raise ValueError(f"the attached LM is {lm.cfg.hidden_size} wide but cfg.lm_width is {cfg.lm_width}")
+        self.cfg = cfg
+        self.vision = CNNTower(cfg)
+        self.ctc = CTCHead(cfg.width, cfg.ctc_vocab_size, rows=1, merge_cols=1)
+        self.projector = build_projector("mlp2x_gelu", cfg.width, cfg.lm_width)
+        self.blank_embed = nn.Parameter(torch.zeros(cfg.lm_width))  # the blank's row of E
+        if lm is None:
+            lm = CausalLM(LMConfig(vocab_size=cfg.lm_vocab_size, hidden_size=cfg.lm_width,
+                                   intermediate_size=cfg.lm_intermediate, num_layers=cfg.lm_layers,
+                                   num_heads=cfg.lm_heads, tie_word_embeddings=True, max_position_embeddings=512,
+                                   qkv_bias=cfg.copy_head > 0))
+            nn.init.normal_(lm.embed.weight, std=0.02)  # tied: small logits at the start
+            if cfg.copy_head > 0:
+                init_copy_head(lm, cfg.copy_head)
+        self.lm = lm
+        self.shape_head = nn.Linear(cfg.width, SHAPE_CLASSES[0] + SHAPE_CLASSES[1])  # colour and shape, mean-pooled
+        self.register_buffer("ctc_to_lm", torch.tensor(cfg.ctc_to_lm, dtype=torch.long), persistent=False)
+        self.ar_weight, self.ctc_weight, self.frame_weight, self.shape_weight = 1.0, 1.0, 0.0, 1.0
+
+    @property
+    def image_token_id(self) -> int:
+        return self.cfg.image_token_id
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return self.lm.new_cache(batch_size, max_len)
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """Image tokens of a height x width image (the placeholders its prompt needs)."""
+        rows, cols = self.vision.grid(torch.empty(1, 3, height, width))
+        return rows * cols
+
+    def read(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (B, T, D), CTC logits (B, T, V_ctc)) of (B, 3, H, W) pixels."""
+        features = self.vision(pixel_values)
+        return features, self.ctc(features, (1, features.shape[1]))
+
+    def ctc_read(self, pixel_values: torch.Tensor) -> list[list[int]]:
+        """Greedy CTC reading (class ids, no blanks) of (B, 3, H, W) text images: the head alone, for diagnostics."""
+        return ctc_greedy_decode(self.read(pixel_values)[1])
+
+    def image_tokens(self, features: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (B, T, C) at the LM width, soft character counts (B, T)) of a tower output."""
+        p = logits.float().softmax(-1)  # (B, T, V_ctc)
+        table = torch.cat([self.blank_embed[None], self.lm.embed.weight[self.ctc_to_lm]])  # (V_ctc, C)
+        tokens = self.projector(features) + (p.to(table.dtype) @ table)  # (B, T, C)
+        return tokens, soft_char_count(p.detach())
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                labels: torch.Tensor | None = None, ctc_targets: torch.Tensor | None = None,
+                ctc_lengths: torch.Tensor | None = None, ctc_frames: torch.Tensor | None = None,
+                shape_targets: torch.Tensor | None = None, logits_to_keep: int = 0,
+                loss_only: bool = False) -> CausalLMOutput:
+        if pixel_values is None:  # a decoding step: text only, positions from the cache
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, cache=cache, labels=labels,
+                           logits_to_keep=logits_to_keep, loss_only=loss_only)
+        features, logits = self.read(pixel_values)
+        vision_term = self.vision_loss(logits, ctc_targets, ctc_lengths, ctc_frames)
+        if shape_targets is not None and self.shape_weight > 0 and bool((shape_targets != IGNORE_INDEX).any()):
+            shape_term = self.shape_weight * self.shape_loss(features, shape_targets)
+            vision_term = shape_term if vision_term is None else vision_term + shape_term
+        if self.ar_weight == 0:
+            if vision_term is None:
+                raise ValueError("ar_weight is 0 (CTC warm-up) but the batch has no ctc_targets or ctc_frames")
+            return CausalLMOutput(logits=None, loss=vision_term)
+        tokens, counts = self.image_tokens(features, logits)  # (B, T, C), (B, T)
+        is_image = input_ids == self.image_token_id  # (B, L)
+        per_row = is_image.sum(1)
+        if bool((per_row != tokens.shape[1]).any()):
+            raise ValueError(f"each prompt must hold {tokens.shape[1]} image placeholders (id {self.image_token_id}) "
+                             f"for {tuple(pixel_values.shape[2:])} images; got {per_row.tolist()}")
+        embeds = self.lm.embed(input_ids).masked_scatter(is_image[..., None], tokens.to(self.lm.embed.weight.dtype))
+        positions = self._positions(input_ids, attention_mask, is_image, counts)  # (B, L)
+        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, cache=cache,
+                      labels=labels, logits_to_keep=logits_to_keep, loss_only=loss_only)
+        if out.loss is not None:
+            out.loss = self.ar_weight * out.loss + (vision_term if vision_term is not None else 0.0)
+        return out
+
+    def shape_loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the mean-pooled features' colour and shape classes (targets (B, 2), IGNORE_INDEX
+        where unknown): the shape vocabulary of the tower, as the CTC head is its text vocabulary."""
+        logits = self.shape_head(features.mean(1)).float()  # (B, colours + shapes)
+        colours = SHAPE_CLASSES[0]
+        terms = [F.cross_entropy(part, t, ignore_index=IGNORE_INDEX)
+                 for part, t in ((logits[:, :colours], targets[:, 0]), (logits[:, colours:], targets[:, 1]))
+                 if bool((t != IGNORE_INDEX).any())]
+        return sum(terms) / len(terms)
+
+    def vision_loss(self, logits: torch.Tensor, ctc_targets: torch.Tensor | None, ctc_lengths: torch.Tensor | None,
+                    ctc_frames: torch.Tensor | None) -> torch.Tensor | None:
+        """ctc_weight * CTC loss on the rows with targets + frame_weight * per-step cross-entropy on the rows
+        with frame targets (ctc_frames (B, T), IGNORE_INDEX where unknown); None when neither applies."""
+        terms = []
+        if ctc_targets is not None and self.ctc_weight > 0:
+            text = ctc_lengths > 0
+            if bool(text.any()):
+                terms.append(self.ctc_weight * ctc_loss(logits[text], ctc_targets[text], ctc_lengths[text]))
+        if ctc_frames is not None and self.frame_weight > 0 and bool((ctc_frames != IGNORE_INDEX).any()):
+            if ctc_frames.shape != logits.shape[:2]:
+                raise ValueError(f"ctc_frames has shape {tuple(ctc_frames.shape)} but the image gives "
+                                 f"{tuple(logits.shape[:2])} steps")
+            terms.append(self.frame_weight * F.cross_entropy(logits.float().flatten(0, 1), ctc_frames.flatten(),
+                                                             ignore_index=IGNORE_INDEX))
+        return sum(terms) if terms else None
+
+    def _positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, is_image: torch.Tensor,
+                   counts: torch.Tensor) -> torch.Tensor:
+        """RoPE positions (B, L): text tokens count real tokens from 0; image token j gets s - 1 + n_j, s the
+        position of the question's end (the first prompt_end_id after the image), which predicts the first
+        answer token. Training, cached and naive generation all find the same s."""
+        L = input_ids.shape[1]
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        natural = (mask.long().cumsum(-1) - 1).clamp(min=0).float()  # (B, L)
+        if not self.cfg.aligned_positions:
+            return natural
+        index = torch.arange(L, device=input_ids.device)
+        after_image = index[None] > (is_image * index[None]).amax(1, keepdim=True)  # (B, L)
+        ends = (input_ids == self.cfg.prompt_end_id) & after_image
+        if not bool(ends.any(1).all()):
+            raise ValueError(f"every prompt must end its question with token {self.cfg.prompt_end_id} (the newline) "
+                             "after the image placeholders")
+        s = natural.gather(1, ends.float().argmax(1, keepdim=True))  # (B, 1)
+        aligned = (s - 1 + counts).to(natural.dtype)  # (B, T)
+        return natural.masked_scatter(is_image, aligned)
+
+
+@torch.no_grad()
+def init_copy_head(lm: CausalLM, strength: float, pairs: int = 8) -> None:
+    """Make head 0 of layer 0 attend by position only: its query and key are the same constant vector
+    (biases; weights zero) on the `pairs` fastest RoPE frequency pairs, so its score peaks at relative
+    distance 0: the image token at the query's aligned position (and the query itself). Its value and output
+    start as they are; everything trains from here."""
+    attn = lm.layers[0].attn
+    hd, nh = attn.hd, attn.nh
+    c = torch.zeros(hd)
+    c[:pairs] = strength
+    c[hd // 2:hd // 2 + pairs] = strength
+    for start in (0, nh * hd):  # query head 0, key head 0
+        attn.qkv.weight[start:start + hd] = 0
+        attn.qkv.bias[start:start + hd] = c
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of module (shared ones once)."""
+    return sum(p.numel() for p in module.parameters())
