@@ -107,6 +107,52 @@ def test_cached_generation_equals_the_naive_reference():
     assert fast.token_ids == slow.token_ids
 
 
+def test_class_vectors_start_as_word_embeddings_and_join_every_image_token():
+    tokenizer, vocab = D.demo_tokenizer(), D.ctc_vocab()
+    words = D.class_words(tokenizer)
+    assert tokenizer.decode(list(words[0])) == "red" and tokenizer.decode(list(words[-1])) == "triangle"
+    cfg = DemoConfig(lm_vocab_size=len(tokenizer.vocab), ctc_to_lm=D.ctc_to_lm(vocab, tokenizer),
+                     image_token_id=tokenizer.encode("<image>")[0], prompt_end_id=tokenizer.encode("\n")[0],
+                     width=32, vision_layers=1, vision_heads=2, stem_channels=(8, 8, 16), lm_width=32, lm_layers=2,
+                     lm_heads=2, lm_intermediate=64, class_words=words)
+    torch.manual_seed(0)
+    model = DemoVLM(cfg).eval()
+    E = model.lm.embed.weight
+    red = (E[tokenizer.encode("r")[0]] + E[tokenizer.encode("e")[0]] + E[tokenizer.encode("d")[0]]) / 3
+    assert torch.allclose(model.class_embed[0], red)
+    features, logits = torch.randn(2, 5, 32), torch.randn(2, 5, cfg.ctc_vocab_size)
+    shape_logits = torch.full((2, 11), -30.0)
+    shape_logits[0, [0, 8]] = 30.0  # red circle
+    shape_logits[1, [3, 10]] = 30.0  # yellow triangle
+    with torch.no_grad():
+        tokens, _ = model.image_tokens(features, logits, shape_logits)
+        table = torch.cat([model.blank_embed[None], E[model.ctc_to_lm]])
+        base = model.projector(features) + logits.softmax(-1) @ table
+        W = model.class_embed
+        assert torch.allclose(tokens[0], base[0] + W[0] + W[8], atol=1e-5)
+        assert torch.allclose(tokens[1], base[1] + W[3] + W[10], atol=1e-5)
+    with pytest.raises(ValueError, match="class_words"):
+        DemoVLM(DemoConfig(**{**cfg.__dict__, "class_words": words[:3]}))
+
+
+def test_yes_no_questions_drawn_more_often():
+    class Questions:  # three questions; item(i) returns a sample whose answer is the question's
+        answers = ["yes", "red", "no"]
+
+        def __len__(self):
+            return 3
+
+        def item(self, index):
+            return D.Sample(torch.zeros(3, 64, 64), "q", self.answers[index], "shape")
+
+    model, tokenizer = _tiny_model()
+    batches = D.DemoBatches(model, tokenizer, D.ctc_vocab(), 5, ["shape"], shapes=Questions(), yes_no_repeat=2)
+    answers = sorted(s.answer for s in batches.samples("shape", 0))  # one full cycle of the order
+    assert answers == ["no", "no", "red", "yes", "yes"]
+    with pytest.raises(ValueError, match="yes_no_repeat"):
+        D.DemoBatches(model, tokenizer, D.ctc_vocab(), 5, ["shape"], shapes=Questions(), yes_no_repeat=0)
+
+
 def test_training_batch_layout():
     model, tokenizer = _tiny_model()
     vocab = D.ctc_vocab()

@@ -215,6 +215,11 @@ def image_labels(questions: Sequence[str], answers: Sequence[str], image_ids: Se
     return {image: (c, k) for image, (c, k) in labels.items()}
 
 
+def class_words(tokenizer: Tokenizer) -> tuple[tuple[int, ...], ...]:
+    """The LM token ids of each colour then shape word (DemoConfig.class_words, the order of the shape head)."""
+    return tuple(tuple(tokenizer.encode(word)) for word in SHAPE_COLOURS + SHAPE_NAMES)
+
+
 def encode_row(tokenizer: Tokenizer, image_token_id: int, num_image_tokens: int, question: str,
                answer: str | None) -> tuple[list[int], list[int]]:
     """(ids, labels) of one row; without an answer, the prompt only (for generation). The newline is encoded
@@ -268,12 +273,16 @@ class DemoBatches:
 
     `pattern` lists the task of each batch in a repeating cycle (e.g. ("line", "line", "shape")); batch k
     of the stream has the task pattern[k % len(pattern)] and takes that task's next batch_size samples.
-    seek(sample_index) continues exactly (sample_index counts every sample handed out)."""
+    seek(sample_index) continues exactly (sample_index counts every sample handed out). Shape questions come
+    in a seeded order in which each yes/no question appears yes_no_repeat times (the harder kind: the answer
+    compares the question's word with the image, where a "what" answer names the class)."""
 
     def __init__(self, model: Prompted, tokenizer: Tokenizer, vocab: CTCVocab,
-                 batch_size: int, pattern: Sequence[str], seed: int = 0, shapes: ShapeQuestions | None = None) -> None:
-        if batch_size < 1 or not pattern:
-            raise ValueError(f"need batch_size >= 1 and a non-empty task pattern, got {batch_size}, {pattern}")
+                 batch_size: int, pattern: Sequence[str], seed: int = 0, shapes: ShapeQuestions | None = None,
+                 yes_no_repeat: int = 1) -> None:
+        if batch_size < 1 or not pattern or yes_no_repeat < 1:
+            raise ValueError(f"need batch_size >= 1, a non-empty task pattern and yes_no_repeat >= 1, got "
+                             f"{batch_size}, {pattern}, {yes_no_repeat}")
         unknown = sorted(set(pattern) - set(TASK_IDS))
         if unknown:
             raise ValueError(f"unknown demo tasks {unknown}; valid: {sorted(TASK_IDS)}")
@@ -283,7 +292,9 @@ class DemoBatches:
         self.batch_size, self.pattern, self.seed, self.shapes = batch_size, tuple(pattern), seed, shapes
         self.sample_index = 0
         if shapes is not None:
-            self._order = np.random.default_rng([seed, TASK_IDS["shape"]]).permutation(len(shapes))
+            pool = [i for i, answer in enumerate(shapes.answers)
+                    for _ in range(yes_no_repeat if answer in ("yes", "no") else 1)]
+            self._order = np.random.default_rng([seed, TASK_IDS["shape"]]).permutation(np.array(pool))
 
     def seek(self, sample_index: int) -> None:
         self.sample_index = sample_index
@@ -302,7 +313,7 @@ class DemoBatches:
             return [line_item(self.seed, TRAIN, i) for i in indices]
         if task == "paragraph":
             return [paragraph_item(self.seed, TRAIN, i) for i in indices]
-        n = len(self.shapes)
+        n = len(self._order)
         return [self.shapes.item(int(self._order[i % n])) for i in indices]
 
     def __iter__(self) -> Iterator[Batch]:

@@ -5,7 +5,9 @@
       --4x1 merge: 4 stem rows -> one token, Linear(4D -> D), + row/column embeddings-->  (B, H/32 * W/4, D)
       --transformer layers (vit.EncoderLayer)-->  features (B, T, D)     # a 32x256 line: T = 64 tokens
     ctc = CTCHead(features)                       # (B, T, V_ctc): the vision vocabulary (models/ctc.py)
+    shape = shape_head(mean of features)          # (B, 8 + 3): easy-VQA's colour and shape classes
     image tokens = mlp(features) + softmax(ctc) @ E   # E: the LM's own embedding rows of the CTC characters
+                   + softmax(colour) @ W_colour + softmax(shape) @ W_shape   # the same on every token
     LM input: <s> [image tokens] question "\\n" answer </s>   -> CausalLM (models/lm.py), tied embeddings
 
 Why the CTC head feeds the projector. A tower trained from scratch learns to read fastest with a CTC loss
@@ -19,6 +21,13 @@ constant query and key on the fastest RoPE frequencies); in pilots the answers' 
 steps went from 0.86 / 0.34 without it to 0.33 / 0.11 with it. The answer is still the LM's own
 autoregressive output (vlmkit.generate): it reads the features, can overrule the head, and answers
 questions about non-text images (shapes) where the count means nothing.
+
+Why the colour/shape head feeds the projector too. The head reads the class off the pooled features
+(100% on held-out "what" questions), but the LM answered yes/no questions ("is there a circle?") from the
+raw features only ~84% right: it had to find the class spread over the tokens and compare it with the
+question's word. Its probabilities, mapped through learned per-class vectors W (one LM-width row per colour
+and shape word, initialised to the mean of the LM's embeddings of the word's tokens), put an explicit class
+representation on every image token, as the CTC path puts the character there.
 
 Soft count (detached, so only the CTC loss shapes it): with p_j the posteriors of step j (blank = 0),
     new_j = sum_c>0 p_j[c] * (1 - p_{j-1}[c])         # step j starts a character
@@ -61,6 +70,7 @@ class DemoConfig:
     ctc_to_lm: tuple[int, ...]
     image_token_id: int
     prompt_end_id: int  # the token that ends every question ("\n"): the LM query before the first answer token
+    class_words: tuple[tuple[int, ...], ...] = ()  # LM token ids of the colour then shape words (W's start)
     width: int = 192  # vision width D
     vision_layers: int = 2
     vision_heads: int = 4
@@ -175,8 +185,20 @@ class DemoVLM(nn.Module):
                 init_copy_head(lm, cfg.copy_head)
         self.lm = lm
         self.shape_head = nn.Linear(cfg.width, SHAPE_CLASSES[0] + SHAPE_CLASSES[1])  # colour and shape, mean-pooled
+        self.class_embed = nn.Parameter(self._class_word_embeddings(cfg.class_words))  # (8 + 3, C): W
         self.register_buffer("ctc_to_lm", torch.tensor(cfg.ctc_to_lm, dtype=torch.long), persistent=False)
         self.ar_weight, self.ctc_weight, self.frame_weight, self.shape_weight = 1.0, 1.0, 0.0, 1.0
+
+    def _class_word_embeddings(self, class_words: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+        """(8 + 3, C) start of W: each class word's mean LM embedding (zeros when class_words is empty)."""
+        n = SHAPE_CLASSES[0] + SHAPE_CLASSES[1]
+        if not class_words:
+            return torch.zeros(n, self.cfg.lm_width)
+        if len(class_words) != n or not all(class_words):
+            raise ValueError(f"class_words needs {n} non-empty token id lists (the colour then shape words), "
+                             f"got {len(class_words)}")
+        with torch.no_grad():
+            return torch.stack([self.lm.embed.weight[list(ids)].mean(0) for ids in class_words]).clone()
 
     @property
     def image_token_id(self) -> int:
@@ -199,11 +221,22 @@ class DemoVLM(nn.Module):
         """Greedy CTC reading (class ids, no blanks) of (B, 3, H, W) text images: the head alone, for diagnostics."""
         return ctc_greedy_decode(self.read(pixel_values)[1])
 
-    def image_tokens(self, features: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens (B, T, C) at the LM width, soft character counts (B, T)) of a tower output."""
+    def shape_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, 8 + 3) colour then shape logits of the mean-pooled features (B, T, D)."""
+        return self.shape_head(features.mean(1)).float()
+
+    def image_tokens(self, features: torch.Tensor, logits: torch.Tensor,
+                     shape_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (B, T, C) at the LM width, soft character counts (B, T)) of a tower output
+        (shape_logits: the head's output on these features, computed here when not given)."""
         p = logits.float().softmax(-1)  # (B, T, V_ctc)
         table = torch.cat([self.blank_embed[None], self.lm.embed.weight[self.ctc_to_lm]])  # (V_ctc, C)
         tokens = self.projector(features) + (p.to(table.dtype) @ table)  # (B, T, C)
+        if shape_logits is None:
+            shape_logits = self.shape_logits(features)
+        colours = SHAPE_CLASSES[0]
+        classes = torch.cat([shape_logits[:, :colours].softmax(-1), shape_logits[:, colours:].softmax(-1)], -1)
+        tokens = tokens + (classes.to(self.class_embed.dtype) @ self.class_embed)[:, None]  # (B, 1, C) on each
         return tokens, soft_char_count(p.detach())
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -217,14 +250,15 @@ class DemoVLM(nn.Module):
                            logits_to_keep=logits_to_keep, loss_only=loss_only)
         features, logits = self.read(pixel_values)
         vision_term = self.vision_loss(logits, ctc_targets, ctc_lengths, ctc_frames)
+        shape_logits = self.shape_logits(features)  # (B, 8 + 3)
         if shape_targets is not None and self.shape_weight > 0 and bool((shape_targets != IGNORE_INDEX).any()):
-            shape_term = self.shape_weight * self.shape_loss(features, shape_targets)
+            shape_term = self.shape_weight * self.shape_loss(shape_logits, shape_targets)
             vision_term = shape_term if vision_term is None else vision_term + shape_term
         if self.ar_weight == 0:
             if vision_term is None:
                 raise ValueError("ar_weight is 0 (CTC warm-up) but the batch has no ctc_targets or ctc_frames")
             return CausalLMOutput(logits=None, loss=vision_term)
-        tokens, counts = self.image_tokens(features, logits)  # (B, T, C), (B, T)
+        tokens, counts = self.image_tokens(features, logits, shape_logits)  # (B, T, C), (B, T)
         is_image = input_ids == self.image_token_id  # (B, L)
         per_row = is_image.sum(1)
         if bool((per_row != tokens.shape[1]).any()):
@@ -238,10 +272,9 @@ class DemoVLM(nn.Module):
             out.loss = self.ar_weight * out.loss + (vision_term if vision_term is not None else 0.0)
         return out
 
-    def shape_loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the mean-pooled features' colour and shape classes (targets (B, 2), IGNORE_INDEX
-        where unknown): the shape vocabulary of the tower, as the CTC head is its text vocabulary."""
-        logits = self.shape_head(features.mean(1)).float()  # (B, colours + shapes)
+    def shape_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the head's colour and shape logits (B, colours + shapes) against targets (B, 2),
+        IGNORE_INDEX where unknown: the shape vocabulary of the tower, as the CTC head is its text vocabulary."""
         colours = SHAPE_CLASSES[0]
         terms = [F.cross_entropy(part, t, ignore_index=IGNORE_INDEX)
                  for part, t in ((logits[:, :colours], targets[:, 0]), (logits[:, colours:], targets[:, 1]))

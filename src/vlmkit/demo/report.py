@@ -160,7 +160,9 @@ def write_report(result: DemoResult, heldout: dict[str, list[Sample]], answers: 
               "copy the aligned characters before the other tasks join (answer cross-entropy + CTC).",
               f"- joint: {s['steps']['joint']} of {sched['joint_steps']} steps, batches cycling "
               f"{' / '.join(sched['pattern'])}; loss = answer cross-entropy + {sched['ctc_weight']} x CTC on text "
-              f"images + the colour/shape head on easy-VQA images; lr {sched['joint_lr']} (projector, LM), "
+              f"images + the colour/shape head on easy-VQA images (its class probabilities also feed the image "
+              f"tokens; yes/no questions drawn {sched['yes_no_repeat']}x as often as the others); "
+              f"lr {sched['joint_lr']} (projector, LM), "
               f"{sched['vision_lr']} (tower and its heads).",
               f"- training samples: {s['train_samples']}",
               f"- measured seconds per step: {s['step_seconds']}", "", "![loss](loss.png)", ""]

@@ -55,6 +55,7 @@ class Schedule:
     ctc_weight: float = 1.0  # joint phase
     pattern: tuple[str, ...] = ("line", "shape", "shape", "line", "shape", "paragraph", "shape")
     warmup_pattern: tuple[str, ...] = ("line",)  # ("line", "line", "line", "shape") also trains the shape head
+    yes_no_repeat: int = 2  # joint phase: easy-VQA's yes/no questions drawn this many times as often as the rest
 
     def scaled(self, factor: float) -> Schedule:
         """The same schedule with every phase's steps times factor (at least 5 each)."""
@@ -120,7 +121,8 @@ def build_model(seed: int, llm: str = "tiny") -> tuple[DemoVLM, Tokenizer, D.CTC
     if llm == "tiny":
         tokenizer = D.demo_tokenizer()
         cfg = DemoConfig(lm_vocab_size=len(tokenizer.vocab), ctc_to_lm=D.ctc_to_lm(vocab, tokenizer),
-                         image_token_id=tokenizer.encode("<image>")[0], prompt_end_id=tokenizer.encode("\n")[0])
+                         image_token_id=tokenizer.encode("<image>")[0], prompt_end_id=tokenizer.encode("\n")[0],
+                         class_words=D.class_words(tokenizer))
         return DemoVLM(cfg), tokenizer, vocab
     chat = load_model("smollm2-135m")
     tokenizer, lm = chat.tokenizer, chat.model
@@ -129,7 +131,7 @@ def build_model(seed: int, llm: str = "tiny") -> tuple[DemoVLM, Tokenizer, D.CTC
         raise ValueError(f"SmolLM2's tokenizer encodes the newline as {newline}; the demo needs one token")
     cfg = DemoConfig(lm_vocab_size=lm.cfg.vocab_size, ctc_to_lm=D.ctc_to_lm(vocab, tokenizer),
                      image_token_id=SMOLLM2_PLACEHOLDER_ID, prompt_end_id=newline[0], lm_width=lm.cfg.hidden_size,
-                     aligned_positions=False)
+                     aligned_positions=False, class_words=D.class_words(tokenizer))
     return DemoVLM(cfg, lm=lm.train()), tokenizer, vocab
 
 
@@ -241,7 +243,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                                  seed=settings.seed, shapes=shapes_train)
     read_batches = D.DemoBatches(model, tokenizer, vocab, schedule.batch_size, ["line"], seed=settings.seed + 1)
     joint_batches = D.DemoBatches(model, tokenizer, vocab, schedule.batch_size, schedule.pattern,
-                                  seed=settings.seed + 2, shapes=shapes_train)
+                                  seed=settings.seed + 2, shapes=shapes_train, yes_no_repeat=schedule.yes_no_repeat)
     step_seconds = calibrate(model, joint_batches, schedule)
     reserve = eval_reserve(settings, step_seconds)
     budget = clock.left() - reserve
