@@ -28,16 +28,14 @@ layer; they are not part of the next-token model and are skipped, as transformer
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
-
-import torch
 
 from vlmkit.config import LMConfig
 from vlmkit.models.lm import CausalLM
 from vlmkit.weights.converter import Converter, StateDict
-from vlmkit.weights.llama import StateReader, _rope_from_hf
-from vlmkit.weights.qwen2_moe import _experts_from_hf, _gate_up
+from vlmkit.weights.llama import (StateReader, _params, _rope_from_hf, attention_from_hf, head_from_hf,
+                                  norms_from_hf)
+from vlmkit.weights.qwen2_moe import _experts_from_hf, _gate_up, dense_mlp_from_hf
 
 # The defaults of transformers' DeepseekV2Config / DeepseekV3Config for the keys read here, plus DeepSeek's own
 # keys (scoring_func, moe_layer_freq, use_mla) with the defaults of DeepSeek-VL2's configuration_deepseek.py.
@@ -163,10 +161,6 @@ def config_to_hf(cfg: LMConfig, model_type: str | None = None) -> dict[str, Any]
     return hf
 
 
-def _params(bias: bool) -> list[str]:
-    return ["weight", "bias"] if bias else ["weight"]
-
-
 # hf self_attn module -> vlmkit attn module, for latent attention
 _MLA = {"q_proj": "q_proj", "q_a_proj": "q_a", "q_a_layernorm": "q_norm", "q_b_proj": "q_b",
         "kv_a_proj_with_mqa": "kv_a", "kv_a_layernorm": "kv_norm", "kv_b_proj": "kv_b", "o_proj": "out"}
@@ -191,18 +185,10 @@ def state_from_hf(state: StateDict, cfg: LMConfig) -> StateDict:
                 for p in _params(bias):
                     out[f"{vk}attn.{name}.{p}"] = src.take(f"{hf}self_attn.{hf_name}.{p}")
         else:
-            nh = cfg.num_heads * cfg.head_dim
-            nkv = cfg.num_kv_heads * cfg.head_dim
-            for p in _params(cfg.qkv_bias):
-                out[f"{vk}attn.qkv.{p}"] = torch.cat([src.take(f"{hf}self_attn.{n}_proj.{p}", rows)
-                                                      for n, rows in zip("qkv", (nh, nkv, nkv))])
-            for p in _params(cfg.o_bias):
-                out[f"{vk}attn.out.{p}"] = src.take(f"{hf}self_attn.o_proj.{p}", C)
-        out[f"{vk}attn_norm.weight"] = src.take(f"{hf}input_layernorm.weight", C)
-        out[f"{vk}mlp_norm.weight"] = src.take(f"{hf}post_attention_layernorm.weight", C)
+            out.update(attention_from_hf(src, hf, vk, cfg))
+        out.update(norms_from_hf(src, hf, vk, cfg))
         if not cfg.is_moe_layer(i):
-            out[f"{vk}mlp.gate_up.weight"] = _gate_up(src, f"{hf}mlp.", cfg.intermediate_size)
-            out[f"{vk}mlp.down.weight"] = src.take(f"{hf}mlp.down_proj.weight", C)
+            out.update(dense_mlp_from_hf(src, hf, vk, cfg))
             continue
         out[f"{vk}mlp.router.weight"] = src.take(f"{hf}mlp.gate.weight", cfg.num_experts)
         if cfg.moe_topk_method == "noaux_tc":
@@ -213,11 +199,7 @@ def state_from_hf(state: StateDict, cfg: LMConfig) -> StateDict:
                                                              cfg.shared_expert_intermediate_size)
             out[f"{vk}mlp.shared.down.weight"] = src.take(f"{hf}mlp.shared_experts.down_proj.weight", C)
     out["norm.weight"] = src.take("model.norm.weight", C)
-    if cfg.tie_word_embeddings:
-        src.left.pop("lm_head.weight", None)  # a tied checkpoint may keep a copy; the embedding is authoritative
-        out["lm_head.weight"] = out["embed.weight"]
-    else:
-        out["lm_head.weight"] = src.take("lm_head.weight", cfg.vocab_size)
+    out["lm_head.weight"] = head_from_hf(src, out["embed.weight"], cfg)
     mtp = tuple(p for p in {k[: k.index("eh_proj.")] for k in src.left if ".eh_proj." in k}
                 if int(p.split(".")[2]) >= cfg.num_layers)  # "model.layers.{i}." of each prediction module
     unexpected = sorted(k for k in src.left if not (k.endswith("rotary_emb.inv_freq") or k.startswith(mtp)))

@@ -248,6 +248,35 @@ class StateReader:
         return torch.cat([self.take(p, n) for p, n in zip(parts, sizes)], dim=0)
 
 
+def attention_from_hf(src: StateReader, hf: str, vk: str, cfg: LMConfig) -> StateDict:
+    """One layer's grouped-query attention (fused qkv, out) from separate q/k/v or a fused qkv_proj."""
+    nh, nkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    out: StateDict = {}
+    for p in _params(cfg.qkv_bias):
+        out[f"{vk}attn.qkv.{p}"] = src.joined(f"{hf}self_attn.qkv_proj.{p}",
+                                              [f"{hf}self_attn.{n}_proj.{p}" for n in "qkv"], [nh, nkv, nkv])
+    for p in _params(cfg.o_bias):
+        out[f"{vk}attn.out.{p}"] = src.take(f"{hf}self_attn.o_proj.{p}", cfg.hidden_size)
+    return out
+
+
+def norms_from_hf(src: StateReader, hf: str, vk: str, cfg: LMConfig) -> StateDict:
+    """One layer's two RMSNorm weights (before attention, before the MLP)."""
+    return {f"{vk}attn_norm.weight": src.take(f"{hf}input_layernorm.weight", cfg.hidden_size),
+            f"{vk}mlp_norm.weight": src.take(f"{hf}post_attention_layernorm.weight", cfg.hidden_size)}
+
+
+def head_from_hf(src: StateReader, embed: torch.Tensor, cfg: LMConfig, head: str = "lm_head.weight") -> torch.Tensor:
+    """The output head: the embedding when tied (a stored copy is dropped), else the checkpoint's `head`."""
+    if cfg.tie_word_embeddings:
+        src.left.pop(head, None)  # a tied checkpoint may still store a copy; the embedding is authoritative
+        return embed
+    if src.has(head):
+        return src.take(head, cfg.vocab_size)
+    raise ValueError(f"checkpoint lacks {head!r} and its config does not tie word embeddings; "
+                     "set tie_word_embeddings=true in config.json if the head shares the embedding")
+
+
 def lm_state_from_hf(state: StateDict, cfg: LMConfig, prefix: str = "model.", head_prefix: str = "") -> StateDict:
     """transformers tensors -> the complete vlmkit CausalLM state dict (lm_head.weight included when tied).
 
@@ -257,31 +286,18 @@ def lm_state_from_hf(state: StateDict, cfg: LMConfig, prefix: str = "model.", he
     excepted), so pass only the language model's tensors.
     """
     src = StateReader(state)
-    nh, nkv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    inter = cfg.intermediate_size
     out: StateDict = {"embed.weight": src.take(f"{prefix}embed_tokens.weight", cfg.vocab_size)}
     for i in range(cfg.num_layers):
         hf, vk = f"{prefix}layers.{i}.", f"layers.{i}."
-        for p in _params(cfg.qkv_bias):
-            out[f"{vk}attn.qkv.{p}"] = src.joined(f"{hf}self_attn.qkv_proj.{p}",
-                                                  [f"{hf}self_attn.{n}_proj.{p}" for n in "qkv"], [nh, nkv, nkv])
-        for p in _params(cfg.o_bias):
-            out[f"{vk}attn.out.{p}"] = src.take(f"{hf}self_attn.o_proj.{p}", cfg.hidden_size)
+        out.update(attention_from_hf(src, hf, vk, cfg))
         for p in _params(cfg.mlp_bias):
             out[f"{vk}mlp.gate_up.{p}"] = src.joined(f"{hf}mlp.gate_up_proj.{p}",
                                                      [f"{hf}mlp.gate_proj.{p}", f"{hf}mlp.up_proj.{p}"], [inter, inter])
             out[f"{vk}mlp.down.{p}"] = src.take(f"{hf}mlp.down_proj.{p}", cfg.hidden_size)
-        out[f"{vk}attn_norm.weight"] = src.take(f"{hf}input_layernorm.weight", cfg.hidden_size)
-        out[f"{vk}mlp_norm.weight"] = src.take(f"{hf}post_attention_layernorm.weight", cfg.hidden_size)
+        out.update(norms_from_hf(src, hf, vk, cfg))
     out["norm.weight"] = src.take(f"{prefix}norm.weight", cfg.hidden_size)
-    head = f"{head_prefix}lm_head.weight"
-    if cfg.tie_word_embeddings:
-        src.left.pop(head, None)  # a tied checkpoint may still store a copy; the embedding is authoritative
-        out["lm_head.weight"] = out["embed.weight"]
-    elif src.has(head):
-        out["lm_head.weight"] = src.take(head, cfg.vocab_size)
-    else:
-        raise ValueError(f"checkpoint lacks {head!r} and its config does not tie word embeddings; "
-                         "set tie_word_embeddings=true in config.json if the head shares the embedding")
+    out["lm_head.weight"] = head_from_hf(src, out["embed.weight"], cfg, f"{head_prefix}lm_head.weight")
     unexpected = sorted(k for k in src.left if not k.endswith("rotary_emb.inv_freq"))
     if unexpected:
         raise ValueError(f"checkpoint has tensors a {cfg.num_layers}-layer LM does not use: {unexpected[:8]}"

@@ -28,7 +28,8 @@ import torch
 from vlmkit.config import LMConfig
 from vlmkit.models.lm import CausalLM
 from vlmkit.weights.converter import Converter, StateDict
-from vlmkit.weights.llama import StateReader, lm_config_from_hf, lm_config_to_hf
+from vlmkit.weights.llama import (StateReader, attention_from_hf, head_from_hf, lm_config_from_hf, lm_config_to_hf,
+                                  norms_from_hf)
 
 MODEL_TYPE = "qwen2_moe"
 ARCHITECTURE = "Qwen2MoeForCausalLM"
@@ -100,6 +101,12 @@ def _gate_up(src: StateReader, prefix: str, inter: int) -> torch.Tensor:
     return torch.cat([src.take(f"{prefix}gate_proj.weight", inter), src.take(f"{prefix}up_proj.weight", inter)])
 
 
+def dense_mlp_from_hf(src: StateReader, hf: str, vk: str, cfg: LMConfig) -> StateDict:
+    """One dense (non-expert) layer's SwiGLU MLP: fused gate|up and down."""
+    return {f"{vk}mlp.gate_up.weight": _gate_up(src, f"{hf}mlp.", cfg.intermediate_size),
+            f"{vk}mlp.down.weight": src.take(f"{hf}mlp.down_proj.weight", cfg.hidden_size)}
+
+
 def _experts_from_hf(src: StateReader, hf: str, cfg: LMConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Stacked (E, 2I, C) gate|up and (E, C, I) down weights, from the fused or the per-expert layout."""
     E, inter = cfg.num_experts, cfg.moe_intermediate_size
@@ -114,19 +121,14 @@ def _experts_from_hf(src: StateReader, hf: str, cfg: LMConfig) -> tuple[torch.Te
 def state_from_hf(state: StateDict, cfg: LMConfig) -> StateDict:
     """transformers qwen2_moe tensors -> the complete vlmkit CausalLM state dict; every tensor must be used."""
     src = StateReader(state)
-    nh, nkv, C = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size
+    C = cfg.hidden_size
     out: StateDict = {"embed.weight": src.take("model.embed_tokens.weight", cfg.vocab_size)}
     for i in range(cfg.num_layers):
         hf, vk = f"model.layers.{i}.", f"layers.{i}."
-        for p in ["weight", "bias"] if cfg.qkv_bias else ["weight"]:
-            out[f"{vk}attn.qkv.{p}"] = torch.cat([src.take(f"{hf}self_attn.{n}_proj.{p}", rows)
-                                                  for n, rows in zip("qkv", (nh, nkv, nkv))])
-        out[f"{vk}attn.out.weight"] = src.take(f"{hf}self_attn.o_proj.weight", C)
-        out[f"{vk}attn_norm.weight"] = src.take(f"{hf}input_layernorm.weight", C)
-        out[f"{vk}mlp_norm.weight"] = src.take(f"{hf}post_attention_layernorm.weight", C)
+        out.update(attention_from_hf(src, hf, vk, cfg))
+        out.update(norms_from_hf(src, hf, vk, cfg))
         if not cfg.is_moe_layer(i):
-            out[f"{vk}mlp.gate_up.weight"] = _gate_up(src, f"{hf}mlp.", cfg.intermediate_size)
-            out[f"{vk}mlp.down.weight"] = src.take(f"{hf}mlp.down_proj.weight", C)
+            out.update(dense_mlp_from_hf(src, hf, vk, cfg))
             continue
         out[f"{vk}mlp.router.weight"] = src.take(f"{hf}mlp.gate.weight", cfg.num_experts)
         out[f"{vk}mlp.experts_gate_up"], out[f"{vk}mlp.experts_down"] = _experts_from_hf(src, hf, cfg)
@@ -135,11 +137,7 @@ def state_from_hf(state: StateDict, cfg: LMConfig) -> StateDict:
         out[f"{vk}mlp.shared.down.weight"] = src.take(f"{hf}mlp.shared_expert.down_proj.weight", C)
         out[f"{vk}mlp.shared_gate.weight"] = src.take(f"{hf}mlp.shared_expert_gate.weight", 1)
     out["norm.weight"] = src.take("model.norm.weight", C)
-    if cfg.tie_word_embeddings:
-        src.left.pop("lm_head.weight", None)  # a tied checkpoint may keep a copy; the embedding is authoritative
-        out["lm_head.weight"] = out["embed.weight"]
-    else:
-        out["lm_head.weight"] = src.take("lm_head.weight", cfg.vocab_size)
+    out["lm_head.weight"] = head_from_hf(src, out["embed.weight"], cfg)
     unexpected = sorted(k for k in src.left if not k.endswith("rotary_emb.inv_freq"))
     if unexpected:
         raise ValueError(f"checkpoint has tensors this qwen2_moe config does not use: {unexpected[:8]}"
