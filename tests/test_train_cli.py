@@ -30,7 +30,7 @@ from vlmkit.load import load_model, tiny_random_model
 from vlmkit.presets import PRESETS
 from vlmkit.train.checkpoint import latest_checkpoint
 from vlmkit.train.recipes import recipe
-from vlmkit.train.run import FRESH_PRESETS, TrainingSet, conversation_text, fresh_model, resolve_stage
+from vlmkit.train.run import FRESH_PRESETS, build_example, conversation_text, fresh_model, resolve_stage
 from vlmkit.train.stages import STAGES
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -226,7 +226,7 @@ def test_qwen2_vl_trains_fresh_with_its_special_tokens(preset, data, tmp_path):
     assert (cfg.vision_start_token_id, cfg.vision_end_token_id) == (tok.token_to_id("<|vision_start|>"),
                                                                     tok.token_to_id("<|vision_end|>"))
     sample = load_dataset(str(data))[0][0]
-    ids = TrainingSet([sample], loaded)[0].input_ids
+    ids = build_example(sample, loaded).input_ids
     run = [cfg.vision_start_token_id] + [cfg.image_token_id] * 4 + [cfg.vision_end_token_id]
     assert any(ids[i:i + len(run)] == run for i in range(len(ids))) and ids.count(cfg.image_token_id) == 4
     image = data.parent / "images" / "shapes-000000.png"

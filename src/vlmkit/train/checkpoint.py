@@ -6,10 +6,10 @@
 A checkpoint is a directory `step-000123/`:
     model.safetensors      the weights (tied tensors stored once)
     optimizer.safetensors  every tensor of the optimizer state, keyed `<param index>.<name>`
-    rng.safetensors        torch's CPU generator state
+    rng.safetensors        torch's CPU generator state of every process (rank 0: `torch`, rank r: `torch.rankR`)
     state.json             step, data position (sample index), schedule, the number of metrics.csv rows
                            it covers, optimizer hyper-parameters and the names of its parameters,
-                           python's and numpy's RNG states
+                           python's and numpy's RNG states of every process
     config.json            the model config, when the model has one (VLMConfig / LMConfig)
 It is first written to a hidden temporary directory beside it, every file fsynced, then renamed into
 place, so a crash leaves either the previous checkpoints or the complete new one, never half of one
@@ -83,20 +83,56 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+@dataclass
+class RngState:
+    """One process's RNG states: torch's CPU generator (a uint8 tensor), python's and numpy's (JSON-able)."""
+
+    torch_cpu: torch.Tensor
+    python: list[Any]
+    numpy: list[Any]
+
+
+def rng_state() -> RngState:
+    """This process's torch / python / numpy RNG states."""
     version, mt, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return ({"torch": torch.get_rng_state()},
-            {"python": [version, list(mt), gauss],
-             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]})
+    return RngState(torch.get_rng_state(), [version, list(mt), gauss],
+                    [name, keys.tolist(), int(pos), int(has_gauss), float(cached)])
 
 
-def _set_rng_state(tensors: dict[str, torch.Tensor], states: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["torch"])
-    version, mt, gauss = states["python"]
+def _set_rng_state(state: RngState) -> None:
+    torch.set_rng_state(state.torch_cpu)
+    version, mt, gauss = state.python
     random.setstate((version, tuple(mt), gauss))
-    name, keys, pos, has_gauss, cached = states["numpy"]
+    name, keys, pos, has_gauss, cached = state.numpy
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _rng_key(rank: int) -> str:
+    """rng.safetensors key of a rank's torch state: `torch` for rank 0 (as a single process writes it)."""
+    return "torch" if rank == 0 else f"torch.rank{rank}"
+
+
+def _rng_parts(states: list[RngState]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Per-rank RNG states split into tensors (rng.safetensors) and JSON (state.json "rng"): rank 0's python
+    and numpy states at the top, those of ranks 1.. under "ranks" (absent for a single process)."""
+    tensors = {_rng_key(r): s.torch_cpu for r, s in enumerate(states)}
+    meta: dict[str, Any] = {"python": states[0].python, "numpy": states[0].numpy}
+    if len(states) > 1:
+        meta["ranks"] = [{"python": s.python, "numpy": s.numpy} for s in states[1:]]
+    return tensors, meta
+
+
+def _rank_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any], rank: int, world_size: int,
+              path: Path) -> RngState:
+    """The RNG state rank saved in a checkpoint; raises when it was saved by another number of processes."""
+    saved = 1 + len(meta.get("ranks", []))
+    if saved != world_size:
+        raise ValueError(f"{path} holds the RNG states of {saved} process(es) but this run has {world_size}; "
+                         f"resume it with the same number of processes (torchrun --nproc_per_node {saved}, "
+                         "or no torchrun for 1) so it continues exactly")
+    own = meta if rank == 0 else meta["ranks"][rank - 1]
+    return RngState(tensors[_rng_key(rank)], own["python"], own["numpy"])
 
 
 def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -122,9 +158,11 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
 
 
 def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: TrainState, extra: dict[str, Any] | None = None) -> Path:
+                    state: TrainState, extra: dict[str, Any] | None = None,
+                    rng_states: list[RngState] | None = None) -> Path:
     """Write the checkpoint of state.step atomically under out_dir; returns its directory.
-    extra is stored in state.json (e.g. the stage) for the record."""
+    extra is stored in state.json (e.g. the stage) for the record. rng_states: every rank's RNG state in rank
+    order (under torchrun, gathered to rank 0, which writes); default this process's alone."""
     final = checkpoint_dir(out_dir, state.step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
@@ -134,7 +172,7 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.opti
     save_model(model, str(tmp / "model.safetensors"))
     opt_tensors, opt_meta = _optimizer_parts(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng_tensors, rng_meta = _rng_state()
+    rng_tensors, rng_meta = _rng_parts(rng_states if rng_states is not None else [rng_state()])
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     meta = {"step": state.step, "sample_index": state.sample_index, "schedule": state.schedule,
             "metric_rows": state.metric_rows, "optimizer": opt_meta, "rng": rng_meta, "extra": extra or {}}
@@ -157,15 +195,20 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.opti
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    restore_rng: bool = True) -> TrainState:
+                    restore_rng: bool = True, rank: int = 0, world_size: int = 1) -> TrainState:
     """Load weights and optimizer state from a checkpoint directory into model and optimizer (built the same
-    way as when it was saved), restore the torch / python / numpy RNGs, and return its TrainState."""
+    way as when it was saved), restore the torch / python / numpy RNGs this rank saved, and return its
+    TrainState. A checkpoint of a run with another number of processes than world_size raises ValueError
+    when restore_rng (the ranks' RNG streams cannot be carried over exactly)."""
     path = Path(path)
     state_file = path / "state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{state_file} not found: pass a checkpoint directory (step-NNNNNN/) "
                                 "written by save_checkpoint")
     meta = json.loads(state_file.read_text())
+    rng = None  # checked before anything is loaded, so a refused checkpoint leaves model and optimizer as they were
+    if restore_rng:
+        rng = _rank_rng(load_file(str(path / "rng.safetensors")), meta["rng"], rank, world_size, path)
     saved = [g.get("param_names") for g in meta["optimizer"]["param_groups"]]
     current = [g.get("param_names") for g in optimizer.param_groups]
     if saved != current:
@@ -174,6 +217,6 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
                          f"{[g.get('name') for g in optimizer.param_groups]}); resume with the same model and stage")
     load_model(model, str(path / "model.safetensors"))
     optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")), meta["optimizer"]))
-    if restore_rng:
-        _set_rng_state(load_file(str(path / "rng.safetensors")), meta["rng"])
+    if rng is not None:
+        _set_rng_state(rng)
     return TrainState(meta["step"], meta["sample_index"], meta["schedule"], meta.get("metric_rows"))

@@ -14,7 +14,10 @@ How a run splits (what `train.loop.train` does with the helpers here):
   token count is one all-reduce per step; micro-batches before the last of a step skip DDP's sync
   (`no_sync`). Clipping then sees the same gradients on every rank.
 - Files: only rank 0 writes checkpoints, metrics and the loss curve and shows progress; the ranks meet
-  at a barrier after each checkpoint and at the end. On resume every rank reads the same checkpoint.
+  at a barrier after each checkpoint and at the end. A checkpoint holds every rank's RNG state (gathered
+  to rank 0); on resume every rank reads the same checkpoint and takes back its own RNG state, the data
+  position is the global sample count (each rank seeks to it and takes its slice again), and a run with
+  another number of processes is refused (its ranks' RNG streams could not continue exactly).
 The result equals single-process training up to the order of float additions: an all-reduce sums the
 ranks' partial gradients in another order than one backward over the whole batch.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -102,6 +106,16 @@ def all_reduce_sum(values: list[float], world: World) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+def gather_to_main(value: Any, world: World) -> list[Any] | None:
+    """Every rank's value (any picklable object) in rank order on rank 0, None on the other ranks; [value]
+    in a single process. Every rank must call it."""
+    if not world.distributed:
+        return [value]
+    gathered: list[Any] | None = [None] * world.size if world.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
 
 
 def wrap_model(model: nn.Module, world: World) -> nn.Module:

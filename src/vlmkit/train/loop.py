@@ -21,7 +21,9 @@ missing, e.g. a deleted CSV).
 
 Under torchrun (an initialized process group, see train.distributed) the model is wrapped in
 DistributedDataParallel, each rank reads its slice of every global batch, the loss is weighted so the
-averaged gradient equals the single-process one, and only rank 0 writes files and shows progress.
+averaged gradient equals the single-process one, and only rank 0 writes files and shows progress. A
+checkpoint holds every rank's RNG state; a resumed run must have the same number of processes, and each
+rank restores its own RNG state and seeks to the global data position.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ from vlmkit.data.collate import collate, pack
 from vlmkit.data.labels import TrainingExample
 from vlmkit.models.lm import IGNORE_INDEX
 from vlmkit.train.checkpoint import (TrainState, load_checkpoint, prune_checkpoints, remove_partial_checkpoints,
-                                     save_checkpoint)
-from vlmkit.train.distributed import World, all_reduce_sum, barrier, current_world, shard_bounds, wrap_model
+                                     rng_state, save_checkpoint)
+from vlmkit.train.distributed import (World, all_reduce_sum, barrier, current_world, gather_to_main, shard_bounds,
+                                      wrap_model)
 from vlmkit.train.stages import Stage, module_groups
 
 Batch = dict[str, torch.Tensor]
@@ -278,13 +281,15 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
     metrics_csv = out / "metrics.csv" if out is not None else None
     rows: list[dict[str, Any]] = []
     if resume is not None:
-        state = load_checkpoint(resume, model, optimizer)
+        state = load_checkpoint(resume, model, optimizer, rank=world.rank, world_size=world.size)
         if state.schedule != schedule:
             raise ValueError(f"{resume} was saved with schedule {state.schedule} but this run has {schedule}; "
                              "resume with the same stage and steps")
         start, sample_index = state.step, state.sample_index
         if writes:
             remove_partial_checkpoints(out)
+            for partial in out.glob(f".{metrics_csv.name}.tmp-*"):  # a rewrite of metrics.csv cut off by a kill
+                partial.unlink()
             rows = _read_metrics(metrics_csv, start)
             if state.metric_rows is not None and [int(r["step"]) for r in rows] != list(range(1, start + 1)):
                 raise ValueError(f"{metrics_csv} should hold one row per step 1..{start} (the checkpoint {resume} "
@@ -353,10 +358,11 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
             if writes and (save or done % log_every == 0):
                 _write_metrics(metrics_csv, rows)  # before the checkpoint: it covers these rows
             if save:
+                rng_states = gather_to_main(rng_state(), world)  # every rank's, in rank order, on rank 0
                 if writes:
                     result.checkpoint = save_checkpoint(
                         out, model, optimizer, TrainState(done, sample_index, schedule, metric_rows=len(rows)),
-                        extra={"stage": stage.name, "world_size": world.size})
+                        extra={"stage": stage.name, "world_size": world.size}, rng_states=rng_states)
                     prune_checkpoints(out, keep_checkpoints)
                 barrier(world)
     finally:

@@ -25,10 +25,12 @@ a preset (so `--model RUN --stage recipe:2` continues a preset's recipe); a mode
 has none (use PRESET:NAME or a built-in stage).
 
 The data is read and validated by data.formats.load_dataset; then every sample is made into a training
-example once (images decoded and planned, labels built, the length checked against the model's context)
-so a bad sample is found before training starts. --data-policy fail stops on the first pass with every
-problem listed; skip drops the bad records, prints them and writes them to skipped.txt. During training
-examples are built again when read (a pure function of the sample), so pixels are never all in memory.
+example once (`build_example`: images decoded and planned, labels built; the length is checked against
+the model's context) so a bad sample is found before training starts. --data-policy fail stops with every
+problem listed; skip drops the bad records, prints them and writes them to skipped.txt. During training an
+example is built again when it is read (a pure function of its sample), so the pixels of the dataset are
+never all in memory: a real dataset's images would not fit (1.3 MiB per 336x336 image). Under torchrun every
+rank prepares every sample (all ranks must agree on which samples are good).
 
 The run folder (--out):
     run.json                  the run's settings; --resume refuses a run whose settings differ
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import string
 import sys
@@ -264,9 +267,17 @@ def _context_length(loaded: LoadedModel) -> int:
     return getattr(cfg, "lm", cfg).max_position_embeddings
 
 
+def build_example(sample: Sample, loaded: LoadedModel) -> TrainingExample:
+    """A sample as a TrainingExample: its images decoded and planned under the model's image scheme, its ids
+    and labels made by data.labels.build_training_example. Raises ValueError for an image that cannot be read
+    or planned and for a conversation that cannot be labelled."""
+    plans = loaded.plan_images([load_image(path) for path in sample.images])
+    return build_training_example(loaded.tokenizer, loaded.chat_template, sample.messages, loaded.image_token_id,
+                                  plans)
+
+
 class TrainingSet(Sequence[TrainingExample]):
-    """The samples as TrainingExamples, each built when it is read: its images decoded and planned under the
-    model's image scheme, its ids and labels made by data.labels.build_training_example."""
+    """The samples as TrainingExamples, each built (build_example) when it is read."""
 
     def __init__(self, samples: Sequence[Sample], loaded: LoadedModel) -> None:
         self.samples, self.loaded = list(samples), loaded
@@ -275,30 +286,27 @@ class TrainingSet(Sequence[TrainingExample]):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> TrainingExample:  # type: ignore[override]
-        sample = self.samples[index]
-        plans = self.loaded.plan_images([load_image(path) for path in sample.images])
-        return build_training_example(self.loaded.tokenizer, self.loaded.chat_template, sample.messages,
-                                      self.loaded.image_token_id, plans)
+        return build_example(self.samples[index], self.loaded)
 
 
 def prepare_data(samples: Sequence[Sample], loaded: LoadedModel, policy: str,
                  max_len: int | None = None) -> tuple[TrainingSet, list[Problem]]:
-    """Build every sample's example once: a sample whose images cannot be read or planned, whose
-    conversation cannot be labelled, or which is longer than max_len tokens (default: the model's context)
-    is a Problem. policy "fail" raises DatasetError listing every problem; "skip" leaves them out."""
+    """The good samples as a TrainingSet, and the problems: a sample whose images cannot be read or planned,
+    whose conversation cannot be labelled, or which is longer than max_len tokens (default: the model's
+    context). Each sample is built once here to find them. policy "fail" raises DatasetError listing every
+    problem; "skip" leaves them out."""
     limit = max_len if max_len is not None else _context_length(loaded)
-    full = TrainingSet(samples, loaded)
     good, problems = [], []
-    for i, sample in enumerate(full.samples):
+    for sample in samples:
         try:
-            length = len(full[i])
+            length = len(build_example(sample, loaded))
         except ValueError as e:  # ImageLoadError is a ValueError, as are labelling and planning errors
             problems.append(Problem(sample.file, sample.line, sample.id, str(e)))
             continue
         if length > limit:
             problems.append(Problem(sample.file, sample.line, sample.id,
-                                    f"{length} tokens (images included) is over the limit of {limit}; shorten it "
-                                    "or raise --max-len up to the model's context"))
+                                    f"{length} tokens (images included) is over the limit of {limit}; "
+                                    "shorten it or raise --max-len up to the model's context"))
             continue
         good.append(sample)
     if problems and policy == "fail":
@@ -323,6 +331,14 @@ def save_model_dir(loaded: LoadedModel, out: Path, source: str) -> Path:
 
 def _settings(cfg: RunConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace path with text (temporary file + rename): under torchrun the other ranks read run.json
+    (_resume_point) while rank 0 writes it, and must never see half of it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _resume_point(cfg: RunConfig, out: Path) -> Path | None:
@@ -364,7 +380,7 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
     problems += more
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_FILE).write_text(json.dumps(_settings(cfg), indent=1) + "\n")
+        _write_atomically(out / RUN_FILE, json.dumps(_settings(cfg), indent=1) + "\n")
         if problems:
             (out / SKIPPED_FILE).write_text("".join(f"{p}\n" for p in problems))
             print(f"skipped {len(problems)} bad record(s) (listed in {out / SKIPPED_FILE}):", file=sys.stderr)
