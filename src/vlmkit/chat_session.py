@@ -8,25 +8,34 @@
         print(piece, end="", flush=True)
     session.save("chat.json")                         # messages + image paths
 
-Image features are computed once per conversation. An image is planned (its views and token
-count) and encoded (`VLM.encode_images`: vision tower, projector, layout) the first time a turn
-that shows it is prompted; its (T_i, C) feature rows are kept and every later turn's prompt
-embeddings are built from them with `VLM.merge_image_features`, so the vision tower never sees
-the image again. `vision_calls` counts encode_images calls. The text of the conversation is
-still prefilled in full each turn (the KV cache lives inside one generate call).
+Image features are computed once per conversation, for every model that takes images (vlmkit's
+VLM, Qwen2-VL / Qwen2.5-VL, DeepSeek-VL), through one interface each of those classes has:
+- `encode_images(**image_inputs)` -> each image's (T_i, C) rows at the LM width (vision tower(s),
+  projector or merger, layout), where image_inputs is what `LoadedModel.image_inputs` makes;
+- `forward(input_ids, image_embeds=rows, **positions)`: the rows scattered into the placeholders
+  instead of encoding pixels, positions being the image_inputs entries named by the class's
+  `image_position_inputs` (Qwen2-VL's image_grid_thw, from which the M-RoPE positions come; none
+  for the others).
+An image is planned (its views and token count) and encoded the first time a turn that shows it is
+prompted; its rows and its own rows of the position inputs are kept, and every later prompt's
+prefill is built from them, so the vision tower never sees the image again. `vision_calls` counts
+encode_images calls. The text of the conversation is still prefilled in full each turn (the KV cache
+lives inside one generate call), so positions are recomputed over the whole conversation exactly as
+for a fresh prompt.
 
 An image is planned with the other images of its own turn: for the one scheme whose plan depends
 on the number of images in the prompt (tiles: tiling is off above 2), a fresh recomputation of a
 conversation with images in several turns would plan them together and may differ.
 
 Text-only models (e.g. SmolLM2) work the same way; attaching an image to one raises ValueError.
+Videos are not part of a chat (`vlmkit generate --video` takes them).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,50 +47,19 @@ from vlmkit.generate import GenerationResult, stream
 from vlmkit.image.load import ImageSource, load_image
 from vlmkit.image.plan import ImagePlan
 from vlmkit.load import LoadedModel
-from vlmkit.models.lm import CausalLMOutput, KVCache
-from vlmkit.models.vlm import VLM
 from vlmkit.sampling import GenerationConfig
 from vlmkit.text.chat import Message
 
 
 @dataclass
 class ChatImage:
-    """An image of the conversation: where it came from, and once prompted, its plan and feature rows."""
+    """An image of the conversation: where it came from, and once prompted, its plan and encoded rows."""
 
     image: Image.Image
     source: str | None  # the path it was loaded from; None for an in-memory image
     plan: ImagePlan | None = None
     rows: torch.Tensor | None = None  # (T_i, C) encoded features, LM width
-
-
-class CachedImageVLM(nn.Module):
-    """A VLM whose prefill takes already-encoded image rows (`image_rows`) instead of pixels.
-
-    Speaks the interface generate.py needs (new_cache, forward with input_ids, attention_mask,
-    cache, logits_to_keep and prefill keywords), so `stream` runs it like the VLM itself.
-    """
-
-    def __init__(self, vlm: VLM) -> None:
-        super().__init__()
-        self.vlm = vlm
-
-    @property
-    def lm(self) -> nn.Module:
-        return self.vlm.lm
-
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        return self.vlm.new_cache(batch_size, max_len)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, logits_to_keep: int = 0,
-                image_rows: Sequence[torch.Tensor] = ()) -> CausalLMOutput:
-        """input_ids (B, T); image_rows: the (T_i, C) rows of the images in placeholder order."""
-        if not image_rows:
-            return self.vlm(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
-                            logits_to_keep=logits_to_keep)
-        embeds = self.vlm.merge_image_features(input_ids, self.vlm.lm.embed(input_ids), image_rows)  # (B, T, C)
-        return self.vlm(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache,
-                        logits_to_keep=logits_to_keep)
+    positions: dict[str, torch.Tensor] = field(default_factory=dict)  # its row of each image_position_inputs
 
 
 class ChatSession:
@@ -92,7 +70,7 @@ class ChatSession:
         self.loaded = loaded
         self.generation_config = generation_config or GenerationConfig()
         self.system = system
-        self.model: nn.Module = CachedImageVLM(loaded.model) if loaded.is_vlm else loaded.model
+        self.model: nn.Module = loaded.model
         self.vision_calls = 0  # encode_images calls (each runs the vision tower once over its images)
         self.last_result: GenerationResult | None = None  # the last finished answer: ids, finish reason
         self.last_prompt_tokens = 0  # prompt length of the last answer, image tokens included
@@ -107,7 +85,7 @@ class ChatSession:
     def attach_image(self, image: ImageSource) -> ChatImage:
         """Load an image (a path, bytes, a data URL, a PIL image ...) to go with the next user turn.
         Raises ImageLoadError (a ValueError) for a missing or unreadable file, ValueError for a text-only model."""
-        if not self.loaded.is_vlm:
+        if not self.loaded.takes_images:
             raise ValueError(f"{self.loaded.name} is a text-only model; it cannot take images")
         source = str(image) if isinstance(image, (str, Path)) else None
         attached = ChatImage(load_image(image), source)
@@ -150,29 +128,37 @@ class ChatSession:
         return {"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}
 
     def _inputs(self, messages: list[Message], images: list[ChatImage]) -> tuple[list[int], dict[str, Any]]:
-        """Prompt ids of messages (with the generation prompt) and the prefill keywords: the image rows in
-        placeholder order, encoding the images that have none yet."""
-        if not self.loaded.is_vlm:
+        """Prompt ids of messages (with the generation prompt) and the prefill keywords: image_embeds, the
+        image rows in placeholder order, and the position inputs in the same order; images that have no
+        rows yet are encoded first."""
+        if not self.loaded.takes_images:
             return self.loaded.prompt(messages).ids, {}
         new = [image for image in images if image.plan is None]
         for image, plan in zip(new, self.loaded.plan_images([image.image for image in new])):
             image.plan = plan
         prompt = self.loaded.prompt(messages, [image.plan for image in images])
         self._encode([image for image in images if image.rows is None])
-        rows_of = {id(image.plan): image.rows for image in images}
-        rows = [rows_of[id(plan)] for plan in prompt.plans]
-        return prompt.ids, ({"image_rows": rows} if rows else {})
+        image_of = {id(image.plan): image for image in images}
+        shown = [image_of[id(plan)] for plan in prompt.plans]  # placeholder order (an image may repeat)
+        if not shown:
+            return prompt.ids, {}
+        prefill: dict[str, Any] = {"image_embeds": [image.rows for image in shown]}
+        for key in self.loaded.model.image_position_inputs:
+            prefill[key] = torch.cat([image.positions[key] for image in shown])  # (images, ...)
+        return prompt.ids, prefill
 
     @torch.inference_mode()
     def _encode(self, images: list[ChatImage]) -> None:
-        """Run the vision side once over images (one batch) and keep each image's (T_i, C) rows."""
+        """Run the vision side once over images (one batch) and keep each image's (T_i, C) rows and its own
+        row of each position input (one row per image, e.g. Qwen2-VL's (1, 3) image_grid_thw)."""
         if not images:
             return
         inputs = self.loaded.image_inputs([image.plan for image in images])
         rows = self.loaded.model.encode_images(**inputs)  # N x (T_i, C)
         self.vision_calls += 1
-        for image, image_rows in zip(images, rows):
+        for i, (image, image_rows) in enumerate(zip(images, rows)):
             image.rows = image_rows
+            image.positions = {key: inputs[key][i:i + 1] for key in self.loaded.model.image_position_inputs}
 
     def _answer(self, user: Message, ids: list[int], prefill: dict[str, Any]) -> Iterator[str]:
         pieces = stream(self.model, ids, self.generation_config, self.loaded.tokenizer, prefill_inputs=prefill)

@@ -24,6 +24,7 @@ prompts), and `hybrid_inputs` turns a batch's plans into the forward's two pixel
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,6 +98,9 @@ class DeepseekVL(nn.Module):
     """DeepSeek-VL's hybrid model: VisionTower + SamEncoder -> HybridAligner -> masked scatter -> CausalLM.
     The parts are named as VLM's (vision, vision_high, projector, lm), the groups training stages name."""
 
+    # The image_inputs entries forward still needs when given image_embeds instead of pixels: none.
+    image_position_inputs: tuple[str, ...] = ()
+
     def __init__(self, cfg: DeepseekVLConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -113,8 +117,8 @@ class DeepseekVL(nn.Module):
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return self.lm.new_cache(batch_size, max_len)
 
-    def encode_images(self, pixel_values: torch.Tensor, high_res_pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, 384, 384) and (N, 3, 1024, 1024) views of the same images -> (N, 576, C) LM-width rows."""
+    def encode_images(self, pixel_values: torch.Tensor, high_res_pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """(N, 3, 384, 384) and (N, 3, 1024, 1024) views of the same images -> N x (576, C) LM-width rows."""
         if pixel_values.ndim != 4 or high_res_pixel_values.ndim != 4:
             raise ValueError(f"pixel_values {tuple(pixel_values.shape)} and high_res_pixel_values "
                              f"{tuple(high_res_pixel_values.shape)} must both be (num_images, 3, H, W)")
@@ -125,19 +129,19 @@ class DeepseekVL(nn.Module):
         low = self.vision.features(pixel_values.to(dtype))  # (N, 576, Dv), last layer
         low = self.vision.post_norm(low)  # (N, 576, Dv): SigLIP's last_hidden_state
         high = self.vision_high.features(high_res_pixel_values.to(dtype))  # (N, 576, 4 Cs)
-        return self.projector(low, high)  # (N, 576, C)
+        return list(self.projector(low, high).unbind(0))  # N x (576, C)
 
     def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor,
-                             image_embeds: torch.Tensor) -> torch.Tensor:
-        """Scatter (N, P, C) image rows into inputs_embeds (B, T, C) where input_ids is the placeholder."""
+                             image_embeds: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Scatter the images' (P, C) rows into inputs_embeds (B, T, C) where input_ids is the placeholder."""
         is_image = input_ids == self.image_token_id  # (B, T)
-        placeholders, features = int(is_image.sum()), image_embeds.shape[0] * image_embeds.shape[1]
+        placeholders, features = int(is_image.sum()), sum(e.shape[0] for e in image_embeds)
         if placeholders != features:
             raise ValueError(
                 f"the prompt has {placeholders} image placeholder tokens (id {self.image_token_id}) but the "
-                f"{image_embeds.shape[0]} image(s) give {features} feature tokens ({image_embeds.shape[1]} each); "
+                f"{len(image_embeds)} image(s) give {features} feature tokens ({self.cfg.tokens_per_image} each); "
                 f"put cfg.tokens_per_image = {self.cfg.tokens_per_image} placeholders per image")
-        flat = image_embeds.reshape(-1, image_embeds.shape[-1]).to(inputs_embeds.dtype)  # (N * P, C)
+        flat = torch.cat(list(image_embeds)).to(inputs_embeds.dtype)  # (N * P, C)
         return inputs_embeds.masked_scatter(is_image.unsqueeze(-1), flat)
 
     def forward(
@@ -152,14 +156,18 @@ class DeepseekVL(nn.Module):
         logits_to_keep: int = 0,
         loss_only: bool = False,  # with labels: project only the labelled positions (train/loop.py)
         segment_ids: torch.Tensor | None = None,  # (B, T) packed samples, as CausalLM takes them
+        image_embeds: Sequence[torch.Tensor] | None = None,  # N x (576, C) from encode_images, for the pixels
     ) -> CausalLMOutput:
         if (pixel_values is None) != (high_res_pixel_values is None):
             raise ValueError("DeepSeek-VL needs both pixel_values (384 px) and high_res_pixel_values (1024 px) "
                              "of the same images, or neither; deepseek_vl_pixels makes both")
-        inputs_embeds = self.lm.embed(input_ids)  # (B, T, C)
         if pixel_values is not None:
-            inputs_embeds = self.merge_image_features(
-                input_ids, inputs_embeds, self.encode_images(pixel_values, high_res_pixel_values))
+            if image_embeds is not None:
+                raise ValueError("pass the images once: pixel values or image_embeds (encoded rows), not both")
+            image_embeds = self.encode_images(pixel_values, high_res_pixel_values)
+        inputs_embeds = self.lm.embed(input_ids)  # (B, T, C)
+        if image_embeds is not None:
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_embeds)
         elif cache is None or cache.length == 0:
             placeholders = int((input_ids == self.image_token_id).sum())
             if placeholders:

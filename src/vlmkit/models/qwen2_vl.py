@@ -10,17 +10,13 @@
       video_token_id rows by the videos'--> (B, T, C)
       --CausalLM with (3, B, T) t/h/w positions (M-RoPE)--> logits (B, T, V)
 
-Positions (`mrope_positions`, after transformers' Qwen2VLModel.get_rope_index): a text token
-has the same position on all three axes, counting on from the previous maximum + 1; an
-image's merged tokens get (start, start + row, start + col) with start = that next free
-position, and the text after it starts at start + max(rows, cols). A video's tokens get
-(start + frame * interval, start + row, start + col) for each temporal patch `frame`, with
-interval 1 in Qwen2-VL and tokens_per_second * second_per_grid_ts in Qwen2.5-VL (truncated to
-an integer, as transformers does); the text after a video also starts at start + max(rows, cols)
-(transformers 5's get_rope_index, even when the video's time ids run past it). Decoding continues
-from the prefill's largest position: the cache keeps each row's `rope_deltas` (largest
-position + 1 - number of real tokens) and a new token's position is its count of real
-tokens before it plus that delta, as transformers' rope_deltas does.
+Positions: `mrope_positions` (models/mrope.py, transformers' get_rope_index) gives every token its
+(t, h, w) triple from the prompt and the images' grids; the cache (`MRopeCache`) keeps each row's
+rope delta so decoding continues from the prefill's largest position.
+
+Encoded images: `encode_images(pixel_values, image_grid_thw)` gives each image's merged rows
+(T_i, C); forward takes them back as `image_embeds` (with the same image_grid_thw, which the
+positions need) instead of the pixels, so a chat encodes an image once (chat_session.py).
 
 The reference is transformers' models/qwen2_vl/modeling_qwen2_vl.py. Qwen2.5-VL
 (models/qwen2_5_vl.py) reuses this file's attention, rotary, merger, positions and top-level
@@ -30,7 +26,6 @@ random model.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +38,7 @@ from vlmkit.image.plan import ImagePlan
 from vlmkit.models.lm import CausalLM, CausalLMOutput, KVCache, default_position_ids
 from vlmkit.models.rope import apply_rotary, rope_parameters, signed_sin
 from vlmkit.models.activations import ACTIVATIONS
+from vlmkit.models.mrope import grid_list, mrope_positions
 from vlmkit.models.vit import MLP
 
 VISION_LAYER_NORM_EPS = 1e-6  # transformers' Qwen2VLVisionBlock and PatchMerger hard-code this
@@ -131,18 +127,10 @@ class Qwen2VLConfig(Serializable):
 # ----------------------------------------------------------------------------- vision tower
 
 
-def _grid_list(grid_thw: torch.Tensor | list) -> list[tuple[int, int, int]]:
-    """image_grid_thw as a list of (t, h, w) ints, from an (I, 3) tensor or a list of triples."""
-    rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else list(grid_thw)
-    if not all(len(r) == 3 for r in rows):
-        raise ValueError(f"image_grid_thw must be (num_images, 3) rows of (t, h, w), got {rows}")
-    return [(int(t), int(h), int(w)) for t, h, w in rows]
-
-
 def checked_grid(pixel_values: torch.Tensor, grid_thw: torch.Tensor | list, patch_dim: int,
                  merge: int) -> list[tuple[int, int, int]]:
     """image_grid_thw as (t, h, w) ints, after checking it against pixel_values (N, patch_dim)."""
-    grid = _grid_list(grid_thw)
+    grid = grid_list(grid_thw)
     expected = sum(t * h * w for t, h, w in grid)
     if pixel_values.dim() != 2 or pixel_values.shape != (expected, patch_dim):
         raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; image_grid_thw {grid} needs "
@@ -260,70 +248,6 @@ class Qwen2VisionTower(nn.Module):
         return self.merger(x)  # (N/m^2, C)
 
 
-# ----------------------------------------------------------------------------- M-RoPE positions
-
-
-def mrope_positions(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | list | None, image_token_id: int,
-                    merge: int, attention_mask: torch.Tensor | None = None, *,
-                    video_grid_thw: torch.Tensor | list | None = None, video_token_id: int | None = None,
-                    video_intervals: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(3, B, T) t/h/w positions and (B, 1) rope deltas for a prompt batch (transformers' get_rope_index).
-
-    Each run of image_token_id takes the next image_grid_thw rows in order, each run of video_token_id the
-    next video_grid_thw rows (several may follow each other directly; each takes t*h*w / merge^2 tokens).
-    Video v's time ids step by video_intervals[v] (a scalar tensor; default 1) per temporal patch.
-    Padding (attention_mask 0) gets position 0 and is skipped. delta = largest position + 1 - real tokens.
-
-        >>> pos, delta = mrope_positions(torch.tensor([[5, 9, 9, 9, 9, 6]]), [(1, 4, 4)], 9, 2)
-        >>> pos[:, 0].tolist(), delta.tolist()
-        ([[0, 1, 1, 1, 1, 3], [0, 1, 1, 2, 2, 3], [0, 1, 2, 1, 2, 3]], [[-2]])
-        >>> pos, _ = mrope_positions(torch.tensor([[5, 8, 8, 6]]), None, 9, 2, video_grid_thw=[(2, 2, 2)],
-        ...                          video_token_id=8)
-        >>> pos[:, 0].tolist()  # two temporal patches of one token each: time 1, then 2
-        [[0, 1, 2, 2], [0, 1, 1, 2], [0, 1, 1, 2]]
-    """
-    B, T = input_ids.shape
-    grids = {"image": iter(_grid_list(image_grid_thw) if image_grid_thw is not None else []),
-             "video": iter(_grid_list(video_grid_thw) if video_grid_thw is not None else [])}
-    intervals = iter(video_intervals if video_intervals is not None else [])
-    kind_of = {image_token_id: "image"} | ({video_token_id: "video"} if video_token_id is not None else {})
-    positions = torch.zeros(3, B, T, dtype=torch.long)
-    deltas = []
-    for b in range(B):
-        keep = attention_mask[b].bool().cpu() if attention_mask is not None else torch.ones(T, dtype=torch.bool)
-        ids = input_ids[b].cpu()[keep].tolist()
-        parts, start = [], 0
-        for kind, run in itertools.groupby(ids, key=lambda i: kind_of.get(i, "text")):
-            n = len(list(run))
-            if kind == "text":
-                parts.append(torch.arange(start, start + n).expand(3, -1))  # (3, n)
-                start += n
-                continue
-            while n > 0:
-                grid = next(grids[kind], None)
-                if grid is None:
-                    raise ValueError(f"input_ids hold more {kind} placeholder runs than {kind}_grid_thw has rows; "
-                                     f"pass one (t, h, w) row per {kind}")
-                t, gh, gw = grid[0], grid[1] // merge, grid[2] // merge
-                if t * gh * gw > n:
-                    raise ValueError(f"a {kind} of grid {grid} needs {t * gh * gw} placeholder tokens but its run "
-                                     f"has only {n}; build the prompt from the {kind}'s plan (num_tokens)")
-                time = torch.arange(t)
-                if kind == "video":
-                    time = (time * next(intervals, torch.tensor(1))).long()  # (t,) as transformers truncates
-                tt, hh, ww = torch.meshgrid(time, torch.arange(gh), torch.arange(gw), indexing="ij")
-                parts.append(torch.stack([tt, hh, ww]).reshape(3, -1) + start)  # (3, t*gh*gw)
-                start += max(gh, gw)
-                n -= t * gh * gw
-        row = torch.cat(parts, dim=1)  # (3, real tokens)
-        positions[:, b, keep] = row
-        deltas.append(int(row.max()) + 1 - len(ids))
-    for kind, rest in grids.items():
-        if next(rest, None) is not None:
-            raise ValueError(f"{kind}_grid_thw has more rows than input_ids have {kind}s; pass one row per {kind}")
-    return positions.to(input_ids.device), torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
-
-
 # ----------------------------------------------------------------------------- the model
 
 
@@ -343,6 +267,10 @@ class MRopeCache(KVCache):
 class Qwen2VL(nn.Module):
     """Qwen2-VL for generation and training: forward(input_ids, pixel_values, image_grid_thw, ...) -> logits."""
 
+    # The image_inputs entries forward still needs when given image_embeds instead of pixel_values:
+    # the grids the M-RoPE positions come from.
+    image_position_inputs: tuple[str, ...] = ("image_grid_thw",)
+
     def __init__(self, cfg: Qwen2VLConfig, vision: nn.Module | None = None) -> None:
         """vision: the tower mapping (pixel_values, image_grid_thw) to merged features; None = Qwen2-VL's."""
         super().__init__()
@@ -354,22 +282,53 @@ class Qwen2VL(nn.Module):
         p = self.lm.embed.weight
         return MRopeCache(self.cfg.lm, batch_size, max_len, dtype=p.dtype, device=p.device)
 
-    def _scatter(self, x: torch.Tensor, input_ids: torch.Tensor, pixels: torch.Tensor | None,
-                 grid_thw: torch.Tensor | list | None, kind: str) -> torch.Tensor:
-        """x (B, T, C) with the kind's ("image" / "video") placeholders replaced by its merged features in order."""
-        token_id = self.cfg.image_token_id if kind == "image" else self.cfg.video_token_id
-        slots = input_ids == token_id  # (B, T)
+    def _merged(self, pixels: torch.Tensor | None, grid_thw: torch.Tensor | list | None,
+                kind: str) -> torch.Tensor | None:
+        """The kind's ("image" / "video") merged rows (F, C) in order, from its pixels; None without pixels."""
         if pixels is None:
             if grid_thw is not None:
                 raise ValueError(f"{kind}_grid_thw was given without the {kind}'s pixel values; pass both")
-            return x
+            return None
         if grid_thw is None:
             raise ValueError(f"{kind} pixels need {kind}_grid_thw (one (t, h, w) row per {kind}, from its plan)")
-        features = self.vision(pixels, grid_thw).to(x.dtype)  # (F, C)
+        return self.vision(pixels, grid_thw)  # (F, C)
+
+    def _tokens_per_image(self, image_grid_thw: torch.Tensor | list) -> list[int]:
+        """Merged tokens of each image of a grid (I, 3): t*h*w / merge^2, the count its plan gives."""
+        merge = self.cfg.vision.spatial_merge_size
+        return [t * h * w // merge**2 for t, h, w in grid_list(image_grid_thw)]
+
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | list) -> list[torch.Tensor]:
+        """Each image's merged rows (T_i, C), in order: the vision tower runs once over them all."""
+        rows = self._merged(pixel_values, image_grid_thw, "image")  # (F, C)
+        return list(rows.split(self._tokens_per_image(image_grid_thw)))  # I x (T_i, C)
+
+    def _scatter(self, x: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor | None,
+                 kind: str) -> torch.Tensor:
+        """x (B, T, C) with the kind's ("image" / "video") placeholders replaced by features (F, C) in order."""
+        if features is None:
+            return x
+        slots = input_ids == (self.cfg.image_token_id if kind == "image" else self.cfg.video_token_id)  # (B, T)
         if int(slots.sum()) != features.shape[0]:
             raise ValueError(f"input_ids hold {int(slots.sum())} {kind} placeholder tokens but the {kind}s give "
                              f"{features.shape[0]} features; put plan.num_tokens placeholders per {kind}")
-        return x.masked_scatter(slots.unsqueeze(-1), features)
+        return x.masked_scatter(slots.unsqueeze(-1), features.to(x.dtype))
+
+    def _image_rows(self, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | list | None,
+                    image_embeds: Sequence[torch.Tensor] | None) -> torch.Tensor | None:
+        """The images' merged rows (F, C) in order: encoded from pixel_values, or image_embeds as given
+        (checked against image_grid_thw, which the positions read); None for no images."""
+        if image_embeds is None:
+            return self._merged(pixel_values, image_grid_thw, "image")
+        if pixel_values is not None:
+            raise ValueError("pass the images once: pixel_values or image_embeds (already encoded rows), not both")
+        if image_grid_thw is None:
+            raise ValueError("image_embeds need image_grid_thw too: the M-RoPE positions come from each image's grid")
+        counts = self._tokens_per_image(image_grid_thw)
+        if [e.shape[0] for e in image_embeds] != counts:
+            raise ValueError(f"image_embeds have {[e.shape[0] for e in image_embeds]} rows per image but "
+                             f"image_grid_thw gives {counts}; pass each image's grid with its encode_images rows")
+        return torch.cat(list(image_embeds)) if image_embeds else None  # (F, C)
 
     def forward(
         self,
@@ -385,14 +344,15 @@ class Qwen2VL(nn.Module):
         video_grid_thw: torch.Tensor | list | None = None,  # (V, 3) (t, h, w) per video, t = temporal patches
         second_per_grid_ts: torch.Tensor | list | None = None,  # (V,) seconds per temporal patch (Qwen2.5-VL)
         loss_only: bool = False,  # with labels: project only the labelled positions, return no logits
+        image_embeds: Sequence[torch.Tensor] | None = None,  # I x (T_i, C) from encode_images, for pixel_values
     ) -> CausalLMOutput:
         past = cache.length if cache is not None else 0
-        if past and (pixel_values is not None or pixel_values_videos is not None):
-            raise ValueError("pixel values go with the first (prefill) pass over an empty cache; "
+        if past and any(v is not None for v in (pixel_values, pixel_values_videos, image_embeds)):
+            raise ValueError("images and videos go with the first (prefill) pass over an empty cache; "
                              "start a new cache for a prompt with new images or videos")
         x = self.lm.embed(input_ids)  # (B, T, C)
-        x = self._scatter(x, input_ids, pixel_values, image_grid_thw, "image")
-        x = self._scatter(x, input_ids, pixel_values_videos, video_grid_thw, "video")
+        x = self._scatter(x, input_ids, self._image_rows(pixel_values, image_grid_thw, image_embeds), "image")
+        x = self._scatter(x, input_ids, self._merged(pixel_values_videos, video_grid_thw, "video"), "video")
         if position_ids is None:
             position_ids = self._positions(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
                                            attention_mask, cache)

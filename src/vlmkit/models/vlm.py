@@ -25,7 +25,9 @@ Each scheme's handling is one row of `SCHEMES` (plan, forward inputs, encoder, l
 vectors). How many tokens an image costs comes from its ImagePlan (image/schemes/):
 `plan_images` builds the plans for the prompt; forward rebuilds each image's plan (or
 its scheme's token formula) from image_sizes, and a placeholder / feature count
-mismatch raises ValueError with both counts.
+mismatch raises ValueError with both counts. forward also takes already-encoded rows
+(`image_embeds`, what `encode_images` returns) instead of the pixels: chat_session.py encodes
+each image of a conversation once that way.
 """
 
 from __future__ import annotations
@@ -186,6 +188,9 @@ class SchemeGlue:
 class VLM(nn.Module):
     """A LLaVA-style vision-language model built from a VLMConfig; cfg.image_scheme picks its row of SCHEMES."""
 
+    # The image_inputs entries forward still needs when given image_embeds instead of pixels: none.
+    image_position_inputs: tuple[str, ...] = ()
+
     def __init__(self, cfg: VLMConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -317,20 +322,24 @@ class VLM(nn.Module):
         loss_only: bool = False,
         pixel_values_high: torch.Tensor | None = None,  # dual: (N, 3, S_high, S_high) SAM views
         segment_ids: torch.Tensor | None = None,  # (B, T) packed samples: 1, 2, ... per sample, 0 = padding
+        image_embeds: Sequence[torch.Tensor] | None = None,  # N x (T_i, C) from encode_images, for the pixels
     ) -> CausalLMOutput:
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (or inputs_embeds)")
             inputs_embeds = self.lm.embed(input_ids)  # (B, T, C)
+        if (pixel_values is not None or image_embeds is not None) and input_ids is None:
+            raise ValueError("images need input_ids to show where the image placeholders are")
         if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("pixel_values need input_ids to show where the image placeholders are")
+            if image_embeds is not None:
+                raise ValueError("pass the images once: pixel_values or image_embeds (encoded rows), not both")
             scheme_inputs = {} if pixel_values_high is None else {"pixel_values_high": pixel_values_high}
             if scheme_inputs and self.cfg.image_scheme != "dual":
                 raise ValueError(f"pixel_values_high is only used by image_scheme='dual', not "
                                  f"{self.cfg.image_scheme!r}; drop it")
-            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds,
-                                                      self.encode_images(pixel_values, image_sizes, **scheme_inputs))
+            image_embeds = self.encode_images(pixel_values, image_sizes, **scheme_inputs)
+        if image_embeds is not None:
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_embeds)
         elif input_ids is not None and (cache is None or cache.length == 0):
             placeholders = int((input_ids == self.image_token_id).sum())
             if placeholders:
