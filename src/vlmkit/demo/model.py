@@ -43,6 +43,7 @@ alignment CTC would have to discover, given outright for synthetic lines). `ar_w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -163,7 +164,9 @@ class DemoVLM(nn.Module):
 
     forward(input_ids (B, L) with T image placeholders per row after <s>, pixel_values, labels, ctc_targets,
     ctc_lengths, attention_mask, cache, ...) -> CausalLMOutput. Set `ar_weight` / `ctc_weight` to weigh
-    the two losses (ar_weight 0: the CTC warm-up, the LM does not run)."""
+    the two losses (ar_weight 0: the CTC warm-up, the LM does not run). For generation, encode_images and
+    forward(image_embeds=...) encode an image once and reuse it (vlmkit.chat_session); demo/saved.py saves and
+    loads the model and prepares a user's image and prompt as the demo's data did."""
 
     def __init__(self, cfg: DemoConfig, lm: CausalLM | None = None) -> None:
         """lm: a pretrained language model to attach instead of a fresh one (its width must be cfg.lm_width)."""
@@ -199,6 +202,10 @@ class DemoVLM(nn.Module):
                              f"got {len(class_words)}")
         with torch.no_grad():
             return torch.stack([self.lm.embed.weight[list(ids)].mean(0) for ids in class_words]).clone()
+
+    # The image_inputs entries forward still needs when given image_embeds instead of pixels: none (the
+    # encoded rows carry the character counts that place the image tokens).
+    image_position_inputs: tuple[str, ...] = ()
 
     @property
     def image_token_id(self) -> int:
@@ -239,31 +246,56 @@ class DemoVLM(nn.Module):
         tokens = tokens + (classes.to(self.class_embed.dtype) @ self.class_embed)[:, None]  # (B, 1, C) on each
         return tokens, soft_char_count(p.detach())
 
+    def encode_images(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """(N, 3, H, W) pixels -> N x (T, C + 1) encoded rows, what forward takes back as image_embeds (the chat's
+        encode-once cache): each image token at the LM width and, in the last column, its soft character count
+        (which sets its RoPE position, see _positions), kept in fp32 so the positions stay exact."""
+        features, logits = self.read(pixel_values)
+        tokens, counts = self.image_tokens(features, logits)  # (N, T, C), (N, T)
+        return list(torch.cat([tokens.float(), counts.float()[..., None]], dim=-1).unbind(0))
+
+    def _split_rows(self, image_embeds: Sequence[torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (B, T, C), counts (B, T)) of encode_images' rows, one image per prompt row."""
+        width = self.cfg.lm_width + 1
+        if (len(image_embeds) != batch or any(e.dim() != 2 or e.shape[-1] != width for e in image_embeds)
+                or len({e.shape for e in image_embeds}) > 1):
+            raise ValueError(f"image_embeds must be one (T, {width}) tensor from encode_images per prompt row "
+                             f"({batch}); got {[tuple(e.shape) for e in image_embeds]}")
+        rows = torch.stack(list(image_embeds))  # (B, T, C + 1)
+        return rows[..., :-1], rows[..., -1]
+
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 labels: torch.Tensor | None = None, ctc_targets: torch.Tensor | None = None,
                 ctc_lengths: torch.Tensor | None = None, ctc_frames: torch.Tensor | None = None,
                 shape_targets: torch.Tensor | None = None, logits_to_keep: int = 0,
-                loss_only: bool = False) -> CausalLMOutput:
-        if pixel_values is None:  # a decoding step: text only, positions from the cache
+                loss_only: bool = False, image_embeds: Sequence[torch.Tensor] | None = None) -> CausalLMOutput:
+        """image_embeds: encode_images' rows of the prompt rows' images, instead of pixel_values."""
+        vision_term = None
+        if image_embeds is not None:
+            if pixel_values is not None:
+                raise ValueError("pass the images once: pixel_values or image_embeds (encoded rows), not both")
+            tokens, counts = self._split_rows(image_embeds, input_ids.shape[0])  # (B, T, C), (B, T)
+        elif pixel_values is None:  # a decoding step: text only, positions from the cache
             return self.lm(input_ids=input_ids, attention_mask=attention_mask, cache=cache, labels=labels,
                            logits_to_keep=logits_to_keep, loss_only=loss_only)
-        features, logits = self.read(pixel_values)
-        vision_term = self.vision_loss(logits, ctc_targets, ctc_lengths, ctc_frames)
-        shape_logits = self.shape_logits(features)  # (B, 8 + 3)
-        if shape_targets is not None and self.shape_weight > 0 and bool((shape_targets != IGNORE_INDEX).any()):
-            shape_term = self.shape_weight * self.shape_loss(shape_logits, shape_targets)
-            vision_term = shape_term if vision_term is None else vision_term + shape_term
-        if self.ar_weight == 0:
-            if vision_term is None:
-                raise ValueError("ar_weight is 0 (CTC warm-up) but the batch has no ctc_targets or ctc_frames")
-            return CausalLMOutput(logits=None, loss=vision_term)
-        tokens, counts = self.image_tokens(features, logits, shape_logits)  # (B, T, C), (B, T)
+        else:
+            features, logits = self.read(pixel_values)
+            vision_term = self.vision_loss(logits, ctc_targets, ctc_lengths, ctc_frames)
+            shape_logits = self.shape_logits(features)  # (B, 8 + 3)
+            if shape_targets is not None and self.shape_weight > 0 and bool((shape_targets != IGNORE_INDEX).any()):
+                shape_term = self.shape_weight * self.shape_loss(shape_logits, shape_targets)
+                vision_term = shape_term if vision_term is None else vision_term + shape_term
+            if self.ar_weight == 0:
+                if vision_term is None:
+                    raise ValueError("ar_weight is 0 (CTC warm-up) but the batch has no ctc_targets or ctc_frames")
+                return CausalLMOutput(logits=None, loss=vision_term)
+            tokens, counts = self.image_tokens(features, logits, shape_logits)  # (B, T, C), (B, T)
         is_image = input_ids == self.image_token_id  # (B, L)
         per_row = is_image.sum(1)
         if bool((per_row != tokens.shape[1]).any()):
             raise ValueError(f"each prompt must hold {tokens.shape[1]} image placeholders (id {self.image_token_id}) "
-                             f"for {tuple(pixel_values.shape[2:])} images; got {per_row.tolist()}")
+                             f"for its image; got {per_row.tolist()}")
         embeds = self.lm.embed(input_ids).masked_scatter(is_image[..., None], tokens.to(self.lm.embed.weight.dtype))
         positions = self._positions(input_ids, attention_mask, is_image, counts)  # (B, L)
         out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, cache=cache,

@@ -6,6 +6,8 @@
     OUT/results.json       the summary and settings
     OUT/predictions.jsonl  every held-out question, reference, generated answer and score
     OUT/curve.csv          phase, step, loss, seconds since start
+    OUT/config.json, OUT/model.safetensors, OUT/tokenizer.json   the trained model (demo/saved.py; written by
+                           run_demo before the report, not by write_report), so `--model OUT` loads it
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from vlmkit.demo.data import READ_PROMPT
 
 if TYPE_CHECKING:
     from vlmkit.demo.data import Sample
@@ -168,6 +172,16 @@ def write_report(result: DemoResult, heldout: dict[str, list[Sample]], answers: 
               f"- measured seconds per step: {s['step_seconds']}", "", "![loss](loss.png)", ""]
     if result.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
+    if "model_dir" in s:
+        lines += ["## The model", "",
+                  "This folder also holds the trained model (`config.json`, `model.safetensors`, `tokenizer.json`; "
+                  "written atomically, each file's sha256 in `config.json`). Talk to it:", "",
+                  "```", f"vlmkit generate --model {s['model_dir']} --image line.png --prompt \"{READ_PROMPT}\"",
+                  f"vlmkit chat --model {s['model_dir']} --image shape.png", f"vlmkit serve --model {s['model_dir']}",
+                  "```", "",
+                  "It takes the image sizes it trained on: 256x32 (a text line), 256x96 (a text block, its lines "
+                  "stacked as in training) and 64x64 (an easy-VQA shape image), one image per conversation; each "
+                  "question is answered about that image alone (the model trained on single questions).", ""]
     lines += ["## Held-out samples", "", "![samples](samples.png)", "", "| task | question | reference | model |",
               "|---|---|---|---|"]
     for task, n in SAMPLES_PER_TASK.items():

@@ -15,6 +15,10 @@ The step counts are fixed (Schedule's defaults, calibrated so that the whole run
 cores); the `--minutes` budget is a hard cap: a short timing of each batch kind before training scales the
 steps down when the machine is slower, and training stops early if the clock runs out anyway (the cosine
 schedule then ends unfinished; the report says so).
+
+The report folder also holds the trained model (demo/saved.py: config.json, model.safetensors,
+tokenizer.json), so `vlmkit chat|generate|serve --model demo-report` talk to it; the `--llm smollm2` run
+does not save its model.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from vlmkit.demo import data as D
 from vlmkit.demo.evaluate import generate_answers, score
 from vlmkit.demo.model import DemoConfig, DemoVLM, count_parameters
+from vlmkit.demo.saved import save_demo_model
 from vlmkit.train.loop import train
 from vlmkit.load import load_model
 from vlmkit.text.tokenizer import Tokenizer
@@ -91,6 +96,8 @@ class DemoResult:
     curve: list[dict]
     settings: dict
     notes: list[str]
+    model: DemoVLM | None = None  # the trained model (eval mode) and its tokenizer
+    tokenizer: Tokenizer | None = None
 
 
 class Clock:
@@ -232,7 +239,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     model, tokenizer, vocab = build_model(settings.seed, settings.llm)
     if settings.llm == "smollm2":
         notes.append("--llm smollm2: SmolLM2-135M-Instruct attached frozen (LLaVA stage 1: tower, CTC head and "
-                     "projector train); its BPE answers keep natural image positions")
+                     "projector train); its BPE answers keep natural image positions; its model is not saved "
+                     "(the 135M-parameter LM would add ~540 MB to the report folder)")
     shapes_train, shapes_test = D.ShapeQuestions(D.TRAIN), D.ShapeQuestions(D.HELDOUT)
     heldout = heldout_sets(settings, shapes_test)
     synth_seconds = clock.elapsed()
@@ -296,10 +304,14 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     }
     examples = [{"task": task, "question": s.question, "answer": s.answer, "prediction": a, "score": sc}
                 for task in heldout for s, a, sc in zip(heldout[task], answers[task], scores[task])]
-    result = DemoResult(summary, examples, curve, {**asdict(settings), "schedule": asdict(schedule)}, notes)
+    result = DemoResult(summary, examples, curve, {**asdict(settings), "schedule": asdict(schedule)}, notes,
+                        model.eval(), tokenizer)
     if settings.out is not None:
         from vlmkit.demo.report import write_report
 
+        if tiny:  # the smollm2 run would add its 135M-parameter LM (~540 MB) to the report folder
+            save_demo_model(model, tokenizer, settings.out)
+            summary["model_dir"] = settings.out
         write_report(result, heldout, answers, settings.out)
         summary["report"] = str(Path(settings.out) / "report.md")
     return result
