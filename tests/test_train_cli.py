@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from resumed_runs import assert_same_run
 from vlmkit.cli import main
 from vlmkit.data.formats import load_dataset
 from vlmkit.data.synth import DATASET_FILE, synthesize
@@ -148,11 +149,6 @@ def test_a_finished_run_is_not_overwritten_and_bad_flags_are_refused(align_run, 
         assert flag in help_text, flag
 
 
-def _csv_columns(run: Path) -> list[tuple[str, str, str, str]]:
-    """(step, loss, lr, grad_norm) as written: Python writes floats with repr, so equal text = equal bits."""
-    return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in _rows(run)]
-
-
 def test_resume_after_sigkill_equals_an_uninterrupted_run(data, tmp_path):
     """Kill -9 a run after its 4th checkpoint while it trains, resume it, and compare with a run never killed.
     Checkpoints do not change the result (how often is not part of a run's settings): only the killed run
@@ -182,12 +178,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(data, tmp_path):
     finally:
         torch.set_num_threads(threads)
 
-    expected = _csv_columns(tmp_path / "straight")
-    assert [int(r[0]) for r in expected] == list(range(1, steps + 1))
-    assert _csv_columns(killed) == expected  # one row per step, no duplicate or lost rows, the same bits
-    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
-    b = load_file(str(killed / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(tmp_path / "straight", killed, steps)
 
 
 # ---- fresh Qwen2-VL / Qwen2.5-VL / DeepSeek-VL presets and recipe stages (issue 6) -----------------------------

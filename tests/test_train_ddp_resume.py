@@ -15,7 +15,6 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_train_ddp_resume.py       
 
 from __future__ import annotations
 
-import csv
 import os
 import random
 import signal
@@ -27,20 +26,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from resumed_runs import assert_same_run
 from vlmkit.data.synth import DATASET_FILE, synthesize
 from vlmkit.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "vlmkit.cli", "train"]
-
-
-def _csv_columns(run: Path) -> list[tuple[str, str, str, str]]:
-    """(step, loss, lr, grad_norm) as written: Python writes floats with repr, so equal text = equal bits."""
-    with (run / "metrics.csv").open(newline="") as f:
-        return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in csv.DictReader(f)]
 
 
 def _children(pid: int) -> list[int]:
@@ -96,12 +89,7 @@ def test_torchrun_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
                               timeout=300, env=ENV)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
-    expected = _csv_columns(tmp_path / "straight")
-    assert [int(r[0]) for r in expected] == list(range(1, steps + 1))
-    assert _csv_columns(killed) == expected  # one row per step, no duplicate or lost rows, the same bits
-    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
-    b = load_file(str(killed / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(tmp_path / "straight", killed, steps)
     assert sorted(p.name for p in killed.glob(".*")) == []  # writes cut off by the kill were cleaned up
 
 
