@@ -136,8 +136,10 @@ def direct(loaded, text: str, images: list[Image.Image], cfg: GenerationConfig) 
 
 
 def test_health_and_models(server, client):
-    assert request(server.url + "/health") == (200, {"status": "ok", "model": MODEL, "active_requests": 0,
-                                                     "queued_requests": 0})
+    status, health = request(server.url + "/health")
+    assert status == 200 and set(health.pop("image_cache")) == {"max_bytes", "entries", "bytes", "hits", "misses",
+                                                                "evictions"}  # test_serve_image_cache.py
+    assert health == {"status": "ok", "model": MODEL, "active_requests": 0, "queued_requests": 0}
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert client.models.retrieve(MODEL).owned_by == "vlmkit"
 

@@ -11,6 +11,7 @@ from vlmkit.commands.common import add_model_flag
 from vlmkit.load import load_model
 from vlmkit.serve import DEFAULT_HOST, DEFAULT_PORT, Limits, create_app, run_server
 from vlmkit.serve.batcher import MAX_BATCH_SIZE, MAX_QUEUE
+from vlmkit.serve.image_cache import IMAGE_CACHE_MB, MB
 from vlmkit.serve.requests import MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_PROMPT_TOKENS, MAX_REQUEST_BYTES, MAX_TOKENS
 
 
@@ -41,6 +42,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help=f"requests decoded together in one forward pass (default {MAX_BATCH_SIZE})")
     p.add_argument("--max-queue", type=int, default=MAX_QUEUE,
                    help=f"requests that may wait for a batch row; more get 503 (default {MAX_QUEUE})")
+    p.add_argument("--image-cache-mb", type=_megabytes, default=IMAGE_CACHE_MB, metavar="MB",
+                   help="memory for the encoded features of recently seen images, so that an image a client "
+                        "sends again (every turn of a chat) skips the vision tower; 0 turns the cache off "
+                        f"(default {IMAGE_CACHE_MB})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(run=_run_serve)
 
@@ -53,6 +58,19 @@ def _run_serve(args: argparse.Namespace) -> int:
                     max_tokens=args.max_tokens)
     app = create_app(load_model(args.model), model_name=args.model_name or args.model, api_key=args.api_key,
                      allow_local_images_root=args.allow_local_images, limits=limits,
-                     max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+                     max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                     image_cache_bytes=int(args.image_cache_mb * MB))
     run_server(app, host=args.host, port=args.port)
     return 0
+
+
+def _megabytes(text: str) -> float:
+    """--image-cache-mb: a number of megabytes (MiB) >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of megabytes; give e.g. 256, 0.5 or 0") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} megabytes is not a size >= 0; give e.g. 256, or 0 to turn the "
+                                         "cache off")
+    return value

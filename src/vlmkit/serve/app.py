@@ -3,7 +3,8 @@
     app = create_app(load_model("tiny-random"), model_name="tiny-random")
     run_server(app, host="127.0.0.1", port=8000)      # or: vlmkit serve --model tiny-random
 
-    GET  /health               {"status": "ok", "model": ..., "active_requests": n, "queued_requests": n}
+    GET  /health               {"status": "ok", "model": ..., "active_requests": n, "queued_requests": n,
+                                "image_cache": {"max_bytes", "entries", "bytes", "hits", "misses", "evictions"}}
                                (no API key needed)
     GET  /v1/models            OpenAI's model list (one model)
     GET  /v1/models/{id}
@@ -22,11 +23,20 @@ and seed, so an answer is the same as when its request runs alone. At most max_q
 a row; beyond that a request is refused with 503 (OpenAI's error shape, code "server_overloaded",
 a Retry-After header): the server is overloaded, not the client over a quota (that would be 429).
 A client that disconnects, streaming or not, frees its row or its queue place at the next step.
+
+Images: a chat client resends the conversation's images every turn. The server keeps their encoded
+rows in an LRU bounded by bytes (image_cache.py; image_cache_bytes, `--image-cache-mb`, 0 turns it
+off), keyed by a hash of each image's plan, which the request thread computes. A request's prefill
+inputs are then made by the batcher's worker thread at admission: the cached rows, with the images
+the cache lacks encoded in one encode_images call, passed to forward as image_embeds (plus the
+position inputs such as Qwen2-VL's image_grid_thw). With the cache off, the request carries its
+pixel inputs and forward encodes them. Answers are the same either way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -48,7 +58,8 @@ from starlette.exceptions import HTTPException
 from vlmkit.generate import GenerationResult, _long_rope_threshold
 from vlmkit.load import LoadedModel
 from vlmkit.sampling import GenerationConfig
-from vlmkit.serve.batcher import MAX_BATCH_SIZE, MAX_QUEUE, Batcher, QueueFull, Ticket
+from vlmkit.serve.batcher import MAX_BATCH_SIZE, MAX_QUEUE, Batcher, Prefill, QueueFull, Ticket
+from vlmkit.serve.image_cache import IMAGE_CACHE_MB, MB, CachedImageEncoder, ImageFeatureCache, plan_key
 from vlmkit.serve.requests import ERROR_TYPES, ChatRequest, Limits, RequestError, error_body, parse_chat_request
 from vlmkit.serve.web import register_web_page
 
@@ -60,27 +71,32 @@ logger = logging.getLogger("vlmkit.serve")
 
 @dataclass
 class _Job:
-    """A request ready to generate: prompt ids (image tokens expanded), prefill inputs, settings."""
+    """A request ready to generate: prompt ids (image tokens expanded), prefill inputs (or the function the
+    batcher calls to make them from the image cache), settings."""
 
     ids: list[int]
-    prefill: dict[str, Any] | None
+    prefill: Prefill
     config: GenerationConfig
 
 
 class _Engine:
     """The loaded model behind the batcher: turns checked requests into prompts and queues them."""
 
-    def __init__(self, loaded: LoadedModel, limits: Limits, max_batch_size: int, max_queue: int) -> None:
+    def __init__(self, loaded: LoadedModel, limits: Limits, max_batch_size: int, max_queue: int,
+                 image_cache_bytes: int) -> None:
         self.loaded, self.limits = loaded, limits
         self.context_length = _context_length(loaded.model)
         self.batcher = Batcher(loaded.model, loaded.tokenizer, max_batch_size, max_queue)
+        self.image_cache = ImageFeatureCache(image_cache_bytes)
+        self.encoder = (CachedImageEncoder(loaded, self.image_cache)
+                        if loaded.takes_images and self.image_cache.enabled else None)
 
     def prepare(self, chat: ChatRequest) -> _Job:
-        """Plan the images and build the prompt ids; check the prompt-token limits."""
+        """Plan the images and build the prompt ids; check the prompt-token limits; then the prefill: the pixel
+        inputs, or with the image cache on, the images' keys and plans for the batcher to look up."""
         try:
             plans = self.loaded.plan_images(chat.images)
-            ids = self.loaded.prompt_ids(chat.messages, plans)
-            prefill = self.loaded.image_inputs(plans)
+            ids = self.loaded.prompt_ids(chat.messages, plans)  # placeholders show the plans in order
         except ValueError as e:
             raise RequestError(f"could not build the prompt: {e}", param="messages") from e
         if len(ids) > self.limits.max_prompt_tokens:
@@ -93,7 +109,12 @@ class _Engine:
                                f"is {wanted}, more than the context of {self.context_length} tokens this server "
                                "runs the model with; lower max_tokens or shorten the conversation", param="max_tokens",
                                code="context_length_exceeded")
-        return _Job(ids, prefill, chat.config)
+        if not plans:
+            return _Job(ids, None, chat.config)
+        if self.encoder is None:
+            return _Job(ids, self.loaded.image_inputs(plans), chat.config)
+        images = [(plan_key(plan), plan) for plan in plans]
+        return _Job(ids, functools.partial(self.encoder.prefill, images), chat.config)
 
     def submit(self, job: _Job) -> Ticket:
         """Queue the job for the batcher; a 503 when it is full."""
@@ -105,12 +126,14 @@ class _Engine:
 
 def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: str | None = None,
                allow_local_images_root: str | Path | None = None, limits: Limits = Limits(),
-               max_batch_size: int = MAX_BATCH_SIZE, max_queue: int = MAX_QUEUE) -> FastAPI:
+               max_batch_size: int = MAX_BATCH_SIZE, max_queue: int = MAX_QUEUE,
+               image_cache_bytes: int = IMAGE_CACHE_MB * MB) -> FastAPI:
     """The server app for loaded, answering as model_name (default: loaded.name).
 
     api_key: require `Authorization: Bearer <api_key>` on /v1 routes. allow_local_images_root: let
     image_url parts name local files, only inside this directory (symlinks resolved); None: data URLs only.
     max_batch_size: requests decoded together; max_queue: requests that may wait for a row (then 503).
+    image_cache_bytes: bound of the encoded-image cache (image_cache.py); 0 turns it off.
     The batcher's worker thread starts with the first request and stops when the app shuts down.
     """
     model_name = model_name or loaded.name
@@ -122,7 +145,7 @@ def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: s
                              "give an existing folder")
     if api_key is not None and not api_key:
         raise ValueError("the API key is empty; give a non-empty key or none")
-    engine = _Engine(loaded, limits, max_batch_size, max_queue)
+    engine = _Engine(loaded, limits, max_batch_size, max_queue, image_cache_bytes)
     created = int(time.time())
 
     @asynccontextmanager
@@ -132,6 +155,7 @@ def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: s
 
     app = FastAPI(title="vlmkit", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.batcher = engine.batcher
+    app.state.image_cache = engine.image_cache
 
     @app.exception_handler(RequestError)
     async def _refused(request: Request, e: RequestError) -> JSONResponse:
@@ -168,7 +192,7 @@ def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: s
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "active_requests": engine.batcher.active,
-                "queued_requests": engine.batcher.queued}
+                "queued_requests": engine.batcher.queued, "image_cache": engine.image_cache.stats()}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

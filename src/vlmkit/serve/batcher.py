@@ -2,6 +2,7 @@
 
     batcher = Batcher(loaded.model, loaded.tokenizer, max_batch_size=8, max_queue=32)
     ticket = batcher.submit(prompt_ids, prefill_inputs, GenerationConfig(max_new_tokens=64, seed=0))
+    ticket = batcher.submit(prompt_ids, make_prefill_inputs, config)   # or a function, called at admission
     async for piece in ticket:          # text pieces as they become final (run on the event loop)
         ...
     ticket.result                       # the GenerationResult once the pieces are exhausted
@@ -13,7 +14,10 @@ Each turn of its loop:
  1. admit waiting requests while fewer than max_batch_size rows decode. Each new prompt is
     prefilled alone (batch 1, with its own prefill inputs such as pixel_values, so images of
     different requests never need to line up), then its KV cache joins the batch cache, every row
-    right-aligned to a common width with masked padding on the left;
+    right-aligned to a common width with masked padding on the left. Prefill inputs given as a
+    function are made here, on the worker thread, just before the prefill (the app's image-feature
+    cache, image_cache.py, looks its images up and encodes the missing ones then); if making them
+    fails, that request alone ends with the error;
  2. sample each row's next token from its logits with its own settings and seeded generator
     (sampling.sample_rows) and push it into its generate.Row (stop ids, stop strings, max_tokens);
     new text goes to the request's asyncio queue;
@@ -106,10 +110,14 @@ class Ticket:
         return self.result
 
 
+# A prompt's extra forward keywords (e.g. pixel_values), a function making them on the worker thread, or None.
+Prefill = dict[str, Any] | Callable[[], dict[str, Any]] | None
+
+
 @dataclass(eq=False)  # compared by identity (the queue removes exactly this one)
 class _Request:
     prompt: list[int]
-    prefill: dict[str, Any]
+    prefill: Prefill
     config: GenerationConfig
     ticket: Ticket
 
@@ -163,10 +171,11 @@ class Batcher:
         """Requests waiting for a row."""
         return len(self._waiting)
 
-    def submit(self, prompt: Sequence[int], prefill: dict[str, Any] | None, config: GenerationConfig) -> Ticket:
-        """Queue one request (call on the event loop); QueueFull when max_batch_size + max_queue are in flight."""
+    def submit(self, prompt: Sequence[int], prefill: Prefill, config: GenerationConfig) -> Ticket:
+        """Queue one request (call on the event loop); QueueFull when max_batch_size + max_queue are in flight.
+        prefill: the prompt's extra forward keywords, or a function making them at admission (worker thread)."""
         ticket = Ticket(asyncio.get_running_loop(), on_cancel=lambda: self._withdraw(request))
-        request = _Request(list(prompt), prefill or {}, config, ticket)
+        request = _Request(list(prompt), prefill, config, ticket)
         with self._wake:
             if self._in_flight >= self.max_batch_size + self.max_queue:
                 raise QueueFull(f"the server is busy: {self.max_batch_size} requests are generating and "
@@ -277,8 +286,9 @@ class Batcher:
             try:
                 row = new_row(request.prompt, request.config, self.tokenizer)
                 ids = torch.tensor([row.prompt], device=model_device(self.model))  # (1, T)
+                prefill = request.prefill() if callable(request.prefill) else request.prefill
                 cache = self.model.new_cache(1, ids.shape[1])
-                out = self.model(input_ids=ids, cache=cache, logits_to_keep=1, **request.prefill)
+                out = self.model(input_ids=ids, cache=cache, logits_to_keep=1, **(prefill or {}))
             except Exception as e:  # this request's own inputs failed (e.g. a ValueError): it alone ends
                 request.ticket.put(e)
                 self._end(1, cancelled=0)
