@@ -7,9 +7,11 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_demo.py   (-m demo_full ru
 
 from __future__ import annotations
 
+import collections
 import json
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -135,22 +137,46 @@ def test_class_vectors_start_as_word_embeddings_and_join_every_image_token():
         DemoVLM(DemoConfig(**{**cfg.__dict__, "class_words": words[:3]}))
 
 
-def test_yes_no_questions_drawn_more_often():
-    class Questions:  # three questions; item(i) returns a sample whose answer is the question's
-        answers = ["yes", "red", "no"]
+def test_negated_questions():
+    assert D.is_negated("is there not a red shape?") and D.is_negated("is no circle present?")
+    assert D.is_negated("does the image not contain a triangle?")
+    assert not D.is_negated("is there a circle?") and not D.is_negated("does the image contain a note?")
+
+
+def test_yes_no_questions_balanced_per_form():
+    class Questions:  # item(i) returns a sample with question i and its answer
+        questions = ["is there a circle?", "is a circle present?", "is there a circle?", "is there not a circle?",
+                     "what shape is it?", "is no circle present?", "does it not contain a red shape?"]
+        answers = ["no", "no", "yes", "yes", "circle", "no", "yes"]
 
         def __len__(self):
-            return 3
+            return len(self.questions)
 
         def item(self, index):
-            return D.Sample(torch.zeros(3, 64, 64), "q", self.answers[index], "shape")
+            return D.Sample(torch.zeros(3, 64, 64), self.questions[index], self.answers[index], "shape")
 
+    # 6 yes/no questions x 2 = 12 draws, 3 for each (negated?, answer) group; the "what" question once
     model, tokenizer = _tiny_model()
-    batches = D.DemoBatches(model, tokenizer, D.ctc_vocab(), 5, ["shape"], shapes=Questions(), yes_no_repeat=2)
-    answers = sorted(s.answer for s in batches.samples("shape", 0))  # one full cycle of the order
-    assert answers == ["no", "no", "red", "yes", "yes"]
+    batches = D.DemoBatches(model, tokenizer, D.ctc_vocab(), 13, ["shape"], shapes=Questions(), yes_no_repeat=2,
+                            balance_yes_no=True)
+    cycle = batches.samples("shape", 0)  # one full cycle of the order
+    groups = {}
+    for s in cycle:
+        groups.setdefault("what" if s.answer == "circle" else (D.is_negated(s.question), s.answer), []).append(s)
+    assert {key: len(v) for key, v in groups.items()} == {"what": 1, (False, "no"): 3, (False, "yes"): 3,
+                                                          (True, "no"): 3, (True, "yes"): 3}
+    # a two-question group is cycled: both questions are drawn
+    assert {s.question for s in groups[(False, "no")]} == {"is there a circle?", "is a circle present?"}
+    assert {s.question for s in groups[(True, "yes")]} == {"is there not a circle?", "does it not contain a red shape?"}
     with pytest.raises(ValueError, match="yes_no_repeat"):
         D.DemoBatches(model, tokenizer, D.ctc_vocab(), 5, ["shape"], shapes=Questions(), yes_no_repeat=0)
+    Questions.answers = ["no", "no", "yes", "yes", "circle", "yes", "yes"]  # no negated "no" left
+    with pytest.raises(ValueError, match="negation"):
+        D.DemoBatches(model, tokenizer, D.ctc_vocab(), 5, ["shape"], shapes=Questions(), balance_yes_no=True)
+    # unbalanced: each yes/no question twice, the "what" question once
+    batches = D.DemoBatches(model, tokenizer, D.ctc_vocab(), 13, ["shape"], shapes=Questions(), yes_no_repeat=2)
+    counts = collections.Counter(s.question + s.answer for s in batches.samples("shape", 0))
+    assert sorted(counts.values()) == [1] + [2] * 6
 
 
 def test_training_batch_layout():
@@ -216,3 +242,24 @@ def test_default_demo_reaches_the_issue_targets(tmp_path):
     assert s["wall_minutes"] <= 12.0, s
     assert s["line_ned"] <= 0.03, s
     assert s["shape_accuracy"] >= 0.90, s
+
+
+def test_shape_breakdown_by_hand():
+    from vlmkit.demo.evaluate import shape_breakdown
+
+    def sample(question, answer):
+        return D.Sample(torch.zeros(3, 64, 64), question, answer, "shape")
+
+    # training forms: plain questions mostly "no" (2 of 3), negated mostly "yes" (2 of 3)
+    train_q = ["is there a circle?", "is a red shape present?", "is there a triangle?",
+               "is there not a circle?", "is no red shape present?", "is there not a blue shape?", "what shape?"]
+    train_a = ["no", "no", "yes", "yes", "yes", "no", "circle"]
+    held = [sample("is there a circle?", "yes"), sample("is there a blue shape?", "no"),
+            sample("is there not a circle?", "no"), sample("is no triangle present?", "yes"),
+            sample("what color is the shape?", "red"), sample("what shape is it?", "circle"),
+            D.Sample(torch.zeros(3, 32, 256), "Read the text.", "ab", "line")]
+    answers = ["yes", "yes", "yes", "yes", "red", "triangle", "ab"]
+    parts = shape_breakdown(held, answers, train_q, train_a)
+    assert parts["what"] == 0.5  # red right, triangle wrong; the text line is not a shape question
+    assert parts["yes_no"] == 0.5  # yes/yes right, yes/no wrong, yes/no wrong, yes/yes right
+    assert parts["yes_no_form_majority"] == 0.5  # no/yes, no/no, yes/no, yes/yes

@@ -268,18 +268,49 @@ def _stack_padded(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.nn.functional.pad(p, (0, 0, 0, H - p.shape[1]), value=-1.0) for p in pixels])
 
 
+def is_negated(question: str) -> bool:
+    """Whether an easy-VQA question asks for absence ("is there not a ...", "is no circle present?")."""
+    return bool({"not", "no"} & set(question.rstrip("?").split()))
+
+
+def shape_question_pool(questions: Sequence[str], answers: Sequence[str], yes_no_repeat: int, balance: bool,
+                        rng: np.random.Generator) -> np.ndarray:
+    """Question indices to train on: every non-yes/no question once, and yes_no_repeat x (the number of
+    yes/no questions) draws of yes/no questions. Without balance each yes/no question is drawn yes_no_repeat
+    times; with balance the draws are split equally between the four (negated?, answer) groups, each group
+    cycled in a seeded order, so that in every question form "yes" is as likely as "no"."""
+    if not balance:
+        return np.array([i for i, answer in enumerate(answers)
+                         for _ in range(yes_no_repeat if answer in ("yes", "no") else 1)], dtype=np.int64)
+    groups: dict[tuple[bool, str], list[int]] = {}
+    other = []
+    for i, (question, answer) in enumerate(zip(questions, answers)):
+        if answer in ("yes", "no"):
+            groups.setdefault((is_negated(question), answer), []).append(i)
+        else:
+            other.append(i)
+    if len(groups) < 4:
+        raise ValueError(f"balancing yes/no questions needs each of yes/no with and without negation; found only "
+                         f"{sorted(groups)}")
+    per_group = yes_no_repeat * sum(len(g) for g in groups.values()) // len(groups)
+    drawn = [np.resize(rng.permutation(np.array(groups[key])), per_group) for key in sorted(groups)]
+    return np.concatenate([np.array(other, dtype=np.int64)] + drawn)
+
+
 class DemoBatches:
     """An endless, seeded stream of one-task batches for vlmkit.train.loop.train.
 
     `pattern` lists the task of each batch in a repeating cycle (e.g. ("line", "line", "shape")); batch k
     of the stream has the task pattern[k % len(pattern)] and takes that task's next batch_size samples.
     seek(sample_index) continues exactly (sample_index counts every sample handed out). Shape questions come
-    in a seeded order in which each yes/no question appears yes_no_repeat times (the harder kind: the answer
-    compares the question's word with the image, where a "what" answer names the class)."""
+    in a seeded order of shape_question_pool: yes/no questions yes_no_repeat times as often as the rest (the
+    harder kind), optionally balanced. Balancing matters because easy-VQA's yes/no answers follow the
+    question's form (about 85% of "is there a X?" are "no", 83% of "is there not a X?" are "yes"): a model
+    trained on them as they come can score 85% on them from that prior without looking at the image."""
 
     def __init__(self, model: Prompted, tokenizer: Tokenizer, vocab: CTCVocab,
                  batch_size: int, pattern: Sequence[str], seed: int = 0, shapes: ShapeQuestions | None = None,
-                 yes_no_repeat: int = 1) -> None:
+                 yes_no_repeat: int = 1, balance_yes_no: bool = False) -> None:
         if batch_size < 1 or not pattern or yes_no_repeat < 1:
             raise ValueError(f"need batch_size >= 1, a non-empty task pattern and yes_no_repeat >= 1, got "
                              f"{batch_size}, {pattern}, {yes_no_repeat}")
@@ -292,9 +323,9 @@ class DemoBatches:
         self.batch_size, self.pattern, self.seed, self.shapes = batch_size, tuple(pattern), seed, shapes
         self.sample_index = 0
         if shapes is not None:
-            pool = [i for i, answer in enumerate(shapes.answers)
-                    for _ in range(yes_no_repeat if answer in ("yes", "no") else 1)]
-            self._order = np.random.default_rng([seed, TASK_IDS["shape"]]).permutation(np.array(pool))
+            rng = np.random.default_rng([seed, TASK_IDS["shape"]])
+            pool = shape_question_pool(shapes.questions, shapes.answers, yes_no_repeat, balance_yes_no, rng)
+            self._order = rng.permutation(pool)
 
     def seek(self, sample_index: int) -> None:
         self.sample_index = sample_index

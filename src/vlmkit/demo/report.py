@@ -42,7 +42,17 @@ def results_rows(summary: dict) -> list[tuple[str, str, str, str]]:
             ("3-line paragraphs (256x96)", str(counts.get("paragraph", 0)), "mean NED (lower is better)",
              _fmt(summary["paragraph_ned"])),
             ("easy-VQA shape questions (test split)", str(counts.get("shape", 0)), "accuracy (exact match)",
-             _fmt(summary["shape_accuracy"], percent=True))]
+             _fmt(summary["shape_accuracy"], percent=True))] + _breakdown_rows(summary.get("shape_breakdown"))
+
+
+def _breakdown_rows(parts: dict | None) -> list[tuple[str, str, str, str]]:
+    """The shape score split (evaluate.shape_breakdown), with the yes/no baseline that ignores the image."""
+    if not parts or parts.get("yes_no") is None:
+        return []
+    return [("  what colour / shape questions", "", "accuracy", _fmt(parts["what"], percent=True)),
+            ("  yes/no questions", "", "accuracy", _fmt(parts["yes_no"], percent=True)),
+            ("  yes/no, answered by question form alone", "", "baseline (no image)",
+             _fmt(parts["yes_no_form_majority"], percent=True))]
 
 
 def terminal_text(result: DemoResult, per_task: int = 3) -> str:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from vlmkit.demo import data as D
-from vlmkit.demo.evaluate import generate_answers, score
+from vlmkit.demo.evaluate import generate_answers, score, shape_breakdown
 from vlmkit.demo.model import DemoConfig, DemoVLM, count_parameters
 from vlmkit.demo.saved import save_demo_model
 from vlmkit.train.loop import train
@@ -61,6 +61,7 @@ class Schedule:
     pattern: tuple[str, ...] = ("line", "shape", "shape", "line", "shape", "paragraph", "shape")
     warmup_pattern: tuple[str, ...] = ("line",)  # ("line", "line", "line", "shape") also trains the shape head
     yes_no_repeat: int = 2  # joint phase: easy-VQA's yes/no questions drawn this many times as often as the rest
+    balance_yes_no: bool = False  # joint phase: as many "yes" as "no" in each question form (data.shape_question_pool)
 
     def scaled(self, factor: float) -> Schedule:
         """The same schedule with every phase's steps times factor (at least 5 each)."""
@@ -251,7 +252,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                                  seed=settings.seed, shapes=shapes_train)
     read_batches = D.DemoBatches(model, tokenizer, vocab, schedule.batch_size, ["line"], seed=settings.seed + 1)
     joint_batches = D.DemoBatches(model, tokenizer, vocab, schedule.batch_size, schedule.pattern,
-                                  seed=settings.seed + 2, shapes=shapes_train, yes_no_repeat=schedule.yes_no_repeat)
+                                  seed=settings.seed + 2, shapes=shapes_train, yes_no_repeat=schedule.yes_no_repeat,
+                                  balance_yes_no=schedule.balance_yes_no)
     step_seconds = calibrate(model, joint_batches, schedule)
     reserve = eval_reserve(settings, step_seconds)
     budget = clock.left() - reserve
@@ -292,6 +294,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     summary = {
         "line_ned": _mean(scores["line"]), "paragraph_ned": _mean(scores["paragraph"]),
         "shape_accuracy": _mean(scores.get("shape", [])), "wall_minutes": round(wall / 60, 2),
+        "shape_breakdown": shape_breakdown(heldout.get("shape", []), answers.get("shape", []),
+                                           shapes_train.questions, shapes_train.answers),
         "heldout_counts": {task: len(samples) for task, samples in heldout.items()},
         "train_samples": {**_task_counts("warmup", schedule.warmup_pattern, done["warmup"], schedule.batch_size),
                           "read_lines": done["read"] * schedule.batch_size,
