@@ -20,7 +20,7 @@ from vlmkit.demo import data as D
 from vlmkit.demo.layout import BAND, line_bands, stack_lines
 from vlmkit.demo.model import DemoConfig, DemoVLM, soft_char_count
 from vlmkit.demo.report import terminal_text
-from vlmkit.demo.run import JSON_KEYS, DemoSettings, Schedule, build_model, run_demo
+from vlmkit.demo.run import JSON_KEYS, DemoSettings, Schedule, run_demo
 from vlmkit.generate import generate, generate_naive
 from vlmkit.models.ctc import BLANK
 from vlmkit.models.lm import IGNORE_INDEX
