@@ -202,7 +202,7 @@ def test_second_turn_from_cached_rows_equals_a_fresh_run(name, checkpoint, photo
     assert first == alone.texts[0]
 
     if "image_grid_thw" in pixels:  # the positions come from the grids: a transposed grid must show
-        rows = [image.rows for image in session.images]
+        rows = [image.encoded.rows for image in session.images]
         transposed = pixels["image_grid_thw"][:, [0, 2, 1]]  # same tokens per image, other M-RoPE positions
         assert not torch.equal(transposed, pixels["image_grid_thw"])
         with torch.no_grad():

@@ -9,7 +9,8 @@
     session.save("chat.json")                         # messages + image paths
 
 Image features are computed once per conversation, for every model that takes images (vlmkit's
-VLM, Qwen2-VL / Qwen2.5-VL, DeepSeek-VL), through one interface each of those classes has:
+VLM, Qwen2-VL / Qwen2.5-VL, DeepSeek-VL, the demo's DemoVLM), through one interface each of those
+classes has:
 - `encode_images(**image_inputs)` -> each image's (T_i, C) rows at the LM width (vision tower(s),
   projector or merger, layout), where image_inputs is what `LoadedModel.image_inputs` makes;
 - `forward(input_ids, image_embeds=rows, **positions)`: the rows scattered into the placeholders
@@ -17,8 +18,9 @@ VLM, Qwen2-VL / Qwen2.5-VL, DeepSeek-VL), through one interface each of those cl
   `image_position_inputs` (Qwen2-VL's image_grid_thw, from which the M-RoPE positions come; none
   for the others).
 An image is planned (its views and token count) and encoded the first time a turn that shows it is
-prompted; its rows and its own rows of the position inputs are kept, and every later prompt's
-prefill is built from them, so the vision tower never sees the image again. `vision_calls` counts
+prompted (`LoadedModel.encode` -> an EncodedImage: its rows and its own rows of the position
+inputs); every later prompt's prefill is built from those (`LoadedModel.encoded_prefill`, which the
+server's image-feature cache uses too), so the vision tower never sees the image again. `vision_calls` counts
 encode_images calls. The text of the conversation is still prefilled in full each turn (the KV cache
 lives inside one generate call), so positions are recomputed over the whole conversation exactly as
 for a fresh prompt.
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,7 @@ from PIL import Image
 from vlmkit.generate import GenerationResult, stream
 from vlmkit.image.load import ImageSource, load_image
 from vlmkit.image.plan import ImagePlan
-from vlmkit.load import LoadedModel
+from vlmkit.load import EncodedImage, LoadedModel
 from vlmkit.sampling import GenerationConfig
 from vlmkit.text.chat import Message
 
@@ -58,8 +60,7 @@ class ChatImage:
     image: Image.Image
     source: str | None  # the path it was loaded from; None for an in-memory image
     plan: ImagePlan | None = None
-    rows: torch.Tensor | None = None  # (T_i, C) encoded features, LM width
-    positions: dict[str, torch.Tensor] = field(default_factory=dict)  # its row of each image_position_inputs
+    encoded: EncodedImage | None = None  # its rows (T_i, C) at the LM width and position inputs, once encoded
 
 
 class ChatSession:
@@ -137,28 +138,18 @@ class ChatSession:
         for image, plan in zip(new, self.loaded.plan_images([image.image for image in new])):
             image.plan = plan
         prompt = self.loaded.prompt(messages, [image.plan for image in images])
-        self._encode([image for image in images if image.rows is None])
+        self._encode([image for image in images if image.encoded is None])
         image_of = {id(image.plan): image for image in images}
-        shown = [image_of[id(plan)] for plan in prompt.plans]  # placeholder order (an image may repeat)
-        if not shown:
-            return prompt.ids, {}
-        prefill: dict[str, Any] = {"image_embeds": [image.rows for image in shown]}
-        for key in self.loaded.model.image_position_inputs:
-            prefill[key] = torch.cat([image.positions[key] for image in shown])  # (images, ...)
-        return prompt.ids, prefill
+        shown = [image_of[id(plan)].encoded for plan in prompt.plans]  # placeholder order (an image may repeat)
+        return prompt.ids, self.loaded.encoded_prefill(shown)
 
-    @torch.inference_mode()
     def _encode(self, images: list[ChatImage]) -> None:
-        """Run the vision side once over images (one batch) and keep each image's (T_i, C) rows and its own
-        row of each position input (one row per image, e.g. Qwen2-VL's (1, 3) image_grid_thw)."""
+        """Run the vision side once over images (one batch) and keep each image's EncodedImage."""
         if not images:
             return
-        inputs = self.loaded.image_inputs([image.plan for image in images])
-        rows = self.loaded.model.encode_images(**inputs)  # N x (T_i, C)
         self.vision_calls += 1
-        for i, (image, image_rows) in enumerate(zip(images, rows)):
-            image.rows = image_rows
-            image.positions = {key: inputs[key][i:i + 1] for key in self.loaded.model.image_position_inputs}
+        for image, encoded in zip(images, self.loaded.encode([image.plan for image in images])):
+            image.encoded = encoded
 
     def _answer(self, user: Message, ids: list[int], prefill: dict[str, Any]) -> Iterator[str]:
         pieces = stream(self.model, ids, self.generation_config, self.loaded.tokenizer, prefill_inputs=prefill)

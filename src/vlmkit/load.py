@@ -21,6 +21,7 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -46,6 +47,21 @@ SPECIAL_SPECS = ("tiny-random", "smollm2-135m")
 IMAGE_MODELS = (VLM, Qwen2VL, DeepseekVL, DemoVLM)  # the model classes with an image placeholder
 SECONDS_PER_GRID = "second_per_grid"  # a Qwen2.5-VL video plan's extra: seconds per temporal patch
 MediaInput = Media | VideoFrames  # an image, a video's frames, or a video sampled by image.video
+
+
+@dataclass
+class EncodedImage:
+    """One image encoded for reuse: its rows (T_i, C) at the LM width and its own row of each of the model's
+    image_position_inputs (e.g. Qwen2-VL's image_grid_thw (1, 3)). The chat session and the server's
+    image-feature cache keep these so an image shown again skips the vision tower."""
+
+    rows: torch.Tensor
+    positions: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the storage of the rows and position tensors (owned copies: see LoadedModel.encode)."""
+        return sum(t.untyped_storage().nbytes() for t in (self.rows, *self.positions.values()))
 
 
 @dataclass
@@ -119,6 +135,26 @@ class LoadedModel:
         if seconds:
             inputs["second_per_grid_ts"] = torch.tensor(seconds)  # (videos,)
         return inputs or None
+
+    @torch.inference_mode()
+    def encode(self, plans: Sequence[ImagePlan]) -> list[EncodedImage]:
+        """Run the vision side once over the planned images (one encode_images call) and return each image's
+        EncodedImage, as owned copies (not views keeping the batch's whole output alive)."""
+        inputs = self.image_inputs(plans)
+        rows = self.model.encode_images(**inputs)  # N x (T_i, C)
+        return [EncodedImage(image_rows.clone(), {k: inputs[k][i:i + 1].clone() for k in
+                                                  self.model.image_position_inputs})
+                for i, image_rows in enumerate(rows)]
+
+    def encoded_prefill(self, shown: Sequence[EncodedImage]) -> dict[str, Any]:
+        """The forward keywords of a prompt whose image placeholders show `shown` in order: image_embeds (one
+        (T_i, C) tensor per image) and each position input (images, ...); {} without images."""
+        if not shown:
+            return {}
+        prefill: dict[str, Any] = {"image_embeds": [image.rows for image in shown]}
+        for key in self.model.image_position_inputs:
+            prefill[key] = torch.cat([image.positions[key] for image in shown])  # (images, ...)
+        return prefill
 
     def prompt(self, messages: Sequence[Message], plans: Sequence[MediaPlans] = ()) -> Prompt:
         """The conversation's ids with a generation prompt and the plans of its image runs in prompt order

@@ -40,13 +40,12 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from vlmkit.image.plan import ImagePlan
-from vlmkit.load import LoadedModel
+from vlmkit.load import EncodedImage, LoadedModel
 
 MB = 1024 * 1024
 IMAGE_CACHE_MB = 256  # default bound of the cache; e.g. ~27 LLaVA-1.5 images at float32 (576 x 4096 x 4 bytes)
@@ -82,19 +81,6 @@ def _feed(digest: Any, value: Any) -> None:
     else:
         raise TypeError(f"an image plan holds a {type(value).__name__}, which the image cache cannot key on; "
                         "plans may hold tensors, numbers, strings, and lists/tuples/dicts of them")
-
-
-@dataclass(frozen=True)
-class EncodedImage:
-    """One image's encoded rows (T_i, C) and its own row of each position input (e.g. image_grid_thw (1, 3))."""
-
-    rows: torch.Tensor
-    positions: dict[str, torch.Tensor]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held: the storage of the rows and position tensors (owned copies: see CachedImageEncoder)."""
-        return sum(t.untyped_storage().nbytes() for t in (self.rows, *self.positions.values()))
 
 
 class ImageFeatureCache:
@@ -161,7 +147,6 @@ class CachedImageEncoder:
         if not loaded.takes_images:
             raise ValueError(f"{loaded.name} is a text-only model; it has no images to cache")
         self.loaded, self.cache = loaded, cache
-        self.position_keys: tuple[str, ...] = loaded.model.image_position_inputs
 
     @torch.inference_mode()
     def prefill(self, images: Sequence[tuple[str, ImagePlan]]) -> dict[str, Any]:
@@ -181,15 +166,7 @@ class CachedImageEncoder:
             else:
                 found[key] = entry
         if missing:
-            inputs = self.loaded.image_inputs(list(missing.values()))
-            rows = self.loaded.model.encode_images(**inputs)  # N x (T_i, C)
-            for i, (key, image_rows) in enumerate(zip(missing, rows)):
-                # clone: an owned copy, not a view keeping the batch's whole output (or grid) alive
-                entry = EncodedImage(image_rows.clone(), {k: inputs[k][i:i + 1].clone() for k in self.position_keys})
+            for key, entry in zip(missing, self.loaded.encode(list(missing.values()))):
                 self.cache.put(key, entry)
                 found[key] = entry
-        shown = [found[key] for key, _ in images]
-        prefill: dict[str, Any] = {"image_embeds": [entry.rows for entry in shown]}
-        for name in self.position_keys:
-            prefill[name] = torch.cat([entry.positions[name] for entry in shown])  # (images, ...)
-        return prefill
+        return self.loaded.encoded_prefill([found[key] for key, _ in images])
