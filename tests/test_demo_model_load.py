@@ -205,6 +205,9 @@ def test_server_answers_a_base64_image_as_the_demo_evaluation(demo, samples, pre
         with pytest.raises(openai.BadRequestError, match="system message"):
             client.chat.completions.create(model="demo", max_tokens=4, messages=[
                 {"role": "system", "content": "be brief"}] + messages)
+        # the demo LM's 512 positions bound prompt + max_tokens (the shape prompt is under 100 tokens)
+        with pytest.raises(openai.BadRequestError, match="context of 512 tokens"):
+            client.chat.completions.create(model="demo", max_tokens=500, messages=messages)
     finally:
         server.stop()
 

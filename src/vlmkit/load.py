@@ -80,6 +80,12 @@ class LoadedModel:
         return isinstance(self.model, IMAGE_MODELS)
 
     @property
+    def context_length(self) -> int | None:
+        """The language model's max_position_embeddings (a VLM's LM is its .lm), or None when it states none."""
+        lm = getattr(self.model, "lm", self.model)
+        return getattr(getattr(lm, "cfg", None), "max_position_embeddings", None)
+
+    @property
     def image_token_id(self) -> int | None:
         return self.model.cfg.image_token_id if self.takes_images else None
 

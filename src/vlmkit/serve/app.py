@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch.nn as nn
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -85,7 +84,7 @@ class _Engine:
     def __init__(self, loaded: LoadedModel, limits: Limits, max_batch_size: int, max_queue: int,
                  image_cache_bytes: int) -> None:
         self.loaded, self.limits = loaded, limits
-        self.context_length = _context_length(loaded.model)
+        self.context_length = _context_length(loaded)
         self.batcher = Batcher(loaded.model, loaded.tokenizer, max_batch_size, max_queue)
         self.image_cache = ImageFeatureCache(image_cache_bytes)
         self.encoder = (CachedImageEncoder(loaded, self.image_cache)
@@ -314,11 +313,10 @@ def _usage(job: _Job, result: GenerationResult) -> dict[str, int]:
     return {"prompt_tokens": len(job.ids), "completion_tokens": completion, "total_tokens": len(job.ids) + completion}
 
 
-def _context_length(model: nn.Module) -> int | None:
-    """The language model's max_position_embeddings (a VLM's config holds it under .lm), or None.
+def _context_length(loaded: LoadedModel) -> int | None:
+    """The language model's context (LoadedModel.context_length), or None.
 
     A longrope (Phi-3) model is held to original_max_position_embeddings: past it the RoPE factors
     change for the whole batch (see batcher.py), and rows of a batch must not affect each other."""
-    cfg = getattr(model, "cfg", None)
-    limits = [getattr(getattr(cfg, "lm", cfg), "max_position_embeddings", None), _long_rope_threshold(model)]
+    limits = [loaded.context_length, _long_rope_threshold(loaded.model)]
     return min((n for n in limits if n is not None), default=None)

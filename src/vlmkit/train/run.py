@@ -262,11 +262,6 @@ def load_for_training(spec: str, samples: Sequence[Sample], seed: int) -> Loaded
                      f"(config.json + safetensors + tokenizer) or one of {', '.join(FRESH_PRESETS)}")
 
 
-def _context_length(loaded: LoadedModel) -> int:
-    cfg = loaded.model.cfg
-    return getattr(cfg, "lm", cfg).max_position_embeddings
-
-
 def build_example(sample: Sample, loaded: LoadedModel) -> TrainingExample:
     """A sample as a TrainingExample: its images decoded and planned under the model's image scheme, its ids
     and labels made by data.labels.build_training_example. Raises ValueError for an image that cannot be read
@@ -295,7 +290,9 @@ def prepare_data(samples: Sequence[Sample], loaded: LoadedModel, policy: str,
     whose conversation cannot be labelled, or which is longer than max_len tokens (default: the model's
     context). Each sample is built once here to find them. policy "fail" raises DatasetError listing every
     problem; "skip" leaves them out."""
-    limit = max_len if max_len is not None else _context_length(loaded)
+    limit = max_len if max_len is not None else loaded.context_length
+    if limit is None:
+        raise ValueError(f"{loaded.name} states no context length; give --max-len")
     good, problems = [], []
     for sample in samples:
         try:
