@@ -94,6 +94,15 @@ def colour_pixels(image: Image.Image) -> torch.Tensor:
     return x.permute(2, 0, 1).contiguous()
 
 
+def task_pixels(task: str, image: Image.Image) -> torch.Tensor:
+    """(3, H, W) model input of an image of a task, the one way the demo prepares them (training, evaluation
+    and a loaded demo model alike): a line as text pixels, a paragraph with its lines stacked first
+    (demo.layout.stack_lines), an easy-VQA shape image in colour."""
+    if task == "shape":
+        return colour_pixels(image)
+    return text_pixels(stack_lines(image) if task == "paragraph" else image)
+
+
 def _rng(seed: int, task: str, split: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, TASK_IDS[task], split, index])
 
@@ -130,7 +139,7 @@ def line_item(seed: int, split: int, index: int, keep_image: bool = False) -> Sa
     text = random_text(rng, *LINE_CHARS)
     style = random_style(rng, LINE_SIZE)
     image = render_text([text], style, LINE_SIZE)
-    return Sample(text_pixels(image), READ_PROMPT, text, "line", image if keep_image else None,
+    return Sample(task_pixels("line", image), READ_PROMPT, text, "line", image if keep_image else None,
                   char_centres(text, style, LINE_SIZE))
 
 
@@ -163,7 +172,7 @@ def paragraph_item(seed: int, split: int, index: int, keep_image: bool = False) 
     rng = _rng(seed, "paragraph", split, index)
     lines = [random_text(rng, *LINE_CHARS) for _ in range(PARAGRAPH_LINES)]
     image = render_text(lines, random_style(rng, PARAGRAPH_SIZE, len(lines)), PARAGRAPH_SIZE)
-    return Sample(text_pixels(stack_lines(image)), READ_PROMPT, "\n".join(lines), "paragraph",
+    return Sample(task_pixels("paragraph", image), READ_PROMPT, "\n".join(lines), "paragraph",
                   image if keep_image else None)
 
 
@@ -193,7 +202,7 @@ class ShapeQuestions:
     def item(self, index: int, keep_image: bool = False) -> Sample:
         array = self.images[self.image_ids[index]]
         image = Image.fromarray(array)
-        return Sample(colour_pixels(image), self.questions[index], self.answers[index], "shape",
+        return Sample(task_pixels("shape", image), self.questions[index], self.answers[index], "shape",
                       image if keep_image else None, labels=self.labels.get(self.image_ids[index]))
 
 

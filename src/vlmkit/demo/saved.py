@@ -19,9 +19,8 @@ How a loaded demo model is prompted (what vlmkit.load's LoadedModel uses for it)
   image and the last user question only: earlier turns are not shown to it (each question is answered on its
   own), a system message or a second image is refused.
 - plan_demo_image prepares an image as the demo prepared its evaluation data, chosen by its size (the only
-  sizes the model trained on): 256x32 a text line (demo.data.text_pixels), 256x96 a text block (its lines
-  stacked by demo.layout.stack_lines, then text_pixels), 64x64 an easy-VQA shape image
-  (demo.data.colour_pixels). Any other size is refused with that list.
+  sizes the model trained on, each prepared by demo.data.task_pixels): 256x32 a text line, 256x96 a text
+  block, 64x64 an easy-VQA shape image. Any other size is refused with that list.
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vlmkit.demo import data as D
-from vlmkit.demo.layout import stack_lines
 from vlmkit.demo.model import DemoConfig, DemoVLM
 from vlmkit.image.plan import ImagePlan
 from vlmkit.text.chat import ChatTemplate, Message
@@ -221,11 +219,7 @@ def plan_demo_image(model: DemoVLM, image: object) -> ImagePlan:
         sizes = ", ".join(f"{w}x{h} ({k})" for (w, h), k in IMAGE_SIZES.items())
         raise ValueError(f"the demo model takes images of the sizes it trained on: {sizes}; this image is "
                          f"{image.size[0]}x{image.size[1]}: crop or resize it to one of them")
-    rgb = image.convert("RGB")
-    if kind == "shape":
-        pixels = D.colour_pixels(rgb)
-    else:
-        pixels = D.text_pixels(stack_lines(rgb) if kind == "paragraph" else rgb)  # (3, H, W)
+    pixels = D.task_pixels(kind, image.convert("RGB"))  # (3, H, W)
     H, W = pixels.shape[1:]
     rows, cols = model.vision.grid(pixels[None])
     return ImagePlan(SCHEME, pixels[None], image.size, (W, H), (rows, cols), {"tokens": model.num_image_tokens(H, W)},
