@@ -75,6 +75,18 @@ def prune_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
     return old
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace path with text: written and fsynced under a hidden `.{name}.tmp-{pid}` name beside it, then
+    renamed, so a kill leaves the old file or the new one (and at worst that temporary file), never half of
+    one, and a reader (another rank) never sees a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import math
-import os
 import random
 import sys
 import time
@@ -48,7 +48,7 @@ from vlmkit.data.collate import collate, pack
 from vlmkit.data.labels import TrainingExample
 from vlmkit.models.lm import IGNORE_INDEX
 from vlmkit.train.checkpoint import (TrainState, load_checkpoint, prune_checkpoints, remove_partial_checkpoints,
-                                     rng_state, save_checkpoint)
+                                     rng_state, save_checkpoint, write_text_atomically)
 from vlmkit.train.distributed import (World, all_reduce_sum, barrier, current_world, gather_to_main, shard_bounds,
                                       wrap_model)
 from vlmkit.train.stages import Stage, module_groups
@@ -177,14 +177,11 @@ def _read_metrics(path: Path, upto: int) -> list[dict[str, str]]:
 
 def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     """Replace path with rows atomically: a kill leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRICS)
-        writer.writeheader()
-        writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=METRICS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomically(path, text.getvalue())
 
 
 def plot_loss(metrics_csv: str | Path, png: str | Path) -> Path | None:

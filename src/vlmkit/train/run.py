@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import string
 import sys
@@ -65,7 +64,7 @@ from vlmkit.models.qwen2_vl import Qwen2VLConfig
 from vlmkit.presets import PRESETS, Preset, build_model, get_preset
 from vlmkit.text.chat import chat_template_for
 from vlmkit.text.tokenizer import DEFAULT_SPECIAL_TOKENS, CharTokenizer
-from vlmkit.train.checkpoint import latest_checkpoint
+from vlmkit.train.checkpoint import latest_checkpoint, write_text_atomically
 from vlmkit.train.distributed import World, current_world
 from vlmkit.train.loop import ShuffledBatches, TrainResult, train
 from vlmkit.train.recipes import RECIPES, SMALL_SUFFIX, recipe
@@ -330,14 +329,6 @@ def _settings(cfg: RunConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Replace path with text (temporary file + rename): under torchrun the other ranks read run.json
-    (_resume_point) while rank 0 writes it, and must never see half of it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _resume_point(cfg: RunConfig, out: Path) -> Path | None:
     """The checkpoint to resume from (None for a fresh run), after checking run.json against cfg."""
     saved = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else None
@@ -377,7 +368,8 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
     problems += more
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomically(out / RUN_FILE, json.dumps(_settings(cfg), indent=1) + "\n")
+        write_text_atomically(out / RUN_FILE,  # the other ranks read it (_resume_point)
+                              json.dumps(_settings(cfg), indent=1) + "\n")
         if problems:
             (out / SKIPPED_FILE).write_text("".join(f"{p}\n" for p in problems))
             print(f"skipped {len(problems)} bad record(s) (listed in {out / SKIPPED_FILE}):", file=sys.stderr)
