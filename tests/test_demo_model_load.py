@@ -133,6 +133,22 @@ def test_saved_model_reloads_bit_for_bit(demo, samples):
     assert (out / saved.WEIGHTS_FILE).stat().st_size < 20e6  # ~4.25 M fp32 parameters, the tied head once
 
 
+def test_saved_model_loads_in_bf16(demo, samples):
+    """`--dtype bfloat16` on the demo folder: every weight in bf16, pixels cast by the model, and the logits those
+    of the fp32 model within bf16's rounding (8 bits of mantissa: a few hundredths of the logits' range)."""
+    result, out = demo
+    loaded = load_model(str(out), dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    for task in ("line", "shape"):
+        sample = samples[task][0]
+        batch = D.collate_samples([sample], result.tokenizer, D.ctc_vocab(), result.model)
+        with torch.no_grad():
+            expected = result.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+            got = loaded.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits.float()
+        spread = (expected.max() - expected.min()).item()
+        assert 0 < (got - expected).abs().max().item() <= 0.05 * spread, task
+
+
 def test_user_images_and_prompts_are_prepared_as_the_demo_did(demo, samples):
     loaded = load_model(str(demo[1]))
     for task, (sample, path) in samples.items():

@@ -13,6 +13,9 @@ as its sampled frames, each an image), Qwen2-VL / Qwen2.5-VL (images and videos 
 scheme, a video being one clip plan with its own `<|video_pad|>` placeholder and time ids) and
 DeepSeek-VL (images only), and the demo's DemoVLM (one image per conversation). A Qwen2-VL directory
 without a chat template gets the built-in `qwen2_vl`.
+
+`load_model(spec, dtype=torch.bfloat16)` casts the weights after loading (the `--dtype` flag of the verbs);
+activations and KV caches follow the weights' type, and every model casts its pixel inputs to it.
 """
 
 from __future__ import annotations
@@ -84,6 +87,11 @@ class LoadedModel:
         """The language model's max_position_embeddings (a VLM's LM is its .lm), or None when it states none."""
         lm = getattr(self.model, "lm", self.model)
         return getattr(getattr(lm, "cfg", None), "max_position_embeddings", None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The type of the weights (float32 unless loaded with a dtype), which activations and caches follow."""
+        return next(self.model.parameters()).dtype
 
     @property
     def image_token_id(self) -> int | None:

@@ -7,11 +7,10 @@ import json
 
 import torch
 
-from vlmkit.commands.common import add_model_flag
+from vlmkit.commands.common import add_model_flag, load_model_of
 from vlmkit.data.formats import load_dataset
 from vlmkit.eval.runner import (DEFAULT_METRICS, METRICS, PREDICTIONS_FILE, SUMMARY_FILE, evaluate, get_metrics,
                                 summary_table, write_results)
-from vlmkit.load import load_model
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +42,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     metrics = list(get_metrics([name.strip() for name in args.metrics.split(",") if name.strip()]))
     samples, _ = load_dataset(args.data)
-    result = evaluate(load_model(args.model), samples, metrics, batch_size=args.batch_size,
+    result = evaluate(load_model_of(args), samples, metrics, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, answer_separator=args.answer_separator,
                       compare_tesseract=args.tesseract, tesseract_psm=args.tesseract_psm, quiet=args.json)
     if args.out is not None:

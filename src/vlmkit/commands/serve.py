@@ -7,8 +7,7 @@ import os
 
 import torch
 
-from vlmkit.commands.common import add_model_flag
-from vlmkit.load import load_model
+from vlmkit.commands.common import add_model_flag, load_model_of
 from vlmkit.serve import DEFAULT_HOST, DEFAULT_PORT, Limits, create_app, run_server
 from vlmkit.serve.batcher import MAX_BATCH_SIZE, MAX_QUEUE
 from vlmkit.serve.image_cache import IMAGE_CACHE_MB, MB
@@ -56,7 +55,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_request_bytes=args.max_request_bytes, max_images=args.max_images,
                     max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
                     max_tokens=args.max_tokens)
-    app = create_app(load_model(args.model), model_name=args.model_name or args.model, api_key=args.api_key,
+    app = create_app(load_model_of(args), model_name=args.model_name or args.model, api_key=args.api_key,
                      allow_local_images_root=args.allow_local_images, limits=limits,
                      max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                      image_cache_bytes=int(args.image_cache_mb * MB))

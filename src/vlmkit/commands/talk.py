@@ -12,11 +12,10 @@ from pathlib import Path
 import torch
 
 from vlmkit.chat_session import ChatSession
-from vlmkit.commands.common import add_model_flag
+from vlmkit.commands.common import add_model_flag, load_model_of
 from vlmkit.generate import GenerationConfig, generate, stream
 from vlmkit.image.load import load_image
 from vlmkit.image.video import VideoFrames, load_video_frames
-from vlmkit.load import load_model
 
 
 DEFAULT_VIDEO_FPS = 2.0  # Qwen2-VL samples video at 2 frames per second
@@ -92,7 +91,7 @@ def _load_videos(args: argparse.Namespace) -> list[VideoFrames]:
 def _run_generate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model)
+    loaded = load_model_of(args)
     images = [load_image(path) for path in args.image]
     videos = _load_videos(args)
     content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos] + \
@@ -147,7 +146,7 @@ def _run_chat(args: argparse.Namespace) -> int:
         raise ValueError("--json goes with --prompt (the one-shot form); leave it out to chat interactively")
     if args.threads:
         torch.set_num_threads(args.threads)
-    session = ChatSession(load_model(args.model), _generation_config(args), system=args.system)
+    session = ChatSession(load_model_of(args), _generation_config(args), system=args.system)
     for path in args.image:
         session.attach_image(path)
     if args.prompt is None:

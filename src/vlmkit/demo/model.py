@@ -221,7 +221,7 @@ class DemoVLM(nn.Module):
 
     def read(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(features (B, T, D), CTC logits (B, T, V_ctc)) of (B, 3, H, W) pixels."""
-        features = self.vision(pixel_values)
+        features = self.vision(pixel_values.to(next(self.vision.parameters()).dtype))  # as the weights (--dtype)
         return features, self.ctc(features, (1, features.shape[1]))
 
     def ctc_read(self, pixel_values: torch.Tensor) -> list[list[int]]:

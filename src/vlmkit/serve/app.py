@@ -3,7 +3,8 @@
     app = create_app(load_model("tiny-random"), model_name="tiny-random")
     run_server(app, host="127.0.0.1", port=8000)      # or: vlmkit serve --model tiny-random
 
-    GET  /health               {"status": "ok", "model": ..., "active_requests": n, "queued_requests": n,
+    GET  /health               {"status": "ok", "model": ..., "dtype": "float32", "active_requests": n,
+                                "queued_requests": n,
                                 "image_cache": {"max_bytes", "entries", "bytes", "hits", "misses", "evictions"}}
                                (no API key needed)
     GET  /v1/models            OpenAI's model list (one model)
@@ -190,7 +191,8 @@ def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: s
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "active_requests": engine.batcher.active,
+        return {"status": "ok", "model": model_name, "dtype": str(engine.loaded.dtype).removeprefix("torch."),
+                "active_requests": engine.batcher.active,
                 "queued_requests": engine.batcher.queued, "image_cache": engine.image_cache.stats()}
 
     @app.get("/v1/models")
