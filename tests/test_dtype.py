@@ -17,6 +17,7 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_dtype.py
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import string
 
@@ -35,6 +36,7 @@ from vlmkit.commands.common import load_model_of
 from vlmkit.image.load import load_image
 from vlmkit.load import load_model
 from vlmkit.models import from_pretrained
+from vlmkit.models.lm import cache_dtype
 from vlmkit.sampling import GenerationConfig
 from vlmkit.serve import create_app
 from vlmkit.text.tokenizer import CharTokenizer
@@ -74,6 +76,31 @@ def test_llava_in_bf16_is_as_close_as_transformers_in_bf16(tmp_path):
         hf16 = hf.to(torch.bfloat16)(input_ids=ids, pixel_values=pixels.bfloat16()).logits
         ours16 = ours.to(torch.bfloat16)(input_ids=ids, pixel_values=pixels).logits  # pixels cast by the model
     _assert_bf16_like_transformers(ours16, ours32, hf16, hf32)
+
+
+def test_bf16_decoding_reads_an_fp32_cache_and_stays_as_close(tmp_path):
+    """On a CPU the KV cache of a bf16 model is fp32 (models/lm.py cache_dtype: bf16 attention kernels are several
+    times slower there). Decoding token by token from it must be as close to transformers' fp32 logits as
+    transformers' own bf16 forward is."""
+    hf = _widen(_hf_llava())
+    hf.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path).eval().to(torch.bfloat16)
+    pixels = _pixels(ours)
+    ids = torch.tensor([_prompt(1, 16, text_len=200)])
+    steps = 8  # the last tokens, fed one at a time after a prefill of the rest
+    cache = ours.new_cache(1, ids.shape[1])
+    assert cache.keys[0].dtype == torch.float32
+    with torch.no_grad():
+        hf32 = hf(input_ids=ids, pixel_values=pixels).logits[:, -steps:]
+        ours32 = from_pretrained(tmp_path).eval()(input_ids=ids, pixel_values=pixels).logits[:, -steps:]
+        hf16 = hf.to(torch.bfloat16)(input_ids=ids, pixel_values=pixels.bfloat16()).logits[:, -steps:]
+        ours(input_ids=ids[:, :-steps], pixel_values=pixels, cache=cache)
+        decoded = torch.cat([ours(input_ids=ids[:, i:i + 1], cache=cache).logits
+                             for i in range(ids.shape[1] - steps, ids.shape[1])], dim=1)  # (1, steps, V)
+    _assert_bf16_like_transformers(decoded, ours32, hf16, hf32)
+    latent = dataclasses.replace(ours.cfg.lm, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
+                                 num_kv_heads=ours.cfg.lm.num_heads)
+    assert cache_dtype(latent, torch.zeros(1, dtype=torch.bfloat16)) == torch.bfloat16  # MLA keeps the weights'
 
 
 def test_qwen2_vl_loaded_in_bf16_is_as_close_as_transformers_in_bf16(tmp_path):

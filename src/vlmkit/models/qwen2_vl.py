@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from vlmkit.config import LMConfig, require, Serializable
 from vlmkit.image.plan import ImagePlan
-from vlmkit.models.lm import CausalLM, CausalLMOutput, KVCache, default_position_ids
+from vlmkit.models.lm import CausalLM, CausalLMOutput, KVCache, cache_dtype, default_position_ids
 from vlmkit.models.rope import apply_rotary, rope_parameters, signed_sin
 from vlmkit.models.activations import ACTIVATIONS
 from vlmkit.models.mrope import grid_list, mrope_positions
@@ -280,7 +280,7 @@ class Qwen2VL(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int) -> MRopeCache:
         p = self.lm.embed.weight
-        return MRopeCache(self.cfg.lm, batch_size, max_len, dtype=p.dtype, device=p.device)
+        return MRopeCache(self.cfg.lm, batch_size, max_len, dtype=cache_dtype(self.cfg.lm, p), device=p.device)
 
     def _merged(self, pixels: torch.Tensor | None, grid_thw: torch.Tensor | list | None,
                 kind: str) -> torch.Tensor | None:
