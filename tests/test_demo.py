@@ -54,12 +54,39 @@ def test_frame_targets_by_hand():
 
 
 def test_shape_labels_from_the_questions():
-    questions = ["what color is the shape?", "is there a red shape?", "what shape is in the image?",
-                 "what is the blue shape?"]
-    answers = ["teal", "no", "circle", "rectangle"]
-    labels = D.image_labels(questions, answers, [7, 7, 7, 9])
-    assert labels == {7: (D.SHAPE_COLOURS.index("teal"), D.SHAPE_NAMES.index("circle")),
-                      9: (IGNORE_INDEX, D.SHAPE_NAMES.index("rectangle"))}
+    questions = ["what color is the shape?", "is there a red shape?", "what shape is in the image?",  # image 7
+                 "what is the blue shape?",  # image 9: the question's colour word describes it too
+                 "is there not a circle?", "does the image contain a green shape?",  # image 4: a circle, colour ?
+                 "is there a circle?", "is no triangle present?", "is there a red shape?"]  # image 5
+    answers = ["teal", "no", "circle", "rectangle", "no", "no", "no", "yes", "yes"]
+    labels = D.image_labels(questions, answers, [7, 7, 7, 9, 4, 4, 5, 5, 5])
+    colour, shape = D.SHAPE_COLOURS.index, D.SHAPE_NAMES.index
+    assert labels == {7: (colour("teal"), shape("circle")), 9: (colour("blue"), shape("rectangle")),
+                      4: (IGNORE_INDEX, shape("circle")),
+                      5: (colour("red"), shape("rectangle"))}  # neither circle nor triangle: the rectangle
+    assert D.image_description(labels[9]) == "blue rectangle" and D.image_description(labels[4]) is None
+    with pytest.raises(ValueError, match="image 3: its questions contradict each other on its colour"):
+        D.image_labels(["what color is the shape?", "is there a red shape?"], ["red", "no"], [3, 3])
+
+
+def test_yes_no_target_is_the_images_description_then_the_answer():
+    # easy-VQA test question 3, "does the image contain a circle?" -> "no"; its image's questions 0 and 1 say
+    # "what is the red shape?" -> "triangle", "what is the color of the triangle?" -> "red"
+    shapes = D.ShapeQuestions(D.HELDOUT)
+    assert (shapes.questions[3], shapes.answers[3]) == ("does the image contain a circle?", "no")
+    sample = shapes.item(3, rationale=True)
+    assert sample.answer == "no" and sample.reply() == "red triangle. no"
+    assert shapes.item(3).reply() == "no" and shapes.item(0, rationale=True).reply() == "triangle"  # "what": plain
+    model, tokenizer = _tiny_model()
+    batch = D.collate_samples([sample], tokenizer, D.ctc_vocab(), model)
+    row, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    assert tokenizer.decode([t for t, lab in zip(row, labels) if lab != IGNORE_INDEX]) == "red triangle. no</s>"
+    # the answer is taken out of a reply after its rationale, by one function used by evaluation
+    from vlmkit.demo.evaluate import score
+    assert D.reply_answer("shape", "red triangle. no") == "no" and D.reply_answer("shape", "triangle") == "triangle"
+    assert D.reply_rationale("red triangle. no") == "red triangle" and D.reply_rationale("no") is None
+    assert D.reply_answer("line", "ab. cd") == "ab. cd"
+    assert score(sample, "red triangle. no") == 1.0 and score(sample, "red circle. yes") == 0.0
 
 
 def test_soft_char_count_by_hand():
@@ -152,7 +179,8 @@ def test_yes_no_questions_balanced_per_form():
         def __len__(self):
             return len(self.questions)
 
-        def item(self, index):
+        def item(self, index, rationale=False):
+            assert not rationale
             return D.Sample(torch.zeros(3, 64, 64), self.questions[index], self.answers[index], "shape")
 
     # 6 yes/no questions x 2 = 12 draws, 3 for each (negated?, answer) group; the "what" question once
@@ -247,15 +275,17 @@ def test_default_demo_reaches_the_issue_targets(tmp_path):
 def test_shape_breakdown_by_hand():
     from vlmkit.demo.evaluate import shape_breakdown
 
-    def sample(question, answer):
-        return D.Sample(torch.zeros(3, 64, 64), question, answer, "shape")
+    red_circle = (D.SHAPE_COLOURS.index("red"), D.SHAPE_NAMES.index("circle"))
+
+    def sample(question, answer, labels=red_circle):
+        return D.Sample(torch.zeros(3, 64, 64), question, answer, "shape", labels=labels)
 
     # training forms: plain questions mostly "no" (2 of 3), negated mostly "yes" (2 of 3)
     train_q = ["is there a circle?", "is a red shape present?", "is there a triangle?",
                "is there not a circle?", "is no red shape present?", "is there not a blue shape?", "what shape?"]
     train_a = ["no", "no", "yes", "yes", "yes", "no", "circle"]
     held = [sample("is there a circle?", "yes"), sample("is there a blue shape?", "no"),
-            sample("is there not a circle?", "no"), sample("is no triangle present?", "yes"),
+            sample("is there not a circle?", "no"), sample("is no triangle present?", "yes", (IGNORE_INDEX, 2)),
             sample("what color is the shape?", "red"), sample("what shape is it?", "circle"),
             D.Sample(torch.zeros(3, 32, 256), "Read the text.", "ab", "line")]
     answers = ["yes", "yes", "yes", "yes", "red", "triangle", "ab"]
@@ -263,3 +293,9 @@ def test_shape_breakdown_by_hand():
     assert parts["what"] == 0.5  # red right, triangle wrong; the text line is not a shape question
     assert parts["yes_no"] == 0.5  # yes/yes right, yes/no wrong, yes/no wrong, yes/yes right
     assert parts["yes_no_form_majority"] == 0.5  # no/yes, no/no, yes/no, yes/yes
+    assert parts["rationale"] is None and parts["rationale_scored"] == 3  # no reply gave one
+    # replies with rationales: the answer after it is scored; the rationale against "red circle" (3 known)
+    answers = ["red circle. yes", "blue circle. yes", "red circle. no", "gray triangle. yes", "red", "triangle", "ab"]
+    parts = shape_breakdown(held, answers, train_q, train_a)
+    assert parts["what"] == 0.5 and parts["yes_no"] == 0.75  # yes, yes (wrong), no, yes
+    assert parts["rationale"] == 2 / 3  # red circle, blue circle (wrong), red circle; the 4th image unknown

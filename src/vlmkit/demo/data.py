@@ -6,9 +6,11 @@ fly by vlmkit.data.synth_text from np.random.default_rng([seed, task, split, ind
 easy-VQA's (PyPI `easy-vqa`, images and questions shipped in the package): training draws from its train
 split, evaluation uses its test split (different images).
 
-A sample becomes one LM row:  <s> <image>*T  question "\\n"  answer </s>   (labels on answer and </s>)
+A sample becomes one LM row:  <s> <image>*T  question "\\n"  reply </s>   (labels on reply and </s>)
 plus CTC targets for text images (the answer's characters; a paragraph's line breaks count as one
-character each, a space in the CTC alphabet).
+character each, a space in the CTC alphabet). The reply is the answer, or, for a yes/no shape question
+trained with a rationale, the image's description then the answer: "red circle. no" (rationale_reply;
+reply_answer takes the answer back out of a generated reply, the one place that parses replies).
 
 Pixels: text images become each channel's distance from its median (vlmkit.train.ctc.line_pixels: text
 bright on dark whatever the colours); shape images keep their colours. Both end in [-1, 1].
@@ -65,6 +67,11 @@ class Sample:
     image: Image.Image | None = None  # kept for the report's pictures
     centres: list[tuple[float, float]] | None = None  # each character's (centre x, advance width)
     labels: tuple[int, int] | None = None  # a shape image's (colour, shape) class, IGNORE_INDEX where unknown
+    target: str | None = None  # what training teaches when it is not the answer itself (rationale_reply)
+
+    def reply(self) -> str:
+        """The text the LM is trained to write: the target if there is one, else the answer."""
+        return self.answer if self.target is None else self.target
 
 
 def demo_tokenizer() -> CharTokenizer:
@@ -199,29 +206,95 @@ class ShapeQuestions:
     def __len__(self) -> int:
         return len(self.questions)
 
-    def item(self, index: int, keep_image: bool = False) -> Sample:
+    def description(self, index: int) -> str | None:
+        """The "colour shape" words of question index's image (image_description), None when unknown."""
+        return image_description(self.labels.get(self.image_ids[index]))
+
+    def item(self, index: int, keep_image: bool = False, rationale: bool = False) -> Sample:
+        """Question index as a Sample; with rationale, a yes/no question's training target is
+        rationale_reply(the image's description, the answer) (ValueError if the image's class is unknown)."""
         array = self.images[self.image_ids[index]]
         image = Image.fromarray(array)
-        return Sample(task_pixels("shape", image), self.questions[index], self.answers[index], "shape",
-                      image if keep_image else None, labels=self.labels.get(self.image_ids[index]))
+        question, answer = self.questions[index], self.answers[index]
+        target = None
+        if rationale and answer in YES_NO:
+            description = self.description(index)
+            if description is None:
+                raise ValueError(f"question {index} ({question!r}) of easy-VQA split {self.split}: its image's colour "
+                                 "and shape are not both known from its questions, so no rationale can be built")
+            target = rationale_reply(description, answer)
+        return Sample(task_pixels("shape", image), question, answer, "shape", image if keep_image else None,
+                      labels=self.labels.get(self.image_ids[index]), target=target)
 
 
 SHAPE_COLOURS = ("red", "green", "blue", "yellow", "black", "gray", "teal", "brown")
 SHAPE_NAMES = ("circle", "rectangle", "triangle")
+YES_NO = ("yes", "no")
+RATIONALE_END = ". "  # between a yes/no reply's rationale and its answer (characters of the demo vocabulary)
+SHAPE_REPLY_CHARS = max(map(len, SHAPE_COLOURS)) + 1 + max(map(len, SHAPE_NAMES)) + len(RATIONALE_END) + 3
 
 
 def image_labels(questions: Sequence[str], answers: Sequence[str], image_ids: Sequence[int]
                  ) -> dict[int, tuple[int, int]]:
-    """Each image's (colour, shape) class as its own "what" questions answer them (IGNORE_INDEX where none
-    does): the shape vocabulary of the tower, read off the training questions."""
-    labels: dict[int, list[int]] = {}
+    """Each image's (colour, shape) class as its own questions tell it (IGNORE_INDEX where they do not): the
+    shape vocabulary of the tower and the rationale's description. easy-VQA ships no class per image, so it
+    is read off every question of the image:
+    - a "what" question's answer is its class; a class word in it describes the same image
+      ("what color is the circle?" -> "red": red and circle);
+    - a yes/no question states that its class word is present (answer "yes" and not negated, or "no" and
+      negated: the class) or absent (the class is excluded); a class left alone when all others of its
+      kind are excluded is the class.
+    Contradicting evidence raises ValueError (the questions would not describe one image)."""
+    known: dict[int, list[set[str]]] = {}
+    excluded: dict[int, list[set[str]]] = {}
     for question, answer, image in zip(questions, answers, image_ids):
-        entry = labels.setdefault(image, [IGNORE_INDEX, IGNORE_INDEX])
-        if question.startswith("what") and answer in SHAPE_COLOURS:
-            entry[0] = SHAPE_COLOURS.index(answer)
-        elif question.startswith("what") and answer in SHAPE_NAMES:
-            entry[1] = SHAPE_NAMES.index(answer)
-    return {image: (c, k) for image, (c, k) in labels.items()}
+        words = set(question.rstrip("?").split())
+        named = [[c for c in SHAPE_COLOURS if c in words], [k for k in SHAPE_NAMES if k in words]]
+        seen, ruled_out = known.setdefault(image, [set(), set()]), excluded.setdefault(image, [set(), set()])
+        if question.startswith("what"):
+            for kind, classes in enumerate((SHAPE_COLOURS, SHAPE_NAMES)):
+                seen[kind].update(named[kind] + ([answer] if answer in classes else []))
+        elif answer in YES_NO:
+            present = (answer == "yes") != is_negated(question)
+            for kind in (0, 1):
+                (seen if present else ruled_out)[kind].update(named[kind])
+    labels = {}
+    for image, seen in known.items():
+        label = []
+        for kind, classes in enumerate((SHAPE_COLOURS, SHAPE_NAMES)):
+            left = [c for c in classes if c not in excluded[image][kind]]
+            if len(seen[kind]) > 1 or seen[kind] - set(left):
+                raise ValueError(f"easy-VQA image {image}: its questions contradict each other on its "
+                                 f"{('colour', 'shape')[kind]} (named {sorted(seen[kind])}, excluded "
+                                 f"{sorted(excluded[image][kind])})")
+            chosen = next(iter(seen[kind])) if seen[kind] else (left[0] if len(left) == 1 else None)
+            label.append(IGNORE_INDEX if chosen is None else classes.index(chosen))
+        labels[image] = (label[0], label[1])
+    return labels
+
+
+def image_description(label: tuple[int, int] | None) -> str | None:
+    """"colour shape" words of an image_labels class ("red circle"), None unless both are known."""
+    if label is None or IGNORE_INDEX in label:
+        return None
+    return f"{SHAPE_COLOURS[label[0]]} {SHAPE_NAMES[label[1]]}"
+
+
+def rationale_reply(description: str, answer: str) -> str:
+    """A yes/no question's reply with its rationale: the image's description, RATIONALE_END, the answer."""
+    return f"{description}{RATIONALE_END}{answer}"
+
+
+def reply_answer(task: str, reply: str) -> str:
+    """The answer in a generated reply: a shape reply's text after its last RATIONALE_END (all of it when
+    there is none); a text task's reply whole. Evaluation, the report and the tests all parse replies here."""
+    return reply.rpartition(RATIONALE_END)[2] if task == "shape" else reply
+
+
+def reply_rationale(reply: str) -> str | None:
+    """The rationale of a shape reply (the text before its last RATIONALE_END), None when it has none."""
+    rationale, end, _ = reply.rpartition(RATIONALE_END)
+    return rationale if end else None
 
 
 def class_words(tokenizer: Tokenizer) -> tuple[tuple[int, ...], ...]:
@@ -248,7 +321,8 @@ def collate_samples(samples: Sequence[Sample], tokenizer: Tokenizer, vocab: CTCV
     model gives the image placeholder id and the image-token count of an image size."""
     pixels = _stack_padded([s.pixels for s in samples])  # (B, 3, H, W)
     num_image_tokens = model.num_image_tokens(pixels.shape[2], pixels.shape[3])
-    rows = [encode_row(tokenizer, model.image_token_id, num_image_tokens, s.question, s.answer) for s in samples]
+    rows = [encode_row(tokenizer, model.image_token_id, num_image_tokens, s.question, s.reply())
+            for s in samples]
     L = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), L), IGNORE_INDEX, dtype=torch.long)
@@ -315,11 +389,15 @@ class DemoBatches:
     in a seeded order of shape_question_pool: yes/no questions yes_no_repeat times as often as the rest (the
     harder kind), optionally balanced. Balancing matters because easy-VQA's yes/no answers follow the
     question's form (about 85% of "is there a X?" are "no", 83% of "is there not a X?" are "yes"): a model
-    trained on them as they come can score 85% on them from that prior without looking at the image."""
+    trained on them as they come can score 85% on them from that prior without looking at the image.
+    With rationale, yes/no questions are trained to reply with the image's description first
+    (rationale_reply: "red circle. no"), so the answer compares the question's word with text the model
+    has just written; yes/no questions whose image's colour or shape its questions do not tell
+    (image_labels) are left out of the order then."""
 
     def __init__(self, model: Prompted, tokenizer: Tokenizer, vocab: CTCVocab,
                  batch_size: int, pattern: Sequence[str], seed: int = 0, shapes: ShapeQuestions | None = None,
-                 yes_no_repeat: int = 1, balance_yes_no: bool = False) -> None:
+                 yes_no_repeat: int = 1, balance_yes_no: bool = False, rationale: bool = False) -> None:
         if batch_size < 1 or not pattern or yes_no_repeat < 1:
             raise ValueError(f"need batch_size >= 1, a non-empty task pattern and yes_no_repeat >= 1, got "
                              f"{batch_size}, {pattern}, {yes_no_repeat}")
@@ -330,10 +408,13 @@ class DemoBatches:
             raise ValueError("a pattern with 'shape' batches needs the easy-VQA train questions (shapes=...)")
         self.model, self.tokenizer, self.vocab = model, tokenizer, vocab
         self.batch_size, self.pattern, self.seed, self.shapes = batch_size, tuple(pattern), seed, shapes
-        self.sample_index = 0
+        self.sample_index, self.rationale = 0, rationale
         if shapes is not None:
             rng = np.random.default_rng([seed, TASK_IDS["shape"]])
             pool = shape_question_pool(shapes.questions, shapes.answers, yes_no_repeat, balance_yes_no, rng)
+            if rationale:
+                pool = np.array([i for i in pool if shapes.answers[i] not in YES_NO or shapes.description(i)],
+                                dtype=np.int64)
             self._order = rng.permutation(pool)
 
     def seek(self, sample_index: int) -> None:
@@ -354,7 +435,7 @@ class DemoBatches:
         if task == "paragraph":
             return [paragraph_item(self.seed, TRAIN, i) for i in indices]
         n = len(self._order)
-        return [self.shapes.item(int(self._order[i % n])) for i in indices]
+        return [self.shapes.item(int(self._order[i % n]), rationale=self.rationale) for i in indices]
 
     def __iter__(self) -> Iterator[Batch]:
         while True:

@@ -4,10 +4,12 @@
     scores  = score(samples, answers)                                # per-sample NED or exact match
 
 Text lines and paragraphs are scored by normalized edit distance (vlmkit.eval.metrics, Vary's OCR metric);
-shape questions by exact match of the one-word answer (easy-VQA has one reference per question).
+shape questions by exact match of the one-word answer (easy-VQA has one reference per question), the answer
+taken out of the reply by demo.data.reply_answer (a reply may start with a rationale: "red circle. no").
 `shape_breakdown` splits the shape score into "what" and yes/no questions and sets the yes/no figure beside
 a baseline that never looks at the image: the answer its question form (negated or not) most often has in
 the training split. easy-VQA's yes/no answers are skewed by form, so that baseline is high (about 85%).
+It also scores the rationales the yes/no replies give against the image's description (data.image_labels).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vlmkit.demo.data import Sample, encode_row, is_negated
+from vlmkit.demo.data import YES_NO, Sample, encode_row, image_description, is_negated, reply_answer, reply_rationale
 from vlmkit.demo.model import DemoVLM
 from vlmkit.eval.metrics import exact_match, normalized_edit_distance
 from vlmkit.generate import generate
@@ -51,11 +53,12 @@ def generate_answers(model: DemoVLM, tokenizer: Tokenizer, samples: Sequence[Sam
     return answers
 
 
-def score(sample: Sample, answer: str) -> float:
-    """NED (lower is better) for text tasks, exact match (1 = right) for shape questions."""
+def score(sample: Sample, reply: str) -> float:
+    """NED (lower is better) for text tasks, exact match (1 = right) of the reply's answer (reply_answer) for
+    shape questions."""
     if sample.task == "shape":
-        return exact_match(answer, sample.answer)
-    return normalized_edit_distance(answer, sample.answer)
+        return exact_match(reply_answer("shape", reply), sample.answer)
+    return normalized_edit_distance(reply, sample.answer)
 
 
 def mean_score(samples: Sequence[Sample], answers: Sequence[str]) -> float:
@@ -67,7 +70,9 @@ def mean_score(samples: Sequence[Sample], answers: Sequence[str]) -> float:
 def shape_breakdown(samples: Sequence[Sample], answers: Sequence[str], train_questions: Sequence[str],
                     train_answers: Sequence[str]) -> dict[str, float | None]:
     """Accuracy on the "what" and the yes/no shape questions, and on the yes/no ones of the baseline that answers
-    every question with the majority answer of its form (is_negated or not) among the training questions."""
+    every question with the majority answer of its form (is_negated or not) among the training questions;
+    "rationale": the share of yes/no replies whose rationale is the image's description, over the yes/no
+    questions whose image's description is known (None when no reply has a rationale), with their count."""
     counts: dict[bool, dict[str, int]] = {False: {}, True: {}}
     for question, answer in zip(train_questions, train_answers):
         if answer in ("yes", "no"):
@@ -75,10 +80,14 @@ def shape_breakdown(samples: Sequence[Sample], answers: Sequence[str], train_que
             form[answer] = form.get(answer, 0) + 1
     majority = {negated: max(form, key=form.get) if form else None for negated, form in counts.items()}
     shapes = [(s, a) for s, a in zip(samples, answers) if s.task == "shape"]
-    what = [exact_match(a, s.answer) for s, a in shapes if s.answer not in ("yes", "no")]
-    yes_no = [(s, a) for s, a in shapes if s.answer in ("yes", "no")]
+    what = [score(s, a) for s, a in shapes if s.answer not in YES_NO]
+    yes_no = [(s, a) for s, a in shapes if s.answer in YES_NO]
+    described = [(image_description(s.labels), reply_rationale(a)) for s, a in yes_no if image_description(s.labels)]
+    given = any(r is not None for _, r in described)
 
     def mean(values: list[float]) -> float | None:
         return sum(values) / len(values) if values else None
-    return {"what": mean(what), "yes_no": mean([exact_match(a, s.answer) for s, a in yes_no]),
-            "yes_no_form_majority": mean([float(majority[is_negated(s.question)] == s.answer) for s, _ in yes_no])}
+    return {"what": mean(what), "yes_no": mean([score(s, a) for s, a in yes_no]),
+            "yes_no_form_majority": mean([float(majority[is_negated(s.question)] == s.answer) for s, _ in yes_no]),
+            "rationale": mean([float(d == r) for d, r in described]) if given else None,
+            "rationale_scored": len(described)}

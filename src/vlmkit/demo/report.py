@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vlmkit.demo.data import READ_PROMPT
+from vlmkit.demo.data import READ_PROMPT, reply_answer
 
 if TYPE_CHECKING:
     from vlmkit.demo.data import Sample
@@ -52,7 +52,9 @@ def _breakdown_rows(parts: dict | None) -> list[tuple[str, str, str, str]]:
     return [("  what colour / shape questions", "", "accuracy", _fmt(parts["what"], percent=True)),
             ("  yes/no questions", "", "accuracy", _fmt(parts["yes_no"], percent=True)),
             ("  yes/no, answered by question form alone", "", "baseline (no image)",
-             _fmt(parts["yes_no_form_majority"], percent=True))]
+             _fmt(parts["yes_no_form_majority"], percent=True))] + (
+        [("  yes/no rationale names the image's colour and shape", str(parts["rationale_scored"]), "accuracy",
+          _fmt(parts["rationale"], percent=True))] if parts.get("rationale") is not None else [])
 
 
 def terminal_text(result: DemoResult, per_task: int = 3) -> str:
@@ -69,7 +71,7 @@ def terminal_text(result: DemoResult, per_task: int = 3) -> str:
     for task in ("line", "paragraph", "shape"):
         for ex in [e for e in result.examples if e["task"] == task][:per_task]:
             answer, pred = ex["answer"].replace("\n", " / "), ex["prediction"].replace("\n", " / ")
-            mark = "ok" if ex["answer"] == ex["prediction"] else "  "
+            mark = "ok" if ex["answer"] == reply_answer(task, ex["prediction"]) else "  "
             question = "" if task != "shape" else f"{ex['question']}  "
             out.append(f"  {mark} [{task}] {question}-> {pred!r}   (reference {answer!r})")
     for note in result.notes:
@@ -127,7 +129,7 @@ def plot_samples(heldout: dict[str, list[Sample]], answers: dict[str, list[str]]
         ax = fig.add_subplot(grid[r, :])
         ax.imshow(sample.image)
         ax.set_axis_off()
-        ok = "correct" if answer == sample.answer else "differs"
+        ok = "correct" if reply_answer(task, answer) == sample.answer else "differs"
         ax.set_title(f"{task} ({ok}) model: {answer!r}\nreference: {sample.answer!r}".replace("\\n", " / "),
                      fontsize=7, loc="left", family="monospace")
     for c, (task, sample, answer) in enumerate(shapes):

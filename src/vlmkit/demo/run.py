@@ -6,11 +6,13 @@
 The schedule (vlmkit.train.loop.train, stages as data; every phase a warmup + cosine of its own):
 1. `ctc` warm-up: the tower learns its vision vocabulary, the LM does not run: on rendered lines a per-step
    cross-entropy against the renderer's character positions plus CTC, on easy-VQA images a colour/shape
-   head on the pooled features (labels read off the training split's "what" questions);
+   head on the pooled features (labels read off the training split's questions, data.image_labels);
 2. `read`: everything trains on text lines only (answer cross-entropy + CTC): the LM learns to copy the
    aligned characters before the other tasks join;
 3. `joint`: everything trains on a cycle of batches (text lines, easy-VQA shape questions, 3-line
-   paragraphs) with the LM's answer loss plus the CTC and colour/shape losses.
+   paragraphs) with the LM's answer loss plus the CTC and colour/shape losses. With
+   Schedule.shape_rationale, a yes/no shape question's reply starts with the image's description
+   ("red circle. no"); evaluation scores the answer after it (data.reply_answer).
 The step counts are fixed (Schedule's defaults, calibrated so that the whole run fits 12 minutes on 2 idle
 cores); the `--minutes` budget is a hard cap: a short timing of each batch kind before training scales the
 steps down when the machine is slower, and training stops early if the clock runs out anyway (the cosine
@@ -62,6 +64,7 @@ class Schedule:
     warmup_pattern: tuple[str, ...] = ("line",)  # ("line", "line", "line", "shape") also trains the shape head
     yes_no_repeat: int = 2  # joint phase: easy-VQA's yes/no questions drawn this many times as often as the rest
     balance_yes_no: bool = False  # joint phase: as many "yes" as "no" in each question form (data.shape_question_pool)
+    shape_rationale: bool = False  # joint phase: yes/no replies start with the image's description ("red circle. no")
 
     def scaled(self, factor: float) -> Schedule:
         """The same schedule with every phase's steps times factor (at least 5 each)."""
@@ -253,7 +256,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     read_batches = D.DemoBatches(model, tokenizer, vocab, schedule.batch_size, ["line"], seed=settings.seed + 1)
     joint_batches = D.DemoBatches(model, tokenizer, vocab, schedule.batch_size, schedule.pattern,
                                   seed=settings.seed + 2, shapes=shapes_train, yes_no_repeat=schedule.yes_no_repeat,
-                                  balance_yes_no=schedule.balance_yes_no)
+                                  balance_yes_no=schedule.balance_yes_no, rationale=schedule.shape_rationale)
     step_seconds = calibrate(model, joint_batches, schedule)
     reserve = eval_reserve(settings, step_seconds)
     budget = clock.left() - reserve
@@ -322,7 +325,9 @@ def run_demo(settings: DemoSettings) -> DemoResult:
 
 
 def _max_new_tokens(task: str) -> int:
-    return {"line": D.LINE_CHARS[1] + 6, "paragraph": 3 * (D.LINE_CHARS[1] + 1) + 6, "shape": 12}[task]
+    """Generation budget per task: the longest reference + a few (a shape reply may carry a rationale)."""
+    return {"line": D.LINE_CHARS[1] + 6, "paragraph": 3 * (D.LINE_CHARS[1] + 1) + 6,
+            "shape": D.SHAPE_REPLY_CHARS + 3}[task]
 
 
 def _mean(values: list[float]) -> float | None:
