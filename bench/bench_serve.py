@@ -266,7 +266,8 @@ def main() -> None:
     medians = {key: statistics.median(values) for key, values in rates.items()}
     size = "default size" if args.image_cache_mb is None else f"{args.image_cache_mb:g} MB"
     cache = f"image cache on ({size}), emptied before each run" if cache_on else "image cache off"
-    print(f"\n{MODELS[args.lm]} in {args.dtype}, {CLIENTS} streamed greedy requests of {args.max_tokens} max new tokens, "
+    print(f"\n{MODELS[args.lm]} in {args.dtype}, {CLIENTS} streamed greedy requests of {args.max_tokens} "
+          "max new tokens, "
           f"{args.threads} torch thread(s) in the server, {cache}, medians of {args.reps}; total completion tokens/s")
     print(f"{'workload':<10} {'sequential':>11} {f'{CLIENTS} concurrent':>13} {'ratio':>7}   median of each "
           "repetition's ratio (its two modes ran back to back)")
@@ -276,10 +277,12 @@ def main() -> None:
         seq, conc = medians[workload, "sequential"], medians[workload, "concurrent"]
         print(f"{workload:<10} {seq:>11.1f} {conc:>13.1f} {conc / seq:>6.2f}x   {paired[workload]:.2f}x")
     if diverged:
-        print(f"bf16 answers that differed from the first run's ({len(diverged)} runs):\n  " + "\n  ".join(diverged))
+        print(f"bf16 answers that differed from the first run's ({len(diverged)} runs):")
+        print("\n".join(f"  {line}" for line in diverged))
     if args.json is not None:
         args.json.write_text(json.dumps({
-            "model": MODELS[args.lm], "dtype": args.dtype, "diverged": diverged, "clients": CLIENTS, "max_tokens": args.max_tokens,
+            "model": MODELS[args.lm], "dtype": args.dtype, "diverged": diverged, "clients": CLIENTS,
+            "max_tokens": args.max_tokens,
             "threads": args.threads, "reps": args.reps, "image_cache_mb": args.image_cache_mb,
             "tokens_per_s": {f"{w} / {m}": v for (w, m), v in medians.items()},
             "ratio": {w: medians[w, "concurrent"] / medians[w, "sequential"] for w in workloads},
