@@ -299,3 +299,23 @@ def test_shape_breakdown_by_hand():
     parts = shape_breakdown(held, answers, train_q, train_a)
     assert parts["what"] == 0.5 and parts["yes_no"] == 0.75  # yes, yes (wrong), no, yes
     assert parts["rationale"] == 2 / 3  # red circle, blue circle (wrong), red circle; the 4th image unknown
+
+
+def test_question_class_words_marks_whole_class_words_of_the_question_only():
+    """Hand-marked: in "is redcircle red? a triangle" only the whole words "red" (colour 0 -> mark 1) and
+    "triangle" (shape 2 -> mark 8 + 2 + 1 = 11) are marked, on each of their characters; "red" inside
+    "redcircle", the image tokens, the newline and the answer "red" are not."""
+    from vlmkit.demo.run import build_model
+    model, tokenizer, _ = build_model(0, mark_class_words=True)
+    assert model.cfg.mark_class_words and len(model.cfg.letter_ids) == 52
+    question = "is redcircle red? a triangle"
+    ids, _ = D.encode_row(tokenizer, model.image_token_id, 4, question, "red")
+    expected_question = [0] * len("is redcircle ") + [1] * 3 + [0] * len("? a ") + [11] * len("triangle")
+    # <s>, 4 image tokens, the question, the newline, the answer, </s>
+    expected = [0] + [0] * 4 + expected_question + [0] + [0] * len("red") + [0]
+    ids = torch.tensor([ids])
+    marks = model.question_class_words(ids, ids == model.image_token_id)
+    assert marks[0].tolist() == expected
+    vectors = model.question_class_vectors(ids, ids == model.image_token_id)  # (1, L, C)
+    assert torch.equal(vectors[0, 1 + 4 + len("is redcircle ")], model.class_embed[0])
+    assert torch.equal(vectors[0, -4], torch.zeros(model.cfg.lm_width))  # the answer's "r"

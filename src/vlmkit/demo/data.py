@@ -302,6 +302,12 @@ def class_words(tokenizer: Tokenizer) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(tokenizer.encode(word)) for word in SHAPE_COLOURS + SHAPE_NAMES)
 
 
+def letter_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The LM token ids of the letters a-z and A-Z that are single tokens (DemoConfig.letter_ids: word bounds)."""
+    letters = string.ascii_letters
+    return tuple(ids[0] for ids in map(tokenizer.encode, letters) if len(ids) == 1)
+
+
 def encode_row(tokenizer: Tokenizer, image_token_id: int, num_image_tokens: int, question: str,
                answer: str | None) -> tuple[list[int], list[int]]:
     """(ids, labels) of one row; without an answer, the prompt only (for generation). The newline is encoded

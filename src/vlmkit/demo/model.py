@@ -29,6 +29,12 @@ question's word. Its probabilities, mapped through learned per-class vectors W (
 and shape word, initialised to the mean of the LM's embeddings of the word's tokens), put an explicit class
 representation on every image token, as the CTC path puts the character there.
 
+Class words in the question (opt-in, DemoConfig.mark_class_words; `DemoSettings(mark_class_words=True)`). The
+LM reads the question character by character, so "is there a red shape?" holds its class only as the letters
+r, e, d. With the flag, each character of a whole colour or shape word of the question also gets W's row of
+that class, the vector the image tokens carry, so that question and image name a class alike. In a full
+demo run it did not lift the yes/no answers above their question-form baseline (README, demo section).
+
 Soft count (detached, so only the CTC loss shapes it): with p_j the posteriors of step j (blank = 0),
     new_j = sum_c>0 p_j[c] * (1 - p_{j-1}[c])         # step j starts a character
     n_j   = sum_{i <= j} new_i                         # characters read up to step j
@@ -85,6 +91,8 @@ class DemoConfig:
     stem_norm: str = "group"  # "group" or "batch"
     copy_head: float = 4.7  # > 0: LM layer 0's head 0 starts as a position-matching head of this strength
     aligned_positions: bool = True  # image tokens at the CTC count's RoPE positions (see module docstring)
+    letter_ids: tuple[int, ...] = ()  # LM ids of the letters: a question's class word must stand between non-letters
+    mark_class_words: bool = False  # add W's class vector to the characters of a class word in the question
     extra: dict = field(default_factory=dict)
 
     @property
@@ -297,12 +305,47 @@ class DemoVLM(nn.Module):
             raise ValueError(f"each prompt must hold {tokens.shape[1]} image placeholders (id {self.image_token_id}) "
                              f"for its image; got {per_row.tolist()}")
         embeds = self.lm.embed(input_ids).masked_scatter(is_image[..., None], tokens.to(self.lm.embed.weight.dtype))
+        if self.cfg.mark_class_words:
+            embeds = embeds + self.question_class_vectors(input_ids, is_image).to(embeds.dtype)
         positions = self._positions(input_ids, attention_mask, is_image, counts)  # (B, L)
         out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, cache=cache,
                       labels=labels, logits_to_keep=logits_to_keep, loss_only=loss_only)
         if out.loss is not None:
             out.loss = self.ar_weight * out.loss + (vision_term if vision_term is not None else 0.0)
         return out
+
+    def question_class_words(self, input_ids: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+        """(B, L) class index + 1 on each character of a whole colour or shape word (cfg.class_words, between
+        non-letters) in the question, the text after the image up to the first prompt_end_id; 0 elsewhere.
+        Answers are never marked: generation feeds its tokens one at a time, without this pass."""
+        L = input_ids.shape[1]
+        index = torch.arange(L, device=input_ids.device)
+        after_image = index[None] > (is_image * index[None]).amax(1, keepdim=True)  # (B, L)
+        ended = ((input_ids == self.cfg.prompt_end_id) & after_image).long().cumsum(1) > 0
+        question = after_image & ~ended  # (B, L)
+        letters = torch.isin(input_ids, torch.tensor(self.cfg.letter_ids, device=input_ids.device))  # (B, L)
+        marks = torch.zeros_like(input_ids)
+        for k, word in enumerate(self.cfg.class_words):
+            n = len(word)
+            if n > L:
+                continue
+            windows = input_ids.unfold(1, n, 1)  # (B, L - n + 1, n)
+            found = (windows == torch.tensor(word, device=input_ids.device)).all(-1)  # (B, L - n + 1)
+            before = F.pad(letters, (1, 0))[:, :L - n + 1]  # the token before each window (none at 0)
+            after = F.pad(letters, (0, 1))[:, n:]  # the token after each window (none at the end)
+            found &= ~before & ~after
+            for offset in range(n):
+                hit = F.pad(found, (offset, n - 1 - offset))  # (B, L): window starts shifted to character offset
+                marks = torch.where(hit & question, k + 1, marks)
+        return marks
+
+    def question_class_vectors(self, input_ids: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+        """(B, L, C): W's row of the class on the characters question_class_words marks, 0 elsewhere. The image
+        tokens carry the same rows (weighted by the head's probabilities), so whether the question's class is
+        the image's becomes a match of equal vectors, which attention finds; the characters alone left the LM
+        answering yes/no questions from their form (see the module docstring)."""
+        table = torch.cat([self.class_embed.new_zeros(1, self.cfg.lm_width), self.class_embed])  # (1 + 11, C)
+        return F.embedding(self.question_class_words(input_ids, is_image), table)
 
     def shape_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the head's colour and shape logits (B, colours + shapes) against targets (B, 2),

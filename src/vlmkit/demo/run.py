@@ -83,6 +83,7 @@ class DemoSettings:
     out: str | None = "demo-report"
     llm: str = "tiny"  # "tiny" (character-level, from scratch) or "smollm2"
     schedule: Schedule = field(default_factory=Schedule)
+    mark_class_words: bool = False  # the LM sees W's class vector on a question's colour/shape word (DemoConfig)
     eval_lines: int = 200
     eval_paragraphs: int = 50
     eval_shapes: int = 1000  # a fixed, seeded subset of easy-VQA's 9673 test questions
@@ -120,7 +121,7 @@ def _say(settings: DemoSettings, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def build_model(seed: int, llm: str = "tiny") -> tuple[DemoVLM, Tokenizer, D.CTCVocab]:
+def build_model(seed: int, llm: str = "tiny", mark_class_words: bool = False) -> tuple[DemoVLM, Tokenizer, D.CTCVocab]:
     """A fresh demo VLM with its tokenizer and CTC vocabulary.
 
     llm "tiny": a character-level LM built here (every answer character is one token, so the image tokens sit
@@ -133,7 +134,8 @@ def build_model(seed: int, llm: str = "tiny") -> tuple[DemoVLM, Tokenizer, D.CTC
         tokenizer = D.demo_tokenizer()
         cfg = DemoConfig(lm_vocab_size=len(tokenizer.vocab), ctc_to_lm=D.ctc_to_lm(vocab, tokenizer),
                          image_token_id=tokenizer.encode("<image>")[0], prompt_end_id=tokenizer.encode("\n")[0],
-                         class_words=D.class_words(tokenizer))
+                         class_words=D.class_words(tokenizer), letter_ids=D.letter_ids(tokenizer),
+                         mark_class_words=mark_class_words)
         return DemoVLM(cfg), tokenizer, vocab
     chat = load_model("smollm2-135m")
     tokenizer, lm = chat.tokenizer, chat.model
@@ -240,7 +242,10 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     torch.set_num_threads(settings.threads)
     notes: list[str] = []
     _say(settings, f"vlmkit demo: {settings.minutes} min budget, {settings.threads} threads, seed {settings.seed}")
-    model, tokenizer, vocab = build_model(settings.seed, settings.llm)
+    if settings.mark_class_words and settings.llm != "tiny":
+        raise ValueError("mark_class_words needs the character-level LM (llm='tiny'): it finds class words by "
+                         "their characters")
+    model, tokenizer, vocab = build_model(settings.seed, settings.llm, settings.mark_class_words)
     if settings.llm == "smollm2":
         notes.append("--llm smollm2: SmolLM2-135M-Instruct attached frozen (LLaVA stage 1: tower, CTC head and "
                      "projector train); its BPE answers keep natural image positions; its model is not saved "

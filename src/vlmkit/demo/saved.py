@@ -121,7 +121,7 @@ def demo_config_from_dict(data: Mapping[str, Any]) -> DemoConfig:
     if unknown or missing:
         raise ValueError(f"demo_config has unknown keys {unknown} / lacks {missing}; valid keys: {sorted(names)}")
     fields = dict(data)
-    for name in ("ctc_to_lm", "stem_channels"):
+    for name in ("ctc_to_lm", "stem_channels", "letter_ids"):
         if name in fields:
             fields[name] = tuple(fields[name])
     if "class_words" in fields:
