@@ -33,7 +33,10 @@ PROMPT_TOKENS, IMAGE_TOKENS, CACHED = 190, 144, 200
 CONFIGS = ("fp32", "bf16 (fp32 cache)", "bf16 (bf16 cache)")
 
 
-def build(lm: str) -> VLM:
+def build(lm: str) -> tuple[VLM, CharTokenizer]:
+    """The bench model with random weights (seed 0): bench-tiny's vision tower and mlp2x_gelu projector, the LM of
+    preset lm ("bench-tiny" keeps its own) sized to the printable-ASCII character tokenizer. bench_serve.py
+    serves the same model."""
     tokenizer = CharTokenizer(string.printable)
     cfg = bench_tiny()
     lm_cfg = cfg.lm if lm == "bench-tiny" else get_preset(lm).lm
@@ -41,7 +44,7 @@ def build(lm: str) -> VLM:
                               projector=ProjectorConfig("mlp2x_gelu", cfg.vision.hidden_size, lm_cfg.hidden_size),
                               image_token_id=tokenizer.token_to_id("<image>"))
     torch.manual_seed(0)
-    return VLM(cfg).eval()
+    return VLM(cfg).eval(), tokenizer
 
 
 def cache_for(model: VLM, config: str, rows: int, length: int) -> KVCache:
@@ -82,8 +85,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    fp32 = build(args.lm)
-    bf16 = build(args.lm).to(torch.bfloat16)
+    fp32 = build(args.lm)[0]
+    bf16 = build(args.lm)[0].to(torch.bfloat16)
     with torch.inference_mode():
         runs = {c: timers(fp32 if c == "fp32" else bf16, c) for c in CONFIGS}
         times: dict[tuple[str, str], list[float]] = {}

@@ -50,7 +50,6 @@ import json
 import os
 import socket
 import statistics
-import string
 import subprocess
 import sys
 import threading
@@ -73,28 +72,17 @@ MODELS = {"bench-tiny": "bench-tiny (char vocabulary)",
 def serve(port: int, threads: int, max_tokens: int, lm: str, image_cache_mb: float | None, dtype: str) -> None:
     """The server process: the bench model behind create_app, run by uvicorn (until killed), plus a route that
     empties the image-feature cache between timed runs."""
-    import dataclasses
-
     import torch
 
+    from bench_dtype import build  # the same model (bench/ is this script's import path)
     from vlmkit.load import LoadedModel
-    from vlmkit.models.vlm import VLM
-    from vlmkit.config import ProjectorConfig
-    from vlmkit.presets import bench_tiny, get_preset
     from vlmkit.serve import Limits, create_app, run_server
     from vlmkit.serve.image_cache import MB
     from vlmkit.text.chat import chat_template_for
-    from vlmkit.text.tokenizer import CharTokenizer
 
     torch.set_num_threads(threads)
-    tokenizer = CharTokenizer(string.printable)
-    cfg = bench_tiny()
-    lm_cfg = cfg.lm if lm == "bench-tiny" else get_preset(lm).lm
-    cfg = dataclasses.replace(cfg, lm=dataclasses.replace(lm_cfg, vocab_size=tokenizer.vocab_size),
-                              projector=ProjectorConfig("mlp2x_gelu", cfg.vision.hidden_size, lm_cfg.hidden_size),
-                              image_token_id=tokenizer.token_to_id("<image>"))
-    torch.manual_seed(0)
-    model = VLM(cfg).eval().to(getattr(torch, dtype))
+    model, tokenizer = build(lm)
+    model.to(getattr(torch, dtype))
     loaded = LoadedModel("bench-tiny", model, tokenizer, chat_template_for(tokenizer))
     cache = {} if image_cache_mb is None else {"image_cache_bytes": int(image_cache_mb * MB)}  # {}: the default
     app = create_app(loaded, limits=Limits(max_tokens=max_tokens), **cache)
