@@ -15,7 +15,8 @@ DeepSeek-VL (images only), and the demo's DemoVLM (one image per conversation). 
 without a chat template gets the built-in `qwen2_vl`.
 
 `load_model(spec, dtype=torch.bfloat16)` casts the weights after loading (the `--dtype` flag of the verbs);
-activations and KV caches follow the weights' type, and every model casts its pixel inputs to it.
+activations follow the weights' type (a KV cache on a CPU stays fp32: models/lm.py cache_dtype), and
+every model casts its pixel inputs to it.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class LoadedModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The type of the weights (float32 unless loaded with a dtype), which activations and caches follow."""
+        """The type of the weights (float32 unless loaded with a dtype), which the activations follow."""
         return next(self.model.parameters()).dtype
 
     @property

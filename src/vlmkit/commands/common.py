@@ -10,7 +10,7 @@ import torch
 from vlmkit.load import SPECIAL_SPECS, LoadedModel, load_model
 
 # --dtype choices. bfloat16 halves the bytes a decoding step reads and runs matrix products on the CPU's
-# bf16 units (AVX-512 BF16 / AMX): faster for models of ~100M parameters and up, with answers that can
+# bf16 units (AVX-512 BF16): faster for models of ~100M parameters and up, with answers that can
 # differ from float32's after a near-tie. float16 is left out: CPU kernels for it are slow.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -20,8 +20,8 @@ def add_model_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help=f"a model directory, a .gguf file, or one of: {', '.join(SPECIAL_SPECS)}")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="cast the weights (and so the activations and KV cache) to this type "
-                        "(default: as loaded, float32)")
+                   help="cast the weights (and so the activations) to this type; on a CPU the KV cache "
+                        "stays float32 (default: as loaded, float32)")
 
 
 def load_model_of(args: argparse.Namespace) -> LoadedModel:
