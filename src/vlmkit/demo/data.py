@@ -370,11 +370,11 @@ def shape_question_pool(questions: Sequence[str], answers: Sequence[str], yes_no
     cycled in a seeded order, so that in every question form "yes" is as likely as "no"."""
     if not balance:
         return np.array([i for i, answer in enumerate(answers)
-                         for _ in range(yes_no_repeat if answer in ("yes", "no") else 1)], dtype=np.int64)
+                         for _ in range(yes_no_repeat if answer in YES_NO else 1)], dtype=np.int64)
     groups: dict[tuple[bool, str], list[int]] = {}
     other = []
     for i, (question, answer) in enumerate(zip(questions, answers)):
-        if answer in ("yes", "no"):
+        if answer in YES_NO:
             groups.setdefault((is_negated(question), answer), []).append(i)
         else:
             other.append(i)

@@ -75,14 +75,14 @@ def shape_breakdown(samples: Sequence[Sample], answers: Sequence[str], train_que
     questions whose image's description is known (None when no reply has a rationale), with their count."""
     counts: dict[bool, dict[str, int]] = {False: {}, True: {}}
     for question, answer in zip(train_questions, train_answers):
-        if answer in ("yes", "no"):
+        if answer in YES_NO:
             form = counts[is_negated(question)]
             form[answer] = form.get(answer, 0) + 1
     majority = {negated: max(form, key=form.get) if form else None for negated, form in counts.items()}
     shapes = [(s, a) for s, a in zip(samples, answers) if s.task == "shape"]
     what = [score(s, a) for s, a in shapes if s.answer not in YES_NO]
     yes_no = [(s, a) for s, a in shapes if s.answer in YES_NO]
-    described = [(image_description(s.labels), reply_rationale(a)) for s, a in yes_no if image_description(s.labels)]
+    described = [(d, reply_rationale(a)) for s, a in yes_no if (d := image_description(s.labels)) is not None]
     given = any(r is not None for _, r in described)
 
     def mean(values: list[float]) -> float | None:
