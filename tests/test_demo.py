@@ -154,7 +154,9 @@ def test_class_vectors_start_as_word_embeddings_and_join_every_image_token():
     shape_logits[0, [0, 8]] = 30.0  # red circle
     shape_logits[1, [3, 10]] = 30.0  # yellow triangle
     with torch.no_grad():
-        tokens, _ = model.image_tokens(features, logits, shape_logits)
+        tokens, _, classes = model.image_tokens(features, logits, shape_logits)
+        expected = torch.tensor([1.0] + [0.0] * 7 + [1.0, 0.0, 0.0])  # a softmax over each kind
+        assert torch.allclose(classes[0], expected, atol=1e-6)
         table = torch.cat([model.blank_embed[None], E[model.ctc_to_lm]])
         base = model.projector(features) + logits.softmax(-1) @ table
         W = model.class_embed
@@ -316,6 +318,40 @@ def test_question_class_words_marks_whole_class_words_of_the_question_only():
     ids = torch.tensor([ids])
     marks = model.question_class_words(ids, ids == model.image_token_id)
     assert marks[0].tolist() == expected
-    vectors = model.question_class_vectors(ids, ids == model.image_token_id)  # (1, L, C)
+    classes = torch.zeros(1, 11)
+    vectors = model.question_class_vectors(ids, ids == model.image_token_id, classes)  # (1, L, C)
     assert torch.equal(vectors[0, 1 + 4 + len("is redcircle ")], model.class_embed[0])
     assert torch.equal(vectors[0, -4], torch.zeros(model.cfg.lm_width))  # the answer's "r"
+
+
+def test_grounded_class_words_carry_the_images_probability_of_their_class():
+    """With ground_class_words a marked character gets W's row plus (2 p - 1) * match_embed, p the image's
+    probability of the word's class: hand-set probabilities red 0.9 (colours) and triangle 0.1 (shapes)
+    give +0.8 and -0.8 times match_embed; an image row with other probabilities gives other vectors."""
+    from vlmkit.demo.run import build_model
+    model, tokenizer, _ = build_model(0, mark_class_words=True, ground_class_words=True)
+    ids, _ = D.encode_row(tokenizer, model.image_token_id, 4, "is there a red triangle?", None)
+    ids = torch.tensor([ids, ids])
+    classes = torch.zeros(2, 11)
+    classes[0, 0], classes[0, 3], classes[0, 8 + 2], classes[0, 8] = 0.9, 0.1, 0.1, 0.9
+    classes[1, 0], classes[1, 8 + 2] = 0.2, 0.6
+    with torch.no_grad():
+        vectors = model.question_class_vectors(ids, ids == model.image_token_id, classes)
+    W, m = model.class_embed.detach(), model.match_embed.detach()
+    red, triangle = 1 + 4 + len("is there a "), 1 + 4 + len("is there a red ")
+    assert torch.allclose(vectors[0, red], W[0] + 0.8 * m) and torch.allclose(vectors[0, red + 2], W[0] + 0.8 * m)
+    assert torch.allclose(vectors[0, triangle + 7], W[10] - 0.8 * m)
+    assert torch.allclose(vectors[1, red], W[0] - 0.6 * m) and torch.allclose(vectors[1, triangle], W[10] + 0.2 * m)
+    assert torch.equal(vectors[:, :red], torch.zeros(2, red, model.cfg.lm_width))  # <s>, image, "is there a "
+    grounded_only, _, _ = build_model(0, ground_class_words=True)
+    with torch.no_grad():
+        plain = grounded_only.question_class_vectors(ids, ids == model.image_token_id, classes)
+    assert torch.allclose(plain[0, red], 0.8 * grounded_only.match_embed)  # no W row without mark_class_words
+
+
+def test_class_words_need_the_character_level_lm():
+    """Class words are found by their characters: asking for them with SmolLM2's BPE tokens is refused before
+    any model is built (left unset they are off there, and on with the tiny LM)."""
+    for flag in ("mark_class_words", "ground_class_words"):
+        with pytest.raises(ValueError, match="character-level LM"):
+            run_demo(DemoSettings(llm="smollm2", out=None, quiet=True, **{flag: True}))

@@ -116,6 +116,9 @@ def test_saved_model_reloads_bit_for_bit(demo, samples):
     trained, model = result.model, loaded.model
     assert type(model).__name__ == "DemoVLM" and loaded.takes_images and not model.training
     assert model.cfg == trained.cfg
+    # the default demo grounds the question's class words: the shape sample's "green" reads the image's classes,
+    # so the encoded rows below must carry them for the cached logits to match
+    assert model.cfg.mark_class_words and model.cfg.ground_class_words and "match_embed" in model.state_dict()
     assert trained.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(t, model.state_dict()[k]) for k, t in trained.state_dict().items())
     assert model.lm.lm_head.weight is model.lm.embed.weight  # still tied after loading

@@ -29,11 +29,19 @@ question's word. Its probabilities, mapped through learned per-class vectors W (
 and shape word, initialised to the mean of the LM's embeddings of the word's tokens), put an explicit class
 representation on every image token, as the CTC path puts the character there.
 
-Class words in the question (opt-in, DemoConfig.mark_class_words; `DemoSettings(mark_class_words=True)`). The
-LM reads the question character by character, so "is there a red shape?" holds its class only as the letters
-r, e, d. With the flag, each character of a whole colour or shape word of the question also gets W's row of
-that class, the vector the image tokens carry, so that question and image name a class alike. In a full
-demo run it did not lift the yes/no answers above their question-form baseline (README, demo section).
+Class words in the question, grounded in the image (DemoConfig.mark_class_words, ground_class_words; the
+default demo turns both on). The "what" questions were 100% right with the class on the image tokens, but
+easy-VQA's yes/no answer is the exclusive-or of "is the question's class in the image" and "is the question
+negated", and under the data's draws neither alone predicts it: the LM answered by the question's form
+("is there a X?" is "no" 82% of the time) and stayed at that form's baseline (~85%) in every run. Two things
+are added to the embeddings of a whole colour or shape word's characters in the question:
+    mark:    W[k]                              # the class vector the image tokens carry, k the word's class
+    ground:  (2 p_k - 1) * match_embed         # p_k: the image's probability of class k (the head's softmax)
+so "is this word's class in the image" becomes one learned direction of the word, plus for a match and minus
+for a miss: a word-image alignment score, as open-vocabulary detectors (GLIP) score the phrases of a prompt
+against image regions. The LM still learns the negation and the answer (the README's demo section gives the
+runs with and without it). encode_images carries the image's class probabilities in its rows, so the chat's
+encode-once path grounds the words as the pixels do.
 
 Soft count (detached, so only the CTC loss shapes it): with p_j the posteriors of step j (blank = 0),
     new_j = sum_c>0 p_j[c] * (1 - p_{j-1}[c])         # step j starts a character
@@ -93,6 +101,7 @@ class DemoConfig:
     aligned_positions: bool = True  # image tokens at the CTC count's RoPE positions (see module docstring)
     letter_ids: tuple[int, ...] = ()  # LM ids of the letters: a question's class word must stand between non-letters
     mark_class_words: bool = False  # add W's class vector to the characters of a class word in the question
+    ground_class_words: bool = False  # also add (2 p - 1) * match_embed there, p the image's probability of that class
     extra: dict = field(default_factory=dict)
 
     @property
@@ -197,6 +206,8 @@ class DemoVLM(nn.Module):
         self.lm = lm
         self.shape_head = nn.Linear(cfg.width, SHAPE_CLASSES[0] + SHAPE_CLASSES[1])  # colour and shape, mean-pooled
         self.class_embed = nn.Parameter(self._class_word_embeddings(cfg.class_words))  # (8 + 3, C): W
+        # the direction of "this question word's class is in the image" (cfg.ground_class_words)
+        self.match_embed = nn.Parameter(torch.randn(cfg.lm_width) * 0.02) if cfg.ground_class_words else None
         self.register_buffer("ctc_to_lm", torch.tensor(cfg.ctc_to_lm, dtype=torch.long), persistent=False)
         self.ar_weight, self.ctc_weight, self.frame_weight, self.shape_weight = 1.0, 1.0, 0.0, 1.0
 
@@ -241,36 +252,39 @@ class DemoVLM(nn.Module):
         return self.shape_head(features.mean(1)).float()
 
     def image_tokens(self, features: torch.Tensor, logits: torch.Tensor,
-                     shape_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens (B, T, C) at the LM width, soft character counts (B, T)) of a tower output
-        (shape_logits: the head's output on these features, computed here when not given)."""
+                     shape_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens (B, T, C) at the LM width, soft character counts (B, T), class probabilities (B, 8 + 3)) of a
+        tower output (shape_logits: the head's output on these features, computed here when not given)."""
         p = logits.float().softmax(-1)  # (B, T, V_ctc)
         table = torch.cat([self.blank_embed[None], self.lm.embed.weight[self.ctc_to_lm]])  # (V_ctc, C)
         tokens = self.projector(features) + (p.to(table.dtype) @ table)  # (B, T, C)
         if shape_logits is None:
             shape_logits = self.shape_logits(features)
-        colours = SHAPE_CLASSES[0]
-        classes = torch.cat([shape_logits[:, :colours].softmax(-1), shape_logits[:, colours:].softmax(-1)], -1)
+        classes = class_probabilities(shape_logits)  # (B, 8 + 3)
         tokens = tokens + (classes.to(self.class_embed.dtype) @ self.class_embed)[:, None]  # (B, 1, C) on each
-        return tokens, soft_char_count(p.detach())
+        return tokens, soft_char_count(p.detach()), classes
 
     def encode_images(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """(N, 3, H, W) pixels -> N x (T, C + 1) encoded rows, what forward takes back as image_embeds (the chat's
-        encode-once cache): each image token at the LM width and, in the last column, its soft character count
-        (which sets its RoPE position, see _positions), kept in fp32 so the positions stay exact."""
+        """(N, 3, H, W) pixels -> N x (T, C + 1 + 11) encoded rows, what forward takes back as image_embeds (the
+        chat's encode-once cache): each image token at the LM width, then its soft character count (which sets
+        its RoPE position, see _positions), then the image's colour and shape probabilities (the same on every
+        row; what a grounded question word reads), in fp32 so that the positions stay exact."""
         features, logits = self.read(pixel_values)
-        tokens, counts = self.image_tokens(features, logits)  # (N, T, C), (N, T)
-        return list(torch.cat([tokens.float(), counts.float()[..., None]], dim=-1).unbind(0))
+        tokens, counts, classes = self.image_tokens(features, logits)  # (N, T, C), (N, T), (N, 11)
+        classes = classes.float()[:, None].expand(-1, tokens.shape[1], -1)  # (N, T, 11)
+        return list(torch.cat([tokens.float(), counts.float()[..., None], classes], dim=-1).unbind(0))
 
-    def _split_rows(self, image_embeds: Sequence[torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens (B, T, C), counts (B, T)) of encode_images' rows, one image per prompt row."""
-        width = self.cfg.lm_width + 1
-        if (len(image_embeds) != batch or any(e.dim() != 2 or e.shape[-1] != width for e in image_embeds)
+    def _split_rows(self, image_embeds: Sequence[torch.Tensor], batch: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens (B, T, C), counts (B, T), class probabilities (B, 11)) of encode_images' rows, one image per
+        prompt row."""
+        C, n = self.cfg.lm_width, sum(SHAPE_CLASSES)
+        if (len(image_embeds) != batch or any(e.dim() != 2 or e.shape[-1] != C + 1 + n for e in image_embeds)
                 or len({e.shape for e in image_embeds}) > 1):
-            raise ValueError(f"image_embeds must be one (T, {width}) tensor from encode_images per prompt row "
+            raise ValueError(f"image_embeds must be one (T, {C + 1 + n}) tensor from encode_images per prompt row "
                              f"({batch}); got {[tuple(e.shape) for e in image_embeds]}")
-        rows = torch.stack(list(image_embeds))  # (B, T, C + 1)
-        return rows[..., :-1], rows[..., -1]
+        rows = torch.stack(list(image_embeds))  # (B, T, C + 1 + 11)
+        return rows[..., :C], rows[..., C], rows[:, 0, C + 1:]
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -283,7 +297,7 @@ class DemoVLM(nn.Module):
         if image_embeds is not None:
             if pixel_values is not None:
                 raise ValueError("pass the images once: pixel_values or image_embeds (encoded rows), not both")
-            tokens, counts = self._split_rows(image_embeds, input_ids.shape[0])  # (B, T, C), (B, T)
+            tokens, counts, classes = self._split_rows(image_embeds, input_ids.shape[0])
         elif pixel_values is None:  # a decoding step: text only, positions from the cache
             return self.lm(input_ids=input_ids, attention_mask=attention_mask, cache=cache, labels=labels,
                            logits_to_keep=logits_to_keep, loss_only=loss_only)
@@ -298,15 +312,15 @@ class DemoVLM(nn.Module):
                 if vision_term is None:
                     raise ValueError("ar_weight is 0 (CTC warm-up) but the batch has no ctc_targets or ctc_frames")
                 return CausalLMOutput(logits=None, loss=vision_term)
-            tokens, counts = self.image_tokens(features, logits, shape_logits)  # (B, T, C), (B, T)
+            tokens, counts, classes = self.image_tokens(features, logits, shape_logits)  # (B, T, C), (B, T), (B, 11)
         is_image = input_ids == self.image_token_id  # (B, L)
         per_row = is_image.sum(1)
         if bool((per_row != tokens.shape[1]).any()):
             raise ValueError(f"each prompt must hold {tokens.shape[1]} image placeholders (id {self.image_token_id}) "
                              f"for its image; got {per_row.tolist()}")
         embeds = self.lm.embed(input_ids).masked_scatter(is_image[..., None], tokens.to(self.lm.embed.weight.dtype))
-        if self.cfg.mark_class_words:
-            embeds = embeds + self.question_class_vectors(input_ids, is_image).to(embeds.dtype)
+        if self.cfg.mark_class_words or self.cfg.ground_class_words:
+            embeds = embeds + self.question_class_vectors(input_ids, is_image, classes).to(embeds.dtype)
         positions = self._positions(input_ids, attention_mask, is_image, counts)  # (B, L)
         out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, cache=cache,
                       labels=labels, logits_to_keep=logits_to_keep, loss_only=loss_only)
@@ -339,13 +353,24 @@ class DemoVLM(nn.Module):
                 marks = torch.where(hit & question, k + 1, marks)
         return marks
 
-    def question_class_vectors(self, input_ids: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
-        """(B, L, C): W's row of the class on the characters question_class_words marks, 0 elsewhere. The image
-        tokens carry the same rows (weighted by the head's probabilities), so whether the question's class is
-        the image's becomes a match of equal vectors, which attention finds; the characters alone left the LM
-        answering yes/no questions from their form (see the module docstring)."""
-        table = torch.cat([self.class_embed.new_zeros(1, self.cfg.lm_width), self.class_embed])  # (1 + 11, C)
-        return F.embedding(self.question_class_words(input_ids, is_image), table)
+    def question_class_vectors(self, input_ids: torch.Tensor, is_image: torch.Tensor,
+                               classes: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) added to the characters question_class_words marks (0 elsewhere): with cfg.mark_class_words
+        W's row of the word's class, the vector the image tokens carry; with cfg.ground_class_words
+        (2 p - 1) * match_embed, p the image's probability of that class (classes (B, 8 + 3),
+        class_probabilities), so that "is this word's class in the image" is one direction of the word's
+        embedding, plus for a match and minus for a miss (a word-image alignment score, as open-vocabulary
+        detectors score phrases against regions). See the module docstring for why."""
+        marks = self.question_class_words(input_ids, is_image)  # (B, L), 0 = not a class word
+        vectors = torch.zeros(*marks.shape, self.cfg.lm_width, dtype=self.class_embed.dtype, device=marks.device)
+        if self.cfg.mark_class_words:
+            table = torch.cat([self.class_embed.new_zeros(1, self.cfg.lm_width), self.class_embed])  # (1 + 11, C)
+            vectors = vectors + F.embedding(marks, table)
+        if self.cfg.ground_class_words:
+            p = F.pad(classes.float(), (1, 0)).gather(1, marks)  # (B, L): the marked class's probability
+            match = torch.where(marks > 0, 2 * p - 1, torch.zeros_like(p))
+            vectors = vectors + match[..., None].to(vectors.dtype) * self.match_embed
+        return vectors
 
     def shape_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the head's colour and shape logits (B, colours + shapes) against targets (B, 2),
@@ -408,6 +433,12 @@ def init_copy_head(lm: CausalLM, strength: float, pairs: int = 8) -> None:
     for start in (0, nh * hd):  # query head 0, key head 0
         attn.qkv.weight[start:start + hd] = 0
         attn.qkv.bias[start:start + hd] = c
+
+
+def class_probabilities(shape_logits: torch.Tensor) -> torch.Tensor:
+    """(B, 8 + 3) colour probabilities then shape probabilities (a softmax over each kind) of shape logits."""
+    colours = SHAPE_CLASSES[0]
+    return torch.cat([shape_logits[:, :colours].softmax(-1), shape_logits[:, colours:].softmax(-1)], -1)
 
 
 def count_parameters(module: nn.Module) -> int:

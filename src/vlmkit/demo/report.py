@@ -142,6 +142,23 @@ def plot_samples(heldout: dict[str, list[Sample]], answers: dict[str, list[str]]
     plt.close(fig)
 
 
+def _draws(sched: dict) -> str:
+    """How the joint phase drew easy-VQA's yes/no questions, when not as they come."""
+    parts = ([f"drawn {sched['yes_no_repeat']}x as often as the others"] if sched["yes_no_repeat"] > 1 else []) + (
+        ["balanced per question form"] if sched.get("balance_yes_no") else [])
+    return "; yes/no questions " + ", ".join(parts) if parts else ""
+
+
+def _class_word_lines(settings: dict) -> list[str]:
+    """The report's line on the question's class words (DemoConfig.mark_class_words / ground_class_words)."""
+    mark, ground = settings.get("mark_class_words"), settings.get("ground_class_words")
+    if not (mark or ground):
+        return []
+    parts = (["the class vector the image tokens carry"] if mark else []) + (
+        ["the image's probability of that class along a learned direction (grounded)"] if ground else [])
+    return ["- the characters of a colour or shape word in a question also carry " + " and ".join(parts) + "."]
+
+
 def write_report(result: DemoResult, heldout: dict[str, list[Sample]], answers: dict[str, list[str]],
                  out: str | Path) -> Path:
     """Write the report folder (see the module docstring); returns the path of report.md."""
@@ -177,9 +194,10 @@ def write_report(result: DemoResult, heldout: dict[str, list[Sample]], answers: 
               f"- joint: {s['steps']['joint']} of {sched['joint_steps']} steps, batches cycling "
               f"{' / '.join(sched['pattern'])}; loss = answer cross-entropy + {sched['ctc_weight']} x CTC on text "
               f"images + the colour/shape head on easy-VQA images (its class probabilities also feed the image "
-              f"tokens; yes/no questions drawn {sched['yes_no_repeat']}x as often as the others); "
+              f"tokens{_draws(sched)}); "
               f"lr {sched['joint_lr']} (projector, LM), "
               f"{sched['vision_lr']} (tower and its heads).",
+              *_class_word_lines(result.settings),
               f"- training samples: {s['train_samples']}",
               f"- measured seconds per step: {s['step_seconds']}", "", "![loss](loss.png)", ""]
     if result.notes:

@@ -13,6 +13,8 @@ The schedule (vlmkit.train.loop.train, stages as data; every phase a warmup + co
    paragraphs) with the LM's answer loss plus the CTC and colour/shape losses. With
    Schedule.shape_rationale, a yes/no shape question's reply starts with the image's description
    ("red circle. no"); evaluation scores the answer after it (data.reply_answer).
+With the character-level LM, the colour and shape words of every question carry the image's class vector and
+its probability of that class (DemoConfig.mark_class_words, ground_class_words: demo/model.py says why).
 The step counts are fixed (Schedule's defaults, calibrated so that the whole run fits 12 minutes on 2 idle
 cores); the `--minutes` budget is a hard cap: a short timing of each batch kind before training scales the
 steps down when the machine is slower, and training stops early if the clock runs out anyway (the cosine
@@ -60,9 +62,9 @@ class Schedule:
     warmup_ctc_weight: float = 0.3
     frame_weight: float = 0.0  # joint phase
     ctc_weight: float = 1.0  # joint phase
-    pattern: tuple[str, ...] = ("line", "shape", "shape", "line", "shape", "paragraph", "shape")
+    pattern: tuple[str, ...] = ("line", "shape", "line", "paragraph", "shape", "line", "shape")
     warmup_pattern: tuple[str, ...] = ("line",)  # ("line", "line", "line", "shape") also trains the shape head
-    yes_no_repeat: int = 2  # joint phase: easy-VQA's yes/no questions drawn this many times as often as the rest
+    yes_no_repeat: int = 1  # joint phase: easy-VQA's yes/no questions drawn this many times as often as the rest
     balance_yes_no: bool = False  # joint phase: as many "yes" as "no" in each question form (data.shape_question_pool)
     shape_rationale: bool = False  # joint phase: yes/no replies start with the image's description ("red circle. no")
 
@@ -83,7 +85,11 @@ class DemoSettings:
     out: str | None = "demo-report"
     llm: str = "tiny"  # "tiny" (character-level, from scratch) or "smollm2"
     schedule: Schedule = field(default_factory=Schedule)
-    mark_class_words: bool = False  # the LM sees W's class vector on a question's colour/shape word (DemoConfig)
+    # The question's colour/shape words carry W's class vector (mark) and the image's probability of that class
+    # (ground); DemoConfig explains both. None: on with the character-level LM, which finds the words by their
+    # characters (off with smollm2's BPE tokens, where asking for them is an error).
+    mark_class_words: bool | None = None
+    ground_class_words: bool | None = None
     eval_lines: int = 200
     eval_paragraphs: int = 50
     eval_shapes: int = 1000  # a fixed, seeded subset of easy-VQA's 9673 test questions
@@ -121,7 +127,8 @@ def _say(settings: DemoSettings, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def build_model(seed: int, llm: str = "tiny", mark_class_words: bool = False) -> tuple[DemoVLM, Tokenizer, D.CTCVocab]:
+def build_model(seed: int, llm: str = "tiny", mark_class_words: bool = False, ground_class_words: bool = False
+                ) -> tuple[DemoVLM, Tokenizer, D.CTCVocab]:
     """A fresh demo VLM with its tokenizer and CTC vocabulary.
 
     llm "tiny": a character-level LM built here (every answer character is one token, so the image tokens sit
@@ -135,7 +142,7 @@ def build_model(seed: int, llm: str = "tiny", mark_class_words: bool = False) ->
         cfg = DemoConfig(lm_vocab_size=len(tokenizer.vocab), ctc_to_lm=D.ctc_to_lm(vocab, tokenizer),
                          image_token_id=tokenizer.encode("<image>")[0], prompt_end_id=tokenizer.encode("\n")[0],
                          class_words=D.class_words(tokenizer), letter_ids=D.letter_ids(tokenizer),
-                         mark_class_words=mark_class_words)
+                         mark_class_words=mark_class_words, ground_class_words=ground_class_words)
         return DemoVLM(cfg), tokenizer, vocab
     chat = load_model("smollm2-135m")
     tokenizer, lm = chat.tokenizer, chat.model
@@ -242,10 +249,13 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     torch.set_num_threads(settings.threads)
     notes: list[str] = []
     _say(settings, f"vlmkit demo: {settings.minutes} min budget, {settings.threads} threads, seed {settings.seed}")
-    if settings.mark_class_words and settings.llm != "tiny":
-        raise ValueError("mark_class_words needs the character-level LM (llm='tiny'): it finds class words by "
-                         "their characters")
-    model, tokenizer, vocab = build_model(settings.seed, settings.llm, settings.mark_class_words)
+    tiny = settings.llm == "tiny"
+    mark, ground = (tiny if flag is None else flag for flag in (settings.mark_class_words, settings.ground_class_words))
+    if (mark or ground) and not tiny:
+        raise ValueError("mark_class_words and ground_class_words need the character-level LM (llm='tiny'): it finds "
+                         "class words by their characters; leave them unset (None) or False with llm='smollm2'")
+    settings = replace(settings, mark_class_words=mark, ground_class_words=ground)  # the report says what ran
+    model, tokenizer, vocab = build_model(settings.seed, settings.llm, mark, ground)
     if settings.llm == "smollm2":
         notes.append("--llm smollm2: SmolLM2-135M-Instruct attached frozen (LLaVA stage 1: tower, CTC head and "
                      "projector train); its BPE answers keep natural image positions; its model is not saved "
@@ -277,7 +287,6 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                    f"LM {millions['lm']:.2f} M); schedule: {schedule.warmup_steps} warm-up + {schedule.read_steps} "
                    f"read + {schedule.joint_steps} joint steps of {schedule.batch_size}")
     curve: list[dict] = []
-    tiny = settings.llm == "tiny"
     phases = [("warmup", warm_batches, warmup_stage(schedule), schedule.warmup_steps,
                (0.0, schedule.warmup_ctc_weight, schedule.warmup_frame_weight)),
               ("read", read_batches, joint_stage(schedule, schedule.read_steps, tiny, "read"), schedule.read_steps,
