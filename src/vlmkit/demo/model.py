@@ -328,15 +328,20 @@ class DemoVLM(nn.Module):
             out.loss = self.ar_weight * out.loss + (vision_term if vision_term is not None else 0.0)
         return out
 
+    def _after_image(self, input_ids: torch.Tensor, is_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(after_image, ends), both (B, L): the tokens after each row's last image placeholder, and the
+        prompt_end_id tokens among them (the first one ends the question)."""
+        index = torch.arange(input_ids.shape[1], device=input_ids.device)
+        after_image = index[None] > (is_image * index[None]).amax(1, keepdim=True)
+        return after_image, (input_ids == self.cfg.prompt_end_id) & after_image
+
     def question_class_words(self, input_ids: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
         """(B, L) class index + 1 on each character of a whole colour or shape word (cfg.class_words, between
         non-letters) in the question, the text after the image up to the first prompt_end_id; 0 elsewhere.
         Answers are never marked: generation feeds its tokens one at a time, without this pass."""
         L = input_ids.shape[1]
-        index = torch.arange(L, device=input_ids.device)
-        after_image = index[None] > (is_image * index[None]).amax(1, keepdim=True)  # (B, L)
-        ended = ((input_ids == self.cfg.prompt_end_id) & after_image).long().cumsum(1) > 0
-        question = after_image & ~ended  # (B, L)
+        after_image, ends = self._after_image(input_ids, is_image)
+        question = after_image & ~(ends.long().cumsum(1) > 0)  # (B, L)
         letters = torch.isin(input_ids, torch.tensor(self.cfg.letter_ids, device=input_ids.device))  # (B, L)
         marks = torch.zeros_like(input_ids)
         for k, word in enumerate(self.cfg.class_words):
@@ -403,14 +408,11 @@ class DemoVLM(nn.Module):
         """RoPE positions (B, L): text tokens count real tokens from 0; image token j gets s - 1 + n_j, s the
         position of the question's end (the first prompt_end_id after the image), which predicts the first
         answer token. Training, cached and naive generation all find the same s."""
-        L = input_ids.shape[1]
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         natural = (mask.long().cumsum(-1) - 1).clamp(min=0).float()  # (B, L)
         if not self.cfg.aligned_positions:
             return natural
-        index = torch.arange(L, device=input_ids.device)
-        after_image = index[None] > (is_image * index[None]).amax(1, keepdim=True)  # (B, L)
-        ends = (input_ids == self.cfg.prompt_end_id) & after_image
+        _, ends = self._after_image(input_ids, is_image)
         if not bool(ends.any(1).all()):
             raise ValueError(f"every prompt must end its question with token {self.cfg.prompt_end_id} (the newline) "
                              "after the image placeholders")
