@@ -43,10 +43,10 @@ import torch
 import transformers
 from PIL import Image
 
-from vlmkit.image.schemes.anyres import LLAVA_V16_PINPOINTS, fit_within, plan_anyres, select_best_resolution
-from vlmkit.image.schemes.dynamic import (IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, MERGE_SIZE, PATCH_SIZE, plan_dynamic,
+from vlmkit.schemes.anyres import LLAVA_V16_PINPOINTS, fit_within, plan_anyres, select_best_resolution
+from vlmkit.schemes.dynamic import (IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, MERGE_SIZE, PATCH_SIZE, plan_dynamic,
                                           smart_resize)
-from vlmkit.image.schemes.hd import CLIP_MEAN, CLIP_STD
+from vlmkit.config import CLIP_MEAN, CLIP_STD
 
 TILE, PATCH = 336, 14
 SIZES = {"small 320x240": (320, 240), "640x480": (640, 480), "1280x720": (1280, 720),

@@ -34,8 +34,9 @@ import torch
 import transformers
 
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.models import from_pretrained
-from vlmkit.models.vlm import VLM, image_token_count
+from vlmkit.models.vlm import VLM
+from vlmkit.schemes.pad import image_token_count
+from vlmkit.weights import from_pretrained
 from vlmkit.presets import bench_tiny
 from vlmkit.weights.llava import config_to_hf
 

@@ -15,7 +15,7 @@ import tempfile
 import torch
 import transformers
 
-from vlmkit.models import from_pretrained
+from vlmkit.weights import from_pretrained
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128)

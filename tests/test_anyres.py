@@ -15,12 +15,14 @@ from PIL import Image
 from transformers.image_processing_utils import select_best_resolution as hf_select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
-from vlmkit.config import LMConfig, ProjectorConfig, VisionConfig, VLMConfig
-from vlmkit.image.schemes.anyres import (LLAVA_V16_PINPOINTS, anyres_plan, plan_anyres, select_best_resolution,
+from vlmkit.config import LMConfig, ProjectorConfig, VisionConfig
+from vlmkit.models.vlm import VLMConfig
+from vlmkit.schemes.anyres import (LLAVA_V16_PINPOINTS, anyres_plan, plan_anyres, select_best_resolution,
                                          unpad_bounds)
 from vlmkit.load import LoadedModel
-from vlmkit.models.layouts.anyres import pack_anyres
-from vlmkit.models.vlm import VLM, image_inputs, plan_image
+from vlmkit.schemes.anyres import pack_anyres
+from vlmkit.models.vlm import VLM
+from vlmkit.schemes import image_inputs, plan_image
 from vlmkit.text.chat import chat_template_for
 from vlmkit.text.tokenizer import CharTokenizer
 

@@ -13,7 +13,7 @@ from vlmkit.data.collate import collate, pack
 from vlmkit.data.labels import TrainingExample, build_training_example
 from vlmkit.image.plan import ImagePlan
 from vlmkit.models.lm import IGNORE_INDEX, CausalLM
-from vlmkit.models.vlm import image_inputs
+from vlmkit.schemes import image_inputs
 
 X = IGNORE_INDEX
 

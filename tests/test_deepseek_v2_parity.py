@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from vlmkit.generate import generate
-from vlmkit.models import from_pretrained, save_pretrained
+from vlmkit.weights import from_pretrained, save_pretrained
 from vlmkit.models.lm import CausalLM
 from vlmkit.models.mla import LatentAttention
 from vlmkit.models.moe import MoE

@@ -13,9 +13,10 @@ import transformers
 from PIL import Image
 
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.models import from_pretrained, save_pretrained
-from vlmkit.models.deepseek_vl import DeepseekVL, deepseek_vl_pixels
-from vlmkit.models.vlm import image_inputs, plan_image
+from vlmkit.weights import from_pretrained, save_pretrained
+from vlmkit.models.deepseek_vl import DeepseekVL
+from vlmkit.schemes.hybrid import deepseek_vl_pixels
+from vlmkit.schemes import image_inputs, plan_image
 
 IMAGE_TOKEN = 100
 TOL = 1e-4

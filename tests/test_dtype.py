@@ -35,7 +35,7 @@ from vlmkit.cli import build_parser, main
 from vlmkit.commands.common import load_model_of
 from vlmkit.image.load import load_image
 from vlmkit.load import load_model
-from vlmkit.models import from_pretrained
+from vlmkit.weights import from_pretrained
 from vlmkit.models.lm import cache_dtype
 from vlmkit.sampling import GenerationConfig
 from vlmkit.serve import create_app

@@ -18,7 +18,7 @@ import torch
 import transformers
 from PIL import Image
 
-from vlmkit.image.schemes.dynamic import (
+from vlmkit.schemes.dynamic import (
     VISION_WRAPPER,
     patchify,
     plan_dynamic,

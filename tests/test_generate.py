@@ -245,7 +245,7 @@ def test_config_rejects_bad_values(kwargs):
 def test_greedy_matches_transformers_llama(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from vlmkit.models import from_pretrained
+    from vlmkit.weights import from_pretrained
 
     torch.manual_seed(0)
     hf_cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -268,7 +268,7 @@ def _phi3_longrope(tmp_path):
     and the same checkpoint loaded in vlmkit."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    from vlmkit.models import from_pretrained
+    from vlmkit.weights import from_pretrained
 
     torch.manual_seed(0)
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
@@ -313,8 +313,10 @@ def test_longrope_vlm_recompute_feeds_the_images_again():
     """A VLM's LM is found at model.lm; at the switch every row (a finished one too) is recomputed with the
     pixel_values, and the cached path still equals the no-cache reference."""
     import vlmkit.generate as vg
-    from vlmkit.config import ProjectorConfig, VisionConfig, VLMConfig
-    from vlmkit.models.vlm import VLM, image_token_count
+    from vlmkit.config import ProjectorConfig, VisionConfig
+    from vlmkit.models.vlm import VLMConfig
+    from vlmkit.models.vlm import VLM
+    from vlmkit.schemes.pad import image_token_count
 
     torch.manual_seed(0)
     rope = {"rope_type": "longrope", "original_max_position_embeddings": 16,

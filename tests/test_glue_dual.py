@@ -17,11 +17,13 @@ from matplotlib import cbook
 from PIL import Image
 
 from vlmkit.models.sam import SamConfig
-from vlmkit.config import LMConfig, ProjectorConfig, VisionConfig, VLMConfig
+from vlmkit.config import LMConfig, ProjectorConfig, VisionConfig
+from vlmkit.models.vlm import VLMConfig
 from vlmkit.generate import generate, generate_naive
 from vlmkit.load import LoadedModel
-from vlmkit.models.glue_dual import dual_rows
-from vlmkit.models.vlm import VLM, image_inputs
+from vlmkit.schemes.dual import dual_rows
+from vlmkit.models.vlm import VLM
+from vlmkit.schemes import image_inputs
 from vlmkit.sampling import GenerationConfig
 from vlmkit.text.chat import get_chat_template
 from vlmkit.text.tokenizer import CharTokenizer

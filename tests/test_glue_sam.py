@@ -22,9 +22,11 @@ from matplotlib import cbook
 from PIL import Image
 
 from vlmkit.models.sam import SamConfig
-from vlmkit.config import LMConfig, ProjectorConfig, VisionConfig, VLMConfig
+from vlmkit.config import LMConfig, ProjectorConfig, VisionConfig
+from vlmkit.models.vlm import VLMConfig
 from vlmkit.load import LoadedModel
-from vlmkit.models.vlm import VLM, image_inputs, plan_image
+from vlmkit.models.vlm import VLM
+from vlmkit.schemes import image_inputs, plan_image
 from vlmkit.presets import build_model, get_preset, plan_tokens
 from vlmkit.text.chat import get_chat_template
 from vlmkit.text.tokenizer import CharTokenizer

@@ -18,12 +18,15 @@ import torch
 from matplotlib import cbook
 from PIL import Image
 
-from vlmkit.config import LMConfig, ProjectorConfig, VisionConfig, VLMConfig
+from vlmkit.config import LMConfig, ProjectorConfig, VisionConfig
+from vlmkit.models.image_model import scatter_rows
+from vlmkit.models.vlm import VLMConfig
 from vlmkit.image.plan import ImagePlan
-from vlmkit.models import from_pretrained, save_pretrained
-from vlmkit.models.glue_slices import encode_slices, slices_layout, slices_num_tokens
+from vlmkit.weights import from_pretrained, save_pretrained
+from vlmkit.schemes.slices import slices_layout, slices_num_tokens
 from vlmkit.models.resampler import PerceiverResampler
-from vlmkit.models.vlm import VLM, image_inputs, plan_image
+from vlmkit.models.vlm import VLM
+from vlmkit.schemes import image_inputs, plan_image
 from vlmkit.prompt import build_prompt
 from vlmkit.text.chat import get_chat_template
 from vlmkit.text.tokenizer import DEFAULT_SPECIAL_TOKENS, CharTokenizer
@@ -122,7 +125,7 @@ def test_prompt_positions_and_rows_match_the_views_run_by_hand(model):
     with torch.no_grad():
         rows = model.encode_images(**inputs)
         assert [r.shape[0] for r in rows] == [p.num_tokens for p in plans]
-        merged = model.merge_image_features(input_ids, model.lm.embed(input_ids), rows)  # (1, T, C)
+        merged = scatter_rows(input_ids, model.lm.embed(input_ids), rows, model.image_token_id)  # (1, T, C)
         want = torch.cat([by_hand(model, p) for p in plans])  # (sum T_i, C)
         got = merged[input_ids == IMAGE_ID]  # (sum T_i, C)
         assert (got - want).abs().max().item() <= 1e-5
@@ -152,7 +155,7 @@ def test_wrong_counts_raise(model):
     other.projector = PerceiverResampler(32, 32, num_queries=3, hidden_size=32, num_layers=1, num_heads=1,
                                          intermediate_size=128)
     with torch.no_grad(), pytest.raises(ValueError, match=r"gives 27 tokens .* plan has 36"):
-        encode_slices(other, **inputs)
+        other.encode_images(**inputs)
 
     ids, _ = prompt_for([plan])
     short = torch.tensor([ids[:ids.index(IMAGE_ID)] + ids[ids.index(IMAGE_ID) + 1:]])  # one placeholder less

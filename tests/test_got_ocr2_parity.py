@@ -16,8 +16,9 @@ import transformers
 from PIL import Image
 
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.models import from_pretrained, save_pretrained
-from vlmkit.models.vlm import VLM, image_inputs, plan_image
+from vlmkit.weights import from_pretrained, save_pretrained
+from vlmkit.models.vlm import VLM
+from vlmkit.schemes import image_inputs, plan_image
 from vlmkit.presets import get_preset
 
 IMAGE_TOKEN, IMG_START, IMG_END = 500, 501, 502

@@ -5,7 +5,8 @@ import pytest
 import transformers
 from PIL import Image
 
-from vlmkit.image.schemes.pad import pad_to_square, preprocess_pad
+from vlmkit.image.pixels import pad_to_square
+from vlmkit.schemes.pad import preprocess_pad
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)

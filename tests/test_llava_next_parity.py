@@ -13,8 +13,9 @@ import transformers
 from PIL import Image
 
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.models import from_pretrained, save_pretrained
-from vlmkit.models.vlm import VLM, image_inputs, plan_image
+from vlmkit.weights import from_pretrained, save_pretrained
+from vlmkit.models.vlm import VLM
+from vlmkit.schemes import image_inputs, plan_image
 
 IMAGE_TOKEN = 100
 PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]

@@ -12,9 +12,10 @@ import transformers
 from PIL import Image
 
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.image.schemes.pad import preprocess_pad
-from vlmkit.models import from_pretrained, save_pretrained
-from vlmkit.models.vlm import VLM, image_token_count
+from vlmkit.schemes.pad import preprocess_pad
+from vlmkit.weights import from_pretrained, save_pretrained
+from vlmkit.models.vlm import VLM
+from vlmkit.schemes.pad import image_token_count
 
 IMAGE_TOKEN = 100
 TOL = 1e-4

@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-import vlmkit.models as vm
+import vlmkit.weights as vm
 from vlmkit.config import LMConfig
 from vlmkit.models.lm import CausalLM
 from vlmkit.weights.llama import lm_config_from_hf, lm_config_to_hf, lm_state_from_hf

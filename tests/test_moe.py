@@ -305,7 +305,7 @@ def test_save_refuses_what_qwen2_moe_cannot_express():
 
 
 def test_moe_directories_go_through_the_common_loader(tmp_path):
-    from vlmkit.models import from_pretrained, save_pretrained
+    from vlmkit.weights import from_pretrained, save_pretrained
 
     torch.manual_seed(0)
     cfg = transformers.Qwen2MoeConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from vlmkit.cli import main
-from vlmkit.config import VLMConfig
-from vlmkit.image.schemes.dynamic import plan_dynamic
+from vlmkit.models.vlm import VLMConfig
+from vlmkit.schemes.dynamic import plan_dynamic
 from vlmkit.models.projectors import parse_projector_type
 from vlmkit.models.qwen2_vl import Qwen2VLConfig
-from vlmkit.models.vlm import image_inputs, plan_image
+from vlmkit.schemes import image_inputs, plan_image
 from vlmkit.presets import (PRESETS, PUBLISHED, SUMMARY_SIZES, build_model, count_parameters, get_preset,
                             plan_tokens)
 

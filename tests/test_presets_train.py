@@ -29,11 +29,11 @@ from vlmkit.data.labels import TrainingExample
 from vlmkit.data.synth import generate_item
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.image.plan import ImagePlan
-from vlmkit.image.schemes.dynamic import plan_dynamic
-from vlmkit.models import from_pretrained, save_pretrained
+from vlmkit.schemes.dynamic import plan_dynamic
+from vlmkit.weights import from_pretrained, save_pretrained
 from vlmkit.models.lm import IGNORE_INDEX
 from vlmkit.models.qwen2_vl import Qwen2VLConfig
-from vlmkit.models.vlm import image_inputs, plan_image
+from vlmkit.schemes import image_inputs, plan_image
 from vlmkit.presets import PRESETS, build_model, get_preset
 from vlmkit.text.tokenizer import CharTokenizer
 from vlmkit.train.loop import ShuffledBatches, train

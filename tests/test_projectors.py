@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vlmkit.config import ProjectorConfig
-from vlmkit.image.schemes.pad import pad_token_count
+from vlmkit.schemes.pad import pad_token_count
 from vlmkit.models.projectors import build_projector, merge_2x2, parse_projector_type
 
 
@@ -66,8 +66,10 @@ def test_merge_rejects_odd_grid():
 def test_resampler_projector_in_a_vlm_sets_the_placeholder_count(projector):
     from PIL import Image
 
-    from vlmkit.config import LMConfig, VisionConfig, VLMConfig
-    from vlmkit.models.vlm import VLM, image_inputs, plan_image
+    from vlmkit.config import LMConfig, VisionConfig
+    from vlmkit.models.vlm import VLMConfig
+    from vlmkit.models.vlm import VLM
+    from vlmkit.schemes import image_inputs, plan_image
 
     vision = VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2,
                           num_heads=4)

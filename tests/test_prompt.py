@@ -15,10 +15,10 @@ from tokenizers import AddedToken, models, pre_tokenizers
 from tokenizers import Tokenizer as RustTokenizer
 
 from vlmkit.image.plan import ImagePlan
-from vlmkit.image.schemes.dynamic import plan_video_dynamic
+from vlmkit.schemes.dynamic import plan_video_dynamic
 from vlmkit.image.video import load_video_frames
 from vlmkit.load import LoadedModel, tiny_random_model
-from vlmkit.models.vlm import image_inputs
+from vlmkit.schemes import image_inputs
 from vlmkit.prompt import build_prompt, build_prompt_ids, placeholder_order
 from vlmkit.text.chat import get_chat_template
 from vlmkit.text.tokenizer import CharTokenizer, HFTokenizer

@@ -20,8 +20,8 @@ from PIL import Image
 from transformers.vision_utils import get_vision_window_index
 
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.image.schemes.dynamic import plan_dynamic
-from vlmkit.models import from_pretrained, save_pretrained
+from vlmkit.schemes.dynamic import plan_dynamic
+from vlmkit.weights import from_pretrained, save_pretrained
 from vlmkit.models.qwen2_5_vl import Qwen2_5_VL, window_order
 from vlmkit.weights.qwen2_5_vl import QWEN2_5_VL
 from vlmkit.weights.safetensors_io import read_config

@@ -15,9 +15,9 @@ import transformers
 from PIL import Image
 
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.image.schemes.dynamic import plan_dynamic
+from vlmkit.schemes.dynamic import plan_dynamic
 from vlmkit.models.qwen2_vl import Qwen2VL, mrope_positions
-from vlmkit.models import from_pretrained, save_pretrained
+from vlmkit.weights import from_pretrained, save_pretrained
 from vlmkit.weights.qwen2_vl import QWEN2_VL
 from vlmkit.weights.safetensors_io import read_config
 

@@ -23,10 +23,11 @@ import transformers
 from PIL import Image
 
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.image.schemes.dynamic import plan_dynamic, plan_video_dynamic
+from vlmkit.schemes.dynamic import plan_dynamic, plan_video_dynamic
 from vlmkit.image.video import load_video_frames
-from vlmkit.models import from_pretrained
-from vlmkit.models.qwen2_vl import dynamic_inputs, mrope_positions
+from vlmkit.weights import from_pretrained
+from vlmkit.models.mrope import mrope_positions
+from vlmkit.schemes.dynamic import dynamic_inputs
 
 VOCAB = 300
 IMAGE, VIDEO, START, END = 290, 291, 292, 293

@@ -191,7 +191,7 @@ def test_config_rejects_bad_values():
 
 
 def test_sam_vision_model_directories_go_through_the_common_loader(tmp_path):
-    from vlmkit.models import from_pretrained, save_pretrained
+    from vlmkit.weights import from_pretrained, save_pretrained
     from vlmkit.models.sam import SamEncoder
 
     torch.manual_seed(0)

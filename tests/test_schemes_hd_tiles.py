@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vlmkit.image.plan import ImagePlan
-from vlmkit.image.schemes import hd, tiles
-from vlmkit.models.layouts.hd import hd_layout
-from vlmkit.models.layouts.tiles import downsample_2x2, tiles_layout
+from vlmkit.schemes import hd, tiles
+from vlmkit.schemes.hd import hd_layout
+from vlmkit.schemes.tiles import downsample_2x2, tiles_layout
 
 
 def _photo(width: int, height: int) -> Image.Image:

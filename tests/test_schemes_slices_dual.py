@@ -11,7 +11,7 @@ import torch
 import transformers
 from PIL import Image
 
-from vlmkit.image.schemes import dual, slices
+from vlmkit.schemes import dual, slices
 
 
 def _photo(width: int, height: int) -> Image.Image:

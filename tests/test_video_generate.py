@@ -33,10 +33,10 @@ from tokenizers import Tokenizer, decoders, models
 
 from vlmkit.cli import main
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.image.schemes.dynamic import plan_video_dynamic
+from vlmkit.schemes.dynamic import plan_video_dynamic
 from vlmkit.image.video import load_video_frames
 from vlmkit.load import LoadedModel, load_model, tiny_random_model
-from vlmkit.models.vlm import image_token_count
+from vlmkit.schemes.pad import image_token_count
 from vlmkit.train.run import fresh_model
 from vlmkit.models.lm import CausalLM
 from vlmkit.presets import build_model, get_preset

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from vlmkit.config import VisionConfig  # noqa: E402
-from vlmkit.models import from_pretrained, save_pretrained  # noqa: E402
+from vlmkit.weights import from_pretrained, save_pretrained  # noqa: E402
 from vlmkit.models.vit import VisionTower  # noqa: E402
 from vlmkit.weights.vision import vision_state_from_hf, vision_state_to_hf  # noqa: E402
 

@@ -16,13 +16,15 @@ import torch
 from matplotlib import cbook
 from PIL import Image
 
-from vlmkit.config import LMConfig, ProjectorConfig, VisionConfig, VLMConfig
-from vlmkit.image.schemes.hd import hd_num_tokens
-from vlmkit.image.schemes.tiles import tiles_num_tokens
+from vlmkit.config import LMConfig, ProjectorConfig, VisionConfig
+from vlmkit.models.vlm import VLMConfig
+from vlmkit.schemes.hd import hd_num_tokens
+from vlmkit.schemes.tiles import tiles_num_tokens
 from vlmkit.load import LoadedModel
-from vlmkit.models.layouts.hd import hd_layout
-from vlmkit.models.layouts.tiles import downsample_2x2, tiles_layout
-from vlmkit.models.vlm import VLM, image_inputs
+from vlmkit.schemes.hd import hd_layout
+from vlmkit.schemes.tiles import downsample_2x2, tiles_layout
+from vlmkit.models.vlm import VLM
+from vlmkit.schemes import image_inputs
 from vlmkit.text.chat import get_chat_template
 from vlmkit.text.tokenizer import CharTokenizer
 

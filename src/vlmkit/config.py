@@ -1,10 +1,14 @@
-"""Typed configuration for every vlmkit model.
+"""Typed configuration of the parts every vlmkit model is made of.
 
-A model is three parts (vision tower -> projector -> language model) and each
-part has one dataclass here. Configs validate themselves on construction, so a
-bad value fails where it is written, not deep inside a forward pass. They turn
-into plain dicts (`to_dict`) and back (`from_dict`) exactly, which is how a
-config is saved next to every checkpoint.
+A vision-language model is a vision tower, a projector and a language model; each part has one
+dataclass here (LMConfig, VisionConfig, ProjectorConfig, with the grammar of projector names).
+A whole model's config lives beside its model class, because it names the image scheme the model
+runs: VLMConfig in models/vlm.py, Qwen2VLConfig in models/qwen2_vl.py, DeepseekVLConfig in
+models/deepseek_vl.py. This module is the bottom layer: it imports nothing from the rest of vlmkit.
+
+Configs validate themselves on construction, so a bad value fails where it is written, not deep
+inside a forward pass. They turn into plain dicts (`to_dict`) and back (`from_dict`) exactly, which
+is how a config is saved next to every checkpoint.
 
     >>> lm = LMConfig(vocab_size=100, hidden_size=64, intermediate_size=128,
     ...               num_layers=2, num_heads=4, num_kv_heads=2)
@@ -17,16 +21,21 @@ config is saved next to every checkpoint.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from vlmkit.models.sam import SamConfig
+from dataclasses import dataclass
+import re
+from typing import Any
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "yarn")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
 SELECT_FEATURES = ("patch", "cls_patch")
-IMAGE_SCHEMES = ("pad", "anyres", "hd", "tiles", "dual", "slices", "sam")
+# Pixel normalisation (x / 255 - mean) / std of the towers vlmkit builds, defined here once.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP: LLaVA, Phi-3.5-V, Qwen2-VL, Vary
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # SigLIP: DeepSeek-VL2, MiniCPM-V
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SAM
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MOE_SCORINGS = ("softmax", "sigmoid")
+MOE_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
 def require(ok: bool, message: str) -> None:
@@ -137,6 +146,7 @@ class LMConfig(Serializable):
         self._check_mla()
 
     def _check_moe(self) -> None:
+        """The expert fields, and routing options models/moe.route can follow (DeepSeek-V2/V3 papers, sec. 2)."""
         if self.num_experts == 0:
             moe_set = [f.name for f in dataclasses.fields(self)
                        if f.name in _MOE_FIELDS and getattr(self, f.name) != f.default]
@@ -156,20 +166,40 @@ class LMConfig(Serializable):
         require(not self.mlp_bias, "mixture-of-experts MLPs have no bias; set mlp_bias=False")
         bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
         require(not bad, f"dense_layers {bad} are out of range for {self.num_layers} layers")
-        from vlmkit.models.moe import check_routing  # the routing options are checked beside the router
-
-        check_routing(self)
+        require(self.moe_scoring in MOE_SCORINGS, f"moe_scoring {self.moe_scoring!r} unknown; valid: {MOE_SCORINGS}")
+        require(self.moe_topk_method in MOE_TOPK_METHODS,
+                f"moe_topk_method {self.moe_topk_method!r} unknown; valid: {MOE_TOPK_METHODS}")
+        require(self.routed_scaling_factor > 0, f"routed_scaling_factor must be positive, got {self.routed_scaling_factor}")
+        G, E = self.moe_n_group, self.num_experts
+        require(G >= 1 and E % G == 0, f"moe_n_group {G} must be >= 1 and divide num_experts {E}")
+        require(1 <= self.moe_topk_group <= G, f"moe_topk_group must be in 1..moe_n_group ({G}), got {self.moe_topk_group}")
+        if self.moe_topk_method != "greedy":
+            reachable = self.moe_topk_group * (E // G)
+            require(self.num_experts_per_tok <= reachable,
+                    f"{self.moe_topk_method} picks {self.num_experts_per_tok} experts from {self.moe_topk_group} "
+                    f"group(s) of {E // G} ({reachable} reachable); raise moe_topk_group or lower num_experts_per_tok")
+        require(self.moe_topk_method != "noaux_tc" or E // G >= 2,
+                f"noaux_tc scores a group by its two best experts; num_experts / moe_n_group is {E // G}")
 
     def _check_mla(self) -> None:
+        """The latent-attention fields, and settings models/mla.py can run."""
         if self.kv_lora_rank == 0:
             mla_set = [f.name for f in dataclasses.fields(self)
                        if f.name in _MLA_FIELDS and getattr(self, f.name) != f.default]
             require(not mla_set, f"LMConfig fields {mla_set} only apply to multi-head latent attention; "
                                  "set kv_lora_rank > 0 or remove them")
             return
-        from vlmkit.models.mla import check_latent_attention  # checked beside the attention it configures
-
-        check_latent_attention(self)
+        require(self.kv_lora_rank > 0, f"kv_lora_rank must be >= 0, got {self.kv_lora_rank}")
+        require(self.q_lora_rank >= 0 and self.qk_nope_head_dim >= 0,
+                f"q_lora_rank ({self.q_lora_rank}) and qk_nope_head_dim ({self.qk_nope_head_dim}) must be >= 0")
+        require(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+                f"qk_rope_head_dim must be positive and even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+        require(self.v_head_dim > 0, f"v_head_dim must be positive with latent attention, got {self.v_head_dim}")
+        require(self.num_kv_heads == self.num_heads, f"latent attention expands keys and values for every head: set "
+                                                   f"num_kv_heads = num_heads ({self.num_heads}), got {self.num_kv_heads}")
+        require(self.partial_rotary_factor == 1.0 and self.sliding_window is None,
+                "latent attention rotates exactly qk_rope_head_dim channels over the full context: leave "
+                "partial_rotary_factor at 1.0 and sliding_window at None")
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether decoder layer `layer` uses the mixture-of-experts block instead of the dense MLP."""
@@ -207,8 +237,8 @@ class VisionConfig(Serializable):
     # Which hidden state a VLM takes: -1 = last layer, -2 = penultimate (LLaVA).
     select_layer: int = -2
     select_feature: str = "patch"  # "patch" drops CLS, "cls_patch" keeps every token
-    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
 
     def __post_init__(self) -> None:
         self.image_mean = tuple(self.image_mean)  # type: ignore[assignment]
@@ -242,10 +272,152 @@ class VisionConfig(Serializable):
         return self.num_patches + int(keep_cls)
 
 
+SAM_DOWNSAMPLES = ("none", "vary", "deepseek")
+
+
+@dataclass
+class SamConfig(Serializable):
+    """SAM's ViTDet image encoder (models/sam.py) and the downsampling that VLMs add after its neck.
+
+    Defaults are SAM ViT-B at 1024 px: 768 wide, 12 layers, windows of 14 patches,
+    global attention at layers 2, 5, 8, 11, neck to 256 channels -> (256, 64, 64).
+    `downsample` picks what follows the neck:
+      "none"     the (output_channels, 64, 64) map itself;
+      "vary"     Vary: two stride-2 3x3 convs 256 -> 512 -> 1024, 64x64 -> 16x16 = 256 tokens;
+      "deepseek" DeepSeek-VL: bilinear resize to resize_to (default 96), then the same two convs
+                 -> 24x24 = 576 tokens; with global_branch, DeepSeek-VL's "sam_hd" path adds a
+                 second neck on the first global layer's output, scaled by a learned alpha.
+    """
+
+    image_size: int = 1024
+    patch_size: int = 16
+    num_channels: int = 3
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu"
+    qkv_bias: bool = True
+    use_abs_pos: bool = True
+    use_rel_pos: bool = True
+    window_size: int = 14  # side of the attention windows in patches; 0 = every layer global
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    output_channels: int = 256
+    downsample: str = "none"
+    downsample_channels: tuple[int, int] = (512, 1024)
+    resize_to: int | None = None  # "deepseek" only: side the neck map is resized to; None = 96
+    global_branch: bool = False  # "deepseek" only: DeepSeek-VL's sam_hd second neck
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        self.global_attn_indexes = tuple(self.global_attn_indexes)
+        self.downsample_channels = tuple(self.downsample_channels)  # type: ignore[assignment]
+        self.image_mean = tuple(self.image_mean)  # type: ignore[assignment]
+        self.image_std = tuple(self.image_std)  # type: ignore[assignment]
+        for name in ("image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size",
+                     "num_layers", "num_heads", "output_channels"):
+            require(getattr(self, name) > 0, f"SamConfig.{name} must be positive, got {getattr(self, name)}")
+        require(self.image_size % self.patch_size == 0,
+                 f"SAM image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        require(self.hidden_size % self.num_heads == 0,
+                 f"SAM hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        require(self.hidden_act in VISION_ACTIVATIONS,
+                 f"SamConfig.hidden_act {self.hidden_act!r} unknown; valid: {VISION_ACTIVATIONS}")
+        require(self.window_size >= 0, f"SamConfig.window_size must be >= 0 (0 = global), got {self.window_size}")
+        bad = [i for i in self.global_attn_indexes if not 0 <= i < self.num_layers]
+        require(not bad, f"global_attn_indexes {bad} are outside layers 0..{self.num_layers - 1}")
+        require(self.downsample in SAM_DOWNSAMPLES,
+                 f"SamConfig.downsample {self.downsample!r} unknown; valid: {SAM_DOWNSAMPLES}")
+        require(len(self.downsample_channels) == 2 and all(c > 0 for c in self.downsample_channels),
+                 f"downsample_channels must be two positive ints (e.g. (512, 1024)), got {self.downsample_channels}")
+        if self.downsample == "deepseek":
+            if self.resize_to is None:
+                self.resize_to = 96
+            require(self.resize_to > 0, f"SamConfig.resize_to must be positive, got {self.resize_to}")
+        else:
+            require(self.resize_to is None and not self.global_branch,
+                     f"resize_to and global_branch are only used by downsample='deepseek'; remove them "
+                     f"for downsample={self.downsample!r}")
+        require(not self.global_branch or bool(self.global_attn_indexes),
+                 "global_branch reads the first global-attention layer: set global_attn_indexes")
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of the image: 64 for 1024 px / 16."""
+        return self.image_size // self.patch_size
+
+    @property
+    def feature_size(self) -> int:
+        """Side of the final feature map: grid (none), 16 (Vary at 1024 px), 24 (DeepSeek-VL)."""
+        if self.downsample == "none":
+            return self.grid
+        side = self.grid if self.downsample == "vary" else self.resize_to
+        for _ in range(2):  # each 3x3 stride-2 pad-1 conv maps n -> ceil(n / 2)
+            side = (side + 1) // 2
+        return side
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels of each output token: output_channels, or downsample_channels[1] after downsampling."""
+        return self.output_channels if self.downsample == "none" else self.downsample_channels[1]
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Tokens one image becomes: 4096 (none), 256 (Vary), 576 (DeepSeek-VL) at 1024 px."""
+        return self.feature_size ** 2
+
+
+# ---- projectors: the grammar of ProjectorConfig.type (models/projectors.py builds each family) ----------
+
+# Each valid form of a projector name: (regex, family); models/projectors.py maps families to builders.
+_FORMS = {
+    r"linear": "linear",
+    r"mlp(?P<depth>\d+)x_gelu": "mlp",
+    r"merge(?P<m1>\d+)x(?P<m2>\d+)_mlp(?P<depth>\d+)x_gelu": "merge_mlp",
+    r"qwen_resampler(?P<queries>\d+)q": "qwen_resampler",
+    r"perceiver(?P<queries>\d+)q(?:_(?P<depth>\d+)x(?P<width>\d+))?": "perceiver",
+}
+VALID_PROJECTOR_TYPES = ("linear", "mlp{N}x_gelu", "merge2x2_mlp{N}x_gelu", "qwen_resampler{Q}q",
+                         "perceiver{Q}q", "perceiver{Q}q_{L}x{H}")
+
+
+@dataclass(frozen=True)
+class ProjectorSpec:
+    """A parsed projector name: its family and the numbers the name carries."""
+
+    family: str
+    depth: int = 1  # number of Linear layers
+    merge: int = 1  # side of the square block of patches merged into one token
+    queries: int = 0  # resamplers: number of learnable queries = LM tokens per image (0: not a resampler)
+    width: int = 0  # perceiver{Q}q_{L}x{H}: Q-Former width H (0: BERT-base Q-Former)
+
+
+def parse_projector_type(name: str) -> ProjectorSpec:
+    """Parse a projector type string; raise ValueError listing the valid forms if it is unknown."""
+    for pattern, family in _FORMS.items():
+        m = re.fullmatch(pattern, name)
+        if m is None:
+            continue
+        groups = m.groupdict()
+        depth = int(groups.get("depth") or 1)
+        merge = int(groups.get("m1") or 1)
+        queries = int(groups.get("queries") or 0)
+        width = int(groups.get("width") or 0)
+        if depth < 1 or ("queries" in groups and queries < 1) or (groups.get("width") is not None and width < 1):
+            break
+        if family == "merge_mlp" and not (groups["m1"] == groups["m2"] == "2"):
+            raise ValueError(f"projector type {name!r}: only a 2x2 merge is supported")
+        return ProjectorSpec(family, depth, merge, queries, width)
+    raise ValueError(f"unknown projector type {name!r}; valid types are {', '.join(VALID_PROJECTOR_TYPES)}")
+
+
 @dataclass
 class ProjectorConfig(Serializable):
-    """Maps vision features to the LM width. `type` is a key of models.projectors.PROJECTORS:
-    "linear", "mlp{N}x_gelu" or "merge2x2_mlp{N}x_gelu" (2x2 space-to-depth, then the MLP)."""
+    """Maps vision features to the LM width. `type` is one of VALID_PROJECTOR_TYPES: "linear",
+    "mlp{N}x_gelu", "merge2x2_mlp{N}x_gelu" (2x2 space-to-depth, then the MLP), or a resampler of Q
+    learned queries, "qwen_resampler{Q}q" / "perceiver{Q}q" (models/projectors.py, models/resampler.py)."""
 
     type: str = "mlp2x_gelu"
     in_dim: int = 1024
@@ -253,202 +425,11 @@ class ProjectorConfig(Serializable):
     bias: bool = True
 
     def __post_init__(self) -> None:
-        from vlmkit.models.projectors import parse_projector_type  # validates the name, lists valid ones
-
         parse_projector_type(self.type)
         require(self.in_dim > 0 and self.out_dim > 0,
                  f"projector dims must be positive, got in_dim={self.in_dim}, out_dim={self.out_dim}")
 
-
-@dataclass
-class VLMConfig(Serializable):
-    """A vision-language model: vision tower -> projector -> language model.
-    `vision` is None exactly for image_scheme='sam', whose only tower is vision_high."""
-
-    vision: VisionConfig | None = field(default_factory=VisionConfig)
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    lm: LMConfig = field(default_factory=LMConfig)
-    image_token_id: int = 32000  # placeholder id in input_ids that image features replace
-    # How an image becomes views and tokens (image/schemes/, layouts in models/layouts/):
-    #   "pad"    LLaVA-1.5: one square view;
-    #   "anyres" LLaVA-NeXT: base view + tiles of a canvas from grid_pinpoints, unpad, newline per row;
-    #   "hd"     Phi-3.5-vision HD-N: global + up to max_crops 336-px crops, 2x2 merge, sub_GN/glb_GN;
-    #   "tiles"  DeepSeek-VL2: global + up to max_crops 384-px tiles, 2x2 downsample, newline/separator;
-    #   "dual"   Vary-base: a CLIP view for `vision` and a SAM view for `vision_high`, one row per token;
-    #   "slices" MiniCPM-V: source + up to max_crops slices near vision.image_size**2 px, each view at its
-    #            own size through the tower and a perceiver resampler (models/glue_slices.py);
-    #   "sam"    Vary-tiny: no CLIP tower (vision=None), the image resized to vision_high.image_size, the SAM
-    #            tokens through `projector` alone (models/glue_sam.py).
-    image_scheme: str = "pad"
-    # anyres: candidate canvases as (height, width), multiples of vision.image_size; () otherwise.
-    grid_pinpoints: tuple[tuple[int, int], ...] = ()
-    # hd: N of HD-N (Phi-3.5-vision: 16 for one image, 4 for many); tiles: most local tiles m*n
-    # (DeepSeek-VL2: 9); slices: max_slices (MiniCPM-V: 9). None = that default; must stay None for pad and anyres.
-    max_crops: int | None = None
-    # dual (and sam: vision_high only, projector_high None; None otherwise): the SAM tower (downsample="vary") and its own projector. An image's
-    # rows are cat([projector(CLIP tokens), projector_high(SAM tokens)], dim=-1), concatenated along
-    # channels, so projector.out_dim + projector_high.out_dim == lm.hidden_size (Vary: 1024 + 1024).
-    vision_high: SamConfig | None = None
-    projector_high: ProjectorConfig | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.vision, dict):
-            self.vision = VisionConfig.from_dict(self.vision)
-        if isinstance(self.projector, dict):
-            self.projector = ProjectorConfig.from_dict(self.projector)
-        if isinstance(self.lm, dict):
-            self.lm = LMConfig.from_dict(self.lm)
-        if isinstance(self.vision_high, dict):
-            from vlmkit.models.sam import SamConfig  # the SAM tower's config lives with the tower
-
-            self.vision_high = SamConfig.from_dict(self.vision_high)
-        if isinstance(self.projector_high, dict):
-            self.projector_high = ProjectorConfig.from_dict(self.projector_high)
-        self.grid_pinpoints = tuple(tuple(p) for p in self.grid_pinpoints)  # type: ignore[misc]
-        require(self.vision is not None or self.image_scheme == "sam",
-                 f"image_scheme={self.image_scheme!r} needs a vision tower: set vision (only image_scheme='sam' "
-                 "runs without one)")
-        self._check_image_scheme()
-        self._check_dual()
-        if self.image_scheme == "sam":
-            self._check_sam()
-        else:
-            require(self.projector.in_dim == self.vision.hidden_size * _merge_factor(self.projector.type),
-                    f"projector.in_dim {self.projector.in_dim} does not match the vision width "
-                    f"{self.vision.hidden_size} x merge factor {_merge_factor(self.projector.type)}")
-        high = self.projector_high.out_dim if self.projector_high is not None else 0
-        require(self.projector.out_dim + high == self.lm.hidden_size,
-                 f"projector.out_dim {self.projector.out_dim}" + (f" + projector_high.out_dim {high}" if high else "")
-                 + f" != lm.hidden_size {self.lm.hidden_size}")
-        require(0 <= self.image_token_id < self.lm.vocab_size,
-                 f"image_token_id {self.image_token_id} is outside the LM vocabulary (size {self.lm.vocab_size})")
-
-    def _check_image_scheme(self) -> None:
-        require(self.image_scheme in IMAGE_SCHEMES,
-                 f"image_scheme {self.image_scheme!r} unknown; valid: {IMAGE_SCHEMES}")
-        if self.image_scheme != "anyres":
-            require(not self.grid_pinpoints, "grid_pinpoints are only used by image_scheme='anyres'; "
-                                              "remove them or set image_scheme='anyres'")
-        if self.image_scheme in ("pad", "anyres"):
-            require(self.max_crops is None, f"max_crops is only used by image_scheme 'hd', 'tiles' and 'slices'; "
-                                             f"remove it for image_scheme={self.image_scheme!r}")
-        checks = {"anyres": self._check_anyres, "hd": self._check_hd, "tiles": self._check_tiles,
-                  "slices": self._check_slices}
-        if self.image_scheme in checks:
-            checks[self.image_scheme]()
-
-    def _check_anyres(self) -> None:
-        tile = self.vision.image_size
-        require(bool(self.grid_pinpoints), "image_scheme='anyres' needs grid_pinpoints, e.g. "
-                                            f"(({tile}, {2 * tile}), ({2 * tile}, {tile}), ({2 * tile}, {2 * tile}))")
-        for pinpoint in self.grid_pinpoints:
-            require(len(pinpoint) == 2 and all(isinstance(v, int) and v > 0 and v % tile == 0 for v in pinpoint),
-                     f"grid pinpoint {pinpoint} must be (height, width), positive multiples of the tower's "
-                     f"image_size {tile}")
-        require(self.vision.select_feature == "patch",
-                 "image_scheme='anyres' lays out square patch grids: set vision.select_feature='patch' (drop CLS)")
-        require(_merge_factor(self.projector.type) == 1,
-                 f"image_scheme='anyres' does not combine with the merging projector {self.projector.type!r}")
-
-    def _check_merged_views(self, view: int, patch: int, tower_size: int, default_crops: int) -> None:
-        """hd / tiles: the plan counts tokens for `view`-px views of `patch`-px patches merged 2x2,
-        so the tower must see exactly that grid, and the projector must take the merged 4*D vectors."""
-        scheme = self.image_scheme
-        if self.max_crops is None:
-            self.max_crops = default_crops
-        require(isinstance(self.max_crops, int) and self.max_crops >= 1,
-                 f"max_crops is {self.max_crops!r}; image_scheme={scheme!r} needs a positive int")
-        require(self.vision.patch_size == patch and self.vision.image_size == tower_size,
-                 f"image_scheme={scheme!r} plans {view}-px views of {patch}-px patches; set vision.patch_size="
-                 f"{patch} and vision.image_size={tower_size} (got {self.vision.patch_size} and "
-                 f"{self.vision.image_size})")
-        require(self.vision.select_feature == "patch",
-                 f"image_scheme={scheme!r} merges square patch grids: set vision.select_feature='patch'")
-        require(_merge_factor(self.projector.type) == 4,
-                 f"image_scheme={scheme!r} merges 2x2 patches before the projector MLP: use a "
-                 f"'merge2x2_mlp{{N}}x_gelu' projector with in_dim 4 * {self.vision.hidden_size}, "
-                 f"not {self.projector.type!r}")
-
-    def _check_hd(self) -> None:
-        from vlmkit.image.schemes.hd import CROP
-
-        self._check_merged_views(CROP, 14, CROP, 16)  # 24 x 24 patches -> 12 x 12 merged tokens per crop
-
-    def _check_tiles(self) -> None:
-        from vlmkit.image.schemes.tiles import PATCH, TILE
-
-        # SigLIP-so400m's stride-14 patch conv reads the first 27 * 14 = 378 pixels of each 384-px tile.
-        self._check_merged_views(TILE, PATCH, TILE // PATCH * PATCH, 9)
-
-    def _check_slices(self) -> None:
-        """slices: every view, whatever its size, becomes the resampler's Q query tokens; the plan takes its
-        query_num from the projector, max_slices from max_crops and its slice resolution from vision.image_size."""
-        from vlmkit.models.projectors import parse_projector_type
-
-        if self.max_crops is None:
-            self.max_crops = 9
-        require(isinstance(self.max_crops, int) and self.max_crops >= 1,
-                 f"max_crops is {self.max_crops!r}; image_scheme='slices' needs a positive int (max_slices, 9)")
-        require(parse_projector_type(self.projector.type).family == "perceiver",
-                 f"image_scheme='slices' gives every view (non-square, any size) the same number of query "
-                 f"tokens: use a 'perceiver{{Q}}q' or 'perceiver{{Q}}q_{{L}}x{{H}}' resampler projector, not "
-                 f"{self.projector.type!r} (qwen_resampler{{Q}}q takes square patch grids only)")
-
-    def _check_dual(self) -> None:
-        """vision_high / projector_high exist exactly for image_scheme='dual', where both branches must
-        give the same number of tokens (their rows are concatenated along channels) at full resolution."""
-        high, proj = self.vision_high, self.projector_high
-        if self.image_scheme == "sam":
-            return
-        if self.image_scheme != "dual":
-            require(high is None and proj is None, "vision_high and projector_high are only used by "
-                                                   "image_scheme='dual' (and vision_high by 'sam'); remove "
-                                                   "them or set image_scheme='dual'")
-            return
-        require(high is not None and proj is not None,
-                 "image_scheme='dual' (Vary-base) needs vision_high (a SamConfig with downsample='vary') and "
-                 "projector_high (in_dim = vision_high.feature_dim, e.g. 1024)")
-        require(self.max_crops is None, "max_crops is not used by image_scheme='dual'; remove it")
-        require(high.downsample == "vary", f"image_scheme='dual' plans Vary's SAM branch: set "
-                                           f"vision_high.downsample='vary', not {high.downsample!r}")
-        require(self.vision.select_feature == "patch",
-                 "image_scheme='dual' drops CLIP's CLS token as Vary does: set vision.select_feature='patch'")
-        for name, p in (("projector", self.projector), ("projector_high", proj)):
-            require(_merge_factor(p.type) == 1 and not _is_resampler(p.type),
-                     f"image_scheme='dual' keeps every token of both branches: {name} must be 'linear' or "
-                     f"'mlp{{N}}x_gelu', not {p.type!r}")
-        require(proj.in_dim == high.feature_dim,
-                 f"projector_high.in_dim {proj.in_dim} != vision_high.feature_dim {high.feature_dim}")
-        clip, sam = self.vision.num_patches, high.tokens_per_image
-        require(clip == sam, f"the CLIP branch gives {clip} tokens ({self.vision.image_size} px / "
-                             f"{self.vision.patch_size}) but the SAM branch {sam} ({high.image_size} px / "
-                             f"{high.patch_size}, two stride-2 convs); both must match (Vary: 224/14 and 1024/16)")
-
-
-    def _check_sam(self) -> None:
-        """sam (Vary-tiny): the SAM tower is the only one, every one of its tokens goes through `projector`."""
-        require(self.vision is None, "image_scheme='sam' has no CLIP tower: set vision=None (the SAM tower is "
-                                     "vision_high)")
-        require(self.vision_high is not None, "image_scheme='sam' (Vary-tiny) needs vision_high, a SamConfig "
-                                              "(downsample='vary' for Vary's 256 tokens of 1024)")
-        require(self.projector_high is None, "image_scheme='sam' has one projector: set projector (in_dim = "
-                                             "vision_high.feature_dim) and remove projector_high")
-        require(self.max_crops is None, "max_crops is not used by image_scheme='sam'; remove it")
-        require(_merge_factor(self.projector.type) == 1 and not _is_resampler(self.projector.type),
-                 f"image_scheme='sam' keeps every SAM token: projector must be 'linear' or 'mlp{{N}}x_gelu', "
-                 f"not {self.projector.type!r}")
-        require(self.projector.in_dim == self.vision_high.feature_dim,
-                 f"projector.in_dim {self.projector.in_dim} != vision_high.feature_dim {self.vision_high.feature_dim}")
-
-
-def _merge_factor(projector_type: str) -> int:
-    from vlmkit.models.projectors import parse_projector_type
-
-    return parse_projector_type(projector_type).merge ** 2
-
-
-def _is_resampler(projector_type: str) -> bool:
-    """A projector of learned queries (qwen_resampler, perceiver) sets its own token count."""
-    from vlmkit.models.projectors import parse_projector_type
-
-    return parse_projector_type(projector_type).queries > 0
+    @property
+    def spec(self) -> ProjectorSpec:
+        """The parsed type: family, depth, 2x2 merge, resampler queries."""
+        return parse_projector_type(self.type)

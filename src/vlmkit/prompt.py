@@ -4,7 +4,7 @@ The template renders each image as a placeholder: the image token's own text (`<
 taken in order, or a numbered `<|image_N|>` (Phi-3-vision), which names image N (1-based).
 The rendered prompt is split on the placeholder pattern at the text level, so the numbered
 placeholders need not be tokens of the vocabulary, and every placeholder becomes a run of
-`plan.num_tokens` image token ids, the count of the image's ImagePlan (image/schemes/) that
+`plan.num_tokens` image token ids, the count of the image's ImagePlan (vlmkit.schemes) that
 the VLM's feature layout checks.
 
 Numbered placeholders, the rule (it is that of Phi-3-vision's processor, `processing_phi3_v.py`:
@@ -16,10 +16,10 @@ the order given, which is only right when the placeholders read 1, 2, ... once e
 
 A video is a content part {"type": "video"}; its entry in `plans` is a list of plans. Two ways:
 - frames as images (no video_token_id; LLaVA-style models): the list holds the plans of its frames
-  (models.vlm.plan_video), and the part is rendered as that many image parts, so every template
+  (the scheme's plan_video), and the part is rendered as that many image parts, so every template
   that knows image parts can show a video;
 - native video (video_token_id given; Qwen2-VL / Qwen2.5-VL): the list holds the clip's one plan
-  (image/schemes/dynamic.plan_video_dynamic), the template renders the part as its video
+  (schemes/dynamic.plan_video_dynamic), the template renders the part as its video
   placeholder (the video token's text, `<|video_pad|>`), and that placeholder becomes a run of
   plan.num_tokens video token ids, images' placeholders runs of image ids, each kind taking its
   plans in message order. The count is the plan's: nothing here computes a token count.
@@ -37,13 +37,12 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from vlmkit.image.plan import ImagePlan
+from vlmkit.image.plan import ImagePlan, MediaPlans
 from vlmkit.text.chat import ChatTemplate, Message
 from vlmkit.text.tokenizer import Tokenizer
 
 NUMBERED_PLACEHOLDER = r"<\|image_(\d+)\|>"  # Phi-3-vision's <|image_1|>, <|image_2|>, ...
 
-MediaPlans = ImagePlan | Sequence[ImagePlan]  # an image's plan, or a video's plans (one per frame / clip)
 
 
 @dataclass
@@ -129,7 +128,7 @@ def flatten_media(messages: Sequence[Message], plans: Sequence[MediaPlans]) -> t
     """Videos rendered as image parts, and every image's plan in message order."""
     videos = [list(p) for p in plans if not isinstance(p, ImagePlan)]
     if any(not v for v in videos):
-        raise ValueError("a video was given with no plans; plan at least one frame (models.vlm.plan_video)")
+        raise ValueError("a video was given with no plans; plan at least one frame (LoadedModel.plan_images)")
     return videos_as_images(messages, [len(v) for v in videos]), flat_plans(plans)
 
 
@@ -177,7 +176,7 @@ def _native_video_prompt(tokenizer: Tokenizer, text: str, plans: Sequence[MediaP
             queues[image_token_id].append(entry)
         elif len(entry) != 1:
             raise ValueError(f"a video was given as {len(entry)} plans, but this model takes each clip as one plan "
-                             "(image/schemes/dynamic.plan_video_dynamic of its sampled frames)")
+                             "(schemes/dynamic.plan_video_dynamic of its sampled frames)")
         else:
             queues[video_token_id].append(entry[0])
     names = {image_token_id: "image", video_token_id: "video"}

@@ -4,20 +4,15 @@ training stages) and `vlmkit tokens` (how many tokens images cost under an image
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from pathlib import Path
 
 from vlmkit.image.load import load_image
 from vlmkit.image.overlay import draw_plan
 from vlmkit.image.plan import ImagePlan
-from vlmkit.image.schemes import SCHEMES, get_scheme
-from vlmkit.presets import PRESETS, SUMMARY_SIZES, summarize
+from vlmkit.presets import PRESETS, SUMMARY_SIZES, get_preset, summarize
+from vlmkit.schemes import SCHEMES, get_scheme
 from vlmkit.train.recipes import describe_recipe
-
-
-GRID_UNITS = {"pad": "view", "anyres": "tiles", "hd": "crops", "tiles": "tiles", "slices": "slices",
-              "dynamic": "14-px patches", "dual": "view"}
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -57,7 +52,8 @@ def _add_tokens(sub: argparse._SubParsersAction) -> None:
                                    "planned as the images of one prompt.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to plan")
     p.add_argument("--scheme", required=True, metavar="S",
-                   help=f"the image scheme, with its reference model's defaults: {', '.join(SCHEMES)}")
+                   help="the image scheme, with its reference model's defaults (its preset's config): " + ", ".join(
+                       f"{name} ({s.reference_preset})" for name, s in SCHEMES.items() if s.reference_preset))
     p.add_argument("--num-images-in-prompt", type=int, default=None, metavar="N",
                    help="how many images the prompt holds, for schemes that depend on it (tiles: tiling is off "
                         "above 2); default: the number of IMAGE arguments")
@@ -75,21 +71,24 @@ def overlay_paths(out: str, count: int) -> list[Path]:
 
 
 def _run_tokens(args: argparse.Namespace) -> int:
-    plan = get_scheme(args.scheme)
-    options = {}
-    if "num_images" in inspect.signature(plan).parameters:
-        given = args.num_images_in_prompt
-        options["num_images"] = len(args.images) if given is None else given
-    elif args.num_images_in_prompt is not None:
-        raise ValueError(f"--num-images-in-prompt does not apply to --scheme {args.scheme}: its plan does not "
-                         "depend on the number of images; leave it out")
+    scheme = get_scheme(args.scheme)
+    if scheme.reference_preset is None:
+        raise ValueError(f"--scheme {args.scheme} names no reference model to plan with; give one of "
+                         f"{', '.join(n for n, s in SCHEMES.items() if s.reference_preset)}")
+    cfg = get_preset(scheme.reference_preset)
+    num_images = len(args.images)
+    if args.num_images_in_prompt is not None:
+        if not scheme.counts_images:
+            raise ValueError(f"--num-images-in-prompt does not apply to --scheme {args.scheme}: its plan does not "
+                             "depend on the number of images; leave it out")
+        num_images = args.num_images_in_prompt
     if args.overlay is not None and Path(args.overlay).suffix.lower() != ".png":
         raise ValueError(f"--overlay {args.overlay}: the overlay is a PNG; give a path ending in .png")
     images = [load_image(path) for path in args.images]
-    plans = [plan(image, **options) for image in images]
+    plans = [scheme.plan(cfg, image, num_images) for image in images]
     if args.overlay is not None:
         for image, image_plan, path in zip(images, plans, overlay_paths(args.overlay, len(images))):
-            draw_plan(image, image_plan).save(path)
+            draw_plan(image, image_plan, scheme.geometry(image_plan)).save(path)
     if args.json:
         print(json.dumps([{"image": path, **p.summary()} for path, p in zip(args.images, plans)], indent=2))
         return 0
@@ -110,7 +109,7 @@ def _describe(path: str, plan: ImagePlan) -> str:
         f"{path}  ({plan.scheme})",
         f"  original size   {plan.original_size[0]}x{plan.original_size[1]}",
         f"  resized size    {plan.resized_size[0]}x{plan.resized_size[1]}",
-        f"  grid            {rows}x{cols} {GRID_UNITS.get(plan.scheme, '')} (rows x cols)",
+        f"  grid            {rows}x{cols} {get_scheme(plan.scheme).grid_unit} (rows x cols)",
         f"  model parts     {listing(plan.parts)} = {plan.num_tokens} (num_tokens)",
         f"  text parts      {listing(plan.text_parts)}"
         + (f" = {sum(plan.text_parts.values())}" if plan.text_parts else ""),

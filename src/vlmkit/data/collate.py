@@ -9,7 +9,7 @@ segment id (1, 2, ... within a row; padding is segment 0), its positions restart
 CausalLM attends only within a segment (block-diagonal causal attention), so every sample is
 computed as if it were alone. The first token of each sample gets no label: its prediction
 would come from the previous sample (alone, position 0 has no prediction either).
-Image inputs come from models.vlm.image_inputs over every example's plans in order, which is
+Image inputs come from vlmkit.schemes.image_inputs over every example's plans in order, which is
 row-major prompt order, the order the VLM fills placeholder runs.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from vlmkit.data.labels import TrainingExample
 from vlmkit.models.lm import IGNORE_INDEX
-from vlmkit.models.vlm import image_inputs
+from vlmkit.schemes import image_inputs
 
 
 def _check(examples: Sequence[TrainingExample]) -> None:

@@ -43,7 +43,7 @@ from vlmkit.text.tokenizer import Tokenizer
 @dataclass
 class TrainingExample:
     """One conversation ready for training: ids, labels (IGNORE_INDEX where no loss is taken) and
-    the plans of its image-token runs in prompt order (for models.vlm.image_inputs)."""
+    the plans of its image-token runs in prompt order (for vlmkit.schemes.image_inputs)."""
 
     input_ids: list[int]
     labels: list[int]

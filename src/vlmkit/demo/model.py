@@ -64,21 +64,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlmkit.config import LMConfig, VisionConfig
+from vlmkit.config import LMConfig, Serializable, VisionConfig
+from vlmkit.demo.scheme import ROW_MERGE, demo_tokens, token_grid
 from vlmkit.models.ctc import CTCHead, ctc_greedy_decode, ctc_loss
+from vlmkit.models.image_model import ImageModel, scatter_rows
 from vlmkit.models.lm import IGNORE_INDEX, CausalLM, CausalLMOutput, KVCache
 from vlmkit.models.projectors import build_projector
 from vlmkit.models.vit import EncoderLayer
 
 SHAPE_CLASSES = (8, 3)  # easy-VQA's colours and shapes (demo.data.SHAPE_COLOURS, SHAPE_NAMES)
-STEM_STRIDE = (8, 4)  # (rows, columns) of pixels per stem cell
-ROW_MERGE = 4  # stem rows merged into one token: a token covers 32 x 4 pixels
-# Why 4-pixel columns: CTC needs a step per character (two for a doubled one); the lines' smallest fonts
-# draw characters 6 pixels wide, so 8-pixel columns leave 27% of 8-24 character lines unreadable.
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(Serializable):
     """Sizes of the demo VLM. ctc_to_lm maps CTC class k (1..V_ctc-1) to the LM token id of its character."""
 
     lm_vocab_size: int
@@ -103,6 +101,16 @@ class DemoConfig:
     mark_class_words: bool = False  # add W's class vector to the characters of a class word in the question
     ground_class_words: bool = False  # also add (2 p - 1) * match_embed there, p the image's probability of that class
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:  # the tuples come back as JSON lists from a saved config
+        self.ctc_to_lm, self.stem_channels = tuple(self.ctc_to_lm), tuple(self.stem_channels)  # type: ignore[assignment]
+        self.letter_ids = tuple(self.letter_ids)
+        self.class_words = tuple(tuple(ids) for ids in self.class_words)
+
+    @property
+    def image_scheme(self) -> str:
+        """The demo's images are planned by its own scheme (demo/scheme.py)."""
+        return "demo"
 
     @property
     def ctc_vocab_size(self) -> int:
@@ -137,19 +145,13 @@ class CNNTower(nn.Module):
                             use_cls_token=False, pre_layernorm=False, select_layer=-1)
         self.layers = nn.ModuleList(EncoderLayer(vcfg) for _ in range(cfg.vision_layers))
         self.norm = nn.LayerNorm(D)
-        self.max_rows, self.max_cols = cfg.max_rows, cfg.max_cols
+        self.cfg = cfg
 
     def grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         """(rows, cols) of tokens for (B, 3, H, W) pixels; raises on sizes the tower cannot take."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected (batch, 3, H, W)")
-        H, W = pixel_values.shape[2:]
-        unit, step = STEM_STRIDE[0] * ROW_MERGE, STEM_STRIDE[1]
-        if H % unit or W % step or H // unit > self.max_rows or W // step > self.max_cols:
-            raise ValueError(f"images of {W}x{H} do not fit the demo tower: the height must be a multiple of {unit} "
-                             f"up to {unit * self.max_rows}, the width a multiple of {step} up to "
-                             f"{step * self.max_cols}")
-        return H // unit, W // step
+        return token_grid(self.cfg, *pixel_values.shape[2:])
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         rows, cols = self.grid(pixel_values)
@@ -176,21 +178,22 @@ def soft_char_count(posteriors: torch.Tensor) -> torch.Tensor:
     return new.cumsum(dim=1)
 
 
-class DemoVLM(nn.Module):
+class DemoVLM(ImageModel):
     """Tower + CTC head + projector + LM; a forward that trains (AR + CTC) and generates (vlmkit.generate).
 
     forward(input_ids (B, L) with T image placeholders per row after <s>, pixel_values, labels, ctc_targets,
     ctc_lengths, attention_mask, cache, ...) -> CausalLMOutput. Set `ar_weight` / `ctc_weight` to weigh
-    the two losses (ar_weight 0: the CTC warm-up, the LM does not run). For generation, encode_images and
-    forward(image_embeds=...) encode an image once and reuse it (vlmkit.chat_session); demo/saved.py saves and
-    loads the model and prepares a user's image and prompt as the demo's data did."""
+    the two losses (ar_weight 0: the CTC warm-up, the LM does not run). It is an ImageModel: the `demo`
+    scheme (demo/scheme.py) plans a user's image as the demo's data did and encodes images once for reuse
+    (encode_images, forward(image_embeds=...)); demo/saved.py saves and loads it."""
+
+    config_class = DemoConfig
 
     def __init__(self, cfg: DemoConfig, lm: CausalLM | None = None) -> None:
         """lm: a pretrained language model to attach instead of a fresh one (its width must be cfg.lm_width)."""
-        super().__init__()
+        super().__init__(cfg)
         if lm is not None and lm.cfg.hidden_size != cfg.lm_width:
             raise ValueError(f"the attached LM is {lm.cfg.hidden_size} wide but cfg.lm_width is {cfg.lm_width}")
-        self.cfg = cfg
         self.vision = CNNTower(cfg)
         self.ctc = CTCHead(cfg.width, cfg.ctc_vocab_size, rows=1, merge_cols=1)
         self.projector = build_projector("mlp2x_gelu", cfg.width, cfg.lm_width)
@@ -222,21 +225,9 @@ class DemoVLM(nn.Module):
         with torch.no_grad():
             return torch.stack([self.lm.embed.weight[list(ids)].mean(0) for ids in class_words]).clone()
 
-    # The image_inputs entries forward still needs when given image_embeds instead of pixels: none (the
-    # encoded rows carry the character counts that place the image tokens).
-    image_position_inputs: tuple[str, ...] = ()
-
-    @property
-    def image_token_id(self) -> int:
-        return self.cfg.image_token_id
-
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        return self.lm.new_cache(batch_size, max_len)
-
     def num_image_tokens(self, height: int, width: int) -> int:
-        """Image tokens of a height x width image (the placeholders its prompt needs)."""
-        rows, cols = self.vision.grid(torch.empty(1, 3, height, width))
-        return rows * cols
+        """Image tokens of a height x width image (the placeholders its prompt needs; the scheme's count)."""
+        return demo_tokens(self.cfg, height, width)
 
     def read(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(features (B, T, D), CTC logits (B, T, V_ctc)) of (B, 3, H, W) pixels."""
@@ -264,20 +255,10 @@ class DemoVLM(nn.Module):
         tokens = tokens + (classes.to(self.class_embed.dtype) @ self.class_embed)[:, None]  # (B, 1, C) on each
         return tokens, soft_char_count(p.detach()), classes
 
-    def encode_images(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """(N, 3, H, W) pixels -> N x (T, C + 1 + 11) encoded rows, what forward takes back as image_embeds (the
-        chat's encode-once cache): each image token at the LM width, then its soft character count (which sets
-        its RoPE position, see _positions), then the image's colour and shape probabilities (the same on every
-        row; what a grounded question word reads), in fp32 so that the positions stay exact."""
-        features, logits = self.read(pixel_values)
-        tokens, counts, classes = self.image_tokens(features, logits)  # (N, T, C), (N, T), (N, 11)
-        classes = classes.float()[:, None].expand(-1, tokens.shape[1], -1)  # (N, T, 11)
-        return list(torch.cat([tokens.float(), counts.float()[..., None], classes], dim=-1).unbind(0))
-
     def _split_rows(self, image_embeds: Sequence[torch.Tensor], batch: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(tokens (B, T, C), counts (B, T), class probabilities (B, 11)) of encode_images' rows, one image per
-        prompt row."""
+        """(tokens (B, T, C), counts (B, T), class probabilities (B, 11)) of encode_images' rows (the demo
+        scheme's encoder, demo/scheme.py), one image per prompt row."""
         C, n = self.cfg.lm_width, sum(SHAPE_CLASSES)
         if (len(image_embeds) != batch or any(e.dim() != 2 or e.shape[-1] != C + 1 + n for e in image_embeds)
                 or len({e.shape for e in image_embeds}) > 1):
@@ -318,7 +299,7 @@ class DemoVLM(nn.Module):
         if bool((per_row != tokens.shape[1]).any()):
             raise ValueError(f"each prompt must hold {tokens.shape[1]} image placeholders (id {self.image_token_id}) "
                              f"for its image; got {per_row.tolist()}")
-        embeds = self.lm.embed(input_ids).masked_scatter(is_image[..., None], tokens.to(self.lm.embed.weight.dtype))
+        embeds = scatter_rows(input_ids, self.lm.embed(input_ids), list(tokens), self.image_token_id)  # (B, L, C)
         if self.cfg.mark_class_words or self.cfg.ground_class_words:
             embeds = embeds + self.question_class_vectors(input_ids, is_image, classes).to(embeds.dtype)
         positions = self._positions(input_ids, attention_mask, is_image, counts)  # (B, L)

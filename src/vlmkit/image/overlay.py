@@ -1,6 +1,8 @@
 """Draw an ImagePlan over its image: where each local view falls, what the global view sees, the padding.
 
-`draw_plan(image, plan)` returns a picture for `vlmkit tokens --overlay out.png`:
+`draw_plan(image, plan, geometry)` returns a picture for `vlmkit tokens --overlay out.png`; the geometry
+(a `Geometry`: the local grid's canvas and the global views, in original-image coordinates) is the plan's
+scheme's, `get_scheme(plan.scheme).geometry(plan)` (vlmkit.schemes). The picture shows:
 
 - the original image, with the scheme's padding around it where the scheme pads (drawn grey and
   hatched, whatever colour the scheme fills it with), all mapped back from the resized canvas to
@@ -17,26 +19,25 @@
 The drawing (image + padding) is scaled so its longer side is `size` pixels (768 by default); the
 PNG is max(drawing width, 640) wide and the drawing's height plus the caption strip tall.
 
-    >>> from vlmkit.image.schemes import get_scheme
+    >>> from vlmkit.presets import get_preset
+    >>> from vlmkit.schemes import get_scheme, plan_image
     >>> image = Image.new("RGB", (672, 336), "white")
-    >>> draw_plan(image, get_scheme("anyres")(image)).width
-    768
-    >>> geometry = plan_geometry(get_scheme("anyres")(image))
+    >>> plan = plan_image(get_preset("llava-next"), image)
+    >>> geometry = get_scheme(plan.scheme).geometry(plan)
     >>> geometry.canvas, (geometry.rows, geometry.cols), geometry.views[0].label
     ((0.0, 0.0, 672.0, 336.0), (1, 2), 'base (squashed)')
+    >>> draw_plan(image, plan, geometry).width
+    768
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
 from vlmkit.image.plan import ImagePlan
-from vlmkit.image.schemes.hd import CROP as HD_CROP
-from vlmkit.image.schemes.tiles import TILE as TILES_TILE
 
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in original-image pixels
 
@@ -85,83 +86,21 @@ def fit_box(width: int, height: int, canvas_w: int, canvas_h: int) -> Box:
     return ((width - box_w) / 2, (height - box_h) / 2, (width + box_w) / 2, (height + box_h) / 2)
 
 
-def _whole(plan: ImagePlan) -> Box:
+def whole_box(plan: ImagePlan) -> Box:
+    """The whole original image as a box."""
     width, height = plan.original_size
     return (0.0, 0.0, float(width), float(height))
 
 
-def _pad(plan: ImagePlan) -> Geometry:
-    width, height = plan.original_size
-    side = max(width, height)
-    view = View(fit_box(width, height, side, side), plan.resized_size, "view (padded square)")
-    return Geometry(None, 0, 0, "tile", (view,))
-
-
-def _anyres(plan: ImagePlan) -> Geometry:
-    rows, cols = plan.grid
-    tile = plan.extra["tile_size"]
-    canvas = fit_box(*plan.original_size, *plan.extra["canvas_size"])
-    return Geometry(canvas, rows, cols, "tile", (View(_whole(plan), (tile, tile), "base (squashed)"),))
-
-
-def _hd(plan: ImagePlan) -> Geometry:
-    rows, cols = plan.grid
-    canvas_h, canvas_w = plan.extra["image_size_hw"]
-    canvas = fit_box(*plan.original_size, canvas_w, canvas_h)
-    return Geometry(canvas, rows, cols, "crop", (View(canvas, (HD_CROP, HD_CROP), "global (canvas)"),))
-
-
-def _tiles(plan: ImagePlan) -> Geometry:
-    rows, cols = plan.grid
-    width, height = plan.original_size
-    canvas = fit_box(width, height, *plan.resized_size)
-    view = View(fit_box(width, height, TILES_TILE, TILES_TILE), (TILES_TILE, TILES_TILE), "global (padded)")
-    return Geometry(canvas, rows, cols, "tile", (view,))
-
-
-def _slices(plan: ImagePlan) -> Geometry:
-    rows, cols = plan.grid
-    view = View(_whole(plan), tuple(plan.extra["view_sizes"][0]), "source")
-    return Geometry(_whole(plan) if rows else None, rows, cols, "slice", (view,))
-
-
-def _dynamic(plan: ImagePlan) -> Geometry:
-    rows, cols = plan.grid
-    merge = plan.extra["merge_size"]
-    return Geometry(_whole(plan), rows // merge, cols // merge, "token", ())
-
-
-def _dual(plan: ImagePlan) -> Geometry:
-    width, height = plan.original_size
-    side = min(width, height)
-    crop = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
-    sam = plan.extra["sam_size"]
-    return Geometry(None, 0, 0, "tile", (View(crop, plan.resized_size, "CLIP (centre crop)"),
-                                         View(_whole(plan), (sam, sam), "SAM (squashed)")))
-
-
-_GEOMETRY: dict[str, Callable[[ImagePlan], Geometry]] = {
-    "pad": _pad, "anyres": _anyres, "hd": _hd, "tiles": _tiles, "slices": _slices, "dynamic": _dynamic,
-    "dual": _dual,
-}
-
-
-def plan_geometry(plan: ImagePlan) -> Geometry:
-    """The local grid and global views of plan, in original-image coordinates."""
-    if plan.scheme not in _GEOMETRY:
-        raise ValueError(f"no overlay for image scheme {plan.scheme!r}; known: {', '.join(_GEOMETRY)}")
-    return _GEOMETRY[plan.scheme](plan)
-
-
-def draw_plan(image: Image.Image, plan: ImagePlan, size: int = DISPLAY_SIZE) -> Image.Image:
-    """The image with plan's padding, local grid and global views drawn on it, and a caption strip below."""
+def draw_plan(image: Image.Image, plan: ImagePlan, geometry: Geometry, size: int = DISPLAY_SIZE) -> Image.Image:
+    """The image with plan's padding, local grid and global views (geometry: the plan's scheme's
+    `geometry(plan)`) drawn on it, and a caption strip below."""
     if tuple(image.size) != tuple(plan.original_size):
         raise ValueError(f"the image is {image.width}x{image.height} but the plan was made for "
                          f"{plan.original_size[0]}x{plan.original_size[1]}; pass the image the plan came from")
     if size < 16:
         raise ValueError(f"overlay size {size} is too small; use at least 16 pixels (default {DISPLAY_SIZE})")
-    geometry = plan_geometry(plan)
-    boxes = [_whole(plan), *(v.box for v in geometry.views)] + ([geometry.canvas] if geometry.canvas else [])
+    boxes = [whole_box(plan), *(v.box for v in geometry.views)] + ([geometry.canvas] if geometry.canvas else [])
     left, top = min(b[0] for b in boxes), min(b[1] for b in boxes)
     right, bottom = max(b[2] for b in boxes), max(b[3] for b in boxes)
     scale = size / max(right - left, bottom - top)
@@ -170,7 +109,7 @@ def draw_plan(image: Image.Image, plan: ImagePlan, size: int = DISPLAY_SIZE) -> 
         return ((box[0] - left) * scale, (box[1] - top) * scale, (box[2] - left) * scale, (box[3] - top) * scale)
 
     drawing = _padding_background(round((right - left) * scale), round((bottom - top) * scale))
-    x0, y0, x1, y1 = to_px(_whole(plan))
+    x0, y0, x1, y1 = to_px(whole_box(plan))
     shown = image.convert("RGB").resize((max(1, round(x1 - x0)), max(1, round(y1 - y0))), Image.Resampling.LANCZOS)
     drawing.paste(shown, (round(x0), round(y0)))
     draw = ImageDraw.Draw(drawing)

@@ -1,13 +1,15 @@
 """ImagePlan: what an image scheme decides for one image, the single source of its token count.
 
-Every scheme in image/schemes/ returns one ImagePlan. The prompt builder puts
-`num_tokens` placeholder ids for the image; the VLM glue lays out the features
-from `grid`/`parts` and checks that it produced exactly `num_tokens` vectors.
-No other code computes how many tokens an image costs.
+Every scheme of vlmkit.schemes returns one ImagePlan. The prompt builder puts
+`num_tokens` placeholder ids for the image; the scheme's encoder lays out the features
+from `grid`/`parts` and checks that it produced exactly `num_tokens` vectors, and the
+model checks the placeholders against the rows (models/image_model.scatter_rows).
+No code outside the scheme's module computes how many tokens an image costs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +20,7 @@ import torch
 class ImagePlan:
     """One image's preprocessing result.
 
-    scheme:        the scheme's name ("pad", "anyres", "hd", "tiles", "slices", "dynamic", "dual")
+    scheme:        the name of the scheme that made it (vlmkit.schemes: "pad", "anyres", "hd", ...)
     pixel_values:  the tensors the vision tower(s) take for this image, e.g. (views, 3, S, S) for
                    tiling schemes or (patches, C * T * P * P) for Qwen2-VL's dynamic scheme
     original_size: (width, height) of the input image
@@ -58,3 +60,6 @@ class ImagePlan:
                 "num_tokens": self.num_tokens, "text_parts": dict(self.text_parts),
                 "context_tokens": self.context_tokens, "pixel_values_shape": list(self.pixel_values.shape),
                 **{k: v for k, v in self.extra.items() if isinstance(v, (int, float, str, list, tuple))}}
+
+
+MediaPlans = ImagePlan | Sequence[ImagePlan]  # an image's plan, or a video's plans (one per frame, or the clip's)

@@ -1,5 +1,5 @@
-"""vlmkit models: language model, vision tower, projectors, VLM glue; and loading/saving."""
+"""vlmkit models: the language model, vision towers, projectors, and the models that take images.
 
-from vlmkit.weights.hf import from_pretrained, save_pretrained
-
-__all__ = ["from_pretrained", "save_pretrained"]
+Every model that takes images is an ImageModel (models/image_model.py); its image scheme lives in
+vlmkit.schemes. Loading and saving checkpoints is vlmkit.weights (from_pretrained, save_pretrained).
+"""

@@ -34,27 +34,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlmkit.config import LMConfig, require
+from vlmkit.config import LMConfig
 from vlmkit.models.lm import KVCache, RMSNorm
 from vlmkit.models.rope import apply_rotary, rope_parameters
 
 LATENT_NORM_EPS = 1e-6
-
-
-def check_latent_attention(cfg: LMConfig) -> None:
-    """Raise ValueError for latent-attention settings this module cannot run (LMConfig.__post_init__ calls
-    this when kv_lora_rank is set)."""
-    require(cfg.kv_lora_rank > 0, f"kv_lora_rank must be >= 0, got {cfg.kv_lora_rank}")
-    require(cfg.q_lora_rank >= 0 and cfg.qk_nope_head_dim >= 0,
-            f"q_lora_rank ({cfg.q_lora_rank}) and qk_nope_head_dim ({cfg.qk_nope_head_dim}) must be >= 0")
-    require(cfg.qk_rope_head_dim > 0 and cfg.qk_rope_head_dim % 2 == 0,
-            f"qk_rope_head_dim must be positive and even (RoPE rotates pairs), got {cfg.qk_rope_head_dim}")
-    require(cfg.v_head_dim > 0, f"v_head_dim must be positive with latent attention, got {cfg.v_head_dim}")
-    require(cfg.num_kv_heads == cfg.num_heads, f"latent attention expands keys and values for every head: set "
-                                               f"num_kv_heads = num_heads ({cfg.num_heads}), got {cfg.num_kv_heads}")
-    require(cfg.partial_rotary_factor == 1.0 and cfg.sliding_window is None,
-            "latent attention rotates exactly qk_rope_head_dim channels over the full context: leave "
-            "partial_rotary_factor at 1.0 and sliding_window at None")
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -36,31 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlmkit.config import LMConfig, require
+from vlmkit.config import LMConfig
 from vlmkit.models.activations import ACTIVATIONS
 from vlmkit.models.lm import MLP
-
-
-MOE_SCORINGS = ("softmax", "sigmoid")
-MOE_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-
-
-def check_routing(cfg: LMConfig) -> None:
-    """Raise ValueError for routing options route() cannot follow (LMConfig.__post_init__ calls this)."""
-    require(cfg.moe_scoring in MOE_SCORINGS, f"moe_scoring {cfg.moe_scoring!r} unknown; valid: {MOE_SCORINGS}")
-    require(cfg.moe_topk_method in MOE_TOPK_METHODS,
-            f"moe_topk_method {cfg.moe_topk_method!r} unknown; valid: {MOE_TOPK_METHODS}")
-    require(cfg.routed_scaling_factor > 0, f"routed_scaling_factor must be positive, got {cfg.routed_scaling_factor}")
-    G, E = cfg.moe_n_group, cfg.num_experts
-    require(G >= 1 and E % G == 0, f"moe_n_group {G} must be >= 1 and divide num_experts {E}")
-    require(1 <= cfg.moe_topk_group <= G, f"moe_topk_group must be in 1..moe_n_group ({G}), got {cfg.moe_topk_group}")
-    if cfg.moe_topk_method != "greedy":
-        reachable = cfg.moe_topk_group * (E // G)
-        require(cfg.num_experts_per_tok <= reachable,
-                f"{cfg.moe_topk_method} picks {cfg.num_experts_per_tok} experts from {cfg.moe_topk_group} "
-                f"group(s) of {E // G} ({reachable} reachable); raise moe_topk_group or lower num_experts_per_tok")
-    require(cfg.moe_topk_method != "noaux_tc" or E // G >= 2,
-            f"noaux_tc scores a group by its two best experts; num_experts / moe_n_group is {E // G}")
 
 
 def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool, *, scoring: str = "softmax",

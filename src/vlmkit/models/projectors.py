@@ -23,53 +23,13 @@ Five families, chosen by the config string ProjectorConfig.type:
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from vlmkit.config import ProjectorSpec, parse_projector_type
 from vlmkit.models.resampler import build_perceiver, build_qwen_resampler
-
-# Each valid form: (regex, family). The registry below maps families to builders.
-_FORMS = {
-    r"linear": "linear",
-    r"mlp(?P<depth>\d+)x_gelu": "mlp",
-    r"merge(?P<m1>\d+)x(?P<m2>\d+)_mlp(?P<depth>\d+)x_gelu": "merge_mlp",
-    r"qwen_resampler(?P<queries>\d+)q": "qwen_resampler",
-    r"perceiver(?P<queries>\d+)q(?:_(?P<depth>\d+)x(?P<width>\d+))?": "perceiver",
-}
-VALID_PROJECTOR_TYPES = ("linear", "mlp{N}x_gelu", "merge2x2_mlp{N}x_gelu", "qwen_resampler{Q}q",
-                         "perceiver{Q}q", "perceiver{Q}q_{L}x{H}")
-
-
-@dataclass(frozen=True)
-class ProjectorSpec:
-    family: str
-    depth: int = 1  # number of Linear layers
-    merge: int = 1  # side of the square block of patches merged into one token
-    queries: int = 0  # resamplers: number of learnable queries = LM tokens per image (0: not a resampler)
-    width: int = 0  # perceiver{Q}q_{L}x{H}: Q-Former width H (0: BERT-base Q-Former)
-
-
-def parse_projector_type(name: str) -> ProjectorSpec:
-    """Parse a projector type string; raise ValueError listing the valid forms if it is unknown."""
-    for pattern, family in _FORMS.items():
-        m = re.fullmatch(pattern, name)
-        if m is None:
-            continue
-        groups = m.groupdict()
-        depth = int(groups.get("depth") or 1)
-        merge = int(groups.get("m1") or 1)
-        queries = int(groups.get("queries") or 0)
-        width = int(groups.get("width") or 0)
-        if depth < 1 or ("queries" in groups and queries < 1) or (groups.get("width") is not None and width < 1):
-            break
-        if family == "merge_mlp" and not (groups["m1"] == groups["m2"] == "2"):
-            raise ValueError(f"projector type {name!r}: only a 2x2 merge is supported")
-        return ProjectorSpec(family, depth, merge, queries, width)
-    raise ValueError(f"unknown projector type {name!r}; valid types are {', '.join(VALID_PROJECTOR_TYPES)}")
 
 
 def mlp_gelu(in_dim: int, out_dim: int, depth: int, bias: bool = True) -> nn.Sequential:

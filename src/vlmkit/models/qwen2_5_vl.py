@@ -1,6 +1,6 @@
 """Qwen2.5-VL: Qwen2-VL's native-resolution ViT with window attention, RMSNorm and SwiGLU blocks.
 
-    pixel_values (N, C*T*P*P) rows from image/schemes/dynamic.py, image_grid_thw (I, 3)
+    pixel_values (N, C*T*P*P) rows from schemes/dynamic.py, image_grid_thw (I, 3)
       --patch_embed (one matmul)--> (N, E)
       --reorder the merge x merge groups window by window (`window_order`)--> (N, E)
       --blocks: x + attn(RMS(x)) with 2-D rotary, attention within one window, or within one frame
@@ -11,8 +11,9 @@
 Everything after the tower (placeholder scatter, M-RoPE positions, the Qwen2 LM, the
 cache's rope deltas) is Qwen2-VL's: `Qwen2_5_VL` is `Qwen2VL` with this tower. For images
 the positions are the same as Qwen2-VL's; a video's time ids step by
-`tokens_per_second * second_per_grid_ts` per temporal patch (seed 003: "M-RoPE time ids aligned
-to absolute time"), second_per_grid_ts = temporal_patch_size / fps, 1 when not given.
+`tokens_per_second * second_per_grid_ts` per temporal patch (Qwen2.5-VL technical report, Bai et al.
+2025, sec. 2.1.3: M-RoPE time ids aligned to absolute time), second_per_grid_ts = temporal_patch_size / fps,
+1 when not given.
 
 The reference is transformers' models/qwen2_5_vl/modeling_qwen2_5_vl.py
 (Qwen2_5_VisionTransformerPretrainedModel) and vision_utils.get_vision_window_index. Run
@@ -100,6 +101,11 @@ class Qwen2_5_VLConfig(Qwen2VLConfig):
             self.vision = Qwen2_5_VLVisionConfig.from_dict(self.vision)
         super().__post_init__()
 
+    @property
+    def timed_video(self) -> bool:
+        """A video's time ids step by tokens_per_second * seconds per temporal patch."""
+        return True
+
 
 def window_order(grid: list[tuple[int, int, int]], merge: int, window: int) -> tuple[torch.Tensor, list[int]]:
     """The order of merged tokens for window attention, and each window's length in patches.
@@ -178,6 +184,8 @@ class Qwen2_5VisionTower(nn.Module):
 class Qwen2_5_VL(Qwen2VL):
     """Qwen2.5-VL for generation and training: Qwen2VL's forward(input_ids, pixel_values, image_grid_thw, ...)
     with the windowed vision tower."""
+
+    config_class = Qwen2_5_VLConfig
 
     def __init__(self, cfg: Qwen2_5_VLConfig) -> None:
         super().__init__(cfg, vision=Qwen2_5VisionTower(cfg.vision))

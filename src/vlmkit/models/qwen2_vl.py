@@ -1,6 +1,6 @@
 """Qwen2-VL: a native-resolution ViT with 2-D RoPE and a 2x2 patch merger, feeding a Qwen2 LM with M-RoPE.
 
-    pixel_values (N, C*T*P*P) patch rows from image/schemes/dynamic.py, image_grid_thw (I, 3)
+    pixel_values (N, C*T*P*P) patch rows from schemes/dynamic.py, image_grid_thw (I, 3)
       --patch_embed (the Conv3d as one matmul)--> (N, E)
       --blocks: x + attn(LN(x)) with 2-D rotary over each patch's (row, col), attention within one
                 frame of one image; x + mlp(LN(x))--> (N, E)
@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlmkit.config import LMConfig, require, Serializable
-from vlmkit.image.plan import ImagePlan
+from vlmkit.config import LMConfig, Serializable, require
+from vlmkit.models.image_model import ImageModel, scatter_rows
 from vlmkit.models.lm import CausalLM, CausalLMOutput, KVCache, cache_dtype, default_position_ids
 from vlmkit.models.rope import apply_rotary, rope_parameters, signed_sin
 from vlmkit.models.activations import ACTIVATIONS
@@ -122,6 +122,16 @@ class Qwen2VLConfig(Serializable):
                  f"image_token_id {self.image_token_id} is outside the LM vocabulary (size {self.lm.vocab_size})")
         require(self.image_token_id != self.video_token_id,
                  f"image_token_id and video_token_id are both {self.image_token_id}; give each its own id")
+
+    @property
+    def image_scheme(self) -> str:
+        """Qwen2-VL plans images at their native resolution: vlmkit.schemes.dynamic."""
+        return "dynamic"
+
+    @property
+    def timed_video(self) -> bool:
+        """Whether a video's M-RoPE time ids follow its clock (Qwen2.5-VL); Qwen2-VL steps them by 1."""
+        return False
 
 
 # ----------------------------------------------------------------------------- vision tower
@@ -264,71 +274,38 @@ class MRopeCache(KVCache):
         self.rope_deltas = self.rope_deltas[rows]
 
 
-class Qwen2VL(nn.Module):
-    """Qwen2-VL for generation and training: forward(input_ids, pixel_values, image_grid_thw, ...) -> logits."""
+class Qwen2VL(ImageModel):
+    """Qwen2-VL for generation and training: forward(input_ids, pixel_values, image_grid_thw, ...) -> logits.
+    Images are planned, turned into inputs and encoded by the `dynamic` scheme (vlmkit.schemes.dynamic)."""
 
-    # The image_inputs entries forward still needs when given image_embeds instead of pixel_values:
-    # the grids the M-RoPE positions come from.
-    image_position_inputs: tuple[str, ...] = ("image_grid_thw",)
+    config_class = Qwen2VLConfig
 
     def __init__(self, cfg: Qwen2VLConfig, vision: nn.Module | None = None) -> None:
         """vision: the tower mapping (pixel_values, image_grid_thw) to merged features; None = Qwen2-VL's."""
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.vision = vision if vision is not None else Qwen2VisionTower(cfg.vision)
         self.lm = CausalLM(cfg.lm)
+
+    @property
+    def placeholder_ids(self) -> dict[str, int]:
+        """Images and videos each have their placeholder: <|image_pad|> and <|video_pad|>."""
+        return {"image": self.cfg.image_token_id, "video": self.cfg.video_token_id}
 
     def new_cache(self, batch_size: int, max_len: int) -> MRopeCache:
         p = self.lm.embed.weight
         return MRopeCache(self.cfg.lm, batch_size, max_len, dtype=cache_dtype(self.cfg.lm, p), device=p.device)
 
-    def _merged(self, pixels: torch.Tensor | None, grid_thw: torch.Tensor | list | None,
-                kind: str) -> torch.Tensor | None:
-        """The kind's ("image" / "video") merged rows (F, C) in order, from its pixels; None without pixels."""
-        if pixels is None:
-            if grid_thw is not None:
-                raise ValueError(f"{kind}_grid_thw was given without the {kind}'s pixel values; pass both")
+    def video_rows(self, pixel_values_videos: torch.Tensor | None, video_grid_thw: torch.Tensor | list | None
+                   ) -> list[torch.Tensor] | None:
+        """Each video's merged rows (T_v, C) in order, from its patch rows; None without videos."""
+        if pixel_values_videos is None:
+            if video_grid_thw is not None:
+                raise ValueError("video_grid_thw was given without the video's pixel values; pass both")
             return None
-        if grid_thw is None:
-            raise ValueError(f"{kind} pixels need {kind}_grid_thw (one (t, h, w) row per {kind}, from its plan)")
-        return self.vision(pixels, grid_thw)  # (F, C)
-
-    def _tokens_per_image(self, image_grid_thw: torch.Tensor | list) -> list[int]:
-        """Merged tokens of each image of a grid (I, 3): t*h*w / merge^2, the count its plan gives."""
-        merge = self.cfg.vision.spatial_merge_size
-        return [t * h * w // merge**2 for t, h, w in grid_list(image_grid_thw)]
-
-    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | list) -> list[torch.Tensor]:
-        """Each image's merged rows (T_i, C), in order: the vision tower runs once over them all."""
-        rows = self._merged(pixel_values, image_grid_thw, "image")  # (F, C)
-        return list(rows.split(self._tokens_per_image(image_grid_thw)))  # I x (T_i, C)
-
-    def _scatter(self, x: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor | None,
-                 kind: str) -> torch.Tensor:
-        """x (B, T, C) with the kind's ("image" / "video") placeholders replaced by features (F, C) in order."""
-        if features is None:
-            return x
-        slots = input_ids == (self.cfg.image_token_id if kind == "image" else self.cfg.video_token_id)  # (B, T)
-        if int(slots.sum()) != features.shape[0]:
-            raise ValueError(f"input_ids hold {int(slots.sum())} {kind} placeholder tokens but the {kind}s give "
-                             f"{features.shape[0]} features; put plan.num_tokens placeholders per {kind}")
-        return x.masked_scatter(slots.unsqueeze(-1), features.to(x.dtype))
-
-    def _image_rows(self, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | list | None,
-                    image_embeds: Sequence[torch.Tensor] | None) -> torch.Tensor | None:
-        """The images' merged rows (F, C) in order: encoded from pixel_values, or image_embeds as given
-        (checked against image_grid_thw, which the positions read); None for no images."""
-        if image_embeds is None:
-            return self._merged(pixel_values, image_grid_thw, "image")
-        if pixel_values is not None:
-            raise ValueError("pass the images once: pixel_values or image_embeds (already encoded rows), not both")
-        if image_grid_thw is None:
-            raise ValueError("image_embeds need image_grid_thw too: the M-RoPE positions come from each image's grid")
-        counts = self._tokens_per_image(image_grid_thw)
-        if [e.shape[0] for e in image_embeds] != counts:
-            raise ValueError(f"image_embeds have {[e.shape[0] for e in image_embeds]} rows per image but "
-                             f"image_grid_thw gives {counts}; pass each image's grid with its encode_images rows")
-        return torch.cat(list(image_embeds)) if image_embeds else None  # (F, C)
+        if video_grid_thw is None:
+            raise ValueError("video pixels need video_grid_thw (one (t, h, w) row per video, from its plan)")
+        rows = self.vision(pixel_values_videos, video_grid_thw)  # (F, C)
+        return list(rows.split(self.scheme.row_counts(self.cfg, video_grid_thw)))  # V x (T_v, C)
 
     def forward(
         self,
@@ -350,9 +327,11 @@ class Qwen2VL(nn.Module):
         if past and any(v is not None for v in (pixel_values, pixel_values_videos, image_embeds)):
             raise ValueError("images and videos go with the first (prefill) pass over an empty cache; "
                              "start a new cache for a prompt with new images or videos")
-        x = self.lm.embed(input_ids)  # (B, T, C)
-        x = self._scatter(x, input_ids, self._image_rows(pixel_values, image_grid_thw, image_embeds), "image")
-        x = self._scatter(x, input_ids, self._merged(pixel_values_videos, video_grid_thw, "video"), "video")
+        x = self.embed_prompt(input_ids, {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw},
+                              image_embeds, cache)  # (B, T, C)
+        videos = self.video_rows(pixel_values_videos, video_grid_thw)
+        if videos is not None or past == 0:
+            x = scatter_rows(input_ids, x, videos or [], self.cfg.video_token_id, "video")
         if position_ids is None:
             position_ids = self._positions(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
                                            attention_mask, cache)
@@ -387,18 +366,6 @@ class Qwen2VL(nn.Module):
             raise ValueError("decoding Qwen2-VL needs the cache from model.new_cache (it keeps the M-RoPE offsets)")
         text = default_position_ids(attention_mask, past, T, input_ids.device)  # (B or 1, T)
         return (text + cache.rope_deltas).unsqueeze(0).expand(3, -1, -1)  # (3, B, T)
-
-
-def dynamic_inputs(plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor]:
-    """Forward keyword tensors for `dynamic` plans in prompt order (image/schemes/dynamic.py): image plans give
-    pixel_values (N, C*T*P*P) and image_grid_thw (I, 3), video plans pixel_values_videos and video_grid_thw."""
-    out: dict[str, torch.Tensor] = {}
-    for kind, pixels_key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
-        chosen = [p for p in plans if f"{kind}_grid_thw" in p.extra]
-        if chosen:
-            out[pixels_key] = torch.cat([p.pixel_values for p in chosen])  # (sum t*h*w, C*T*P*P)
-            out[f"{kind}_grid_thw"] = torch.tensor([p.extra[f"{kind}_grid_thw"] for p in chosen])  # (n, 3)
-    return out
 
 
 if __name__ == "__main__":

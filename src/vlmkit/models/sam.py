@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlmkit.config import VISION_ACTIVATIONS, Serializable, require
+from vlmkit.config import SamConfig
 from vlmkit.models.vit import MLP
 
 
@@ -40,105 +40,6 @@ from vlmkit.models.vit import MLP
 class SamOutput:
     last_hidden_state: torch.Tensor  # (B, output_channels, g, g): the neck output, as transformers returns it
     hidden_states: tuple[torch.Tensor, ...] | None = None  # num_layers + 1 entries of (B, g, g, D)
-
-
-SAM_DOWNSAMPLES = ("none", "vary", "deepseek")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class SamConfig(Serializable):
-    """SAM's ViTDet image encoder (models/sam.py) and the downsampling that VLMs add after its neck.
-
-    Defaults are SAM ViT-B at 1024 px: 768 wide, 12 layers, windows of 14 patches,
-    global attention at layers 2, 5, 8, 11, neck to 256 channels -> (256, 64, 64).
-    `downsample` picks what follows the neck:
-      "none"     the (output_channels, 64, 64) map itself;
-      "vary"     Vary: two stride-2 3x3 convs 256 -> 512 -> 1024, 64x64 -> 16x16 = 256 tokens;
-      "deepseek" DeepSeek-VL: bilinear resize to resize_to (default 96), then the same two convs
-                 -> 24x24 = 576 tokens; with global_branch, DeepSeek-VL's "sam_hd" path adds a
-                 second neck on the first global layer's output, scaled by a learned alpha.
-    """
-
-    image_size: int = 1024
-    patch_size: int = 16
-    num_channels: int = 3
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_layers: int = 12
-    num_heads: int = 12
-    layer_norm_eps: float = 1e-6
-    hidden_act: str = "gelu"
-    qkv_bias: bool = True
-    use_abs_pos: bool = True
-    use_rel_pos: bool = True
-    window_size: int = 14  # side of the attention windows in patches; 0 = every layer global
-    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
-    output_channels: int = 256
-    downsample: str = "none"
-    downsample_channels: tuple[int, int] = (512, 1024)
-    resize_to: int | None = None  # "deepseek" only: side the neck map is resized to; None = 96
-    global_branch: bool = False  # "deepseek" only: DeepSeek-VL's sam_hd second neck
-    image_mean: tuple[float, float, float] = IMAGENET_MEAN
-    image_std: tuple[float, float, float] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        self.global_attn_indexes = tuple(self.global_attn_indexes)
-        self.downsample_channels = tuple(self.downsample_channels)  # type: ignore[assignment]
-        self.image_mean = tuple(self.image_mean)  # type: ignore[assignment]
-        self.image_std = tuple(self.image_std)  # type: ignore[assignment]
-        for name in ("image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size",
-                     "num_layers", "num_heads", "output_channels"):
-            require(getattr(self, name) > 0, f"SamConfig.{name} must be positive, got {getattr(self, name)}")
-        require(self.image_size % self.patch_size == 0,
-                 f"SAM image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        require(self.hidden_size % self.num_heads == 0,
-                 f"SAM hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        require(self.hidden_act in VISION_ACTIVATIONS,
-                 f"SamConfig.hidden_act {self.hidden_act!r} unknown; valid: {VISION_ACTIVATIONS}")
-        require(self.window_size >= 0, f"SamConfig.window_size must be >= 0 (0 = global), got {self.window_size}")
-        bad = [i for i in self.global_attn_indexes if not 0 <= i < self.num_layers]
-        require(not bad, f"global_attn_indexes {bad} are outside layers 0..{self.num_layers - 1}")
-        require(self.downsample in SAM_DOWNSAMPLES,
-                 f"SamConfig.downsample {self.downsample!r} unknown; valid: {SAM_DOWNSAMPLES}")
-        require(len(self.downsample_channels) == 2 and all(c > 0 for c in self.downsample_channels),
-                 f"downsample_channels must be two positive ints (e.g. (512, 1024)), got {self.downsample_channels}")
-        if self.downsample == "deepseek":
-            if self.resize_to is None:
-                self.resize_to = 96
-            require(self.resize_to > 0, f"SamConfig.resize_to must be positive, got {self.resize_to}")
-        else:
-            require(self.resize_to is None and not self.global_branch,
-                     f"resize_to and global_branch are only used by downsample='deepseek'; remove them "
-                     f"for downsample={self.downsample!r}")
-        require(not self.global_branch or bool(self.global_attn_indexes),
-                 "global_branch reads the first global-attention layer: set global_attn_indexes")
-
-    @property
-    def grid(self) -> int:
-        """Patches per side of the image: 64 for 1024 px / 16."""
-        return self.image_size // self.patch_size
-
-    @property
-    def feature_size(self) -> int:
-        """Side of the final feature map: grid (none), 16 (Vary at 1024 px), 24 (DeepSeek-VL)."""
-        if self.downsample == "none":
-            return self.grid
-        side = self.grid if self.downsample == "vary" else self.resize_to
-        for _ in range(2):  # each 3x3 stride-2 pad-1 conv maps n -> ceil(n / 2)
-            side = (side + 1) // 2
-        return side
-
-    @property
-    def feature_dim(self) -> int:
-        """Channels of each output token: output_channels, or downsample_channels[1] after downsampling."""
-        return self.output_channels if self.downsample == "none" else self.downsample_channels[1]
-
-    @property
-    def tokens_per_image(self) -> int:
-        """Tokens one image becomes: 4096 (none), 256 (Vary), 576 (DeepSeek-VL) at 1024 px."""
-        return self.feature_size ** 2
 
 
 def rel_pos_table(table: torch.Tensor, size: int) -> torch.Tensor:

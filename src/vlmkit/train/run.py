@@ -10,10 +10,11 @@
 The model is a model directory (loaded with vlmkit.load.load_model, its tokenizer kept) or the name of
 a small preset built with random weights (`FRESH_PRESETS`: `tiny-random`, `bench-tiny` and every `*-small`
 twin): such a fresh model gets a CharTokenizer over the printable ASCII characters plus every character of
-the dataset's conversations and the special tokens its prompt format needs (`fresh_special_tokens`:
-Qwen2-VL's `<|vision_start|>`, `<|vision_end|>`, `<|image_pad|>`, `<|video_pad|>` with the built-in
-`qwen2_vl` chat template; `<image>` and chatml for the others), and its vocabulary and placeholder ids
-are sized to it (for ASCII data `tiny-random` is exactly vlmkit.load's tiny-random model at the same seed).
+the dataset's conversations and the special tokens its image scheme's prompt format needs
+(`fresh_special_tokens`: the scheme's `placeholders`, e.g. Qwen2-VL's `<|vision_start|>`, `<|vision_end|>`,
+`<|image_pad|>`, `<|video_pad|>` with its built-in `qwen2_vl` chat template; `<image>` and chatml for the
+others), and its vocabulary and placeholder ids are sized to it (for ASCII data `tiny-random` is exactly
+vlmkit.load's tiny-random model at the same seed).
 
 The stage (`--stage`, `resolve_stage`) is one of
     NAME           a stage of the model's recipe (train/recipes.py), e.g. `align` for llava-1.5-small or
@@ -57,13 +58,13 @@ import torch
 from vlmkit.data.formats import POLICIES, DatasetError, Problem, Sample, load_dataset
 from vlmkit.data.labels import TrainingExample, build_training_example
 from vlmkit.image.load import load_image
-from vlmkit.image.schemes.dynamic import VISION_WRAPPER
 from vlmkit.load import LoadedModel, load_model
-from vlmkit.models import save_pretrained
-from vlmkit.models.qwen2_vl import Qwen2VLConfig
-from vlmkit.presets import PRESETS, Preset, build_model, get_preset
+from vlmkit.models.image_model import build_model
+from vlmkit.presets import PRESETS, Preset, get_preset
+from vlmkit.schemes import get_scheme
 from vlmkit.text.chat import chat_template_for
 from vlmkit.text.tokenizer import DEFAULT_SPECIAL_TOKENS, CharTokenizer
+from vlmkit.weights import save_pretrained
 from vlmkit.train.checkpoint import latest_checkpoint, write_text_atomically
 from vlmkit.train.distributed import World, current_world
 from vlmkit.train.loop import ShuffledBatches, TrainResult, train
@@ -73,7 +74,6 @@ from vlmkit.train.stages import STAGES, Stage
 RUN_FILE = "run.json"
 SKIPPED_FILE = "skipped.txt"
 FRESH_PRESETS = tuple(n for n in PRESETS if n.endswith(SMALL_SUFFIX) or n in ("tiny-random", "bench-tiny"))
-QWEN2_VL_PADS = ("<|image_pad|>", "<|video_pad|>")  # Qwen2-VL's image and video placeholder tokens
 RECIPE_PREFIX = "recipe"  # --stage recipe:N
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json")
@@ -221,11 +221,12 @@ def conversation_text(samples: Sequence[Sample]) -> str:
 
 
 def fresh_special_tokens(cfg: Preset) -> tuple[tuple[str, ...], str]:
-    """(special tokens, chat template) of a fresh CharTokenizer for a preset's prompt format: Qwen2-VL's
-    vision wrapper and image / video pads with the qwen2_vl template, else `<image>` with chatml."""
-    if isinstance(cfg, Qwen2VLConfig):
-        return (*DEFAULT_SPECIAL_TOKENS, *VISION_WRAPPER, *QWEN2_VL_PADS), "qwen2_vl"
-    return DEFAULT_SPECIAL_TOKENS, "chatml"
+    """(special tokens, chat template) of a fresh CharTokenizer for a preset's prompt format: its scheme's
+    placeholder tokens after the default special tokens, and the scheme's prompt format (Qwen2-VL's
+    qwen2_vl), else chatml."""
+    scheme = get_scheme(cfg.image_scheme)
+    extra = [t for t in scheme.placeholders.values() if t not in DEFAULT_SPECIAL_TOKENS]
+    return (*DEFAULT_SPECIAL_TOKENS, *extra), scheme.prompt_format or "chatml"
 
 
 def fresh_model(preset: str, chars: str, seed: int) -> LoadedModel:
@@ -239,13 +240,7 @@ def fresh_model(preset: str, chars: str, seed: int) -> LoadedModel:
     cfg = get_preset(preset)
     special, template = fresh_special_tokens(cfg)
     tokenizer = CharTokenizer(string.printable + chars, special, chat_template=template)
-    ids: dict[str, Any] = {"image_token_id": tokenizer.token_to_id("<image>")}
-    if isinstance(cfg, Qwen2VLConfig):
-        start, end = VISION_WRAPPER
-        image_pad, video_pad = QWEN2_VL_PADS
-        ids = {"image_token_id": tokenizer.token_to_id(image_pad), "video_token_id": tokenizer.token_to_id(video_pad),
-               "vision_start_token_id": tokenizer.token_to_id(start),
-               "vision_end_token_id": tokenizer.token_to_id(end)}
+    ids = {field: tokenizer.token_to_id(text) for field, text in get_scheme(cfg.image_scheme).placeholders.items()}
     cfg = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, vocab_size=tokenizer.vocab_size), **ids)
     torch.manual_seed(seed)
     return LoadedModel(preset, build_model(cfg), tokenizer, chat_template_for(tokenizer))
@@ -314,11 +309,11 @@ def prepare_data(samples: Sequence[Sample], loaded: LoadedModel, policy: str,
 
 def save_model_dir(loaded: LoadedModel, out: Path, source: str) -> Path:
     """Write the trained model to out as a model directory load_model reads: config.json + safetensors
-    (weights.save_pretrained) and the tokenizer (a CharTokenizer's JSON, else the source's tokenizer files)."""
-    save_pretrained(loaded.model, out)
-    if isinstance(loaded.tokenizer, CharTokenizer):
-        loaded.tokenizer.save(out / "tokenizer.json")
-    else:
+    (weights.save_pretrained) and the tokenizer (a CharTokenizer's JSON, saved with the model, else the
+    source's tokenizer files)."""
+    char_tokenizer = isinstance(loaded.tokenizer, CharTokenizer)
+    save_pretrained(loaded.model, out, tokenizer=loaded.tokenizer if char_tokenizer else None)
+    if not char_tokenizer:
         for name in TOKENIZER_FILES:
             if (Path(source) / name).is_file():
                 shutil.copyfile(Path(source) / name, out / name)

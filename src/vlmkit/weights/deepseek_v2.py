@@ -113,6 +113,11 @@ def config_from_hf(hf: dict[str, Any]) -> LMConfig:
         **attention, **_moe_fields(hf, model_type))
 
 
+def is_deepseek_lm(cfg: LMConfig) -> bool:
+    """Latent attention, or experts with an ungated shared expert: what only the DeepSeek types express."""
+    return bool(cfg.kv_lora_rank or (cfg.num_experts and not cfg.shared_expert_gate))
+
+
 def natural_model_type(cfg: LMConfig) -> str:
     """deepseek_v3 for noaux_tc routing over sigmoid scores (what transformers' DeepseekV3 runs), else deepseek_v2."""
     return "deepseek_v3" if (cfg.moe_topk_method, cfg.moe_scoring) == ("noaux_tc", "sigmoid") else "deepseek_v2"
@@ -249,7 +254,8 @@ def state_to_hf(state: StateDict, cfg: LMConfig) -> StateDict:
 
 def _converter(model_type: str) -> Converter:
     return Converter(config_from_hf=config_from_hf, build=CausalLM, state_from_hf=state_from_hf,
-                     config_to_hf=lambda cfg: config_to_hf(cfg, model_type), state_to_hf=state_to_hf)
+                     config_to_hf=lambda cfg: config_to_hf(cfg, model_type), state_to_hf=state_to_hf,
+                     natural=lambda cfg: is_deepseek_lm(cfg) and natural_model_type(cfg) == model_type)
 
 
 DEEPSEEK_V2 = _converter("deepseek_v2")

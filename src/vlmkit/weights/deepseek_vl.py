@@ -119,4 +119,4 @@ def state_to_hf(state: StateDict, cfg: DeepseekVLConfig) -> StateDict:
 
 
 DEEPSEEK_VL_HYBRID = Converter(config_from_hf=config_from_hf, build=DeepseekVL, state_from_hf=state_from_hf,
-                               config_to_hf=config_to_hf, state_to_hf=state_to_hf)
+                               config_to_hf=config_to_hf, state_to_hf=state_to_hf, natural=lambda cfg: True)

@@ -2,7 +2,7 @@
 
 GOT-OCR2 is Vary-tiny's design grown up: SAM ViTDet-B at 1024 px with its neck, Vary's two stride-2
 convs, a linear projector and a Qwen2 decoder. In vlmkit it is a VLM with image_scheme "sam"
-(models/glue_sam.py): no CLIP tower, the SAM branch in `vision_high` with downsample "vary".
+(schemes/sam.py): no CLIP tower, the SAM branch in `vision_high` with downsample "vary".
 
     transformers (with or without a leading "model.")        vlmkit
     vision_tower.<sam keys>                                   vision_high.*            (weights/sam.py)
@@ -30,14 +30,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmkit.config import ProjectorConfig, VLMConfig
-from vlmkit.models.sam import SamConfig
-from vlmkit.models.vlm import VLM
+from vlmkit.config import CLIP_MEAN, CLIP_STD, ProjectorConfig
+from vlmkit.models.vlm import VLM, VLMConfig
 from vlmkit.weights.converter import Converter, StateDict
 from vlmkit.weights.llama import (lm_config_from_hf, lm_config_to_hf, lm_state_from_hf, lm_state_to_hf,
                                   natural_model_type)
 from vlmkit.weights.sam import sam_config_from_hf, sam_state_from_hf, sam_state_to_hf
-from vlmkit.weights.vision import CLIP_MEAN, CLIP_STD
 
 MODEL_TYPE = "got_ocr2"
 _VISION, _PROJ, _LM = "vision_tower.", "multi_modal_projector.", "language_model."

@@ -1,18 +1,40 @@
-"""Load and save transformers-format model directories, dispatching on config.json's model_type."""
+"""Load and save model directories, dispatching on config.json's model_type through the family registry.
+
+Every model family is a Converter (weights/converter.py) under its model_type: the transformers layouts
+vlmkit reads and writes (llava, qwen2_vl, ...) and vlmkit's own format (weights/native.py, "vlmkit").
+A plugin registers its own families with `register_converter` (the demo registers "vlmkit-demo"); an
+unknown model_type loads the installed plugins (vlmkit.plugins) before it is refused.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from vlmkit.plugins import load_plugins
 from vlmkit.weights.converter import Converter, StateDict
-from vlmkit.weights.safetensors_io import read_config, read_state_dict, write_dir
+from vlmkit.weights.safetensors_io import read_config
+
+_REGISTERED: dict[str, Converter] = {}  # families added by register_converter (plugins, the demo)
+
+
+def register_converter(model_type: str, converter: Converter) -> None:
+    """Register a model family under model_type (ValueError if a built-in family has that name)."""
+    if model_type in _builtin_converters():
+        raise ValueError(f"model_type {model_type!r} is vlmkit's own; register the family under another name")
+    _REGISTERED[model_type] = converter
 
 
 def converters() -> dict[str, Converter]:
-    """model_type -> Converter for every transformers model type vlmkit reads and writes."""
+    """model_type -> Converter for every model type vlmkit reads and writes: the built-in ones, then the
+    registered ones."""
+    return {**_builtin_converters(), **_REGISTERED}
+
+
+def _builtin_converters() -> dict[str, Converter]:
     from vlmkit.weights import (deepseek_v2, deepseek_vl, got_ocr2, llama, llava, llava_next, native, qwen2_5_vl,
                                 qwen2_moe, qwen2_vl, sam, vision)
 
@@ -38,6 +60,9 @@ def converters() -> dict[str, Converter]:
 
 
 def get_converter(model_type: str | None) -> Converter:
+    """The Converter of model_type; ValueError listing the supported types if there is none."""
+    if model_type not in converters():
+        load_plugins()
     table = converters()
     if model_type not in table:
         raise ValueError(f"model_type {model_type!r} is not supported; supported types: {', '.join(sorted(table))}")
@@ -66,8 +91,9 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
     model_type = config.get("model_type")
     conv = get_converter(model_type)
     cfg = conv.config_from_hf(config)
+    state = conv.read_state(Path(path), config)
     model = conv.build(cfg)
-    load_state(model, conv.state_from_hf(read_state_dict(path), cfg), str(path))
+    load_state(model, conv.state_from_hf(state, cfg), str(path))
     model.hf_model_type = model_type
     if dtype is not None:
         model.to(dtype)
@@ -75,51 +101,25 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
 
 
 def save_pretrained(model: nn.Module, path: str | Path, model_type: str | None = None,
-                    max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Write model as a transformers-format directory (config.json + safetensors).
+                    max_shard_bytes: int = 2 * 1024**3, tokenizer: Any = None) -> None:
+    """Write model as a model directory in model_type's layout (config.json + safetensors), and the tokenizer
+    (anything with save(path): a CharTokenizer) when given.
 
-    model_type defaults to the type it was loaded from, or the model's natural
-    type (llava for a VLM, the llama-family type that expresses a CausalLM's config,
-    clip/siglip for a vision tower).
+    model_type defaults to the type it was loaded from, or the model's natural type (default_model_type):
+    llava / llava_next for a VLM they express, vlmkit's own format for any other VLM, the llama-family
+    type that expresses a CausalLM's config, clip/siglip for a vision tower.
     """
     model_type = model_type or getattr(model, "hf_model_type", None) or default_model_type(model)
     conv = get_converter(model_type)
     cfg = model.cfg
-    config = conv.config_to_hf(cfg)
-    write_dir(path, config, conv.state_to_hf(model.state_dict(), cfg), max_shard_bytes)
+    conv.write(Path(path), conv.config_to_hf(cfg), conv.state_to_hf(model.state_dict(), cfg), max_shard_bytes,
+               tokenizer)
 
 
 def default_model_type(model: nn.Module) -> str:
-    from vlmkit.models.lm import CausalLM
-    from vlmkit.models.deepseek_vl import DeepseekVL
-    from vlmkit.models.qwen2_5_vl import Qwen2_5_VL
-    from vlmkit.models.qwen2_vl import Qwen2VL
-    from vlmkit.models.sam import SamEncoder
-    from vlmkit.models.vit import VisionTower
-    from vlmkit.models.vlm import VLM
-
-    if isinstance(model, VLM):
-        if model.cfg.projector.type != "mlp2x_gelu" or model.cfg.image_scheme not in ("pad", "anyres"):
-            return "vlmkit"  # only llava / llava_next express the rest: vlmkit's own format (weights/native.py)
-        return "llava_next" if model.cfg.image_scheme == "anyres" else "llava"
-    if isinstance(model, CausalLM):
-        from vlmkit.weights.llama import natural_model_type
-
-        if model.cfg.kv_lora_rank or (model.cfg.num_experts and not model.cfg.shared_expert_gate):
-            from vlmkit.weights.deepseek_v2 import natural_model_type as deepseek_type
-
-            return deepseek_type(model.cfg)
-        if model.cfg.num_experts:
-            return "qwen2_moe"
-        return natural_model_type(model.cfg)
-    if isinstance(model, DeepseekVL):
-        return "deepseek_vl_hybrid"
-    if isinstance(model, Qwen2_5_VL):  # before Qwen2VL, its base class
-        return "qwen2_5_vl"
-    if isinstance(model, Qwen2VL):
-        return "qwen2_vl"
-    if isinstance(model, SamEncoder):
-        return "sam_vision_model"
-    if isinstance(model, VisionTower):
-        return "clip_vision_model" if model.cfg.use_cls_token else "siglip_vision_model"
-    raise ValueError(f"cannot tell the transformers model_type of {type(model).__name__}; pass model_type=")
+    """The first registered model_type whose family builds exactly this model's class and calls this config
+    natural (Converter.natural)."""
+    for model_type, conv in converters().items():
+        if type(model) is conv.build and conv.natural is not None and conv.natural(model.cfg):
+            return model_type
+    raise ValueError(f"cannot tell the model_type of {type(model).__name__}; pass model_type=")

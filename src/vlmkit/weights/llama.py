@@ -345,6 +345,7 @@ def _converter(model_type: str) -> Converter:
         state_from_hf=lm_state_from_hf,
         config_to_hf=partial(lm_config_to_hf, model_type=model_type),
         state_to_hf=partial(lm_state_to_hf, model_type=model_type),
+        natural=lambda cfg: not cfg.num_experts and not cfg.kv_lora_rank and natural_model_type(cfg) == model_type,
     )
 
 

@@ -12,8 +12,8 @@ On save, the layout transformers 5 itself writes is used.
 
 from __future__ import annotations
 
-from vlmkit.config import ProjectorConfig, VLMConfig
-from vlmkit.models.vlm import VLM
+from vlmkit.config import ProjectorConfig
+from vlmkit.models.vlm import VLM, VLMConfig
 from vlmkit.weights.converter import Converter, StateDict
 from vlmkit.weights.llama import (lm_config_from_hf, lm_config_to_hf, lm_state_from_hf, lm_state_to_hf,
                                   natural_model_type)
@@ -122,4 +122,5 @@ def state_to_hf(state: StateDict, cfg: VLMConfig) -> StateDict:
 
 
 LLAVA = Converter(config_from_hf=config_from_hf, build=VLM, state_from_hf=state_from_hf,
-                  config_to_hf=config_to_hf, state_to_hf=state_to_hf)
+                  config_to_hf=config_to_hf, state_to_hf=state_to_hf,
+                  natural=lambda cfg: cfg.image_scheme == "pad" and cfg.projector.type == "mlp2x_gelu")

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from vlmkit.config import VLMConfig
-from vlmkit.models.vlm import VLM
+from vlmkit.models.vlm import VLM, VLMConfig
 from vlmkit.weights import llava
 from vlmkit.weights.converter import Converter, StateDict
 
@@ -50,4 +49,5 @@ def state_to_hf(state: StateDict, cfg: VLMConfig) -> StateDict:
 
 
 LLAVA_NEXT = Converter(config_from_hf=config_from_hf, build=VLM, state_from_hf=state_from_hf,
-                       config_to_hf=config_to_hf, state_to_hf=state_to_hf)
+                       config_to_hf=config_to_hf, state_to_hf=state_to_hf,
+                       natural=lambda cfg: cfg.image_scheme == "anyres" and cfg.projector.type == "mlp2x_gelu")

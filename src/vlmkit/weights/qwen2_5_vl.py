@@ -119,4 +119,4 @@ def state_to_hf(state: StateDict, cfg: Qwen2_5_VLConfig) -> StateDict:
 
 
 QWEN2_5_VL = Converter(config_from_hf=config_from_hf, build=Qwen2_5_VL, state_from_hf=state_from_hf,
-                       config_to_hf=config_to_hf, state_to_hf=state_to_hf)
+                       config_to_hf=config_to_hf, state_to_hf=state_to_hf, natural=lambda cfg: True)

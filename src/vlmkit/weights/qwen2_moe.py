@@ -178,4 +178,5 @@ def state_to_hf(state: StateDict, cfg: LMConfig) -> StateDict:
 
 
 QWEN2_MOE = Converter(config_from_hf=config_from_hf, build=CausalLM, state_from_hf=state_from_hf,
-                      config_to_hf=config_to_hf, state_to_hf=state_to_hf)
+                      config_to_hf=config_to_hf, state_to_hf=state_to_hf,
+                      natural=lambda cfg: bool(cfg.num_experts) and cfg.shared_expert_gate and not cfg.kv_lora_rank)

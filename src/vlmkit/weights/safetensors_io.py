@@ -7,6 +7,8 @@ pytorch_model.bin (a pickle) is refused with a message saying how to convert it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -51,12 +53,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no {SINGLE_FILE}, {INDEX_FILE} or single *.safetensors file in {path}")
 
 
-def write_dir(path: str | Path, config: dict, state: dict[str, torch.Tensor],
-              max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Write config.json and the tensors, split into shards of at most max_shard_bytes with an index."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+def shard_tensors(state: dict[str, torch.Tensor], max_shard_bytes: int = 2 * 1024**3
+                  ) -> tuple[dict[str, Callable[[Path], None]], dict | None]:
+    """The safetensors files that hold state, split into shards of at most max_shard_bytes: {file name: a
+    function writing that file to the path it is given}, and the index transformers reads (None for one file)."""
     # safetensors refuses shared storage (tied weights): store contiguous copies.
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -68,13 +68,24 @@ def write_dir(path: str | Path, config: dict, state: dict[str, torch.Tensor],
             size = 0
         shards[-1][name] = tensors[name]
         size += nbytes
+    names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                                     for i in range(1, len(shards) + 1)]
+    writers = {name: partial(save_file, shard, metadata={"format": "pt"}) for name, shard in zip(names, shards)}
     if len(shards) == 1:
-        save_file(shards[0], path / SINGLE_FILE, metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, path / fname, metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
+        return writers, None
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    weight_map = {tensor: name for name, shard in zip(names, shards) for tensor in shard}
+    return writers, {"metadata": {"total_size": total}, "weight_map": weight_map}
+
+
+def write_dir(path: str | Path, config: dict, state: dict[str, torch.Tensor],
+              max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Write config.json and the tensors, split into shards of at most max_shard_bytes with an index."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    writers, index = shard_tensors(state, max_shard_bytes)
+    for name, save in writers.items():
+        save(path / name)
+    if index is not None:
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2))

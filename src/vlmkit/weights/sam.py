@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from vlmkit.models.sam import SamConfig
+from vlmkit.config import SamConfig
 from vlmkit.models.sam import SamEncoder
 from vlmkit.weights.converter import Converter, StateDict
 from vlmkit.weights.safetensors_io import read_config, read_state_dict
@@ -191,4 +191,5 @@ SAM_VISION = Converter(
     state_from_hf=_state_from_hf,
     config_to_hf=sam_config_to_hf,
     state_to_hf=sam_state_to_hf,
+    natural=lambda cfg: True,
 )

@@ -32,13 +32,9 @@ from typing import Callable
 
 import torch
 
-from vlmkit.config import VisionConfig
+from vlmkit.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, VisionConfig
 from vlmkit.models.vit import VisionTower
 from vlmkit.weights.converter import Converter, StateDict
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 # Per-architecture facts transformers' config does not spell out (it is the model_type).
 _ARCH = {
@@ -261,6 +257,7 @@ CLIP_VISION = Converter(
     state_from_hf=_state_from_hf,
     config_to_hf=_config_to_hf("clip_vision_model"),
     state_to_hf=vision_state_to_hf,
+    natural=lambda cfg: cfg.use_cls_token,
 )
 SIGLIP_VISION = Converter(
     config_from_hf=vision_config_from_hf,
@@ -268,4 +265,5 @@ SIGLIP_VISION = Converter(
     state_from_hf=_state_from_hf,
     config_to_hf=_config_to_hf("siglip_vision_model"),
     state_to_hf=vision_state_to_hf,
+    natural=lambda cfg: not cfg.use_cls_token,
 )

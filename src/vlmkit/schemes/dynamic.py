@@ -1,7 +1,9 @@
-"""The Qwen2-VL `dynamic` scheme: native resolution, 14-px patches, 2x2 merge, frames paired in time.
+"""Qwen2-VL's `dynamic` scheme: native resolution, 14-px patches, 2x2 merge, frames paired in time.
 
-One pure function per step, as transformers' Qwen2VLImageProcessor(Pil) and
-Qwen2VLVideoProcessor do them (the reference for every number here):
+Reference: Qwen2-VL (Wang et al., "Qwen2-VL: Enhancing Vision-Language Model's Perception of the World at
+Any Resolution", 2024, sec. 2.1 "naive dynamic resolution"), as transformers' Qwen2VLImageProcessor(Pil)
+and Qwen2VLVideoProcessor do it (the reference for every number here); Qwen2.5-VL plans the same way.
+The model side (vision tower with its merger, M-RoPE) is models/qwen2_vl.py. One pure function per step:
 
 1. `smart_resize`: round height and width to multiples of 28 (patch 14 x merge 2),
    then scale into [min_pixels, max_pixels] keeping the aspect ratio.
@@ -24,21 +26,35 @@ around the pad as ordinary text tokens, which get no image features. So a plan's
 `num_tokens` (its `parts`) is the placeholder count the model fills (64 for 224x224),
 which is what the prompt builder repeats and what the feature count is checked
 against. The two wrapper tokens are `VISION_WRAPPER`, the plan's `text_parts`, so
-`context_tokens` (= num_tokens + 2, 66 for 224x224 as seed 003 counts it) comes from
+`context_tokens` (= num_tokens + 2, 66 for 224x224) comes from
 the same plan, for context-budget planning.
+
+Forward inputs (`Dynamic.inputs`): image plans give pixel_values (N, C*T*P*P) and image_grid_thw (I, 3),
+video plans pixel_values_videos and video_grid_thw, and Qwen2.5-VL's timed videos second_per_grid_ts (V,).
+The encoder runs the tower (merger included) once over all images and splits the merged rows per image
+by `merged_tokens`, the count every plan has.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from vlmkit.config import CLIP_MEAN, CLIP_STD
+from vlmkit.image.overlay import Geometry, whole_box
+from vlmkit.image.pixels import as_rgb, normalize_uint8
 from vlmkit.image.plan import ImagePlan
-from vlmkit.image.schemes.pad import as_rgb, normalize_uint8
+from vlmkit.image.video import VideoFrames
+from vlmkit.models.mrope import grid_list
+from vlmkit.schemes.base import Scheme, Video
+
+if TYPE_CHECKING:
+    from vlmkit.models.qwen2_vl import Qwen2VL, Qwen2VLConfig
 
 PATCH_SIZE = 14            # ViT patch side in pixels
 MERGE_SIZE = 2             # 2x2 neighbouring patches become one LLM token
@@ -50,10 +66,9 @@ IMAGE_MAX_PIXELS = 28 * 28 * 1280
 VIDEO_MIN_PIXELS = 128 * 28 * 28   # Qwen2VLVideoProcessor's per-frame defaults
 VIDEO_MAX_PIXELS = 768 * 28 * 28
 
-QWEN2_VL_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP's, as the reference uses
-QWEN2_VL_STD = (0.26862954, 0.26130258, 0.27577711)
 
 VISION_WRAPPER = ("<|vision_start|>", "<|vision_end|>")  # text tokens around each image/video's pads
+SECONDS_PER_GRID = "second_per_grid"  # a timed video plan's extra: seconds per temporal patch
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
@@ -166,15 +181,14 @@ def _plan(frames: Sequence[Image.Image], modality: str, min_pixels: int, max_pix
     width, height = frames[0].size
     new_h, new_w = smart_resize(height, width, PATCH_SIZE * MERGE_SIZE, min_pixels, max_pixels)
     rows, (t, h, w) = patch_rows(frames, (new_w, new_h), mean, std)
-    tokens = t * h * w // MERGE_SIZE**2
     return ImagePlan(
         scheme="dynamic", pixel_values=rows, original_size=(width, height), resized_size=(new_w, new_h),
-        grid=(h, w), parts={f"{modality}_pad": tokens}, text_parts={token: 1 for token in VISION_WRAPPER},
+        grid=(h, w), parts={f"{modality}_pad": merged_tokens((t, h, w))}, text_parts={token: 1 for token in VISION_WRAPPER},
         extra={f"{modality}_grid_thw": (t, h, w), "merge_size": MERGE_SIZE})
 
 
 def plan_dynamic(image: Image.Image, min_pixels: int = IMAGE_MIN_PIXELS, max_pixels: int = IMAGE_MAX_PIXELS,
-                 mean: tuple[float, ...] = QWEN2_VL_MEAN, std: tuple[float, ...] = QWEN2_VL_STD) -> ImagePlan:
+                 mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD) -> ImagePlan:
     """Plan one image the Qwen2-VL way.
 
     pixel_values (t*h*w, 3*2*14*14) with t = 1; grid (h, w) in 14-px patches;
@@ -191,8 +205,8 @@ def plan_dynamic(image: Image.Image, min_pixels: int = IMAGE_MIN_PIXELS, max_pix
 
 
 def plan_video_dynamic(frames: Sequence[Image.Image], min_pixels: int = VIDEO_MIN_PIXELS,
-                       max_pixels: int = VIDEO_MAX_PIXELS, mean: tuple[float, ...] = QWEN2_VL_MEAN,
-                       std: tuple[float, ...] = QWEN2_VL_STD) -> ImagePlan:
+                       max_pixels: int = VIDEO_MAX_PIXELS, mean: tuple[float, ...] = CLIP_MEAN,
+                       std: tuple[float, ...] = CLIP_STD) -> ImagePlan:
     """Plan a clip of already-sampled, equally sized frames as one Qwen2-VL video.
 
     Frames are paired along time, grid_t = ceil(len(frames) / 2) (an odd count repeats
@@ -213,3 +227,93 @@ def plan_video_dynamic(frames: Sequence[Image.Image], min_pixels: int = VIDEO_MI
     if 0 in frames[0].size:
         raise ValueError(f"video frames have zero size {frames[0].size}; pass non-empty frames")
     return _plan(list(frames), "video", min_pixels, max_pixels, mean, std)
+
+
+def merged_tokens(grid_thw: tuple[int, int, int], merge: int = MERGE_SIZE) -> int:
+    """LLM tokens of one image or video of patch grid (t, h, w): t * h * w / merge**2.
+
+        >>> merged_tokens((1, 16, 16)), merged_tokens((2, 32, 32))
+        (64, 512)
+    """
+    t, h, w = grid_thw
+    return t * h * w // merge**2
+
+
+def dynamic_inputs(plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor]:
+    """Forward keyword tensors for `dynamic` plans in prompt order: image plans give pixel_values
+    (N, C*T*P*P) and image_grid_thw (I, 3), video plans pixel_values_videos and video_grid_thw, and videos
+    planned with their timing (Qwen2.5-VL) second_per_grid_ts (V,)."""
+    out: dict[str, torch.Tensor] = {}
+    for kind, pixels_key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        chosen = [p for p in plans if f"{kind}_grid_thw" in p.extra]
+        if chosen:
+            out[pixels_key] = torch.cat([p.pixel_values for p in chosen])  # (sum t*h*w, C*T*P*P)
+            out[f"{kind}_grid_thw"] = torch.tensor([p.extra[f"{kind}_grid_thw"] for p in chosen])  # (n, 3)
+    seconds = [p.extra[SECONDS_PER_GRID] for p in plans if SECONDS_PER_GRID in p.extra]
+    if seconds:
+        out["second_per_grid_ts"] = torch.tensor(seconds)  # (videos,)
+    return out
+
+
+class Dynamic(Scheme):
+    """Qwen2-VL's and Qwen2.5-VL's scheme: patch rows of each image at its own resolution through the
+    model's tower and merger; videos natively, as one clip with its own placeholder and time ids."""
+
+    name = "dynamic"
+    model_class = "Qwen2VL"
+    reference_preset = "qwen2-vl"
+    input_names = ("pixel_values", "image_grid_thw")
+    position_inputs = ("image_grid_thw",)  # the M-RoPE positions come from each image's grid
+    placeholders = {"vision_start_token_id": VISION_WRAPPER[0], "vision_end_token_id": VISION_WRAPPER[1],
+                    "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"}
+    prompt_format = "qwen2_vl"
+    grid_unit = "14-px patches"
+
+    def check_config(self, cfg: Qwen2VLConfig) -> None:
+        """The config class (Qwen2VLConfig) checks itself; the plan uses the reference processor's geometry."""
+
+    def plan(self, cfg: Qwen2VLConfig, image: Image.Image, num_images: int = 1) -> ImagePlan:
+        return plan_dynamic(image)
+
+    def plan_video(self, cfg: Qwen2VLConfig, video: Video, num_images: int) -> list[ImagePlan]:
+        """The clip's one plan (plan_video_dynamic); a model whose video time ids follow the clock (Qwen2.5-VL,
+        cfg.timed_video) also gets extra[SECONDS_PER_GRID] = temporal patch / sampled fps."""
+        frames = video.frames if isinstance(video, VideoFrames) else list(video)
+        plan = plan_video_dynamic(frames)
+        if cfg.timed_video:
+            fps = video.sampled_fps if isinstance(video, VideoFrames) else None
+            if fps is None:
+                raise ValueError("Qwen2.5-VL spaces a video's time ids by its seconds per frame, but this video "
+                                 "carries no timing; give a frame directory a source fps (--source-fps) or pass "
+                                 "an animation with frame durations")
+            plan.extra[SECONDS_PER_GRID] = TEMPORAL_PATCH_SIZE / fps
+        return [plan]
+
+    def inputs(self, plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor]:
+        return dynamic_inputs(plans)
+
+    def encode(self, model: Qwen2VL, pixel_values: torch.Tensor, image_grid_thw: Any = None
+               ) -> list[torch.Tensor]:
+        """Each image's merged rows (T_i, C), in order: the vision tower runs once over them all."""
+        if image_grid_thw is None:
+            raise ValueError("image pixels need image_grid_thw (one (t, h, w) row per image, from its plan)")
+        rows = model.vision(pixel_values, image_grid_thw)  # (F, C)
+        return list(rows.split(self.row_counts(model.cfg, image_grid_thw)))  # I x (T_i, C)
+
+    def row_counts(self, cfg: Qwen2VLConfig, grid_thw: Any) -> list[int]:
+        """Merged tokens of each image of a grid (I, 3), the count its plan gives."""
+        return [merged_tokens(g, cfg.vision.spatial_merge_size) for g in grid_list(grid_thw)]
+
+    def check_embeds(self, cfg: Qwen2VLConfig, rows: Sequence[torch.Tensor], positions: dict[str, Any]) -> None:
+        grid = positions.get("image_grid_thw")
+        if grid is None:
+            raise ValueError("image_embeds need image_grid_thw too: the M-RoPE positions come from each image's grid")
+        counts = self.row_counts(cfg, grid)
+        if [r.shape[0] for r in rows] != counts:
+            raise ValueError(f"image_embeds have {[r.shape[0] for r in rows]} rows per image but image_grid_thw "
+                             f"gives {counts}; pass each image's grid with its encode_images rows")
+
+    def geometry(self, plan: ImagePlan) -> Geometry:
+        rows, cols = plan.grid
+        merge = plan.extra["merge_size"]
+        return Geometry(whole_box(plan), rows // merge, cols // merge, "token", ())

@@ -1,7 +1,11 @@
-"""The Phi-3.5-vision `hd` scheme (HD-N): a global 336 view plus up to N local 336 crops.
+"""Phi-3.5-vision's `hd` scheme (HD-N): a global 336 view plus up to N local 336 crops, merged 2x2, with
+learned row newlines (sub_GN) and a global/local separator (glb_GN).
 
-Steps, each one pure function (reference: Phi-3.5-vision's image_processing_phi3_v.py,
-`HD_transform`/`padding_336`/`calc_hd_transform_size`; seed 000 for the feature side):
+Reference: Phi-3.5-vision's remote code on the Hugging Face Hub (microsoft/Phi-3.5-vision-instruct):
+image_processing_phi3_v.py (`HD_transform`, `padding_336`, `calc_hd_transform_size`, the token count
+`num_img_tokens`) for the plan, and image_embedding_phi3_v.py (`hd_feature_transform`,
+`reshape_hd_patches_2x2merge`, `add_image_newline`) for the layout. Technical report: Abdin et al.,
+"Phi-3 Technical Report", 2024, sec. 7 (Phi-3.5-Vision). Plan steps, each one pure function:
 
 1. `hd_scale`: with the long side horizontal, the largest `scale` (crops per row) such that
    scale * ceil(scale / ratio) <= N, ratio = long / short.
@@ -18,8 +22,8 @@ Steps, each one pure function (reference: Phi-3.5-vision's image_processing_phi3
     >>> hd_num_tokens(rows=3, cols=5)
     2353
 
-Token count (the Phi-3-V formula, `num_img_tokens` of the reference processor), for a canvas
-of rows x cols crops, each crop 24 x 24 ViT patches -> 12 x 12 after the 2x2 merge:
+Token count (`num_img_tokens` of the reference processor), for a canvas of rows x cols crops, each
+crop 24 x 24 ViT patches -> 12 x 12 after the 2x2 merge:
 
     local map  rows*12 lines of (cols*12 + 1)  = 144*rows*cols + 12*rows   (sub_GN newline per line)
     separator  1                                                           (glb_GN)
@@ -41,22 +45,38 @@ and Phi-3.5-vision's recommended N for single images is 16, which gives 2509 for
 
 Unlike the reference processor, pixel_values are not zero-padded to N + 1 crops: a plan
 holds exactly 1 + rows*cols views.
+
+The layout (`hd_layout`), for one image, at the vision width, before the projector MLP:
+
+    views (1 + rows*cols, 24*24, C), global first (ViT features, CLS dropped)
+    -> 2x2 merge: every view (12, 12, 4C), the merged vector is [p(0,0), p(0,1), p(1,0), p(1,1)]
+    -> local map: crops stitched row-major into (rows*12, cols*12, 4C), sub_GN appended to every row
+    -> [local map, glb_GN, global map with sub_GN per row]  (the reference's 'sub_glb' order)
+
+Forward inputs: pixel_values (N, V_max, 3, 336, 336) [global, crops] and image_sizes (N, 2), the HD canvas
+(rows * 336, cols * 336) as (height, width) (base.canvas_inputs).
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from vlmkit.config import CLIP_MEAN, CLIP_STD
+from vlmkit.image.overlay import Geometry, View, fit_box
+from vlmkit.image.pixels import normalize
 from vlmkit.image.plan import ImagePlan
-from vlmkit.image.schemes.pad import normalize
+from vlmkit.models.projectors import merge_2x2
+from vlmkit.schemes.base import Scheme, canvas_inputs, canvas_plans, per_plan, require_merged_views
+
+if TYPE_CHECKING:
+    from vlmkit.models.vlm import VLM, VLMConfig
 
 CROP = 336
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_FILL = (255, 255, 255)  # padding_336 pads with white
 
 
@@ -105,9 +125,19 @@ def hd_padded_size(width: int, height: int, max_crops: int) -> tuple[int, int]:
     return math.ceil(new_w / CROP) * CROP, new_h
 
 
+def hd_parts(rows: int, cols: int) -> dict[str, int]:
+    """Tokens per part of an image whose canvas is rows x cols crops, in prompt order (module docstring).
+
+        >>> hd_parts(1, 2)
+        {'local': 288, 'local_newlines': 12, 'separator': 1, 'global': 144, 'global_newlines': 12}
+    """
+    return {"local": 144 * rows * cols, "local_newlines": 12 * rows, "separator": 1,
+            "global": 144, "global_newlines": 12}
+
+
 def hd_num_tokens(rows: int, cols: int) -> int:
-    """Tokens of an image whose canvas is rows x cols crops (formula in the module docstring)."""
-    return (rows * cols + 1) * 144 + 1 + (rows + 1) * 12
+    """Tokens of an image whose canvas is rows x cols crops: (rows*cols + 1) * 144 + 1 + (rows + 1) * 12."""
+    return sum(hd_parts(rows, cols).values())
 
 
 def plan_size_tokens(width: int, height: int, max_crops: int) -> int:
@@ -164,9 +194,84 @@ def plan_hd(image: Image.Image, max_crops: int = 16, mean: tuple[float, ...] = C
     global_view = F.interpolate(pixels[None], size=(CROP, CROP), mode="bicubic")  # (1, 3, 336, 336)
     crops = split_crops(pixels)  # (rows*cols, 3, 336, 336)
     rows, cols = pixels.shape[1] // CROP, pixels.shape[2] // CROP
-    parts = {"local": 144 * rows * cols, "local_newlines": 12 * rows, "separator": 1,
-             "global": 144, "global_newlines": 12}
     return ImagePlan(scheme="hd", pixel_values=torch.cat([global_view, crops]), original_size=image.size,
-                     resized_size=hd_resized_size(*image.size, max_crops), grid=(rows, cols), parts=parts,
+                     resized_size=hd_resized_size(*image.size, max_crops), grid=(rows, cols),
+                     parts=hd_parts(rows, cols),
                      extra={"max_crops": max_crops, "image_size_hw": [canvas.height, canvas.width]})
 
+
+def stitch_crops(crops: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(rows*cols, h, w, D) crops in row-major order -> one (rows*h, cols*w, D) map."""
+    _, h, w, d = crops.shape
+    grid = crops.reshape(rows, cols, h, w, d).permute(0, 2, 1, 3, 4)  # (rows, h, cols, w, D)
+    return grid.reshape(rows * h, cols * w, d)
+
+
+def add_row_newlines(feature_map: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+    """(H, W, D) -> (H * (W + 1), D): the newline vector ends every row."""
+    h, _, d = feature_map.shape
+    column = newline.reshape(1, 1, d).expand(h, 1, d)  # (H, 1, D)
+    return torch.cat([feature_map, column], dim=1).reshape(-1, d)
+
+
+def hd_layout(features: torch.Tensor, plan: ImagePlan, sub_gn: torch.Tensor, glb_gn: torch.Tensor) -> torch.Tensor:
+    """One image's token sequence (plan.num_tokens, 4C) from its views' features (1 + rows*cols, L, C).
+
+    sub_gn and glb_gn are the learned newline and separator, any shape with 4C elements
+    (the reference stores them as (1, 1, 1, 4C) and (1, 1, 4C)).
+    """
+    rows, cols = plan.grid
+    if features.shape[0] != 1 + rows * cols:
+        raise ValueError(f"hd layout: plan grid {rows}x{cols} needs {1 + rows * cols} views "
+                         f"(global + crops), got features for {features.shape[0]}")
+    views, length, _ = features.shape
+    half = math.isqrt(length) // 2
+    merged = merge_2x2(features).view(views, half, half, -1)  # (1 + rows*cols, h, w, 4C)
+    d = merged.shape[-1]
+    if sub_gn.numel() != d or glb_gn.numel() != d:
+        raise ValueError(f"hd layout: merged features have {d} channels but sub_GN has {sub_gn.numel()} "
+                         f"and glb_GN {glb_gn.numel()}")
+    local = add_row_newlines(stitch_crops(merged[1:], rows, cols), sub_gn)  # (rows*h*(cols*w+1), 4C)
+    global_ = add_row_newlines(merged[0], sub_gn)  # (h*(w+1), 4C)
+    tokens = torch.cat([local, glb_gn.reshape(1, d), global_])  # (num_tokens, 4C)
+    if tokens.shape[0] != plan.num_tokens:
+        raise ValueError(f"hd layout produced {tokens.shape[0]} feature vectors but the plan counts "
+                         f"{plan.num_tokens} tokens; the plan and the features come from different settings")
+    return tokens
+
+
+class HD(Scheme):
+    """Global view + crops through the tower, hd_layout at the vision width, then the projector's MLP."""
+
+    name = "hd"
+    reference_preset = "phi-3.5-v"
+    input_names = ("pixel_values", "image_sizes")
+    config_fields = ("max_crops",)
+    grid_unit = "crops"
+
+    def check_config(self, cfg: VLMConfig) -> None:
+        require_merged_views(cfg, self.name, CROP, 14, CROP, 16)  # 24 x 24 patches -> 12 x 12 merged per crop
+
+    def plan(self, cfg: VLMConfig, image: Image.Image, num_images: int = 1) -> ImagePlan:
+        return plan_hd(image, cfg.max_crops, cfg.vision.image_mean, cfg.vision.image_std)  # type: ignore[arg-type]
+
+    def inputs(self, plans):
+        return canvas_inputs(plans)
+
+    def encode(self, model: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
+               ) -> list[torch.Tensor]:
+        """The layout at the vision width (merge, sub_GN, glb_GN), then the projector MLP."""
+        plans = canvas_plans(self.name, pixel_values, image_sizes, hd_num_tokens)
+        features = model.tower_features(torch.cat([p.pixel_values for p in plans]))  # (sum V, 576, Dv)
+        return [model.projector.mlp(hd_layout(f, p, model.sub_gn, model.glb_gn))  # (T_i, 4Dv) -> (T_i, C)
+                for f, p in zip(per_plan(plans, features), plans)]
+
+    def vectors(self, cfg: VLMConfig) -> dict[str, int]:
+        """sub_GN (row newline) and glb_GN (local/global separator) live at 4 * the vision width."""
+        return {"sub_gn": 4 * cfg.vision.hidden_size, "glb_gn": 4 * cfg.vision.hidden_size}
+
+    def geometry(self, plan: ImagePlan) -> Geometry:
+        rows, cols = plan.grid
+        canvas_h, canvas_w = plan.extra["image_size_hw"]
+        canvas = fit_box(*plan.original_size, canvas_w, canvas_h)
+        return Geometry(canvas, rows, cols, "crop", (View(canvas, (CROP, CROP), "global (canvas)"),))

@@ -1,7 +1,10 @@
-"""The LLaVA-NeXT `anyres` scheme: best-fit canvas from grid pinpoints, resize-and-pad, tiles + base view.
+"""LLaVA-NeXT's `anyres` scheme: best-fit canvas from grid pinpoints, resize-and-pad, tiles + base view,
+and the "spatial_unpad" feature layout with a newline per row.
 
-One pure function per step, following transformers' llava_next image processor
-(image_processing_pil_llava_next.py) and processor (processing_llava_next.py):
+Reference: LLaVA-NeXT (Liu et al., "LLaVA-NeXT: Improved reasoning, OCR, and world knowledge", 2024) as
+transformers does it: the image processor (models/llava_next/image_processing_pil_llava_next.py), the
+token count of its processor (processing_llava_next.py, `_get_number_of_features`) and the model's
+`pack_image_features` (modeling_llava_next.py). One pure function per step:
 
     >>> PINPOINTS = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
     >>> select_best_resolution((480, 640), PINPOINTS)     # (height, width) in, (height, width) out
@@ -15,23 +18,43 @@ One pure function per step, following transformers' llava_next image processor
     >>> sum(anyres_parts((672, 672), (672, 672), 336, 14).values())
     2928
 
+The feature layout (`pack_anyres`), for one image:
+
+    features (1 + r*c, P, C), P = s*s patches per view, projected
+    base = features[0]                                         (P, C)
+    tiles (r*c, s, s, C) -> one (C, r*s, c*s) map, tile rows then patch rows, tile cols then patch cols
+    crop the map to unpad_bounds(original size, map size)       (C, h, w)
+    append image_newline as one more column                     (C, h, w + 1)
+    tokens = [base; map read row by row]                        (P + h * (w + 1), C)
+
+Forward inputs (`Anyres.inputs`): pixel_values (N, V_max, 3, S, S) zero-padded views and image_sizes (N, 2),
+each image's original (height, width), as transformers' processor sends them; the encoder rebuilds each
+image's plan from them (`anyres_plan`), so the count it checks is the plan's.
+
 All sizes are (height, width), as transformers' llava_next writes them, except
 ImagePlan.original_size / resized_size which are (width, height) like PIL's.
-The unpad arithmetic (`unpad_bounds`) is written once: the plan counts tokens
-with it and the model layout (models/layouts/anyres.py) slices features with it.
+The unpad arithmetic (`unpad_bounds`) is written once: the plan counts tokens with it and the
+layout slices features with it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
+from vlmkit.config import require
+from vlmkit.image.overlay import Geometry, View, fit_box, whole_box
+from vlmkit.image.pixels import as_rgb, normalize_uint8, rgb_array
 from vlmkit.image.plan import ImagePlan
-from vlmkit.image.schemes.pad import as_rgb, normalize_uint8, rgb_array
+from vlmkit.schemes.base import Scheme, per_plan, require_projector_input, require_vision, stacked_views
+
+if TYPE_CHECKING:
+    from vlmkit.models.vlm import VLM, VLMConfig
 
 LLAVA_V16_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
@@ -171,3 +194,105 @@ def plan_anyres(image: Image.Image, grid_pinpoints: Sequence[tuple[int, int]], t
     views[1:].reshape(rows, cols, 3, tile_size, tile_size)[...] = tiles
     pixel_values = normalize_uint8(torch.from_numpy(views), mean, std)  # (1 + rows*cols, 3, S, S)
     return anyres_plan(image.size, pixel_values, grid_pinpoints, tile_size, patch_size)
+
+
+def pack_anyres(features: torch.Tensor, plan: ImagePlan, image_newline: torch.Tensor) -> torch.Tensor:
+    """Lay out one image's projected view features (1 + rows*cols, P, C) as plan.num_tokens vectors (T, C)."""
+    rows, cols = plan.grid
+    views, P, C = features.shape
+    if views != 1 + rows * cols:
+        raise ValueError(f"the anyres plan has a {rows}x{cols} tile grid ({1 + rows * cols} views with the base) "
+                         f"but the features hold {views} views")
+    side = math.isqrt(P)
+    if side * side != P:
+        raise ValueError(f"anyres needs a square patch grid per view, got {P} features per view "
+                         "(a kept CLS token? use select_feature='patch')")
+    base = features[0]  # (P, C)
+    grid = features[1:].view(rows, cols, side, side, C)  # (r, c, s, s, C)
+    grid = grid.permute(4, 0, 2, 1, 3).reshape(C, rows * side, cols * side)  # (C, r*s, c*s)
+    width, height = plan.original_size
+    top, bottom, left, right = unpad_bounds((height, width), (rows * side, cols * side))
+    grid = grid[:, top:bottom, left:right]  # (C, h, w)
+    newline = image_newline.to(grid.dtype)[:, None, None].expand(C, grid.shape[1], 1)  # (C, h, 1)
+    grid = torch.cat([grid, newline], dim=2)  # (C, h, w + 1)
+    tokens = torch.cat([base, grid.flatten(1).transpose(0, 1)], dim=0)  # (P + h * (w + 1), C)
+    if tokens.shape[0] != plan.num_tokens:
+        raise ValueError(f"the anyres layout produced {tokens.shape[0]} feature tokens but the plan counts "
+                         f"{plan.num_tokens} ({plan.parts}); the tower's patch grid ({side}x{side}) does not "
+                         f"match the plan's tile_size / patch_size")
+    return tokens
+
+
+class Anyres(Scheme):
+    """A base view plus the tiles of the best-fit canvas, each through the tower and projector, laid out by
+    pack_anyres with the learned image_newline (LM width)."""
+
+    name = "anyres"
+    reference_preset = "llava-next"
+    input_names = ("pixel_values", "image_sizes")
+    config_fields = ("grid_pinpoints",)
+    grid_unit = "tiles"
+
+    def check_config(self, cfg: VLMConfig) -> None:
+        require_vision(cfg, self.name)
+        tile = cfg.vision.image_size
+        require(bool(cfg.grid_pinpoints), "image_scheme='anyres' needs grid_pinpoints, e.g. "
+                                           f"(({tile}, {2 * tile}), ({2 * tile}, {tile}), ({2 * tile}, {2 * tile}))")
+        for pinpoint in cfg.grid_pinpoints:
+            require(len(pinpoint) == 2 and all(isinstance(v, int) and v > 0 and v % tile == 0 for v in pinpoint),
+                    f"grid pinpoint {pinpoint} must be (height, width), positive multiples of the tower's "
+                    f"image_size {tile}")
+        require(cfg.vision.select_feature == "patch",
+                "image_scheme='anyres' lays out square patch grids: set vision.select_feature='patch' (drop CLS)")
+        require(cfg.projector.spec.merge == 1,
+                f"image_scheme='anyres' does not combine with the merging projector {cfg.projector.type!r}")
+        require_projector_input(cfg)
+
+    def plan(self, cfg: VLMConfig, image: Image.Image, num_images: int = 1) -> ImagePlan:
+        v = cfg.vision
+        return plan_anyres(image, cfg.grid_pinpoints, v.image_size, v.image_mean, v.image_std, v.patch_size)
+
+    def inputs(self, plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor]:
+        sizes = torch.tensor([[p.original_size[1], p.original_size[0]] for p in plans])  # (N, 2) (height, width)
+        return {"pixel_values": stacked_views(plans), "image_sizes": sizes}
+
+    def encode(self, model: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
+               ) -> list[torch.Tensor]:
+        plans = self.plans_of(model.cfg, pixel_values, image_sizes)
+        features = model.project(torch.cat([p.pixel_values for p in plans]))  # (sum V, P, C)
+        return [pack_anyres(f, p, model.image_newline) for f, p in zip(per_plan(plans, features), plans)]
+
+    def plans_of(self, cfg: VLMConfig, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None
+                 ) -> list[ImagePlan]:
+        """Each image's plan rebuilt from transformers-style inputs: pixel_values (N, V, 3, S, S) padded, or
+        all views concatenated (sum V, 3, S, S); image_sizes (N, 2) as (height, width)."""
+        if image_sizes is None:
+            raise ValueError("an anyres (LLaVA-NeXT) model needs image_sizes (num_images, 2) as (height, width) "
+                             "next to pixel_values; image_inputs(plans) makes both")
+        sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
+        v = cfg.vision
+        geometry = (cfg.grid_pinpoints, v.image_size, v.patch_size)
+        if pixel_values.ndim == 5:
+            if pixel_values.shape[0] != len(sizes):
+                raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but image_sizes "
+                                 f"{len(sizes)}; pass one (height, width) per image")
+            return [anyres_plan((w, h), pixel_values[i], *geometry) for i, (h, w) in enumerate(sizes)]
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be (images, views, 3, S, S) or (views, 3, S, S), "
+                             f"got shape {tuple(pixel_values.shape)}")
+        plans, offset = [], 0
+        for h, w in sizes:
+            plans.append(anyres_plan((w, h), pixel_values[offset:], *geometry))
+            offset += plans[-1].pixel_values.shape[0]
+        if offset != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values holds {pixel_values.shape[0]} views but the image_sizes plan {offset}")
+        return plans
+
+    def vectors(self, cfg: VLMConfig) -> dict[str, int]:
+        return {"image_newline": cfg.lm.hidden_size}
+
+    def geometry(self, plan: ImagePlan) -> Geometry:
+        rows, cols = plan.grid
+        tile = plan.extra["tile_size"]
+        canvas = fit_box(*plan.original_size, *plan.extra["canvas_size"])
+        return Geometry(canvas, rows, cols, "tile", (View(whole_box(plan), (tile, tile), "base (squashed)"),))
