@@ -11,7 +11,7 @@ gradients clipped to `stage.grad_clip`; AdamW. Weight decay follows nanoGPT's ru
 2 or more dimensions decay (linear and conv weights, embedding matrices), 1-D ones do not (biases,
 norm weights, learned vectors such as image_newline). The learning rate is linear warmup then cosine
 decay (`lr_multiplier`). Metrics go to `metrics.csv` (step, loss, lr, samples_per_s, grad_norm) and
-the loss curve to `loss.png` in out_dir.
+the loss curve to `loss.png` in out_dir (both written by train.runlog).
 
 Resume and the metrics file: metrics.csv is rewritten atomically (temporary file + rename) every
 log_every steps and right before every checkpoint, and the checkpoint records how many rows it covers.
@@ -29,11 +29,8 @@ rank restores its own RNG state and seeks to the global data position.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -48,13 +45,16 @@ from vlmkit.data.collate import collate, pack
 from vlmkit.data.labels import TrainingExample
 from vlmkit.models.lm import IGNORE_INDEX
 from vlmkit.train.checkpoint import (TrainState, load_checkpoint, prune_checkpoints, remove_partial_checkpoints,
-                                     rng_state, save_checkpoint, write_text_atomically)
+                                     rng_state, save_checkpoint)
 from vlmkit.train.distributed import (World, all_reduce_sum, barrier, current_world, gather_to_main, shard_bounds,
                                       wrap_model)
+from vlmkit.train.runlog import METRICS, Progress, plot_loss, read_metrics, remove_partial_metrics, write_metrics
 from vlmkit.train.stages import Stage, module_groups
 
+__all__ = ["METRICS", "Batch", "ShuffledBatches", "TrainResult", "build_optimizer", "lr_multiplier", "plot_loss",
+           "train"]
+
 Batch = dict[str, torch.Tensor]
-METRICS = ("step", "loss", "lr", "samples_per_s", "grad_norm")
 
 
 class ShuffledBatches:
@@ -167,77 +167,6 @@ def _set_checkpointing(model: nn.Module, on: bool) -> dict[nn.Module, bool]:
     return before
 
 
-def _read_metrics(path: Path, upto: int) -> list[dict[str, str]]:
-    """The rows of metrics.csv up to step `upto` (rows after a checkpoint are redone on resume)."""
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [row for row in csv.DictReader(f) if int(row["step"]) <= upto]
-
-
-def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Replace path with rows atomically: a kill leaves the old file or the new one, never half of one."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=METRICS)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomically(path, text.getvalue())
-
-
-def plot_loss(metrics_csv: str | Path, png: str | Path) -> Path | None:
-    """Draw the loss curve of a metrics.csv into png (matplotlib, Agg backend). Returns png, or None with a
-    note on stderr when matplotlib is not installed (it is not a dependency of vlmkit)."""
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"matplotlib is not installed, so {png} was not drawn; pip install matplotlib", file=sys.stderr)
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with Path(metrics_csv).open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return Path(png)
-
-
-class _Progress:
-    """tqdm when installed (it is not a vlmkit dependency), else a printed line every `every` steps."""
-
-    def __init__(self, start: int, total: int, enabled: bool, every: int) -> None:
-        self.total, self.enabled, self.every = total, enabled, every
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
-
-    def update(self, step: int, loss: float, lr: float, samples_per_s: float) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}", refresh=False)
-            self.bar.update(1)
-        elif step % self.every == 0 or step == self.total:
-            print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {samples_per_s:.1f} samples/s",
-                  file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, *, grad_accum: int = 1,
           bf16: bool = False, activation_checkpointing: bool = False, seed: int = 0,
           out_dir: str | Path | None = None, save_every: int = 0, resume: str | Path | None = None,
@@ -285,9 +214,8 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
         start, sample_index = state.step, state.sample_index
         if writes:
             remove_partial_checkpoints(out)
-            for partial in out.glob(f".{metrics_csv.name}.tmp-*"):  # a rewrite of metrics.csv cut off by a kill
-                partial.unlink()
-            rows = _read_metrics(metrics_csv, start)
+            remove_partial_metrics(metrics_csv)  # a rewrite of metrics.csv cut off by a kill
+            rows = read_metrics(metrics_csv, start)
             if state.metric_rows is not None and [int(r["step"]) for r in rows] != list(range(1, start + 1)):
                 raise ValueError(f"{metrics_csv} should hold one row per step 1..{start} (the checkpoint {resume} "
                                  f"covers {state.metric_rows} rows) but holds steps "
@@ -308,7 +236,7 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
     was_training = model.training
     model.train()
     runner = wrap_model(model, world)  # DDP under torchrun, else model
-    bar = _Progress(start, steps, progress and world.is_main, log_every)
+    bar = Progress(start, steps, progress and world.is_main, log_every)
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
@@ -353,7 +281,7 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
                 on_step(done, loss_sum)
             save = out is not None and (save_every and done % save_every == 0 or done == end)
             if writes and (save or done % log_every == 0):
-                _write_metrics(metrics_csv, rows)  # before the checkpoint: it covers these rows
+                write_metrics(metrics_csv, rows)  # before the checkpoint: it covers these rows
             if save:
                 rng_states = gather_to_main(rng_state(), world)  # every rank's, in rank order, on rank 0
                 if writes:
@@ -368,7 +296,7 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
             module.gradient_checkpointing = flag
         model.train(was_training)
     if writes and rows:
-        _write_metrics(metrics_csv, rows)
+        write_metrics(metrics_csv, rows)
         result.loss_png = plot_loss(metrics_csv, out / "loss.png")
     barrier(world)
     return result
