@@ -229,7 +229,6 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
         stream = iter(batches)
         for _ in range(start * grad_accum):
             next(stream)
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
     end = steps if stop_after is None else min(steps, stop_after)
     result = TrainResult([], [], None, metrics_csv if writes else None, None)
     previous_flags = _set_checkpointing(model, activation_checkpointing)
@@ -240,45 +239,19 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
-            multiplier = lr_multiplier(step, steps, warmup, stage.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * multiplier
-            micro = []
-            for _ in range(grad_accum):
-                try:
-                    micro.append(next(stream))
-                except StopIteration:
-                    raise ValueError(f"the batches ran out at step {step + 1} of {steps}; pass an endless stream "
-                                     "(ShuffledBatches) or fewer steps") from None
-            # labelled tokens and samples of the global step (summed over ranks)
-            tokens, samples = all_reduce_sum([sum(_labelled(b) for b in micro), sum(_samples(b) for b in micro)],
-                                             world)
-            if tokens == 0:
-                raise ValueError(f"step {step + 1} has no labelled tokens (every label is {IGNORE_INDEX}); "
-                                 "check the examples' labels")
-            loss_sum = 0.0
-            for i, batch in enumerate(micro):
-                with _sync_on_last(runner, i == len(micro) - 1):
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                        loss = runner(**batch, loss_only=True).loss  # mean over this micro-batch's labelled tokens
-                    weight = _labelled(batch) / tokens
-                    (loss * (weight * world.size)).backward()  # DDP averages over ranks: x size undoes it
-                loss_sum += loss.item() * weight
-            loss_sum = all_reduce_sum([loss_sum], world)[0]
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip if stage.grad_clip else math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sample_index = batches.sample_index if hasattr(batches, "seek") else sample_index + int(samples)
+            lr = _set_lr(optimizer, lr_multiplier(step, steps, warmup, stage.min_lr_ratio))
+            micro = _next_micro_batches(stream, grad_accum, step, steps)
+            stats = _optimizer_step(runner, optimizer, micro, step, stage.grad_clip, bf16, world)
+            sample_index = batches.sample_index if hasattr(batches, "seek") else sample_index + int(stats.samples)
             done = step + 1
-            samples_per_s = samples / (time.perf_counter() - t0)
-            lr = max(g["lr"] for g in optimizer.param_groups)
-            rows.append({"step": done, "loss": loss_sum, "lr": lr, "samples_per_s": round(samples_per_s, 2),
-                         "grad_norm": float(grad_norm)})
+            samples_per_s = stats.samples / (time.perf_counter() - t0)
+            rows.append({"step": done, "loss": stats.loss, "lr": lr, "samples_per_s": round(samples_per_s, 2),
+                         "grad_norm": stats.grad_norm})
             result.steps.append(done)
-            result.losses.append(loss_sum)
-            bar.update(done, loss_sum, lr, samples_per_s)
+            result.losses.append(stats.loss)
+            bar.update(done, stats.loss, lr, samples_per_s)
             if on_step is not None:
-                on_step(done, loss_sum)
+                on_step(done, stats.loss)
             save = out is not None and (save_every and done % save_every == 0 or done == end)
             if writes and (save or done % log_every == 0):
                 write_metrics(metrics_csv, rows)  # before the checkpoint: it covers these rows
@@ -300,6 +273,61 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
         result.loss_png = plot_loss(metrics_csv, out / "loss.png")
     barrier(world)
     return result
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:
+    """Set every optimizer group's lr to its peak lr (`base_lr`) x multiplier; returns the largest."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * multiplier
+    return max(g["lr"] for g in optimizer.param_groups)
+
+
+def _next_micro_batches(stream: Iterator[Batch], grad_accum: int, step: int, steps: int) -> list[Batch]:
+    """The grad_accum micro-batches of optimizer step `step` (0-based) of steps; raises if stream runs out."""
+    micro = []
+    for _ in range(grad_accum):
+        try:
+            micro.append(next(stream))
+        except StopIteration:
+            raise ValueError(f"the batches ran out at step {step + 1} of {steps}; pass an endless stream "
+                             "(ShuffledBatches) or fewer steps") from None
+    return micro
+
+
+@dataclass(frozen=True)
+class _StepStats:
+    """One optimizer step over every rank: its loss (the mean over all its labelled tokens), the gradient
+    norm before clipping, and the number of samples it trained on."""
+
+    loss: float
+    grad_norm: float
+    samples: float
+
+
+def _optimizer_step(runner: nn.Module, optimizer: torch.optim.Optimizer, micro: list[Batch], step: int,
+                    grad_clip: float, bf16: bool, world: World) -> _StepStats:
+    """Take optimizer step `step` (0-based) on this rank's micro-batches: each forward (optionally under bf16
+    autocast) and backward with its loss weighted by its share of the global step's labelled tokens, DDP
+    syncing gradients on the last micro-batch only; then clip to grad_clip (0: no clipping) and step AdamW."""
+    # labelled tokens and samples of the global step (summed over ranks)
+    tokens, samples = all_reduce_sum([sum(_labelled(b) for b in micro), sum(_samples(b) for b in micro)], world)
+    if tokens == 0:
+        raise ValueError(f"step {step + 1} has no labelled tokens (every label is {IGNORE_INDEX}); "
+                         "check the examples' labels")
+    loss_sum = 0.0
+    for i, batch in enumerate(micro):
+        with _sync_on_last(runner, i == len(micro) - 1):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = runner(**batch, loss_only=True).loss  # mean over this micro-batch's labelled tokens
+            weight = _labelled(batch) / tokens
+            (loss * (weight * world.size)).backward()  # DDP averages over ranks: x size undoes it
+        loss_sum += loss.item() * weight
+    loss_sum = all_reduce_sum([loss_sum], world)[0]
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return _StepStats(loss_sum, float(grad_norm), samples)
 
 
 def _sync_on_last(runner: nn.Module, last: bool) -> Any:
