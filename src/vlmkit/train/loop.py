@@ -1,6 +1,6 @@
 """The training loop: one `train()` for every stage and every architecture.
 
-    batches = ShuffledBatches(examples, batch_size=8, pad_id=0, seed=0)     # seeded, resumable order
+    batches = ShuffledBatches(examples, batch_size=8, pad_id=0, seed=0)     # seeded, resumable (train.batches)
     result = train(model, batches, get_stage("align"), steps=500, out_dir="runs/a", save_every=100)
     result = train(model, batches, stage, steps=500, out_dir="runs/a", resume=latest_checkpoint("runs/a"))
 
@@ -13,9 +13,10 @@ norm weights, learned vectors such as image_newline). The learning rate is linea
 decay (`lr_multiplier`). Metrics go to `metrics.csv` (step, loss, lr, samples_per_s, grad_norm) and
 the loss curve to `loss.png` in out_dir (both written by train.runlog).
 
-train() reads as the loop itself; its parts are functions: `_open_run` checks the arguments and fixes the
-run's setup, `_restore` brings a run back from a checkpoint (else `_start_fresh` seeds the RNGs),
-`_optimizer_step` takes one step and `_save` writes a checkpoint with every rank's RNG state.
+train() itself is only the loop: `_open_run` checks the arguments and fixes the run's setup, `_restore`
+brings a run back from its checkpoint (or `_start_fresh` seeds the RNGs), then every step sets the lr,
+`_optimizer_step` takes the step, a metrics row is kept, and `_save` checkpoints every save_every steps
+and at the end (metrics.csv first, then the weights, optimizer and every rank's RNG state).
 
 Resume and the metrics file: metrics.csv is rewritten atomically (temporary file + rename) every
 log_every steps and right before every checkpoint, and the checkpoint records how many rows it covers.
@@ -36,7 +37,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,67 +46,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from vlmkit.data.collate import collate, pack
-from vlmkit.data.labels import TrainingExample
 from vlmkit.models.lm import IGNORE_INDEX
+from vlmkit.train.batches import Batch, ShuffledBatches
 from vlmkit.train.checkpoint import (TrainState, load_checkpoint, prune_checkpoints, remove_partial_checkpoints,
                                      rng_state, save_checkpoint)
-from vlmkit.train.distributed import (World, all_reduce_sum, barrier, current_world, gather_to_main, shard_bounds,
-                                      wrap_model)
+from vlmkit.train.distributed import World, all_reduce_sum, barrier, current_world, gather_to_main, wrap_model
 from vlmkit.train.runlog import (METRICS, MetricRow, Progress, plot_loss, read_metrics, remove_partial_metrics,
                                  write_metrics)
 from vlmkit.train.stages import Stage, module_groups
 
 __all__ = ["METRICS", "Batch", "ShuffledBatches", "TrainResult", "build_optimizer", "lr_multiplier", "plot_loss",
            "train"]
-
-Batch = dict[str, torch.Tensor]
-
-
-class ShuffledBatches:
-    """An endless, seeded stream of collated batches: epoch e visits the examples in the order of
-    torch.randperm(n) under seed + e; batches run across epoch ends. `sample_index` counts the samples
-    handed out so far, and seek(sample_index) continues the stream exactly from there (for resume).
-    pack_len packs each batch's examples into rows of at most pack_len tokens instead of padding.
-
-    For data-parallel training, batch_size is the global batch: the process of rank r out of world_size
-    collates only its contiguous slice [r * b, (r + 1) * b) of each global batch (b = batch_size /
-    world_size), while sample_index keeps counting global samples. examples may be any sequence (e.g.
-    one that builds each example when it is read); only the slice's examples are read."""
-
-    def __init__(self, examples: Sequence[TrainingExample], batch_size: int, pad_id: int, seed: int = 0,
-                 pack_len: int | None = None, rank: int = 0, world_size: int = 1) -> None:
-        examples = examples if isinstance(examples, Sequence) else list(examples)
-        if len(examples) == 0:
-            raise ValueError("no training examples; pass at least one TrainingExample")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in 0..world_size-1, got rank {rank} of {world_size}")
-        self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
-        self.seed, self.pack_len = seed, pack_len
-        self.rank, self.world_size = rank, world_size
-        self._slice = shard_bounds(batch_size, World(rank, world_size))
-        self.sample_index = 0
-        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
-
-    def seek(self, sample_index: int) -> None:
-        """Continue from the sample_index-th sample of the stream."""
-        self.sample_index = sample_index
-
-    def _example(self, i: int) -> TrainingExample:
-        epoch, pos = divmod(i, len(self.examples))
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
-        return self.examples[int(self._order[pos])]
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            first, stop = self._slice
-            chunk = [self._example(i) for i in range(self.sample_index + first, self.sample_index + stop)]
-            self.sample_index += self.batch_size
-            yield pack(chunk, self.pack_len, self.pad_id) if self.pack_len else collate(chunk, self.pad_id)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:

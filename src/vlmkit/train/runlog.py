@@ -105,8 +105,10 @@ class Progress:
             self.bar.close()
 
     def __enter__(self) -> Progress:
+        """The progress display itself."""
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
+        """Close the bar, also when training raised."""
         self.close()
