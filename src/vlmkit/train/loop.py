@@ -350,7 +350,7 @@ def _samples(batch: Batch) -> int:
 def _save(model: nn.Module, optimizer: torch.optim.Optimizer, at: _Position, run: _Run, keep: int) -> Path | None:
     """Checkpoint the run at `at`: every rank's RNG state is gathered to rank 0, which rewrites metrics.csv
     first (the checkpoint covers its rows), writes the checkpoint and deletes all but the `keep` newest
-    (0: none); then the ranks meet. Returns the checkpoint on rank 0, None on the others."""
+    (keep 0 keeps every one); then the ranks meet. Returns the checkpoint on rank 0, None on the others."""
     rng_states = gather_to_main(rng_state(), run.world)  # every rank's, in rank order, on rank 0
     path = None
     if run.writes:
