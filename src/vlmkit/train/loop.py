@@ -1,6 +1,6 @@
 """The training loop: one `train()` for every stage and every architecture.
 
-    batches = ShuffledBatches(examples, batch_size=8, pad_id=0, seed=0)     # seeded, resumable order
+    batches = ShuffledBatches(examples, batch_size=8, pad_id=0, seed=0)     # seeded, resumable (train.batches)
     result = train(model, batches, get_stage("align"), steps=500, out_dir="runs/a", save_every=100)
     result = train(model, batches, stage, steps=500, out_dir="runs/a", resume=latest_checkpoint("runs/a"))
 
@@ -11,7 +11,12 @@ gradients clipped to `stage.grad_clip`; AdamW. Weight decay follows nanoGPT's ru
 2 or more dimensions decay (linear and conv weights, embedding matrices), 1-D ones do not (biases,
 norm weights, learned vectors such as image_newline). The learning rate is linear warmup then cosine
 decay (`lr_multiplier`). Metrics go to `metrics.csv` (step, loss, lr, samples_per_s, grad_norm) and
-the loss curve to `loss.png` in out_dir.
+the loss curve to `loss.png` in out_dir (both written by train.runlog).
+
+train() itself is only the loop: `_open_run` checks the arguments and fixes the run's setup, `_restore`
+brings a run back from its checkpoint (or `_start_fresh` seeds the RNGs), then every step sets the lr,
+`_optimizer_step` takes the step, a metrics row is kept, and `_save` checkpoints every save_every steps
+and at the end (metrics.csv first, then the weights, optimizer and every rank's RNG state).
 
 Resume and the metrics file: metrics.csv is rewritten atomically (temporary file + rename) every
 log_every steps and right before every checkpoint, and the checkpoint records how many rows it covers.
@@ -29,13 +34,10 @@ rank restores its own RNG state and seeks to the global data position.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
 import random
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,63 +46,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from vlmkit.data.collate import collate, pack
-from vlmkit.data.labels import TrainingExample
 from vlmkit.models.lm import IGNORE_INDEX
+from vlmkit.train.batches import Batch, ShuffledBatches
 from vlmkit.train.checkpoint import (TrainState, load_checkpoint, prune_checkpoints, remove_partial_checkpoints,
-                                     rng_state, save_checkpoint, write_text_atomically)
-from vlmkit.train.distributed import (World, all_reduce_sum, barrier, current_world, gather_to_main, shard_bounds,
-                                      wrap_model)
+                                     rng_state, save_checkpoint)
+from vlmkit.train.distributed import World, all_reduce_sum, barrier, current_world, gather_to_main, wrap_model
+from vlmkit.train.runlog import (METRICS, MetricRow, Progress, plot_loss, read_metrics, remove_partial_metrics,
+                                 write_metrics)
 from vlmkit.train.stages import Stage, module_groups
 
-Batch = dict[str, torch.Tensor]
-METRICS = ("step", "loss", "lr", "samples_per_s", "grad_norm")
-
-
-class ShuffledBatches:
-    """An endless, seeded stream of collated batches: epoch e visits the examples in the order of
-    torch.randperm(n) under seed + e; batches run across epoch ends. `sample_index` counts the samples
-    handed out so far, and seek(sample_index) continues the stream exactly from there (for resume).
-    pack_len packs each batch's examples into rows of at most pack_len tokens instead of padding.
-
-    For data-parallel training, batch_size is the global batch: the process of rank r out of world_size
-    collates only its contiguous slice [r * b, (r + 1) * b) of each global batch (b = batch_size /
-    world_size), while sample_index keeps counting global samples. examples may be any sequence (e.g.
-    one that builds each example when it is read); only the slice's examples are read."""
-
-    def __init__(self, examples: Sequence[TrainingExample], batch_size: int, pad_id: int, seed: int = 0,
-                 pack_len: int | None = None, rank: int = 0, world_size: int = 1) -> None:
-        examples = examples if isinstance(examples, Sequence) else list(examples)
-        if len(examples) == 0:
-            raise ValueError("no training examples; pass at least one TrainingExample")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in 0..world_size-1, got rank {rank} of {world_size}")
-        self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
-        self.seed, self.pack_len = seed, pack_len
-        self.rank, self.world_size = rank, world_size
-        self._slice = shard_bounds(batch_size, World(rank, world_size))
-        self.sample_index = 0
-        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
-
-    def seek(self, sample_index: int) -> None:
-        """Continue from the sample_index-th sample of the stream."""
-        self.sample_index = sample_index
-
-    def _example(self, i: int) -> TrainingExample:
-        epoch, pos = divmod(i, len(self.examples))
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
-        return self.examples[int(self._order[pos])]
-
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            first, stop = self._slice
-            chunk = [self._example(i) for i in range(self.sample_index + first, self.sample_index + stop)]
-            self.sample_index += self.batch_size
-            yield pack(chunk, self.pack_len, self.pad_id) if self.pack_len else collate(chunk, self.pad_id)
+__all__ = ["METRICS", "Batch", "ShuffledBatches", "TrainResult", "build_optimizer", "lr_multiplier", "plot_loss",
+           "train"]
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
@@ -143,99 +99,40 @@ class TrainResult:
     loss_png: Path | None
 
 
-def _labelled(batch: Batch) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+@dataclass(frozen=True)
+class _Run:
+    """What stays fixed over one train() call: the folder of its files (None: no files), this process's
+    place among the ranks, the schedule checkpoints record, and the stage's name."""
+
+    out: Path | None
+    world: World
+    schedule: dict[str, Any]
+    stage: str
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes files: only rank 0 does, and only with an out_dir."""
+        return self.out is not None and self.world.is_main
+
+    @property
+    def metrics_csv(self) -> Path | None:
+        """out/metrics.csv, or None without an out_dir."""
+        return self.out / "metrics.csv" if self.out is not None else None
+
+    def lr_multiplier(self, step: int) -> float:
+        """The schedule's fraction of the peak lr for optimizer step `step` (0-based)."""
+        s = self.schedule
+        return lr_multiplier(step, s["total_steps"], s["warmup_steps"], s["min_lr_ratio"])
 
 
-def _samples(batch: Batch) -> int:
-    if "segment_ids" in batch:  # packed: samples, not rows
-        return int(batch["segment_ids"].amax(dim=1).sum())
-    return batch["input_ids"].shape[0]
+@dataclass
+class _Position:
+    """Where a run stands: optimizer steps done, samples consumed from the data order, and the metrics rows
+    of the steps done (those before a resume only on rank 0, which writes them)."""
 
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def _set_checkpointing(model: nn.Module, on: bool) -> dict[nn.Module, bool]:
-    """Set every `gradient_checkpointing` flag of model's modules; returns the previous values."""
-    before = {m: m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")}
-    for m in before:
-        m.gradient_checkpointing = on
-    return before
-
-
-def _read_metrics(path: Path, upto: int) -> list[dict[str, str]]:
-    """The rows of metrics.csv up to step `upto` (rows after a checkpoint are redone on resume)."""
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [row for row in csv.DictReader(f) if int(row["step"]) <= upto]
-
-
-def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Replace path with rows atomically: a kill leaves the old file or the new one, never half of one."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=METRICS)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomically(path, text.getvalue())
-
-
-def plot_loss(metrics_csv: str | Path, png: str | Path) -> Path | None:
-    """Draw the loss curve of a metrics.csv into png (matplotlib, Agg backend). Returns png, or None with a
-    note on stderr when matplotlib is not installed (it is not a dependency of vlmkit)."""
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"matplotlib is not installed, so {png} was not drawn; pip install matplotlib", file=sys.stderr)
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with Path(metrics_csv).open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-    return Path(png)
-
-
-class _Progress:
-    """tqdm when installed (it is not a vlmkit dependency), else a printed line every `every` steps."""
-
-    def __init__(self, start: int, total: int, enabled: bool, every: int) -> None:
-        self.total, self.enabled, self.every = total, enabled, every
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
-
-    def update(self, step: int, loss: float, lr: float, samples_per_s: float) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}", refresh=False)
-            self.bar.update(1)
-        elif step % self.every == 0 or step == self.total:
-            print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {samples_per_s:.1f} samples/s",
-                  file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    step: int
+    sample_index: int
+    rows: list[MetricRow]
 
 
 def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, *, grad_accum: int = 1,
@@ -258,6 +155,43 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
     DistributedDataParallel and batches must be this rank's slice of each global batch (ShuffledBatches
     with rank= and world_size=); the losses returned are the global ones, on every rank.
     """
+    run = _open_run(batches, stage, steps, grad_accum, out_dir, save_every, resume)
+    optimizer = build_optimizer(model, stage)
+    at = _restore(resume, model, optimizer, run) if resume is not None else _start_fresh(seed)
+    stream = _stream_from(batches, at, grad_accum)
+    end = steps if stop_after is None else min(steps, stop_after)
+    result = TrainResult([], [], None, run.metrics_csv if run.writes else None, None)
+    with (_training(model, activation_checkpointing, run.world) as runner,
+          Progress(at.step, steps, progress and run.world.is_main, log_every) as bar):
+        for step in range(at.step, end):
+            t0 = time.perf_counter()
+            lr = _set_lr(optimizer, run.lr_multiplier(step))
+            micro = _next_micro_batches(stream, grad_accum, step, steps)
+            stats = _optimizer_step(runner, optimizer, micro, step, stage.grad_clip, bf16, run.world)
+            at.step, at.sample_index = step + 1, _sample_index_after(batches, at, stats.samples)
+            samples_per_s = stats.samples / (time.perf_counter() - t0)
+            at.rows.append({"step": at.step, "loss": stats.loss, "lr": lr, "samples_per_s": round(samples_per_s, 2),
+                            "grad_norm": stats.grad_norm})
+            result.steps.append(at.step)
+            result.losses.append(stats.loss)
+            bar.update(at.step, stats.loss, lr, samples_per_s)
+            if on_step is not None:
+                on_step(at.step, stats.loss)
+            if run.out is not None and (save_every and at.step % save_every == 0 or at.step == end):
+                result.checkpoint = _save(model, optimizer, at, run, keep_checkpoints)
+            elif run.writes and at.step % log_every == 0:
+                write_metrics(run.metrics_csv, at.rows)
+    if run.writes and at.rows:
+        write_metrics(run.metrics_csv, at.rows)
+        result.loss_png = plot_loss(run.metrics_csv, run.out / "loss.png")
+    barrier(run.world)
+    return result
+
+
+def _open_run(batches: Iterable[Batch], stage: Stage, steps: int, grad_accum: int, out_dir: str | Path | None,
+              save_every: int, resume: str | Path | None) -> _Run:
+    """Check train()'s arguments against each other and the running processes, create out_dir (rank 0),
+    and return the run's fixed setup with its warmup + cosine schedule."""
     if steps < 1 or grad_accum < 1:
         raise ValueError(f"steps and grad_accum must be >= 1, got steps={steps}, grad_accum={grad_accum}")
     if (save_every or resume is not None) and out_dir is None:
@@ -266,112 +200,131 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
     if hasattr(batches, "world_size") and batches.world_size != world.size:
         raise ValueError(f"the batches are sharded for {batches.world_size} process(es) but {world.size} are "
                          "running; build ShuffledBatches with rank= and world_size= of this run")
-    out = Path(out_dir) if out_dir is not None else None
-    writes = out is not None and world.is_main  # only rank 0 writes files
-    if writes:
-        out.mkdir(parents=True, exist_ok=True)
-    optimizer = build_optimizer(model, stage)
-    warmup = stage.warmup(steps)
-    schedule = {"kind": "warmup_cosine", "total_steps": steps, "warmup_steps": warmup,
+    schedule = {"kind": "warmup_cosine", "total_steps": steps, "warmup_steps": stage.warmup(steps),
                 "min_lr_ratio": stage.min_lr_ratio}
-    start, sample_index = 0, 0
-    metrics_csv = out / "metrics.csv" if out is not None else None
-    rows: list[dict[str, Any]] = []
-    if resume is not None:
-        state = load_checkpoint(resume, model, optimizer, rank=world.rank, world_size=world.size)
-        if state.schedule != schedule:
-            raise ValueError(f"{resume} was saved with schedule {state.schedule} but this run has {schedule}; "
-                             "resume with the same stage and steps")
-        start, sample_index = state.step, state.sample_index
-        if writes:
-            remove_partial_checkpoints(out)
-            for partial in out.glob(f".{metrics_csv.name}.tmp-*"):  # a rewrite of metrics.csv cut off by a kill
-                partial.unlink()
-            rows = _read_metrics(metrics_csv, start)
-            if state.metric_rows is not None and [int(r["step"]) for r in rows] != list(range(1, start + 1)):
-                raise ValueError(f"{metrics_csv} should hold one row per step 1..{start} (the checkpoint {resume} "
-                                 f"covers {state.metric_rows} rows) but holds steps "
-                                 f"{[int(r['step']) for r in rows][:10]}...; restore the file or start a new run")
-    else:
-        _seed_everything(seed)
+    run = _Run(Path(out_dir) if out_dir is not None else None, world, schedule, stage.name)
+    if run.writes:
+        run.out.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def _start_fresh(seed: int) -> _Position:
+    """Seed torch, python and numpy for a new run; it stands at step 0, sample 0, no metrics rows."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    return _Position(0, 0, [])
+
+
+def _restore(resume: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, run: _Run) -> _Position:
+    """Load the checkpoint `resume` into model and optimizer (with this rank's RNG states) and check it has
+    the run's schedule. Rank 0 then deletes what a kill may have left half-written (a checkpoint's or
+    metrics.csv's temporaries) and takes back metrics.csv's rows up to the checkpoint's step, which must
+    all be there when the checkpoint records them. Returns where the checkpoint stands."""
+    state = load_checkpoint(resume, model, optimizer, rank=run.world.rank, world_size=run.world.size)
+    if state.schedule != run.schedule:
+        raise ValueError(f"{resume} was saved with schedule {state.schedule} but this run has {run.schedule}; "
+                         "resume with the same stage and steps")
+    rows: list[MetricRow] = []
+    if run.writes:
+        remove_partial_checkpoints(run.out)
+        remove_partial_metrics(run.metrics_csv)
+        rows = read_metrics(run.metrics_csv, state.step)
+        if state.metric_rows is not None and [int(r["step"]) for r in rows] != list(range(1, state.step + 1)):
+            raise ValueError(f"{run.metrics_csv} should hold one row per step 1..{state.step} (the checkpoint "
+                             f"{resume} covers {state.metric_rows} rows) but holds steps "
+                             f"{[int(r['step']) for r in rows][:10]}...; restore the file or start a new run")
+    return _Position(state.step, state.sample_index, rows)
+
+
+def _stream_from(batches: Iterable[Batch], at: _Position, grad_accum: int) -> Iterator[Batch]:
+    """An iterator over batches from where the run stands: a stream with seek() (ShuffledBatches) seeks
+    to the sample index, any other iterable skips the micro-batches of the steps done."""
     if hasattr(batches, "seek"):
-        batches.seek(sample_index)
-        stream = iter(batches)
-    else:
-        stream = iter(batches)
-        for _ in range(start * grad_accum):
-            next(stream)
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    end = steps if stop_after is None else min(steps, stop_after)
-    result = TrainResult([], [], None, metrics_csv if writes else None, None)
-    previous_flags = _set_checkpointing(model, activation_checkpointing)
+        batches.seek(at.sample_index)
+        return iter(batches)
+    stream = iter(batches)
+    for _ in range(at.step * grad_accum):
+        next(stream)
+    return stream
+
+
+def _sample_index_after(batches: Iterable[Batch], at: _Position, samples: float) -> int:
+    """The data position after a step of `samples` samples: the stream's own count when it can seek, else
+    the position before the step plus its samples."""
+    return batches.sample_index if hasattr(batches, "seek") else at.sample_index + int(samples)
+
+
+@contextlib.contextmanager
+def _training(model: nn.Module, activation_checkpointing: bool, world: World) -> Iterator[nn.Module]:
+    """model in train mode with every `gradient_checkpointing` flag set to activation_checkpointing,
+    yielding the module to call (DDP under torchrun, else model); on exit the flags and mode are put back."""
+    flags = {m: m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")}
     was_training = model.training
-    model.train()
-    runner = wrap_model(model, world)  # DDP under torchrun, else model
-    bar = _Progress(start, steps, progress and world.is_main, log_every)
     try:
-        for step in range(start, end):
-            t0 = time.perf_counter()
-            multiplier = lr_multiplier(step, steps, warmup, stage.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * multiplier
-            micro = []
-            for _ in range(grad_accum):
-                try:
-                    micro.append(next(stream))
-                except StopIteration:
-                    raise ValueError(f"the batches ran out at step {step + 1} of {steps}; pass an endless stream "
-                                     "(ShuffledBatches) or fewer steps") from None
-            # labelled tokens and samples of the global step (summed over ranks)
-            tokens, samples = all_reduce_sum([sum(_labelled(b) for b in micro), sum(_samples(b) for b in micro)],
-                                             world)
-            if tokens == 0:
-                raise ValueError(f"step {step + 1} has no labelled tokens (every label is {IGNORE_INDEX}); "
-                                 "check the examples' labels")
-            loss_sum = 0.0
-            for i, batch in enumerate(micro):
-                with _sync_on_last(runner, i == len(micro) - 1):
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                        loss = runner(**batch, loss_only=True).loss  # mean over this micro-batch's labelled tokens
-                    weight = _labelled(batch) / tokens
-                    (loss * (weight * world.size)).backward()  # DDP averages over ranks: x size undoes it
-                loss_sum += loss.item() * weight
-            loss_sum = all_reduce_sum([loss_sum], world)[0]
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, stage.grad_clip if stage.grad_clip else math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sample_index = batches.sample_index if hasattr(batches, "seek") else sample_index + int(samples)
-            done = step + 1
-            samples_per_s = samples / (time.perf_counter() - t0)
-            lr = max(g["lr"] for g in optimizer.param_groups)
-            rows.append({"step": done, "loss": loss_sum, "lr": lr, "samples_per_s": round(samples_per_s, 2),
-                         "grad_norm": float(grad_norm)})
-            result.steps.append(done)
-            result.losses.append(loss_sum)
-            bar.update(done, loss_sum, lr, samples_per_s)
-            if on_step is not None:
-                on_step(done, loss_sum)
-            save = out is not None and (save_every and done % save_every == 0 or done == end)
-            if writes and (save or done % log_every == 0):
-                _write_metrics(metrics_csv, rows)  # before the checkpoint: it covers these rows
-            if save:
-                rng_states = gather_to_main(rng_state(), world)  # every rank's, in rank order, on rank 0
-                if writes:
-                    result.checkpoint = save_checkpoint(
-                        out, model, optimizer, TrainState(done, sample_index, schedule, metric_rows=len(rows)),
-                        extra={"stage": stage.name, "world_size": world.size}, rng_states=rng_states)
-                    prune_checkpoints(out, keep_checkpoints)
-                barrier(world)
+        for module in flags:
+            module.gradient_checkpointing = activation_checkpointing
+        model.train()
+        yield wrap_model(model, world)
     finally:
-        bar.close()
-        for module, flag in previous_flags.items():
+        for module, flag in flags.items():
             module.gradient_checkpointing = flag
         model.train(was_training)
-    if writes and rows:
-        _write_metrics(metrics_csv, rows)
-        result.loss_png = plot_loss(metrics_csv, out / "loss.png")
-    barrier(world)
-    return result
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:
+    """Set every optimizer group's lr to its peak lr (`base_lr`) x multiplier; returns the largest."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * multiplier
+    return max(g["lr"] for g in optimizer.param_groups)
+
+
+def _next_micro_batches(stream: Iterator[Batch], grad_accum: int, step: int, steps: int) -> list[Batch]:
+    """The grad_accum micro-batches of optimizer step `step` (0-based) of steps; raises if stream runs out."""
+    micro = []
+    for _ in range(grad_accum):
+        try:
+            micro.append(next(stream))
+        except StopIteration:
+            raise ValueError(f"the batches ran out at step {step + 1} of {steps}; pass an endless stream "
+                             "(ShuffledBatches) or fewer steps") from None
+    return micro
+
+
+@dataclass(frozen=True)
+class _StepStats:
+    """One optimizer step over every rank: its loss (the mean over all its labelled tokens), the gradient
+    norm before clipping, and the number of samples it trained on."""
+
+    loss: float
+    grad_norm: float
+    samples: float
+
+
+def _optimizer_step(runner: nn.Module, optimizer: torch.optim.Optimizer, micro: list[Batch], step: int,
+                    grad_clip: float, bf16: bool, world: World) -> _StepStats:
+    """Take optimizer step `step` (0-based) on this rank's micro-batches: each forward (optionally under bf16
+    autocast) and backward with its loss weighted by its share of the global step's labelled tokens, DDP
+    syncing gradients on the last micro-batch only; then clip to grad_clip (0: no clipping) and step AdamW."""
+    # labelled tokens and samples of the global step (summed over ranks)
+    tokens, samples = all_reduce_sum([sum(_labelled(b) for b in micro), sum(_samples(b) for b in micro)], world)
+    if tokens == 0:
+        raise ValueError(f"step {step + 1} has no labelled tokens (every label is {IGNORE_INDEX}); "
+                         "check the examples' labels")
+    loss_sum = 0.0
+    for i, batch in enumerate(micro):
+        with _sync_on_last(runner, i == len(micro) - 1):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = runner(**batch, loss_only=True).loss  # mean over this micro-batch's labelled tokens
+            weight = _labelled(batch) / tokens
+            (loss * (weight * world.size)).backward()  # DDP averages over ranks: x size undoes it
+        loss_sum += loss.item() * weight
+    loss_sum = all_reduce_sum([loss_sum], world)[0]
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return _StepStats(loss_sum, float(grad_norm), samples)
 
 
 def _sync_on_last(runner: nn.Module, last: bool) -> Any:
@@ -380,3 +333,31 @@ def _sync_on_last(runner: nn.Module, last: bool) -> Any:
     if isinstance(runner, torch.nn.parallel.DistributedDataParallel) and not last:
         return runner.no_sync()
     return contextlib.nullcontext()
+
+
+def _labelled(batch: Batch) -> int:
+    """The batch's labelled tokens: positions whose next-token label counts in the loss."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _samples(batch: Batch) -> int:
+    """The batch's samples (a packed batch's rows hold several)."""
+    if "segment_ids" in batch:  # packed: samples, not rows
+        return int(batch["segment_ids"].amax(dim=1).sum())
+    return batch["input_ids"].shape[0]
+
+
+def _save(model: nn.Module, optimizer: torch.optim.Optimizer, at: _Position, run: _Run, keep: int) -> Path | None:
+    """Checkpoint the run at `at`: every rank's RNG state is gathered to rank 0, which rewrites metrics.csv
+    first (the checkpoint covers its rows), writes the checkpoint and deletes all but the `keep` newest
+    (keep 0 keeps every one); then the ranks meet. Returns the checkpoint on rank 0, None on the others."""
+    rng_states = gather_to_main(rng_state(), run.world)  # every rank's, in rank order, on rank 0
+    path = None
+    if run.writes:
+        write_metrics(run.metrics_csv, at.rows)
+        path = save_checkpoint(run.out, model, optimizer,
+                               TrainState(at.step, at.sample_index, run.schedule, metric_rows=len(at.rows)),
+                               extra={"stage": run.stage, "world_size": run.world.size}, rng_states=rng_states)
+        prune_checkpoints(run.out, keep)
+    barrier(run.world)
+    return path

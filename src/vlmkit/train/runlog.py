@@ -1,0 +1,114 @@
+"""What a training run records as it goes: metrics.csv, the loss curve and the progress display.
+
+    write_metrics(out / "metrics.csv", rows)      # atomically: a kill leaves the old file or the new one
+    rows = read_metrics(out / "metrics.csv", upto=checkpoint_step)
+    plot_loss(out / "metrics.csv", out / "loss.png")
+    with Progress(start, total, enabled=True, every=10) as bar: bar.update(step, loss, lr, samples_per_s)
+
+metrics.csv has one row per optimizer step with the columns of `METRICS`; floats are written with repr,
+so equal text means equal bits. matplotlib and tqdm are optional: without them there is no loss.png (a
+note on stderr says so) and progress is a printed line every `every` steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from vlmkit.train.checkpoint import write_text_atomically
+
+METRICS = ("step", "loss", "lr", "samples_per_s", "grad_norm")
+MetricRow = dict[str, Any]
+
+
+def read_metrics(path: Path, upto: int) -> list[MetricRow]:
+    """The rows of metrics.csv up to step `upto` (rows after a checkpoint are redone on resume)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [row for row in csv.DictReader(f) if int(row["step"]) <= upto]
+
+
+def write_metrics(path: Path, rows: list[MetricRow]) -> None:
+    """Replace path with rows atomically: a kill leaves the old file or the new one, never half of one."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=METRICS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomically(path, text.getvalue())
+
+
+def remove_partial_metrics(path: Path) -> None:
+    """Delete the temporary files of rewrites of path that a kill cut off (see write_text_atomically)."""
+    for partial in path.parent.glob(f".{path.name}.tmp-*"):
+        partial.unlink()
+
+
+def plot_loss(metrics_csv: str | Path, png: str | Path) -> Path | None:
+    """Draw the loss curve of a metrics.csv into png (matplotlib, Agg backend). Returns png, or None with a
+    note on stderr when matplotlib is not installed (it is not a dependency of vlmkit)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed, so {png} was not drawn; pip install matplotlib", file=sys.stderr)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with Path(metrics_csv).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return Path(png)
+
+
+class Progress:
+    """tqdm when installed (it is not a vlmkit dependency), else a printed line every `every` steps; a
+    context manager that closes the bar on exit."""
+
+    def __init__(self, start: int, total: int, enabled: bool, every: int) -> None:
+        self.total, self.enabled, self.every = total, enabled, every
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, loss: float, lr: float, samples_per_s: float) -> None:
+        """Show that step (1-based) is done with this loss, learning rate and throughput."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}", refresh=False)
+            self.bar.update(1)
+        elif step % self.every == 0 or step == self.total:
+            print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {samples_per_s:.1f} samples/s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """Close the tqdm bar, if there is one."""
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> Progress:
+        """The progress display itself."""
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        """Close the bar, also when training raised."""
+        self.close()
