@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vlmkit.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, LMConfig, ProjectorConfig, SamConfig, VisionConfig
+from vlmkit.config import (CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, LMConfig, ProjectorConfig, SamConfig,
+                           VisionConfig)
 from vlmkit.models.deepseek_vl import DeepseekVLConfig
 from vlmkit.models.image_model import build_model
 from vlmkit.models.qwen2_5_vl import Qwen2_5_VLConfig
@@ -374,8 +375,9 @@ def _qwen2_vl_parts(cfg: Qwen2VLConfig) -> tuple[str, str]:
 
 def _deepseek_vl_parts(cfg: DeepseekVLConfig) -> tuple[str, str]:
     v, h = cfg.vision, cfg.vision_high
-    return (f"ViT {v.image_size}px/{v.patch_size} x{v.num_layers} w{v.hidden_size} + "
-            f"SAM {h.image_size}px/{h.patch_size} x{h.num_layers} w{h.hidden_size} ({h.downsample})"), "hybrid_split_mlp"
+    vision = (f"ViT {v.image_size}px/{v.patch_size} x{v.num_layers} w{v.hidden_size} + "
+              f"SAM {h.image_size}px/{h.patch_size} x{h.num_layers} w{h.hidden_size} ({h.downsample})")
+    return vision, "hybrid_split_mlp"
 
 
 @dataclass(frozen=True)

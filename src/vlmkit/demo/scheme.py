@@ -140,7 +140,8 @@ class DemoScheme(Scheme):
 
     def chat_template(self, tokenizer: Any, cfg: DemoConfig, fallback: str | None) -> ChatTemplate:
         """Always the demo's own prompt (DemoChatTemplate), whatever the tokenizer carries."""
-        return DemoChatTemplate(tokenizer.id_to_token(tokenizer.bos_token_id), tokenizer.id_to_token(cfg.image_token_id))
+        bos, image = (tokenizer.id_to_token(i) for i in (tokenizer.bos_token_id, cfg.image_token_id))
+        return DemoChatTemplate(bos, image)
 
 
 DEMO = register_scheme(DemoScheme())

@@ -174,9 +174,9 @@ class Dual(Scheme):
         return {"pixel_values": torch.cat([p.pixel_values for p in plans]),  # (N, 3, S, S)
                 "pixel_values_high": torch.cat([p.extra["pixel_values_high"] for p in plans])}  # (N, 3, Sh, Sh)
 
-    def encode(self, model: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None,
-               pixel_values_high: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Each image's (T, C) rows from the CLIP views (N, 3, S, S) and SAM views (N, 3, Sh, Sh); image_sizes unused."""
+    def encode(self, model: VLM, pixel_values: torch.Tensor, pixel_values_high: torch.Tensor | None = None
+               ) -> list[torch.Tensor]:
+        """Each image's (T, C) rows from the CLIP views (N, 3, S, S) and SAM views (N, 3, Sh, Sh)."""
         if pixel_values_high is None:
             raise ValueError("a dual (Vary) model needs pixel_values_high, the SAM views (num_images, 3, S, S), next "
                              "to pixel_values; image_inputs(plans) makes both")

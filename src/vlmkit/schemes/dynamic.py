@@ -183,7 +183,8 @@ def _plan(frames: Sequence[Image.Image], modality: str, min_pixels: int, max_pix
     rows, (t, h, w) = patch_rows(frames, (new_w, new_h), mean, std)
     return ImagePlan(
         scheme="dynamic", pixel_values=rows, original_size=(width, height), resized_size=(new_w, new_h),
-        grid=(h, w), parts={f"{modality}_pad": merged_tokens((t, h, w))}, text_parts={token: 1 for token in VISION_WRAPPER},
+        grid=(h, w), parts={f"{modality}_pad": merged_tokens((t, h, w))},
+        text_parts={token: 1 for token in VISION_WRAPPER},
         extra={f"{modality}_grid_thw": (t, h, w), "merge_size": MERGE_SIZE})
 
 

@@ -81,9 +81,8 @@ class Pad(Scheme):
         v = cfg.vision
         return plan_pad(image, v.image_size, v.image_mean, v.image_std, **_view_tokens(cfg))  # type: ignore[arg-type]
 
-    def encode(self, model: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
-               ) -> list[torch.Tensor]:
-        """pixel_values (N, 3, S, S) -> N x (P', C); image_sizes unused."""
+    def encode(self, model: VLM, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """pixel_values (N, 3, S, S) -> N x (P', C)."""
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must be (num_images, 3, H, W), got shape {tuple(pixel_values.shape)}")
         return list(model.project(pixel_values).unbind(0))  # N x (P', C)

@@ -66,9 +66,8 @@ class Sam(Scheme):
                          resized_size=(size, size), grid=(1, 1), parts={"features": high.tokens_per_image},
                          text_parts={"<img>": 1, "</img>": 1})
 
-    def encode(self, model: VLM, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
-               ) -> list[torch.Tensor]:
-        """Each image's (T, C) rows: SAM tokens (N, T, feature_dim) through the projector; image_sizes unused."""
+    def encode(self, model: VLM, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Each image's (T, C) rows: SAM tokens (N, T, feature_dim) through the projector."""
         if pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must be (num_images, 3, S, S) SAM views, got shape "
                              f"{tuple(pixel_values.shape)}")

@@ -19,13 +19,13 @@ the processor's (OpenAI CLIP's), and a vlmkit save writes them into the sub-conf
 
 from __future__ import annotations
 
+from vlmkit.config import CLIP_MEAN, CLIP_STD
 from vlmkit.models.deepseek_vl import DeepseekVL, DeepseekVLConfig
 from vlmkit.weights.converter import Converter, StateDict
 from vlmkit.weights.llama import lm_config_from_hf, lm_config_to_hf, lm_state_from_hf, lm_state_to_hf
 from vlmkit.weights.sam import (DEEPSEEK_EXTRA_NAMES, deepseek_sam_config_from_hf, deepseek_sam_state_from_hf,
                                 sam_config_to_hf, sam_state_to_hf)
-from vlmkit.weights.vision import (CLIP_MEAN, CLIP_STD, vision_config_from_hf, vision_config_to_hf,
-                                   vision_state_from_hf, vision_state_to_hf)
+from vlmkit.weights.vision import vision_config_from_hf, vision_config_to_hf, vision_state_from_hf, vision_state_to_hf
 
 MODEL_TYPE = "deepseek_vl_hybrid"
 _VISION = "model.vision_model."
