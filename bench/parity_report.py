@@ -3,7 +3,7 @@
     python bench/parity_report.py
 
 Each model is a tiny random transformers model (fixed seed) saved to a temporary
-directory and loaded with `vlmkit.models.from_pretrained`; both run the same
+directory and loaded with `vlmkit.weights.from_pretrained`; both run the same
 random input in fp32. The tests (tests/test_*_parity.py) assert the same
 comparisons with a 1e-4 bound; this script prints the numbers themselves.
 """

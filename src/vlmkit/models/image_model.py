@@ -181,6 +181,7 @@ class ImageModel(nn.Module):
         self,
         input_ids: torch.Tensor | None = None,  # (B, T)
         pixel_values: torch.Tensor | None = None,  # the scheme's views, prompt order (see its module)
+        image_sizes: torch.Tensor | None = None,  # anyres, hd, tiles, slices: sizes beside the views
         attention_mask: torch.Tensor | None = None,  # (B, S)
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
@@ -190,12 +191,13 @@ class ImageModel(nn.Module):
         loss_only: bool = False,  # with labels: project only the labelled positions (train/loop.py)
         segment_ids: torch.Tensor | None = None,  # (B, T) packed samples: 1, 2, ... per sample, 0 = padding
         image_embeds: Sequence[torch.Tensor] | None = None,  # N x (T_i, C) from encode_images, for the pixels
-        **image_inputs: Any,  # the scheme's other inputs: image_sizes, pixel_values_high, ...
+        **image_inputs: Any,  # the scheme's other inputs: pixel_values_high, high_res_pixel_values, ...
     ) -> CausalLMOutput:
         """Logits (and loss with labels) of the prompt with its images: the pixels are encoded (or image_embeds
-        used), scattered into the placeholders, and the LM runs."""
-        embeds = self.embed_prompt(input_ids, {"pixel_values": pixel_values, **image_inputs}, image_embeds, cache,
-                                   inputs_embeds)
+        used), scattered into the placeholders, and the LM runs. The keywords follow transformers' LLaVA models
+        (input_ids, pixel_values, image_sizes, attention_mask, ...)."""
+        inputs = {"pixel_values": pixel_values, "image_sizes": image_sizes, **image_inputs}
+        embeds = self.embed_prompt(input_ids, inputs, image_embeds, cache, inputs_embeds)
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                        cache=cache, labels=labels, logits_to_keep=logits_to_keep, loss_only=loss_only,
                        segment_ids=segment_ids)
