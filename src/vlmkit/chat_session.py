@@ -8,9 +8,9 @@
         print(piece, end="", flush=True)
     session.save("chat.json")                         # messages + image paths
 
-Image features are computed once per conversation, for every model that takes images (vlmkit's
-VLM, Qwen2-VL / Qwen2.5-VL, DeepSeek-VL, the demo's DemoVLM), through one interface each of those
-classes has:
+Image features are computed once per conversation, for every model that takes images (an ImageModel:
+vlmkit's VLM, Qwen2-VL / Qwen2.5-VL, DeepSeek-VL, the demo's DemoVLM), through the interface they share
+(models/image_model.py):
 - `encode_images(**image_inputs)` -> each image's (T_i, C) rows at the LM width (vision tower(s),
   projector or merger, layout), where image_inputs is what `LoadedModel.image_inputs` makes;
 - `forward(input_ids, image_embeds=rows, **positions)`: the rows scattered into the placeholders
