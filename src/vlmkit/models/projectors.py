@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from vlmkit.config import ProjectorSpec, parse_projector_type
 from vlmkit.models.resampler import build_perceiver, build_qwen_resampler
@@ -40,24 +41,44 @@ def mlp_gelu(in_dim: int, out_dim: int, depth: int, bias: bool = True) -> nn.Seq
     return nn.Sequential(*layers)
 
 
-def merge_2x2(x: torch.Tensor) -> torch.Tensor:
-    """Space-to-depth: (B, H*W, D) on a square H x W grid -> (B, H/2 * W/2, 4*D).
+def merge_2x2(x: torch.Tensor, channels_first: bool = False, pad_odd: bool = False) -> torch.Tensor:
+    """Space-to-depth, the one 2x2 merge of vlmkit: (B, side*side, D) on a square grid -> (B, h*h, 4*D),
+    h = side / 2 (rounded up with pad_odd).
 
-    The 4 patches of each 2x2 block are concatenated in row-major order
-    (top-left, top-right, bottom-left, bottom-right), as Phi-3.5-vision's
-    `reshape_hd_patches_2x2merge` does; odd sides are an error.
+    By default the 4 patches of each 2x2 block are concatenated in row-major order, [p(0,0) | p(0,1) |
+    p(1,0) | p(1,1)] (Phi-3.5-vision's `reshape_hd_patches_2x2merge`, the merge2x2_ projectors); with
+    channels_first every channel's four values are next to each other, [c0(0,0), c0(0,1), c0(1,0), c0(1,1),
+    c1(0,0), ...] (F.unfold's order: DeepSeek-VL2's "downsample_mlp_gelu"). An odd side is an error unless
+    pad_odd, which zero-pads it at the bottom and right first (DeepSeek-VL2: 27 -> 28 patches).
+    (Qwen2-VL's merger needs none of this: its patch rows arrive grouped 2x2, schemes/dynamic.patchify.)
+
+        >>> merge_2x2(torch.arange(4.0).view(1, 4, 1)).flatten().tolist()
+        [0.0, 1.0, 2.0, 3.0]
+        >>> merge_2x2(torch.arange(8.0).view(1, 4, 2), channels_first=True).flatten().tolist()
+        [0.0, 2.0, 4.0, 6.0, 1.0, 3.0, 5.0, 7.0]
+        >>> merge_2x2(torch.arange(9.0).view(1, 9, 1), pad_odd=True)[0, 3].tolist()  # bottom-right of a 3x3
+        [8.0, 0.0, 0.0, 0.0]
     """
     B, N, D = x.shape
     side = math.isqrt(N)
-    if side * side != N or side % 2:
+    if side * side != N or (side % 2 and not pad_odd):
         raise ValueError(f"2x2 merge needs an even square grid of patches, got {N} tokens")
-    x = x.view(B, side // 2, 2, side // 2, 2, D)  # (B, h, 2, w, 2, D)
-    x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h, w, 2, 2, D)
-    return x.reshape(B, (side // 2) ** 2, 4 * D)
+    pad = side % 2
+    grid = F.pad(x.view(B, side, side, D), (0, 0, 0, pad, 0, pad))  # (B, side + pad, side + pad, D)
+    half = (side + pad) // 2
+    blocks = grid.view(B, half, 2, half, 2, D)  # (B, h, 2, w, 2, D)
+    order = (0, 1, 3, 5, 2, 4) if channels_first else (0, 1, 3, 2, 4, 5)  # (B, h, w, D, 2, 2) or (B, h, w, 2, 2, D)
+    return blocks.permute(*order).reshape(B, half * half, 4 * D)
 
 
 class Projector(nn.Module):
-    """An optional 2x2 merge followed by a Linear/MLP stack."""
+    """An optional 2x2 merge followed by a Linear/MLP stack (`mlp`).
+
+    A `merge2x2_` projector takes 2x2-merged features (in_dim 4 * D). Its forward merges them itself
+    (merge_2x2's patch order), which is what the pad scheme runs. The hd and tiles schemes insert learned
+    newline and separator rows between the merge and the MLP (Phi-3.5-V at the merged width; DeepSeek-VL2
+    merges in channel order per view first), so their layouts call merge_2x2 where their reference does
+    and then `mlp`: one merge function, placed by the scheme."""
 
     def __init__(self, spec: ProjectorSpec, in_dim: int, out_dim: int, bias: bool = True) -> None:
         super().__init__()

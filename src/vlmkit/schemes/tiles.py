@@ -59,13 +59,13 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from vlmkit.config import SIGLIP_MEAN, SIGLIP_STD
 from vlmkit.image.overlay import Geometry, View, fit_box
 from vlmkit.image.pixels import mean_colour, normalize
 from vlmkit.image.plan import ImagePlan
+from vlmkit.models.projectors import merge_2x2
 from vlmkit.schemes.anyres import select_best_resolution as anyres_best_resolution
 from vlmkit.schemes.base import Scheme, canvas_inputs, canvas_plans, per_plan, require_merged_views
 
@@ -161,21 +161,12 @@ def plan_tiles(image: Image.Image, num_images: int = 1, max_tiled_images: int = 
 def downsample_2x2(features: torch.Tensor) -> torch.Tensor:
     """(N, side*side, C) -> (N, ceil(side/2)**2, 4C): pad odd sides with zeros, merge 2x2 blocks.
 
-    >>> downsample_2x2(torch.arange(4.0).view(1, 4, 1)).flatten().tolist()
-    [0.0, 1.0, 2.0, 3.0]
+    DeepSeek-VL2's downsample: models.projectors.merge_2x2 in F.unfold's channel order, odd sides zero-padded.
+
     >>> downsample_2x2(torch.arange(9.0).view(1, 9, 1))[0, 3].tolist()   # bottom-right block of a padded 3x3
     [8.0, 0.0, 0.0, 0.0]
     """
-    n, length, c = features.shape
-    side = math.isqrt(length)
-    if side * side != length:
-        raise ValueError(f"tiles layout needs a square patch grid per view; got {length} patches per view")
-    grid = features.reshape(n, side, side, c)
-    pad = side % 2
-    grid = F.pad(grid, (0, 0, 0, pad, 0, pad))  # (N, side + pad, side + pad, C)
-    half = (side + pad) // 2
-    blocks = grid.reshape(n, half, 2, half, 2, c).permute(0, 1, 3, 5, 2, 4)  # (N, h, w, C, 2, 2)
-    return blocks.reshape(n, half * half, 4 * c)
+    return merge_2x2(features, channels_first=True, pad_odd=True)
 
 
 def tiles_layout(features: torch.Tensor, plan: ImagePlan, newline: torch.Tensor,
