@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlmkit.config import SIGLIP_MEAN, SIGLIP_STD
 from vlmkit.data.synth_text import (DEFAULT_ALPHABET, MIN_FONT_SIZE, TextStyle, load_font, random_style, random_text,
                                     render_text)
 from vlmkit.demo.layout import stack_lines
@@ -92,7 +93,7 @@ def ctc_to_lm(vocab: CTCVocab, tokenizer: CharTokenizer) -> tuple[int, ...]:
 
 def text_pixels(image: Image.Image) -> torch.Tensor:
     """(3, H, W) pixels of a text image in [-1, 1]."""
-    return line_pixels(image, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    return line_pixels(image, SIGLIP_MEAN, SIGLIP_STD)
 
 
 def colour_pixels(image: Image.Image) -> torch.Tensor:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlmkit.config import SIGLIP_MEAN, SIGLIP_STD
 from vlmkit.data.synth_text import DEFAULT_ALPHABET, line_sample
 from vlmkit.eval.metrics import normalized_edit_distance
 from vlmkit.models.ctc import BLANK, CTCReader, ctc_greedy_decode
@@ -88,7 +89,7 @@ class LineBatches:
     continues it exactly (sample i is always the same line). size is (width, height)."""
 
     def __init__(self, vocab: CTCVocab, size: tuple[int, int], batch_size: int, seed: int = 0,
-                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
+                 mean: Sequence[float] = SIGLIP_MEAN, std: Sequence[float] = SIGLIP_STD,
                  min_chars: int = 3, max_chars: int = 6) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -126,7 +127,7 @@ def read_lines(reader: CTCReader, vocab: CTCVocab, pixel_values: torch.Tensor) -
 
 
 def heldout_ned(reader: CTCReader, vocab: CTCVocab, size: tuple[int, int], num_lines: int, seed: int = 0,
-                mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
+                mean: Sequence[float] = SIGLIP_MEAN, std: Sequence[float] = SIGLIP_STD,
                 min_chars: int = 3, max_chars: int = 6, batch_size: int = 32) -> float:
     """Mean normalized edit distance of greedy CTC reading on num_lines held-out lines (a split training
     never draws from)."""
