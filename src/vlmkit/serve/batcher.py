@@ -324,7 +324,7 @@ class Batcher:
             first = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())  # leading padding columns of every row
             cut.append((cache, mask[:, first:], rows, first))
         width = max(m.shape[1] for _, m, _, _ in cut)
-        remaining = max(s.row.max_new_tokens - len(s.row.ids) for s in slots)
+        remaining = max(s.row.config.max_new_tokens - len(s.row.ids) for s in slots)
         new = self.model.new_cache(len(slots), width + max(1, min(CACHE_GROWTH, remaining)))
         mask = torch.zeros(len(slots), width, dtype=torch.long, device=cut[0][1].device)  # (B, W)
         start = 0
