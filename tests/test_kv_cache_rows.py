@@ -1,8 +1,8 @@
-"""KVCache's row operations: select, join, trim, grow.
+"""KVCache's row operations (select, join, trim, grow) and the decoding step that uses them.
 
 Oracles: layouts written out by hand (which source token each (row, column) of a joined cache must
-hold, and the joined mask), and a stamp that names every cached entry by (layer, cache, row, column)
-so a misplaced entry cannot pass.
+hold, and the joined mask), a stamp that names every cached entry by (layer, cache, row, column) so
+a misplaced entry cannot pass, and for the step, each prompt decoded alone by generate().
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from vlmkit.config import LMConfig
-from vlmkit.models.lm import KVCache, leading_padding
+from vlmkit.decoding import decode_step, prefill_batch
+from vlmkit.generate import generate, new_row
+from vlmkit.models.lm import CausalLM, KVCache, leading_padding
 from vlmkit.models.qwen2_vl import MRopeCache
+from vlmkit.sampling import GenerationConfig
 
 CFG = LMConfig(vocab_size=50, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1)
 MLA = LMConfig(vocab_size=50, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, kv_lora_rank=3,
@@ -117,3 +120,34 @@ def test_leading_padding():
     assert leading_padding(torch.tensor([[0, 0, 1], [0, 1, 1]])) == 1
     assert leading_padding(torch.tensor([[1, 1], [0, 1]])) == 0
 
+
+def test_step_over_joined_prefills_equals_each_prompt_alone():
+    """Prompts prefilled alone and joined (as the server's batcher does) decode as they would alone, with rows
+    of other lengths, the longest one leaving early (so leading columns are trimmed), and a growing cache."""
+    torch.manual_seed(0)
+    model = CausalLM(LMConfig(vocab_size=60, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                              num_kv_heads=2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    prompts = [[3, 9, 4, 1, 5, 9, 2, 6], [7, 1], [2, 7, 1, 8, 2]]
+    configs = [GenerationConfig(max_new_tokens=3), GenerationConfig(max_new_tokens=12),
+               GenerationConfig(max_new_tokens=10, temperature=1.0, seed=4, repetition_penalty=1.2)]
+    with torch.inference_mode():
+        parts = [prefill_batch(model, [new_row(p, c)], len(p), {}, pad_id=0) for p, c in zip(prompts, configs)]
+        first = parts[0]
+        mask = first.cache.join(first.mask, [(p.cache, p.mask) for p in parts[1:]], room=2)
+        batch = first
+        batch.rows, batch.mask = [p.rows[0] for p in parts], mask
+        batch.logits = torch.cat([p.logits for p in parts])  # (3, V)
+        rows, widths = list(batch.rows), []
+        while batch.rows:
+            decode_step(model, batch, trim=True)
+            widths.append(batch.mask.shape[1])
+            if batch.rows and batch.cache.length == batch.cache.max_len:
+                batch.cache.grow(2)
+    for row, prompt, cfg in zip(rows, prompts, configs):
+        assert row.ids == generate(model, [prompt], cfg).token_ids[0]
+    # The 8-token prompt's row left at step 3, the 3 columns only it used with it: 10 -> 7, + 1 new.
+    assert widths[:4] == [9, 10, 8, 9]
