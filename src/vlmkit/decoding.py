@@ -91,13 +91,13 @@ def decode_step(model: nn.Module, batch: DecodeBatch, cancelled: Sequence[bool] 
         if trim:
             batch.mask = batch.cache.trim(batch.mask)  # (B', L') L' <= L
     batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(keep), 1)], dim=1)  # (B', L + 1)
-    batch.logits = forward(batch, tokens) if forward is not None else next_logits(model, batch, tokens)
+    batch.logits = forward(batch, tokens) if forward is not None else next_logits(model, batch, tokens)  # (B', V)
 
 
 def next_logits(model: nn.Module, batch: DecodeBatch, tokens: torch.Tensor) -> torch.Tensor:
     """The logits (B, V) after one new token per row (B,), whose column batch.mask already has."""
     return model(input_ids=tokens[:, None], attention_mask=_attention(batch.mask), cache=batch.cache,
-                 logits_to_keep=1).logits[:, -1]
+                 logits_to_keep=1).logits[:, -1]  # (B, V)
 
 
 def _attention(mask: torch.Tensor) -> torch.Tensor | None:

@@ -118,7 +118,7 @@ class KVCache:
         def join_layer(buffers: list[torch.Tensor]) -> torch.Tensor:
             """One layer's buffers (b_i, ..., S_i, ...) of every part -> (B, ..., W + room, ...)."""
             k = buffers[0]
-            out = k.new_zeros(sum(sizes), k.shape[1], width + room, k.shape[3])
+            out = k.new_zeros(sum(sizes), k.shape[1], width + room, k.shape[3])  # (B, ..., W + room, ...)
             row = 0
             for buffer, (first, end), b in zip(buffers, spans, sizes):
                 out[row:row + b, :, width - (end - first):width] = buffer[:, :, first:end]
