@@ -108,10 +108,8 @@ def _attention(mask: torch.Tensor) -> torch.Tensor | None:
 def _history(rows: list[Row], device: torch.device) -> torch.Tensor:
     """(B, S) prompt + generated ids of rows, left-padded with -1 (for the repetition penalty)."""
     seqs = [r.prompt + r.ids for r in rows]
-    history = torch.full((len(seqs), max(map(len, seqs))), -1, dtype=torch.long, device=device)
-    for i, seq in enumerate(seqs):
-        history[i, history.shape[1] - len(seq):] = torch.tensor(seq, dtype=torch.long)
-    return history
+    width = max(map(len, seqs))
+    return torch.tensor([[-1] * (width - len(seq)) + seq for seq in seqs], dtype=torch.long, device=device)  # (B, S)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device,
