@@ -10,17 +10,21 @@ The model needs only `new_cache(batch_size, max_len)` and a forward taking
 input_ids, attention_mask (B, S), cache and logits_to_keep (CausalLM and VLM
 both have them). Prompts of different lengths are left-padded; the prompt goes
 through the model once (prefill, the only pass that gets prefill inputs such as
-pixel_values), then each step feeds one token per row and reuses the cache.
-Rows that finish leave the batch (KVCache.select), and every row samples from
-its own generator seeded with cfg.seed, so a row's output does not depend on
-the rest of the batch: batched generation equals running each prompt alone.
+pixel_values), then each step is decoding.decode_step, the step the server's
+batcher runs too: it samples every row's next token, pushes it into its Row
+(stop rules), drops the rows that finished from the batch and the cache
+(KVCache.select), and feeds one token per remaining row, reusing the cache.
+Every row samples from its own generator seeded with cfg.seed, so a row's output
+does not depend on the rest of the batch: batched generation equals running
+each prompt alone.
 
 Phi-3's longrope is the one exception to "prefill once": keys cached with the
 short RoPE factors are wrong once the model switches to the long ones, so at
 the step where the (padded) sequence first grows past
 original_max_position_embeddings the cache is dropped and the whole sequence
 recomputed with the prefill inputs, the rule of transformers' Phi-3
-(modeling_phi3.py, Phi3ForCausalLM.prepare_inputs_for_generation).
+(modeling_phi3.py, Phi3ForCausalLM.prepare_inputs_for_generation). That
+recompute takes the place of the step's forward pass (decode_step's `forward`).
 
 `generate_naive` runs the full sequence through the model at every step with no
 cache and keeps finished rows in the batch (fed padding): slow and plainly
@@ -32,11 +36,13 @@ Sampling (settings, logits processors, seeded draws) lives in sampling.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
+from vlmkit.decoding import DecodeBatch, decode_step, left_pad, model_device, next_logits, prefill_batch
 from vlmkit.sampling import GenerationConfig, is_int, row_generators, sample_next
 
 # A prompt batch: a (B, T) tensor (with an optional attention_mask) or one list of ids per prompt.
@@ -107,14 +113,16 @@ class _TextTracker:
 
 
 class Row:
-    """One prompt's progress: sampled ids, text pieces, finish reason.
+    """One prompt's progress: its settings and generator, sampled ids, text pieces, finish reason.
 
-    push(token) applies the stop rules (stop ids, stop strings, max_new_tokens); the
-    serving batcher (serve/batcher.py) drives rows with its own decoding loop.
+    push(token) applies the stop rules (stop ids, stop strings, max_new_tokens). decode_step samples
+    each row with its own config and generator (None when greedy), for generate and the serving
+    batcher (serve/batcher.py) alike.
     """
 
-    def __init__(self, prompt: list[int], cfg: GenerationConfig, stop_ids: set[int], tokenizer: Any) -> None:
-        self.prompt, self.max_new_tokens, self.stop_ids = prompt, cfg.max_new_tokens, stop_ids
+    def __init__(self, prompt: list[int], cfg: GenerationConfig, stop_ids: set[int], tokenizer: Any,
+                 generator: torch.Generator | None = None) -> None:
+        self.prompt, self.config, self.stop_ids, self.generator = prompt, cfg, stop_ids, generator
         self.ids: list[int] = []
         self.pieces: list[str] = []
         self.finish_reason: str | None = None
@@ -132,7 +140,7 @@ class Row:
             if self.text.stopped:
                 self._finish("stop")
                 return
-        if len(self.ids) >= self.max_new_tokens:
+        if len(self.ids) >= self.config.max_new_tokens:
             self._finish("length")
 
     def _finish(self, reason: str) -> None:
@@ -148,7 +156,8 @@ class Row:
 
 def _make_rows(input_ids: Prompts, attention_mask: torch.Tensor | None, cfg: GenerationConfig,
                tokenizer: Any) -> list[Row]:
-    """Unpadded prompts from a (B, T) tensor (+ mask) or lists of ids, one Row each."""
+    """Unpadded prompts from a (B, T) tensor (+ mask) or lists of ids, one Row each (with row_generators's
+    generator)."""
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -173,7 +182,8 @@ def _make_rows(input_ids: Prompts, attention_mask: torch.Tensor | None, cfg: Gen
     stop_ids = set(cfg.stop_token_ids)
     eos = getattr(tokenizer, "eos_token_id", None)
     stop_ids.update([eos] if is_int(eos) else eos or [])
-    return [Row(p, cfg, stop_ids, tokenizer) for p in prompts]
+    generators = row_generators(cfg, len(prompts)) or [None] * len(prompts)
+    return [Row(p, cfg, stop_ids, tokenizer, g) for p, g in zip(prompts, generators)]
 
 
 def new_row(prompt: Sequence[int], cfg: GenerationConfig, tokenizer: Any = None) -> Row:
@@ -187,26 +197,9 @@ def result_of(rows: list[Row], with_text: bool) -> GenerationResult:
                             texts=["".join(r.pieces) for r in rows] if with_text else None)
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device,
-              width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids and 1/0 mask with every prompt right-aligned; T = width or the longest prompt."""
-    T = width or max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(prompts), T), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, T - len(p):] = 1
-    return ids, mask
-
-
 def _pad_id(tokenizer: Any) -> int:
     pad = getattr(tokenizer, "pad_token_id", None)
     return pad if pad is not None else 0
-
-
-def model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def _long_rope_threshold(model: nn.Module) -> int | None:
@@ -222,55 +215,43 @@ def _long_rope_threshold(model: nn.Module) -> int | None:
 @torch.inference_mode()
 def _decode_cached(model: nn.Module, rows: list[Row], cfg: GenerationConfig,
                    prefill_inputs: dict[str, Any], pad_id: int) -> Iterator[None]:
-    """KV-cache decoding: push each sampled token into its row, yield after every step."""
-    ids, mask = _left_pad([r.prompt for r in rows], pad_id, model_device(model))  # (B, T) each
-    B, T = ids.shape
-    history = ids.masked_fill(mask == 0, -1)  # (B, T) prompt ids, -1 = padding
-    attention = None if bool(mask.all()) else mask  # no padding: plain causal attention
-    generators = row_generators(cfg, B)
-    active = list(range(B))  # rows[active[j]] is batch row j
-    long_threshold = _long_rope_threshold(model)
-    cache = model.new_cache(B, T + cfg.max_new_tokens)
-    logits = model(input_ids=ids, attention_mask=attention, cache=cache, logits_to_keep=1,
-                   **prefill_inputs).logits  # (B, 1, V)
-    while True:
-        tokens = sample_next(logits[:, -1], cfg, generators, history)  # (b,)
-        for j, token in enumerate(tokens.tolist()):
-            rows[active[j]].push(token)
+    """KV-cache decoding: prefill, then one decode_step per yield until every row has finished."""
+    max_len = max(len(r.prompt) for r in rows) + cfg.max_new_tokens
+    batch = prefill_batch(model, rows, max_len, prefill_inputs, pad_id)
+    threshold = _long_rope_threshold(model)
+    forward = None
+    if threshold is not None:
+        forward = partial(_long_rope_forward, model, rows, threshold, max_len, prefill_inputs, pad_id)
+    while batch.rows:
+        decode_step(model, batch, forward=forward)
         yield
-        keep = [j for j, i in enumerate(active) if rows[i].finish_reason is None]
-        if not keep:
-            return
-        if len(keep) < len(active):
-            index = torch.tensor(keep, device=tokens.device)
-            cache.select(index)
-            tokens, history = tokens[index], history[index]
-            attention = attention[index] if attention is not None else None
-            generators = [generators[j] for j in keep] if generators is not None else None
-            active = [active[j] for j in keep]
-        history = torch.cat([history, tokens[:, None]], dim=1)  # (b, S)
-        if attention is not None:
-            attention = torch.cat([attention, attention.new_ones(len(active), 1)], dim=1)  # (b, S)
-        if long_threshold is not None and cache.length <= long_threshold < history.shape[1]:
-            cache, logits = _recompute(model, rows, active, history.shape[1], T + cfg.max_new_tokens,
-                                       prefill_inputs, pad_id)
-        else:
-            logits = model(input_ids=tokens[:, None], attention_mask=attention, cache=cache,
-                           logits_to_keep=1).logits  # (b, 1, V)
+
+
+def _long_rope_forward(model: nn.Module, rows: list[Row], threshold: int, max_len: int,
+                       prefill_inputs: dict[str, Any], pad_id: int, batch: DecodeBatch,
+                       tokens: torch.Tensor) -> torch.Tensor:
+    """decode_step's forward pass for a longrope model: the plain one-token pass, except at the step where
+    the padded sequence first grows past the threshold, where batch.cache is recomputed (see _recompute)."""
+    width = batch.mask.shape[1]
+    if batch.cache.length <= threshold < width:
+        active = [i for i, r in enumerate(rows) if r.finish_reason is None]
+        batch.cache, logits = _recompute(model, rows, active, width, max_len, prefill_inputs, pad_id)
+        return logits
+    return next_logits(model, batch, tokens)
 
 
 def _recompute(model: nn.Module, rows: list[Row], active: list[int], width: int, max_len: int,
                prefill_inputs: dict[str, Any], pad_id: int) -> tuple[Any, torch.Tensor]:
-    """A fresh cache and the last logits (b, 1, V) of the active rows, from every row's whole sequence.
+    """A fresh cache and the last logits (b, V) of the active rows, from every row's whole sequence.
 
     Rows are left-padded to width, the current padded length, so active rows keep
     their layout (and positions). Finished rows go through too, because prefill
     inputs such as pixel_values cover the whole batch; they are dropped after.
     """
-    ids, mask = _left_pad([r.prompt + r.ids for r in rows], pad_id, model_device(model), width)  # (B, S) each
+    ids, mask = left_pad([r.prompt + r.ids for r in rows], pad_id, model_device(model), width)  # (B, S) each
     cache = model.new_cache(len(rows), max_len)
     logits = model(input_ids=ids, attention_mask=mask, cache=cache, logits_to_keep=1,
-                   **prefill_inputs).logits  # (B, 1, V)
+                   **prefill_inputs).logits[:, -1]  # (B, V)
     index = torch.tensor(active, device=ids.device)
     cache.select(index)
     return cache, logits[index]
@@ -281,8 +262,8 @@ def _decode_naive(model: nn.Module, rows: list[Row], cfg: GenerationConfig,
                   prefill_inputs: dict[str, Any], pad_id: int) -> Iterator[None]:
     """No cache: the whole sequence goes through the model (with prefill inputs) every step;
     finished rows stay in the batch and are fed padding."""
-    ids, mask = _left_pad([r.prompt for r in rows], pad_id, model_device(model))  # (B, T) each
-    generators = row_generators(cfg, len(rows))
+    ids, mask = left_pad([r.prompt for r in rows], pad_id, model_device(model))  # (B, T) each
+    generators = [r.generator for r in rows] if cfg.temperature != 0 else None
     while True:
         out = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **prefill_inputs)
         tokens = sample_next(out.logits[:, -1], cfg, generators, ids.masked_fill(mask == 0, -1))  # (B,)

@@ -133,9 +133,11 @@ def sample_rows(logits: torch.Tensor, cfgs: Sequence[GenerationConfig],
         groups.setdefault((cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty), []).append(i)
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)  # (B,)
     for rows in groups.values():
-        cfg, index = cfgs[rows[0]], torch.tensor(rows, device=logits.device)
+        cfg = cfgs[rows[0]]
         if cfg.repetition_penalty != 1.0 and previous_ids is None:
             raise ValueError("a row has a repetition penalty; pass previous_ids (B, L) for the batch")
+        # One group (generate's batch, or a server batch with one setting): every row, without gathering them.
+        index = slice(None) if len(rows) == len(cfgs) else torch.tensor(rows, device=logits.device)
         previous = previous_ids[index] if cfg.repetition_penalty != 1.0 else None
         group_generators = [generators[i] for i in rows] if cfg.temperature != 0 else None
         tokens[index] = sample_next(logits[index], cfg, group_generators, previous)

@@ -19,6 +19,7 @@ Run `python -m vlmkit.models.lm` for a shape check on a tiny random model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,14 @@ class KVCache:
 
     `length` tokens are stored; a forward pass writes its T new keys/values at
     [length, length + T) in every layer and then calls `advance(T)`.
+
+    Every buffer is (batch, ..., positions, ...): rows on dim 0, positions on dim 2
+    ((B, nkv, S, hd) for attention, (B, 1, S, r) and (B, 1, S, dr) for latent
+    attention). The row operations work on those two dims only, so they serve both:
+    select (keep or reorder rows), join (append other caches' rows, right-aligned),
+    trim (drop leading padding columns) and grow (more capacity). A subclass with
+    per-row state of its own (models/qwen2_vl.py's MRopeCache) carries it by
+    overriding `_take_rows`, which select and join call.
     """
 
     def __init__(self, cfg: LMConfig, batch_size: int, max_len: int,
@@ -69,10 +78,100 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (e.g. drop finished sequences)."""
-        self.keys = [k[rows] for k in self.keys]
+        """Keep only the given batch rows (B',) in that order (e.g. drop finished sequences)."""
+        self.keys = [k[rows] for k in self.keys]  # (B', ..., max_len, ...) each
         self.values = [v[rows] for v in self.values]
+        self._take_rows([(self, rows)])
+
+    def join(self, mask: torch.Tensor, others: Sequence[tuple[KVCache, torch.Tensor]], room: int = 1) -> torch.Tensor:
+        """Append the rows of `others` after this cache's rows; return the joined mask (B, W).
+
+        mask (b, length) marks this cache's real tokens (1) and left padding (0), and
+        each other cache comes with its own. Every part is cut to the columns one of its
+        rows uses, and every row is right-aligned to W, the widest part, with left
+        padding. The joined cache holds W tokens and has room for `room` more.
+        """
+        parts = [(self, mask), *others]
+        spans = []  # (first used column, length) of each part
+        for cache, part_mask in parts:
+            if part_mask.shape != (cache.batch_size, cache.length):
+                raise ValueError(f"a mask {tuple(part_mask.shape)} came with a cache of {cache.batch_size} rows "
+                                 f"and {cache.length} positions; pass each cache with its (rows, length) mask")
+            if type(cache) is not type(self) or _layout(cache) != _layout(self):
+                raise ValueError(f"cannot join a {type(cache).__name__} {_layout(cache)} to a {type(self).__name__} "
+                                 f"{_layout(self)} (layers, key and value shapes past rows and positions, "
+                                 "dtype): join caches of one model")
+            spans.append((leading_padding(part_mask), cache.length))
+        width = max(end - first for first, end in spans)
+        sizes = [cache.batch_size for cache, _ in parts]
+        joined = mask.new_zeros(sum(sizes), width)  # (B, W)
+        start = 0
+        for (_, part_mask), (first, end), b in zip(parts, spans, sizes):
+            joined[start:start + b, width - (end - first):] = part_mask[:, first:]
+            start += b
+
+        def join_layer(buffers: list[torch.Tensor]) -> torch.Tensor:
+            """One layer's buffers (b_i, ..., S_i, ...) of every part -> (B, ..., W + room, ...)."""
+            k = buffers[0]
+            out = k.new_zeros(sum(sizes), k.shape[1], width + room, k.shape[3])  # (B, ..., W + room, ...)
+            row = 0
+            for buffer, (first, end), b in zip(buffers, spans, sizes):
+                out[row:row + b, :, width - (end - first):width] = buffer[:, :, first:end]
+                row += b
+            return out
+
+        self.keys = [join_layer([c.keys[i] for c, _ in parts]) for i in range(len(self.keys))]
+        self.values = [join_layer([c.values[i] for c, _ in parts]) for i in range(len(self.values))]
+        self.length, self.max_len = width, width + room
+        self._take_rows([(cache, None) for cache, _ in parts])
+        return joined
+
+    def trim(self, mask: torch.Tensor) -> torch.Tensor:
+        """Drop the leading columns that are padding in every row; return the mask (B, L') that is left.
+
+        mask (B, length) marks the real tokens (1) and left padding (0). The buffers
+        become views that start past the dropped columns, so capacity shrinks by as much.
+        """
+        if mask.shape != (self.batch_size, self.length):
+            raise ValueError(f"the mask is {tuple(mask.shape)} but the cache holds {self.batch_size} rows of "
+                             f"{self.length} positions; pass the mask of the cached tokens")
+        first = leading_padding(mask)
+        if first:
+            self.keys = [k[:, :, first:] for k in self.keys]  # (B, ..., max_len - first, ...) each
+            self.values = [v[:, :, first:] for v in self.values]
+            self.length -= first
+            self.max_len -= first
+        return mask[:, first:]
+
+    def grow(self, n: int) -> None:
+        """Add room for n more positions (copies the buffers)."""
+        if n < 1:
+            raise ValueError(f"grow adds positions to the cache: n must be >= 1, got {n}")
+        self.keys = [F.pad(k, (0, 0, 0, n)) for k in self.keys]  # (B, ..., max_len + n, ...) each
+        self.values = [F.pad(v, (0, 0, 0, n)) for v in self.values]
+        self.max_len += n
+
+    def _take_rows(self, sources: list[tuple[KVCache, torch.Tensor | None]]) -> None:
+        """Hook for per-row state besides keys and values: this cache's rows are now, in order, the rows
+        `rows` (all rows when None) of each source cache (`self` among them, already changed only in its keys
+        and values). KVCache has no such state; a subclass that has some overrides this."""
+
+
+def _layout(cache: KVCache) -> tuple:
+    """What two caches must share to be joined: layer count, the key and value dims besides rows and positions,
+    and the dtype."""
+    k, v = cache.keys[0], cache.values[0]
+    return len(cache.keys), (k.shape[1], k.shape[3]), (v.shape[1], v.shape[3]), k.dtype
+
+
+def leading_padding(mask: torch.Tensor) -> int:
+    """How many leading columns of mask (B, L) are 0 (padding) in every row."""
+    return int((mask.cumsum(dim=1) == 0).sum(dim=1).min())
 
 
 def cache_dtype(cfg: LMConfig, weight: torch.Tensor) -> torch.dtype:

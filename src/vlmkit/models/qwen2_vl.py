@@ -269,9 +269,10 @@ class MRopeCache(KVCache):
         super().__init__(cfg, batch_size, max_len, dtype=dtype, device=device)
         self.rope_deltas = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
 
-    def select(self, rows: torch.Tensor) -> None:
-        super().select(rows)
-        self.rope_deltas = self.rope_deltas[rows]
+    def _take_rows(self, sources: list[tuple[KVCache, torch.Tensor | None]]) -> None:
+        """Each row's delta follows its row through KVCache.select / join."""
+        self.rope_deltas = torch.cat([c.rope_deltas if rows is None else c.rope_deltas[rows]
+                                      for c, rows in sources])  # (B, 1)
 
 
 class Qwen2VL(ImageModel):

@@ -13,16 +13,20 @@ One worker thread owns the model (submit and the tickets are used from the async
 Each turn of its loop:
  1. admit waiting requests while fewer than max_batch_size rows decode. Each new prompt is
     prefilled alone (batch 1, with its own prefill inputs such as pixel_values, so images of
-    different requests never need to line up), then its KV cache joins the batch cache, every row
-    right-aligned to a common width with masked padding on the left. Prefill inputs given as a
-    function are made here, on the worker thread, just before the prefill (the app's image-feature
-    cache, image_cache.py, looks its images up and encodes the missing ones then); if making them
-    fails, that request alone ends with the error;
- 2. sample each row's next token from its logits with its own settings and seeded generator
-    (sampling.sample_rows) and push it into its generate.Row (stop ids, stop strings, max_tokens);
-    new text goes to the request's asyncio queue;
- 3. drop finished and cancelled rows, and the leading padding columns no remaining row needs;
- 4. one forward pass over the remaining rows' last tokens (B, 1) gives the next logits.
+    different requests never need to line up), then its KV cache joins the batch cache
+    (KVCache.join), every row right-aligned to a common width with masked padding on the left.
+    Prefill inputs given as a function are made here, on the worker thread, just before the
+    prefill (the app's image-feature cache, image_cache.py, looks its images up and encodes the
+    missing ones then); if making them fails, that request alone ends with the error;
+ 2. one decoding.decode_step, the step generate() runs too: each row's next token is sampled
+    from its logits with its own settings and seeded generator (sampling.sample_rows) and pushed
+    into its generate.Row (stop ids, stop strings, max_tokens), except for cancelled rows; new
+    text (and the result of a finished row) goes to the request's asyncio queue; finished and
+    cancelled rows leave the batch, and so do the leading padding columns no remaining row needs
+    (KVCache.trim); one forward pass over the remaining rows' last tokens (B, 1) gives the next
+    logits;
+ 3. a full cache grows by CACHE_GROWTH positions (KVCache.grow), or by the most tokens any row
+    may still generate if fewer, so the next step has room.
 So requests join between decoding steps and leave as soon as they end.
 
 A row computes what it would alone: its prefill is the same pass, its positions come from its own
@@ -30,11 +34,12 @@ attention mask (the count of real tokens before each one, so padding does not sh
 keys are masked out, and its generator draws only for it. As in generate(), batched matrix products
 may differ from single-row ones in the last bits of a float, which can flip an exact tie only.
 
-The cache of a batch is rebuilt (copied) when rows join or leave, and grows by CACHE_GROWTH
-positions when full. Besides keys and values, a model's cache may hold per-row tensors (Qwen2-VL's
-MRopeCache.rope_deltas, one row per batch row, as its select() treats them); they are carried along.
-A longrope (Phi-3) model picks its RoPE factors from the batch's largest position, which would let
-rows affect each other, so the app keeps every request within original_max_position_embeddings.
+The cache owns its rows: joining copies the rows into new buffers, dropping rows selects them,
+cutting padding columns and growing change only the position dim. Besides keys and values a
+model's cache may hold per-row state (Qwen2-VL's MRopeCache.rope_deltas); the cache's subclass
+carries it through those operations. A longrope (Phi-3) model picks its RoPE factors from the
+batch's largest position, which would let rows affect each other, so the app keeps every request
+within original_max_position_embeddings (and generate()'s recompute at the switch is never needed).
 
 Bounded: at most max_batch_size + max_queue requests are in flight (decoding or waiting for a row);
 submit raises QueueFull beyond that, and the app answers 503.
@@ -47,14 +52,15 @@ import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from vlmkit.generate import GenerationResult, Row, model_device, new_row, result_of
-from vlmkit.sampling import GenerationConfig, row_generators, sample_rows
+from vlmkit.decoding import DecodeBatch, decode_step, prefill_batch
+from vlmkit.generate import GenerationResult, Row, new_row, result_of
+from vlmkit.sampling import GenerationConfig
 
 MAX_BATCH_SIZE = 8  # rows decoded together in one forward pass
 MAX_QUEUE = 32  # requests that may wait for a free row; more are refused (503)
@@ -124,23 +130,10 @@ class _Request:
 
 @dataclass
 class _Slot:
-    """A request decoding in the batch: its Row, generator (None when greedy) and pieces sent so far."""
+    """The request of a row decoding in the batch: its ticket and how many of its row's pieces were sent."""
 
-    row: Row
-    config: GenerationConfig
     ticket: Ticket
-    generator: torch.Generator | None
     sent: int = 0
-
-
-@dataclass
-class _Batch:
-    """The decoding rows, their KV cache (length L = mask width) and the logits their next token comes from."""
-
-    slots: list[_Slot] = field(default_factory=list)
-    cache: Any = None
-    mask: torch.Tensor | None = None  # (B, L) 1 = real token, 0 = left padding
-    logits: torch.Tensor | None = None  # (B, V)
 
 
 class Batcher:
@@ -154,7 +147,8 @@ class Batcher:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self._waiting: deque[_Request] = deque()
-        self._batch = _Batch()
+        self._batch: DecodeBatch | None = None  # the rows decoding, their cache, mask and logits
+        self._slots: dict[Row, _Slot] = {}  # the request of every row that has not ended yet
         self._in_flight = 0  # submitted and not yet ended (decoding, waiting, or being admitted)
         self.cancelled_requests = 0  # requests dropped because their ticket was cancelled
         self._wake = threading.Condition()
@@ -164,7 +158,7 @@ class Batcher:
     @property
     def active(self) -> int:
         """Rows decoding now."""
-        return len(self._batch.slots)
+        return len(self._slots)
 
     @property
     def queued(self) -> int:
@@ -213,25 +207,25 @@ class Batcher:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not self._batch.slots and not self._stopping:
+                while not self._waiting and not self._slots and not self._stopping:
                     self._wake.wait()
                 if self._stopping:  # the requests still here end with an error rather than wait forever
-                    ended = [s.ticket for s in self._batch.slots] + [r.ticket for r in self._waiting]
+                    ended = [s.ticket for s in self._slots.values()] + [r.ticket for r in self._waiting]
                     for ticket in ended:
                         ticket.put(RuntimeError("the server is shutting down; the request was not completed"))
                     self._in_flight -= len(ended)
-                    self._batch, self._waiting = _Batch(), deque()
+                    self._batch, self._slots, self._waiting = None, {}, deque()
                     return
-                room = self.max_batch_size - len(self._batch.slots)
+                room = self.max_batch_size - len(self._slots)
                 admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
             try:
                 self._step(admitted)
             except Exception as e:  # a failed batch step: every request in it ends with the error
                 logger.exception("a batched decoding step failed")
-                for slot in self._batch.slots:
+                for slot in self._slots.values():
                     slot.ticket.put(e)
-                self._end(len(self._batch.slots), cancelled=0)
-                self._batch = _Batch()
+                self._end(len(self._slots), cancelled=0)
+                self._batch, self._slots = None, {}
 
     def _end(self, n: int, cancelled: int) -> None:
         with self._wake:
@@ -242,114 +236,61 @@ class Batcher:
     def _step(self, admitted: list[_Request]) -> None:
         self._admit(admitted)
         batch = self._batch
-        if not batch.slots:
+        if batch is None:
             return
-        previous = None
-        if any(s.config.repetition_penalty != 1.0 for s in batch.slots):
-            previous = _history([s.row for s in batch.slots], batch.logits.device)  # (B, L)
-        tokens = sample_rows(batch.logits, [s.config for s in batch.slots],
-                             [s.generator for s in batch.slots], previous)  # (B,)
-        for slot, token in zip(batch.slots, tokens.tolist()):
-            if not slot.ticket.cancelled:
-                slot.row.push(token)
-                self._send(slot)
-        keep = [j for j, s in enumerate(batch.slots) if s.row.finish_reason is None and not s.ticket.cancelled]
-        cancelled = sum(s.ticket.cancelled for s in batch.slots)
-        self._end(len(batch.slots) - len(keep), cancelled)
-        if not keep:
-            self._batch = _Batch()
-            return
-        if len(keep) < len(batch.slots):
-            index = torch.tensor(keep, device=tokens.device)
-            batch.cache, batch.mask = self._relayout([(batch.cache, batch.mask, index)],
-                                                     [batch.slots[j] for j in keep])
-            batch.slots, tokens = [batch.slots[j] for j in keep], tokens[index]
-        if batch.cache.length == batch.cache.max_len:
-            batch.cache, batch.mask = self._relayout([(batch.cache, batch.mask, None)], batch.slots)
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(keep), 1)], dim=1)  # (B, L + 1)
-        attention = None if bool(batch.mask.all()) else batch.mask  # no padding: plain causal attention
-        batch.logits = self.model(input_ids=tokens[:, None], attention_mask=attention, cache=batch.cache,
-                                  logits_to_keep=1).logits[:, -1]  # (B, V)
+        rows = batch.rows
+        cancelled = [self._slots[row].ticket.cancelled for row in rows]
+        decode_step(self.model, batch, cancelled, on_push=lambda: self._deliver(rows, cancelled), trim=True)
+        if not batch.rows:
+            self._batch = None
+        elif batch.cache.length == batch.cache.max_len:
+            batch.cache.grow(_growth(batch.rows))
 
     def _admit(self, requests: list[_Request]) -> None:
         """Prefill each request alone and join the new rows to the batch (cancelled ones are dropped)."""
-        parts, slots, logits = [], [], []
-        batch = self._batch
-        if batch.slots:
-            parts.append((batch.cache, batch.mask, None))
-            slots.extend(batch.slots)
-            logits.append(batch.logits)
+        new = []
         for request in requests:
             if request.ticket.cancelled:
                 self._end(1, cancelled=1)
                 continue
             try:
                 row = new_row(request.prompt, request.config, self.tokenizer)
-                ids = torch.tensor([row.prompt], device=model_device(self.model))  # (1, T)
                 prefill = request.prefill() if callable(request.prefill) else request.prefill
-                cache = self.model.new_cache(1, ids.shape[1])
-                out = self.model(input_ids=ids, cache=cache, logits_to_keep=1, **(prefill or {}))
+                part = prefill_batch(self.model, [row], len(row.prompt), prefill or {}, pad_id=0)  # one row: no pad
             except Exception as e:  # this request's own inputs failed (e.g. a ValueError): it alone ends
                 request.ticket.put(e)
                 self._end(1, cancelled=0)
                 continue
-            generators = row_generators(request.config, 1)
-            slots.append(_Slot(row, request.config, request.ticket, generators[0] if generators else None))
-            parts.append((cache, ids.new_ones(ids.shape), None))
-            logits.append(out.logits[:, -1])  # (1, V)
-        if len(slots) > len(batch.slots):
-            batch.slots = slots  # before the relayout, so that if it fails, _run ends these requests too
-            batch.cache, batch.mask = self._relayout(parts, slots)
-            batch.logits = torch.cat(logits)  # (B, V)
+            self._slots[row] = _Slot(request.ticket)  # before the join, so that if it fails, _run ends it too
+            new.append(part)
+        if new:
+            parts = ([self._batch] if self._batch is not None else []) + new
+            rows = [row for part in parts for row in part.rows]
+            first = parts[0]
+            mask = first.cache.join(first.mask, [(part.cache, part.mask) for part in parts[1:]], _growth(rows))
+            self._batch = DecodeBatch(rows, first.cache, mask, torch.cat([part.logits for part in parts]))  # (B, V)
 
-    def _send(self, slot: _Slot) -> None:
+    def _deliver(self, rows: list[Row], cancelled: list[bool]) -> None:
+        """After a step pushed its tokens: send each live row's new text; finished and cancelled rows end."""
+        ended = 0
+        for row, gone in zip(rows, cancelled):
+            slot = self._slots[row]
+            if not gone:
+                self._send(row, slot)
+            if gone or row.finish_reason is not None:
+                del self._slots[row]
+                ended += 1
+        self._end(ended, cancelled=sum(cancelled))
+
+    def _send(self, row: Row, slot: _Slot) -> None:
         """Hand the row's new text pieces, and its result once it has finished, to the request."""
-        for piece in slot.row.pieces[slot.sent:]:
+        for piece in row.pieces[slot.sent:]:
             slot.ticket.put(piece)
-        slot.sent = len(slot.row.pieces)
-        if slot.row.finish_reason is not None:
-            slot.ticket.put(result_of([slot.row], with_text=self.tokenizer is not None))
-
-    def _relayout(self, parts: list[tuple[Any, torch.Tensor, torch.Tensor | None]],
-                  slots: list[_Slot]) -> tuple[Any, torch.Tensor]:
-        """One batch cache and mask (B, W) from parts (cache, mask (b, L), rows to keep or None = all).
-
-        Each part's rows are cut to the columns some kept row uses and right-aligned to the
-        widest part, W; the cache has room for CACHE_GROWTH more positions, or for the most
-        tokens any row may still generate if fewer.
-        """
-        cut = []
-        for cache, mask, rows in parts:
-            mask = mask if rows is None else mask[rows]  # (b, L)
-            first = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())  # leading padding columns of every row
-            cut.append((cache, mask[:, first:], rows, first))
-        width = max(m.shape[1] for _, m, _, _ in cut)
-        remaining = max(s.row.max_new_tokens - len(s.row.ids) for s in slots)
-        new = self.model.new_cache(len(slots), width + max(1, min(CACHE_GROWTH, remaining)))
-        mask = torch.zeros(len(slots), width, dtype=torch.long, device=cut[0][1].device)  # (B, W)
-        start = 0
-        for cache, part_mask, rows, first in cut:
-            b, n = part_mask.shape
-            end = cache.length
-            for layer, (k, v) in enumerate(zip(cache.keys, cache.values)):
-                k, v = k[:, :, first:end], v[:, :, first:end]  # (b or more, heads, n, dim) each
-                k, v = (k, v) if rows is None else (k[rows], v[rows])
-                new.keys[layer][start:start + b, :, width - n:width] = k
-                new.values[layer][start:start + b, :, width - n:width] = v
-            mask[start:start + b, width - n:] = part_mask
-            start += b
-        for name, value in list(vars(new).items()):  # per-row state besides keys and values
-            if isinstance(value, torch.Tensor):
-                setattr(new, name, torch.cat([getattr(c, name) if r is None else getattr(c, name)[r]
-                                              for c, _, r, _ in cut]))
-        new.advance(width)
-        return new, mask
+        slot.sent = len(row.pieces)
+        if row.finish_reason is not None:
+            slot.ticket.put(result_of([row], with_text=self.tokenizer is not None))
 
 
-def _history(rows: list[Row], device: torch.device) -> torch.Tensor:
-    """(B, L) prompt + generated ids of rows, left-padded with -1 (for the repetition penalty)."""
-    seqs = [r.prompt + r.ids for r in rows]
-    history = torch.full((len(seqs), max(map(len, seqs))), -1, dtype=torch.long, device=device)
-    for i, seq in enumerate(seqs):
-        history[i, history.shape[1] - len(seq):] = torch.tensor(seq, dtype=torch.long)
-    return history
+def _growth(rows: list[Row]) -> int:
+    """Positions to add to a batch cache: CACHE_GROWTH, or the most tokens any row may still generate if fewer."""
+    return max(1, min(CACHE_GROWTH, max(r.config.max_new_tokens - len(r.ids) for r in rows)))

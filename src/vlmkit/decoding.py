@@ -1,0 +1,130 @@
+"""One decoding step over a batch of rows with a KV cache: what generate() and the server's batcher share.
+
+    batch = prefill_batch(model, rows, max_len, prefill_inputs, pad_id)   # prompts through the model once
+    while batch.rows:
+        decode_step(model, batch)                                          # sample, push, drop, forward
+
+A DecodeBatch is the rows decoding together (generate.Row: prompt, settings, generator, output so
+far), their KV cache, its mask (B, L) (1 = real token, 0 = left padding) and the logits (B, V) their
+next tokens come from. decode_step samples each row's next token with the row's own settings and
+generator, pushes it into the row (stop rules), drops the rows that finished (or that the caller
+cancelled) from the rows, the cache and the mask, and runs one forward pass of the remaining rows'
+new tokens. Rows join and leave through the cache's own row operations (models/lm.py, KVCache).
+
+generate.py runs it from one prefill until every row has finished (replacing the forward pass at
+Phi-3's longrope switch); serve/batcher.py admits new requests between steps (each prefilled alone,
+then joined to the batch), cancels rows and grows the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from vlmkit.sampling import sample_rows
+
+if TYPE_CHECKING:
+    from vlmkit.generate import Row
+    from vlmkit.models.lm import KVCache
+
+
+@dataclass
+class DecodeBatch:
+    """Rows decoding together: their KV cache, its mask, and the logits their next tokens come from."""
+
+    rows: list[Row]
+    cache: KVCache  # the model's (models/lm.py or a subclass), holding L = mask.shape[1] positions of every row
+    mask: torch.Tensor  # (B, L) 1 = real token, 0 = left padding
+    logits: torch.Tensor  # (B, V)
+
+
+def prefill_batch(model: nn.Module, rows: list[Row], max_len: int, prefill_inputs: dict[str, Any],
+                  pad_id: int) -> DecodeBatch:
+    """The rows' prompts, left-padded, through the model once into a new cache of max_len positions."""
+    ids, mask = left_pad([r.prompt for r in rows], pad_id, model_device(model))  # (B, T) each
+    cache = model.new_cache(len(rows), max_len)
+    logits = model(input_ids=ids, attention_mask=_attention(mask), cache=cache, logits_to_keep=1,
+                   **prefill_inputs).logits[:, -1]  # (B, V)
+    return DecodeBatch(list(rows), cache, mask, logits)
+
+
+def decode_step(model: nn.Module, batch: DecodeBatch, cancelled: Sequence[bool] | None = None,
+                on_push: Callable[[], None] | None = None, trim: bool = False,
+                forward: Callable[[DecodeBatch, torch.Tensor], torch.Tensor] | None = None) -> None:
+    """One decoding step of every row of batch, in place (generate and the serving batcher both run it).
+
+     1. each row's next token is sampled from batch.logits with the row's own config and generator
+        (sampling.sample_rows; the repetition penalty sees the row's prompt and output);
+     2. it is pushed into its Row (stop rules), unless the row is in `cancelled` (one bool per row);
+        then on_push() runs, when given (the server sends the new text from there);
+     3. finished and cancelled rows leave batch.rows, the cache and the mask; with trim, so do the
+        leading padding columns no remaining row needs;
+     4. one forward pass of the remaining rows' new tokens (B, 1) sets batch.logits. forward(batch,
+        tokens), when given, does that pass instead and returns the logits (B, V) (it may replace
+        batch.cache, as generate's longrope recompute does).
+    Once batch.rows is empty the batch is done: no forward pass ran.
+    """
+    rows = batch.rows
+    cancelled = cancelled if cancelled is not None else [False] * len(rows)
+    previous = None
+    if any(r.config.repetition_penalty != 1.0 for r in rows):
+        previous = _history(rows, batch.logits.device)  # (B, S)
+    tokens = sample_rows(batch.logits, [r.config for r in rows], [r.generator for r in rows], previous)  # (B,)
+    for row, token, gone in zip(rows, tokens.tolist(), cancelled):
+        if not gone:
+            row.push(token)
+    if on_push is not None:
+        on_push()
+    keep = [j for j, (row, gone) in enumerate(zip(rows, cancelled)) if row.finish_reason is None and not gone]
+    if len(keep) < len(rows):
+        batch.rows = [rows[j] for j in keep]
+        if not keep:
+            return
+        index = torch.tensor(keep, device=tokens.device)
+        tokens = tokens[index]  # (B',)
+        batch.cache.select(index)
+        batch.mask = batch.mask[index]  # (B', L)
+        if trim:
+            batch.mask = batch.cache.trim(batch.mask)  # (B', L') L' <= L
+    batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(keep), 1)], dim=1)  # (B', L + 1)
+    batch.logits = forward(batch, tokens) if forward is not None else next_logits(model, batch, tokens)  # (B', V)
+
+
+def next_logits(model: nn.Module, batch: DecodeBatch, tokens: torch.Tensor) -> torch.Tensor:
+    """The logits (B, V) after one new token per row (B,), whose column batch.mask already has."""
+    return model(input_ids=tokens[:, None], attention_mask=_attention(batch.mask), cache=batch.cache,
+                 logits_to_keep=1).logits[:, -1]  # (B, V)
+
+
+def _attention(mask: torch.Tensor) -> torch.Tensor | None:
+    """The attention_mask to pass for mask (B, S): None when nothing is padding (plain causal attention)."""
+    return None if bool(mask.all()) else mask
+
+
+def _history(rows: list[Row], device: torch.device) -> torch.Tensor:
+    """(B, S) prompt + generated ids of rows, left-padded with -1 (for the repetition penalty)."""
+    seqs = [r.prompt + r.ids for r in rows]
+    width = max(map(len, seqs))
+    return torch.tensor([[-1] * (width - len(seq)) + seq for seq in seqs], dtype=torch.long, device=device)  # (B, S)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device,
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and 1/0 mask with every prompt right-aligned; T = width or the longest prompt."""
+    T = width or max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, T - len(p):] = 1
+    return ids, mask
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (the CPU for a model without any)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
