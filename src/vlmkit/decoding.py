@@ -2,7 +2,7 @@
 
     batch = prefill_batch(model, rows, max_len, prefill_inputs, pad_id)   # prompts through the model once
     while batch.rows:
-        decode_step(model, batch)                                          # sample, push, drop, forward
+        decode_step(model, batch)         # advance (sample, push, drop), then next_logits (forward)
 
 A DecodeBatch is the rows decoding together (generate.Row: prompt, settings, generator, output so
 far), their KV cache, its mask (B, L) (1 = real token, 0 = left padding) and the logits (B, V) their
@@ -55,18 +55,27 @@ def prefill_batch(model: nn.Module, rows: list[Row], max_len: int, prefill_input
 def decode_step(model: nn.Module, batch: DecodeBatch, cancelled: Sequence[bool] | None = None,
                 on_push: Callable[[], None] | None = None, trim: bool = False,
                 forward: Callable[[DecodeBatch, torch.Tensor], torch.Tensor] | None = None) -> None:
-    """One decoding step of every row of batch, in place (generate and the serving batcher both run it).
+    """One decoding step of every row of batch, in place (generate and the serving batcher both run it):
+    advance (sample, push, drop the finished rows), then one forward pass of the remaining rows' new tokens
+    (B, 1) sets batch.logits. forward(batch, tokens), when given, does that pass instead and returns the
+    logits (B, V) (it may replace batch.cache, as generate's longrope recompute does). Once batch.rows is
+    empty the batch is done: no forward pass ran."""
+    tokens = advance(batch, cancelled, on_push, trim)
+    if tokens is not None:
+        batch.logits = forward(batch, tokens) if forward is not None else next_logits(model, batch, tokens)  # (B', V)
+
+
+def advance(batch: DecodeBatch, cancelled: Sequence[bool] | None = None, on_push: Callable[[], None] | None = None,
+            trim: bool = False) -> torch.Tensor | None:
+    """The first half of a step, in place; returns the remaining rows' new tokens (B',), or None once no row
+    is left. A caller that streams text reads the rows between this and the forward pass (next_logits).
 
      1. each row's next token is sampled from batch.logits with the row's own config and generator
         (sampling.sample_rows; the repetition penalty sees the row's prompt and output);
      2. it is pushed into its Row (stop rules), unless the row is in `cancelled` (one bool per row);
         then on_push() runs, when given (the server sends the new text from there);
      3. finished and cancelled rows leave batch.rows, the cache and the mask; with trim, so do the
-        leading padding columns no remaining row needs;
-     4. one forward pass of the remaining rows' new tokens (B, 1) sets batch.logits. forward(batch,
-        tokens), when given, does that pass instead and returns the logits (B, V) (it may replace
-        batch.cache, as generate's longrope recompute does).
-    Once batch.rows is empty the batch is done: no forward pass ran.
+        leading padding columns no remaining row needs; the mask gets the new tokens' column.
     """
     rows = batch.rows
     cancelled = cancelled if cancelled is not None else [False] * len(rows)
@@ -83,7 +92,7 @@ def decode_step(model: nn.Module, batch: DecodeBatch, cancelled: Sequence[bool] 
     if len(keep) < len(rows):
         batch.rows = [rows[j] for j in keep]
         if not keep:
-            return
+            return None
         index = torch.tensor(keep, device=tokens.device)
         tokens = tokens[index]  # (B',)
         batch.cache.select(index)
@@ -91,7 +100,7 @@ def decode_step(model: nn.Module, batch: DecodeBatch, cancelled: Sequence[bool] 
         if trim:
             batch.mask = batch.cache.trim(batch.mask)  # (B', L') L' <= L
     batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(keep), 1)], dim=1)  # (B', L + 1)
-    batch.logits = forward(batch, tokens) if forward is not None else next_logits(model, batch, tokens)  # (B', V)
+    return tokens
 
 
 def next_logits(model: nn.Module, batch: DecodeBatch, tokens: torch.Tensor) -> torch.Tensor:

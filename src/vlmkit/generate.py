@@ -10,10 +10,12 @@ The model needs only `new_cache(batch_size, max_len)` and a forward taking
 input_ids, attention_mask (B, S), cache and logits_to_keep (CausalLM and VLM
 both have them). Prompts of different lengths are left-padded; the prompt goes
 through the model once (prefill, the only pass that gets prefill inputs such as
-pixel_values), then each step is decoding.decode_step, the step the server's
-batcher runs too: it samples every row's next token, pushes it into its Row
+pixel_values), then each step is decoding's step, the one the server's batcher
+runs too (decode_step): it samples every row's next token, pushes it into its Row
 (stop rules), drops the rows that finished from the batch and the cache
 (KVCache.select), and feeds one token per remaining row, reusing the cache.
+generate runs the step's two halves (advance, next_logits) itself so that a
+stream hands out each step's text before the next forward pass.
 Every row samples from its own generator seeded with cfg.seed, so a row's output
 does not depend on the rest of the batch: batched generation equals running
 each prompt alone.
@@ -24,7 +26,7 @@ the step where the (padded) sequence first grows past
 original_max_position_embeddings the cache is dropped and the whole sequence
 recomputed with the prefill inputs, the rule of transformers' Phi-3
 (modeling_phi3.py, Phi3ForCausalLM.prepare_inputs_for_generation). That
-recompute takes the place of the step's forward pass (decode_step's `forward`).
+recompute takes the place of the step's forward pass.
 
 `generate_naive` runs the full sequence through the model at every step with no
 cache and keeps finished rows in the batch (fed padding): slow and plainly
@@ -42,7 +44,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from vlmkit.decoding import DecodeBatch, decode_step, left_pad, model_device, next_logits, prefill_batch
+from vlmkit.decoding import DecodeBatch, advance, left_pad, model_device, next_logits, prefill_batch
 from vlmkit.sampling import GenerationConfig, is_int, row_generators, sample_next
 
 # A prompt batch: a (B, T) tensor (with an optional attention_mask) or one list of ids per prompt.
@@ -215,7 +217,7 @@ def _long_rope_threshold(model: nn.Module) -> int | None:
 @torch.inference_mode()
 def _decode_cached(model: nn.Module, rows: list[Row], cfg: GenerationConfig,
                    prefill_inputs: dict[str, Any], pad_id: int) -> Iterator[None]:
-    """KV-cache decoding: prefill, then one decode_step per yield until every row has finished."""
+    """KV-cache decoding: prefill, then one step (advance, yield, forward) per yield until every row has finished."""
     max_len = max(len(r.prompt) for r in rows) + cfg.max_new_tokens
     batch = prefill_batch(model, rows, max_len, prefill_inputs, pad_id)
     threshold = _long_rope_threshold(model)
@@ -223,14 +225,16 @@ def _decode_cached(model: nn.Module, rows: list[Row], cfg: GenerationConfig,
     if threshold is not None:
         forward = partial(_long_rope_forward, model, rows, threshold, max_len, prefill_inputs, pad_id)
     while batch.rows:
-        decode_step(model, batch, forward=forward)
+        tokens = advance(batch)  # the rows' new text is there now: hand it out before the forward pass
         yield
+        if tokens is not None:
+            batch.logits = forward(batch, tokens) if forward is not None else next_logits(model, batch, tokens)
 
 
 def _long_rope_forward(model: nn.Module, rows: list[Row], threshold: int, max_len: int,
                        prefill_inputs: dict[str, Any], pad_id: int, batch: DecodeBatch,
                        tokens: torch.Tensor) -> torch.Tensor:
-    """decode_step's forward pass for a longrope model: the plain one-token pass, except at the step where
+    """The step's forward pass for a longrope model: the plain one-token pass, except at the step where
     the padded sequence first grows past the threshold, where batch.cache is recomputed (see _recompute)."""
     width = batch.mask.shape[1]
     if batch.cache.length <= threshold < width:
