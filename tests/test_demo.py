@@ -1,6 +1,6 @@
 """`vlmkit demo`: the pieces against hand-computed values and rendered pixels, cached generation against the
 library's no-cache reference path, an end-to-end run at a tiny budget, and (slow) the default demo against
-issue 5's thresholds.
+its targets: on 2 threads within 12 minutes, line NED <= 0.03 and shape accuracy >= 90%.
 
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_demo.py   (-m demo_full runs the full 12-minute demo)
 """
@@ -266,7 +266,7 @@ def test_demo_end_to_end_tiny(tmp_path):
 
 @pytest.mark.demo_full
 def test_default_demo_reaches_the_issue_targets(tmp_path):
-    """Issue 5: the default demo on 2 threads within 12 minutes: line NED <= 0.03, shape accuracy >= 90%."""
+    """The demo's targets: on 2 threads within 12 minutes, line NED <= 0.03 and shape accuracy >= 90%."""
     result = run_demo(DemoSettings(out=str(tmp_path / "report"), quiet=True))
     s = result.summary
     assert s["wall_minutes"] <= 12.0, s

@@ -70,7 +70,7 @@ def test_grid_and_token_count_match_processor(size):
 
 
 def test_224_gives_64_tokens_plus_two_wrappers():
-    """Seed 003: a 224x224 image gives 256 patches -> 64 tokens + 2 = 66."""
+    """Qwen2-VL, Wang et al. 2024, sec. 2.1: a 224x224 image gives 256 patches -> 64 tokens + 2 = 66."""
     plan = plan_dynamic(_noise(224, 224))
     assert plan.pixel_values.shape[0] == 256
     assert plan.parts == {"image_pad": 64}

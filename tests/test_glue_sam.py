@@ -137,7 +137,7 @@ def test_full_vary_tiny_on_meta():
     assert all(p.is_meta for p in model.parameters()) and model.vision is None
     assert tuple(model.projector.mlp[0].weight.shape) == (768, 1024)  # Vary-tiny's Linear 1024 -> 768
     for size in ((800, 600), (1024, 1024), (37, 911)):
-        assert plan_tokens(cfg, size) == 256  # seed 001: 256 tokens of 1024 for any image
+        assert plan_tokens(cfg, size) == 256  # Vary, sec. 3.2.1: 256 tokens of 1024 for any image
     assert plan_image(cfg, Image.new("RGB", (800, 600))).pixel_values.shape == (1, 3, 1024, 1024)
 
 

@@ -1,7 +1,7 @@
 """Tests for vlmkit.text.grounding: Qwen-VL `<ref>`/`<box>`/`<quad>` formatting, parsing, stripping and drawing.
 
-Oracles: the task strings quoted in seed 002 (Qwen-VL paper formats) with their
-coordinates read off by hand, and hand-computed grid values.
+Oracles: the task strings of the Qwen-VL paper's multi-task pre-training formats (Bai et al. 2023, appendix;
+docs/references.md, Qwen-VL) with their coordinates read off by hand, and hand-computed grid values.
 """
 
 import random
@@ -20,6 +20,7 @@ from vlmkit.text.grounding import (
     to_pixels,
 )
 
+# Two of the Qwen-VL paper's multi-task pre-training examples: caption with grounding, OCR with grounding.
 SEED_CAPTION = (
     "<img>coyo700m/1.jpg</img>Generate the caption in English with grounding: Beautiful shot of "
     "<ref>bees</ref><box>(661,612), (833,812)</box> gathering nectars from "

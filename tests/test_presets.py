@@ -98,19 +98,19 @@ def test_small_preset_runs_forward(name):
 
 
 @pytest.mark.parametrize("name, size, tokens", [
-    ("llava-1.5", (336, 336), 576),        # seed 004: 24 x 24 patches, CLS dropped, for any image
+    ("llava-1.5", (336, 336), 576),        # LLaVA-1.5: 24 x 24 patches, CLS dropped, for any image
     ("llava-1.5", (1344, 672), 576),
     ("llava-1.5", (37, 911), 576),
     ("llava-next", (672, 672), 2928),      # 576 base + 48 x 48 tiles + 48 newlines
     ("phi-3.5-v", (1344, 1344), 2509),     # HD-16: 4 x 4 crops
-    ("qwen2-vl", (224, 224), 64),          # seed 003: 256 patches -> 64 merged tokens
+    ("qwen2-vl", (224, 224), 64),          # Qwen2-VL, sec. 2.1: 256 patches -> 64 merged tokens
     ("qwen2.5-vl", (224, 224), 64),        # the same patches and 2x2 merger as Qwen2-VL
     ("deepseek-vl2", (384, 384), 421),     # 14 x 15 global + 1 separator + 14 x 15 tile
-    ("deepseek-vl", (336, 336), 576),      # seed 003: SigLIP 384 / 16 = 24 x 24 = SAM's 24 x 24 x 1024
+    ("deepseek-vl", (336, 336), 576),      # DeepSeek-VL, sec. 3.1: SigLIP 384 / 16 = 24 x 24 = SAM's 24 x 24 x 1024
     ("deepseek-vl", (1344, 672), 576),     # any image: resized and padded to 1024 and 384 squares
-    ("vary-base", (800, 600), 256),        # seed 001: 256 <imgpad>
-    ("vary-tiny", (800, 600), 256),        # seed 001: the same SAM branch alone, 256 tokens of 1024
-    ("qwen-vl", (800, 600), 256),          # seed 003: 256 resampler queries
+    ("vary-base", (800, 600), 256),        # Vary, sec. 3.3.1: 256 <imgpad>
+    ("vary-tiny", (800, 600), 256),        # Vary, sec. 3.2.1: the same SAM branch alone, 256 tokens of 1024
+    ("qwen-vl", (800, 600), 256),          # Qwen-VL, sec. 2.1: 256 resampler queries
 ])
 def test_published_token_counts(name, size, tokens):
     assert plan_tokens(get_preset(name), size) == tokens

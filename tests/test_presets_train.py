@@ -1,4 +1,4 @@
-"""Every `-small` preset trains through the common loop, saves, reloads and generates (issue 6).
+"""Every `-small` preset trains through the common loop, saves, reloads and generates.
 
 For each `-small` twin in presets.PRESETS (new presets are picked up automatically): four synthetic
 shape questions from vlmkit.data.synth (one-word answers) on images of the preset's own input size,

@@ -1,5 +1,6 @@
 """Projectors: the registry, shapes, and the 2x2 merge against the element order of Phi-3.5-vision's
-`reshape_hd_patches_2x2merge` (seed 000), written out block by block as the oracle."""
+`reshape_hd_patches_2x2merge` (image_embedding_phi3_v.py on the Hugging Face Hub; docs/references.md,
+Phi-3.5-vision), written out block by block as the oracle."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """Training recipes (train/recipes.py): every preset has its stages, every stage fits its model's parameters,
-and the frozen / trained groups and learning rates are the ones the reference documents state (written
-here from the seeds, not read back from the code).
+and the frozen / trained groups and learning rates are the ones the papers state (docs/references.md; written
+here from the papers, not read back from the code).
 
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_recipes.py
 """
@@ -47,7 +47,8 @@ def test_unknown_preset_raises_listing_the_recipes():
 
 
 def test_llava_align_then_sft():
-    # seed 002: stage 1 encoder + LLM frozen, projector at 2e-3; stage 2 encoder frozen, projector + LLM at 2e-5.
+    # LLaVA, sec. 4.2 / 5: stage 1 encoder + LLM frozen, projector at 2e-3;
+    # stage 2 encoder frozen, projector + LLM at 2e-5.
     align, sft = recipe("llava-1.5")
     assert align.lrs == {"vision": 0.0, "projector": 2e-3, "lm": 0.0}
     assert sft.lrs == {"vision": 0.0, "projector": 2e-5, "lm": 2e-5}
@@ -55,7 +56,7 @@ def test_llava_align_then_sft():
 
 
 def test_vary_stages():
-    # seed 001: Vary-tiny trains everything (AdamW, cosine, lr 5e-5); Vary-base freezes both vision networks
+    # Vary, sec. 4.2: Vary-tiny trains everything (AdamW, cosine, lr 5e-5); Vary-base freezes both vision networks
     # and trains the input embeddings + LLM, pretraining at 5e-5 and SFT at 1e-5.
     (tiny,) = recipe("vary-tiny")
     assert _frozen(tiny) == set() and set(tiny.lrs.values()) == {5e-5}
@@ -65,7 +66,7 @@ def test_vary_stages():
 
 
 def test_qwen_vl_three_stages():
-    # seed 002, Qwen-VL: 1. LLM frozen, ViT + adapter trained, peak lr 2e-4; 2. everything trained;
+    # Qwen-VL, sec. 3: 1. LLM frozen, ViT + adapter trained, peak lr 2e-4; 2. everything trained;
     # 3. ViT frozen, LLM + adapter trained; AdamW, weight decay 0.05, gradient clip 1.0 throughout.
     pretrain, multitask, sft = recipe("qwen-vl")
     assert _frozen(pretrain) == {"lm"} and pretrain.lrs["vision"] == pretrain.lrs["projector"] == 2e-4
@@ -92,7 +93,7 @@ def test_deepseek_vl2_minicpm_phi_stages():
     *pretraining, last = recipe("minicpm-v")
     assert len(pretraining) == 3 and all("lm" in _frozen(s) for s in pretraining)
     assert _trained(pretraining[0]) == {"projector"} and _frozen(last) == set()
-    # Phi-3.5-V (seed 000): pre-training, then SFT (DPO is not a stage of the loop).
+    # Phi-3.5-V (Phi-3 report, sec. 7.1): pre-training, then SFT (DPO is not a stage of the loop).
     assert [s.name for s in recipe("phi-3.5-v")] == ["pretrain", "sft"]
 
 

@@ -1,9 +1,10 @@
-"""SAM / ViTDet encoder: parity with transformers, and the Vary / DeepSeek-VL shapes from seeds 001 and 003.
+"""SAM / ViTDet encoder: parity with transformers, and the Vary / DeepSeek-VL shapes their papers state.
 
 Oracles: transformers' SamVisionModel (encoder + neck, every hidden state),
 SamVisionAttention.get_rel_pos / get_decomposed_rel_pos (relative positions with a
 resized table), DeepseekVLHybridModel.get_high_res_image_features (DeepSeek-VL's
-resize + stride-2 convs + global branch), and the seeds' stated shapes.
+resize + stride-2 convs + global branch), and the shapes stated by Vary (Wei et al. 2023, sec. 3.2.1) and
+DeepSeek-VL (Lu et al. 2024, sec. 3.1); docs/references.md, Vary and DeepSeek-VL.
 
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_sam.py
 """
@@ -162,7 +163,7 @@ REAL_GEOMETRY = dict(num_layers=1, hidden_size=64, intermediate_size=128, num_he
 
 
 def test_vary_shapes_at_1024():
-    """Seed 001: 1024 input -> 64x64x256 -> 32x32x512 -> 16x16x1024 -> 256 x 1024."""
+    """Vary, sec. 3.2.1: 1024 input -> 64x64x256 -> 32x32x512 -> 16x16x1024 -> 256 x 1024."""
     torch.manual_seed(4)
     shapes = _shapes_through(SamEncoder(SamConfig(**REAL_GEOMETRY, downsample="vary")))
     assert shapes == {"neck": (1, 256, 64, 64), "resized": (1, 256, 64, 64), "conv1": (1, 512, 32, 32),
@@ -171,7 +172,7 @@ def test_vary_shapes_at_1024():
 
 
 def test_deepseek_shapes_at_1024():
-    """Seed 003: 64x64x256 -> resized 96x96x256 -> 48x48x512 -> 24x24x1024 -> 576 x 1024."""
+    """DeepSeek-VL, sec. 3.1: 64x64x256 -> resized 96x96x256 -> 48x48x512 -> 24x24x1024 -> 576 x 1024."""
     torch.manual_seed(5)
     shapes = _shapes_through(SamEncoder(SamConfig(**REAL_GEOMETRY, downsample="deepseek")))
     assert shapes == {"neck": (1, 256, 64, 64), "resized": (1, 256, 96, 96), "conv1": (1, 512, 48, 48),

@@ -1,8 +1,8 @@
 """The Phi-3.5-vision `hd` and DeepSeek-VL2 `tiles` schemes and their feature layouts.
 
-Oracles: the Phi-3-V token formula and hand-computed HD canvases; the seed-000 quote of
-`hd_feature_transform` re-typed below as a test helper; DeepSeek-VL2's token formula, its
-select_best_resolution worked by hand, and F.unfold/F.pad as its projector applies them.
+Oracles: the Phi-3-V token formula and hand-computed HD canvases; Phi-3-vision's `hd_feature_transform`
+(image_embedding_phi3_v.py on the Hugging Face Hub) re-typed below as a test helper; DeepSeek-VL2's token
+formula, its select_best_resolution worked by hand, and F.unfold/F.pad as its projector applies them.
 """
 
 import math
@@ -86,10 +86,12 @@ def test_hd_bad_input(size, n):
         hd.hd_padded_size(*size, n)
 
 
-# ---------------------------------------------------------------- hd: layout vs the seed's code
+# ---------------------------------------------------------------- hd: layout vs Phi-3-vision's code
+# The `_seed_*` helpers are Phi3ImageEmbedding's methods of image_embedding_phi3_v.py (Hugging Face Hub,
+# microsoft/Phi-3-vision-128k-instruct; docs/references.md, Phi-3.5-vision), as functions.
 
 def _seed_reshape_hd_patches_2x2merge(image_features, h_crop, w_crop):
-    # re-typed from seed 000 (modeling_phi3_v.py)
+    # re-typed from image_embedding_phi3_v.py, Phi3ImageEmbedding.reshape_hd_patches_2x2merge
     N, L, C = image_features.shape
     assert L == 24 * 24 and C == 1024 and N % (h_crop * w_crop) == 0
     num_images = N // (h_crop * w_crop)

@@ -1,6 +1,6 @@
 """`vlmkit tokens`, the token-budget planner, run as a subprocess the way a user runs it.
 
-The expected counts are the published figures, written as literals: LLaVA-1.5 576 (seed 004),
+The expected counts are the published figures (docs/references.md), written as literals: LLaVA-1.5 576,
 LLaVA-NeXT 672x672 -> 2928 (transformers' LlavaNextProcessor), Phi-3.5-V HD-16 1344x1344 -> 2509
 (the Phi-3-V formula), Qwen2-VL 224x224 -> 64 merged tokens + 2 wrappers, DeepSeek-VL2 1 / 2x2 / 3x3
 tiles -> 421 / 1023 / 2017, MiniCPM-V 2.6 1344x896 -> 7 views x 64 queries, 463 in context, Vary 256.

@@ -181,7 +181,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(data, tmp_path):
     assert_same_run(tmp_path / "straight", killed, steps)
 
 
-# ---- fresh Qwen2-VL / Qwen2.5-VL / DeepSeek-VL presets and recipe stages (issue 6) -----------------------------
+# ---- fresh Qwen2-VL / Qwen2.5-VL / DeepSeek-VL presets and recipe stages: every -small preset trains from scratch
 
 
 def _fresh_state(preset: str, data: Path) -> dict[str, torch.Tensor]:

@@ -77,7 +77,8 @@ QWEN_IMGPAD = 151859  # Qwen-VL's and Vary's <imgpad>, after <img> 151857 and </
 # ---- published sizes -----------------------------------------------------------------------------------
 
 def llava_15() -> VLMConfig:
-    """LLaVA-1.5-7B (seed 004): CLIP ViT-L/14-336, layer -2 without CLS (576 tokens), mlp2x_gelu, Vicuna-7B."""
+    """LLaVA-1.5-7B: CLIP ViT-L/14-336, layer -2 without CLS (576 tokens), mlp2x_gelu, Vicuna-7B
+    (docs/references.md, LLaVA)."""
     return VLMConfig(vision=clip_vit_l(336), projector=ProjectorConfig("mlp2x_gelu", 1024, 4096), lm=vicuna_7b(),
                      image_token_id=32000)
 
@@ -88,8 +89,8 @@ def llava_next() -> VLMConfig:
 
 
 def phi_35_v() -> VLMConfig:
-    """Phi-3.5-vision (seed 000): CLIP ViT-L/14-336, HD-16, 2x2 merge then Linear 4096 -> 3072, GELU,
-    Linear 3072 -> 3072, Phi-3-mini (3072 wide, 32 layers, 32 heads, vocab 32064).
+    """Phi-3.5-vision: CLIP ViT-L/14-336, HD-16, 2x2 merge then Linear 4096 -> 3072, GELU, Linear 3072 -> 3072,
+    Phi-3-mini (3072 wide, 32 layers, 32 heads, vocab 32064); docs/references.md, Phi-3.5-vision.
 
     The LM uses plain RoPE over 4096 positions: the released model's longrope factors (128k context)
     come from a checkpoint's config. image_token_id 32044 is vLLM's `<|image|>` id; the reference
@@ -102,18 +103,20 @@ def phi_35_v() -> VLMConfig:
 
 
 def vary_base() -> VLMConfig:
-    """Vary-base (seed 001): CLIP-L/14 at 224 (256 tokens) beside SAM ViTDet-B at 1024 with Vary's two
-    stride-2 convs (256 tokens of 1024), each through its own Linear, concatenated along channels into
-    Qwen-7B. The linears are 1024 -> 2048 (the paper's text) so the halves fill Qwen-7B's 4096; the code
-    the seed prints uses 1024 -> 1024 with a 2048-wide LM."""
+    """Vary-base (Vary, Wei et al. 2023, sec. 3.3.1; docs/references.md, Vary): CLIP-L/14 at 224 (256 tokens)
+    beside SAM ViTDet-B at 1024 with Vary's two stride-2 convs (256 tokens of 1024), each through its own
+    Linear, concatenated along channels into Qwen-7B. The linears are 1024 -> 2048, as in the paper and in
+    GitHub Ucas-HaoranWei/Vary's vary_qwen_vary.py, so the halves fill Qwen-7B's 4096; Vary-toy's
+    vary_toy_qwen1_8.py uses 1024 -> 1024 beside the 2048-wide Qwen-1.8B."""
     return VLMConfig(vision=clip_vit_l(224), projector=ProjectorConfig("linear", 1024, 2048), lm=qwen_7b(),
                      image_token_id=QWEN_IMGPAD, image_scheme="dual", vision_high=SamConfig(downsample="vary"),
                      projector_high=ProjectorConfig("linear", 1024, 2048))
 
 
 def vary_tiny() -> VLMConfig:
-    """Vary-tiny (seed 001, Vary's first stage): SAM ViTDet-B at 1024 px with Vary's two stride-2 convs
-    (256 tokens of 1024), a Linear 1024 -> 768, and a 768-wide decoder; no CLIP tower (image_scheme 'sam').
+    """Vary-tiny (Vary's first stage, Wei et al. 2023, sec. 3.2; docs/references.md, Vary): SAM ViTDet-B at
+    1024 px with Vary's two stride-2 convs (256 tokens of 1024), a Linear 1024 -> 768, and a 768-wide decoder;
+    no CLIP tower (image_scheme 'sam').
     The SAM view is bicubic-resized to 1024 x 1024 and normalised with CLIP's mean / std, as Vary's
     BlipImageEvalProcessor does.
 
@@ -131,8 +134,9 @@ def vary_tiny() -> VLMConfig:
 
 
 def qwen_vl() -> VLMConfig:
-    """Qwen-VL (seed 003): ViT-bigG/14 at 448 (1664 wide, 48 layers, MLP 8192, no CLS, last layer),
-    one cross-attention resampler of 256 queries (qwen_resampler256q, with its ln_post and proj), Qwen-7B."""
+    """Qwen-VL: ViT-bigG/14 at 448 (1664 wide, 48 layers, MLP 8192, no CLS, last layer), one cross-attention
+    resampler of 256 queries (qwen_resampler256q, with its ln_post and proj), Qwen-7B (Qwen-VL, Bai et al.
+    2023, sec. 2.1, and config.json of Qwen/Qwen-VL on the Hugging Face Hub; docs/references.md, Qwen-VL)."""
     vision = VisionConfig(image_size=448, patch_size=14, hidden_size=1664, intermediate_size=8192, num_layers=48,
                           num_heads=16, layer_norm_eps=1e-6, hidden_act="gelu", use_cls_token=False,
                           post_layernorm=False, select_layer=-1, select_feature="patch")
@@ -153,10 +157,11 @@ def qwen2_5_vl() -> Qwen2_5_VLConfig:
 
 
 def deepseek_vl() -> DeepseekVLConfig:
-    """DeepSeek-VL-7B (seed 003): SigLIP-L/16 at 384 px (576 tokens of 1024) beside SAM-B at 1024 px (64x64x256,
-    resized to 96x96, two stride-2 convs -> 24x24x1024 = 576 tokens), the hybrid aligner (each branch to 2048,
-    concatenated, GELU, Linear 4096 -> 4096) and DeepSeek-LLM-7B (30 layers, 4096 wide, 32 heads, FFN 11008,
-    vocabulary 102400). 576 placeholders per image whatever its size (schemes/hybrid.py)."""
+    """DeepSeek-VL-7B (DeepSeek-VL, Lu et al. 2024, sec. 3.1; docs/references.md, DeepSeek-VL): SigLIP-L/16 at
+    384 px (576 tokens of 1024) beside SAM-B at 1024 px (64x64x256, resized to 96x96, two stride-2 convs ->
+    24x24x1024 = 576 tokens), the hybrid aligner (each branch to 2048, concatenated, GELU, Linear 4096 -> 4096)
+    and DeepSeek-LLM-7B (30 layers, 4096 wide, 32 heads, FFN 11008, vocabulary 102400). 576 placeholders per
+    image whatever its size (schemes/hybrid.py)."""
     lm = LMConfig(vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_layers=30, num_heads=32,
                   max_position_embeddings=4096, bos_token_id=100000, eos_token_id=100001)
     return DeepseekVLConfig(lm=lm, image_token_id=100015)
@@ -177,18 +182,19 @@ DEEPSEEK_VL2_LM = {
 
 
 def deepseek_vl2() -> VLMConfig:
-    """DeepSeek-VL2 (seed 003; the base size, 4.5B activated of 27B parameters): SigLIP-so400m/14 at 384 (the
-    conv reads 378 px: 27x27 = 729 patches), tiles of up to 9, 2x2 downsample then a two-layer MLP
-    4608 -> 2560, and the DeepSeekMoE language model read from its published language_config (DEEPSEEK_VL2_LM)
-    by weights/deepseek_v2.py: 30 layers of multi-head latent attention, 72 routed + 2 shared experts."""
+    """DeepSeek-VL2 (DeepSeek-VL2, Wu et al. 2024, sec. 2; the base size, 4.5B activated of 27B parameters):
+    SigLIP-so400m/14 at 384 (the conv reads 378 px: 27x27 = 729 patches), tiles of up to 9, 2x2 downsample then
+    a two-layer MLP 4608 -> 2560, and the DeepSeekMoE language model read from its published language_config
+    (DEEPSEEK_VL2_LM) by weights/deepseek_v2.py: 30 layers of multi-head latent attention, 72 routed + 2 shared
+    experts (docs/references.md, DeepSeek-VL2)."""
     return VLMConfig(vision=siglip_so400m(378), projector=ProjectorConfig("merge2x2_mlp2x_gelu", 4608, 2560),
                      lm=deepseek_lm_config(DEEPSEEK_VL2_LM), image_token_id=128815, image_scheme="tiles",
                      max_crops=9)
 
 
 def minicpm_v() -> VLMConfig:
-    """MiniCPM-V 2.6 (seed 002): SigLIP-400m slicing at 448 px (up to 9 slices), 64 query tokens per view,
-    Qwen2-7B.
+    """MiniCPM-V 2.6 (MiniCPM-V, Yao et al. 2024, sec. 3.1; docs/references.md, MiniCPM-V): SigLIP-400m slicing
+    at 448 px (up to 9 slices), 64 query tokens per view, Qwen2-7B.
 
     Two gaps: the projector is `perceiver64q`, a BERT-base Q-Former, because MiniCPM-V's own resampler
     (one Qwen-VL-style cross-attention at the LM width with 2-D sin-cos positions for any grid) is not

@@ -1,7 +1,7 @@
 """Chart and table samples for the synthetic data engine: the picture and its data as text.
 
-Charts follow Vary (seed 001): bar, line and pie charts drawn with matplotlib (Agg, in memory)
-whose ground truth is the data as a Python dict string, e.g. "{'ant': 3, 'bee': 5}"
+Charts follow Vary (Wei et al. 2023, sec. 3.2.2; docs/references.md, Vary): bar, line and pie charts drawn with
+matplotlib (Agg, in memory) whose ground truth is the data as a Python dict string, e.g. "{'ant': 3, 'bee': 5}"
 (`ast.literal_eval` reads it back). Tables are grids drawn with PIL whose ground truth is markdown:
 
     | name | size |

@@ -1,6 +1,6 @@
 """Picture samples for the synthetic data engine: natural-image negatives, shape questions, grounding.
 
-- negatives (Vary's idea, seed 001): random crops of the photos bundled with scikit-image
+- negatives (Vary's idea, Wei et al. 2023, sec. 3.2.2): random crops of the photos bundled with scikit-image
   (astronaut, coffee, chelsea) and matplotlib (grace_hopper.jpg), answered NEGATIVE_ANSWER;
 - shapes (easy-vqa's idea, drawn here with PIL so nothing is downloaded): one coloured circle,
   rectangle or triangle on a light background, asked its shape or its colour;

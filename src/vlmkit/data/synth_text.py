@@ -1,7 +1,8 @@
 """Rendered-text samples for the synthetic data engine: lines, paragraphs and pages with their exact text.
 
-After Vary's document positives (seed 001), without PDFs: random words from an alphabet are drawn
-with a DejaVu font (shipped with matplotlib) in a random style, and the answer is the text itself.
+After Vary's document positives (Vary, Wei et al. 2023, sec. 3.2.2; docs/references.md, Vary), without PDFs:
+random words from an alphabet are drawn with a DejaVu font (shipped with matplotlib) in a random style, and the
+answer is the text itself.
 
     rng = np.random.default_rng(0)
     image, text = line_sample(rng, (256, 32))

@@ -11,7 +11,7 @@
     LM input: <s> [image tokens] question "\\n" answer </s>   -> CausalLM (models/lm.py), tied embeddings
 
 Why the CTC head feeds the projector. A tower trained from scratch learns to read fastest with a CTC loss
-(issue 5: autoregressive training alone stays at chance on a CPU for minutes). The head's per-step character
+(in pilots, autoregressive training alone stayed at chance on a CPU for minutes). The head's per-step character
 posteriors, mapped through the LM's own (tied) character embeddings, make each image token look like the
 character it shows, and their running count is the image token's RoPE position: the token showing answer
 character t sits at the same position as the LM query that predicts character t, so the decoder's job is to

@@ -3,8 +3,9 @@
 Unlike the Linear/MLP projectors, these give the same number of LM tokens for any
 number of vision features. Two families:
 
-- ``QwenResampler`` (Qwen-VL's "position-aware vision-language adapter", seed 003,
-  `visual.py` `Resampler` plus the `ln_post` / `proj` that follow it in `VisionTransformer`):
+- ``QwenResampler`` (Qwen-VL's "position-aware vision-language adapter", Bai et al. 2023, sec. 2.1;
+  Qwen/Qwen-VL's `visual.py` on the Hugging Face Hub, `Resampler` plus the `ln_post` / `proj` that follow
+  it in `VisionTransformer`; docs/references.md, Qwen-VL):
   one cross-attention layer, 256 queries, fixed 2-D sin-cos positions added to the
   queries (on the 16x16 query grid) and to the keys (the same table, bicubically
   resized to the image patch grid, as Qwen-VL's `get_abs_pos`)::

@@ -17,9 +17,10 @@ it adds q . Rh[qh - kh] + q . Rw[qw - kw] to the logits.
 The reference is transformers' SamVisionModel (models/sam/modeling_sam.py) for the
 encoder and neck, and transformers' DeepseekVLHybridModel.get_high_res_image_features
 (models/deepseek_vl_hybrid) for the DeepSeek-VL downsampling with its global branch
-(DeepSeek-VL's `sam_hd`); Vary's net_2/net_3 are the seed's ImageEncoderViT printout, and
-transformers' GOT-OCR2 (got_ocr2) holds the same two convs as its projector's conv_upsampler1/2, the
-second one ending at the LM width (downsample_channels = (512, H); weights/got_ocr2.py).
+(DeepSeek-VL's `sam_hd`); Vary's two convs are net_2/net_3 of GitHub Ucas-HaoranWei/Vary,
+vary/model/vision_encoder/sam.py (docs/references.md, Vary), and transformers' GOT-OCR2 (got_ocr2)
+holds the same two convs as its projector's conv_upsampler1/2, the second one ending at the LM width
+(downsample_channels = (512, H); weights/got_ocr2.py).
 
 Run `python -m vlmkit.models.sam` for a shape check at the real 1024-px geometry with one layer.
 """

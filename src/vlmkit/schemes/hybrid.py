@@ -10,7 +10,7 @@ the SAM branch lands on the same grid because it resizes its neck map to 4x that
 stride-2 convs (SamConfig.resize_to).
 
 Reference: DeepSeek-VL (Lu et al., "DeepSeek-VL: Towards Real-World Vision-Language Understanding", 2024,
-sec. 2.1 "hybrid vision encoder"), as transformers' DeepseekVLHybrid does it: the image processor
+sec. 3.1 "hybrid vision encoder"), as transformers' DeepseekVLHybrid does it: the image processor
 DeepseekVLHybridImageProcessorPil (resize the long side to 1024 and pad to a square with the mean colour,
 resize that to 384 and pad again, normalise each with its tower's mean/std) and the model's
 get_image_features / DeepseekVLHybridAligner (models/deepseek_vl_hybrid/). The towers and the aligner are

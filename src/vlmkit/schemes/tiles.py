@@ -2,7 +2,7 @@
 downsampled 2x2 after SigLIP, laid out with a learned newline per row and a view separator.
 
 Reference: DeepSeek-VL2 (Wu et al., "DeepSeek-VL2: Mixture-of-Experts Vision-Language Models for Advanced
-Multimodal Understanding", 2024, sec. 2.1 "dynamic tiling"), GitHub deepseek-ai/DeepSeek-VL2:
+Multimodal Understanding", 2024, sec. 2 "dynamic tiling"), GitHub deepseek-ai/DeepSeek-VL2:
 deepseek_vl2/models/processing_deepseek_vl_v2.py (`select_best_resolution`, `tokenize_with_images`) for
 the plan, modeling_deepseek_vl_v2.py (`MlpProjector` "downsample_mlp_gelu", the global/local formatting
 in `prepare_inputs_embeds`) for the layout. Plan steps:

@@ -1,7 +1,7 @@
 r"""Qwen-VL grounding markup: `<ref>`, `<box>`, `<quad>` (and `<img>`) in text.
 
-Qwen-VL writes regions into plain text (Qwen-VL paper, section "Inputs and Outputs";
-the task formats quoted in seed 002):
+Qwen-VL writes regions into plain text (Qwen-VL, Bai et al. 2023, sec. 2.2 "Inputs and Outputs", and
+the multi-task pre-training formats in the paper's appendix; docs/references.md, Qwen-VL):
 
     <img>VG_100K_2/3.jpg</img><ref>the ear on a giraffe</ref><box>(176,106), (232,160)</box>
     OCR with grounding: <ref>It is managed</ref> <quad>(568,121), (625,131), (624,182), (567,172)</quad>
@@ -13,7 +13,7 @@ the task formats quoted in seed 002):
 - `<img>...</img>`: an image path or placeholder; its content is not grounding markup.
 
 Coordinates are integers on a 0..1000 grid, normalised to the image's width (x) and
-height (y). The seed gives the grid but no rounding rule; vlmkit uses
+height (y). The paper gives the grid but no rounding rule; vlmkit uses
 
     grid  = floor(pixel / size * 1000 + 0.5), clamped to [0, 1000]   (round half up)
     pixel = grid / 1000 * size                                        (exact, a float)

@@ -10,10 +10,11 @@ groups are those of train/stages.py: `vision` (CLIP/SigLIP tower and Vary's SAM 
 no separate projector (their 2x2 merger lives inside the vision tower), so their stages name
 `vision` and `lm` only.
 
-Where the numbers come from. Each recipe's docstring says which facts are the reference
-documents' (shared/seeds, "seed 00N") and which come from the paper alone; a learning rate no
-source gives is marked "vlmkit's choice". Batch sizes, epochs and data are not part of a Stage:
-they are the run's (`train(..., steps=...)`), and are quoted in the docstrings for reference.
+Where the numbers come from. Each recipe's docstring names the paper section its stages, frozen parts
+and learning rates come from; docs/references.md has one section per model with those facts and their
+sources. A learning rate no source gives is marked "vlmkit's choice". Batch sizes, epochs and data are
+not part of a Stage: they are the run's (`train(..., steps=...)`), and are quoted in the docstrings for
+reference.
 """
 
 from __future__ import annotations
@@ -27,32 +28,34 @@ QWEN_VL_BETAS = (0.9, 0.98)  # Qwen-VL paper, Table 8 (all three stages), with e
 
 
 def llava() -> list[Stage]:
-    """LLaVA-1.5 (seed 002, LLaVA's training; seed 004 for the model): stage 1, feature alignment: vision
-    encoder and LLM frozen, projector trained (CC-595K, 1 epoch, lr 2e-3, batch 128); stage 2, end-to-end
-    fine-tuning: encoder frozen, projector + LLM trained (158K instructions, 3 epochs, lr 2e-5, batch 32).
-    These are train/stages.py's `align` and `sft`."""
+    """LLaVA-1.5, with LLaVA's training (LLaVA, Liu et al. 2023, sec. 4.2 and 5; docs/references.md, LLaVA):
+    stage 1, feature alignment: vision encoder and LLM frozen, projector trained (CC-595K, 1 epoch, lr 2e-3,
+    batch 128); stage 2, end-to-end fine-tuning: encoder frozen, projector + LLM trained (158K instructions,
+    3 epochs, lr 2e-5, batch 32). These are train/stages.py's `align` and `sft`. LLaVA-1.5's own runs
+    pretrain at lr 1e-3 with batch 256 on 558K pairs (README of GitHub haotian-liu/LLaVA)."""
     return [get_stage("align"), get_stage("sft")]
 
 
 def llava_next() -> list[Stage]:
-    """LLaVA-NeXT: the seeds give LLaVA-1.5's two stages only (seed 002), and vlmkit uses them as they are
-    (the LLaVA-NeXT release also tunes the vision tower at a small lr in stage 2; not in the seeds)."""
+    """LLaVA-NeXT: LLaVA's two stages as they are (docs/references.md, LLaVA). The LLaVA-NeXT training scripts
+    also tune the vision tower in stage 2 at lr 2e-6 (GitHub LLaVA-VL/LLaVA-NeXT, scripts/train/); vlmkit
+    keeps it frozen."""
     return llava()
 
 
 def vary_tiny() -> list[Stage]:
-    """Vary-tiny (seed 001, Vary's stage 1, "vision vocabulary" generation): every parameter trained
-    (the SAM branch, its linear and the tiny decoder), autoregressively on documents and charts with natural
-    images as negatives; AdamW with cosine decay, lr 5e-5, batch 512, 3 epochs. This is train/stages.py's
-    `full` (its weight decay 0.05 is vlmkit's choice: the seed gives none)."""
+    """Vary-tiny (Vary's stage 1, "vision vocabulary" generation; Wei et al. 2023, sec. 3.2 and 4.2): every
+    parameter trained (the SAM branch, its linear and the tiny decoder), autoregressively on documents and
+    charts with natural images as negatives; AdamW with cosine decay, lr 5e-5, batch 512, 3 epochs. This is
+    train/stages.py's `full` (its weight decay 0.05 is vlmkit's choice: the paper gives none)."""
     return [get_stage("full")]
 
 
 def vary_base() -> list[Stage]:
-    """Vary-base (seed 001, stage 2): both vision vocabularies (CLIP-L and the SAM branch) frozen, the input
-    embedding layers (the two projectors) and the LLM trained, "more like pure LLM pretraining";
-    pretraining on 4M LAION-COCO pairs at lr 5e-5, then SFT (LLaVA-80k / 665k, DocVQA, ChartQA) at lr 1e-5,
-    batch 256, 1 epoch each, AdamW with cosine decay."""
+    """Vary-base (stage 2; Wei et al. 2023, sec. 3.3 and 4.2; docs/references.md, Vary): both vision
+    vocabularies (CLIP-L and the SAM branch) frozen, the input embedding layers (the two projectors) and the
+    LLM trained, "more like pure LLM pretraining"; pretraining on 4M LAION-COCO pairs at lr 5e-5, then SFT
+    (LLaVA-80k / 665k, DocVQA, ChartQA) at lr 1e-5, batch 256, 1 epoch each, AdamW with cosine decay."""
     frozen_vision = {"vision": 0.0}
     return [
         Stage("pretrain", {**frozen_vision, "projector": 5e-5, "lm": 5e-5},
@@ -63,14 +66,14 @@ def vary_base() -> list[Stage]:
 
 
 def qwen_vl() -> list[Stage]:
-    """Qwen-VL (seed 002, section 3): three stages, AdamW, cosine decay, weight decay 0.05, gradient clip
-    1.0, bf16.
+    """Qwen-VL (Bai et al. 2023, sec. 3; docs/references.md, Qwen-VL): three stages, AdamW, cosine decay,
+    weight decay 0.05, gradient clip 1.0, bf16.
     1. pretraining (224 px, 1.4B weakly labelled pairs, 50k steps of batch 30720): LLM frozen, ViT and the
        cross-attention adapter trained, peak lr 2e-4;
     2. multi-task pretraining (448 px, 7 tasks): everything trained;
     3. SFT (350k instructions): ViT frozen, LLM and adapter trained.
     Stage 2 and 3 peak lrs (5e-5, 1e-5), the minimum lrs (1e-6, 1e-5, 1e-6 -> min_lr_ratio), betas
-    (0.9, 0.98) and eps 1e-6 are the paper's Table 8, not the seed's."""
+    (0.9, 0.98) and eps 1e-6 are from the paper's hyperparameter table (appendix, Table 8)."""
     common = {"weight_decay": 0.05, "grad_clip": 1.0, "betas": QWEN_VL_BETAS, "eps": 1e-6}
     return [
         Stage("pretrain", {"vision": 2e-4, "projector": 2e-4, "lm": 0.0}, min_lr_ratio=1e-6 / 2e-4, **common,
@@ -83,7 +86,7 @@ def qwen_vl() -> list[Stage]:
 
 
 def qwen2_vl() -> list[Stage]:
-    """Qwen2-VL (seed 002 and 003 describe the model; the stages are the Qwen2-VL paper's, section 3.2):
+    """Qwen2-VL (the stages are the Qwen2-VL paper's, Wang et al. 2024, sec. 2.2; docs/references.md, Qwen2-VL):
     1. the ViT is trained (image-text pairs, OCR, classification) with the LLM frozen;
     2. everything is unfrozen (a wider mix, interleaved data, video);
     3. the ViT is locked and the LLM fine-tuned on instructions.
@@ -102,14 +105,14 @@ def qwen2_vl() -> list[Stage]:
 
 
 def qwen2_5_vl() -> list[Stage]:
-    """Qwen2.5-VL: Qwen2-VL's three stages (vision pretraining, full pretraining, SFT with the ViT frozen);
-    the seeds describe only the model (seed 003). Learning rates as qwen2_vl(): vlmkit's choice."""
+    """Qwen2.5-VL: Qwen2-VL's three stages (vision pretraining, full pretraining, SFT with the ViT frozen),
+    reused as vlmkit's choice (docs/references.md, Qwen2-VL). Learning rates as qwen2_vl(): vlmkit's choice."""
     return qwen2_vl()
 
 
 def deepseek_vl() -> list[Stage]:
-    """DeepSeek-VL (the seeds describe its hybrid encoder, seed 003; the stages are the DeepSeek-VL paper's,
-    section 3): 1. training the VL adaptor: the hybrid vision encoder (SigLIP + SAM-B) and the LLM frozen;
+    """DeepSeek-VL (the stages are the DeepSeek-VL paper's, Lu et al. 2024, sec. 3.2; docs/references.md,
+    DeepSeek-VL): 1. training the VL adaptor: the hybrid vision encoder (SigLIP + SAM-B) and the LLM frozen;
     2. joint VL pretraining: the LLM and adaptor trained, the encoder frozen; 3. SFT: the LLM and adaptor
     (and SigLIP, which vlmkit does not separate from SAM-B: both stay frozen here). Learning rates are
     vlmkit's choice (LLaVA's 2e-3 warm-up; 5e-5 and 2e-5 afterwards)."""
@@ -124,11 +127,11 @@ def deepseek_vl() -> list[Stage]:
 
 
 def deepseek_vl2() -> list[Stage]:
-    """DeepSeek-VL2 (the seeds describe its tiling, 2x2 downsample and MoE LLM, seed 003; the stages are
-    the DeepSeek-VL2 paper's, section 4.1): 1. vision-language alignment, a warm-up of the adaptor: the
-    SigLIP encoder and the 2-layer MLP adaptor trained on image-text pairs, the LLM frozen;
-    2. vision-language pretraining on VL and text-only data with every parameter unlocked; 3. SFT, every
-    parameter unlocked. Learning rates are vlmkit's choice (the paper's differ by model size)."""
+    """DeepSeek-VL2 (the stages are the DeepSeek-VL2 paper's, Wu et al. 2024, sec. 4.1; docs/references.md,
+    DeepSeek-VL2): 1. vision-language alignment, a warm-up of the adaptor: the SigLIP encoder and the 2-layer
+    MLP adaptor trained on image-text pairs, the LLM frozen; 2. vision-language pretraining on VL and
+    text-only data with every parameter unlocked; 3. SFT, every parameter unlocked. Learning rates are
+    vlmkit's choice (the paper's differ by model size)."""
     return [
         Stage("alignment", {"vision": 2e-4, "projector": 2e-4, "lm": 0.0},
               description="LLM frozen; SigLIP + adaptor warmed up (DeepSeek-VL2 stage 1)"),
@@ -140,11 +143,12 @@ def deepseek_vl2() -> list[Stage]:
 
 
 def phi_35_v() -> list[Stage]:
-    """Phi-3.5-vision (seed 000, "training"): pre-training on 0.5T tokens (interleaved documents, image-text
-    pairs, synthetic OCR, charts/tables, text-only) with the next-token loss on text tokens only (image
-    tokens ignored) and images up to 1344x1344, then post-training: SFT, then DPO. The seed states no
-    frozen parts and no hyperparameters: vlmkit trains every part in pre-training (lr 5e-5) and the
-    projector + LM in SFT (2e-5); DPO is a preference loss, not a stage of vlmkit's loop."""
+    """Phi-3.5-vision (Phi-3 report, Abdin et al. 2024, sec. 7.1; docs/references.md, Phi-3.5-vision):
+    pre-training on 0.5T tokens (interleaved documents, image-text pairs, synthetic OCR, charts/tables,
+    text-only) with the next-token loss on text tokens only (image tokens ignored) and images up to
+    1344x1344, then post-training: SFT, then DPO. The report states no frozen parts and no hyperparameters:
+    vlmkit trains every part in pre-training (lr 5e-5) and the projector + LM in SFT (2e-5); DPO is a
+    preference loss, not a stage of vlmkit's loop."""
     return [
         Stage("pretrain", {"vision": 5e-5, "projector": 5e-5, "lm": 5e-5}, weight_decay=0.1,
               description="everything trained, loss on text tokens (Phi-3.5-V pre-training)"),
@@ -154,7 +158,7 @@ def phi_35_v() -> list[Stage]:
 
 
 def minicpm_v() -> list[Stage]:
-    """MiniCPM-V (seed 002 gives its slicing; the stages are the MiniCPM-V paper's, section 4):
+    """MiniCPM-V (the stages are the MiniCPM-V paper's, Yao et al. 2024, sec. 4; docs/references.md, MiniCPM-V):
     pretraining in three steps with the LLM frozen: 1. only the compression layer (the resampler) at
     224 px; 2. the vision encoder, its input raised from 224 to 448 px; 3. the encoder and the
     resampler together on sliced high-resolution images; then SFT with every parameter unlocked.
@@ -208,7 +212,7 @@ def describe_recipe(preset_name: str) -> list[dict]:
 
 # ---- contrastive image-text pretraining (models/contrastive.py) ------------------------------------------
 
-# loss -> (peak lr, weight decay, betas, eps), from the papers (the seeds give the losses only):
+# loss -> (peak lr, weight decay, betas, eps), from the papers (the losses: docs/references.md, CLIP and SigLIP):
 CONTRASTIVE_OPTIM: dict[str, tuple[float, float, tuple[float, float], float]] = {
     "clip": (5e-4, 0.2, (0.9, 0.98), 1e-6),  # CLIP (Radford et al. 2021), appendix hyperparameters, ViT-B/32
     "siglip": (1e-3, 1e-4, (0.9, 0.95), 1e-8),  # SigLIP (Zhai et al. 2023): lr 1e-3, wd 1e-4, beta2 0.95
@@ -216,11 +220,11 @@ CONTRASTIVE_OPTIM: dict[str, tuple[float, float, tuple[float, float], float]] = 
 
 
 def contrastive_stage(loss: str, lr: float | None = None, warmup_steps: int | None = None) -> Stage:
-    """The `contrastive` stage of a ContrastivePair (seed 003: CLIP's symmetric cross-entropy with a learned
-    temperature, SigLIP's pairwise sigmoid with a learned scale and bias): every part trains, the image
-    tower, the text body, both projections and the learned logit scale (and SigLIP's bias), at the paper's
-    lr unless lr is given. Call `model.clamp_logit_scale_()` after each step (train's on_step) to keep the
-    scale at most 100, as CLIP does."""
+    """The `contrastive` stage of a ContrastivePair (CLIP's symmetric cross-entropy with a learned temperature,
+    SigLIP's pairwise sigmoid with a learned scale and bias; docs/references.md, CLIP and SigLIP): every part
+    trains, the image tower, the text body, both projections and the learned logit scale (and SigLIP's bias),
+    at the paper's lr unless lr is given. Call `model.clamp_logit_scale_()` after each step (train's on_step)
+    to keep the scale at most 100, as CLIP does."""
     if loss not in CONTRASTIVE_OPTIM:
         raise ValueError(f"contrastive loss {loss!r} unknown; valid: {sorted(CONTRASTIVE_OPTIM)}")
     peak, decay, betas, eps = CONTRASTIVE_OPTIM[loss]

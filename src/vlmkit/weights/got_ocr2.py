@@ -10,7 +10,7 @@ convs, a linear projector and a Qwen2 decoder. In vlmkit it is a VLM with image_
     multi_modal_projector.multimodal_projector.{weight,bias}  projector.mlp.0.{weight,bias}
     language_model.[model.]<qwen2 body>, lm_head.weight       lm.*                     (weights/llama.py)
 
-Where GOT-OCR2 departs from Vary (seed 001), vlmkit's config already expresses it:
+Where GOT-OCR2 departs from Vary (docs/references.md, Vary), vlmkit's config already expresses it:
 - Vary's second conv (net_3) always gives 1024 channels and the projector maps 1024 -> the LM width
   (768 for Vary-tiny's OPT-125M); GOT-OCR2's conv_upsampler2 gives the LM width itself and its projector
   is a square Linear(H, H). Here: downsample_channels = (2 * output_channels, H), projector
