@@ -1,8 +1,9 @@
 """The Phi-3.5-vision `hd` and DeepSeek-VL2 `tiles` schemes and their feature layouts.
 
-Oracles: the Phi-3-V token formula and hand-computed HD canvases; Phi-3-vision's `hd_feature_transform`
-(image_embedding_phi3_v.py on the Hugging Face Hub) re-typed below as a test helper; DeepSeek-VL2's token
-formula, its select_best_resolution worked by hand, and F.unfold/F.pad as its projector applies them.
+Oracles: the Phi-3-V token formula and hand-computed HD canvases; the HD layout Phi-3-vision's
+`hd_feature_transform` (image_embedding_phi3_v.py on the Hugging Face Hub) produces, written token by token
+from its description; DeepSeek-VL2's token formula, its select_best_resolution worked by hand, and
+F.unfold/F.pad as its projector applies them.
 """
 
 import math
@@ -86,60 +87,42 @@ def test_hd_bad_input(size, n):
         hd.hd_padded_size(*size, n)
 
 
-# ---------------------------------------------------------------- hd: layout vs Phi-3-vision's code
-# The `_seed_*` helpers are Phi3ImageEmbedding's methods of image_embedding_phi3_v.py (Hugging Face Hub,
-# microsoft/Phi-3-vision-128k-instruct; docs/references.md, Phi-3.5-vision), as functions.
+# ---------------------------------------------------------------- hd: the layout, token by token
+# The oracle is written from the layout's description (docs/references.md, Phi-3.5-vision: Phi3ImageEmbedding's
+# hd_feature_transform in image_embedding_phi3_v.py), one token at a time, with none of the reshapes it checks.
 
-def _seed_reshape_hd_patches_2x2merge(image_features, h_crop, w_crop):
-    # re-typed from image_embedding_phi3_v.py, Phi3ImageEmbedding.reshape_hd_patches_2x2merge
-    N, L, C = image_features.shape
-    assert L == 24 * 24 and C == 1024 and N % (h_crop * w_crop) == 0
-    num_images = N // (h_crop * w_crop)
-    H = int(L ** 0.5)
-    return (
-        image_features.reshape(N, H, H, C)
-        .reshape(N, H // 2, 2, H // 2, 2, C)
-        .permute(0, 1, 3, 2, 4, 5)
-        .reshape(N, -1, 4 * C)
-        .reshape(num_images, h_crop, w_crop, H // 2, H // 2, -1)
-        .permute(0, 1, 3, 2, 4, 5)
-        .reshape(num_images, h_crop * H // 2, w_crop * H // 2, 4 * C)
-    )
+def _merged(view: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    """Block (i, j) of one view's 24 x 24 patches merged: its four patches concatenated in row-major order."""
+    grid = view.view(24, 24, -1)
+    return torch.cat([grid[2 * i, 2 * j], grid[2 * i, 2 * j + 1], grid[2 * i + 1, 2 * j], grid[2 * i + 1, 2 * j + 1]])
 
 
-def _seed_add_image_newline(image_features_hd, sub_GN):
-    num_images, h, w, hid_dim = image_features_hd.shape
-    newline_embeddings = sub_GN.expand(num_images, h, -1, -1)
-    return torch.cat([image_features_hd, newline_embeddings], dim=2).reshape(num_images, -1, hid_dim)
-
-
-def _seed_hd_feature_transform(image_features, image_sizes, sub_GN, glb_GN):
-    # without the projection (img_projection is applied after the layout in the reference too)
-    global_image_features = image_features[:, 0]
-    global_image_features_hd = _seed_reshape_hd_patches_2x2merge(global_image_features, 1, 1)
-    global_image_features_hd_newline = _seed_add_image_newline(global_image_features_hd, sub_GN)
-    all_image_embeddings = []
-    for i, img_size in enumerate(image_sizes):
-        h, w = img_size
-        h_crop = h // 336
-        w_crop = w // 336
-        num_crops = h_crop * w_crop
-        sub_image_features = image_features[i, 1: 1 + num_crops]
-        sub_image_features_hd = _seed_reshape_hd_patches_2x2merge(sub_image_features, h_crop, w_crop)
-        sub_image_features_hd_newline = _seed_add_image_newline(sub_image_features_hd, sub_GN)
-        all_image_embeddings.extend([sub_image_features_hd_newline.squeeze(0), glb_GN.squeeze(0),
-                                     global_image_features_hd_newline[i]])
-    return torch.cat(all_image_embeddings, dim=0)
+def _hd_layout_by_hand(features: torch.Tensor, rows: int, cols: int, sub_gn: torch.Tensor,
+                       glb_gn: torch.Tensor) -> torch.Tensor:
+    """[the crops' merged 12 x 12 maps stitched row-major, each of the rows*12 lines ending in sub_GN; glb_GN;
+    the global view's (view 0) 12 lines, each ending in sub_GN]."""
+    sub, glb = sub_gn.flatten(), glb_gn.flatten()
+    tokens = []
+    for line in range(rows * 12):
+        for col in range(cols * 12):
+            crop = 1 + (line // 12) * cols + col // 12  # crops follow the global view, row-major
+            tokens.append(_merged(features[crop], line % 12, col % 12))
+        tokens.append(sub)
+    tokens.append(glb)
+    for line in range(12):
+        tokens.extend(_merged(features[0], line, col) for col in range(12))
+        tokens.append(sub)
+    return torch.stack(tokens)
 
 
 @pytest.mark.parametrize("size,n", [((500, 300), 4), ((300, 700), 6), ((200, 200), 1)])
-def test_hd_layout_equals_seed_code(size, n):
+def test_hd_layout_token_by_token(size, n):
     torch.manual_seed(0)
     plan = hd.plan_hd(Image.new("RGB", size, (10, 20, 30)), max_crops=n)
     rows, cols = plan.grid
     features = torch.randn(1 + rows * cols, 576, 1024)
     sub_gn, glb_gn = torch.randn(1, 1, 1, 4096), torch.randn(1, 1, 4096)
-    expected = _seed_hd_feature_transform(features[None], [plan.extra["image_size_hw"]], sub_gn, glb_gn)
+    expected = _hd_layout_by_hand(features, rows, cols, sub_gn, glb_gn)
     ours = hd_layout(features, plan, sub_gn, glb_gn)
     assert ours.shape == (plan.num_tokens, 4096)
     assert torch.equal(ours, expected)
