@@ -65,7 +65,8 @@ from vlmkit.schemes import get_scheme
 from vlmkit.text.chat import chat_template_for
 from vlmkit.text.tokenizer import DEFAULT_SPECIAL_TOKENS, CharTokenizer
 from vlmkit.weights import save_pretrained
-from vlmkit.train.checkpoint import latest_checkpoint, write_text_atomically
+from vlmkit.files import write_text_atomically
+from vlmkit.train.checkpoint import latest_checkpoint
 from vlmkit.train.distributed import World, current_world
 from vlmkit.train.loop import ShuffledBatches, TrainResult, train
 from vlmkit.train.recipes import RECIPES, SMALL_SUFFIX, recipe
