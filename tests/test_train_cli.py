@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from resumed_runs import assert_same_run
@@ -329,7 +330,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_data_is_prepared(da
     for out in outs:
         assert cli("train", "--model", "tiny-random", "--data", data, "--steps", 1, "--out", out) == 2
         err = capsys.readouterr().err
-        assert f"could not write the run folder (checked before the data is prepared) in {out}" in err, err
+        assert f"could not write the run folder (--out) in {out}" in err, err
         assert "preparing" not in err and "Traceback" not in err
 
 
@@ -427,3 +428,20 @@ def test_a_moved_run_folder_resumes(tmp_path):
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_image_its_scheme_cannot_plan_is_a_record_problem(data, tmp_path, capsys):
+    """A real 20000 x 1 PNG (a few hundred bytes): Qwen2-VL's scheme refuses its aspect ratio (over 200) when
+    it plans it, and that refusal is the record's problem at its line under skip, not the run's end."""
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (20000, 1), (200, 30, 30)).save(wide)
+    assert wide.stat().st_size < 1000
+    records = json.loads(data.read_text())[:2]
+    path = tmp_path / "wide.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [records[0], {**records[1], "image": str(wide)}]))
+    assert cli("train", "--model", "qwen2-vl-small", "--data", path, "--image-root", data.parent, "--steps", 1,
+               "--batch-size", 1, "--data-policy", "skip", "--out", tmp_path / "run", "--json") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["samples"] == 1
+    [line] = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
+    assert line.startswith(f"{path}:2: record ") and "aspect ratio 20000.0" in line, line
+

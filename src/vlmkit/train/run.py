@@ -428,7 +428,7 @@ def check_writable(out: Path) -> None:
     """Create the run folder and write a test file in it, so a folder that cannot be written is refused
     (RunFolderError) before the data is prepared, not after."""
     probe = temporary_path(out / "write-test")
-    with reporting_write_errors(out, "the run folder (checked before the data is prepared)"):
+    with reporting_write_errors(out, "the run folder (--out)"):
         out.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
