@@ -445,3 +445,31 @@ def test_an_image_its_scheme_cannot_plan_is_a_record_problem(data, tmp_path, cap
     [line] = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
     assert line.startswith(f"{path}:2: record ") and "aspect ratio 20000.0" in line, line
 
+
+def test_a_65500_by_1_image_does_not_end_the_run(data, tmp_path):
+    """The issue's 65500 x 1 PNG under tiny-random's pad scheme (padding it to a square would take ~13 GB):
+    in a process limited to 3 GB of address space, the run ends well, the image refused as its record's
+    problem at its line (or, if its scheme plans it within bounds, trained on). Needs the schemes' bound on
+    what they allocate (issue 14 sec. 3); without it this is a MemoryError traceback."""
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (65500, 1), (200, 30, 30)).save(wide)
+    records = json.loads(data.read_text())[:2]
+    path = tmp_path / "wide.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [records[0], {**records[1], "image": str(wide)}]))
+    out = tmp_path / "run"
+
+    def limit() -> None:
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    proc = subprocess.run([sys.executable, "-m", "vlmkit.cli", "train", "--model", "tiny-random", "--data", str(path),
+                           "--image-root", str(data.parent), "--steps", "1", "--batch-size", "1", "--data-policy",
+                           "skip", "--out", str(out), "--json"], capture_output=True, text=True, timeout=300, env=ENV,
+                          preexec_fn=limit)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    trained = json.loads(proc.stdout.strip().splitlines()[-1])["samples"]
+    skipped = (out / "skipped.txt").read_text().splitlines() if (out / "skipped.txt").exists() else []
+    if trained == 2:  # planned within bounds
+        assert skipped == []
+    else:  # refused: the record's problem at its line
+        assert trained == 1 and len(skipped) == 1 and skipped[0].startswith(f"{path}:2: "), skipped
