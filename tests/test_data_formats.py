@@ -339,8 +339,8 @@ def _hostile_lines() -> list[str]:
         '{"id": "deep", "image": "img/a.png", "conversations": ' + DEEP + "}",
         json.dumps({"id": "long-name", "image": "x" * 5000 + ".png", "conversations": OK_TURNS}),
         '{"id": ' + "7" * 5000 + ', "image": "img/a.png", "conversations": []}',
-        '{"id": "surrogate", "image": "img/a.png", "conversations": [{"from": "human", "value": "<image>\\nhi"}, '
-        '{"from": "gpt", "value": "ABC\\ud800"}]}',  # the JSON escape, as a file holds it
+        ('{"id": "surrogate", "image": "img/a.png", "conversations": [{"from": "human", "value": "<image>\\nhi"}, '
+         '{"from": "gpt", "value": "ABC\\ud800"}]}'),  # the JSON escape, as a file holds it
         '{"id": "bad-\\udfff", "image": "img/a.png", "conversations": ' + json.dumps(OK_TURNS) + "}",
         json.dumps({"id": "last", **ok}),
     ]

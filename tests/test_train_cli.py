@@ -346,7 +346,7 @@ def _limited(file_bytes: int, killed_by_it: bool, *args: object) -> subprocess.C
     main = (f"import runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.{action}); "
             "sys.argv[0] = 'vlmkit'; runpy.run_module('vlmkit.cli', run_name='__main__')")
     return subprocess.run([sys.executable, "-c", main, *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env={**ENV, "PYTHONDONTWRITEBYTECODE": "1"}, preexec_fn=limit)
+                          timeout=300, env={**ENV, "PYTHONDONTWRITEBYTECODE": "1"}, preexec_fn=limit, check=False)
 
 
 def _temporaries(folder: Path) -> list[str]:
@@ -465,7 +465,7 @@ def test_a_65500_by_1_image_does_not_end_the_run(data, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vlmkit.cli", "train", "--model", "tiny-random", "--data", str(path),
                            "--image-root", str(data.parent), "--steps", "1", "--batch-size", "1", "--data-policy",
                            "skip", "--out", str(out), "--json"], capture_output=True, text=True, timeout=300, env=ENV,
-                          preexec_fn=limit)
+                          preexec_fn=limit, check=False)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     trained = json.loads(proc.stdout.strip().splitlines()[-1])["samples"]
     skipped = (out / "skipped.txt").read_text().splitlines() if (out / "skipped.txt").exists() else []
