@@ -318,3 +318,61 @@ def test_round_trip_with_image_root(folder: Path):
     write_llava_json(samples, out, image_root=folder / "img")
     assert json.loads(out.read_text(encoding="utf-8"))[0]["images"] == ["a.png", "b.png"]
     assert load_dataset(out, image_root=folder / "img")[0] == samples
+
+
+# ---- hostile records: each is one record's problem at its line, never the whole file's
+
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than Python's JSON reader recurses
+HOSTILE = [  # (line, expected cause); lines 1 and 7 are good records
+    (2, "nested too deeply for Python's JSON reader"),
+    (3, "the system refuses the path (File name too long)"),
+    (4, "a number in the record cannot be read (Exceeds the limit (4300 digits) for integer string conversion"),
+    (5, "turn 1 (assistant) holds a lone surrogate '\\ud800' at character 3"),
+    (6, "'id' holds a lone surrogate"),
+]
+
+
+def _hostile_lines() -> list[str]:
+    ok = {"image": "img/a.png", "conversations": OK_TURNS}
+    return [
+        json.dumps({"id": "first", **ok}),
+        '{"id": "deep", "image": "img/a.png", "conversations": ' + DEEP + "}",
+        json.dumps({"id": "long-name", "image": "x" * 5000 + ".png", "conversations": OK_TURNS}),
+        '{"id": ' + "7" * 5000 + ', "image": "img/a.png", "conversations": []}',
+        ('{"id": "surrogate", "image": "img/a.png", "conversations": [{"from": "human", "value": "<image>\\nhi"}, '
+         '{"from": "gpt", "value": "ABC\\ud800"}]}'),  # the JSON escape, as a file holds it
+        '{"id": "bad-\\udfff", "image": "img/a.png", "conversations": ' + json.dumps(OK_TURNS) + "}",
+        json.dumps({"id": "last", **ok}),
+    ]
+
+
+@pytest.mark.parametrize("form", ["jsonl", "json"])
+def test_hostile_records_are_problems_of_their_own_line(folder: Path, form: str):
+    """A record nested 100,000 deep, a 5,000-character image name, a 5,000-digit id and lone surrogates in
+    the text and the id: each a problem at its line, the records around them kept (in a JSON array too: the
+    array goes on after the record Python cannot read)."""
+    lines = _hostile_lines()
+    if form == "jsonl":
+        path = folder / "hostile.jsonl"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        offset = 0
+    else:
+        path = folder / "hostile.json"
+        path.write_text("[\n" + ",\n".join(lines) + "\n]\n", encoding="utf-8")
+        offset = 1  # the '[' is line 1
+    samples, problems = load_dataset(path, policy="skip")
+    assert [(s.id, s.line) for s in samples] == [("first", 1 + offset), ("last", 7 + offset)]
+    assert [p.line for p in problems] == [line + offset for line, _ in HOSTILE]
+    for problem, (_, cause) in zip(problems, HOSTILE):
+        assert cause in problem.cause, (problem, cause)
+        assert len(str(problem)) < 400  # the 5,000-character name and the 5,000 digits are not repeated
+    with pytest.raises(DatasetError) as info:
+        load_dataset(path)
+    assert len(info.value.problems) == len(HOSTILE)
+    assert "--data-policy skip" in str(info.value)
+
+
+def test_a_missing_image_names_the_cli_flag(folder: Path):
+    path = _jsonl(folder / "d.jsonl", [{"id": "m", "image": "nope.png", "conversations": OK_TURNS}])
+    with pytest.raises(DatasetError, match=r"pass --image-root DIR \(from Python: image_root=\)"):
+        load_dataset(path)

@@ -154,6 +154,20 @@ def test_char_tokenizer_save_load(tmp_path):
     assert isinstance(load_tokenizer(file), CharTokenizer)
 
 
+def test_a_failed_char_tokenizer_save_leaves_the_old_file(tmp_path):
+    """A lone surrogate cannot be written as UTF-8: the save raises before the file is touched (no 0-byte
+    tokenizer.json), and the file saved before stays as it was, with no temporary beside it."""
+    file = tmp_path / "tokenizer.json"
+    CharTokenizer.from_corpus("ab").save(file)
+    before = file.read_bytes()
+    with pytest.raises(UnicodeEncodeError):
+        CharTokenizer.from_corpus("ab\ud800").save(file)
+    assert file.read_bytes() == before
+    with pytest.raises(UnicodeEncodeError):
+        CharTokenizer.from_corpus("\ud800").save(tmp_path / "new.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]
+
+
 def test_char_tokenizer_rejects_bad_specials():
     with pytest.raises(ValueError, match="<unk>"):
         CharTokenizer("abc", special_tokens=["<pad>", "<s>", "</s>"])

@@ -28,8 +28,11 @@ dropped. `Sample.images` holds absolute paths: relative ones are resolved agains
 (default: the dataset file's folder). Image parts take the images in order.
 
 Validation, one `Problem(file, line, record_id, cause)` per fault, every fault of every record:
-unreadable JSON or text; keys, roles or part types that are not those above; a missing image
-(or, with check_images=True, one `vlmkit.image.load.load_image` cannot read); a number of
+unreadable JSON or text (also a record nested deeper than Python's JSON reader goes, or a number with
+more digits than Python converts: that record alone is lost, in a JSON array too); keys, roles or part
+types that are not those above; text holding a lone surrogate (a JSON escape such as "\ud800" that is no
+character and cannot be written as UTF-8); a missing image, or an image path the system refuses (e.g.
+too long) (or, with check_images=True, an image `vlmkit.image.load.load_image` cannot read); a number of
 `<image>` placeholders / image parts different from the number of images; an image in an
 assistant turn; an empty turn; a conversation not following the turn rule (`TURN_RULE`); a
 record over `max_chars` characters or, given a tokenizer, over `max_tokens` tokens (both count
@@ -42,6 +45,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import reprlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +63,13 @@ RECORD_KEYS = {"id", "image", "images", "conversations", "messages"}
 TURN_RULE = ("an optional system turn first, then user and assistant turns alternating, "
              "starting with user and ending with assistant")
 POLICIES = ("fail", "skip")
+SKIP_HINT = "--data-policy skip (from Python: policy='skip' for load_dataset, data_policy='skip' for RunConfig)"
+IMAGE_ROOT_HINT = "--image-root DIR (from Python: image_root=)"
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a str from JSON holds one only for an unpaired escape
+_STRUCTURE = re.compile(r'[\[\]{}",]')  # what _value_end counts
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, quotes included
+_SHOW = reprlib.Repr()  # values in messages: bounded in length and depth, whatever the record holds
+_SHOW.maxstring = _SHOW.maxother = 80
 
 Part = dict[str, str]
 Message = dict[str, Any]  # {"role": str, "content": list[Part]}
@@ -89,7 +101,7 @@ class Problem:
     cause: str
 
     def __str__(self) -> str:
-        record = f" record {self.record_id!r}:" if self.record_id is not None else ""
+        record = f" record {_show(self.record_id)}:" if self.record_id is not None else ""
         return f"{self.file}:{self.line}:{record} {self.cause}"
 
 
@@ -101,7 +113,7 @@ class DatasetError(ValueError):
         files = sorted({p.file for p in problems})
         lines = "\n".join(f"  {p}" for p in problems)
         super().__init__(f"{len(problems)} problem(s) in {', '.join(files)}:\n{lines}\n"
-                         "Fix these records, or load with policy='skip' to drop them and get this list back.")
+                         f"Fix these records, or pass {SKIP_HINT} to drop them and get this list back.")
 
 
 def load_dataset(path: str | os.PathLike, image_root: str | os.PathLike | None = None, policy: str = "fail",
@@ -210,6 +222,8 @@ def _records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             yield number, None, f"not UTF-8 text (byte {e.start} of the line); save the file as UTF-8"
         except json.JSONDecodeError as e:
             yield number, None, f"bad JSON at column {e.colno}: {e.msg}"
+        except (ValueError, RecursionError) as e:
+            yield number, None, _unreadable(e)
 
 
 def _array_records(text: str) -> Iterator[tuple[int, Any, str | None]]:
@@ -232,7 +246,15 @@ def _array_records(text: str) -> Iterator[tuple[int, Any, str | None]]:
             yield record_line, None, (f"bad JSON at line {e.lineno} column {e.colno}: {e.msg}; the records after "
                                       "it in this array cannot be read (in JSONL one bad line costs one record)")
             return
-        yield record_line, record, None
+        except (ValueError, RecursionError) as e:  # well-formed but unreadable: skip to the record's end
+            end = _value_end(text, index)
+            yield record_line, None, _unreadable(e) + ("" if end is not None else
+                                                       "; it never ends, so the rest of the array cannot be read")
+            if end is None:
+                return
+            index = end
+        else:
+            yield record_line, record, None
         index = _skip_space(text, index)
         if text.startswith(",", index):
             index = _skip_space(text, index + 1)
@@ -244,10 +266,60 @@ def _array_records(text: str) -> Iterator[tuple[int, Any, str | None]]:
         yield line_at(rest), None, "bad JSON: extra data after the closing ']' of the array"
 
 
+def _unreadable(error: ValueError | RecursionError) -> str:
+    """The cause for a record json cannot read though its syntax is fine: nested too deep for Python's
+    reader (RecursionError), or holding an integer with more digits than Python converts (ValueError)."""
+    if isinstance(error, RecursionError):
+        return ("the record is nested too deeply for Python's JSON reader (RecursionError); records hold "
+                "objects and lists a few levels deep")
+    cause = str(error).split(";")[0]  # Python's advice after the ';' (sys.set_int_max_str_digits) is not the user's
+    return f"a number in the record cannot be read ({cause}); write long numbers, such as ids, as strings"
+
+
+def _value_end(text: str, index: int) -> int | None:
+    """The index just past the JSON value starting at text[index], found by counting brackets outside
+    strings (no recursion, so any depth), or None when the text ends first."""
+    depth = 0
+    while (mark := _STRUCTURE.search(text, index)) is not None:
+        char, index = mark.group(), mark.start()
+        if char == '"':
+            string = _STRING.match(text, index)
+            if string is None:
+                return None
+            index = string.end()
+            if depth == 0:
+                return index
+            continue
+        if char in "[{":
+            depth += 1
+        elif depth == 0:  # a ',' or a closing bracket after a value that is not an object or array
+            return index
+        elif char in "]}":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+        index += 1
+    return None
+
+
 def _skip_space(text: str, index: int) -> int:
     while index < len(text) and text[index] in " \t\r\n":
         index += 1
     return index
+
+
+def _show(value: Any) -> str:
+    """value's repr for a message, shortened (long strings, deep or long lists and objects elided)."""
+    return _SHOW.repr(value)
+
+
+def _check_unicode(what: str, text: str, faults: list[str]) -> None:
+    """A fault when text holds a lone surrogate: JSON lets "\\ud800" through, but it is no character, so the
+    text could not be trained on and written back (the tokenizer, the outputs) as UTF-8."""
+    lone = _LONE_SURROGATE.search(text)
+    if lone is not None:
+        faults.append(f"{what} holds a lone surrogate {_show(lone.group())} at character {lone.start()} (an "
+                      "unpaired JSON escape, no character); fix the text (a pair such as \"\\ud83d\\ude00\" is fine)")
 
 
 def _raw_id(record: Any) -> str | None:
@@ -272,11 +344,13 @@ class _RecordChecker:
         """(the sample, []) for a good record, (None or a partial sample, faults) for a bad one."""
         if not isinstance(record, Mapping):
             return None, [f"a record must be a JSON object, got {type(record).__name__}"]
-        faults = [f"unknown key {key!r}; record keys are {sorted(RECORD_KEYS)}" for key in record
+        faults = [f"unknown key {_show(key)}; record keys are {sorted(RECORD_KEYS)}" for key in record
                   if key not in RECORD_KEYS]
         record_id = _raw_id(record)
         if "id" in record and record_id is None:
-            faults.append(f"'id' must be a string or an integer, got {record['id']!r}")
+            faults.append(f"'id' must be a string or an integer, got {_show(record['id'])}")
+        elif record_id is not None:
+            _check_unicode("'id'", record_id, faults)
         images = self._images(record, faults)
         if ("conversations" in record) == ("messages" in record):
             faults.append("a record needs exactly one of 'conversations' (LLaVA form) or 'messages'")
@@ -298,19 +372,27 @@ class _RecordChecker:
             return None
         names = [record["image"]] if "image" in record else record.get("images", [])
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-            faults.append(f"'image' must be a path and 'images' a list of paths, got {names!r}")
+            faults.append(f"'image' must be a path and 'images' a list of paths, got {_show(names)}")
             return None
         paths = [Path(os.path.abspath(self.root / name)) for name in names]
         for name, path in zip(names, paths):
             if path not in self._image_faults:
-                self._image_faults[path] = self._image_fault(path)
+                self._image_faults[path] = self._image_fault(name, path)
             if self._image_faults[path] is not None:
-                faults.append(f"image {name!r}: {self._image_faults[path]}")
+                faults.append(f"image {_show(name)}: {self._image_faults[path]}")
         return paths
 
-    def _image_fault(self, path: Path) -> str | None:
-        if not path.is_file():
-            return f"no such file {path} (relative paths are resolved against {self.root}; pass image_root)"
+    def _image_fault(self, name: str, path: Path) -> str | None:
+        lone = _LONE_SURROGATE.search(name)
+        if lone is not None:
+            return f"the path holds a lone surrogate {_show(lone.group())}, which no file name can hold"
+        try:
+            found = path.is_file()
+        except OSError as e:  # e.g. a name too long for the file system
+            return f"the system refuses the path ({e.strerror})"
+        if not found:
+            return (f"no such file {path} (relative paths are resolved against {self.root}; pass "
+                    f"{IMAGE_ROOT_HINT})")
         if self.check_images:
             try:
                 load_image(path)
@@ -325,15 +407,15 @@ class _RecordChecker:
         messages = []
         for i, turn in enumerate(turns):
             if not isinstance(turn, Mapping):
-                faults.append(f"turn {i} must be an object {{'from': ..., 'value': ...}}, got {turn!r}")
+                faults.append(f"turn {i} must be an object {{'from': ..., 'value': ...}}, got {_show(turn)}")
                 continue
-            faults.extend(f"turn {i}: unknown key {key!r}; turn keys are ['from', 'value']" for key in turn
+            faults.extend(f"turn {i}: unknown key {_show(key)}; turn keys are ['from', 'value']" for key in turn
                           if key not in ("from", "value"))
             name, value = turn.get("from"), turn.get("value")
             if name not in CONVERSATION_ROLES:
-                faults.append(f"turn {i}: 'from' is {name!r}; it must be one of {list(CONVERSATION_ROLES)}")
+                faults.append(f"turn {i}: 'from' is {_show(name)}; it must be one of {list(CONVERSATION_ROLES)}")
             if not isinstance(value, str):
-                faults.append(f"turn {i}: 'value' must be a string, got {value!r}")
+                faults.append(f"turn {i}: 'value' must be a string, got {_show(value)}")
             if name in CONVERSATION_ROLES and isinstance(value, str):
                 messages.append({"role": CONVERSATION_ROLES[name], "content": content_parts(value)})
         return messages if len(messages) == len(turns) else None
@@ -345,13 +427,13 @@ class _RecordChecker:
         messages = []
         for i, turn in enumerate(turns):
             if not isinstance(turn, Mapping):
-                faults.append(f"message {i} must be an object {{'role': ..., 'content': ...}}, got {turn!r}")
+                faults.append(f"message {i} must be an object {{'role': ..., 'content': ...}}, got {_show(turn)}")
                 continue
-            faults.extend(f"message {i}: unknown key {key!r}; message keys are ['role', 'content']"
+            faults.extend(f"message {i}: unknown key {_show(key)}; message keys are ['role', 'content']"
                           for key in turn if key not in ("role", "content"))
             role = turn.get("role")
             if role not in ROLES:
-                faults.append(f"message {i}: role is {role!r}; it must be one of {list(ROLES)}")
+                faults.append(f"message {i}: role is {_show(role)}; it must be one of {list(ROLES)}")
             parts = self._content(turn.get("content"), i, faults)
             if role in ROLES and parts is not None:
                 messages.append({"role": role, "content": parts})
@@ -361,7 +443,7 @@ class _RecordChecker:
         if isinstance(content, str):
             return content_parts(content)
         if not isinstance(content, list):
-            faults.append(f"message {index}: content must be a string or a list of parts, got {content!r}")
+            faults.append(f"message {index}: content must be a string or a list of parts, got {_show(content)}")
             return None
         parts: list[Part] = []
         ok = True
@@ -376,7 +458,7 @@ class _RecordChecker:
                     else:
                         parts.append(piece)
             else:
-                faults.append(f"message {index}: content part {part!r} is not {{'type': 'text', 'text': str}} "
+                faults.append(f"message {index}: content part {_show(part)} is not {{'type': 'text', 'text': str}} "
                               "or {'type': 'image'} (images come from the record's 'images', in order)")
                 ok = False
         return parts if ok else None
@@ -387,6 +469,7 @@ class _RecordChecker:
             faults.append(f"{placeholders} <image> placeholder(s) but {len(images)} image(s); each image needs "
                           "exactly one <image> (or image part), in the order of 'images'")
         for i, m in enumerate(messages):
+            _check_unicode(f"turn {i} ({m['role']})", "".join(p.get("text", "") for p in m["content"]), faults)
             if not any(p["type"] == "image" or p["text"].strip() for p in m["content"]):
                 faults.append(f"turn {i} ({m['role']}) is empty")
             if m["role"] == "assistant" and any(p["type"] == "image" for p in m["content"]):

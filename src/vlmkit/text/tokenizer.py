@@ -25,6 +25,7 @@ from typing import Any
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as RustTokenizer
 
+from vlmkit.files import write_text_atomically
 from vlmkit.text.gguf_vocab import gguf_tokenizer_spec
 
 
@@ -283,10 +284,11 @@ class CharTokenizer(Tokenizer):
         return cls(chars, **kwargs)
 
     def save(self, path: str | Path) -> None:
-        """Write the vocabulary as JSON; CharTokenizer.load(path) reads it back."""
+        """Write the vocabulary as JSON; CharTokenizer.load(path) reads it back. The file is replaced
+        atomically: a failed save (e.g. a character UTF-8 cannot hold) leaves the old file or none."""
         data = {"type": CHAR_TOKENIZER_TYPE, "version": 1, "special_tokens": self.special_tokens,
                 "chars": self.chars, "chat_template": self._chat_template}
-        Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        write_text_atomically(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> CharTokenizer:

@@ -13,15 +13,21 @@ A checkpoint is a directory `step-000123/`:
     config.json            the model config, when the model has one (VLMConfig / LMConfig)
 It is first written to a hidden temporary directory beside it, every file fsynced, then renamed into
 place, so a crash leaves either the previous checkpoints or the complete new one, never half of one
-(plus a hidden `.step-*.tmp-*` directory, which `remove_partial_checkpoints` deletes on resume).
+(plus a hidden `.step-*.tmp-*` directory, which vlmkit.files.remove_temporaries deletes when the run starts
+again); a save that fails (a full disk, a folder turned read-only) deletes its temporary directory itself.
+
+`reporting_write_errors` turns such a failure of any write of the run folder into a `RunFolderError`
+that says what could not be written, why, and which checkpoint is safe to --resume from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +35,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from vlmkit.files import temporary_path
+
 PREFIX = "step-"
+
+
+class RunFolderError(ValueError):
+    """A run's folder could not be written (a full disk, a folder turned read-only or not writable): the
+    message says what was being written, the cause, and which checkpoint is complete and safe."""
 
 
 @dataclass
@@ -55,14 +69,6 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return max(found, key=lambda p: int(p.name[len(PREFIX):]), default=None)
 
 
-def remove_partial_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Delete the temporary directories of checkpoints whose writing was interrupted; returns them."""
-    partial = sorted(p for p in Path(out_dir).glob(f".{PREFIX}*.*-*") if p.is_dir())
-    for path in partial:
-        shutil.rmtree(path)
-    return partial
-
-
 def prune_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
     """Delete all but the `keep` newest checkpoints of out_dir (keep 0 keeps all); returns the deleted ones."""
     if keep < 0:
@@ -75,16 +81,30 @@ def prune_checkpoints(out_dir: str | Path, keep: int) -> list[Path]:
     return old
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Replace path with text: written and fsynced under a hidden `.{name}.tmp-{pid}` name beside it, then
-    renamed, so a kill leaves the old file or the new one (and at worst that temporary file), never half of
-    one, and a reader (another rank) never sees a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def reporting_write_errors(out_dir: str | Path, what: str) -> Iterator[None]:
+    """Run a write of `what` into the run folder out_dir; an OSError or SafetensorError it raises becomes a
+    RunFolderError naming what, the cause, and the newest complete checkpoint (the one to --resume from)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise RunFolderError(_write_failure(Path(out_dir), what, e)) from e
+
+
+def _write_failure(out: Path, what: str, error: OSError | SafetensorError) -> str:
+    """The message of a failed write: what, the cause (with the file it was writing), what is safe."""
+    if isinstance(error, OSError) and error.strerror:
+        cause = error.strerror + (f" ({error.filename})" if error.filename else "")
+    else:
+        cause = str(error)
+    safe = latest_checkpoint(out)
+    if safe is None:
+        after = ("no checkpoint had been written yet: free space or make the folder writable, then start the "
+                 "run again")
+    else:
+        after = (f"the last checkpoint, {safe}, is complete and safe: free space or make the folder writable, "
+                 "then continue the run with --resume")
+    return f"could not write {what} in {out}: {cause}; {after}"
 
 
 def _fsync(path: Path) -> None:
@@ -177,9 +197,28 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.opti
     order (under torchrun, gathered to rank 0, which writes); default this process's alone."""
     final = checkpoint_dir(out_dir, state.step)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    tmp = temporary_path(final)
     if tmp.exists():
         shutil.rmtree(tmp)
+    try:
+        _write_checkpoint(tmp, model, optimizer, state, extra, rng_states)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees a full disk; the error itself goes on
+        raise
+    if final.exists():  # the same step saved again: move the old one aside, then drop it
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync(final.parent)
+    return final
+
+
+def _write_checkpoint(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
+                      extra: dict[str, Any] | None, rng_states: list[RngState] | None) -> None:
+    """Write a checkpoint's files into the new directory tmp, each fsynced."""
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
     opt_tensors, opt_meta = _optimizer_parts(optimizer)
@@ -195,15 +234,6 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.opti
     for file in tmp.iterdir():
         _fsync(file)
     _fsync(tmp)
-    if final.exists():  # the same step saved again: move the old one aside, then drop it
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    _fsync(final.parent)
-    return final
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -22,7 +22,9 @@ Resume and the metrics file: metrics.csv is rewritten atomically (temporary file
 log_every steps and right before every checkpoint, and the checkpoint records how many rows it covers.
 A resumed run keeps the rows up to its checkpoint's step and redoes the later ones, so a run killed at
 any moment and resumed ends with exactly one row per step (and raises if rows the checkpoint covers are
-missing, e.g. a deleted CSV).
+missing, e.g. a deleted CSV). A write of the run folder that fails (a full disk, a folder turned
+read-only) raises train.checkpoint.RunFolderError, which names the newest complete checkpoint; the
+temporaries a killed run left are deleted when a run starts in the folder again.
 
 Under torchrun (an initialized process group, see train.distributed) the model is wrapped in
 DistributedDataParallel, each rank reads its slice of every global batch, the loss is weighted so the
@@ -48,11 +50,11 @@ import torch.nn as nn
 
 from vlmkit.models.lm import IGNORE_INDEX
 from vlmkit.train.batches import Batch, ShuffledBatches
-from vlmkit.train.checkpoint import (TrainState, load_checkpoint, prune_checkpoints, remove_partial_checkpoints,
-                                     rng_state, save_checkpoint)
+from vlmkit.files import remove_temporaries
+from vlmkit.train.checkpoint import (TrainState, checkpoint_dir, load_checkpoint, prune_checkpoints,
+                                     reporting_write_errors, rng_state, save_checkpoint)
 from vlmkit.train.distributed import World, all_reduce_sum, barrier, current_world, gather_to_main, wrap_model
-from vlmkit.train.runlog import (METRICS, MetricRow, Progress, plot_loss, read_metrics, remove_partial_metrics,
-                                 write_metrics)
+from vlmkit.train.runlog import METRICS, MetricRow, Progress, plot_loss, read_metrics, write_metrics
 from vlmkit.train.stages import Stage, module_groups
 
 __all__ = ["METRICS", "Batch", "ShuffledBatches", "TrainResult", "build_optimizer", "lr_multiplier", "plot_loss",
@@ -180,18 +182,21 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
             if run.out is not None and (save_every and at.step % save_every == 0 or at.step == end):
                 result.checkpoint = _save(model, optimizer, at, run, keep_checkpoints)
             elif run.writes and at.step % log_every == 0:
-                write_metrics(run.metrics_csv, at.rows)
+                with reporting_write_errors(run.out, run.metrics_csv.name):
+                    write_metrics(run.metrics_csv, at.rows)
     if run.writes and at.rows:
-        write_metrics(run.metrics_csv, at.rows)
-        result.loss_png = plot_loss(run.metrics_csv, run.out / "loss.png")
+        with reporting_write_errors(run.out, f"{run.metrics_csv.name} and loss.png"):
+            write_metrics(run.metrics_csv, at.rows)
+            result.loss_png = plot_loss(run.metrics_csv, run.out / "loss.png")
     barrier(run.world)
     return result
 
 
 def _open_run(batches: Iterable[Batch], stage: Stage, steps: int, grad_accum: int, out_dir: str | Path | None,
               save_every: int, resume: str | Path | None) -> _Run:
-    """Check train()'s arguments against each other and the running processes, create out_dir (rank 0),
-    and return the run's fixed setup with its warmup + cosine schedule."""
+    """Check train()'s arguments against each other and the running processes, create out_dir and delete
+    the temporaries a killed run left in it (rank 0), and return the run's fixed setup with its warmup +
+    cosine schedule."""
     if steps < 1 or grad_accum < 1:
         raise ValueError(f"steps and grad_accum must be >= 1, got steps={steps}, grad_accum={grad_accum}")
     if (save_every or resume is not None) and out_dir is None:
@@ -205,6 +210,7 @@ def _open_run(batches: Iterable[Batch], stage: Stage, steps: int, grad_accum: in
     run = _Run(Path(out_dir) if out_dir is not None else None, world, schedule, stage.name)
     if run.writes:
         run.out.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(run.out)  # what a killed run left half-written (a checkpoint's, metrics.csv's ...)
     return run
 
 
@@ -218,17 +224,15 @@ def _start_fresh(seed: int) -> _Position:
 
 def _restore(resume: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, run: _Run) -> _Position:
     """Load the checkpoint `resume` into model and optimizer (with this rank's RNG states) and check it has
-    the run's schedule. Rank 0 then deletes what a kill may have left half-written (a checkpoint's or
-    metrics.csv's temporaries) and takes back metrics.csv's rows up to the checkpoint's step, which must
-    all be there when the checkpoint records them. Returns where the checkpoint stands."""
+    the run's schedule. Rank 0 then takes back metrics.csv's rows up to the checkpoint's step, which must
+    all be there when the checkpoint records them (what a kill left half-written was deleted by _open_run).
+    Returns where the checkpoint stands."""
     state = load_checkpoint(resume, model, optimizer, rank=run.world.rank, world_size=run.world.size)
     if state.schedule != run.schedule:
         raise ValueError(f"{resume} was saved with schedule {state.schedule} but this run has {run.schedule}; "
                          "resume with the same stage and steps")
     rows: list[MetricRow] = []
     if run.writes:
-        remove_partial_checkpoints(run.out)
-        remove_partial_metrics(run.metrics_csv)
         rows = read_metrics(run.metrics_csv, state.step)
         if state.metric_rows is not None and [int(r["step"]) for r in rows] != list(range(1, state.step + 1)):
             raise ValueError(f"{run.metrics_csv} should hold one row per step 1..{state.step} (the checkpoint "
@@ -354,10 +358,11 @@ def _save(model: nn.Module, optimizer: torch.optim.Optimizer, at: _Position, run
     rng_states = gather_to_main(rng_state(), run.world)  # every rank's, in rank order, on rank 0
     path = None
     if run.writes:
-        write_metrics(run.metrics_csv, at.rows)
-        path = save_checkpoint(run.out, model, optimizer,
-                               TrainState(at.step, at.sample_index, run.schedule, metric_rows=len(at.rows)),
-                               extra={"stage": run.stage, "world_size": run.world.size}, rng_states=rng_states)
-        prune_checkpoints(run.out, keep)
+        with reporting_write_errors(run.out, f"checkpoint {checkpoint_dir(run.out, at.step).name}"):
+            write_metrics(run.metrics_csv, at.rows)
+            path = save_checkpoint(run.out, model, optimizer,
+                                   TrainState(at.step, at.sample_index, run.schedule, metric_rows=len(at.rows)),
+                                   extra={"stage": run.stage, "world_size": run.world.size}, rng_states=rng_states)
+            prune_checkpoints(run.out, keep)
     barrier(run.world)
     return path

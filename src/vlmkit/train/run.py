@@ -25,10 +25,13 @@ The model's recipe is its preset's: --model PRESET, or a run folder of `vlmkit t
 a preset (so `--model RUN --stage recipe:2` continues a preset's recipe); a model directory from elsewhere
 has none (use PRESET:NAME or a built-in stage).
 
-The data is read and validated by data.formats.load_dataset; then every sample is made into a training
-example once (`build_example`: images decoded and planned, labels built; the length is checked against
-the model's context) so a bad sample is found before training starts. --data-policy fail stops with every
-problem listed; skip drops the bad records, prints them and writes them to skipped.txt. During training an
+The run folder is created and a test file written in it first, so a folder that cannot be written is
+refused before the data is prepared. The data is read and validated by data.formats.load_dataset; then
+every sample it passes is made into a training example once (`build_example`: images decoded and planned,
+labels built; the length is checked against the model's context), so a bad sample is found before training
+starts. Both lists of problems make one: --data-policy fail stops with every problem listed (the records'
+form, their images and their length at once); skip drops the bad records, prints them and writes them to
+skipped.txt. During training an
 example is built again when it is read (a pure function of its sample), so the pixels of the dataset are
 never all in memory: a real dataset's images would not fit (1.3 MiB per 336x336 image). Under torchrun every
 rank prepares every sample (all ranks must agree on which samples are good).
@@ -39,12 +42,17 @@ The run folder (--out):
     step-NNNNNN/              checkpoints (train.checkpoint); the newest --keep-checkpoints are kept
     skipped.txt               the problems of the records --data-policy skip dropped
     config.json, model.safetensors, tokenizer files   the final model: `vlmkit generate --model OUT` loads it
+run.json records --data, --image-root and a --model directory relative to the run folder, and not --out,
+so a run folder moved (with its data) resumes. A write of the folder that fails (a full disk, a folder
+turned read-only) stops the run with a RunFolderError naming the last complete checkpoint, from which
+--resume continues; the temporaries of a killed write are deleted when a run starts in the folder again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import string
 import sys
@@ -65,7 +73,8 @@ from vlmkit.schemes import get_scheme
 from vlmkit.text.chat import chat_template_for
 from vlmkit.text.tokenizer import DEFAULT_SPECIAL_TOKENS, CharTokenizer
 from vlmkit.weights import save_pretrained
-from vlmkit.train.checkpoint import latest_checkpoint, write_text_atomically
+from vlmkit.files import temporary_path, write_text_atomically
+from vlmkit.train.checkpoint import latest_checkpoint, reporting_write_errors
 from vlmkit.train.distributed import World, current_world
 from vlmkit.train.loop import ShuffledBatches, TrainResult, train
 from vlmkit.train.recipes import RECIPES, SMALL_SUFFIX, recipe
@@ -79,6 +88,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json")
 # Settings that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = ("resume", "progress", "checkpoint_every", "keep_checkpoints", "log_every", "threads")
+PATH_SETTINGS = ("data", "image_root", "model")  # run.json holds them relative to the run folder
 
 
 @dataclass
@@ -278,12 +288,12 @@ class TrainingSet(Sequence[TrainingExample]):
         return build_example(self.samples[index], self.loaded)
 
 
-def prepare_data(samples: Sequence[Sample], loaded: LoadedModel, policy: str,
+def prepare_data(samples: Sequence[Sample], loaded: LoadedModel,
                  max_len: int | None = None) -> tuple[TrainingSet, list[Problem]]:
-    """The good samples as a TrainingSet, and the problems: a sample whose images cannot be read or planned,
-    whose conversation cannot be labelled, or which is longer than max_len tokens (default: the model's
-    context). Each sample is built once here to find them. policy "fail" raises DatasetError listing every
-    problem; "skip" leaves them out."""
+    """The good samples as a TrainingSet, and the problems of the others: a sample whose images cannot be
+    read or planned, whose conversation cannot be labelled, or which is longer than max_len tokens (default:
+    the model's context). Each sample is built once here to find them; the caller applies the data policy
+    (run_training lists these with the problems load_dataset found)."""
     limit = max_len if max_len is not None else loaded.context_length
     if limit is None:
         raise ValueError(f"{loaded.name} states no context length; give --max-len")
@@ -300,10 +310,6 @@ def prepare_data(samples: Sequence[Sample], loaded: LoadedModel, policy: str,
                                     "shorten it or raise --max-len up to the model's context"))
             continue
         good.append(sample)
-    if problems and policy == "fail":
-        raise DatasetError(problems)
-    if not good:
-        raise ValueError(f"no sample of the dataset can be trained on ({len(problems)} skipped); see {SKIPPED_FILE}")
     return TrainingSet(good, loaded), problems
 
 
@@ -320,8 +326,28 @@ def save_model_dir(loaded: LoadedModel, out: Path, source: str) -> Path:
     return out
 
 
+def _is_path(key: str, value: Any) -> bool:
+    """Whether a setting's value names a file or folder: --data, --image-root, a --model that is no preset."""
+    return key in PATH_SETTINGS and isinstance(value, str) and not (key == "model" and value in PRESETS)
+
+
 def _settings(cfg: RunConfig) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+    """The run's settings as run.json records them: without --out (run.json's folder is the run folder) and
+    the resume-only flags, with paths relative to the run folder, so a folder moved together with its data
+    still resumes."""
+    out = os.path.abspath(cfg.out)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in (*RESUMABLE_CHANGES, "out")}
+    for key, value in settings.items():
+        if _is_path(key, value) and (key != "model" or Path(value).is_dir()):
+            settings[key] = Path(os.path.relpath(os.path.abspath(value), out)).as_posix()
+    return settings
+
+
+def _comparable(settings: dict[str, Any], folder: str | os.PathLike) -> dict[str, Any]:
+    """settings without --out and with every path made absolute against folder: what two runs' settings are
+    compared by. (run.json before this version recorded --out and absolute paths; they compare too.)"""
+    return {k: os.path.abspath(os.path.join(folder, v)) if _is_path(k, v) else v
+            for k, v in settings.items() if k != "out"}
 
 
 def _resume_point(cfg: RunConfig, out: Path) -> Path | None:
@@ -332,8 +358,9 @@ def _resume_point(cfg: RunConfig, out: Path) -> Path | None:
             raise ValueError(f"{out} already holds checkpoints of a run; pass --resume to continue it, "
                              "or choose another --out")
         return None
-    if saved is not None and saved != _settings(cfg):
-        diff = {k: (saved.get(k), v) for k, v in _settings(cfg).items() if saved.get(k) != v}
+    before, now = _comparable(saved or {}, out), _comparable(_settings(cfg), out)
+    if saved is not None and before != now:
+        diff = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
         raise ValueError(f"--resume: the run in {out} was started with other settings ({diff}, as "
                          "(saved, now)); resume with the same flags")
     path = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
@@ -353,23 +380,33 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
     out = Path(cfg.out)
     stage = build_stage(cfg)
     resume = _resume_point(cfg, out)
-    samples, problems = load_dataset(cfg.data, image_root=cfg.image_root, policy=cfg.data_policy)
+    if world.is_main:
+        check_writable(out)
+    # every problem of every record in one pass: load_dataset's (the records' form), then prepare_data's
+    # (images, labels, length) for the records load_dataset passed; the policy is applied to them all
+    samples, problems = load_dataset(cfg.data, image_root=cfg.image_root, policy="skip")
     loaded = load_for_training(cfg.model, samples, cfg.seed)
     max_len = cfg.max_len
     if cfg.pack_len is not None and (max_len is None or max_len > cfg.pack_len):
         max_len = cfg.pack_len  # a packed row must hold every sample
     say(f"preparing {len(samples)} samples of {cfg.data}", file=sys.stderr, flush=True)
-    examples, more = prepare_data(samples, loaded, cfg.data_policy, max_len)
-    problems += more
+    examples, more = prepare_data(samples, loaded, max_len)
+    problems = sorted(problems + more, key=lambda p: (p.file, p.line))  # in file order (a stable sort)
+    if problems and cfg.data_policy == "fail":
+        raise DatasetError(problems)
     if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(out / RUN_FILE,  # the other ranks read it (_resume_point)
-                              json.dumps(_settings(cfg), indent=1) + "\n")
+        with reporting_write_errors(out, f"{RUN_FILE} / {SKIPPED_FILE}"):
+            write_text_atomically(out / RUN_FILE,  # the other ranks read it (_resume_point)
+                                  json.dumps(_settings(cfg), indent=1) + "\n")
+            if problems:
+                write_text_atomically(out / SKIPPED_FILE, "".join(f"{p}\n" for p in problems))
         if problems:
-            (out / SKIPPED_FILE).write_text("".join(f"{p}\n" for p in problems))
             print(f"skipped {len(problems)} bad record(s) (listed in {out / SKIPPED_FILE}):", file=sys.stderr)
             for p in problems:
                 print(f"  {p}", file=sys.stderr)
+    if len(examples) == 0:
+        raise ValueError(f"no record of {cfg.data} can be trained on: all {len(problems)} problem(s) are listed "
+                         f"in {out / SKIPPED_FILE}")
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     batches = ShuffledBatches(examples, cfg.batch_size, pad_id, seed=cfg.seed, pack_len=cfg.pack_len,
                               rank=world.rank, world_size=world.size)
@@ -380,5 +417,18 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
                    activation_checkpointing=cfg.activation_checkpointing, seed=cfg.seed, out_dir=out,
                    save_every=cfg.checkpoint_every, resume=resume, progress=cfg.progress, log_every=cfg.log_every,
                    keep_checkpoints=cfg.keep_checkpoints)
-    model_dir = save_model_dir(loaded, out, cfg.model) if world.is_main else None
+    model_dir = None
+    if world.is_main:
+        with reporting_write_errors(out, "the trained model (config.json, safetensors, tokenizer)"):
+            model_dir = save_model_dir(loaded, out, cfg.model)
     return RunResult(result, out, len(examples), problems, model_dir)
+
+
+def check_writable(out: Path) -> None:
+    """Create the run folder and write a test file in it, so a folder that cannot be written is refused
+    (RunFolderError) before the data is prepared, not after."""
+    probe = temporary_path(out / "write-test")
+    with reporting_write_errors(out, "the run folder (--out)"):
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()

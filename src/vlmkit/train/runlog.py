@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from vlmkit.train.checkpoint import write_text_atomically
+from vlmkit.files import write_text_atomically
 
 METRICS = ("step", "loss", "lr", "samples_per_s", "grad_norm")
 MetricRow = dict[str, Any]
@@ -40,12 +40,6 @@ def write_metrics(path: Path, rows: list[MetricRow]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomically(path, text.getvalue())
-
-
-def remove_partial_metrics(path: Path) -> None:
-    """Delete the temporary files of rewrites of path that a kill cut off (see write_text_atomically)."""
-    for partial in path.parent.glob(f".{path.name}.tmp-*"):
-        partial.unlink()
 
 
 def plot_loss(metrics_csv: str | Path, png: str | Path) -> Path | None:

@@ -11,10 +11,11 @@ A saved folder holds
     tokenizer.json     the tokenizer, when it was saved with the model
 
 Writing is atomic in the way that matters: config.json is first replaced by a stub that marks the save as
-unfinished, every file is written under a temporary name, flushed and renamed into place, and the full
-config.json (with the sha256 of every file) comes last. A folder whose save was interrupted is refused as
-"holds no saved model", never loaded half-written; loading checks every file against its sha256, so a
-truncated, edited or mismatched file is refused by name. Any config round-trips exactly.
+unfinished, every file is written under a temporary name, flushed and renamed into place (vlmkit.files), and
+the full config.json (with the sha256 of every file) comes last. A folder whose save was interrupted is
+refused as "holds no saved model", never loaded half-written; loading checks every file against its sha256,
+so a truncated, edited or mismatched file is refused by name. A save first deletes the temporaries an
+interrupted save left in the folder (a model-sized one for the weights). Any config round-trips exactly.
 
 Folders of format 1 (written before the demo's folder and this format were one) load too: the VLM's
 without sha256s, the demo's ("vlmkit-demo", its config under "demo_config") with them.
@@ -24,13 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch.nn as nn
 from safetensors import SafetensorError
 
+from vlmkit.files import remove_temporaries, write_atomically, write_text_atomically
 from vlmkit.models.vlm import VLM, VLMConfig
 from vlmkit.weights.converter import Converter, StateDict
 from vlmkit.weights.safetensors_io import INDEX_FILE, SINGLE_FILE, read_state_dict, shard_tensors
@@ -51,20 +52,6 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _replace(tmp: Path, final: Path) -> None:
-    """Flush tmp to disk, make it world-readable and rename it to final (atomic on one file system)."""
-    with tmp.open("rb+") as f:
-        os.fsync(f.fileno())
-    tmp.chmod(0o644)
-    os.replace(tmp, final)
-
-
-def _write_atomically(folder: Path, name: str, write: Callable[[Path], Any]) -> None:
-    tmp = folder / f".{name}.tmp"
-    write(tmp)
-    _replace(tmp, folder / name)
-
-
 def _ties(state: StateDict) -> dict[str, str]:
     """{name: earlier name} for every tensor that shares its storage and layout with an earlier one."""
     seen: dict[tuple, str] = {}
@@ -82,20 +69,21 @@ def write_native(path: Path, config: dict, state: StateDict, max_shard_bytes: in
     """Write a native folder (module docstring): weights (tied tensors once), tokenizer, config.json last."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomically(folder, CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(
-        {"model_type": config["model_type"], "format_version": FORMAT_VERSION, "files": None}) + "\n"))
+    remove_temporaries(folder)
+    write_text_atomically(folder / CONFIG_FILE, json.dumps(
+        {"model_type": config["model_type"], "format_version": FORMAT_VERSION, "files": None}) + "\n")
     ties = _ties(state)
     shards, index = shard_tensors({k: v for k, v in state.items() if k not in ties}, max_shard_bytes)
     for name, save in shards.items():
-        _write_atomically(folder, name, save)
+        write_atomically(folder / name, save)
     if index is not None:
-        _write_atomically(folder, INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+        write_text_atomically(folder / INDEX_FILE, json.dumps(index, indent=2))
     if tokenizer is not None:
-        _write_atomically(folder, TOKENIZER_FILE, tokenizer.save)
+        tokenizer.save(folder / TOKENIZER_FILE)  # atomic itself (CharTokenizer.save)
     files = [*shards, *([INDEX_FILE] if index is not None else []), *([TOKENIZER_FILE] if tokenizer else [])]
     full = {**config, "format_version": FORMAT_VERSION, "tied": ties,
             "files": {name: sha256(folder / name) for name in files}}
-    _write_atomically(folder, CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(full, indent=1) + "\n"))
+    write_text_atomically(folder / CONFIG_FILE, json.dumps(full, indent=1) + "\n")
 
 
 def read_native(path: Path, config: dict) -> StateDict:

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlmkit.files import remove_temporaries, write_atomically, write_text_atomically
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -80,12 +82,14 @@ def shard_tensors(state: dict[str, torch.Tensor], max_shard_bytes: int = 2 * 102
 
 def write_dir(path: str | Path, config: dict, state: dict[str, torch.Tensor],
               max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Write config.json and the tensors, split into shards of at most max_shard_bytes with an index."""
+    """Write the tensors, split into shards of at most max_shard_bytes with an index, and config.json last,
+    each file atomically (vlmkit.files), after deleting the temporaries an interrupted save left there."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    remove_temporaries(path)
     writers, index = shard_tensors(state, max_shard_bytes)
     for name, save in writers.items():
-        save(path / name)
+        write_atomically(path / name, save)
     if index is not None:
-        (path / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        write_text_atomically(path / INDEX_FILE, json.dumps(index, indent=2))
+    write_text_atomically(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
