@@ -181,6 +181,12 @@ class _VideoDefaults:
     size = {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}
     patch_size, merge_size, temporal_patch_size = 14, 2, 2
 
+    def _merge_and_standardize_kwargs(self, **kwargs):
+        """transformers >= 5.25 reads the defaults through this (5.24 read the attributes)."""
+        defaults = dict(size=self.size, patch_size=self.patch_size, merge_size=self.merge_size,
+                        temporal_patch_size=self.temporal_patch_size)
+        return {**defaults, **kwargs}
+
 
 @pytest.mark.parametrize("num_frames", [1, 2, 3, 4, 7])
 @pytest.mark.parametrize("size", [(320, 240), (448, 448), (1280, 720)])
