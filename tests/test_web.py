@@ -137,7 +137,7 @@ def ask(page: Page, question: str, turn: int) -> tuple[dict, str, list[list[floa
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: install Debian's browser for the web page tests with "
-                    "`apt-get install -y chromium chromium-driver` (.ci/run does)")
+                    "`apt-get install -y chromium` (the README's Set-up line; .ci/run does)")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         yield browser
