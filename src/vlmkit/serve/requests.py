@@ -114,6 +114,7 @@ class ChatRequest:
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKETS = b"[]{}"
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in _BRACKETS)
+_SCAN_CHUNK = 1 << 20  # brackets per step of the depth scan
 
 
 def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
@@ -121,10 +122,15 @@ def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     deeper than max_depth (checked before parsing, so the parser never recurses that deep)."""
     if raw.count(b"[") + raw.count(b"{") > max_depth:  # else it cannot nest deeper: skip the scan
         brackets = np.frombuffer(_JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS), dtype=np.uint8)
-        steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
-        if steps.size and int(np.cumsum(steps).max()) > max_depth:
-            raise RequestError(f"the request body nests arrays and objects more than {max_depth} deep; "
-                               f"this server accepts at most {max_depth} levels (a chat request needs 5)")
+        depth = 0
+        for start in range(0, brackets.size, _SCAN_CHUNK):  # in chunks: a few MB at a time, whatever the body
+            part = brackets[start:start + _SCAN_CHUNK]
+            steps = ((part == ord("[")) | (part == ord("{"))).astype(np.int64) * 2 - 1  # open +1, close -1
+            depths = depth + np.cumsum(steps)
+            if int(depths.max()) > max_depth:
+                raise RequestError(f"the request body nests arrays and objects more than {max_depth} deep; "
+                                   f"this server accepts at most {max_depth} levels (a chat request needs 5)")
+            depth = int(depths[-1])
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
