@@ -119,7 +119,8 @@ def image_urls() -> list[str]:
 
 def cache_stats(port: int, route: str = "/health", method: str = "GET") -> dict:
     """The server's image-cache counters (after emptying the cache when route is CLEAR_ROUTE)."""
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{route}", method=method)
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{route}", method=method,  # a POST must be JSON
+                                     headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         body = json.loads(response.read())
     return body.get("image_cache", body)

@@ -223,7 +223,7 @@ def open_stream(s: Server, max_tokens: int, events: int, stream: bool = True) ->
                        "max_tokens": max_tokens, "temperature": 0}).encode()
     host, port = s.url.removeprefix("http://").split(":")
     conn = socket.create_connection((host, int(port)), timeout=10)
-    conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     if not stream:
         return conn

@@ -91,7 +91,7 @@ def test_page_files_are_served_and_load_nothing_from_outside(server):
     refs = re.findall(r'\b(?:src|href)="([^"]*)"', html)
     assert sorted(refs) == ["/static/chat.js", "/static/style.css", "data:,"]
     # The script talks only to paths on this server; the style sheet imports nothing.
-    assert re.findall(r"fetch\(([^,)]*)", js) == ['"/v1/chat/completions"', '"/health"']
+    assert re.findall(r"fetch\(([^,)]*)", js) == ['"/v1/models"', '"/v1/chat/completions"', '"/health"']
     assert "url(" not in css and "@import" not in css
 
     with pytest.raises(urllib.error.HTTPError) as missing:
@@ -144,13 +144,14 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
-def open_page(browser: Browser, url: str, problems: list[str]) -> Page:
-    """The chat page at url, connected, with greedy settings; console errors and warnings go to problems."""
+def open_page(browser: Browser, url: str, problems: list[str], model_shown: str = MODEL) -> Page:
+    """The chat page at url, connected (showing model_shown as the model), with greedy settings; console
+    errors and warnings go to problems."""
     page = browser.new_page()
     page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
     page.on("pageerror", lambda e: problems.append(str(e)))
     page.goto(url + "/")
-    expect(page.locator("#model-name")).to_have_text(MODEL)  # from GET /health
+    expect(page.locator("#model-name")).to_have_text(model_shown)  # from GET /health
     page.click("summary")  # open the settings
     page.fill("#max-tokens", str(MAX_TOKENS))
     page.fill("#temperature", "0")
@@ -187,7 +188,9 @@ def test_browser_uploads_an_image_streams_and_continues(server, loaded, browser)
 def test_browser_shows_api_errors_sends_the_key_and_resets(loaded, browser):
     keyed = Server(create_app(loaded, model_name=MODEL, api_key=KEY))
     try:
-        page = open_page(browser, keyed.url, [])  # the refused request is logged by Chromium: not checked
+        # A keyed server's /health names no model: the page asks /v1/models once it has the key.
+        page = open_page(browser, keyed.url, [], model_shown="(shown once the API key in Settings is accepted)")
+        # (the refused requests are logged by Chromium: not checked)
         page.fill("#max-tokens", "8")  # the answers are not looked at here
         page.fill("#question", "Hello?")
         page.click("#send")
@@ -202,6 +205,8 @@ def test_browser_shows_api_errors_sends_the_key_and_resets(loaded, browser):
         with page.expect_request("**/v1/chat/completions") as sent:
             page.click("#send")
         assert sent.value.headers["authorization"] == f"Bearer {KEY}"
+        assert sent.value.post_data_json["model"] == MODEL
+        expect(page.locator("#model-name")).to_have_text(MODEL)
         page.wait_for_selector(".message.assistant[aria-busy=false]")
         assert page.is_hidden("#error") and page.locator(".message").count() == 2
 

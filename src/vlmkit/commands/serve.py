@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 
 from vlmkit.commands.common import add_model_flag, load_model_of
 from vlmkit.serve import DEFAULT_HOST, DEFAULT_PORT, Limits, create_app, run_server
 from vlmkit.serve.batcher import MAX_BATCH_SIZE, MAX_QUEUE
+from vlmkit.serve.guard import parse_allowed_hosts
 from vlmkit.serve.image_cache import IMAGE_CACHE_MB, MB
 from vlmkit.serve.requests import MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_PROMPT_TOKENS, MAX_REQUEST_BYTES, MAX_TOKENS
 
@@ -23,6 +25,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_model_flag(p)
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    p.add_argument("--allowed-hosts", type=_allowed_hosts, default=[], metavar="NAMES",
+                   help="host names (comma-separated) the server answers to besides localhost, IP addresses and "
+                        "--host, e.g. the name you reach it by on your network; '*' accepts any. Other Host "
+                        "headers get 403, which stops DNS-rebinding pages (default: none)")
     p.add_argument("--api-key", default=os.environ.get("VLMKIT_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $VLMKIT_API_KEY, else none)")
     p.add_argument("--allow-local-images", default=None, metavar="ROOT",
@@ -45,6 +51,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="memory for the encoded features of recently seen images, so that an image a client "
                         "sends again (every turn of a chat) skips the vision tower; 0 turns the cache off "
                         f"(default {IMAGE_CACHE_MB})")
+    p.add_argument("--quiet", action="store_true",
+                   help="no request log (by default one line per request on stderr: method, path, status, time)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(run=_run_serve)
 
@@ -58,9 +66,22 @@ def _run_serve(args: argparse.Namespace) -> int:
     app = create_app(load_model_of(args), model_name=args.model_name or args.model, api_key=args.api_key,
                      allow_local_images_root=args.allow_local_images, limits=limits,
                      max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                     image_cache_bytes=int(args.image_cache_mb * MB))
+                     image_cache_bytes=int(args.image_cache_mb * MB),
+                     allowed_hosts=[args.host, *args.allowed_hosts],
+                     request_log=None if args.quiet else _log_to_stderr)
     run_server(app, host=args.host, port=args.port)
     return 0
+
+
+def _log_to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _allowed_hosts(text: str) -> list[str]:
+    try:
+        return parse_allowed_hosts(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _megabytes(text: str) -> float:

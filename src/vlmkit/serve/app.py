@@ -6,7 +6,7 @@
     GET  /health               {"status": "ok", "model": ..., "dtype": "float32", "active_requests": n,
                                 "queued_requests": n,
                                 "image_cache": {"max_bytes", "entries", "bytes", "hits", "misses", "evictions"}}
-                               (no API key needed)
+                               (with an API key set, a request without it gets only {"status": "ok"})
     GET  /v1/models            OpenAI's model list (one model)
     GET  /v1/models/{id}
     POST /v1/chat/completions  OpenAI's chat completions: text and image_url parts, stream: true as
@@ -15,7 +15,9 @@
 Request checking lives in requests.py. Every refusal is a 4xx (or 503) JSON body in OpenAI's error shape; an
 unexpected ValueError from the model side becomes a 400 (logged with its traceback), any other
 exception a 500 whose traceback uvicorn logs. With `api_key`, the /v1 routes need
-`Authorization: Bearer <api_key>` (401 otherwise).
+`Authorization: Bearer <api_key>` (401 otherwise). Before any route, guard.py checks the Host header
+(DNS rebinding; `allowed_hosts` adds names), that a POST is `application/json` (415), and writes the
+request log line. A request that gives no `temperature` is answered greedily (temperature 0).
 
 Concurrency: requests are parsed and their images decoded concurrently in worker threads, then
 handed to the Batcher (batcher.py): up to max_batch_size requests decode together in one forward
@@ -43,7 +45,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +61,18 @@ from vlmkit.generate import GenerationResult, _long_rope_threshold
 from vlmkit.load import LoadedModel
 from vlmkit.sampling import GenerationConfig
 from vlmkit.serve.batcher import MAX_BATCH_SIZE, MAX_QUEUE, Batcher, Prefill, QueueFull, Ticket
+from vlmkit.serve.guard import Guard
 from vlmkit.serve.image_cache import IMAGE_CACHE_MB, MB, CachedImageEncoder, ImageFeatureCache, plan_key
-from vlmkit.serve.requests import ERROR_TYPES, ChatRequest, Limits, RequestError, error_body, parse_chat_request
+from vlmkit.serve.requests import (
+    ERROR_TYPES,
+    ChatRequest,
+    Limits,
+    RequestError,
+    error_body,
+    longest_token_chars,
+    parse_chat_request,
+    parse_json_body,
+)
 from vlmkit.serve.web import register_web_page
 
 DEFAULT_HOST = "127.0.0.1"  # local only unless asked otherwise
@@ -86,6 +98,8 @@ class _Engine:
                  image_cache_bytes: int) -> None:
         self.loaded, self.limits = loaded, limits
         self.context_length = _context_length(loaded)
+        # Text longer than this cannot fit in max_prompt_tokens (requests.py): refused before tokenizing.
+        self.max_text_chars = limits.max_prompt_tokens * longest_token_chars(loaded.tokenizer)
         self.batcher = Batcher(loaded.model, loaded.tokenizer, max_batch_size, max_queue)
         self.image_cache = ImageFeatureCache(image_cache_bytes)
         self.encoder = (CachedImageEncoder(loaded, self.image_cache)
@@ -127,13 +141,16 @@ class _Engine:
 def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: str | None = None,
                allow_local_images_root: str | Path | None = None, limits: Limits = Limits(),
                max_batch_size: int = MAX_BATCH_SIZE, max_queue: int = MAX_QUEUE,
-               image_cache_bytes: int = IMAGE_CACHE_MB * MB) -> FastAPI:
+               image_cache_bytes: int = IMAGE_CACHE_MB * MB, allowed_hosts: Iterable[str] = (),
+               request_log: Callable[[str], None] | None = None) -> FastAPI:
     """The server app for loaded, answering as model_name (default: loaded.name).
 
     api_key: require `Authorization: Bearer <api_key>` on /v1 routes. allow_local_images_root: let
     image_url parts name local files, only inside this directory (symlinks resolved); None: data URLs only.
     max_batch_size: requests decoded together; max_queue: requests that may wait for a row (then 503).
     image_cache_bytes: bound of the encoded-image cache (image_cache.py); 0 turns it off.
+    allowed_hosts: Host names accepted besides localhost names and IP addresses ("*": any; guard.py).
+    request_log: called with one line per request (`POST /v1/chat/completions 200 153 ms`); None: no log.
     The batcher's worker thread starts with the first request and stops when the app shuts down.
     """
     model_name = model_name or loaded.name
@@ -155,6 +172,7 @@ def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: s
 
     app = FastAPI(title="vlmkit", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.batcher = engine.batcher
+    app.add_middleware(Guard, allowed_hosts=list(allowed_hosts), request_log=request_log)
     app.state.image_cache = engine.image_cache
 
     @app.exception_handler(RequestError)
@@ -178,11 +196,14 @@ def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: s
         return JSONResponse(error_body(f"internal server error ({type(e).__name__}); see the server log",
                                        "server_error"), status_code=500)
 
-    def check_key(request: Request) -> None:
+    def has_key(request: Request) -> bool:
         if api_key is None:
-            return
+            return True
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+    def check_key(request: Request) -> None:
+        if not has_key(request):
             raise RequestError("missing or wrong API key: send the header 'Authorization: Bearer <key>' with the "
                                "key the server was started with", status=401, code="invalid_api_key")
 
@@ -190,7 +211,9 @@ def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: s
         return {"id": model_name, "object": "model", "created": created, "owned_by": "vlmkit"}
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        if not has_key(request):  # alive, nothing more: the model and its load are for key holders
+            return {"status": "ok"}
         return {"status": "ok", "model": model_name, "dtype": str(engine.loaded.dtype).removeprefix("torch."),
                 "active_requests": engine.batcher.active,
                 "queued_requests": engine.batcher.queued, "image_cache": engine.image_cache.stats()}
@@ -212,12 +235,9 @@ def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: s
     async def chat_completions(request: Request) -> Any:
         check_key(request)
         raw = await _read_body(request, limits.max_request_bytes)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(f"the request body is not valid JSON ({e})") from e
+        body = await run_in_threadpool(parse_json_body, raw)
         chat = await run_in_threadpool(parse_chat_request, body, model_name=model_name, limits=limits,
-                                       local_images_root=root)
+                                       local_images_root=root, max_text_chars=engine.max_text_chars)
         job = await run_in_threadpool(engine.prepare, chat)
         completion_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         ticket = engine.submit(job)
@@ -244,7 +264,7 @@ def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: s
 
 def run_server(app: FastAPI, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
     """Serve app with uvicorn until interrupted."""
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)  # create_app's request_log logs
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -12,23 +12,36 @@ Every problem raises `RequestError`, which carries the HTTP status and OpenAI's 
 Images come as `image_url` parts. A base64 data URL is decoded here. A remote http(s) URL is never
 fetched (400). A local path (`/abs/a.png`, `rel/a.png` or `file:///abs/a.png`) is read only when the
 server was given a root directory, and only if the path, symlinks resolved, lies inside that root (403
-otherwise). Limits (image count, pixels per image, max_tokens) are checked before any image is decoded.
+otherwise); a path the system cannot look up (too long, a NUL byte) is a 400.
+Limits (image count, pixels per image, max_tokens, the text's length) are checked before any image is decoded.
+
+The body is parsed by `parse_json_body`: JSON nested deeper than MAX_JSON_DEPTH arrays and objects is
+refused (400) before the parser recurses into it. The text of the messages is bounded before it is
+tokenized: a prompt of at most max_prompt_tokens tokens holds at most max_prompt_tokens x (the longest
+vocabulary entry, in characters) characters (each token stands for at most its entry's characters), so
+a longer text is refused (400) without tokenizing it, and no text that would fit is.
+
+`temperature` defaults to 0 (greedy), as in `vlmkit generate` and the web page; OpenAI's default is 1.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+import numpy as np
 from PIL import Image
 
 from vlmkit.image.load import ImageLoadError, load_image
 from vlmkit.sampling import GenerationConfig, is_int
 from vlmkit.text.chat import Message
+from vlmkit.text.tokenizer import Tokenizer
 
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # a request body larger than this is refused (413)
 MAX_IMAGES = 8  # image parts per request
@@ -37,6 +50,8 @@ MAX_PROMPT_TOKENS = 8192  # prompt tokens, image tokens included
 MAX_TOKENS = 2048  # the largest max_tokens a request may ask for
 DEFAULT_MAX_TOKENS = 256  # max_tokens when a request gives none (capped by Limits.max_tokens)
 MAX_STOP_STRINGS = 4  # OpenAI's limit on `stop`
+MAX_JSON_DEPTH = 32  # nested arrays and objects in a request body; a chat request needs 5
+DEFAULT_TEMPERATURE = 0.0  # greedy when a request gives no temperature, as `vlmkit generate` and the web page
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # Fields that would change what is returned in ways this server does not implement: refused, not ignored.
@@ -74,7 +89,8 @@ class RequestError(Exception):
 
 
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-               413: "invalid_request_error", 500: "server_error", 503: "server_error"}
+               413: "invalid_request_error", 415: "invalid_request_error", 500: "server_error",
+               503: "server_error"}
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -94,9 +110,42 @@ class ChatRequest:
     include_usage: bool = False  # stream_options.include_usage: a last chunk carries the usage counts
 
 
-def parse_chat_request(body: Any, *, model_name: str, limits: Limits,
-                       local_images_root: Path | None = None) -> ChatRequest:
-    """Check body (the parsed JSON) and turn it into a ChatRequest; raises RequestError."""
+# A JSON string (escapes included): removed before counting brackets, so brackets inside text do not count.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKETS = b"[]{}"
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in _BRACKETS)
+_SCAN_CHUNK = 1 << 20  # brackets per step of the depth scan
+
+
+def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The JSON value of a request body; RequestError (400) when it is not JSON or nests arrays and objects
+    deeper than max_depth (checked before parsing, so the parser never recurses that deep)."""
+    if raw.count(b"[") + raw.count(b"{") > max_depth:  # else it cannot nest deeper: skip the scan
+        brackets = np.frombuffer(_JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS), dtype=np.uint8)
+        depth = 0
+        for start in range(0, brackets.size, _SCAN_CHUNK):  # in chunks: a few MB at a time, whatever the body
+            part = brackets[start:start + _SCAN_CHUNK]
+            steps = ((part == ord("[")) | (part == ord("{"))).astype(np.int64) * 2 - 1  # open +1, close -1
+            depths = depth + np.cumsum(steps)
+            if int(depths.max()) > max_depth:
+                raise RequestError(f"the request body nests arrays and objects more than {max_depth} deep; "
+                                   f"this server accepts at most {max_depth} levels (a chat request needs 5)")
+            depth = int(depths[-1])
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON ({e})") from e
+    except RecursionError as e:  # the scan above missed it (e.g. a UTF-16 body with quote-like bytes)
+        raise RequestError(f"the request body nests arrays and objects too deep; this server accepts at most "
+                           f"{max_depth} levels (a chat request needs 5)") from e
+
+
+def parse_chat_request(body: Any, *, model_name: str, limits: Limits, local_images_root: Path | None = None,
+                       max_text_chars: int | None = None) -> ChatRequest:
+    """Check body (the parsed JSON) and turn it into a ChatRequest; raises RequestError.
+
+    max_text_chars: refuse messages whose text is longer (the server passes the bound its tokenizer and
+    max_prompt_tokens give, see the module's docstring); None: no bound here."""
     if not isinstance(body, Mapping):
         raise RequestError(f"the request body must be a JSON object, got {_json_type(body)}")
     model = body.get("model")
@@ -130,12 +179,14 @@ def parse_chat_request(body: Any, *, model_name: str, limits: Limits,
 
     config = GenerationConfig(
         max_new_tokens=_max_tokens(body, limits),
-        temperature=_number(body, "temperature", 0.0, 2.0, default=1.0),
+        temperature=_number(body, "temperature", 0.0, 2.0, default=DEFAULT_TEMPERATURE),
         top_p=_number(body, "top_p", 0.0, 1.0, default=1.0, open_low=True),
         stop_strings=_stop(body.get("stop")),
         seed=_seed(body.get("seed")),
     )
     messages, sources = _messages(body.get("messages"), limits)
+    if max_text_chars is not None:
+        _check_text_length(messages, limits, max_text_chars)
     images = [_image(url, param, limits, local_images_root) for url, param in sources]
     return ChatRequest(messages, images, config, stream, include_usage)
 
@@ -204,6 +255,27 @@ def _seed(value: Any) -> int | None:
 
 
 # ----------------------------------------------------------------------------- messages and images
+
+
+def longest_token_chars(tokenizer: Tokenizer) -> int:
+    """The length in characters of the tokenizer's longest vocabulary entry (special tokens included)."""
+    longest = 1
+    for token_id in range(tokenizer.vocab_size):
+        try:
+            longest = max(longest, len(tokenizer.id_to_token(token_id)))
+        except ValueError:  # an id the vocabulary skips
+            continue
+    return longest
+
+
+def _check_text_length(messages: list[Message], limits: Limits, max_text_chars: int) -> None:
+    """Refuse messages whose text cannot fit in max_prompt_tokens tokens, before it is tokenized."""
+    chars = sum(len(m["content"]) if isinstance(m["content"], str)
+                else sum(len(part.get("text", "")) for part in m["content"]) for m in messages)
+    if chars > max_text_chars:
+        raise RequestError(f"the messages hold {chars} characters of text; {limits.max_prompt_tokens} prompt tokens "
+                           f"(this server's limit) hold at most {max_text_chars}, so the prompt cannot fit; send "
+                           "less text", param="messages", code="context_length_exceeded")
 
 
 def _messages(value: Any, limits: Limits) -> tuple[list[Message], list[tuple[str, str]]]:
@@ -280,15 +352,22 @@ def _local_path(url: str, param: str, limits: Limits, root: Path | None) -> Path
         raise RequestError(f"{param}: unsupported URL scheme {url.split('://')[0]!r}; send a base64 data URL",
                            param=param)
     path = Path(unquote(url.removeprefix("file://")) if url.startswith("file://") else url)
-    root = root.resolve()
-    resolved = (path if path.is_absolute() else root / path).resolve()  # symlinks and .. resolved
-    if not resolved.is_relative_to(root):
-        raise RequestError(f"{param}: {url} is outside the directory this server may read images from",
-                           status=403, param=param, code="path_not_allowed")
-    if not resolved.is_file():
-        raise RequestError(f"{param}: no image file at {url} (under the server's image root)", param=param,
-                           code="invalid_image")
-    if resolved.stat().st_size > limits.max_request_bytes:
-        raise RequestError(f"{param}: {url} is larger than this server's limit of {limits.max_request_bytes} bytes",
-                           param=param, code="invalid_image")
+    shown = url if len(url) <= 200 else f"{url[:100]}...({len(url)} characters)"
+    try:
+        root = root.resolve()
+        resolved = (path if path.is_absolute() else root / path).resolve()  # symlinks and .. resolved
+        if not resolved.is_relative_to(root):
+            raise RequestError(f"{param}: {shown} is outside the directory this server may read images from",
+                               status=403, param=param, code="path_not_allowed")
+        if not resolved.is_file():
+            raise RequestError(f"{param}: no image file at {shown} (under the server's image root)", param=param,
+                               code="invalid_image")
+        size = resolved.stat().st_size
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte, a loop of symlinks, ...
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise RequestError(f"{param}: {shown} is not a usable image path ({reason}); name an image file under "
+                           "the server's image root", param=param, code="invalid_image") from e
+    if size > limits.max_request_bytes:
+        raise RequestError(f"{param}: {shown} is larger than this server's limit of {limits.max_request_bytes} "
+                           "bytes", param=param, code="invalid_image")
     return resolved

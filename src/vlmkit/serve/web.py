@@ -5,8 +5,9 @@
     GET /static/chat.js        the page's code: sends the conversation to /v1/chat/completions (stream: true)
     GET /static/style.css
 
-The page needs no API key to load (like /health); its requests to /v1 send the key typed into its
-settings. Only the files listed in PAGE_FILES are served, each with a fixed content type (not guessed
+The page needs no API key to load; its requests to /v1 send the key typed into its settings. It
+learns the model's name from /health, or, on a server with an API key (whose /health says only "ok"),
+from /v1/models with that key. Its temperature starts at 0 (greedy), the API's and the CLI's default. Only the files listed in PAGE_FILES are served, each with a fixed content type (not guessed
 from the system's MIME table) and a Content-Security-Policy that lets the page load nothing and
 connect nowhere but this server, so it works offline and cannot leak a conversation elsewhere.
 """

@@ -1,6 +1,8 @@
 // vlmkit chat page: keeps the conversation (images included) in the page and sends all of it to
 // this server's POST /v1/chat/completions with stream: true on every turn, showing the answer as the
-// server-sent chunks arrive. The model name comes from GET /health. Nothing is loaded from elsewhere.
+// server-sent chunks arrive. The model name comes from GET /health, or, when the server has an API key
+// (its /health then says only "ok"), from GET /v1/models with the key typed into the settings.
+// Nothing is loaded from elsewhere.
 "use strict";
 
 const ui = {
@@ -20,7 +22,8 @@ const ui = {
 };
 
 const state = {
-  model: null,       // the name the server answers as (GET /health)
+  connected: false,  // GET /health answered
+  model: null,       // the name the server answers as (GET /health, else GET /v1/models with the key)
   history: [],       // OpenAI messages, resent every turn; user turns carry their images as data URLs
   pending: [],       // data URLs of the images attached to the next question
   controller: null,  // AbortController of the request in flight, null when idle
@@ -159,11 +162,26 @@ async function* eventData(body) {
   }
 }
 
+/** The request headers: the API key as the bearer token when one is typed in. */
+function authHeaders(settings) {
+  return settings.apiKey ? { Authorization: `Bearer ${settings.apiKey}` } : {};
+}
+
+/** The model name: known from GET /health, else asked of GET /v1/models with the key (an API-keyed server). */
+async function modelName(settings, signal) {
+  if (state.model) return state.model;
+  const response = await fetch("/v1/models", { headers: authHeaders(settings), signal });
+  if (!response.ok) throw new Error(await errorMessage(response));
+  state.model = (await response.json()).data[0].id;
+  ui.modelName.textContent = state.model;
+  return state.model;
+}
+
 /** Send the whole history with stream: true; show the answer in target as it grows; return its text. */
 async function streamAnswer(messages, settings, target, signal) {
-  const headers = { "Content-Type": "application/json" };
-  if (settings.apiKey) headers.Authorization = `Bearer ${settings.apiKey}`;
-  const body = { model: state.model, messages, stream: true, max_tokens: settings.maxTokens,
+  const model = await modelName(settings, signal);
+  const headers = { "Content-Type": "application/json", ...authHeaders(settings) };
+  const body = { model, messages, stream: true, max_tokens: settings.maxTokens,
                  temperature: settings.temperature };
   const response = await fetch("/v1/chat/completions", { method: "POST", headers, body: JSON.stringify(body),
                                                          signal });
@@ -192,8 +210,8 @@ async function sendTurn() {
     showError("Type a question or attach an image first.");
     return;
   }
-  if (!state.model) {
-    showError("The server has not said which model it serves yet; reload the page.");
+  if (!state.connected) {
+    showError("The page could not reach the server yet; reload the page.");
     return;
   }
   let settings;
@@ -255,8 +273,9 @@ async function connect() {
   try {
     const response = await fetch("/health");
     if (!response.ok) throw new Error(await errorMessage(response));
-    state.model = (await response.json()).model;
-    ui.modelName.textContent = state.model;
+    state.model = (await response.json()).model ?? null;  // none from a server with an API key
+    state.connected = true;
+    ui.modelName.textContent = state.model ?? "(shown once the API key in Settings is accepted)";
   } catch (error) {
     ui.modelName.textContent = "not connected";
     showError(`Could not reach the vlmkit server: ${error.message}`);
