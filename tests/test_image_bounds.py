@@ -16,9 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import crafted_images
+import pytest
 from test_serve import MODEL, Server, request, user
 
 TESTS = Path(__file__).resolve().parent
