@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 import crafted_images
+import numpy as np
 import pytest
+from PIL import Image
 from test_serve import MODEL, Server, request, user
 
 TESTS = Path(__file__).resolve().parent
@@ -187,6 +189,12 @@ def test_the_server_answers_400_to_an_image_its_scheme_cannot_plan_in_bounds(dua
     assert status == 200
 
 
+@pytest.fixture(scope="module")
+def loaded_tiny():
+    from vlmkit.load import load_model
+    return load_model(MODEL)
+
+
 def test_the_server_plans_the_20000_by_1_png_under_pad(loaded_tiny):
     """tiny-random's pad scheme resamples the padded square's rows without making the square: an answer."""
     from vlmkit.serve import create_app
@@ -201,7 +209,65 @@ def test_the_server_plans_the_20000_by_1_png_under_pad(loaded_tiny):
     assert status == 200, body
 
 
-@pytest.fixture(scope="module")
-def loaded_tiny():
-    from vlmkit.load import load_model
-    return load_model(MODEL)
+# ---- the cheaper paths give the reference's pixels ----------------------------------------------------------
+
+def _noise(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("size", [(40, 20), (20, 40), (300, 1), (1, 300), (337, 500), (500, 337), (336, 100),
+                                  (7, 3), (1000, 999)])
+@pytest.mark.parametrize("side", [336, 32])
+def test_square_resized_is_the_padded_square_resized(size, side, monkeypatch):
+    """Oracle: LLaVA's expand2square as Pillow does it (the square canvas, pasted, then one bicubic resize)."""
+    from vlmkit.image import pixels
+
+    image = _noise(*size, seed=size[0] * 1000 + size[1])
+    canvas = Image.new("RGB", (max(size),) * 2, (122, 116, 103))
+    canvas.paste(image, ((max(size) - size[0]) // 2, (max(size) - size[1]) // 2))
+    expected = canvas.resize((side, side), Image.Resampling.BICUBIC).tobytes()
+    assert pixels.square_resized(image, (122, 116, 103), side).tobytes() == expected
+    monkeypatch.setattr(pixels, "BAND_BYTES", 4 * max(size) * 3)  # a tall image in bands of 3 rows
+    assert pixels.square_resized(image, (122, 116, 103), side).tobytes() == expected
+
+
+@pytest.mark.parametrize("size", [(500, 1000), (1, 300), (335, 337), (100, 5000), (1200, 3000)])
+@pytest.mark.parametrize("max_crops", [1, 4, 16])
+def test_hd_transform_of_a_tall_image_is_the_reference_transposed_path(size, max_crops):
+    """Oracle: the reference HD_transform for a tall image: transpose, bilinear resize, pad white, transpose."""
+    import math
+
+    from vlmkit.schemes.hd import CROP, hd_resized_size, hd_transform
+
+    image = _noise(*size, seed=size[0] + size[1])
+    turned = image.transpose(Image.Transpose.TRANSPOSE)
+    new_w, new_h = hd_resized_size(*turned.size, max_crops)
+    resized = turned.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    target = math.ceil(new_h / CROP) * CROP
+    canvas = Image.new("RGB", (new_w, target), (255, 255, 255))
+    canvas.paste(resized, (0, (target - new_h) // 2))
+    expected = canvas.transpose(Image.Transpose.TRANSPOSE).tobytes()
+    assert hd_transform(image, max_crops).tobytes() == expected
+
+
+def test_check_work_refuses_before_planning_and_counts_a_clip_at_once():
+    """The bound is checked from the size alone: plan() never runs for a refused image (a stub image with a
+    size but no pixels would fail there); a Qwen2-VL clip is estimated for all its frames at once."""
+    from vlmkit.image.plan import ImagePlanError
+    from vlmkit.presets import get_preset
+    from vlmkit.schemes import get_scheme, plan_media
+    from vlmkit.schemes.base import MAX_WORK_BYTES, check_work
+
+    class SizeOnly(Image.Image):
+        def __init__(self, size):
+            super().__init__()
+            self._size, self._mode = size, "RGB"
+
+    with pytest.raises(ImagePlanError, match="a 20000x1 image: .*image_scheme='dual'"):
+        plan_media(get_preset("vary-base"), [SizeOnly((20000, 1))])
+    dynamic, cfg = get_scheme("dynamic"), get_preset("qwen2-vl")
+    # 768 * 28 * 28 = 602,112 px per frame at most: 3 + 4 bytes per value per frame and 4 per temporal slot,
+    # times 3 channels: over 7 MiB a frame, so a few dozen frames pass and a thousand do not.
+    assert check_work(dynamic, cfg, (448, 448), frames=2) < MAX_WORK_BYTES
+    with pytest.raises(ImagePlanError, match="a video of 1000 448x448 frames"):
+        check_work(dynamic, cfg, (448, 448), frames=1000)
