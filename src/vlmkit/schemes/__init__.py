@@ -26,7 +26,7 @@ and everything that plans an image goes through it:
     ...
     ValueError: unknown image scheme 'mosaic'; valid schemes: pad, anyres, hd, tiles, slices, dynamic, dual, sam, ...
 
-Adding a scheme: write a module with a `Scheme` subclass (plan, inputs, encode, and what else differs
+Adding a scheme: write a module with a `Scheme` subclass (plan, work, inputs, encode, and what else differs
 from the defaults in schemes/base.py) and call `register_scheme` with an instance (docs/architecture.md
 walks through one).
 """
