@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 
 from vlmkit.image.overlay import Geometry, whole_box
+from vlmkit.image.pixels import pil_bytes
 from vlmkit.image.plan import ImagePlan
 from vlmkit.schemes.base import Scheme, stacked_views
-from vlmkit.image.pixels import pil_bytes
 from vlmkit.schemes.pad import pad_token_count, pad_work, preprocess_pad
 
 
