@@ -104,6 +104,9 @@ def outcomes(files) -> dict[tuple[str, str | None], dict]:
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(lines) == len(cases) + 1, proc.stdout
+    for (name, scheme), out in zip(cases, lines):  # shown with pytest -s
+        print(f"{name:24} {scheme or 'load':8} {out['outcome']:15} peak RSS {out['peak'] / 2**20:6.0f} MiB")
+    print(f"largest peak of all cases: {lines[-1]['children_peak'] / 2**20:.0f} MiB")
     assert lines[-1]["children_peak"] < PEAK, lines[-1]
     return dict(zip(cases, lines[:-1]))
 
