@@ -5,6 +5,7 @@ tests/test_add_a_scheme.py registers it and trains a model with it. Nothing in v
 
     image (W x H) -> left half (0 .. W/2), right half (W/2 .. W), each padded square and resized to the
                      tower's S x S as LLaVA-1.5 does (vlmkit.schemes.pad.preprocess_pad)
+    work         what planning allocates, from the size: two crops and two pad views (schemes.pad.pad_work)
     plan         pixel_values (2, 3, S, S), parts {"left": P, "right": P}, P = the tower's tokens per view
     inputs       pixel_values (N, 2, 3, S, S)
     encode       the tower and projector over all 2N views -> each image's (2P, C) rows, left half first
@@ -23,9 +24,10 @@ import torch
 from PIL import Image
 
 from vlmkit.image.overlay import Geometry, whole_box
+from vlmkit.image.pixels import pil_bytes
 from vlmkit.image.plan import ImagePlan
 from vlmkit.schemes.base import Scheme, stacked_views
-from vlmkit.schemes.pad import pad_token_count, preprocess_pad
+from vlmkit.schemes.pad import pad_token_count, pad_work, preprocess_pad
 
 
 def halves(image: Image.Image) -> tuple[Image.Image, Image.Image]:
@@ -45,6 +47,10 @@ class Halves(Scheme):
     name = "halves"
     reference_preset = "llava-1.5"  # `vlmkit tokens --scheme halves` plans with LLaVA-1.5's tower
     grid_unit = "halves"
+
+    def work(self, cfg, size: tuple[int, int], num_images: int = 1) -> int:
+        half = ((size[0] + 1) // 2, size[1])
+        return 2 * (pil_bytes(*half) + pad_work(*half, cfg.vision.image_size))
 
     def plan(self, cfg, image: Image.Image, num_images: int = 1) -> ImagePlan:
         v = cfg.vision

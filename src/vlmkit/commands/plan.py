@@ -12,6 +12,7 @@ from vlmkit.image.overlay import draw_plan
 from vlmkit.image.plan import ImagePlan
 from vlmkit.presets import PRESETS, SUMMARY_SIZES, get_preset, summarize
 from vlmkit.schemes import SCHEMES, get_scheme
+from vlmkit.schemes.base import check_work
 from vlmkit.train.recipes import describe_recipe
 
 
@@ -85,7 +86,10 @@ def _run_tokens(args: argparse.Namespace) -> int:
     if args.overlay is not None and Path(args.overlay).suffix.lower() != ".png":
         raise ValueError(f"--overlay {args.overlay}: the overlay is a PNG; give a path ending in .png")
     images = [load_image(path) for path in args.images]
-    plans = [scheme.plan(cfg, image, num_images) for image in images]
+    plans = []
+    for image in images:
+        check_work(scheme, cfg, image.size, num_images)  # as plan_image does, with --scheme's scheme
+        plans.append(scheme.plan(cfg, image, num_images))
     if args.overlay is not None:
         for image, image_plan, path in zip(images, plans, overlay_paths(args.overlay, len(images))):
             draw_plan(image, image_plan, scheme.geometry(image_plan)).save(path)

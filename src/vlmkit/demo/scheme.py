@@ -106,6 +106,11 @@ class DemoScheme(Scheme):
     def check_config(self, cfg: DemoConfig) -> None:
         """DemoConfig sets the tower's sizes; token_grid checks each image against them."""
 
+    def work(self, cfg: DemoConfig, size: tuple[int, int], num_images: int = 1) -> int:
+        """Only the few small sizes of IMAGE_SIZES are planned (plan refuses others before touching pixels):
+        the base estimate at that size, 0 for any other size."""
+        return super().work(cfg, size, num_images) if size in IMAGE_SIZES else 0
+
     def plan(self, cfg: DemoConfig, image: Image.Image, num_images: int = 1) -> ImagePlan:
         """The image prepared as the demo prepared its evaluation images of that size: pixel_values (1, 3, H, W)
         and the token count of H x W."""

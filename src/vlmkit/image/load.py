@@ -19,8 +19,8 @@ What comes out is always mode RGB:
     - every other mode (1, L, P, CMYK, YCbCr, LAB, HSV ...) uses Pillow's own `convert("RGB")`;
     - animated images give their first frame (`load_frames` gives them all).
 
-Safety: the image header is read first and an image larger than `max_pixels` is refused before any
-pixel is decoded (Pillow's own DecompressionBombWarning is silenced and its DecompressionBombError
+Safety: the image header is read first and an image larger than `max_pixels`, or with a side above
+MAX_SIDE (65535) pixels, is refused before any pixel is decoded (Pillow's own DecompressionBombWarning is silenced and its DecompressionBombError
 becomes an ImageLoadError). Every failure (missing file, non-image or truncated data, zero-size
 image, unsupported format or mode) raises `ImageLoadError`, a ValueError whose message starts with
 the input ("photo.jpg", "bytes (1234 bytes)", "data URL (image/png)", "array of shape (0, 4)") and
@@ -48,14 +48,17 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 MAX_PIXELS = 64 * 1024 * 1024  # refuse larger images (decompression bombs)
+MAX_SIDE = 65535  # refuse wider or taller images from the header (no scheme plans such a side within bounds)
 MAX_FRAMES = 1024  # load_frames refuses animations with more frames (sample them with vlmkit.image.video)
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 RGB = tuple[int, int, int]
 WHITE: RGB = (255, 255, 255)
 
-# Pillow signals broken data with any of these, depending on the format plugin.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError)
+# Pillow signals broken data with any of these, depending on the format plugin (a multi-page TIFF whose
+# later page lacks its size raises TypeError "Missing dimensions" while the pages are counted).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError,
+                  NotImplementedError, OverflowError, AttributeError)
 _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # EXIF Orientation value -> the transpose that makes the pixels upright (EXIF 2.32, tag 0x0112).
@@ -290,6 +293,9 @@ def _check_size(size: tuple[int, int], name: str, max_pixels: int | None) -> Non
     width, height = size
     if width <= 0 or height <= 0:
         raise ImageLoadError(f"{name}: zero-size image ({width}x{height})")
+    if max(width, height) > MAX_SIDE:
+        raise ImageLoadError(f"{name}: {width}x{height} has a side longer than {MAX_SIDE} pixels, more than any image "
+                             "scheme plans; crop it or resize it first")
     if max_pixels is not None and width * height > max_pixels:
         raise ImageLoadError(f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
                              "(max_pixels guards against decompression bombs; raise it if you trust the file)")

@@ -15,6 +15,14 @@ from typing import Any
 
 import torch
 
+from vlmkit.image.load import ImageLoadError
+
+
+class ImagePlanError(ImageLoadError):
+    """An image that was read but that its scheme cannot plan within the bound on what planning allocates
+    (vlmkit.schemes.base.check_work); the message says its size, the scheme, the estimate and to crop or resize.
+    An ImageLoadError (and so a ValueError), so everything that reports an unreadable image reports it too."""
+
 
 @dataclass
 class ImagePlan:

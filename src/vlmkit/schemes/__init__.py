@@ -26,7 +26,7 @@ and everything that plans an image goes through it:
     ...
     ValueError: unknown image scheme 'mosaic'; valid schemes: pad, anyres, hd, tiles, slices, dynamic, dual, sam, ...
 
-Adding a scheme: write a module with a `Scheme` subclass (plan, inputs, encode, and what else differs
+Adding a scheme: write a module with a `Scheme` subclass (plan, work, inputs, encode, and what else differs
 from the defaults in schemes/base.py) and call `register_scheme` with an instance (docs/architecture.md
 walks through one).
 """
@@ -43,7 +43,7 @@ from vlmkit.image.plan import ImagePlan, MediaPlans
 from vlmkit.image.video import VideoFrames
 from vlmkit.plugins import load_plugins
 from vlmkit.schemes.anyres import Anyres
-from vlmkit.schemes.base import Scheme, Video
+from vlmkit.schemes.base import Scheme, Video, check_work
 from vlmkit.schemes.dual import Dual
 from vlmkit.schemes.dynamic import Dynamic
 from vlmkit.schemes.hd import HD
@@ -80,17 +80,27 @@ def get_scheme(name: str) -> Scheme:
 
 def plan_image(cfg: Any, image: Image.Image, num_images: int = 1) -> ImagePlan:
     """The ImagePlan of one image under the scheme cfg names: its views and its token count. num_images is
-    how many images the prompt holds (DeepSeek-VL2's tiles turn tiling off above 2)."""
-    return get_scheme(cfg.image_scheme).plan(cfg, image, num_images)
+    how many images the prompt holds (DeepSeek-VL2's tiles turn tiling off above 2). An image the scheme cannot
+    plan within MAX_WORK_BYTES is refused first (ImagePlanError, see schemes.base.check_work)."""
+    scheme = get_scheme(cfg.image_scheme)
+    check_work(scheme, cfg, image.size, num_images)
+    return scheme.plan(cfg, image, num_images)
 
 
 def plan_media(cfg: Any, media: Sequence[Media]) -> list[MediaPlans]:
     """Plan every image and video of one prompt, in message order, under cfg's scheme: an image gives one
     ImagePlan, a video (its frames, or image.video's VideoFrames) a list of plans (one per frame, or the
-    clip's one plan for a scheme with native video). Frames count as images of the prompt."""
+    clip's one plan for a scheme with native video). Frames count as images of the prompt. Every image and
+    video is checked against MAX_WORK_BYTES (schemes.base.check_work) before any is planned."""
     scheme = get_scheme(cfg.image_scheme)
     frames = [1 if isinstance(m, Image.Image) else len(m.frames if isinstance(m, VideoFrames) else m) for m in media]
     total = sum(frames)
+    for m, count in zip(media, frames):
+        if isinstance(m, Image.Image):
+            check_work(scheme, cfg, m.size, total)
+        else:
+            for size in {f.size for f in (m.frames if isinstance(m, VideoFrames) else m)}:
+                check_work(scheme, cfg, size, total, frames=count)
     return [scheme.plan(cfg, m, total) if isinstance(m, Image.Image) else scheme.plan_video(cfg, m, total)
             for m in media]
 

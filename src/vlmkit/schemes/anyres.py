@@ -49,7 +49,7 @@ from PIL import Image
 
 from vlmkit.config import require
 from vlmkit.image.overlay import Geometry, View, fit_box, whole_box
-from vlmkit.image.pixels import as_rgb, normalize_uint8, rgb_array
+from vlmkit.image.pixels import as_rgb, normalize_uint8, pil_bytes, resize_work, rgb_array
 from vlmkit.image.plan import ImagePlan
 from vlmkit.schemes.base import Scheme, per_plan, require_projector_input, require_vision, stacked_views
 
@@ -196,6 +196,18 @@ def plan_anyres(image: Image.Image, grid_pinpoints: Sequence[tuple[int, int]], t
     return anyres_plan(image.size, pixel_values, grid_pinpoints, tile_size, patch_size)
 
 
+def anyres_work(width: int, height: int, grid_pinpoints: Sequence[tuple[int, int]], tile_size: int) -> int:
+    """Bytes plan_anyres of a width x height image allocates: the base view, the fit into the best pinpoint's
+    canvas and the canvas, their uint8 arrays, the views and
+    their normalised copy; bounded by the largest pinpoint."""
+    canvas_h, canvas_w = select_best_resolution((height, width), grid_pinpoints)
+    views = 1 + (canvas_h // tile_size) * (canvas_w // tile_size)
+    base = resize_work((width, height), (tile_size, tile_size)) + 3 * tile_size * tile_size
+    fit_h, fit_w = fit_within((height, width), (canvas_h, canvas_w))
+    fit = resize_work((width, height), (fit_w, fit_h)) + pil_bytes(canvas_w, canvas_h) + 3 * canvas_w * canvas_h
+    return base + fit + (3 + 12) * views * tile_size * tile_size
+
+
 def pack_anyres(features: torch.Tensor, plan: ImagePlan, image_newline: torch.Tensor) -> torch.Tensor:
     """Lay out one image's projected view features (1 + rows*cols, P, C) as plan.num_tokens vectors (T, C)."""
     rows, cols = plan.grid
@@ -247,6 +259,9 @@ class Anyres(Scheme):
         require(cfg.projector.spec.merge == 1,
                 f"image_scheme='anyres' does not combine with the merging projector {cfg.projector.type!r}")
         require_projector_input(cfg)
+
+    def work(self, cfg: VLMConfig, size: tuple[int, int], num_images: int = 1) -> int:
+        return anyres_work(*size, cfg.grid_pinpoints, cfg.vision.image_size)  # type: ignore[arg-type]
 
     def plan(self, cfg: VLMConfig, image: Image.Image, num_images: int = 1) -> ImagePlan:
         v = cfg.vision

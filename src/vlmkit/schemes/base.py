@@ -3,6 +3,8 @@
 A scheme answers, for the models that run it:
 
     check_config(cfg)            which config values its plan and encoder can follow (raises ValueError)
+    work(cfg, size, n)           the bytes plan() allocates for an image of size (width, height), from the size
+                                 alone; check_work refuses an image above MAX_WORK_BYTES before plan() runs
     plan(cfg, image, n)          image -> ImagePlan: views, grid and token count (the only place it is counted);
                                  n is the number of images in the prompt (DeepSeek-VL2's tiles depend on it)
     plan_video(cfg, video, n)    a video's plans (default: every frame planned as an image)
@@ -27,7 +29,8 @@ from PIL import Image
 
 from vlmkit.config import require
 from vlmkit.image.overlay import Geometry, View, whole_box
-from vlmkit.image.plan import ImagePlan
+from vlmkit.image.pixels import normalize_work, pil_bytes
+from vlmkit.image.plan import ImagePlan, ImagePlanError
 from vlmkit.image.video import VideoFrames
 from vlmkit.text.chat import ChatTemplate, chat_template_for
 
@@ -35,6 +38,8 @@ if TYPE_CHECKING:
     import torch.nn as nn
 
 Video = Sequence[Image.Image] | VideoFrames  # a video given as its sampled frames
+
+MAX_WORK_BYTES = 256 << 20  # the most a scheme may allocate to plan one image (beyond the image itself)
 
 
 class Scheme:
@@ -70,6 +75,17 @@ class Scheme:
         The default: a vision tower whose features (merged 2x2 if the projector merges) feed the projector."""
         require_vision(cfg, self.name)
         require_projector_input(cfg)
+
+    def work(self, cfg: Any, size: tuple[int, int], num_images: int = 1) -> int:
+        """An upper bound on the bytes plan(cfg, image, num_images) allocates for an RGB image of size
+        (width, height), beyond the image itself: computed from the size, allocating nothing. check_work
+        compares it with MAX_WORK_BYTES before planning. The default is for a scheme that converts and
+        normalises the image at its own size; a scheme that resizes, pads or tiles states its own."""
+        return pil_bytes(*size) + normalize_work(*size)
+
+    def video_work(self, cfg: Any, size: tuple[int, int], frames: int, num_images: int) -> int:
+        """work() for a video of `frames` frames of size: by default its frames are planned one at a time."""
+        return self.work(cfg, size, num_images)
 
     def plan(self, cfg: Any, image: Image.Image, num_images: int = 1) -> ImagePlan:
         """The ImagePlan of one image for a model of config cfg."""
@@ -107,6 +123,25 @@ class Scheme:
         """The template a model of this scheme is prompted with: the tokenizer's own, else prompt_format,
         else the built-in template named fallback."""
         return chat_template_for(tokenizer, default=self.prompt_format or fallback)
+
+
+def check_work(scheme: Scheme, cfg: Any, size: tuple[int, int], num_images: int = 1, frames: int = 0) -> int:
+    """scheme's estimate of what planning an image of size (width, height) allocates (a video of `frames`
+    frames when frames > 0), or ImagePlanError when it exceeds MAX_WORK_BYTES. Every plan goes through
+    here first (vlmkit.schemes.plan_image / plan_media), so no scheme allocates by an image's long side
+    unchecked."""
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ImagePlanError(f"image of {width}x{height}: zero size; an image needs at least 1x1 pixels")
+    estimate = (scheme.video_work(cfg, size, frames, num_images) if frames else
+                scheme.work(cfg, size, num_images))
+    if estimate > MAX_WORK_BYTES:
+        what = f"a video of {frames} {width}x{height} frames" if frames else f"a {width}x{height} image"
+        raise ImagePlanError(f"{what}: planning it under image_scheme={scheme.name!r} would allocate about "
+                             f"{estimate / 2**20:,.0f} MiB, more than the bound of {MAX_WORK_BYTES >> 20} MiB "
+                             "per image; crop it or resize it (a less extreme aspect ratio or a shorter long "
+                             "side) and try again")
+    return estimate
 
 
 # ---- config rules shared by schemes ---------------------------------------------------------------------------

@@ -42,7 +42,13 @@ from PIL import Image
 
 from vlmkit.config import CLIP_MEAN, CLIP_STD, require
 from vlmkit.image.overlay import Geometry, View, whole_box
-from vlmkit.image.pixels import normalize
+from vlmkit.image.pixels import (
+    as_rgb,
+    normalize,
+    normalize_work,
+    pil_bytes,
+    resize_work,
+)
 from vlmkit.image.plan import ImagePlan
 from vlmkit.schemes.base import Scheme, require_projector_input, require_vision
 
@@ -58,6 +64,29 @@ def _check(image: Image.Image) -> None:
         raise ValueError(f"image has zero size {image.width}x{image.height}; the dual scheme needs at least 1x1 pixels")
 
 
+def clip_resized_size(width: int, height: int, size: int = CLIP_SIZE) -> tuple[int, int]:
+    """(width, height) clip_view resizes to: the short side `size`, the long side int(size * long / short).
+
+    >>> clip_resized_size(300, 200), clip_resized_size(20000, 1)   # the second: a 4,480,000 x 224 image
+    ((336, 224), (4480000, 224))
+    """
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def clip_work(width: int, height: int, size: int = CLIP_SIZE) -> int:
+    """Bytes clip_view of a width x height image allocates: its resize (by the aspect ratio: the long side
+    becomes size * long / short), the crop and the normalised view."""
+    return resize_work((width, height), clip_resized_size(width, height, size)) + pil_bytes(size, size) + \
+        normalize_work(size, size)
+
+
+def sam_work(width: int, height: int, size: int = SAM_SIZE) -> int:
+    """Bytes sam_view of a width x height image allocates: the resize to size x size and the normalised view."""
+    return resize_work((width, height), (size, size)) + normalize_work(size, size)
+
+
 def clip_view(image: Image.Image, size: int = CLIP_SIZE, mean: tuple[float, ...] = CLIP_MEAN,
               std: tuple[float, ...] = CLIP_STD) -> torch.Tensor:
     """Short side to `size` (bicubic), centre crop size x size, normalise -> (3, size, size).
@@ -66,12 +95,8 @@ def clip_view(image: Image.Image, size: int = CLIP_SIZE, mean: tuple[float, ...]
     torch.Size([3, 224, 224])
     """
     _check(image)
-    width, height = image.size
-    if width <= height:
-        new_w, new_h = size, int(size * height / width)
-    else:
-        new_w, new_h = int(size * width / height), size
-    resized = image.convert("RGB").resize((new_w, new_h), Image.Resampling.BICUBIC)
+    new_w, new_h = clip_resized_size(*image.size, size)
+    resized = as_rgb(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return normalize(resized.crop((left, top, left + size, top + size)), mean, std)  # (3, size, size)
 
@@ -80,7 +105,7 @@ def sam_view(image: Image.Image, size: int = SAM_SIZE, mean: tuple[float, ...] =
              std: tuple[float, ...] = CLIP_STD) -> torch.Tensor:
     """Bicubic resize to size x size (aspect ratio not kept), normalise -> (3, size, size)."""
     _check(image)
-    return normalize(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), mean, std)
+    return normalize(as_rgb(image).resize((size, size), Image.Resampling.BICUBIC), mean, std)
 
 
 def dual_num_tokens(sam_size: int = SAM_SIZE, sam_convs: bool = True, sam_patch: int = 16) -> int:
@@ -162,6 +187,9 @@ class Dual(Scheme):
                              f"{cfg.vision.patch_size}) but the SAM branch {sam} ({high.image_size} px / "
                              f"{high.patch_size}, two stride-2 convs); both must match (Vary: 224/14 and 1024/16)")
         require_projector_input(cfg)
+
+    def work(self, cfg: VLMConfig, size: tuple[int, int], num_images: int = 1) -> int:
+        return clip_work(*size, cfg.vision.image_size) + sam_work(*size, cfg.vision_high.image_size)
 
     def plan(self, cfg: VLMConfig, image: Image.Image, num_images: int = 1) -> ImagePlan:
         """The image's dual plan at the sizes of the model's two towers (224 / 14 and 1024 / 16 for Vary)."""

@@ -47,7 +47,7 @@ from PIL import Image
 
 from vlmkit.config import CLIP_MEAN, CLIP_STD
 from vlmkit.image.overlay import Geometry, whole_box
-from vlmkit.image.pixels import as_rgb, normalize_uint8
+from vlmkit.image.pixels import as_rgb, normalize_uint8, resize_work
 from vlmkit.image.plan import ImagePlan
 from vlmkit.image.video import VideoFrames
 from vlmkit.models.mrope import grid_list
@@ -230,6 +230,18 @@ def plan_video_dynamic(frames: Sequence[Image.Image], min_pixels: int = VIDEO_MI
     return _plan(list(frames), "video", min_pixels, max_pixels, mean, std)
 
 
+def dynamic_work(width: int, height: int, frames: int = 1, min_pixels: int = IMAGE_MIN_PIXELS,
+                 max_pixels: int = IMAGE_MAX_PIXELS) -> int:
+    """Bytes patch_rows allocates for `frames` width x height frames: each frame's resize to the smart_resize
+    size (at most max_pixels), the uint8 frames and patch rows, the normalised rows and their temporal
+    copies (float32). ValueError, as smart_resize, for an aspect ratio above 200."""
+    new_h, new_w = smart_resize(height, width, PATCH_SIZE * MERGE_SIZE, min_pixels, max_pixels)
+    pixels = new_h * new_w * 3
+    slots = -(-frames // TEMPORAL_PATCH_SIZE) * TEMPORAL_PATCH_SIZE
+    return (resize_work((width, height), (new_w, new_h)) + frames * 3 * pixels + frames * 4 * pixels
+            + slots * 4 * pixels)
+
+
 def merged_tokens(grid_thw: tuple[int, int, int], merge: int = MERGE_SIZE) -> int:
     """LLM tokens of one image or video of patch grid (t, h, w): t * h * w / merge**2.
 
@@ -272,6 +284,13 @@ class Dynamic(Scheme):
 
     def check_config(self, cfg: Qwen2VLConfig) -> None:
         """The config class (Qwen2VLConfig) checks itself; the plan uses the reference processor's geometry."""
+
+    def work(self, cfg: Qwen2VLConfig, size: tuple[int, int], num_images: int = 1) -> int:
+        return dynamic_work(*size)
+
+    def video_work(self, cfg: Qwen2VLConfig, size: tuple[int, int], frames: int, num_images: int) -> int:
+        """The clip is planned at once (plan_video_dynamic): all its frames at the video pixel limits."""
+        return dynamic_work(*size, frames, VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
 
     def plan(self, cfg: Qwen2VLConfig, image: Image.Image, num_images: int = 1) -> ImagePlan:
         return plan_dynamic(image)

@@ -68,7 +68,7 @@ from PIL import Image, ImageOps
 
 from vlmkit.config import CLIP_MEAN, CLIP_STD
 from vlmkit.image.overlay import Geometry, View, fit_box
-from vlmkit.image.pixels import normalize
+from vlmkit.image.pixels import as_rgb, normalize, normalize_work, pil_bytes, resize_work
 from vlmkit.image.plan import ImagePlan
 from vlmkit.models.projectors import merge_2x2
 from vlmkit.schemes.base import Scheme, canvas_inputs, canvas_plans, per_plan, require_merged_views
@@ -125,6 +125,21 @@ def hd_padded_size(width: int, height: int, max_crops: int) -> tuple[int, int]:
     return math.ceil(new_w / CROP) * CROP, new_h
 
 
+def hd_work(width: int, height: int, max_crops: int) -> int:
+    """Bytes plan_hd of a width x height image allocates: the bilinear resize (a tall image's as two calls,
+    see hd_transform, and the result's transposition), the padded canvas (transposed back for a tall
+    image), the canvas normalised, the crops and the views."""
+    new_w, new_h = hd_resized_size(width, height, max_crops)
+    pad_w, pad_h = hd_padded_size(width, height, max_crops)
+    if width < height:
+        resize = (resize_work((width, height), (width, new_h)) + resize_work((width, new_h), (new_w, new_h))
+                  + 2 * pil_bytes(new_w, new_h) + pil_bytes(pad_w, pad_h))
+    else:
+        resize = resize_work((width, height), (new_w, new_h))
+    views = 12 * (pad_w * pad_h + CROP * CROP)
+    return resize + pil_bytes(pad_w, pad_h) + normalize_work(pad_w, pad_h) + 2 * views
+
+
 def hd_parts(rows: int, cols: int) -> dict[str, int]:
     """Tokens per part of an image whose canvas is rows x cols crops, in prompt order (module docstring).
 
@@ -149,8 +164,11 @@ def plan_size_tokens(width: int, height: int, max_crops: int) -> int:
 def hd_transform(image: Image.Image, max_crops: int) -> Image.Image:
     """Resize (bilinear) and pad (white, centred) as the reference's HD_transform.
 
-    The reference works on the transposed image when it is taller than wide, and so does this
-    function, so that PIL's resampling passes run in the same order.
+    The reference works on the transposed image when it is taller than wide. Its resize runs PIL's
+    horizontal pass, then its vertical pass, over the transposed image: this function runs the same two
+    passes over the image itself as two resize calls (vertical only, then horizontal only; the same
+    weights and rounding) and transposes only the small result, the same pixels without copying the
+    whole image.
 
     >>> hd_transform(Image.new("RGB", (500, 1000)), 16).size
     (1008, 1680)
@@ -158,10 +176,13 @@ def hd_transform(image: Image.Image, max_crops: int) -> Image.Image:
     width, height = image.size
     _check(width, height, max_crops)
     transposed = width < height
-    if transposed:
+    if transposed:  # new_w, new_h: the transposed image's
+        new_w, new_h = hd_resized_size(height, width, max_crops)
+        image = image.resize((width, new_w), Image.Resampling.BILINEAR).resize((new_h, new_w), Image.Resampling.BILINEAR)
         image = image.transpose(Image.Transpose.TRANSPOSE)
-    new_w, new_h = hd_resized_size(*image.size, max_crops)
-    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    else:
+        new_w, new_h = hd_resized_size(width, height, max_crops)
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
     target = math.ceil(new_h / CROP) * CROP
     top = (target - new_h) // 2
     image = ImageOps.expand(image, border=(0, top, 0, target - new_h - top), fill=PAD_FILL)
@@ -189,7 +210,7 @@ def plan_hd(image: Image.Image, max_crops: int = 16, mean: tuple[float, ...] = C
     >>> plan.grid, plan.num_tokens, tuple(plan.pixel_values.shape)
     ((2, 2), 757, (5, 3, 336, 336))
     """
-    canvas = hd_transform(image.convert("RGB"), max_crops)
+    canvas = hd_transform(as_rgb(image), max_crops)
     pixels = normalize(canvas, mean, std)  # (3, rows*336, cols*336)
     global_view = F.interpolate(pixels[None], size=(CROP, CROP), mode="bicubic")  # (1, 3, 336, 336)
     crops = split_crops(pixels)  # (rows*cols, 3, 336, 336)
@@ -251,6 +272,9 @@ class HD(Scheme):
 
     def check_config(self, cfg: VLMConfig) -> None:
         require_merged_views(cfg, self.name, CROP, 14, CROP, 16)  # 24 x 24 patches -> 12 x 12 merged per crop
+
+    def work(self, cfg: VLMConfig, size: tuple[int, int], num_images: int = 1) -> int:
+        return hd_work(*size, cfg.max_crops)  # type: ignore[arg-type]
 
     def plan(self, cfg: VLMConfig, image: Image.Image, num_images: int = 1) -> ImagePlan:
         return plan_hd(image, cfg.max_crops, cfg.vision.image_mean, cfg.vision.image_std)  # type: ignore[arg-type]

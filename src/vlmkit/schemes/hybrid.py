@@ -26,7 +26,15 @@ import torch
 from PIL import Image
 
 from vlmkit.image.overlay import Geometry, View, fit_box
-from vlmkit.image.pixels import mean_colour, normalize, pad_to_square
+from vlmkit.image.pixels import (
+    as_rgb,
+    mean_colour,
+    normalize,
+    normalize_work,
+    pad_to_square,
+    pil_bytes,
+    resize_work,
+)
 from vlmkit.image.plan import ImagePlan
 from vlmkit.schemes.base import Scheme, Video
 
@@ -34,11 +42,25 @@ if TYPE_CHECKING:
     from vlmkit.models.deepseek_vl import DeepseekVL, DeepseekVLConfig
 
 
+def _long_side_size(width: int, height: int, side: int, min_size: int) -> tuple[int, int]:
+    """(width, height) with the long side `side` (each side at least min_size), rounding half to even."""
+    scale = side / max(width, height)
+    return max(round(width * scale), min_size), max(round(height * scale), min_size)
+
+
 def _resize_long_side(image: Image.Image, side: int, min_size: int) -> Image.Image:
     """Bicubic resize so the long side is `side` (each side at least min_size), rounding half to even."""
-    w, h = image.size
-    scale = side / max(w, h)
-    return image.resize((max(round(w * scale), min_size), max(round(h * scale), min_size)), Image.BICUBIC)
+    return image.resize(_long_side_size(*image.size, side, min_size), Image.BICUBIC)
+
+
+def hybrid_work(width: int, height: int, high: int, low: int, min_size: int = 14) -> int:
+    """Bytes deepseek_vl_pixels of one width x height image allocates: the resize to the high side and its
+    square, that square's resize to the low side and its square, both normalised; bounded by the towers'
+    sizes (the image is resized before it is padded)."""
+    big = _long_side_size(width, height, high, min_size)
+    small = _long_side_size(max(big), max(big), low, min_size)
+    return (resize_work((width, height), big) + pil_bytes(high, high) + resize_work((high, high), small)
+            + pil_bytes(low, low) + normalize_work(high, high) + normalize_work(low, low))
 
 
 def deepseek_vl_pixels(cfg: DeepseekVLConfig, images: list[Image.Image],
@@ -55,7 +77,7 @@ def deepseek_vl_pixels(cfg: DeepseekVLConfig, images: list[Image.Image],
     low_cfg, high_cfg = cfg.vision, cfg.vision_high
     low, high = [], []
     for image in images:
-        image = image.convert("RGB")
+        image = as_rgb(image)
         big = pad_to_square(_resize_long_side(image, high_cfg.image_size, min_size),
                             mean_colour(high_cfg.image_mean))  # type: ignore[arg-type]
         small = pad_to_square(_resize_long_side(big, low_cfg.image_size, min_size),
@@ -80,6 +102,9 @@ class Hybrid(Scheme):
 
     def check_config(self, cfg: DeepseekVLConfig) -> None:
         """DeepseekVLConfig checks itself (both towers land on one token grid)."""
+
+    def work(self, cfg: DeepseekVLConfig, size: tuple[int, int], num_images: int = 1) -> int:
+        return hybrid_work(*size, cfg.vision_high.image_size, cfg.vision.image_size)
 
     def plan(self, cfg: DeepseekVLConfig, image: Image.Image, num_images: int = 1) -> ImagePlan:
         """Its 384-px SigLIP view as pixel_values (1, 3, 384, 384), its 1024-px SAM view in

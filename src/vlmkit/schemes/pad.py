@@ -22,7 +22,13 @@ import torch
 from PIL import Image
 
 from vlmkit.image.overlay import Geometry, View, fit_box
-from vlmkit.image.pixels import as_rgb, mean_colour, normalize, pad_to_square
+from vlmkit.image.pixels import (
+    mean_colour,
+    normalize,
+    normalize_work,
+    square_resized,
+    square_resized_work,
+)
 from vlmkit.image.plan import ImagePlan
 from vlmkit.schemes.base import Scheme
 
@@ -31,9 +37,15 @@ if TYPE_CHECKING:
 
 
 def preprocess_pad(image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Pad to square with the mean colour, bicubic-resize to size x size, normalise -> (3, size, size)."""
-    square = pad_to_square(as_rgb(image), mean_colour(mean))  # type: ignore[arg-type]
-    return normalize(square.resize((size, size), Image.Resampling.BICUBIC), mean, std)
+    """Pad to square with the mean colour, bicubic-resize to size x size, normalise -> (3, size, size).
+    (square_resized gives the padded square's resized pixels without allocating the square.)"""
+    return normalize(square_resized(image, mean_colour(mean), size), mean, std)  # type: ignore[arg-type]
+
+
+def pad_work(width: int, height: int, size: int) -> int:
+    """Bytes preprocess_pad of a width x height image allocates: by its long side (the rows of the padded
+    square resampled to `size`), not by the square's area."""
+    return square_resized_work(width, height, size) + normalize_work(size, size)
 
 
 def pad_token_count(size: int, patch_size: int, keep_cls: bool = False, merge: int = 1, queries: int = 0) -> int:
@@ -76,6 +88,9 @@ class Pad(Scheme):
 
     name = "pad"
     reference_preset = "llava-1.5"
+
+    def work(self, cfg: VLMConfig, size: tuple[int, int], num_images: int = 1) -> int:
+        return pad_work(*size, cfg.vision.image_size)
 
     def plan(self, cfg: VLMConfig, image: Image.Image, num_images: int = 1) -> ImagePlan:
         v = cfg.vision

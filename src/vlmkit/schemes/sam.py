@@ -30,7 +30,7 @@ from PIL import Image
 from vlmkit.config import require
 from vlmkit.image.plan import ImagePlan
 from vlmkit.schemes.base import Scheme
-from vlmkit.schemes.dual import sam_view
+from vlmkit.schemes.dual import sam_view, sam_work
 
 if TYPE_CHECKING:
     from vlmkit.models.vlm import VLM, VLMConfig
@@ -55,6 +55,9 @@ class Sam(Scheme):
                 f"not {cfg.projector.type!r}")
         require(cfg.projector.in_dim == cfg.vision_high.feature_dim,
                 f"projector.in_dim {cfg.projector.in_dim} != vision_high.feature_dim {cfg.vision_high.feature_dim}")
+
+    def work(self, cfg: VLMConfig, size: tuple[int, int], num_images: int = 1) -> int:
+        return sam_work(*size, cfg.vision_high.image_size)
 
     def plan(self, cfg: VLMConfig, image: Image.Image, num_images: int = 1) -> ImagePlan:
         """One view resized to the SAM tower's size, vision_high.tokens_per_image placeholders (256 at 1024 px

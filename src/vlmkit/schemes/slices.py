@@ -66,7 +66,7 @@ from PIL import Image
 
 from vlmkit.config import SIGLIP_MEAN, SIGLIP_STD, require
 from vlmkit.image.overlay import Geometry, View, whole_box
-from vlmkit.image.pixels import normalize
+from vlmkit.image.pixels import as_rgb, normalize, normalize_work, pil_bytes, resize_work
 from vlmkit.image.plan import ImagePlan
 from vlmkit.schemes.base import Scheme, require_max_crops, require_projector_input, require_vision
 
@@ -172,7 +172,7 @@ def plan_slices(image: Image.Image, max_slices: int = 9, query_num: int = 64, ro
     """
     if query_num < 1:
         raise ValueError(f"query_num is {query_num}; the resampler gives at least 1 query per view (64 in 2.6)")
-    image = image.convert("RGB")
+    image = as_rgb(image)
     width, height = image.size
     grid = sliced_grid(width, height, max_slices, scale_resolution)
     source_size = best_resize(width, height, scale_resolution, size_multiple, allow_upscale=grid is None)
@@ -193,6 +193,34 @@ def plan_slices(image: Image.Image, max_slices: int = 9, query_num: int = 64, ro
                      grid=(rows, cols), parts=parts, text_parts=text,
                      extra={"view_sizes": [v.size for v in views],
                             "tgt_sizes": [(v.height // patch_size, v.width // patch_size) for v in views]})
+
+
+def slices_view_sizes(width: int, height: int, max_slices: int = 9, scale_resolution: int = SCALE_RESOLUTION,
+                      size_multiple: int = PATCH) -> tuple[tuple[int, int], tuple[int, int] | None, tuple[int, int]]:
+    """(source view size, grid or None, slice canvas size) plan_slices uses for a width x height image, as
+    (width, height) pairs, from the size alone."""
+    grid = sliced_grid(width, height, max_slices, scale_resolution)
+    source = best_resize(width, height, scale_resolution, size_multiple, allow_upscale=grid is None)
+    canvas = refine_size(width, height, grid, scale_resolution, size_multiple) if grid is not None else source
+    return source, grid, canvas
+
+
+def slices_work(width: int, height: int, max_slices: int = 9, scale_resolution: int = SCALE_RESOLUTION,
+                size_multiple: int = PATCH) -> int:
+    """Bytes plan_slices of a width x height image allocates: the source view and slice canvas resizes,
+    the slices, each view normalised and zero-padded to the largest, and their stack. An extreme aspect
+    ratio makes a long thin source view (2 x 65535 px: 14 x 81,102) padded once per view."""
+    source, grid, canvas = slices_view_sizes(width, height, max_slices, scale_resolution, size_multiple)
+    views = [source]
+    total = resize_work((width, height), source)
+    if grid is not None:
+        rows, cols = grid
+        piece = (canvas[0] // cols, canvas[1] // rows)
+        views += [piece] * (rows * cols)
+        total += resize_work((width, height), canvas) + rows * cols * pil_bytes(*piece)
+    max_w, max_h = max(w for w, _ in views), max(h for _, h in views)
+    padded = 12 * max_w * max_h
+    return total + sum(normalize_work(w, h) for w, h in views) + 2 * len(views) * padded
 
 
 def query_num(cfg: VLMConfig) -> int:
@@ -288,6 +316,10 @@ class Slices(Scheme):
                 f"tokens: use a 'perceiver{{Q}}q' or 'perceiver{{Q}}q_{{L}}x{{H}}' resampler projector, not "
                 f"{cfg.projector.type!r} (qwen_resampler{{Q}}q takes square patch grids only)")
         require_projector_input(cfg)
+
+    def work(self, cfg: VLMConfig, size: tuple[int, int], num_images: int = 1) -> int:
+        v = cfg.vision
+        return slices_work(*size, cfg.max_crops, v.image_size, v.patch_size)  # type: ignore[arg-type]
 
     def plan(self, cfg: VLMConfig, image: Image.Image, num_images: int = 1) -> ImagePlan:
         """max_slices = cfg.max_crops, query_num = the projector's queries, slice resolution = vision.image_size,

@@ -63,7 +63,7 @@ from PIL import Image, ImageOps
 
 from vlmkit.config import SIGLIP_MEAN, SIGLIP_STD
 from vlmkit.image.overlay import Geometry, View, fit_box
-from vlmkit.image.pixels import mean_colour, normalize
+from vlmkit.image.pixels import as_rgb, mean_colour, normalize, normalize_work, pil_bytes, resize_work
 from vlmkit.image.plan import ImagePlan
 from vlmkit.models.projectors import merge_2x2
 from vlmkit.schemes.anyres import select_best_resolution as anyres_best_resolution
@@ -142,11 +142,8 @@ def plan_tiles(image: Image.Image, num_images: int = 1, max_tiled_images: int = 
     """
     if num_images < 1:
         raise ValueError(f"num_images is {num_images}; a prompt with this image holds at least 1 image")
-    image = image.convert("RGB")
-    if num_images > max_tiled_images:
-        best_w, best_h = TILE, TILE
-    else:
-        best_w, best_h = select_best_resolution(image.size, candidate_resolutions(max_tiles))
+    image = as_rgb(image)
+    best_w, best_h = tiles_canvas(image.size, num_images, max_tiled_images, max_tiles)
     fill = mean_colour(mean)
     views = [ImageOps.pad(image, (TILE, TILE), color=fill)]
     canvas = ImageOps.pad(image, (best_w, best_h), color=fill)
@@ -156,6 +153,23 @@ def plan_tiles(image: Image.Image, num_images: int = 1, max_tiled_images: int = 
     return ImagePlan(scheme="tiles", pixel_values=pixel_values, original_size=image.size,
                      resized_size=(best_w, best_h), grid=(rows, cols), parts=tiles_parts(rows, cols, side),
                      extra={"images_spatial_crop": [cols, rows], "tiling": num_images <= max_tiled_images})
+
+
+def tiles_canvas(image_size: tuple[int, int], num_images: int = 1, max_tiled_images: int = 2,
+                 max_tiles: int = 9) -> tuple[int, int]:
+    """(width, height) of the local canvas: one tile when the prompt holds more than max_tiled_images images."""
+    if num_images > max_tiled_images:
+        return TILE, TILE
+    return select_best_resolution(image_size, candidate_resolutions(max_tiles))
+
+
+def tiles_work(width: int, height: int, num_images: int = 1, max_tiled_images: int = 2, max_tiles: int = 9) -> int:
+    """Bytes plan_tiles of a width x height image allocates: two fit-and-pad resizes (each bounded by a resize
+    to the whole target), the tiles, each view normalised and their stack; bounded by max_tiles."""
+    best_w, best_h = tiles_canvas((width, height), num_images, max_tiled_images, max_tiles)
+    views = 1 + (best_w // TILE) * (best_h // TILE)
+    pads = sum(resize_work((width, height), target) + pil_bytes(*target) for target in ((TILE, TILE), (best_w, best_h)))
+    return pads + views * (pil_bytes(TILE, TILE) + normalize_work(TILE, TILE) + 12 * TILE * TILE)
 
 
 def downsample_2x2(features: torch.Tensor) -> torch.Tensor:
@@ -210,6 +224,9 @@ class Tiles(Scheme):
     def check_config(self, cfg: VLMConfig) -> None:
         # SigLIP-so400m's stride-14 patch conv reads the first 27 * 14 = 378 pixels of each 384-px tile.
         require_merged_views(cfg, self.name, TILE, PATCH, TILE // PATCH * PATCH, 9)
+
+    def work(self, cfg: VLMConfig, size: tuple[int, int], num_images: int = 1) -> int:
+        return tiles_work(*size, num_images=num_images, max_tiles=cfg.max_crops)  # type: ignore[arg-type]
 
     def plan(self, cfg: VLMConfig, image: Image.Image, num_images: int = 1) -> ImagePlan:
         return plan_tiles(image, num_images=num_images, max_tiles=cfg.max_crops,  # type: ignore[arg-type]
