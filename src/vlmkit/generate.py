@@ -37,6 +37,7 @@ Sampling (settings, logits processors, seeded draws) lives in sampling.py.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator, Sequence
@@ -181,11 +182,45 @@ def _make_rows(input_ids: Prompts, attention_mask: torch.Tensor | None, cfg: Gen
         raise ValueError("every prompt needs at least one token (got an empty batch or an empty prompt)")
     if cfg.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode text; pass tokenizer=")
-    stop_ids = set(cfg.stop_token_ids)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    stop_ids.update([eos] if is_int(eos) else eos or [])
+    stop_ids = set(cfg.stop_token_ids) | set(end_ids(tokenizer))
+    text_stops = []
+    for text in cfg.stop_strings:
+        special = special_token_id(tokenizer, text)
+        if special is None:
+            text_stops.append(text)
+        else:
+            stop_ids.add(special)
+    if len(text_stops) < len(cfg.stop_strings):
+        cfg = dataclasses.replace(cfg, stop_strings=tuple(text_stops))
     generators = row_generators(cfg, len(prompts)) or [None] * len(prompts)
     return [Row(p, cfg, stop_ids, tokenizer, g) for p, g in zip(prompts, generators)]
+
+
+def end_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The ids that end a row besides cfg.stop_token_ids: a vlmkit tokenizer's end_token_ids (the chat template's
+    turn end and the eos ids, set when its model was loaded: load.py), else the tokenizer's eos_token_id."""
+    ids = getattr(tokenizer, "end_token_ids", None)
+    if ids is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        ids = [eos] if is_int(eos) else eos or []
+    return tuple(ids)
+
+
+def special_token_id(tokenizer: Any, text: str) -> int | None:
+    """The id of text when it is one special token of the tokenizer (e.g. `<|im_end|>`), else None.
+
+    Text is matched on decoded text without special tokens, so a stop string that is a special token is a
+    stop id instead; one that has a special token inside other text could never match, and is refused.
+    """
+    ids = tokenizer.encode(text)
+    special = [i for i in ids if tokenizer.decode([i], skip_special_tokens=True) == "" and tokenizer.decode([i]) != ""]
+    if not special:
+        return None
+    if len(ids) > 1:
+        names = ", ".join(tokenizer.decode([i]) for i in special)
+        raise ValueError(f"stop string {text!r} mixes special tokens ({names}) with other text; give each special "
+                         "token as a stop string of its own")
+    return special[0]
 
 
 def new_row(prompt: Sequence[int], cfg: GenerationConfig, tokenizer: Any = None) -> Row:
