@@ -32,6 +32,12 @@ recompute takes the place of the step's forward pass.
 cache and keeps finished rows in the batch (fed padding): slow and plainly
 right, kept to check the fast path.
 
+A row stops at cfg.stop_token_ids and at the tokenizer's end ids (end_ids: for a
+model load.py loaded, its eos ids and the special tokens its chat template writes
+after an assistant turn, e.g. `<|im_end|>`), at a stop string in its decoded text,
+or after max_new_tokens. Text is decoded without special tokens, so a stop string
+that is one special token (`<|im_end|>`) becomes a stop id (special_token_id).
+
 Sampling (settings, logits processors, seeded draws) lives in sampling.py.
 """
 
@@ -224,7 +230,7 @@ def special_token_id(tokenizer: Any, text: str) -> int | None:
 
 
 def new_row(prompt: Sequence[int], cfg: GenerationConfig, tokenizer: Any = None) -> Row:
-    """One prompt's Row (checked like generate's prompts; the tokenizer's eos joins the stop ids)."""
+    """One prompt's Row (checked like generate's prompts; the tokenizer's end ids join the stop ids)."""
     return _make_rows([prompt], None, cfg, tokenizer)[0]
 
 
@@ -328,8 +334,9 @@ def generate(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig | None 
 
     input_ids is a (B, T) tensor (padding marked by attention_mask, any side) or
     a list of id lists. prefill_inputs (e.g. pixel_values, image_sizes) go to the
-    first forward pass only. With a tokenizer: its pad id pads, its eos stops a
-    row, and texts are decoded.
+    first forward pass only. With a tokenizer: its pad id pads, its end ids stop
+    a row (end_ids: a loaded model's eos ids and chat-template turn end), and
+    texts are decoded.
     """
     cfg = cfg or GenerationConfig()
     rows = _make_rows(input_ids, attention_mask, cfg, tokenizer)
