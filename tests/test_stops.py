@@ -46,7 +46,6 @@ from vlmkit.text.chat import (
     BUILTIN_TEMPLATES,
     get_chat_template,
     turn_end_ids,
-    turn_end_text,
 )
 from vlmkit.text.tokenizer import CharTokenizer
 from vlmkit.train.run import fresh_special_tokens
@@ -212,7 +211,7 @@ TOKENIZER = CharTokenizer(string.printable, SPECIALS)
 def test_builtin_turn_end_text():
     assert set(TURN_ENDS) == set(BUILTIN_TEMPLATES)
     for name, text in TURN_ENDS.items():
-        assert turn_end_text(get_chat_template(name)) == text, name
+        assert get_chat_template(name).turn_end_text() == text, name
 
 
 @pytest.mark.parametrize(("name", "expected"), [("vicuna_v1", ("</s>",)), ("llava", ()), ("chatml", ("<|im_end|>",)),
@@ -246,7 +245,7 @@ def test_jinja_turn_end_ids(source, eos, flatten, expected):
 def test_template_that_renders_no_answer_warns_and_keeps_the_eos():
     refusing = get_chat_template("{{ raise_exception('only user turns') }}", flatten_content=True)
     with pytest.raises(ValueError, match="only user turns"):
-        turn_end_text(refusing)
+        refusing.turn_end_text()
     tok = CharTokenizer(string.printable)
     with pytest.warns(UserWarning, match="stops only at the eos ids"):
         built = LoadedModel("refusing", VLM(tiny_random(vocab_size=tok.vocab_size, image_token_id=IMAGE)), tok,
