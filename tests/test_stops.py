@@ -29,13 +29,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import uvicorn
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers import pre_tokenizers
+from tokenizers.models import WordLevel
 from torch import nn
 
 from vlmkit.cli import main
 from vlmkit.data.formats import load_dataset
 from vlmkit.data.synth import DATASET_FILE, synthesize
 from vlmkit.eval.runner import evaluate
-from vlmkit.generate import GenerationConfig, generate, stream
+from vlmkit.generate import GenerationConfig, generate, special_token_id, stream
 from vlmkit.image.load import load_image
 from vlmkit.load import LoadedModel, load_model, read_eos_ids
 from vlmkit.models.lm import KVCache
@@ -44,10 +47,11 @@ from vlmkit.presets import PRESETS, get_preset, tiny_random
 from vlmkit.serve import create_app
 from vlmkit.text.chat import (
     BUILTIN_TEMPLATES,
+    chat_template_for,
     get_chat_template,
     turn_end_ids,
 )
-from vlmkit.text.tokenizer import CharTokenizer
+from vlmkit.text.tokenizer import CharTokenizer, HFTokenizer
 from vlmkit.train.run import fresh_special_tokens
 
 # CharTokenizer's default special tokens are ids 0.. in this order (text/tokenizer.py DEFAULT_SPECIAL_TOKENS).
@@ -343,3 +347,21 @@ def test_stop_string_mixing_a_special_token_and_text_is_refused():
     model = Scripted([BOS, IM_END], tok.vocab_size)
     with pytest.raises(ValueError, match="mixes special tokens"):
         generate(model, [[BOS]], GenerationConfig(stop_strings=("blue<|im_end|>",)), tokenizer=tok)
+
+
+def test_hf_tokenizer_turn_end_and_stop_string():
+    """A transformers-style tokenizer (tokenizers' WordLevel here) with Qwen's chat template markers as special
+    tokens and `<|endoftext|>` as eos: the template's turn end is `<|im_end|>`, and `--stop "<|im_end|>"` is it."""
+    vocab = {"<unk>": 0, "Hi": 1, "blue": 2, "<|endoftext|>": 3, "<|im_start|>": 4, "<|im_end|>": 5, "user": 6,
+             "assistant": 7}
+    backend = RustTokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = HFTokenizer(backend, eos_token="<|endoftext|>", unk_token="<unk>", chat_template=chatml,
+                      extra_special_tokens=["<|im_start|>", "<|im_end|>"])
+    template = chat_template_for(tok, flatten_content=True)
+    assert template.turn_end_text() == "<|im_end|>\n"
+    assert turn_end_ids(template, tok) == (5,)
+    assert special_token_id(tok, "<|im_end|>") == 5
+    assert special_token_id(tok, "blue") is None
