@@ -19,7 +19,9 @@ def test_generate_with_an_image_json():
                  "--max-new-tokens", "12", "--json")
     assert out.returncode == 0, out.stderr
     answer = json.loads(out.stdout)
-    assert answer["completion_tokens"] == 12 and answer["finish_reason"] == "length"
+    # tiny-random's random weights emit <|im_end|>, chatml's turn end, before the 12-token cap: the answer ends
+    # there (issue 14), one id per character of its text.
+    assert answer["finish_reason"] == "stop" and answer["completion_tokens"] == len(answer["text"]) < 12
     # chatml, one id per character, 3 marker tokens, and 16 image tokens (32 px / patch 8, CLS dropped)
     characters = "user\n" + "\nDescribe it." + "\n" + "assistant\n"
     assert answer["prompt_tokens"] == len(characters) + 3 + 16

@@ -32,11 +32,18 @@ recompute takes the place of the step's forward pass.
 cache and keeps finished rows in the batch (fed padding): slow and plainly
 right, kept to check the fast path.
 
+A row stops at cfg.stop_token_ids and at the tokenizer's end ids (end_ids: for a
+model load.py loaded, its eos ids and the special tokens its chat template writes
+after an assistant turn, e.g. `<|im_end|>`), at a stop string in its decoded text,
+or after max_new_tokens. Text is decoded without special tokens, so a stop string
+that is one special token (`<|im_end|>`) becomes a stop id (special_token_id).
+
 Sampling (settings, logits processors, seeded draws) lives in sampling.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator, Sequence
@@ -181,15 +188,49 @@ def _make_rows(input_ids: Prompts, attention_mask: torch.Tensor | None, cfg: Gen
         raise ValueError("every prompt needs at least one token (got an empty batch or an empty prompt)")
     if cfg.stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode text; pass tokenizer=")
-    stop_ids = set(cfg.stop_token_ids)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    stop_ids.update([eos] if is_int(eos) else eos or [])
+    stop_ids = set(cfg.stop_token_ids) | set(end_ids(tokenizer))
+    text_stops = []
+    for text in cfg.stop_strings:
+        special = special_token_id(tokenizer, text)
+        if special is None:
+            text_stops.append(text)
+        else:
+            stop_ids.add(special)
+    if len(text_stops) < len(cfg.stop_strings):
+        cfg = dataclasses.replace(cfg, stop_strings=tuple(text_stops))
     generators = row_generators(cfg, len(prompts)) or [None] * len(prompts)
     return [Row(p, cfg, stop_ids, tokenizer, g) for p, g in zip(prompts, generators)]
 
 
+def end_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The ids that end a row besides cfg.stop_token_ids: a vlmkit tokenizer's end_token_ids (the chat template's
+    turn end and the eos ids, set when its model was loaded: load.py), else the tokenizer's eos_token_id."""
+    ids = getattr(tokenizer, "end_token_ids", None)
+    if ids is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        ids = [eos] if is_int(eos) else eos or []
+    return tuple(ids)
+
+
+def special_token_id(tokenizer: Any, text: str) -> int | None:
+    """The id of text when it is one special token of the tokenizer (e.g. `<|im_end|>`), else None.
+
+    Text is matched on decoded text without special tokens, so a stop string that is a special token is a
+    stop id instead; one that has a special token inside other text could never match, and is refused.
+    """
+    ids = tokenizer.encode(text)
+    special = [i for i in ids if tokenizer.decode([i], skip_special_tokens=True) == "" and tokenizer.decode([i]) != ""]
+    if not special:
+        return None
+    if len(ids) > 1:
+        names = ", ".join(tokenizer.decode([i]) for i in special)
+        raise ValueError(f"stop string {text!r} mixes special tokens ({names}) with other text; give each special "
+                         "token as a stop string of its own")
+    return special[0]
+
+
 def new_row(prompt: Sequence[int], cfg: GenerationConfig, tokenizer: Any = None) -> Row:
-    """One prompt's Row (checked like generate's prompts; the tokenizer's eos joins the stop ids)."""
+    """One prompt's Row (checked like generate's prompts; the tokenizer's end ids join the stop ids)."""
     return _make_rows([prompt], None, cfg, tokenizer)[0]
 
 
@@ -293,8 +334,9 @@ def generate(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig | None 
 
     input_ids is a (B, T) tensor (padding marked by attention_mask, any side) or
     a list of id lists. prefill_inputs (e.g. pixel_values, image_sizes) go to the
-    first forward pass only. With a tokenizer: its pad id pads, its eos stops a
-    row, and texts are decoded.
+    first forward pass only. With a tokenizer: its pad id pads, its end ids stop
+    a row (end_ids: a loaded model's eos ids and chat-template turn end), and
+    texts are decoded.
     """
     cfg = cfg or GenerationConfig()
     rows = _make_rows(input_ids, attention_mask, cfg, tokenizer)

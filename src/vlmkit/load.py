@@ -14,6 +14,12 @@ Qwen2-VL / Qwen2.5-VL take a video natively (one clip plan with its own `<|video
 ids); DeepSeek-VL and the demo's model take images only. A directory without a chat template gets its
 scheme's prompt format (Qwen2-VL: the built-in `qwen2_vl`), else the built-in `llava`.
 
+Generation ends at any of `tokenizer.end_token_ids`, which a LoadedModel sets once when it is made
+(end_token_ids): the tokenizer's eos, the config's `eos_token_id` (an int or a list), the special tokens the
+chat template writes after an assistant turn (text.chat.turn_end_ids: `<|im_end|>`, `<|end|>`, ...) and a
+model directory's `generation_config.json` `eos_token_id` (read_eos_ids). `vlmkit train` writes that file
+into the trained model's folder (save_generation_config), so a run stops where its template ends a turn.
+
 `load_model(spec, dtype=torch.bfloat16)` casts the weights after loading (the `--dtype` flag of the verbs);
 activations follow the weights' type (a KV cache on a CPU stays fp32: models/lm.py cache_dtype), and
 every model casts its pixel inputs to it.
@@ -21,8 +27,10 @@ every model casts its pixel inputs to it.
 
 from __future__ import annotations
 
+import json
 import string
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,13 +39,14 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from vlmkit.files import write_text_atomically
 from vlmkit.image.plan import ImagePlan
 from vlmkit.models.image_model import takes_images
 from vlmkit.models.vlm import VLM
 from vlmkit.presets import tiny_random
 from vlmkit.prompt import MediaPlans, Prompt, build_prompt, build_prompt_ids, flat_plans
 from vlmkit.schemes import Media
-from vlmkit.text.chat import ChatTemplate, Message, chat_template_for
+from vlmkit.text.chat import ChatTemplate, Message, chat_template_for, turn_end_ids
 from vlmkit.text.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 from vlmkit.weights.gguf import load_gguf, smollm2_gguf_path
 from vlmkit.weights.hf import from_pretrained
@@ -68,6 +77,16 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Tokenizer
     chat_template: ChatTemplate
+    generation_eos_ids: Sequence[int] = ()  # a model directory's generation_config.json eos_token_id (read_eos_ids)
+
+    def __post_init__(self) -> None:
+        self.tokenizer.end_token_ids = end_token_ids(self.tokenizer, self.chat_template, self.model,
+                                                     self.generation_eos_ids)
+
+    @property
+    def end_token_ids(self) -> tuple[int, ...]:
+        """The ids that end generation (tokenizer.end_token_ids, set from end_token_ids)."""
+        return self.tokenizer.end_token_ids
 
     @property
     def takes_images(self) -> bool:
@@ -149,6 +168,60 @@ class LoadedModel:
                                 video_token_id=self.video_token_id)
 
 
+def eos_list(value: Any, where: str) -> list[int]:
+    """An eos_token_id setting (None, an int or a list of ints) as a list; ValueError naming where it is from."""
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(f"{where}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return values
+
+
+def config_eos_ids(model: nn.Module) -> list[int]:
+    """The model config's eos_token_id as a list (a VLM's is its language model's: cfg.lm)."""
+    cfg = getattr(model, "cfg", None)
+    return eos_list(getattr(getattr(cfg, "lm", cfg), "eos_token_id", None), "config.json")
+
+
+def read_eos_ids(model_dir: str | Path) -> list[int]:
+    """The eos_token_id of model_dir/generation_config.json as a list ([] without the file or the key)."""
+    file = Path(model_dir) / "generation_config.json"
+    if not file.is_file():
+        return []
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}); fix or delete it") from e
+    if isinstance(config, dict):
+        return eos_list(config.get("eos_token_id"), str(file))
+    raise ValueError(f"{file} must hold a JSON object, got {type(config).__name__}; fix or delete it")
+
+
+def end_token_ids(tokenizer: Tokenizer, template: ChatTemplate, model: nn.Module,
+                  extra: Iterable[int] = ()) -> tuple[int, ...]:
+    """The ids that end generation, in order, each once: the tokenizer's eos, the config's eos_token_id, the
+    chat template's turn end (turn_end_ids) and extra (generation_config.json's). A template that cannot render
+    a question and its answer gives a warning and no turn end."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    ids += config_eos_ids(model)
+    try:
+        ids += turn_end_ids(template, tokenizer)
+    except ValueError as e:
+        warnings.warn(f"generation stops only at the eos ids {ids}: cannot find where the chat template ends an "
+                      f"assistant turn ({e})", stacklevel=2)
+    return tuple(dict.fromkeys([*ids, *extra]))
+
+
+def save_generation_config(loaded: LoadedModel, model_dir: str | Path) -> Path:
+    """Write model_dir/generation_config.json with the ids that end generation (eos_token_id, a list, as
+    transformers reads it) and the tokenizer's bos / pad ids; returns the file."""
+    tok = loaded.tokenizer
+    config = {"bos_token_id": tok.bos_token_id, "eos_token_id": list(loaded.end_token_ids),
+              "pad_token_id": tok.pad_token_id}
+    file = Path(model_dir) / "generation_config.json"
+    write_text_atomically(file, json.dumps({k: v for k, v in config.items() if v is not None}, indent=1) + "\n")
+    return file
+
+
 def tiny_random_model(seed: int = 0) -> LoadedModel:
     """The `tiny-random` preset: random weights, a printable-ASCII character tokenizer, chatml."""
     tokenizer = CharTokenizer(string.printable)
@@ -173,7 +246,7 @@ def load_model(spec: str, dtype: torch.dtype | None = None) -> LoadedModel:
             template = model.scheme.chat_template(tokenizer, model.cfg, fallback="llava")
         else:  # a text-only checkpoint's template expects string content: text parts are joined for it
             template = chat_template_for(tokenizer, flatten_content=True)
-        loaded = LoadedModel(spec, model, tokenizer, template)
+        loaded = LoadedModel(spec, model, tokenizer, template, read_eos_ids(spec))
     else:
         raise ValueError(f"--model {spec!r} is neither a model directory, a .gguf file, nor one of "
                          f"{', '.join(SPECIAL_SPECS)}")

@@ -23,8 +23,10 @@ class GenerationConfig:
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     top_p: float = 1.0  # keep the smallest set of tokens with probability >= top_p; 1 = off
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in prompt + output; 1 = off
-    stop_token_ids: tuple[int, ...] = ()  # a row stops when it samples one (the tokenizer's eos is added)
-    stop_strings: tuple[str, ...] = ()  # a row stops when its text contains one (needs a tokenizer)
+    stop_token_ids: tuple[int, ...] = ()  # a row stops when it samples one (the tokenizer's end ids are added)
+    # A row stops when its text contains one, or when it samples one that is a special token such as
+    # "<|im_end|>" (text is decoded without special tokens). Needs a tokenizer.
+    stop_strings: tuple[str, ...] = ()
     seed: int | None = None  # None = a fresh random seed per call
 
     def __post_init__(self) -> None:

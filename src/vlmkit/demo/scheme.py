@@ -96,6 +96,10 @@ class DemoChatTemplate(ChatTemplate):
                              f"newline); got {question!r}")
         return self.bos_token + self.image_token + question + "\n"
 
+    def turn_end_text(self) -> str:
+        """Nothing: the template renders questions only, and the demo's answers end at the eos (demo.data)."""
+        return ""
+
 
 class DemoScheme(Scheme):
     """The demo's images at the sizes it trained on, through DemoVLM's CNN tower, CTC and class heads."""

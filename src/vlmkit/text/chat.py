@@ -47,6 +47,28 @@ class ChatTemplate(ABC):
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         """The prompt for messages; add_generation_prompt appends the opening of an assistant turn."""
 
+    def turn_end_text(self) -> str:
+        """The text the template writes after an assistant turn's content (e.g. chatml's "<|im_end|>\\n", phi3's
+        "<|end|>\\n", llava's " "), read from the rendering of a user question and its answer. Both content forms
+        are tried (a list of parts, then a string), as checkpoints' templates read one or the other; ValueError
+        when the template renders neither. A template that never renders answers overrides this."""
+        errors = []
+        for content in ([{"type": "text", "text": _ANSWER}], _ANSWER):
+            question = [{"type": "text", "text": "Hi"}] if isinstance(content, list) else "Hi"
+            try:
+                text = self.render([{"role": "user", "content": question}, {"role": "assistant", "content": content}])
+            except (ValueError, TypeError, jinja2.TemplateError) as e:
+                errors.append(f"{type(e).__name__}: {e}")
+                continue
+            if _ANSWER in text:
+                return text[text.rindex(_ANSWER) + len(_ANSWER):]
+            errors.append("the answer's text is not in the rendering")
+        raise ValueError(f"the chat template does not render a user question and an assistant answer "
+                         f"({'; '.join(errors)})")
+
+
+_ANSWER = "vlmkit-answer-9f3c"  # a reply no template writes by itself, to find what follows it
+
 
 def _check_messages(messages: Sequence[Message]) -> None:
     if isinstance(messages, (str, Mapping)):
@@ -241,3 +263,13 @@ def chat_template_for(tokenizer: Any, default: str | None = None, flatten_conten
         raise ValueError(f"this tokenizer has no chat template; pass default= one of {sorted(BUILTIN_TEMPLATES)}")
     return get_chat_template(source, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
                              flatten_content=flatten_content)
+
+
+def turn_end_ids(template: ChatTemplate, tokenizer: Any) -> tuple[int, ...]:
+    """The special tokens the template writes after an assistant turn (template.turn_end_text()), in order: chatml's
+    `<|im_end|>`, phi3's `<|end|>`, vicuna's `</s>`, DeepSeek's `<｜end▁of▁sentence｜>`; () when it writes
+    only text (llava's " "), whose answers end at the tokenizer's eos. A token is special when decoding
+    with skip_special_tokens drops it."""
+    ids = tokenizer.encode(template.turn_end_text())
+    return tuple(dict.fromkeys(i for i in ids if tokenizer.decode([i], skip_special_tokens=True) == ""
+                               and tokenizer.decode([i]) != ""))

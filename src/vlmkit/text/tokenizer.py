@@ -79,6 +79,23 @@ class Tokenizer(ABC):
     def eos_token(self) -> str | None:
         return None if self.eos_token_id is None else self.id_to_token(self.eos_token_id)
 
+    @property
+    def end_token_ids(self) -> tuple[int, ...]:
+        """The ids that end generation. A loaded model sets them (load.LoadedModel: the chat template's turn
+        end, the config's and generation_config.json's eos_token_id); until then, the eos alone."""
+        ids = getattr(self, "_end_token_ids", None)
+        if ids is not None:
+            return ids
+        return () if self.eos_token_id is None else (self.eos_token_id,)
+
+    @end_token_ids.setter
+    def end_token_ids(self, ids: Iterable[int]) -> None:
+        ids = tuple(dict.fromkeys(ids))
+        bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+        if bad:
+            raise ValueError(f"end token ids must be non-negative ints, got {bad}")
+        self._end_token_ids = ids
+
     def __len__(self) -> int:
         return self.vocab_size
 

@@ -42,6 +42,7 @@ The run folder (--out):
     step-NNNNNN/              checkpoints (train.checkpoint); the newest --keep-checkpoints are kept
     skipped.txt               the problems of the records --data-policy skip dropped
     config.json, model.safetensors, tokenizer files   the final model: `vlmkit generate --model OUT` loads it
+    generation_config.json    its eos_token_id: the ids that end an answer (the template's turn end, the eos)
 run.json records --data, --image-root and a --model directory relative to the run folder, and not --out,
 so a run folder moved (with its data) resumes. A write of the folder that fails (a full disk, a folder
 turned read-only) stops the run with a RunFolderError naming the last complete checkpoint, from which
@@ -66,7 +67,7 @@ import torch
 from vlmkit.data.formats import POLICIES, DatasetError, Problem, Sample, load_dataset
 from vlmkit.data.labels import TrainingExample, build_training_example
 from vlmkit.image.load import load_image
-from vlmkit.load import LoadedModel, load_model
+from vlmkit.load import LoadedModel, load_model, save_generation_config
 from vlmkit.models.image_model import build_model
 from vlmkit.presets import PRESETS, Preset, get_preset
 from vlmkit.schemes import get_scheme
@@ -316,9 +317,10 @@ def prepare_data(samples: Sequence[Sample], loaded: LoadedModel,
 def save_model_dir(loaded: LoadedModel, out: Path, source: str) -> Path:
     """Write the trained model to out as a model directory load_model reads: config.json + safetensors
     (weights.save_pretrained) and the tokenizer (a CharTokenizer's JSON, saved with the model, else the
-    source's tokenizer files)."""
+    source's tokenizer files), and generation_config.json (load.save_generation_config)."""
     char_tokenizer = isinstance(loaded.tokenizer, CharTokenizer)
     save_pretrained(loaded.model, out, tokenizer=loaded.tokenizer if char_tokenizer else None)
+    save_generation_config(loaded, out)  # the ids that end generation: the template's turn end and the eos
     if not char_tokenizer:
         for name in TOKENIZER_FILES:
             if (Path(source) / name).is_file():
