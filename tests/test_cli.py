@@ -20,8 +20,8 @@ def test_generate_with_an_image_json():
     assert out.returncode == 0, out.stderr
     answer = json.loads(out.stdout)
     # tiny-random's random weights emit <|im_end|>, chatml's turn end, before the 12-token cap: the answer ends
-    # there (issue 14), one id per character of its text.
-    assert answer["finish_reason"] == "stop" and answer["completion_tokens"] == len(answer["text"]) < 12
+    # there (issue 14). One id per character, except specials such as <s> and <pad> that print as nothing.
+    assert answer["finish_reason"] == "stop" and len(answer["text"]) <= answer["completion_tokens"] < 12
     # chatml, one id per character, 3 marker tokens, and 16 image tokens (32 px / patch 8, CLS dropped)
     characters = "user\n" + "\nDescribe it." + "\n" + "assistant\n"
     assert answer["prompt_tokens"] == len(characters) + 3 + 16

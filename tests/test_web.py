@@ -33,7 +33,7 @@ from vlmkit.serve import create_app
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; Playwright downloads no browser of its own
 MODEL = "tiny-random"
 MAX_TOKENS = 48
-STEP_DELAY = 0.004  # seconds added to each forward pass, so that streamed chunks are apart in time
+STEP_DELAY = 0.02  # seconds added to each forward pass, so that streamed chunks are apart in time
 
 # Records [length, time in ms] of the newest answer each time the conversation list changes: one
 # entry per update the page made while the answer streamed in.
@@ -99,8 +99,9 @@ def test_page_files_are_served_and_load_nothing_from_outside(server):
     assert missing.value.code == 404
 
 
-def oracle(loaded: LoadedModel, messages: list[dict]) -> str:
-    """The greedy answer of vlmkit.generate, without the server, to OpenAI-format messages."""
+def oracle(loaded: LoadedModel, messages: list[dict]) -> tuple[str, int]:
+    """The greedy answer of vlmkit.generate, without the server, to OpenAI-format messages, and how many
+    tokens it took."""
     images, converted = [], []
     for message in messages:
         if isinstance(message["content"], str):
@@ -119,7 +120,7 @@ def oracle(loaded: LoadedModel, messages: list[dict]) -> str:
     result = generate(loaded.model, [loaded.prompt_ids(converted, plans)],
                       GenerationConfig(max_new_tokens=MAX_TOKENS, temperature=0.0),
                       prefill_inputs=loaded.image_inputs(plans), tokenizer=loaded.tokenizer)
-    return result.texts[0]
+    return result.texts[0], len(result.token_ids[0])
 
 
 def ask(page: Page, question: str, turn: int) -> tuple[dict, str, list[list[float]]]:
@@ -169,17 +170,19 @@ def test_browser_uploads_an_image_streams_and_continues(server, loaded, browser)
     body, answer, updates = ask(page, "What shapes are here?", turn=1)
     assert body == {"model": MODEL, "messages": [first], "stream": True, "max_tokens": MAX_TOKENS,
                     "temperature": 0}
-    assert answer == oracle(loaded, [first]) and answer
+    expected, steps = oracle(loaded, [first])
+    assert answer == expected and answer
     lengths, times = [n for n, _ in updates], [t for _, t in updates]
     assert lengths == sorted(lengths) and lengths[-1] == len(answer) and len(lengths) >= 2, updates
-    # Streamed: part of the answer was on the page well before all of it (>= MAX_TOKENS - 1 pauses).
-    assert times[-1] - times[0] > 0.5 * (MAX_TOKENS - 1) * STEP_DELAY * 1000, updates
+    # Streamed: part of the answer was on the page well before all of it (steps - 1 pauses between the first
+    # token and the last; the answer ends at the model's end of turn, before MAX_TOKENS).
+    assert steps >= 4 and times[-1] - times[0] > 0.5 * (steps - 1) * STEP_DELAY * 1000, updates
 
     second = {"role": "user", "content": [{"type": "text", "text": "Which one is red?"}]}
     body, answer2, _ = ask(page, "Which one is red?", turn=2)
     history = [first, {"role": "assistant", "content": answer}, second]
     assert body["messages"] == history  # the image and the first answer are sent again
-    assert answer2 == oracle(loaded, history)
+    assert answer2 == oracle(loaded, history)[0]
     assert page.locator(".message").count() == 4 and page.is_hidden("#error")
     assert not problems, f"the page logged errors: {problems}"
     page.close()
