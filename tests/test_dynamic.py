@@ -183,8 +183,8 @@ class _VideoDefaults:
 
     def _merge_and_standardize_kwargs(self, **kwargs):
         """transformers >= 5.25 reads the defaults through this (5.24 read the attributes)."""
-        defaults = dict(size=self.size, patch_size=self.patch_size, merge_size=self.merge_size,
-                        temporal_patch_size=self.temporal_patch_size)
+        defaults = {"size": self.size, "patch_size": self.patch_size, "merge_size": self.merge_size,
+                    "temporal_patch_size": self.temporal_patch_size}
         return {**defaults, **kwargs}
 
 

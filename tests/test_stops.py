@@ -17,10 +17,7 @@ import base64
 import dataclasses
 import json
 import shutil
-import socket
 import string
-import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +25,7 @@ import openai
 import pytest
 import torch
 import torch.nn.functional as F
-import uvicorn
+from test_serve import Server
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import pre_tokenizers
 from tokenizers.models import WordLevel
@@ -122,27 +119,6 @@ def test_generate_cli_streams_the_same_answer(run, data, capsys):
     answer = json.loads(capsys.readouterr().out)
     assert streamed.out == answer["text"] + "\n"
     assert streamed.err.rstrip().endswith(", stop]")
-
-
-class Server:
-    """A uvicorn server in a background thread on a free 127.0.0.1 port."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.sock.close()
 
 
 def test_serve_stops_at_turn_end(run, data, loaded, capsys):
