@@ -40,7 +40,7 @@ from vlmkit.schemes import Media
 from vlmkit.text.chat import ChatTemplate, Message, chat_template_for
 from vlmkit.text.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 from vlmkit.weights.gguf import load_gguf, smollm2_gguf_path
-from vlmkit.weights.hf import from_pretrained
+from vlmkit.weights.hf import from_pretrained, save_pretrained
 
 SPECIAL_SPECS = ("tiny-random", "smollm2-135m")
 
@@ -94,6 +94,14 @@ class LoadedModel:
     def video_token_id(self) -> int | None:
         """The placeholder id of a native video (Qwen2-VL's <|video_pad|>); None when videos go as frames."""
         return self.model.placeholder_ids.get("video") if self.takes_images else None
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the model and its tokenizer (chat template included) as a model directory: config.json +
+        safetensors in the model's layout (weights.save_pretrained) and the tokenizer's files
+        (Tokenizer.save_pretrained). load_model(folder) and `vlmkit generate --model folder` read it back;
+        returns the folder."""
+        save_pretrained(self.model, folder, tokenizer=self.tokenizer)
+        return Path(folder)
 
     def _check_media(self, media: Sequence[object], what: str) -> None:
         if media and not self.takes_images:

@@ -53,7 +53,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import string
 import sys
 from collections.abc import Sequence
@@ -72,7 +71,6 @@ from vlmkit.presets import PRESETS, Preset, get_preset
 from vlmkit.schemes import get_scheme
 from vlmkit.text.chat import chat_template_for
 from vlmkit.text.tokenizer import DEFAULT_SPECIAL_TOKENS, CharTokenizer
-from vlmkit.weights import save_pretrained
 from vlmkit.files import temporary_path, write_text_atomically
 from vlmkit.train.checkpoint import latest_checkpoint, reporting_write_errors
 from vlmkit.train.distributed import World, current_world
@@ -84,8 +82,6 @@ RUN_FILE = "run.json"
 SKIPPED_FILE = "skipped.txt"
 FRESH_PRESETS = tuple(n for n in PRESETS if n.endswith(SMALL_SUFFIX) or n in ("tiny-random", "bench-tiny"))
 RECIPE_PREFIX = "recipe"  # --stage recipe:N
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json")
 # Settings that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = ("resume", "progress", "checkpoint_every", "keep_checkpoints", "log_every", "threads")
 PATH_SETTINGS = ("data", "image_root", "model")  # run.json holds them relative to the run folder
@@ -313,17 +309,10 @@ def prepare_data(samples: Sequence[Sample], loaded: LoadedModel,
     return TrainingSet(good, loaded), problems
 
 
-def save_model_dir(loaded: LoadedModel, out: Path, source: str) -> Path:
-    """Write the trained model to out as a model directory load_model reads: config.json + safetensors
-    (weights.save_pretrained) and the tokenizer (a CharTokenizer's JSON, saved with the model, else the
-    source's tokenizer files)."""
-    char_tokenizer = isinstance(loaded.tokenizer, CharTokenizer)
-    save_pretrained(loaded.model, out, tokenizer=loaded.tokenizer if char_tokenizer else None)
-    if not char_tokenizer:
-        for name in TOKENIZER_FILES:
-            if (Path(source) / name).is_file():
-                shutil.copyfile(Path(source) / name, out / name)
-    return out
+def save_model_dir(loaded: LoadedModel, out: Path) -> Path:
+    """Write the trained model to out as a model directory load_model reads: LoadedModel.save_pretrained
+    (config.json + safetensors, the tokenizer's files with its chat template)."""
+    return loaded.save_pretrained(out)
 
 
 def _is_path(key: str, value: Any) -> bool:
@@ -420,7 +409,7 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
     model_dir = None
     if world.is_main:
         with reporting_write_errors(out, "the trained model (config.json, safetensors, tokenizer)"):
-            model_dir = save_model_dir(loaded, out, cfg.model)
+            model_dir = save_model_dir(loaded, out)
     return RunResult(result, out, len(examples), problems, model_dir)
 
 
