@@ -65,7 +65,7 @@ import torch
 from vlmkit.data.formats import POLICIES, DatasetError, Problem, Sample, load_dataset
 from vlmkit.data.labels import TrainingExample, build_training_example
 from vlmkit.image.load import load_image
-from vlmkit.load import LoadedModel, load_model
+from vlmkit.load import LoadedModel, load_model, not_a_model_error
 from vlmkit.models.image_model import build_model
 from vlmkit.presets import PRESETS, Preset, get_preset
 from vlmkit.schemes import get_scheme
@@ -76,7 +76,7 @@ from vlmkit.train.checkpoint import latest_checkpoint, reporting_write_errors
 from vlmkit.train.distributed import World, current_world
 from vlmkit.train.loop import ShuffledBatches, TrainResult, train
 from vlmkit.train.recipes import RECIPES, SMALL_SUFFIX, recipe
-from vlmkit.train.stages import STAGES, Stage
+from vlmkit.train.stages import STAGES, Stage, available_groups, module_groups
 
 RUN_FILE = "run.json"
 SKIPPED_FILE = "skipped.txt"
@@ -258,8 +258,8 @@ def load_for_training(spec: str, samples: Sequence[Sample], seed: int) -> Loaded
         return load_model(spec)
     if spec in PRESETS:
         return fresh_model(spec, conversation_text(samples), seed)
-    raise ValueError(f"--model {spec!r} is neither a model directory nor a preset; give a directory "
-                     f"(config.json + safetensors + tokenizer) or one of {', '.join(FRESH_PRESETS)}")
+    raise not_a_model_error(spec, f"nor a preset; give a directory (config.json + safetensors + tokenizer) or "
+                                  f"one of {', '.join(FRESH_PRESETS)}")
 
 
 def build_example(sample: Sample, loaded: LoadedModel) -> TrainingExample:
@@ -375,6 +375,7 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
     # (images, labels, length) for the records load_dataset passed; the policy is applied to them all
     samples, problems = load_dataset(cfg.data, image_root=cfg.image_root, policy="skip")
     loaded = load_for_training(cfg.model, samples, cfg.seed)
+    check_groups(loaded, stage, cfg.group_lrs)  # before the data is prepared, which takes long
     max_len = cfg.max_len
     if cfg.pack_len is not None and (max_len is None or max_len > cfg.pack_len):
         max_len = cfg.pack_len  # a packed row must hold every sample
@@ -411,6 +412,17 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
         with reporting_write_errors(out, "the trained model (config.json, safetensors, tokenizer)"):
             model_dir = save_model_dir(loaded, out)
     return RunResult(result, out, len(examples), problems, model_dir)
+
+
+def check_groups(loaded: LoadedModel, stage: Stage, group_lrs: dict[str, float]) -> None:
+    """Refuse a --group-lr naming a group the model does not have, and a stage whose groups do not cover the
+    model (stages.module_groups), with the model's groups listed."""
+    groups = list(dict.fromkeys(available_groups(loaded.model)))
+    unknown = [name for name in group_lrs if name not in groups]
+    if unknown:
+        raise ValueError(f"--group-lr {unknown[0]}={group_lrs[unknown[0]]:g}: {loaded.name} has no group "
+                         f"{unknown[0]!r}; its groups are {', '.join(groups)}")
+    module_groups(loaded.model, stage)
 
 
 def check_writable(out: Path) -> None:
