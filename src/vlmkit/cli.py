@@ -104,15 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run one verb. An error a verb reports (ValueError, FileNotFoundError, TesseractError) is printed as
     `vlmkit VERB: error: ...` with exit status 2, options named by their flags (vlmkit.options); a reader
     that closes the output early (vlmkit presets | head -1) ends the verb quietly."""
-    args = build_parser().parse_args(argv)
     try:
-        with command_line_spelling():
-            status = args.run(args)
+        args = build_parser().parse_args(argv)  # --help and --version print here
+        try:
+            with command_line_spelling():
+                status = args.run(args)
+        except (ValueError, FileNotFoundError, TesseractError) as e:
+            print(f"vlmkit {args.verb}: error: {e}", file=sys.stderr)
+            return 2
         sys.stdout.flush()  # here, so a closed pipe is met inside this try and not at interpreter exit
         return status
-    except (ValueError, FileNotFoundError, TesseractError) as e:
-        print(f"vlmkit {args.verb}: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:
         # The reader has gone: point stdout at /dev/null so Python's flush at exit does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
