@@ -6,7 +6,10 @@ A model spec is one of
 - a path to a `.gguf` file;
 - a model directory of any registered model_type (weights/hf.py): a transformers-format checkpoint (config.json
   + safetensors + tokenizer files, e.g. LLaVA), a `vlmkit train` run folder, a `vlmkit demo` report folder
-  (the demo registers its model type, its image scheme and prompt format: vlmkit.demo).
+  (the demo registers its model type, its image scheme and prompt format: vlmkit.demo), or a folder
+  `LoadedModel.save_pretrained` wrote (model and tokenizer).
+What is not a model is refused with the next step: a hub id (download it, pass the folder), a weights file
+(pass its folder), a `vlmkit train` checkpoint step-NNNNNN/ (resume the run, or pass the run folder).
 
 Which models take images and videos (`LoadedModel.takes_images`): every ImageModel (models/image_model.py),
 through its image scheme: the LLaVA-style VLM shows a video as its sampled frames, each an image;
