@@ -357,14 +357,14 @@ def test_stop_string_truncates_text():
     result = generate(model, [prompt], cfg, tokenizer=tok)
     assert result.texts == ["The answer is 42."] and result.finish_reasons == ["stop"]
     assert tok.decode(result.token_ids[0]) == "The answer is 42.###"  # generation ended on the stop string
-    assert "".join(stream(model, prompt, cfg, tok)) == "The answer is 42."
+    assert "".join(stream(model, prompt, cfg, tokenizer=tok)) == "The answer is 42."
 
 
 def test_stop_string_false_starts_are_released():
     tok = ByteTokenizer()
     model = scripted("x:a#b##c###d")
     cfg = GenerationConfig(max_new_tokens=40, stop_strings=["###"])
-    pieces = list(stream(model, tok.encode("x:"), cfg, tok))
+    pieces = list(stream(model, tok.encode("x:"), cfg, tokenizer=tok))
     assert "".join(pieces) == "a#b##c"
     assert all("###" not in p for p in pieces)
     # Held-back "#"s come out once it is clear they are not a stop string; at the end they are flushed.
@@ -401,7 +401,7 @@ def test_stream_never_splits_a_character():
     tok = ByteTokenizer()
     text = "héllo → wörld 日本語 🙂 done"
     model = scripted(">" + text, tail=[EOS])
-    s = stream(model, tok.encode(">"), GenerationConfig(max_new_tokens=100), tok)
+    s = stream(model, tok.encode(">"), GenerationConfig(max_new_tokens=100), tokenizer=tok)
     pieces = list(s)
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
@@ -419,16 +419,16 @@ def test_stream_keeps_spaces_a_tokenizer_drops_at_the_start_of_a_decode():
 
     tok = LeadingSpaceDropping()
     model = scripted("> one two  three", tail=[EOS])
-    pieces = list(stream(model, tok.encode(">"), GenerationConfig(max_new_tokens=40), tok))
+    pieces = list(stream(model, tok.encode(">"), GenerationConfig(max_new_tokens=40), tokenizer=tok))
     assert "".join(pieces) == tok.decode(tok.encode(" one two  three")) == "one two  three"
 
 
 def test_stream_stop_string_inside_multibyte_text_and_length_flush():
     tok = ByteTokenizer()
     model = scripted(">日本→語", tail=[EOS])
-    assert "".join(stream(model, tok.encode(">"), GenerationConfig(stop_strings=["→"]), tok)) == "日本"
+    assert "".join(stream(model, tok.encode(">"), GenerationConfig(stop_strings=["→"]), tokenizer=tok)) == "日本"
     # Cut mid-character by max_new_tokens: the unfinished bytes are flushed as U+FFFD, like decode does.
-    s = stream(model, tok.encode(">"), GenerationConfig(max_new_tokens=4), tok)
+    s = stream(model, tok.encode(">"), GenerationConfig(max_new_tokens=4), tokenizer=tok)
     assert "".join(s) == tok.decode(tok.encode("日本")[:4]) == "日\ufffd"
     assert s.result.finish_reasons == ["length"]
     # A stop string completed only by that final flush still ends the text and counts as a stop.
@@ -441,9 +441,11 @@ def test_bad_inputs_raise():
     model = tiny_lm()
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[1, 2], []])
-    with pytest.raises(ValueError, match="list of prompts"):
-        generate(model, [1, 2, 3])
+    with pytest.raises(ValueError, match="one prompt .* or a batch"):
+        generate(model, [[1, 2], 3])
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model, [[1, 2]], GenerationConfig(stop_strings=["x"]))
     with pytest.raises(ValueError, match="one prompt"):
-        stream(model, torch.ones(2, 3, dtype=torch.long), None, ByteTokenizer())
+        stream(model, torch.ones(2, 3, dtype=torch.long), None, tokenizer=ByteTokenizer())
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        stream(model, [1, 2, 3])

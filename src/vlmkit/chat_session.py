@@ -152,7 +152,8 @@ class ChatSession:
             image.encoded = encoded
 
     def _answer(self, user: Message, ids: list[int], prefill: dict[str, Any]) -> Iterator[str]:
-        pieces = stream(self.model, ids, self.generation_config, self.loaded.tokenizer, prefill_inputs=prefill)
+        pieces = stream(self.model, ids, self.generation_config, prefill_inputs=prefill,
+                        tokenizer=self.loaded.tokenizer)
         said: list[str] = []
         try:
             for piece in pieces:  # decoding runs under inference_mode (generate.py)

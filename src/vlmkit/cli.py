@@ -11,6 +11,7 @@ demo verb.
     vlmkit chat --model tiny-random --image photo.jpg --prompt "Describe it." --json
     vlmkit serve --model tiny-random --port 8000     # OpenAI-compatible HTTP API on 127.0.0.1
     vlmkit presets --json
+    vlmkit --version
     vlmkit tokens photo.jpg scan.png --scheme anyres --overlay plan.png
     vlmkit data synth --out synth --lines 1000 --shapes 200 --image-size 256x64 --seed 0
     vlmkit eval --model tiny-random --data synth/data.json --metrics ned,cer --out eval-out --tesseract
@@ -21,12 +22,16 @@ demo verb.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import os
+import platform
 import sys
 from pathlib import Path
 
 from vlmkit.commands import data, evaluate, plan, serve, talk, train
 from vlmkit.eval.tesseract import TesseractError
+from vlmkit.options import command_line_spelling
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -60,11 +65,35 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class VerbParser(argparse.ArgumentParser):
+    """The parser of a verb (and of a verb's subcommand, e.g. data synth): it reports flags it does not know
+    itself, with its own usage, instead of leaving them to the top-level parser, whose usage names no flag."""
+
+    def parse_known_args(self, args: list[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)} (see {self.prog} --help)")
+        return parsed, extras
+
+
+def version_text() -> str:
+    """vlmkit's installed version, with torch's and Python's."""
+    try:
+        own = importlib.metadata.version("vlmkit")
+    except importlib.metadata.PackageNotFoundError:
+        own = "(not installed: pip install -e . in the repository)"
+    import torch
+
+    return f"vlmkit {own} (torch {torch.__version__}, Python {platform.python_version()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `vlmkit` parser: each verb module of vlmkit/commands/ registers its verbs, in the order --help lists
-    them, then the demo verb."""
+    them, then the demo verb. Each verb's parser is a VerbParser."""
     parser = argparse.ArgumentParser(prog="vlmkit", description="vlmkit: vision-language models in pure PyTorch")
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    parser.add_argument("--version", action="version", version=version_text())
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=VerbParser)
     for verbs in (talk, plan, data, serve, evaluate, train):
         verbs.add_parsers(sub)
     _add_demo(sub)
@@ -72,12 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one verb. An error a verb reports (ValueError, FileNotFoundError, TesseractError) is printed as
+    `vlmkit VERB: error: ...` with exit status 2, options named by their flags (vlmkit.options); a reader
+    that closes the output early (vlmkit presets | head -1) ends the verb quietly."""
     try:
-        return args.run(args)
-    except (ValueError, FileNotFoundError, TesseractError) as e:
-        print(f"vlmkit {args.verb}: error: {e}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)  # --help and --version print here
+        try:
+            with command_line_spelling():
+                status = args.run(args)
+        except (ValueError, FileNotFoundError, TesseractError) as e:
+            print(f"vlmkit {args.verb}: error: {e}", file=sys.stderr)
+            return 2
+        sys.stdout.flush()  # here, so a closed pipe is met inside this try and not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # The reader has gone: point stdout at /dev/null so Python's flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # the status of a process ended by SIGPIPE (128 + 13), as `yes | head -1` gives
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """Text generation with a KV cache: sampling, batching, stop conditions and streaming.
 
     cfg = GenerationConfig(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0)
-    result = generate(model, [tok.encode("Hello")], cfg, tokenizer=tok)
+    result = generate(model, tok.encode("Hello"), cfg, tokenizer=tok)
     result.texts[0], result.finish_reasons[0]           # "...", "stop" or "length"
-    for piece in stream(model, tok.encode("Hello"), cfg, tok):
+    for piece in stream(model, tok.encode("Hello"), cfg, tokenizer=tok):
         print(piece, end="", flush=True)
+
+generate and stream take the same arguments: the prompt (one list of ids or a (T,) tensor, or a batch: a
+list of id lists or a (B, T) tensor, of which stream takes a batch of one), the GenerationConfig, then by
+keyword attention_mask, prefill_inputs and tokenizer.
 
 The model needs only `new_cache(batch_size, max_len)` and a forward taking
 input_ids, attention_mask (B, S), cache and logits_to_keep (CausalLM and VLM
@@ -54,8 +58,9 @@ import torch.nn as nn
 from vlmkit.decoding import DecodeBatch, advance, left_pad, model_device, next_logits, prefill_batch
 from vlmkit.sampling import GenerationConfig, is_int, row_generators, sample_next
 
-# A prompt batch: a (B, T) tensor (with an optional attention_mask) or one list of ids per prompt.
-Prompts = torch.Tensor | Sequence[Sequence[int]]
+# Prompts: a (B, T) tensor (with an optional attention_mask) or one list of ids per prompt; or one prompt, a
+# list of ids or a (T,) tensor (a batch of one).
+Prompts = torch.Tensor | Sequence[Sequence[int]] | Sequence[int]
 
 
 @dataclass
@@ -165,11 +170,16 @@ class Row:
 
 def _make_rows(input_ids: Prompts, attention_mask: torch.Tensor | None, cfg: GenerationConfig,
                tokenizer: Any) -> list[Row]:
-    """Unpadded prompts from a (B, T) tensor (+ mask) or lists of ids, one Row each (with row_generators's
-    generator)."""
+    """Unpadded prompts from a (B, T) tensor (+ mask) or lists of ids, or from one prompt (a (T,) tensor or a
+    list of ids), one Row each (with row_generators's generator)."""
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+        attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
+    elif not isinstance(input_ids, torch.Tensor) and input_ids and all(is_int(t) for t in input_ids):
+        input_ids = [input_ids]  # one prompt
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+            raise ValueError(f"input_ids must be (length,) or (batch, length), got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                              f"{tuple(input_ids.shape)}")
@@ -181,8 +191,8 @@ def _make_rows(input_ids: Prompts, attention_mask: torch.Tensor | None, cfg: Gen
         if attention_mask is not None:
             raise ValueError("attention_mask goes with a tensor input_ids; pass lists of ids without padding")
         if not all(isinstance(p, (Sequence, torch.Tensor)) for p in input_ids):
-            raise ValueError("input_ids must be a (B, T) tensor or a list of prompts (lists of ids), "
-                             "e.g. [[1, 2, 3]] for one prompt")
+            raise ValueError("input_ids must be one prompt (a list of ids or a (T,) tensor) or a batch (a list "
+                             "of id lists or a (B, T) tensor)")
         prompts = [[int(t) for t in p] for p in input_ids]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (got an empty batch or an empty prompt)")
@@ -327,16 +337,17 @@ def _decode_naive(model: nn.Module, rows: list[Row], cfg: GenerationConfig,
 # ----------------------------------------------------------------------------- public entry points
 
 
-def generate(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig | None = None,
+def generate(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig | None = None, *,
              attention_mask: torch.Tensor | None = None, prefill_inputs: dict[str, Any] | None = None,
              tokenizer: Any = None) -> GenerationResult:
     """Generate a continuation of every prompt with the KV cache.
 
     input_ids is a (B, T) tensor (padding marked by attention_mask, any side) or
-    a list of id lists. prefill_inputs (e.g. pixel_values, image_sizes) go to the
-    first forward pass only. With a tokenizer: its pad id pads, its end ids stop
-    a row (end_ids: a loaded model's eos ids and chat-template turn end), and
-    texts are decoded.
+    a list of id lists; or one prompt, a list of ids or a (T,) tensor (a batch of
+    one). prefill_inputs (e.g. pixel_values, image_sizes) go to the first forward
+    pass only. With a tokenizer: its pad id pads, its end ids stop a row
+    (end_token_ids: a loaded model's eos ids and chat-template turn end), and
+    texts are decoded. stream takes the same arguments.
     """
     cfg = cfg or GenerationConfig()
     rows = _make_rows(input_ids, attention_mask, cfg, tokenizer)
@@ -345,7 +356,7 @@ def generate(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig | None 
     return result_of(rows, tokenizer is not None)
 
 
-def generate_naive(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig | None = None,
+def generate_naive(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig | None = None, *,
                    attention_mask: torch.Tensor | None = None, prefill_inputs: dict[str, Any] | None = None,
                    tokenizer: Any = None) -> GenerationResult:
     """Same as generate, without a cache (reference path; prefill inputs go to every forward pass)."""
@@ -378,21 +389,19 @@ class TextStream:
         return self._row.pieces[self._sent - 1]
 
 
-def stream(model: nn.Module, input_ids: torch.Tensor | Sequence[int], cfg: GenerationConfig | None,
-           tokenizer: Any, prefill_inputs: dict[str, Any] | None = None) -> TextStream:
-    """Generate for one prompt ((T,) or (1, T) ids), yielding text as it becomes final.
+def stream(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig | None = None, *,
+           attention_mask: torch.Tensor | None = None, prefill_inputs: dict[str, Any] | None = None,
+           tokenizer: Any = None) -> TextStream:
+    """Generate for one prompt, yielding text as it becomes final. The arguments are generate's; the prompt
+    is one (a list of ids, a (T,) tensor, or a batch of one) and the tokenizer is required.
 
     Pieces hold whole characters only and stop before a stop string; joined, they
     equal generate(...).texts[0].
     """
     if tokenizer is None:
-        raise ValueError("stream needs a tokenizer to turn tokens into text")
-    if isinstance(input_ids, torch.Tensor):
-        if input_ids.dim() == 2 and input_ids.shape[0] != 1:
-            raise ValueError(f"stream takes one prompt, got a batch of {input_ids.shape[0]}; use generate")
-        prompt = input_ids.reshape(-1).tolist()
-    else:
-        prompt = list(input_ids)
+        raise ValueError("stream needs a tokenizer to turn tokens into text: pass tokenizer=")
     cfg = cfg or GenerationConfig()
-    rows = _make_rows([prompt], None, cfg, tokenizer)
+    rows = _make_rows(input_ids, attention_mask, cfg, tokenizer)
+    if len(rows) != 1:
+        raise ValueError(f"stream takes one prompt, got a batch of {len(rows)}; use generate")
     return TextStream(_decode_cached(model, rows, cfg, prefill_inputs or {}, _pad_id(tokenizer)), rows[0])

@@ -6,7 +6,10 @@ A model spec is one of
 - a path to a `.gguf` file;
 - a model directory of any registered model_type (weights/hf.py): a transformers-format checkpoint (config.json
   + safetensors + tokenizer files, e.g. LLaVA), a `vlmkit train` run folder, a `vlmkit demo` report folder
-  (the demo registers its model type, its image scheme and prompt format: vlmkit.demo).
+  (the demo registers its model type, its image scheme and prompt format: vlmkit.demo), or a folder
+  `LoadedModel.save_pretrained` wrote (model and tokenizer).
+What is not a model is refused with the next step: a hub id (download it, pass the folder), a weights file
+(pass its folder), a `vlmkit train` checkpoint step-NNNNNN/ (resume the run, or pass the run folder).
 
 Which models take images and videos (`LoadedModel.takes_images`): every ImageModel (models/image_model.py),
 through its image scheme: the LLaVA-style VLM shows a video as its sampled frames, each an image;
@@ -28,6 +31,7 @@ every model casts its pixel inputs to it.
 from __future__ import annotations
 
 import json
+import re
 import string
 import warnings
 from collections.abc import Iterable, Sequence
@@ -48,8 +52,9 @@ from vlmkit.prompt import MediaPlans, Prompt, build_prompt, build_prompt_ids, fl
 from vlmkit.schemes import Media
 from vlmkit.text.chat import ChatTemplate, Message, chat_template_for, turn_end_ids
 from vlmkit.text.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
+from vlmkit.train.checkpoint import is_checkpoint
 from vlmkit.weights.gguf import load_gguf, smollm2_gguf_path
-from vlmkit.weights.hf import from_pretrained
+from vlmkit.weights.hf import from_pretrained, save_pretrained
 
 SPECIAL_SPECS = ("tiny-random", "smollm2-135m")
 
@@ -113,6 +118,16 @@ class LoadedModel:
     def video_token_id(self) -> int | None:
         """The placeholder id of a native video (Qwen2-VL's <|video_pad|>); None when videos go as frames."""
         return self.model.placeholder_ids.get("video") if self.takes_images else None
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the model and its tokenizer (chat template included) as a model directory: config.json +
+        safetensors in the model's layout (weights.save_pretrained) and the tokenizer's files
+        (Tokenizer.save_pretrained), and generation_config.json with the ids that end an answer
+        (save_generation_config). load_model(folder) and `vlmkit generate --model folder` read it back, and stop
+        where this model stops; returns the folder."""
+        save_pretrained(self.model, folder, tokenizer=self.tokenizer)
+        save_generation_config(self, folder)
+        return Path(folder)
 
     def _check_media(self, media: Sequence[object], what: str) -> None:
         if media and not self.takes_images:
@@ -240,6 +255,8 @@ def load_model(spec: str, dtype: torch.dtype | None = None) -> LoadedModel:
         # A text-only checkpoint's template expects string content: text parts are joined for it.
         loaded = LoadedModel(spec, model.eval(), tokenizer, chat_template_for(tokenizer, flatten_content=True))
     elif Path(spec).is_dir():
+        if is_checkpoint(spec):
+            raise ValueError(_checkpoint_advice(Path(spec)))
         model = from_pretrained(spec)
         tokenizer = load_tokenizer(spec)
         if takes_images(model):
@@ -248,8 +265,40 @@ def load_model(spec: str, dtype: torch.dtype | None = None) -> LoadedModel:
             template = chat_template_for(tokenizer, flatten_content=True)
         loaded = LoadedModel(spec, model, tokenizer, template, read_eos_ids(spec))
     else:
-        raise ValueError(f"--model {spec!r} is neither a model directory, a .gguf file, nor one of "
-                         f"{', '.join(SPECIAL_SPECS)}")
+        raise not_a_model_error(spec, f"a .gguf file, nor one of {', '.join(SPECIAL_SPECS)}")
     if dtype is not None:
         loaded.model.to(dtype)
     return loaded
+
+
+# A Hugging Face hub id: owner/name, letters, digits, '-', '_' and '.' (and no such path on disk).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def not_a_model_error(spec: str, others: str) -> Exception:
+    """The error for a --model that names no model directory, saying what to pass instead: the folder of a
+    weights file, a downloaded folder for a hub id; else that it is neither a directory nor `others` (the
+    other forms the verb takes)."""
+    path = Path(spec)
+    if path.is_file():
+        return ValueError(f"--model {spec} is a file; vlmkit loads a model from its folder (config.json, the "
+                          f"weights and the tokenizer together): pass --model {path.parent}")
+    if _HUB_ID.fullmatch(spec):
+        local = spec.rsplit("/", 1)[1]
+        return FileNotFoundError(f"--model {spec}: no such folder. It looks like a Hugging Face hub id, and vlmkit "
+                                 f"does not download models: download it first (hf download {spec} --local-dir "
+                                 f"{local}) and pass the folder: --model {local}")
+    return FileNotFoundError(f"--model {spec!r} is neither a model directory, {others}")
+
+
+def _checkpoint_advice(path: Path) -> str:
+    """What to do with a `vlmkit train` checkpoint (step-NNNNNN/) given as a model: resume the run, or load
+    the run's final model."""
+    run = path.resolve().parent
+    final = (run / "config.json").is_file()
+    use = (f"to use the trained model, pass the run folder: --model {path.parent}" if final else
+           f"the run in {path.parent} has not written its final model yet (it does when training ends); "
+           "resume it to finish, then pass --model with the run folder")
+    return (f"--model {path} is a training checkpoint (weights with the optimizer's state, to resume from), not a "
+            f"model folder: to continue training, run vlmkit train with the run's flags and --out {path.parent} "
+            f"--resume; {use}")

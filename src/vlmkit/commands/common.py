@@ -1,5 +1,6 @@
 """What several verb modules share: the --model and --dtype flags of every verb that loads a model
-(vlmkit/load.py), and the loading they ask for."""
+(vlmkit/load.py) and the loading they ask for; the --data-policy and --image-root flags of every verb that
+reads a dataset (data/formats.py: train, eval)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 
 import torch
 
+from vlmkit.data.formats import POLICIES
 from vlmkit.load import SPECIAL_SPECS, LoadedModel, load_model
 
 # --dtype choices. bfloat16 halves the bytes a decoding step reads and runs matrix products on the CPU's
@@ -27,3 +29,13 @@ def add_model_flag(p: argparse.ArgumentParser) -> None:
 def load_model_of(args: argparse.Namespace) -> LoadedModel:
     """The model named by --model, cast to --dtype if given."""
     return load_model(args.model, dtype=None if args.dtype is None else DTYPES[args.dtype])
+
+
+def add_data_flags(p: argparse.ArgumentParser, skipped: str) -> None:
+    """Add --image-root and --data-policy (what data.formats.load_dataset takes as image_root and policy);
+    skipped says what the verb does with the records skip drops, beside printing them."""
+    p.add_argument("--image-root", default=None, metavar="DIR",
+                   help="folder relative image paths are resolved against (default: the dataset's folder)")
+    p.add_argument("--data-policy", default="fail", choices=POLICIES,
+                   help=f"bad records: fail lists them all and stops (default); skip drops them, prints them "
+                        f"and {skipped}")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
-from vlmkit.commands.common import add_model_flag, load_model_of
+from vlmkit.commands.common import add_data_flags, add_model_flag, load_model_of
 from vlmkit.data.formats import load_dataset
 from vlmkit.eval.runner import (DEFAULT_METRICS, METRICS, PREDICTIONS_FILE, SUMMARY_FILE, evaluate, get_metrics,
                                 summary_table, write_results)
@@ -21,6 +22,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                    f"Prints the mean scores; with --out writes {PREDICTIONS_FILE} and {SUMMARY_FILE}.")
     add_model_flag(p)
     p.add_argument("--data", required=True, metavar="DATA.json", help="the dataset file (JSON or JSONL)")
+    add_data_flags(p, "scores the others")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), metavar="A,B",
                    help=f"comma-separated metrics from: {', '.join(METRICS)} (default {','.join(DEFAULT_METRICS)})")
     p.add_argument("--out", default=None, metavar="DIR", help=f"write {PREDICTIONS_FILE} and {SUMMARY_FILE} here")
@@ -41,7 +43,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     metrics = list(get_metrics([name.strip() for name in args.metrics.split(",") if name.strip()]))
-    samples, _ = load_dataset(args.data)
+    # every image is decoded here, so an unreadable one is a listed problem and not a failure mid-run
+    samples, problems = load_dataset(args.data, image_root=args.image_root, policy=args.data_policy,
+                                     check_images=True)
+    if problems:
+        print(f"skipped {len(problems)} bad record(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
     result = evaluate(load_model_of(args), samples, metrics, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, answer_separator=args.answer_separator,
                       compare_tesseract=args.tesseract, tesseract_psm=args.tesseract_psm, quiet=args.json)

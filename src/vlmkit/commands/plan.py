@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from vlmkit.image.load import load_image
@@ -37,13 +38,30 @@ def _run_presets(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    for r in rows:
-        tokens = "  ".join(f"{size}: {n}" for size, n in r["tokens"].items())
-        print(f"{r['name']:<19} {r['parameters'] / 1e6:>10.2f}M  {r['scheme']:<7} {r['projector']:<28} "
-              f"{r['lm']:<26} tokens {tokens}")
-        print(f"{'':<19} {r['vision']}")
-        print(f"{'':<19} stages: {' -> '.join(stage['name'] for stage in r['recipe'])}")
+    print("\n".join(presets_table(rows)))
     return 0
+
+
+def presets_table(rows: list[dict]) -> list[str]:
+    """The lines of `vlmkit presets`: a header naming the columns, then per preset a line of its columns and
+    two indented lines, its vision tower and its training stages (what --stage takes)."""
+    sizes = list(rows[0]["tokens"]) if rows else []
+    header = ["preset", "parameters", "scheme", "projector", "LM (x layers, w width)",
+              *[f"tokens {size}" for size in sizes]]
+    cells = [[r["name"], f"{r['parameters'] / 1e6:.2f}M", r["scheme"], r["projector"], r["lm"],
+              *[str(r["tokens"][size]) for size in sizes]] for r in rows]
+    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+    right = {1, *range(5, len(header))}  # numbers are right-aligned under their header
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))
+
+    indent = " " * (widths[0] + 2)
+    lines = [line(header).rstrip()]
+    for r, values in zip(rows, cells):
+        lines += [line(values).rstrip(), f"{indent}vision: {r['vision']}",
+                  f"{indent}stages: {' -> '.join(stage['name'] for stage in r['recipe'])}"]
+    return lines
 
 
 def _add_tokens(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +78,7 @@ def _add_tokens(sub: argparse._SubParsersAction) -> None:
                         "above 2); default: the number of IMAGE arguments")
     p.add_argument("--overlay", default=None, metavar="OUT.png",
                    help="draw the grid and global view over each image: the first image to OUT.png, "
-                        "the next ones to OUT-1.png, OUT-2.png, ...")
+                        "the next ones to OUT-1.png, OUT-2.png, ... (each file written is named on stderr)")
     p.add_argument("--json", action="store_true", help="print a JSON list, one plan summary per image")
     p.set_defaults(run=_run_tokens)
 
@@ -91,8 +109,10 @@ def _run_tokens(args: argparse.Namespace) -> int:
         check_work(scheme, cfg, image.size, num_images)  # as plan_image does, with --scheme's scheme
         plans.append(scheme.plan(cfg, image, num_images))
     if args.overlay is not None:
-        for image, image_plan, path in zip(images, plans, overlay_paths(args.overlay, len(images))):
+        for source, image, image_plan, path in zip(args.images, images, plans,
+                                                   overlay_paths(args.overlay, len(images))):
             draw_plan(image, image_plan, scheme.geometry(image_plan)).save(path)
+            print(f"overlay of {source} written to {path}", file=sys.stderr)  # stdout keeps the plans (--json)
     if args.json:
         print(json.dumps([{"image": path, **p.summary()} for path, p in zip(args.images, plans)], indent=2))
         return 0

@@ -109,7 +109,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             result = generate(loaded.model, [prompt], cfg, prefill_inputs=prefill, tokenizer=loaded.tokenizer)
             ids, reason, text = result.token_ids[0], result.finish_reasons[0], result.texts[0]
         else:
-            pieces = stream(loaded.model, prompt, cfg, loaded.tokenizer, prefill_inputs=prefill)
+            pieces = stream(loaded.model, prompt, cfg, prefill_inputs=prefill, tokenizer=loaded.tokenizer)
             for piece in pieces:
                 print(piece, end="", flush=True)
             print(flush=True)

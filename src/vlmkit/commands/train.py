@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vlmkit.data.formats import POLICIES
+from vlmkit.commands.common import add_data_flags
 from vlmkit.train.distributed import init_distributed, shutdown
 from vlmkit.train.run import FRESH_PRESETS, RUN_FILE, SKIPPED_FILE, RunConfig, run_training
 from vlmkit.train.stages import STAGES
@@ -27,8 +27,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help=f"a model directory to fine-tune, or a preset to train from random weights: "
                         f"{', '.join(FRESH_PRESETS)}")
     p.add_argument("--data", required=True, metavar="DATA.json", help="the dataset file (LLaVA JSON or JSONL)")
-    p.add_argument("--image-root", default=None, metavar="DIR",
-                   help="folder relative image paths are resolved against (default: the dataset's folder)")
+    add_data_flags(p, f"writes them to OUT/{SKIPPED_FILE}")
     p.add_argument("--out", required=True, metavar="DIR", help="the run folder (created if missing)")
     p.add_argument("--stage", default="sft", metavar="STAGE",
                    help="what trains: a stage of the model preset's recipe by name (e.g. align for llava-1.5-small, "
@@ -55,9 +54,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="pack each batch's samples into rows of at most LEN tokens instead of padding")
     p.add_argument("--max-len", type=int, default=None, metavar="TOKENS",
                    help="refuse samples longer than this, images included (default: the model's context)")
-    p.add_argument("--data-policy", default="fail", choices=POLICIES,
-                   help=f"bad records: fail lists them all and stops (default); skip drops them, prints them "
-                        f"and writes OUT/{SKIPPED_FILE}")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="write a checkpoint every STEPS steps (default 0: only at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",

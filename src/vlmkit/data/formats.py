@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmkit.image.load import ImageLoadError, load_image
+from vlmkit.options import option
 from vlmkit.text.tokenizer import Tokenizer
 
 IMAGE_TOKEN = "<image>"
@@ -63,8 +64,6 @@ RECORD_KEYS = {"id", "image", "images", "conversations", "messages"}
 TURN_RULE = ("an optional system turn first, then user and assistant turns alternating, "
              "starting with user and ending with assistant")
 POLICIES = ("fail", "skip")
-SKIP_HINT = "--data-policy skip (from Python: policy='skip' for load_dataset, data_policy='skip' for RunConfig)"
-IMAGE_ROOT_HINT = "--image-root DIR (from Python: image_root=)"
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a str from JSON holds one only for an unpaired escape
 _STRUCTURE = re.compile(r'[\[\]{}",]')  # what _value_end counts
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, quotes included
@@ -113,7 +112,7 @@ class DatasetError(ValueError):
         files = sorted({p.file for p in problems})
         lines = "\n".join(f"  {p}" for p in problems)
         super().__init__(f"{len(problems)} problem(s) in {', '.join(files)}:\n{lines}\n"
-                         f"Fix these records, or pass {SKIP_HINT} to drop them and get this list back.")
+                         f"Fix these records, or pass {option('data_policy_skip')} to drop them and get this list back.")
 
 
 def load_dataset(path: str | os.PathLike, image_root: str | os.PathLike | None = None, policy: str = "fail",
@@ -392,7 +391,7 @@ class _RecordChecker:
             return f"the system refuses the path ({e.strerror})"
         if not found:
             return (f"no such file {path} (relative paths are resolved against {self.root}; pass "
-                    f"{IMAGE_ROOT_HINT})")
+                    f"{option('image_root')})")
         if self.check_images:
             try:
                 load_image(path)

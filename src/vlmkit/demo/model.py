@@ -39,7 +39,7 @@ are added to the embeddings of a whole colour or shape word's characters in the 
     ground:  (2 p_k - 1) * match_embed         # p_k: the image's probability of class k (the head's softmax)
 so "is this word's class in the image" becomes one learned direction of the word, plus for a match and minus
 for a miss: a word-image alignment score, as open-vocabulary detectors (GLIP) score the phrases of a prompt
-against image regions. The LM still learns the negation and the answer (the README's demo section gives the
+against image regions. The LM still learns the negation and the answer (docs/demo.md gives the
 runs with and without it). encode_images carries the image's class probabilities in its rows, so the chat's
 encode-once path grounds the words as the pixels do.
 

@@ -3,6 +3,7 @@
     tok = load_tokenizer("path/to/model_dir")          # tokenizer.json (+ tokenizer_config.json ...)
     tok = load_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")   # vocabulary + merges stored in the GGUF
     tok = load_tokenizer("chars.json")                 # a CharTokenizer saved with .save()
+    tok.save_pretrained("out/")                        # out/tokenizer.json (+ tokenizer_config.json); load_tokenizer reads it
     ids = tok.encode("<|im_start|>user\nhi<|im_end|>")   # special tokens in the text are single ids
 
 `HFTokenizer` wraps a `tokenizers.Tokenizer` (the Rust library transformers'
@@ -27,6 +28,8 @@ from tokenizers import Tokenizer as RustTokenizer
 
 from vlmkit.files import write_text_atomically
 from vlmkit.text.gguf_vocab import gguf_tokenizer_spec
+
+TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
 
 
 class Tokenizer(ABC):
@@ -70,6 +73,13 @@ class Tokenizer(ABC):
     @abstractmethod
     def chat_template(self) -> str | None:
         """Jinja source of the checkpoint's chat template or the name of a built-in one; None if unknown."""
+
+    @abstractmethod
+    def save_pretrained(self, folder: str | Path) -> list[str]:
+        """Write the tokenizer's files into folder (created if missing), its chat template included, so that
+        load_tokenizer(folder) gives the same tokenizer back; returns the names of the files written. Each
+        file is replaced atomically. The one way vlmkit writes a tokenizer (weights.save_pretrained and so
+        LoadedModel.save_pretrained and `vlmkit train` use it)."""
 
     @property
     def bos_token(self) -> str | None:
@@ -140,7 +150,7 @@ class HFTokenizer(Tokenizer):
             raise FileNotFoundError(f"{file} not found: vlmkit reads fast tokenizers only; write one with "
                                     "transformers' AutoTokenizer.from_pretrained(...).save_pretrained(dir)")
         backend = RustTokenizer.from_file(str(file))
-        config = _read_json(path / "tokenizer_config.json")
+        config = _read_json(path / TOKENIZER_CONFIG_FILE)
         special_map = _read_json(path / "special_tokens_map.json")
         tokens = {}
         for role in ("bos", "eos", "pad", "unk"):
@@ -174,6 +184,20 @@ class HFTokenizer(Tokenizer):
         return cls(spec.backend, bos_token=spec.bos_token, eos_token=spec.eos_token, pad_token=spec.pad_token,
                    unk_token=spec.unk_token, chat_template=spec.chat_template,
                    add_bos_token=spec.add_bos_token, add_eos_token=spec.add_eos_token)
+
+    def save_pretrained(self, folder: str | Path) -> list[str]:
+        """tokenizer.json (the backend: vocabulary, merges, added tokens, post-processor) and
+        tokenizer_config.json (the bos/eos/pad/unk tokens and the chat template), the files transformers'
+        AutoTokenizer and HFTokenizer.from_dir read."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {f"{role}_token": token for role, token in self._tokens.items() if token is not None}
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        if self._chat_template is not None:
+            config["chat_template"] = self._chat_template
+        write_text_atomically(folder / "tokenizer.json", self.backend.to_str())
+        write_text_atomically(folder / TOKENIZER_CONFIG_FILE, json.dumps(config, ensure_ascii=False, indent=1) + "\n")
+        return ["tokenizer.json", TOKENIZER_CONFIG_FILE]
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -299,6 +323,13 @@ class CharTokenizer(Tokenizer):
         for piece in [text] if isinstance(text, str) else text:
             chars.update(piece)
         return cls(chars, **kwargs)
+
+    def save_pretrained(self, folder: str | Path) -> list[str]:
+        """folder/tokenizer.json: the vocabulary and chat template as save() writes them (load_tokenizer tells
+        this file from a transformers tokenizer.json by its "type")."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.save(Path(folder) / "tokenizer.json")
+        return ["tokenizer.json"]
 
     def save(self, path: str | Path) -> None:
         """Write the vocabulary as JSON; CharTokenizer.load(path) reads it back. The file is replaced

@@ -59,6 +59,11 @@ class TrainState:
     metric_rows: int | None = None
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether path is a checkpoint directory (its state.json and optimizer.safetensors are there)."""
+    return (Path(path) / "state.json").is_file() and (Path(path) / "optimizer.safetensors").is_file()
+
+
 def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir) / f"{PREFIX}{step:06d}"
 

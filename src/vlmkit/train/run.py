@@ -54,7 +54,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import string
 import sys
 from collections.abc import Sequence
@@ -67,26 +66,23 @@ import torch
 from vlmkit.data.formats import POLICIES, DatasetError, Problem, Sample, load_dataset
 from vlmkit.data.labels import TrainingExample, build_training_example
 from vlmkit.image.load import load_image
-from vlmkit.load import LoadedModel, load_model, save_generation_config
+from vlmkit.load import LoadedModel, load_model, not_a_model_error
 from vlmkit.models.image_model import build_model
 from vlmkit.presets import PRESETS, Preset, get_preset
 from vlmkit.schemes import get_scheme
 from vlmkit.text.chat import chat_template_for
 from vlmkit.text.tokenizer import DEFAULT_SPECIAL_TOKENS, CharTokenizer
-from vlmkit.weights import save_pretrained
 from vlmkit.files import temporary_path, write_text_atomically
 from vlmkit.train.checkpoint import latest_checkpoint, reporting_write_errors
 from vlmkit.train.distributed import World, current_world
 from vlmkit.train.loop import ShuffledBatches, TrainResult, train
 from vlmkit.train.recipes import RECIPES, SMALL_SUFFIX, recipe
-from vlmkit.train.stages import STAGES, Stage
+from vlmkit.train.stages import STAGES, Stage, available_groups, module_groups
 
 RUN_FILE = "run.json"
 SKIPPED_FILE = "skipped.txt"
 FRESH_PRESETS = tuple(n for n in PRESETS if n.endswith(SMALL_SUFFIX) or n in ("tiny-random", "bench-tiny"))
 RECIPE_PREFIX = "recipe"  # --stage recipe:N
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json")
 # Settings that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = ("resume", "progress", "checkpoint_every", "keep_checkpoints", "log_every", "threads")
 PATH_SETTINGS = ("data", "image_root", "model")  # run.json holds them relative to the run folder
@@ -263,8 +259,8 @@ def load_for_training(spec: str, samples: Sequence[Sample], seed: int) -> Loaded
         return load_model(spec)
     if spec in PRESETS:
         return fresh_model(spec, conversation_text(samples), seed)
-    raise ValueError(f"--model {spec!r} is neither a model directory nor a preset; give a directory "
-                     f"(config.json + safetensors + tokenizer) or one of {', '.join(FRESH_PRESETS)}")
+    raise not_a_model_error(spec, f"nor a preset; give a directory (config.json + safetensors + tokenizer) or "
+                                  f"one of {', '.join(FRESH_PRESETS)}")
 
 
 def build_example(sample: Sample, loaded: LoadedModel) -> TrainingExample:
@@ -314,18 +310,10 @@ def prepare_data(samples: Sequence[Sample], loaded: LoadedModel,
     return TrainingSet(good, loaded), problems
 
 
-def save_model_dir(loaded: LoadedModel, out: Path, source: str) -> Path:
-    """Write the trained model to out as a model directory load_model reads: config.json + safetensors
-    (weights.save_pretrained) and the tokenizer (a CharTokenizer's JSON, saved with the model, else the
-    source's tokenizer files), and generation_config.json (load.save_generation_config)."""
-    char_tokenizer = isinstance(loaded.tokenizer, CharTokenizer)
-    save_pretrained(loaded.model, out, tokenizer=loaded.tokenizer if char_tokenizer else None)
-    save_generation_config(loaded, out)  # the ids that end generation: the template's turn end and the eos
-    if not char_tokenizer:
-        for name in TOKENIZER_FILES:
-            if (Path(source) / name).is_file():
-                shutil.copyfile(Path(source) / name, out / name)
-    return out
+def save_model_dir(loaded: LoadedModel, out: Path) -> Path:
+    """Write the trained model to out as a model directory load_model reads: LoadedModel.save_pretrained
+    (config.json + safetensors, the tokenizer's files with its chat template, generation_config.json)."""
+    return loaded.save_pretrained(out)
 
 
 def _is_path(key: str, value: Any) -> bool:
@@ -388,6 +376,7 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
     # (images, labels, length) for the records load_dataset passed; the policy is applied to them all
     samples, problems = load_dataset(cfg.data, image_root=cfg.image_root, policy="skip")
     loaded = load_for_training(cfg.model, samples, cfg.seed)
+    check_groups(loaded, stage, cfg.group_lrs)  # before the data is prepared, which takes long
     max_len = cfg.max_len
     if cfg.pack_len is not None and (max_len is None or max_len > cfg.pack_len):
         max_len = cfg.pack_len  # a packed row must hold every sample
@@ -422,8 +411,19 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
     model_dir = None
     if world.is_main:
         with reporting_write_errors(out, "the trained model (config.json, safetensors, tokenizer)"):
-            model_dir = save_model_dir(loaded, out, cfg.model)
+            model_dir = save_model_dir(loaded, out)
     return RunResult(result, out, len(examples), problems, model_dir)
+
+
+def check_groups(loaded: LoadedModel, stage: Stage, group_lrs: dict[str, float]) -> None:
+    """Refuse a --group-lr naming a group the model does not have, and a stage whose groups do not cover the
+    model (stages.module_groups), with the model's groups listed."""
+    groups = list(dict.fromkeys(available_groups(loaded.model)))
+    unknown = [name for name in group_lrs if name not in groups]
+    if unknown:
+        raise ValueError(f"--group-lr {unknown[0]}={group_lrs[unknown[0]]:g}: {loaded.name} has no group "
+                         f"{unknown[0]!r}; its groups are {', '.join(groups)}")
+    module_groups(loaded.model, stage)
 
 
 def check_writable(out: Path) -> None:

@@ -20,11 +20,10 @@ def read_files(path: Path, config: dict) -> StateDict:
 
 
 def write_files(path: Path, config: dict, state: StateDict, max_shard_bytes: int, tokenizer: Any = None) -> None:
-    """When given, the tokenizer's tokenizer.json, then the tensors (sharded above max_shard_bytes) and
-    config.json last (write_dir), so a folder with a config.json has its other files."""
+    """When given, the tokenizer's files (Tokenizer.save_pretrained), then the tensors (sharded above
+    max_shard_bytes) and config.json last (write_dir), so a folder with a config.json has its other files."""
     if tokenizer is not None:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        tokenizer.save(Path(path) / "tokenizer.json")
+        tokenizer.save_pretrained(path)
     write_dir(path, config, state, max_shard_bytes)
 
 

@@ -103,7 +103,8 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
 def save_pretrained(model: nn.Module, path: str | Path, model_type: str | None = None,
                     max_shard_bytes: int = 2 * 1024**3, tokenizer: Any = None) -> None:
     """Write model as a model directory in model_type's layout (config.json + safetensors), and the tokenizer
-    (anything with save(path): a CharTokenizer) when given.
+    (a text.tokenizer.Tokenizer: its save_pretrained files) when given. LoadedModel.save_pretrained passes
+    the model's own, so the folder is one vlmkit.load.load_model reads back.
 
     model_type defaults to the type it was loaded from, or the model's natural type (default_model_type):
     llava / llava_next for a VLM they express, vlmkit's own format for any other VLM, the llama-family

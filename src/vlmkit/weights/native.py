@@ -8,7 +8,8 @@ A saved folder holds
                         "files": {file name: sha256 of its bytes}}
     model.safetensors  the module's own parameter names (shards with an index above max_shard_bytes),
                        each tied tensor once
-    tokenizer.json     the tokenizer, when it was saved with the model
+    tokenizer.json     the tokenizer (and the other files its save_pretrained writes), when it was saved with the
+                       model
 
 Writing is atomic in the way that matters: config.json is first replaced by a stub that marks the save as
 unfinished, every file is written under a temporary name, flushed and renamed into place (vlmkit.files), and
@@ -78,9 +79,8 @@ def write_native(path: Path, config: dict, state: StateDict, max_shard_bytes: in
         write_atomically(folder / name, save)
     if index is not None:
         write_text_atomically(folder / INDEX_FILE, json.dumps(index, indent=2))
-    if tokenizer is not None:
-        tokenizer.save(folder / TOKENIZER_FILE)  # atomic itself (CharTokenizer.save)
-    files = [*shards, *([INDEX_FILE] if index is not None else []), *([TOKENIZER_FILE] if tokenizer else [])]
+    tokenizer_files = tokenizer.save_pretrained(folder) if tokenizer is not None else []  # atomic file by file
+    files = [*shards, *([INDEX_FILE] if index is not None else []), *tokenizer_files]
     full = {**config, "format_version": FORMAT_VERSION, "tied": ties,
             "files": {name: sha256(folder / name) for name in files}}
     write_text_atomically(folder / CONFIG_FILE, json.dumps(full, indent=1) + "\n")
