@@ -51,8 +51,8 @@ def test_one_shot_with_an_image_json():
     answer = one_shot_json("chat", *args)
     assert set(answer) >= {"text", "finish_reason", "prompt_tokens", "completion_tokens"}
     # tiny-random's random weights emit <|im_end|>, chatml's turn end, before the 12-token cap: the answer ends
-    # there (issue 14), one id per character of its text.
-    assert answer["finish_reason"] == "stop" and answer["completion_tokens"] == len(answer["text"]) < 12
+    # there (issue 14). One id per character, except specials such as <s> and <pad> that print as nothing.
+    assert answer["finish_reason"] == "stop" and len(answer["text"]) <= answer["completion_tokens"] < 12
     # chatml, one id per character, 3 marker tokens, 16 image tokens (32 px / patch 8, CLS dropped)
     assert answer["prompt_tokens"] == len("user\n" + "\nDescribe it." + "\n" + "assistant\n") + 3 + 16
     assert answer["text"] == one_shot_json("generate", *args)["text"]

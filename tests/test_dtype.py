@@ -137,9 +137,11 @@ def test_dtype_flag_loads_bf16_and_generate_runs(capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     _, text, reason = direct(load_model("tiny-random", dtype=torch.bfloat16), "What is here?", [load_image(SHAPES)],
                              GenerationConfig(max_new_tokens=12))
-    # one id per character; the answer may end at chatml's <|im_end|> before the 12-token cap (issue 14)
+    # one id per character (specials such as <s> print as nothing); the answer may end at chatml's <|im_end|>
+    # before the 12-token cap (issue 14)
     assert (printed["text"], printed["finish_reason"]) == (text, reason)
-    assert printed["completion_tokens"] == len(text) and (reason == "stop" or len(text) == 12)
+    tokens = printed["completion_tokens"]
+    assert len(text) <= tokens <= 12 and (reason == "stop") == (tokens < 12)
 
 
 def test_unknown_dtype_is_refused_by_the_parser(capsys):

@@ -296,7 +296,7 @@ def test_stop_string_that_is_a_special_token():
     cfg = GenerationConfig(max_new_tokens=12, stop_strings=("<|im_end|>",))
     result = generate(model, [prompt], cfg, tokenizer=tok)
     assert (result.texts, result.finish_reasons, result.token_ids) == (["blue"], ["stop"], [tok.encode("blue")])
-    pieces = stream(model, prompt, cfg, tok)
+    pieces = stream(model, prompt, cfg, tokenizer=tok)
     assert "".join(pieces) == "blue" and pieces.result.finish_reasons == ["stop"]
 
 
