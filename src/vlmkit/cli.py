@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from vlmkit.commands import data, evaluate, plan, serve, talk, train
+from vlmkit.commands.common import add_device_flag
 from vlmkit.eval.tesseract import TesseractError
 
 
@@ -43,6 +44,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--json", action="store_true", help="end the output with one JSON object of the held-out results")
+    add_device_flag(p)
     p.set_defaults(run=_run_demo)
 
 
@@ -51,7 +53,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from vlmkit.demo.run import DemoSettings, run_demo
 
     result = run_demo(DemoSettings(minutes=args.minutes, seed=args.seed, threads=args.threads, out=args.out,
-                                   llm=args.llm))
+                                   llm=args.llm, device=args.device))
     print(terminal_text(result))
     if args.out:
         print(f"report: {Path(args.out) / 'report.md'}")
