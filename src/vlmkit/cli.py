@@ -27,6 +27,7 @@ from pathlib import Path
 
 from vlmkit.commands import data, evaluate, plan, serve, talk, train
 from vlmkit.commands.common import add_device_flag
+from vlmkit.devices import resolve_device
 from vlmkit.eval.tesseract import TesseractError
 
 
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:
+            resolve_device(args.device)  # a bad --device fails before any work (the verb resolves it again)
         return args.run(args)
     except (ValueError, FileNotFoundError, TesseractError) as e:
         print(f"vlmkit {args.verb}: error: {e}", file=sys.stderr)
