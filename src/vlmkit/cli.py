@@ -7,6 +7,7 @@ demo verb.
 
     vlmkit generate --model smollm2-135m --prompt "What is the capital of France?"
     vlmkit generate --model tiny-random --image photo.jpg --prompt "Describe it." --json
+    vlmkit generate --model DIR --device cuda --dtype bfloat16 --prompt "Hi"   # --device auto (default): CUDA, MPS, CPU
     vlmkit chat --model tiny-random                  # interactive: /image PATH, /reset, /save FILE, /quit
     vlmkit chat --model tiny-random --image photo.jpg --prompt "Describe it." --json
     vlmkit serve --model tiny-random --port 8000     # OpenAI-compatible HTTP API on 127.0.0.1
