@@ -256,3 +256,15 @@ def test_tensors_made_while_generating_and_training_follow_the_model(spec):
         loaded.model(**batch, loss_only=True).loss.backward()
     stray = {site: n for site, n in probe.sites.items() if site not in HOST_SIDE}
     assert not stray, f"tensors made without device= while the model ran: {stray}"
+
+
+def test_bf16_is_refused_on_a_device_without_it(monkeypatch, tmp_path):
+    """Where the device has no bf16 autocast (an older GPU; simulated), --bf16 is an error before any file."""
+    from vlmkit.train import loop
+    from vlmkit.train.stages import STAGES
+
+    monkeypatch.setattr(loop, "autocast_dtype", lambda device: None)
+    with pytest.raises(ValueError, match="--bf16: cpu cannot run bfloat16 autocast; leave --bf16 out"):
+        loop.train(load_model("tiny-random").model, [], STAGES["sft"], 1, bf16=True, out_dir=tmp_path / "run",
+                   progress=False)
+    assert not (tmp_path / "run").exists()

@@ -159,9 +159,9 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
     DistributedDataParallel and batches must be this rank's slice of each global batch (ShuffledBatches
     with rank= and world_size=); the losses returned are the global ones, on every rank.
     """
-    run = _open_run(batches, stage, steps, grad_accum, out_dir, save_every, resume)
-    if bf16 and autocast_dtype(model_device(model)) is None:
+    if bf16 and autocast_dtype(model_device(model)) is None:  # before out_dir is made
         raise ValueError(f"--bf16: {model_device(model)} cannot run bfloat16 autocast; leave --bf16 out")
+    run = _open_run(batches, stage, steps, grad_accum, out_dir, save_every, resume)
     optimizer = build_optimizer(model, stage)
     at = _restore(resume, model, optimizer, run) if resume is not None else _start_fresh(seed)
     stream = _stream_from(batches, at, grad_accum)
