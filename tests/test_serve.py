@@ -139,7 +139,8 @@ def test_health_and_models(server, client):
     status, health = request(server.url + "/health")
     assert status == 200 and set(health.pop("image_cache")) == {"max_bytes", "entries", "bytes", "hits", "misses",
                                                                 "evictions"}  # test_serve_image_cache.py
-    assert health == {"status": "ok", "model": MODEL, "dtype": "float32", "active_requests": 0, "queued_requests": 0}
+    assert health == {"status": "ok", "model": MODEL, "dtype": "float32", "device": "cpu", "active_requests": 0,
+                      "queued_requests": 0}
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert client.models.retrieve(MODEL).owned_by == "vlmkit"
 

@@ -113,7 +113,7 @@ class ChatSession:
         images) and the assistant opening, computed from the cached image rows; the history is unchanged."""
         user = self._user_message(text, len(self.pending))
         ids, prefill = self._inputs(self.messages + [user], self.images + self.pending)
-        return self.model(input_ids=torch.tensor([ids]), **prefill).logits  # (1, T, V)
+        return self.model(input_ids=torch.tensor([ids], device=self.loaded.device), **prefill).logits  # (1, T, V)
 
     def save(self, path: str | Path) -> None:
         """Write the conversation as JSON: {"model", "messages", "images"}, images being the paths of the

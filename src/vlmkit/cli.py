@@ -7,6 +7,7 @@ demo verb.
 
     vlmkit generate --model smollm2-135m --prompt "What is the capital of France?"
     vlmkit generate --model tiny-random --image photo.jpg --prompt "Describe it." --json
+    vlmkit generate --model DIR --device cuda --dtype bfloat16 --prompt "Hi"   # --device auto (default): CUDA, MPS, CPU
     vlmkit chat --model tiny-random                  # interactive: /image PATH, /reset, /save FILE, /quit
     vlmkit chat --model tiny-random --image photo.jpg --prompt "Describe it." --json
     vlmkit serve --model tiny-random --port 8000     # OpenAI-compatible HTTP API on 127.0.0.1
@@ -30,6 +31,8 @@ import sys
 from pathlib import Path
 
 from vlmkit.commands import data, evaluate, plan, serve, talk, train
+from vlmkit.commands.common import add_device_flag
+from vlmkit.devices import resolve_device
 from vlmkit.eval.tesseract import TesseractError
 from vlmkit.options import command_line_spelling
 
@@ -48,6 +51,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--json", action="store_true", help="end the output with one JSON object of the held-out results")
+    add_device_flag(p)
     p.set_defaults(run=_run_demo)
 
 
@@ -56,7 +60,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from vlmkit.demo.run import DemoSettings, run_demo
 
     result = run_demo(DemoSettings(minutes=args.minutes, seed=args.seed, threads=args.threads, out=args.out,
-                                   llm=args.llm))
+                                   llm=args.llm, device=args.device))
     print(terminal_text(result))
     if args.out:
         print(f"report: {Path(args.out) / 'report.md'}")
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)  # --help and --version print here
         try:
+            if getattr(args, "device", None) is not None:
+                resolve_device(args.device)  # a bad --device fails before any work (the verb resolves it again)
             with command_line_spelling():
                 status = args.run(args)
         except (ValueError, FileNotFoundError, TesseractError) as e:

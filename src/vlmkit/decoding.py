@@ -128,12 +128,12 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device,
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(prompts), T), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
         mask[i, T - len(p):] = 1
     return ids, mask
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Where the model's parameters are (the CPU for a model without any)."""
+    """Where the model's parameters are (torch's default device, the CPU unless set, for a model without any)."""
     param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+    return param.device if param is not None else torch.get_default_device()

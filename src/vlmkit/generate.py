@@ -169,9 +169,9 @@ class Row:
 
 
 def _make_rows(input_ids: Prompts, attention_mask: torch.Tensor | None, cfg: GenerationConfig,
-               tokenizer: Any) -> list[Row]:
+               tokenizer: Any, device: torch.device | None) -> list[Row]:
     """Unpadded prompts from a (B, T) tensor (+ mask) or lists of ids, or from one prompt (a (T,) tensor or a
-    list of ids), one Row each (with row_generators's generator)."""
+    list of ids), one Row each (with row_generators's generator on device, the model's)."""
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
         attention_mask = None if attention_mask is None else attention_mask.reshape(1, -1)
@@ -208,7 +208,7 @@ def _make_rows(input_ids: Prompts, attention_mask: torch.Tensor | None, cfg: Gen
             stop_ids.add(special)
     if len(text_stops) < len(cfg.stop_strings):
         cfg = dataclasses.replace(cfg, stop_strings=tuple(text_stops))
-    generators = row_generators(cfg, len(prompts)) or [None] * len(prompts)
+    generators = row_generators(cfg, len(prompts), device) or [None] * len(prompts)
     return [Row(p, cfg, stop_ids, tokenizer, g) for p, g in zip(prompts, generators)]
 
 
@@ -239,9 +239,11 @@ def special_token_id(tokenizer: Any, text: str) -> int | None:
     return special[0]
 
 
-def new_row(prompt: Sequence[int], cfg: GenerationConfig, tokenizer: Any = None) -> Row:
-    """One prompt's Row (checked like generate's prompts; the tokenizer's end ids join the stop ids)."""
-    return _make_rows([prompt], None, cfg, tokenizer)[0]
+def new_row(prompt: Sequence[int], cfg: GenerationConfig, tokenizer: Any = None,
+            device: torch.device | None = None) -> Row:
+    """One prompt's Row (checked like generate's prompts; the tokenizer's end ids join the stop ids), its
+    sampling generator on device (the model's; None = torch's default device)."""
+    return _make_rows([prompt], None, cfg, tokenizer, device)[0]
 
 
 def result_of(rows: list[Row], with_text: bool) -> GenerationResult:
@@ -350,7 +352,7 @@ def generate(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig | None 
     texts are decoded. stream takes the same arguments.
     """
     cfg = cfg or GenerationConfig()
-    rows = _make_rows(input_ids, attention_mask, cfg, tokenizer)
+    rows = _make_rows(input_ids, attention_mask, cfg, tokenizer, model_device(model))
     for _ in _decode_cached(model, rows, cfg, prefill_inputs or {}, _pad_id(tokenizer)):
         pass
     return result_of(rows, tokenizer is not None)
@@ -361,7 +363,7 @@ def generate_naive(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig |
                    tokenizer: Any = None) -> GenerationResult:
     """Same as generate, without a cache (reference path; prefill inputs go to every forward pass)."""
     cfg = cfg or GenerationConfig()
-    rows = _make_rows(input_ids, attention_mask, cfg, tokenizer)
+    rows = _make_rows(input_ids, attention_mask, cfg, tokenizer, model_device(model))
     for _ in _decode_naive(model, rows, cfg, prefill_inputs or {}, _pad_id(tokenizer)):
         pass
     return result_of(rows, tokenizer is not None)
@@ -401,7 +403,7 @@ def stream(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig | None = 
     if tokenizer is None:
         raise ValueError("stream needs a tokenizer to turn tokens into text: pass tokenizer=")
     cfg = cfg or GenerationConfig()
-    rows = _make_rows(input_ids, attention_mask, cfg, tokenizer)
+    rows = _make_rows(input_ids, attention_mask, cfg, tokenizer, model_device(model))
     if len(rows) != 1:
         raise ValueError(f"stream takes one prompt, got a batch of {len(rows)}; use generate")
     return TextStream(_decode_cached(model, rows, cfg, prefill_inputs or {}, _pad_id(tokenizer)), rows[0])

@@ -23,7 +23,10 @@ chat template writes after an assistant turn (text.chat.turn_end_ids: `<|im_end|
 model directory's `generation_config.json` `eos_token_id` (read_eos_ids). `vlmkit train` writes that file
 into the trained model's folder (save_generation_config), so a run stops where its template ends a turn.
 
-`load_model(spec, dtype=torch.bfloat16)` casts the weights after loading (the `--dtype` flag of the verbs);
+`load_model(spec, dtype=torch.bfloat16)` casts the weights after loading (the `--dtype` flag of the verbs) and
+`load_model(spec, device=...)` moves them to a device (the `--device` flag, vlmkit.devices.resolve_device; by
+default the CPU, where loading puts them); `LoadedModel.device` says where the model is, and its inputs
+(image_inputs, prompt ids), KV caches and sampling generators follow it;
 activations follow the weights' type (a KV cache on a CPU stays fp32: models/lm.py cache_dtype), and
 every model casts its pixel inputs to it.
 """
@@ -43,6 +46,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from vlmkit.decoding import model_device
+from vlmkit.devices import resolve_device
 from vlmkit.files import write_text_atomically
 from vlmkit.image.plan import ImagePlan
 from vlmkit.models.image_model import takes_images
@@ -104,6 +109,11 @@ class LoadedModel:
         """The language model's max_position_embeddings (a VLM's LM is its .lm), or None when it states none."""
         lm = getattr(self.model, "lm", self.model)
         return getattr(getattr(lm, "cfg", None), "max_position_embeddings", None)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (load_model's device), which the inputs, caches and generators follow."""
+        return model_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -245,8 +255,11 @@ def tiny_random_model(seed: int = 0) -> LoadedModel:
     return LoadedModel("tiny-random", VLM(cfg).eval(), tokenizer, chat_template_for(tokenizer))
 
 
-def load_model(spec: str, dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load a model spec (see the module docstring); raises ValueError/FileNotFoundError saying what to pass."""
+def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LoadedModel:
+    """Load a model spec (see the module docstring), cast to dtype and moved to device (a torch.device or a
+    --device name: vlmkit.devices.resolve_device) when given; raises ValueError/FileNotFoundError saying
+    what to pass."""
+    target = resolve_device(device) if device is not None else None  # a bad device fails before loading
     if spec == "tiny-random":
         loaded = tiny_random_model()
     elif spec == "smollm2-135m" or spec.endswith(".gguf"):
@@ -268,6 +281,8 @@ def load_model(spec: str, dtype: torch.dtype | None = None) -> LoadedModel:
         raise not_a_model_error(spec, f"a .gguf file, nor one of {', '.join(SPECIAL_SPECS)}")
     if dtype is not None:
         loaded.model.to(dtype)
+    if target is not None:
+        loaded.model.to(target)
     return loaded
 
 

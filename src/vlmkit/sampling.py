@@ -146,9 +146,11 @@ def sample_rows(logits: torch.Tensor, cfgs: Sequence[GenerationConfig],
     return tokens
 
 
-def row_generators(cfg: GenerationConfig, n: int) -> list[torch.Generator] | None:
-    """One generator per row, all seeded with cfg.seed (or one fresh random seed); None for greedy."""
+def row_generators(cfg: GenerationConfig, n: int, device: torch.device | None = None) -> list[torch.Generator] | None:
+    """One generator per row on device (the model's: the logits it draws from are there; None = torch's
+    default device), all seeded with cfg.seed (or one fresh random seed); None for greedy. The same seed
+    draws the same tokens on one device type, not across types (each has its own generator algorithm)."""
     if cfg.temperature == 0:
         return None
     seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-    return [torch.Generator().manual_seed(seed) for _ in range(n)]
+    return [torch.Generator(device=device).manual_seed(seed) for _ in range(n)]

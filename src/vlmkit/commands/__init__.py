@@ -7,5 +7,6 @@ its verbs (flags, --help text and set_defaults(run=...)) on the subparsers of vl
     serve.py     serve
     evaluate.py  eval
     train.py     train
-    common.py    the --model flag the verbs that load a model share
+    common.py    the --model, --dtype and --device flags the verbs that load a model share (--device also on
+                 train and demo)
 """

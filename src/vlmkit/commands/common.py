@@ -1,4 +1,4 @@
-"""What several verb modules share: the --model and --dtype flags of every verb that loads a model
+"""What several verb modules share: the --model, --dtype and --device flags of every verb that loads a model
 (vlmkit/load.py) and the loading they ask for; the --data-policy and --image-root flags of every verb that
 reads a dataset (data/formats.py: train, eval)."""
 
@@ -9,6 +9,7 @@ import argparse
 import torch
 
 from vlmkit.data.formats import POLICIES
+from vlmkit.devices import DEVICE_HELP
 from vlmkit.load import SPECIAL_SPECS, LoadedModel, load_model
 
 # --dtype choices. bfloat16 halves the bytes a decoding step reads and runs matrix products on the CPU's
@@ -17,18 +18,24 @@ from vlmkit.load import SPECIAL_SPECS, LoadedModel, load_model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def add_device_flag(p: argparse.ArgumentParser) -> None:
+    """Add --device (vlmkit.devices.resolve_device reads it): every verb that runs a model has it."""
+    p.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
+
+
 def add_model_flag(p: argparse.ArgumentParser) -> None:
-    """Add the required --model flag (what vlmkit.load.load_model accepts) and --dtype."""
+    """Add the required --model flag (what vlmkit.load.load_model accepts), --dtype and --device."""
     p.add_argument("--model", required=True,
                    help=f"a model directory, a .gguf file, or one of: {', '.join(SPECIAL_SPECS)}")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="cast the weights (and so the activations) to this type; on a CPU the KV cache "
                         "stays float32 (default: as loaded, float32)")
+    add_device_flag(p)
 
 
 def load_model_of(args: argparse.Namespace) -> LoadedModel:
-    """The model named by --model, cast to --dtype if given."""
-    return load_model(args.model, dtype=None if args.dtype is None else DTYPES[args.dtype])
+    """The model named by --model, cast to --dtype if given, on --device."""
+    return load_model(args.model, dtype=None if args.dtype is None else DTYPES[args.dtype], device=args.device)
 
 
 def add_data_flags(p: argparse.ArgumentParser, skipped: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vlmkit.commands.common import add_data_flags
+from vlmkit.commands.common import add_data_flags, add_device_flag
 from vlmkit.train.distributed import init_distributed, shutdown
 from vlmkit.train.run import FRESH_PRESETS, RUN_FILE, SKIPPED_FILE, RunConfig, run_training
 from vlmkit.train.stages import STAGES
@@ -66,6 +66,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-every", type=int, default=10, metavar="STEPS",
                    help="rewrite metrics.csv every STEPS steps (default 10; also at each checkpoint)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
+    add_device_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="end with one JSON object: steps, losses, paths")
     p.set_defaults(run=_run_train)
@@ -88,7 +89,7 @@ def _run_train(args: argparse.Namespace) -> int:
                     keep_checkpoints=args.keep_checkpoints, resume=args.resume, seed=args.seed,
                     data_policy=args.data_policy, image_root=args.image_root, max_len=args.max_len,
                     pack_len=args.pack, log_every=args.log_every, progress=not (args.quiet or args.json),
-                    threads=args.threads)
+                    threads=args.threads, device=args.device)
     world = init_distributed()
     try:
         result = run_training(cfg, world)

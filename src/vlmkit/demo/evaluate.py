@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from vlmkit.decoding import model_device
 from vlmkit.demo.data import YES_NO, Sample, encode_row, image_description, is_negated, reply_answer, reply_rationale
 from vlmkit.demo.model import DemoVLM
 from vlmkit.eval.metrics import exact_match, normalized_edit_distance
@@ -43,7 +44,7 @@ def generate_answers(model: DemoVLM, tokenizer: Tokenizer, samples: Sequence[Sam
                 chunk = indices[start:start + batch_size]
                 prompts = [encode_row(tokenizer, model.image_token_id, tokens, samples[i].question, None)[0]
                            for i in chunk]
-                pixels = torch.stack([samples[i].pixels for i in chunk])  # (b, 3, H, W)
+                pixels = torch.stack([samples[i].pixels for i in chunk]).to(model_device(model))  # (b, 3, H, W)
                 result = generate(model, prompts, GenerationConfig(max_new_tokens=max_new_tokens, seed=0),
                                   prefill_inputs={"pixel_values": pixels}, tokenizer=tokenizer)
                 for i, text in zip(chunk, result.texts):

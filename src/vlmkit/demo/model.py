@@ -218,7 +218,7 @@ class DemoVLM(ImageModel):
         """(8 + 3, C) start of W: each class word's mean LM embedding (zeros when class_words is empty)."""
         n = SHAPE_CLASSES[0] + SHAPE_CLASSES[1]
         if not class_words:
-            return torch.zeros(n, self.cfg.lm_width)
+            return self.blank_embed.new_zeros(n, self.cfg.lm_width)
         if len(class_words) != n or not all(class_words):
             raise ValueError(f"class_words needs {n} non-empty token id lists (the colour then shape words), "
                              f"got {len(class_words)}")
@@ -410,7 +410,7 @@ def init_copy_head(lm: CausalLM, strength: float, pairs: int = 8) -> None:
     start as they are; everything trains from here."""
     attn = lm.layers[0].attn
     hd, nh = attn.hd, attn.nh
-    c = torch.zeros(hd)
+    c = attn.qkv.bias.new_zeros(hd)
     c[:pairs] = strength
     c[hd // 2:hd // 2 + pairs] = strength
     for start in (0, nh * hd):  # query head 0, key head 0

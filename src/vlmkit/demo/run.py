@@ -38,7 +38,9 @@ from vlmkit.demo import data as D
 from vlmkit.demo.evaluate import generate_answers, score, shape_breakdown
 from vlmkit.demo.model import DemoConfig, DemoVLM, count_parameters
 from vlmkit.demo.saved import save_demo_model
-from vlmkit.train.loop import train
+from vlmkit.decoding import model_device
+from vlmkit.devices import resolve_device
+from vlmkit.train.loop import batch_to, train
 from vlmkit.load import load_model
 from vlmkit.text.tokenizer import Tokenizer
 from vlmkit.train.stages import Stage
@@ -94,6 +96,7 @@ class DemoSettings:
     eval_paragraphs: int = 50
     eval_shapes: int = 1000  # a fixed, seeded subset of easy-VQA's 9673 test questions
     quiet: bool = False
+    device: str = "auto"  # --device (vlmkit.devices.resolve_device): the model is built on the host, then moved
 
 
 class OutOfTime(Exception):
@@ -185,8 +188,10 @@ def heldout_sets(settings: DemoSettings, shapes_test: D.ShapeQuestions | None) -
 
 def _time_step(model: DemoVLM, batch: dict) -> float:
     """Seconds of one forward + backward (no optimizer step: the weights do not change)."""
+    device = model_device(model)
     t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    batch = batch_to(batch, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         model(**batch, loss_only=True).loss.backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
@@ -245,6 +250,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         raise ValueError(f"need --minutes > 0 and --threads >= 1, got {settings.minutes} and {settings.threads}")
     if settings.llm not in ("tiny", "smollm2"):
         raise ValueError(f"--llm must be 'tiny' or 'smollm2', got {settings.llm!r}")
+    device = resolve_device(settings.device)
     clock = Clock(settings.minutes)
     torch.set_num_threads(settings.threads)
     notes: list[str] = []
@@ -256,6 +262,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                          "class words by their characters; leave them unset (None) or False with llm='smollm2'")
     settings = replace(settings, mark_class_words=mark, ground_class_words=ground)  # the report says what ran
     model, tokenizer, vocab = build_model(settings.seed, settings.llm, mark, ground)
+    model.to(device)
     if settings.llm == "smollm2":
         notes.append("--llm smollm2: SmolLM2-135M-Instruct attached frozen (LLaVA stage 1: tower, CTC head and "
                      "projector train); its BPE answers keep natural image positions; its model is not saved "

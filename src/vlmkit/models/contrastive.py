@@ -195,7 +195,7 @@ class ContrastivePair(nn.Module):
         order) is supported. loss_only is accepted for the training loop's call: the (B, B) logits are the
         loss's input and are returned either way."""
         B = pixel_values.shape[0]
-        if labels is not None and not torch.equal(labels.cpu(), torch.eye(B, dtype=labels.dtype)):
+        if labels is not None and not torch.equal(labels, torch.eye(B, dtype=labels.dtype, device=labels.device)):
             raise ValueError(f"labels must be the ({B}, {B}) identity (image i pairs with text i); got a "
                              f"{tuple(labels.shape)} matrix that is not: order the texts like the images")
         logits = similarity_logits(self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask),

@@ -87,7 +87,7 @@ def ctc_loss(logits: torch.Tensor, targets: torch.Tensor, target_lengths: torch.
     if total == 0:
         raise ValueError("every target is empty; CTC needs at least one target character in the batch")
     log_probs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # (T, B, V)
-    input_lengths = torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long)
+    input_lengths = torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long, device=logits.device)
     nll = F.ctc_loss(log_probs, targets.clamp(min=0), input_lengths, target_lengths, blank=BLANK,
                      reduction="sum", zero_infinity=True)
     return nll / total

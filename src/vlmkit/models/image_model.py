@@ -114,8 +114,10 @@ class ImageModel(nn.Module):
         return plan_media(self.cfg, media)
 
     def image_inputs(self, plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor]:
-        """The forward keyword tensors of the plans, in prompt order ({} without plans)."""
-        return image_inputs(plans)
+        """The forward keyword tensors of the plans, in prompt order ({} without plans), on the model's
+        device (the scheme makes them on the host: vlmkit.schemes.image_inputs)."""
+        device = next(self.parameters()).device
+        return {name: tensor.to(device) for name, tensor in image_inputs(plans).items()}
 
     def encode_images(self, *inputs: Any, **named: Any) -> list[torch.Tensor]:
         """Each image's (T_i, C) rows at the LM width, from its scheme's inputs (positionally in the order of

@@ -413,7 +413,7 @@ def attention_bias(attention_mask: torch.Tensor | None, past: int, T: int,
 def _diagonal(T: int, S: int, device: torch.device) -> torch.Tensor:
     """(1, 1, T, S) mask letting each new query attend to its own key."""
     eye = torch.zeros(T, S, dtype=torch.bool, device=device)
-    eye[torch.arange(T), torch.arange(S - T, S)] = True
+    eye[torch.arange(T, device=device), torch.arange(S - T, S, device=device)] = True
     return eye[None, None]
 
 

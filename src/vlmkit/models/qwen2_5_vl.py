@@ -113,6 +113,7 @@ def window_order(grid: list[tuple[int, int, int]], merge: int, window: int) -> t
     Each frame's (h/merge, w/merge) token grid is cut into window x window squares in raster
     order; squares at the right and bottom edges are cut short. Tokens keep raster order inside
     a square; frames and images follow each other. Indices count merged tokens over all images.
+    The order is made on the host (a python walk over the windows); the tower moves it to its device once.
 
         >>> order, lengths = window_order([(1, 6, 4)], 2, 2)  # a 3 x 2 token grid
         >>> order.tolist(), lengths
@@ -170,15 +171,16 @@ class Qwen2_5VisionTower(nn.Module):
         grid = checked_grid(pixel_values, grid_thw, self.cfg.patch_dim, merge)
         order, windows = window_order(grid, merge, self.cfg.window_tokens)
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # (N, E)
-        x = _by_token(x, order.to(x.device), merge)  # (N, E) window by window
-        cos, sin = (_by_token(t, order.to(x.device), merge) for t in vision_rotary(grid, merge, self.inv_freq,
-                                                                                   x.device))  # (N, 1, 1, hd)
+        order = order.to(x.device)
+        x = _by_token(x, order, merge)  # (N, E) window by window
+        cos, sin = (_by_token(t, order, merge) for t in vision_rotary(grid, merge, self.inv_freq,
+                                                                      x.device))  # (N, 1, 1, hd)
         frames = [h * w for t, h, w in grid for _ in range(t)]  # windows never cross a frame: still contiguous
         full = set(self.cfg.fullatt_block_indexes)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, frames if i in full else windows)
         merged = self.merger(x)  # (N/m^2, C) in window order
-        return merged[torch.argsort(order).to(merged.device)]  # (N/m^2, C) back in raster order
+        return merged[torch.argsort(order)]  # (N/m^2, C) back in raster order
 
 
 class Qwen2_5_VL(Qwen2VL):

@@ -152,7 +152,8 @@ def checked_grid(pixel_values: torch.Tensor, grid_thw: torch.Tensor | list, patc
 
 def patch_positions(grid_thw: list[tuple[int, int, int]], merge: int) -> torch.Tensor:
     """(N, 2) (row, col) of every patch row, in the order patchify writes them: each `merge x merge`
-    group is consecutive, groups in raster order, repeated for every temporal slice.
+    group is consecutive, groups in raster order, repeated for every temporal slice. Made on the host from
+    the grid (python ints); vision_rotary moves them to the model's device in one copy.
 
         >>> patch_positions([(1, 2, 4)], 2)[:, 1].tolist()
         [0, 1, 0, 1, 2, 3, 2, 3]

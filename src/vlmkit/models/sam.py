@@ -52,8 +52,9 @@ def rel_pos_table(table: torch.Tensor, size: int) -> torch.Tensor:
     length = 2 * size - 1
     if table.shape[0] != length:
         table = F.interpolate(table.T[None], size=length, mode="linear")[0].T  # (length, hd)
-    offsets = torch.arange(size)[:, None] - torch.arange(size)[None, :] + size - 1  # (size, size)
-    return table[offsets.to(table.device)]  # (size, size, hd)
+    index = torch.arange(size, device=table.device)
+    offsets = index[:, None] - index[None, :] + size - 1  # (size, size)
+    return table[offsets]  # (size, size, hd)
 
 
 def decomposed_rel_pos(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,

@@ -3,7 +3,7 @@
     app = create_app(load_model("tiny-random"), model_name="tiny-random")
     run_server(app, host="127.0.0.1", port=8000)      # or: vlmkit serve --model tiny-random
 
-    GET  /health               {"status": "ok", "model": ..., "dtype": "float32", "active_requests": n,
+    GET  /health               {"status": "ok", "model": ..., "dtype": "float32", "device": "cpu", "active_requests": n,
                                 "queued_requests": n,
                                 "image_cache": {"max_bytes", "entries", "bytes", "hits", "misses", "evictions"}}
                                (with an API key set, a request without it gets only {"status": "ok"})
@@ -215,7 +215,7 @@ def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: s
         if not has_key(request):  # alive, nothing more: the model and its load are for key holders
             return {"status": "ok"}
         return {"status": "ok", "model": model_name, "dtype": str(engine.loaded.dtype).removeprefix("torch."),
-                "active_requests": engine.batcher.active,
+                "device": str(engine.loaded.device), "active_requests": engine.batcher.active,
                 "queued_requests": engine.batcher.queued, "image_cache": engine.image_cache.stats()}
 
     @app.get("/v1/models")

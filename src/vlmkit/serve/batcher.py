@@ -58,7 +58,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from vlmkit.decoding import DecodeBatch, decode_step, prefill_batch
+from vlmkit.decoding import DecodeBatch, decode_step, model_device, prefill_batch
 from vlmkit.generate import GenerationResult, Row, new_row, result_of
 from vlmkit.sampling import GenerationConfig
 
@@ -254,7 +254,7 @@ class Batcher:
                 self._end(1, cancelled=1)
                 continue
             try:
-                row = new_row(request.prompt, request.config, self.tokenizer)
+                row = new_row(request.prompt, request.config, self.tokenizer, model_device(self.model))
                 prefill = request.prefill() if callable(request.prefill) else request.prefill
                 part = prefill_batch(self.model, [row], len(row.prompt), prefill or {}, pad_id=0)  # one row: no pad
             except Exception as e:  # this request's own inputs failed (e.g. a ValueError): it alone ends

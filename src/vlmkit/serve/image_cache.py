@@ -63,7 +63,7 @@ def plan_key(plan: ImagePlan) -> str:
 def _feed(digest: Any, value: Any) -> None:
     """Hash value into digest with its type, so that e.g. (1, 2) and "(1, 2)" or [1] and [[1]] differ."""
     if isinstance(value, torch.Tensor):
-        flat = value.detach().to("cpu").contiguous().reshape(-1)
+        flat = value.detach().cpu().contiguous().reshape(-1)  # to the host, for numpy
         digest.update(f"tensor:{flat.dtype}:{tuple(value.shape)}:".encode())
         digest.update(flat.view(torch.uint8).numpy())
     elif isinstance(value, Mapping):

@@ -38,6 +38,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from vlmkit.decoding import model_device
 from vlmkit.files import temporary_path
 
 PREFIX = "step-"
@@ -262,7 +263,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         raise ValueError(f"{path} holds the optimizer of other parameter groups than this run's "
                          f"({[g.get('name') for g in meta['optimizer']['param_groups']]} vs "
                          f"{[g.get('name') for g in optimizer.param_groups]}); resume with the same model and stage")
-    load_model(model, str(path / "model.safetensors"))
+    load_model(model, str(path / "model.safetensors"), device=str(model_device(model)))  # straight onto its device
     optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")), meta["optimizer"]))
     if rng is not None:
         _set_rng_state(rng)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from vlmkit.config import SIGLIP_MEAN, SIGLIP_STD
 from vlmkit.data.synth_text import DEFAULT_ALPHABET, line_sample
+from vlmkit.decoding import model_device
 from vlmkit.eval.metrics import normalized_edit_distance
 from vlmkit.models.ctc import BLANK, CTCReader, ctc_greedy_decode
 from vlmkit.models.lm import IGNORE_INDEX
@@ -117,11 +118,11 @@ def ctc_stage(lr: float = 2e-3, warmup_steps: int = 20, weight_decay: float = 0.
 
 @torch.no_grad()
 def read_lines(reader: CTCReader, vocab: CTCVocab, pixel_values: torch.Tensor) -> list[str]:
-    """Greedy CTC reading of (B, 3, H, W) line pixels."""
+    """Greedy CTC reading of (B, 3, H, W) line pixels (moved to the reader's device)."""
     was_training = reader.training
     reader.eval()
     try:
-        return [vocab.decode(ids) for ids in ctc_greedy_decode(reader(pixel_values).logits)]
+        return [vocab.decode(ids) for ids in ctc_greedy_decode(reader(pixel_values.to(model_device(reader))).logits)]
     finally:
         reader.train(was_training)
 

@@ -48,6 +48,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from vlmkit.decoding import model_device
+from vlmkit.devices import autocast_dtype
 from vlmkit.models.lm import IGNORE_INDEX
 from vlmkit.train.batches import Batch, ShuffledBatches
 from vlmkit.files import remove_temporaries
@@ -157,6 +159,8 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
     DistributedDataParallel and batches must be this rank's slice of each global batch (ShuffledBatches
     with rank= and world_size=); the losses returned are the global ones, on every rank.
     """
+    if bf16 and autocast_dtype(model_device(model)) is None:  # before out_dir is made
+        raise ValueError(f"--bf16: {model_device(model)} cannot run bfloat16 autocast; leave --bf16 out")
     run = _open_run(batches, stage, steps, grad_accum, out_dir, save_every, resume)
     optimizer = build_optimizer(model, stage)
     at = _restore(resume, model, optimizer, run) if resume is not None else _start_fresh(seed)
@@ -316,9 +320,11 @@ def _optimizer_step(runner: nn.Module, optimizer: torch.optim.Optimizer, micro: 
         raise ValueError(f"step {step + 1} has no labelled tokens (every label is {IGNORE_INDEX}); "
                          "check the examples' labels")
     loss_sum = 0.0
+    device = model_device(runner)
     for i, batch in enumerate(micro):
+        batch = batch_to(batch, device)
         with _sync_on_last(runner, i == len(micro) - 1):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = runner(**batch, loss_only=True).loss  # mean over this micro-batch's labelled tokens
             weight = _labelled(batch) / tokens
             (loss * (weight * world.size)).backward()  # DDP averages over ranks: x size undoes it
@@ -329,6 +335,11 @@ def _optimizer_step(runner: nn.Module, optimizer: torch.optim.Optimizer, micro: 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return _StepStats(loss_sum, float(grad_norm), samples)
+
+
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    """The batch with its tensors on device (the model's): collate() and pack() make them on the host."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _sync_on_last(runner: nn.Module, last: bool) -> Any:

@@ -65,6 +65,7 @@ import torch
 
 from vlmkit.data.formats import POLICIES, DatasetError, Problem, Sample, load_dataset
 from vlmkit.data.labels import TrainingExample, build_training_example
+from vlmkit.devices import resolve_device
 from vlmkit.image.load import load_image
 from vlmkit.load import LoadedModel, load_model, not_a_model_error
 from vlmkit.models.image_model import build_model
@@ -83,8 +84,9 @@ RUN_FILE = "run.json"
 SKIPPED_FILE = "skipped.txt"
 FRESH_PRESETS = tuple(n for n in PRESETS if n.endswith(SMALL_SUFFIX) or n in ("tiny-random", "bench-tiny"))
 RECIPE_PREFIX = "recipe"  # --stage recipe:N
-# Settings that may change between a run and its resumption (they do not change the result).
-RESUMABLE_CHANGES = ("resume", "progress", "checkpoint_every", "keep_checkpoints", "log_every", "threads")
+# Settings that may change between a run and its resumption (they do not change the result; a run may resume
+# on another device, whose float arithmetic may round differently: checkpoints load onto any device).
+RESUMABLE_CHANGES = ("resume", "progress", "checkpoint_every", "keep_checkpoints", "log_every", "threads", "device")
 PATH_SETTINGS = ("data", "image_root", "model")  # run.json holds them relative to the run folder
 
 
@@ -122,6 +124,7 @@ class RunConfig:
     log_every: int = 10
     progress: bool = True
     threads: int | None = None
+    device: str = "auto"  # --device (vlmkit.devices.resolve_device); under torchrun cuda is each rank's own GPU
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -369,6 +372,7 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     stage = build_stage(cfg)
+    device = resolve_device(cfg.device, world.local_rank)  # a bad --device fails before the data is read
     resume = _resume_point(cfg, out)
     if world.is_main:
         check_writable(out)
@@ -376,6 +380,7 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
     # (images, labels, length) for the records load_dataset passed; the policy is applied to them all
     samples, problems = load_dataset(cfg.data, image_root=cfg.image_root, policy="skip")
     loaded = load_for_training(cfg.model, samples, cfg.seed)
+    loaded.model.to(device)  # built (and seeded) on the host, so every device starts from the same weights
     check_groups(loaded, stage, cfg.group_lrs)  # before the data is prepared, which takes long
     max_len = cfg.max_len
     if cfg.pack_len is not None and (max_len is None or max_len > cfg.pack_len):
