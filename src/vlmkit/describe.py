@@ -103,15 +103,12 @@ def _describe_preset(name: str) -> ModelReport:
 
 
 def _describe_gguf(spec: str) -> ModelReport:
-    from gguf import GGUFReader
-
     from vlmkit.models.lm import CausalLM
     from vlmkit.weights import gguf as gguf_io
     from vlmkit.weights.llama import lm_config_from_hf
 
     path = gguf_io.smollm2_gguf_path() if spec in GGUF_SPECS else Path(spec)
-    meta = gguf_io.read_gguf_metadata(path)
-    tensors = GGUFReader(path).tensors
+    meta, tensors = gguf_io.read_gguf_table(path)
     report = ModelReport(spec, f"GGUF file {path}", parameters=sum(int(t.n_elements) for t in tensors),
                          stored_dtypes=dict(Counter(t.tensor_type.name for t in tensors)))
     try:
