@@ -265,7 +265,8 @@ def test_an_uncached_id_offline_is_a_clear_error_without_traceback(tmp_path):
                            "--prompt", "hi"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     where = tmp_path / "hub" / "models--someone--some-vlm-7b"
-    assert f"revision 'v1' was not found in the Hugging Face cache at {where}" in done.stderr
+    assert f"no local folder of that name; revision 'v1' was not found in the Hugging Face cache at {where}" \
+        in done.stderr
     assert "HF_HUB_OFFLINE is set" in done.stderr and "hf download someone/some-vlm-7b --revision v1" in done.stderr
 
 

@@ -114,8 +114,9 @@ def hub_folder(spec: str | HubSpec, weights: bool = True) -> Path:
         raise FileNotFoundError(f"--model {hub}: the repository {hub.repo_id} has no revision {hub.revision!r} "
                                 f"on the Hugging Face hub (a branch, tag or commit): {_first_line(e)}") from None
     except errors.RepositoryNotFoundError as e:
-        raise FileNotFoundError(f"--model {hub}: no repository {hub.repo_id} on the Hugging Face hub, or it is "
-                                f"private or gated and needs a token (hf auth login): {_first_line(e)}") from None
+        raise FileNotFoundError(f"--model {hub}: no local folder of that name, and no repository {hub.repo_id} on "
+                                f"the Hugging Face hub, or it is private or gated and needs a token (hf auth login): "
+                                f"{_first_line(e)}") from None
     except errors.LocalEntryNotFoundError as e:
         raise FileNotFoundError(_not_cached_message(hub, e)) from None
     except errors.HfHubHTTPError as e:
@@ -197,5 +198,6 @@ def _not_cached_message(hub: HubSpec, error: Exception) -> str:
     else:
         reason = f"the hub could not be reached ({_first_line(error)})"
     what = f"revision {hub.revision!r}" if hub.revision else "it"
-    return (f"--model {hub}: {what} was not found in the Hugging Face cache at {where}, and {reason}. "
+    return (f"--model {hub}: no local folder of that name; {what} was not found in the Hugging Face cache at "
+            f"{where}, and {reason}. "
             f"{_cache_advice(hub)}")
