@@ -366,3 +366,12 @@ def test_inspect_says_why_it_cannot_load(offline_cache, tmp_path, saved, capsys)
     report = inspect_json(capsys, "owner/old")
     assert report["loader"] is None and "only as pickle files (pytorch_model.bin)" in report["problem"]
     assert report["model_type"] == "llava"
+
+
+def test_train_takes_a_hub_id(offline_cache, saved):
+    from vlmkit.train.run import load_for_training
+
+    cache_repo(offline_cache, "owner/tiny", COMMIT_B, folder_files(saved["b"]))
+    loaded = load_for_training("owner/tiny", [], seed=0)
+    expected = load_model(str(saved["b"])).model.state_dict()
+    assert all((loaded.model.state_dict()[k] == v).all() for k, v in expected.items())
