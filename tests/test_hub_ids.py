@@ -375,3 +375,12 @@ def test_train_takes_a_hub_id(offline_cache, saved):
     loaded = load_for_training("owner/tiny", [], seed=0)
     expected = load_model(str(saved["b"])).model.state_dict()
     assert all((loaded.model.state_dict()[k] == v).all() for k, v in expected.items())
+
+
+def test_a_cached_snapshot_without_weights_says_what_may_be_missing(offline_cache, saved, capsys):
+    # what `vlmkit inspect owner/name` leaves in the cache online: the config and tokenizer, not the weights
+    cache_repo(offline_cache, "owner/tiny", COMMIT_A, {"config.json": saved["a"] / "config.json",
+                                                       "tokenizer.json": saved["a"] / "tokenizer.json"})
+    status, _, err = run_main(capsys, "generate", "--model", "owner/tiny", "--prompt", "hi")
+    assert status == 2 and "holds no safetensors weights" in err
+    assert "only part of the repository was downloaded" in err and "hf download owner/tiny" in err

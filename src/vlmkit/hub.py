@@ -118,6 +118,9 @@ def hub_folder(spec: str | HubSpec, weights: bool = True) -> Path:
                                 f"the Hugging Face hub, or it is private or gated and needs a token (hf auth login): "
                                 f"{_first_line(e)}") from None
     except errors.LocalEntryNotFoundError as e:
+        incomplete = getattr(errors, "IncompleteSnapshotError", ())  # huggingface_hub 1.x and later
+        if incomplete and isinstance(e, incomplete):
+            raise FileNotFoundError(f"--model {hub}: {_first_line(e)} {_cache_advice(hub)}") from None
         raise FileNotFoundError(_not_cached_message(hub, e)) from None
     except errors.HfHubHTTPError as e:
         raise FileNotFoundError(f"--model {hub}: the Hugging Face hub answered with an error: {_first_line(e)}. "
@@ -145,9 +148,10 @@ def weights_problem(folder: Path, hub: HubSpec | None = None) -> str | None:
                 f"{' ...' if len(pickles) > 4 else ''}); {PICKLE_ADVICE}")
     if hub is None:
         return f"no safetensors weights in {folder} (model.safetensors, or shards with model.safetensors.index.json)"
-    return (f"--model {hub}: the snapshot {folder} holds no safetensors weights (model.safetensors or shards "
-            f"with model.safetensors.index.json); if the repository's weights are pickle files (.bin/.pt), "
-            f"{PICKLE_ADVICE}")
+    return (f"--model {hub}: the cached snapshot {folder} holds no safetensors weights (model.safetensors or "
+            f"shards with model.safetensors.index.json): either only part of the repository was downloaded (e.g. "
+            f"its config, by vlmkit inspect), and running online fetches the rest (hf download {hub.repo_id}), or "
+            f"the repository's weights are pickle files (.bin/.pt) and {PICKLE_ADVICE}")
 
 
 def remote_safetensors_headers(hub: HubSpec) -> dict[str, dict]:
