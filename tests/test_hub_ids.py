@@ -384,3 +384,21 @@ def test_a_cached_snapshot_without_weights_says_what_may_be_missing(offline_cach
     status, _, err = run_main(capsys, "generate", "--model", "owner/tiny", "--prompt", "hi")
     assert status == 2 and "holds no safetensors weights" in err
     assert "only part of the repository was downloaded" in err and "hf download owner/tiny" in err
+
+
+def test_inspect_online_reads_the_weights_headers_without_downloading_them(fake_hub, saved, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from safetensors.torch import load_file
+
+    files = {name: path.read_bytes() for name, path in folder_files(saved["a"]).items()}
+    hub = fake_hub(files)
+    stored = load_file(saved["a"] / "model.safetensors")  # what the hub's range requests on the headers return
+    tensors = {name: SimpleNamespace(dtype="F32", shape=list(t.shape)) for name, t in stored.items()}
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", lambda repo_id, revision=None: SimpleNamespace(
+        files_metadata={"model.safetensors": SimpleNamespace(tensors=tensors)}))
+    report = inspect_json(capsys, "owner/tiny")
+    assert sorted(hub.requested) == sorted(f for f in files if not f.endswith(".safetensors"))
+    assert report["part_parameters"] == tiny_random_sizes() and report["stored_dtypes"] == {"F32": 64}
+    assert "weights not downloaded" in report["source"] and report["loader"]
