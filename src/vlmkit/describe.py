@@ -96,9 +96,9 @@ def _describe_preset(name: str) -> ModelReport:
     if name == "tiny-random":
         report.loader = "the tiny-random preset (random weights, a character tokenizer): load_model('tiny-random')"
     else:
-        report.problem = (f"{name} has no weights to generate with: `vlmkit train --model {name}-small` (or "
-                          "tiny-random) trains a small preset from random weights; pass a model folder or hub id "
-                          "to use published weights")
+        small = name if name.endswith("-small") or f"{name}-small" not in presets.PRESETS else f"{name}-small"
+        report.problem = (f"a preset has no weights to generate with: `vlmkit train --model {small}` trains a "
+                          "small preset from random weights; pass a model folder or hub id for published weights")
     return report
 
 
@@ -157,7 +157,7 @@ def _describe_folder(spec: str, folder: Path, source: str, headers: dict[str, di
     _add_parts(report, cfg, model)
     if report.problem is None:
         report.loader = (f"vlmkit.weights, model_type {report.model_type!r} -> {type(model).__name__}"
-                         if model is not None else f"vlmkit.weights, model_type {report.model_type!r}")
+                         if isinstance(model, nn.Module) else f"vlmkit.weights, model_type {report.model_type!r}")
     return report
 
 
@@ -200,26 +200,20 @@ def _tensor_groups(headers: dict[str, dict]) -> dict[str, str]:
     return {key: f"{_human(n)} parameters (stored tensors)" for key, n in sorted(counts.items())}
 
 
-def _build_on_meta(build: Any, cfg: Any) -> nn.Module | None:
-    """The model of cfg built on the meta device (no memory); None when the family cannot build there."""
+def _build_on_meta(build: Any, cfg: Any) -> nn.Module | str:
+    """The model of cfg built on the meta device (no memory), or why it cannot be built there."""
     try:
         with torch.device("meta"):
             return build(cfg)
     except (RuntimeError, NotImplementedError) as e:  # e.g. a plugin's module computing values at build time
-        return _BuildFailed(str(e))
+        return f"the model could not be built on the meta device to count its parts: {e}"
 
 
-class _BuildFailed(nn.Module):
-    def __init__(self, why: str) -> None:
-        super().__init__()
-        self.why = why
-
-
-def _add_parts(report: ModelReport, cfg: Any, model: nn.Module | None) -> None:
+def _add_parts(report: ModelReport, cfg: Any, model: nn.Module | str) -> None:
     """Each part as text (vision tower(s), image scheme, projector(s), language model with layers and width)
-    and the parameters of the built model's top-level modules."""
-    if isinstance(model, _BuildFailed):
-        report.parts["note"] = f"the model could not be built on the meta device to count its parts: {model.why}"
+    and the parameters of the built model's top-level modules (model: the built model, or why there is none)."""
+    if isinstance(model, str):
+        report.parts["note"] = model
         return
     if hasattr(cfg, "image_scheme"):
         try:
@@ -228,14 +222,13 @@ def _add_parts(report: ModelReport, cfg: Any, model: nn.Module | None) -> None:
             report.parts["lm"] = presets.describe_lm(cfg.lm)
     elif hasattr(cfg, "num_layers") and hasattr(cfg, "vocab_size"):
         report.parts["lm"] = presets.describe_lm(cfg)
-    if model is not None:
-        children = dict(model.named_children())
-        if report.parts.get("lm") and "lm" not in children:  # a text-only model is its LM
-            children = {"lm": model}
-        for name, child in children.items():
-            report.part_parameters[name] = sum(p.numel() for p in child.parameters())
-        if report.parameters is None:
-            report.parameters = sum(p.numel() for p in model.parameters())
+    children = dict(model.named_children())
+    if report.parts.get("lm") and "lm" not in children:  # a text-only model is its LM
+        children = {"lm": model}
+    for name, child in children.items():
+        report.part_parameters[name] = sum(p.numel() for p in child.parameters())
+    if report.parameters is None:
+        report.parameters = sum(p.numel() for p in model.parameters())
 
 
 def _human(n: int) -> str:
