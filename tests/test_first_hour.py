@@ -130,10 +130,15 @@ def test_loaded_model_save_pretrained_writes_a_folder_vlmkit_generate_loads(tiny
 # --- errors that name the next step ------------------------------------------------------------------------
 
 
-def test_a_hub_id_says_to_download_and_pass_the_folder(capsys):
+def test_a_hub_id_neither_cached_nor_reachable_says_where_it_looked_and_what_to_do(tmp_path, monkeypatch, capsys):
+    # vlmkit now resolves hub ids itself (vlmkit.hub); offline with an empty cache it names the cache folder,
+    # why the hub was not asked and the next step (tests/test_hub_ids.py covers the rest).
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     status, _, err = run_main(capsys, "generate", "--model", "someone/some-vlm-7b", "--prompt", "hi")
     assert status == 2
-    assert "hf download someone/some-vlm-7b --local-dir some-vlm-7b" in err and "--model some-vlm-7b" in err
+    assert f"not found in the Hugging Face cache at {tmp_path / 'models--someone--some-vlm-7b'}" in err
+    assert "hf download someone/some-vlm-7b" in err and "HF_HUB_OFFLINE" in err
 
 
 def test_a_safetensors_file_says_to_pass_its_folder(tiny, tmp_path, capsys):

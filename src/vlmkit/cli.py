@@ -12,6 +12,8 @@ demo verb.
     vlmkit chat --model tiny-random --image photo.jpg --prompt "Describe it." --json
     vlmkit serve --model tiny-random --port 8000     # OpenAI-compatible HTTP API on 127.0.0.1
     vlmkit presets --json
+    vlmkit inspect llava-hf/llava-1.5-7b-hf          # type, parts, parameters, dtype, loader; no weights loaded
+    vlmkit generate --model owner/name@revision --prompt "Hi"   # a hub id: fetched into the hub cache
     vlmkit --version
     vlmkit tokens photo.jpg scan.png --scheme anyres --overlay plan.png
     vlmkit data synth --out synth --lines 1000 --shapes 200 --image-size 256x64 --seed 0
@@ -30,7 +32,7 @@ import platform
 import sys
 from pathlib import Path
 
-from vlmkit.commands import data, evaluate, plan, serve, talk, train
+from vlmkit.commands import data, evaluate, inspect_model, plan, serve, talk, train
 from vlmkit.commands.common import add_device_flag
 from vlmkit.devices import resolve_device
 from vlmkit.eval.tesseract import TesseractError
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmkit", description="vlmkit: vision-language models in pure PyTorch")
     parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=VerbParser)
-    for verbs in (talk, plan, data, serve, evaluate, train):
+    for verbs in (talk, plan, inspect_model, data, serve, evaluate, train):
         verbs.add_parsers(sub)
     _add_demo(sub)
     return parser

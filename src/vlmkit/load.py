@@ -8,8 +8,12 @@ A model spec is one of
   + safetensors + tokenizer files, e.g. LLaVA), a `vlmkit train` run folder, a `vlmkit demo` report folder
   (the demo registers its model type, its image scheme and prompt format: vlmkit.demo), or a folder
   `LoadedModel.save_pretrained` wrote (model and tokenizer).
-What is not a model is refused with the next step: a hub id (download it, pass the folder), a weights file
-(pass its folder), a `vlmkit train` checkpoint step-NNNNNN/ (resume the run, or pass the run folder).
+- a Hugging Face hub id, `owner/name` or `owner/name@revision` (a branch, tag or commit), when no local folder
+  has that name (a folder wins): resolved through huggingface_hub's cache, downloading config, safetensors,
+  tokenizer and processor files when online, never a pickle (vlmkit.hub).
+What is not a model is refused with the next step: a weights file (pass its folder), a `vlmkit train`
+checkpoint step-NNNNNN/ (resume the run, or pass the run folder), a hub repository holding only pickles
+(convert it), a hub id neither cached nor reachable (where vlmkit looked and why the hub did not answer).
 
 Which models take images and videos (`LoadedModel.takes_images`): every ImageModel (models/image_model.py),
 through its image scheme: the LLaVA-style VLM shows a video as its sampled frames, each an image;
@@ -34,7 +38,6 @@ every model casts its pixel inputs to it.
 from __future__ import annotations
 
 import json
-import re
 import string
 import warnings
 from collections.abc import Iterable, Sequence
@@ -49,6 +52,7 @@ from PIL import Image
 from vlmkit.decoding import model_device
 from vlmkit.devices import resolve_device
 from vlmkit.files import write_text_atomically
+from vlmkit.hub import hub_folder, is_hub_spec
 from vlmkit.image.plan import ImagePlan
 from vlmkit.models.image_model import takes_images
 from vlmkit.models.vlm import VLM
@@ -267,16 +271,17 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device
         model, tokenizer = load_gguf(path)
         # A text-only checkpoint's template expects string content: text parts are joined for it.
         loaded = LoadedModel(spec, model.eval(), tokenizer, chat_template_for(tokenizer, flatten_content=True))
-    elif Path(spec).is_dir():
-        if is_checkpoint(spec):
-            raise ValueError(_checkpoint_advice(Path(spec)))
-        model = from_pretrained(spec)
-        tokenizer = load_tokenizer(spec)
+    elif Path(spec).is_dir() or is_hub_spec(spec):
+        folder = Path(spec) if Path(spec).is_dir() else hub_folder(spec)
+        if is_checkpoint(folder):
+            raise ValueError(_checkpoint_advice(folder))
+        model = from_pretrained(folder)
+        tokenizer = load_tokenizer(folder)
         if takes_images(model):
             template = model.scheme.chat_template(tokenizer, model.cfg, fallback="llava")
         else:  # a text-only checkpoint's template expects string content: text parts are joined for it
             template = chat_template_for(tokenizer, flatten_content=True)
-        loaded = LoadedModel(spec, model, tokenizer, template, read_eos_ids(spec))
+        loaded = LoadedModel(spec, model, tokenizer, template, read_eos_ids(folder))
     else:
         raise not_a_model_error(spec, f"a .gguf file, nor one of {', '.join(SPECIAL_SPECS)}")
     if dtype is not None:
@@ -286,24 +291,16 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device
     return loaded
 
 
-# A Hugging Face hub id: owner/name, letters, digits, '-', '_' and '.' (and no such path on disk).
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-
-
 def not_a_model_error(spec: str, others: str) -> Exception:
-    """The error for a --model that names no model directory, saying what to pass instead: the folder of a
-    weights file, a downloaded folder for a hub id; else that it is neither a directory nor `others` (the
-    other forms the verb takes)."""
+    """The error for a --model that names no model directory and no hub id (vlmkit.hub.is_hub_spec), saying
+    what to pass instead: the folder of a weights file; else that it is neither a directory, a hub id nor
+    `others` (the other forms the verb takes)."""
     path = Path(spec)
     if path.is_file():
         return ValueError(f"--model {spec} is a file; vlmkit loads a model from its folder (config.json, the "
                           f"weights and the tokenizer together): pass --model {path.parent}")
-    if _HUB_ID.fullmatch(spec):
-        local = spec.rsplit("/", 1)[1]
-        return FileNotFoundError(f"--model {spec}: no such folder. It looks like a Hugging Face hub id, and vlmkit "
-                                 f"does not download models: download it first (hf download {spec} --local-dir "
-                                 f"{local}) and pass the folder: --model {local}")
-    return FileNotFoundError(f"--model {spec!r} is neither a model directory, {others}")
+    return FileNotFoundError(f"--model {spec!r} is neither a model directory, a Hugging Face hub id "
+                             f"(owner/name or owner/name@revision), {others}")
 
 
 def _checkpoint_advice(path: Path) -> str:

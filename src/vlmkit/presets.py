@@ -409,13 +409,17 @@ def family(cfg: Preset) -> Family:
 def describe_parts(cfg: Preset) -> dict[str, str]:
     """Short text for each part: vision tower(s), image scheme, projector(s), language model."""
     vision, projector = family(cfg).parts(cfg)
-    lm = cfg.lm
+    return {"vision": vision, "scheme": cfg.image_scheme, "projector": projector, "lm": describe_lm(cfg.lm)}
+
+
+def describe_lm(lm: LMConfig) -> str:
+    """A language model as short text: x layers, w width, vocabulary, MoE experts, MLA."""
     text = f"x{lm.num_layers} w{lm.hidden_size} vocab {lm.vocab_size}"
     if lm.num_experts:
         text += f" MoE {lm.num_experts}e top{lm.num_experts_per_tok}"
     if lm.kv_lora_rank:
         text += " MLA"
-    return {"vision": vision, "scheme": cfg.image_scheme, "projector": projector, "lm": text}
+    return text
 
 
 def summarize(name: str) -> dict[str, Any]:

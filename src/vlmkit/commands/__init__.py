@@ -3,6 +3,7 @@ its verbs (flags, --help text and set_defaults(run=...)) on the subparsers of vl
 
     talk.py      generate, chat
     plan.py      presets, tokens
+    inspect_model.py  inspect
     data.py      data synth
     serve.py     serve
     evaluate.py  eval

@@ -26,7 +26,8 @@ def add_device_flag(p: argparse.ArgumentParser) -> None:
 def add_model_flag(p: argparse.ArgumentParser) -> None:
     """Add the required --model flag (what vlmkit.load.load_model accepts), --dtype and --device."""
     p.add_argument("--model", required=True,
-                   help=f"a model directory, a .gguf file, or one of: {', '.join(SPECIAL_SPECS)}")
+                   help=f"a model directory, a .gguf file, a Hugging Face hub id (owner/name[@revision]; a local "
+                        f"folder of that name wins), or one of: {', '.join(SPECIAL_SPECS)}")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="cast the weights (and so the activations) to this type; on a CPU the KV cache "
                         "stays float32 (default: as loaded, float32)")

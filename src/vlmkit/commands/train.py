@@ -24,7 +24,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                    "final model (vlmkit generate/chat/serve --model OUT loads it). Under torchrun "
                                    "each process trains on its slice of every batch (DDP, gloo on CPU).")
     p.add_argument("--model", required=True,
-                   help=f"a model directory to fine-tune, or a preset to train from random weights: "
+                   help=f"a model directory or Hugging Face hub id (owner/name[@revision]) to fine-tune, or a preset "
+                        f"to train from random weights: "
                         f"{', '.join(FRESH_PRESETS)}")
     p.add_argument("--data", required=True, metavar="DATA.json", help="the dataset file (LLaVA JSON or JSONL)")
     add_data_flags(p, f"writes them to OUT/{SKIPPED_FILE}")

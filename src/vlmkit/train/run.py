@@ -66,6 +66,7 @@ import torch
 from vlmkit.data.formats import POLICIES, DatasetError, Problem, Sample, load_dataset
 from vlmkit.data.labels import TrainingExample, build_training_example
 from vlmkit.devices import resolve_device
+from vlmkit.hub import is_hub_spec
 from vlmkit.image.load import load_image
 from vlmkit.load import LoadedModel, load_model, not_a_model_error
 from vlmkit.models.image_model import build_model
@@ -257,8 +258,8 @@ def fresh_model(preset: str, chars: str, seed: int) -> LoadedModel:
 
 
 def load_for_training(spec: str, samples: Sequence[Sample], seed: int) -> LoadedModel:
-    """A model directory (its own tokenizer and template), or a fresh preset (see fresh_model)."""
-    if Path(spec).is_dir():
+    """A model directory or hub id (its own tokenizer and template), or a fresh preset (see fresh_model)."""
+    if Path(spec).is_dir() or is_hub_spec(spec):
         return load_model(spec)
     if spec in PRESETS:
         return fresh_model(spec, conversation_text(samples), seed)

@@ -182,6 +182,13 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     return _metadata(_open(path))
 
 
+def read_gguf_table(path: str | Path) -> tuple[dict[str, Any], list[Any]]:
+    """(metadata, the tensor table: each tensor's name, shape, type and n_elements) of a GGUF file, reading
+    it once and dequantizing nothing (vlmkit inspect)."""
+    reader = _open(path)
+    return _metadata(reader), list(reader.tensors)
+
+
 def _open(path: str | Path) -> GGUFReader:
     path = Path(path)
     if not path.is_file():

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from vlmkit.hub import hub_folder, is_hub_spec
 from vlmkit.plugins import load_plugins
 from vlmkit.weights.converter import Converter, StateDict
 from vlmkit.weights.safetensors_io import read_config
@@ -86,7 +87,10 @@ def load_state(model: nn.Module, state: StateDict, source: str) -> None:
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """Build the vlmkit module for a transformers-format directory and load its weights."""
+    """Build the vlmkit module for a transformers-format directory, or a Hugging Face hub id (owner/name or
+    owner/name@revision, when no folder has that name: vlmkit.hub.hub_folder), and load its weights."""
+    if not Path(path).is_dir() and is_hub_spec(str(path)):
+        path = hub_folder(str(path))
     config = read_config(path)
     model_type = config.get("model_type")
     conv = get_converter(model_type)
