@@ -19,8 +19,12 @@ or trained by accident.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    from vlmkit.train.lora import LoraConfig
 
 # group name -> the top-level attributes it gathers (those the model has)
 GROUP_MEMBERS: dict[str, tuple[str, ...]] = {
@@ -42,6 +46,10 @@ class Stage:
     warmup_steps: linear warmup length; None = warmup_ratio * total steps
     min_lr_ratio: the cosine decays from lr to lr * min_lr_ratio
     grad_clip:    max global gradient norm (0 = no clipping)
+    lora:         LoRA adapters (train/lora.py LoraConfig; `vlmkit train --lora`) or None. A group holding
+                  adapters trains only them, at its lr, its own weights frozen; a group without adapters
+                  trains in full or is frozen as its lr says (LLaVA's LoRA recipe: adapters on the LM, the
+                  projector trained in full). A target in a frozen group (lr 0) is refused.
     """
 
     name: str
@@ -53,6 +61,7 @@ class Stage:
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    lora: LoraConfig | None = None
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -97,8 +106,8 @@ def get_stage(name: str) -> Stage:
     return STAGES[name]
 
 
-def _members(model: nn.Module, group: str) -> list[str]:
-    """The top-level attribute names group gathers on this model."""
+def group_members(model: nn.Module, group: str) -> list[str]:
+    """The top-level attribute names group gathers on this model ([] when it has none of them)."""
     children = {n for n, m in model.named_children() if m is not None}
     direct = set(model._parameters)
     if group in GROUP_MEMBERS:
@@ -110,7 +119,7 @@ def _members(model: nn.Module, group: str) -> list[str]:
 def available_groups(model: nn.Module) -> list[str]:
     """Group names this model can be trained by: the built-in groups it has, then its top-level parts."""
     top = [n for n, m in model.named_children() if m is not None] + list(model._parameters)
-    return [g for g in GROUP_MEMBERS if _members(model, g)] + top
+    return [g for g in GROUP_MEMBERS if group_members(model, g)] + top
 
 
 def module_groups(model: nn.Module, stage: Stage) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -120,7 +129,7 @@ def module_groups(model: nn.Module, stage: Stage) -> dict[str, list[tuple[str, n
     no group (or in two)."""
     owner: dict[str, str] = {}
     for group in stage.lrs:
-        members = _members(model, group)
+        members = group_members(model, group)
         if not members:
             raise ValueError(f"stage {stage.name!r} trains group {group!r}, which this model "
                              f"({type(model).__name__}) does not have; valid groups: "
