@@ -14,17 +14,25 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from resumed_runs import assert_same_run
 from safetensors.torch import load_file
 from torch import nn
 
-from resumed_runs import assert_same_run
 from vlmkit.cli import main
 from vlmkit.data.formats import load_dataset
 from vlmkit.data.synth import DATASET_FILE, synthesize
 from vlmkit.load import load_model, tiny_random_model
-from vlmkit.train.lora import (ADAPTER_FILE, LORA_FILE, LoRALinear, LoraConfig, add_lora, lora_layers, merge_lora,
-                               parse_lora)
 from vlmkit.train.loop import trainable_parameters
+from vlmkit.train.lora import (
+    ADAPTER_FILE,
+    LORA_FILE,
+    LoraConfig,
+    LoRALinear,
+    add_lora,
+    lora_layers,
+    merge_lora,
+    parse_lora,
+)
 from vlmkit.train.run import conversation_text, fresh_model
 from vlmkit.train.stages import Stage
 
