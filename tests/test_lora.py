@@ -264,3 +264,50 @@ def test_resume_equals_an_uninterrupted_run(run, data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # another LoRA on --resume is another run: refused
     assert cli("train", *RUN_FLAGS[:-1], "r=8", "--data", data, "--steps", 4, "--out", resumed, "--resume") == 2
+
+
+# ---- --adapters-only: a PEFT adapter directory that transformers + peft apply to the transformers model
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_peft_adapter_gives_transformers_the_same_logits(family, tmp_path):
+    """A tiny random transformers LM (Qwen2: qkv bias; Phi-3: fused qkv_proj / gate_up_proj), loaded by vlmkit,
+    adapters on every attention and MLP layer with random B; the exported adapter applied by peft to the
+    transformers model gives vlmkit's logits within 1e-4 (and not the base model's)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import vlmkit.weights as vm
+    from vlmkit.weights.peft import write_peft_adapter
+
+    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                    "phi3": transformers.Phi3Config}[family]
+    torch.manual_seed(0)
+    config = config_class(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    model = vm.from_pretrained(tmp_path / "base")
+    add_lora(model, parse_lora("r=4,alpha=8,targets=layers.attn,layers.mlp"))
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.1)
+    write_peft_adapter(model, tmp_path / "adapter")
+    names = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    fused = family == "phi3"
+    assert ("model.layers.0.self_attn.qkv_proj" in names) == fused
+    assert ("model.layers.0.self_attn.k_proj" in names) == (not fused)
+    assert len(names) == 2 * (4 if fused else 7)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+        adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        theirs = adapted(input_ids=ids).logits
+        ours = model(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    assert (ours - base_logits).abs().max() > 0.1
+
+
+def test_adapters_only_of_a_vlm_is_refused(run, tmp_path, capsys):
+    """LLaVA's module names under transformers 5 are not its checkpoint's: refused, with --merge offered."""
+    assert cli("export", run, "--adapters-only", "--out", tmp_path / "adapter") == 2
+    assert "export it with --merge" in capsys.readouterr().err
