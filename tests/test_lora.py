@@ -311,3 +311,19 @@ def test_adapters_only_of_a_vlm_is_refused(run, tmp_path, capsys):
     """LLaVA's module names under transformers 5 are not its checkpoint's: refused, with --merge offered."""
     assert cli("export", run, "--adapters-only", "--out", tmp_path / "adapter") == 2
     assert "export it with --merge" in capsys.readouterr().err
+
+
+def test_the_built_in_lora_stage_trains_lm_adapters_and_the_projector(data, tmp_path):
+    """--stage lora (LLaVA-1.5's LoRA recipe): adapters r 128 on the LM's attention and MLP, the projector trained
+    in full, the vision tower and every LM weight unchanged."""
+    out = tmp_path / "run"
+    assert cli("train", "--model", "tiny-random", "--data", data, "--stage", "lora", "--steps", 2, "--batch-size", 4,
+               "--lr", "1e-2", "--quiet", "--out", out) == 0
+    samples, _ = load_dataset(str(data), policy="fail")
+    start = fresh_model("tiny-random", conversation_text(samples), seed=0).model.state_dict()
+    saved = _base_only(out).model.state_dict()
+    changed = {k for k in start if not torch.equal(start[k], saved[k])}
+    assert changed and all(k.startswith("projector.") for k in changed)
+    meta = json.loads((out / LORA_FILE).read_text())
+    assert meta["lora"] == {"r": 128, "alpha": 256.0, "dropout": 0.05, "targets": ["lm.attn", "lm.mlp"]}
+    assert meta["layers"] and all(n.startswith("lm.layers.") for n in meta["layers"])

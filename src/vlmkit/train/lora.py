@@ -41,7 +41,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmkit.decoding import model_device
-from vlmkit.train.stages import available_groups, group_members
 
 ADAPTER_FILE = "adapter.safetensors"
 LORA_FILE = "lora.json"
@@ -156,6 +155,9 @@ def _in_part(name: str, part: str) -> bool:
 
 def _matches(model: nn.Module, target: str) -> list[str]:
     """The linear layers (full names) target names on model; [] when none or the target is malformed."""
+    # imported here, not at the top: stages.py holds LoraConfigs (its built-in `lora` stage)
+    from vlmkit.train.stages import group_members
+
     group, _, part = target.partition(".")
     if part and part not in PARTS:
         return []
@@ -168,6 +170,8 @@ def _matches(model: nn.Module, target: str) -> list[str]:
 
 def valid_targets(model: nn.Module) -> list[str]:
     """Every target that names at least one linear layer of model: its groups, each alone and with .attn/.mlp."""
+    from vlmkit.train.stages import available_groups
+
     found = []
     for group in dict.fromkeys(available_groups(model)):
         found += [t for t in (group, *(f"{group}.{p}" for p in PARTS)) if _matches(model, t)]

@@ -3,6 +3,7 @@ optimizer/schedule settings that go with them.
 
     stage = get_stage("align")                    # projector only, lr 2e-3 (LLaVA stage 1)
     stage = Stage("mine", {"vision": 0, "projector": 1e-3, "lm": 1e-4}, warmup_steps=50)
+    stage = get_stage("lora")                     # LoRA adapters on the LM (train/lora.py), projector trained
     groups = module_groups(model, stage)          # {"projector": [(name, param), ...], ...}
 
 A module group names top-level parts of the model. The VLM groups gather related parts so one stage
@@ -19,12 +20,10 @@ or trained by accident.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
-if TYPE_CHECKING:
-    from vlmkit.train.lora import LoraConfig
+from vlmkit.train.lora import LoraConfig
 
 # group name -> the top-level attributes it gathers (those the model has)
 GROUP_MEMBERS: dict[str, tuple[str, ...]] = {
@@ -92,6 +91,12 @@ STAGES: dict[str, Stage] = {
     # LLaVA stage 2 (visual instruction tuning): projector + LM at 2e-5, the encoder stays frozen.
     "sft": Stage("sft", {"vision": 0.0, "projector": 2e-5, "lm": 2e-5},
                  description="encoder frozen, projector and LM trained (LLaVA stage 2)"),
+    # LLaVA-1.5's LoRA fine-tuning (GitHub haotian-liu/LLaVA, scripts/v1_5/finetune_lora.sh): adapters r 128,
+    # alpha 256 (dropout 0.05, llava/train/train.py's default) on the LM's linear layers but its head at lr 2e-4,
+    # the projector trained in full at 2e-5 (--mm_projector_lr), the encoder frozen, no decay, 3% warmup, cosine.
+    "lora": Stage("lora", {"vision": 0.0, "projector": 2e-5, "lm": 2e-4},
+                  lora=LoraConfig(r=128, alpha=256.0, dropout=0.05, targets=("lm.attn", "lm.mlp")),
+                  description="LoRA adapters on the LM, projector trained, encoder frozen (LLaVA-1.5 LoRA)"),
     # Vary-tiny: every part trains (AdamW, cosine, lr 5e-5).
     "full": Stage("full", {"vision": 5e-5, "projector": 5e-5, "lm": 5e-5}, weight_decay=0.05,
                   description="everything trained (Vary-tiny)"),
