@@ -91,15 +91,15 @@ STAGES: dict[str, Stage] = {
     # LLaVA stage 2 (visual instruction tuning): projector + LM at 2e-5, the encoder stays frozen.
     "sft": Stage("sft", {"vision": 0.0, "projector": 2e-5, "lm": 2e-5},
                  description="encoder frozen, projector and LM trained (LLaVA stage 2)"),
+    # Vary-tiny: every part trains (AdamW, cosine, lr 5e-5).
+    "full": Stage("full", {"vision": 5e-5, "projector": 5e-5, "lm": 5e-5}, weight_decay=0.05,
+                  description="everything trained (Vary-tiny)"),
     # LLaVA-1.5's LoRA fine-tuning (GitHub haotian-liu/LLaVA, scripts/v1_5/finetune_lora.sh): adapters r 128,
     # alpha 256 (dropout 0.05, llava/train/train.py's default) on the LM's linear layers but its head at lr 2e-4,
     # the projector trained in full at 2e-5 (--mm_projector_lr), the encoder frozen, no decay, 3% warmup, cosine.
     "lora": Stage("lora", {"vision": 0.0, "projector": 2e-5, "lm": 2e-4},
                   lora=LoraConfig(r=128, alpha=256.0, dropout=0.05, targets=("lm.attn", "lm.mlp")),
                   description="LoRA adapters on the LM, projector trained, encoder frozen (LLaVA-1.5 LoRA)"),
-    # Vary-tiny: every part trains (AdamW, cosine, lr 5e-5).
-    "full": Stage("full", {"vision": 5e-5, "projector": 5e-5, "lm": 5e-5}, weight_decay=0.05,
-                  description="everything trained (Vary-tiny)"),
 }
 
 
