@@ -55,8 +55,8 @@ from vlmkit.train.batches import Batch, ShuffledBatches
 from vlmkit.files import remove_temporaries
 from vlmkit.train.checkpoint import (TrainState, checkpoint_dir, load_checkpoint, prune_checkpoints,
                                      reporting_write_errors, rng_state, save_checkpoint)
-from vlmkit.train.lora import add_lora, is_adapter
 from vlmkit.train.distributed import World, all_reduce_sum, barrier, current_world, gather_to_main, wrap_model
+from vlmkit.train.lora import add_lora, is_adapter
 from vlmkit.train.runlog import METRICS, MetricRow, Progress, plot_loss, read_metrics, write_metrics
 from vlmkit.train.stages import Stage, module_groups
 
@@ -166,8 +166,10 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
     micro-batch; grad_accum of them make a step).
 
     seed seeds torch, python and numpy at the start of a fresh run (a resumed run restores the saved RNG
-    states instead), and the LoRA adapters a stage with `lora` adds to model (train/lora.py add_lora). out_dir receives metrics.csv, loss.png and, every save_every steps and at the end,
-    checkpoints (see train.checkpoint); keep_checkpoints > 0 deletes all but that many newest ones.
+    states instead), and the LoRA adapters a stage with `lora` adds to model (train/lora.py add_lora; they are
+    part of the model's weights from then on, in every checkpoint). out_dir receives metrics.csv, loss.png and,
+    every save_every steps and at the end, checkpoints (see train.checkpoint); keep_checkpoints > 0 deletes
+    all but that many newest ones.
     resume is a checkpoint directory: the weights, optimizer, schedule, RNGs and the data position
     (ShuffledBatches.seek, else the consumed batches are skipped) are restored and training continues
     from the step after it. stop_after ends this call after that step while the schedule still spans
