@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -307,10 +308,46 @@ def test_peft_adapter_gives_transformers_the_same_logits(family, tmp_path):
     assert (ours - base_logits).abs().max() > 0.1
 
 
-def test_adapters_only_of_a_vlm_is_refused(run, tmp_path, capsys):
-    """LLaVA's module names under transformers 5 are not its checkpoint's: refused, with --merge offered."""
-    assert cli("export", run, "--adapters-only", "--out", tmp_path / "adapter") == 2
-    assert "export it with --merge" in capsys.readouterr().err
+def test_peft_adapter_of_a_llava_run_gives_transformers_the_same_logits(run, tmp_path, capsys):
+    """The tiny-random LoRA run (adapters on the LM and the vision tower) exported --adapters-only; peft applies it to
+    transformers' LlavaForConditionalGeneration loaded from the run folder: vlmkit's logits within 1e-4 on an image
+    prompt."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    assert cli("export", run, "--adapters-only", "--out", tmp_path / "adapter", "--json") == 0
+    # vlmkit's 2 x (qkv, out, gate_up, down) + 2 x (qkv, out, fc1, fc2) adapters are transformers' 2 x (q, k, v, o,
+    # gate, up, down) + 2 x (q, k, v, out, fc1, fc2) modules
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["adapted_layers"] == 16
+    modules = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert len(modules) == 26 and "model.language_model.layers.1.self_attn.v_proj" in modules
+    loaded = load_model(str(run))
+    plans = loaded.plan_images([_image(2)])
+    ids = torch.tensor([loaded.prompt_ids([{"role": "user", "content": [{"type": "image"},
+                                                                       {"type": "text", "text": "hi"}]}], plans)])
+    pixels = loaded.image_inputs(plans)["pixel_values"]
+    base = transformers.LlavaForConditionalGeneration.from_pretrained(run).eval()
+    with torch.no_grad():
+        base_logits = base(input_ids=ids, pixel_values=pixels).logits
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        assert not [w for w in caught if "adapter keys" in str(w.message)]  # none missing, none unexpected
+        theirs = adapted(input_ids=ids, pixel_values=pixels).logits
+        ours = loaded.model(input_ids=ids, pixel_values=pixels).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    assert (ours - base_logits).abs().max() > 1e-3
+
+
+def test_adapters_only_of_an_unchecked_model_type_is_refused():
+    """A model type whose transformers module names were not checked (Qwen2-VL) is refused, with --merge offered."""
+    from vlmkit.models.image_model import build_model
+    from vlmkit.presets import get_preset
+    from vlmkit.weights.peft import peft_adapter
+
+    model = build_model(get_preset("qwen2-vl-small"))
+    add_lora(model, parse_lora("targets=lm.attn"))
+    with pytest.raises(ValueError, match="export it with --merge"):
+        peft_adapter(model)
 
 
 def test_the_built_in_lora_stage_trains_lm_adapters_and_the_projector(data, tmp_path):

@@ -25,7 +25,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                    "--merge folds every adapter into its weight (W + alpha/r B A) and writes a full "
                                    "model folder in the same format as the run's (config.json, safetensors, "
                                    "tokenizer), which any verb loads without the adapters; --adapters-only writes "
-                                   "the adapters alone for transformers + peft (Llama-family LMs).")
+                                   "the adapters alone for transformers + peft (Llama-family LMs and LLaVA).")
     p.add_argument("folder", metavar="RUN", help="the model folder with adapters (a vlmkit train --lora run folder)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--merge", action="store_true", help="fold the adapters into the weights: a full model folder")

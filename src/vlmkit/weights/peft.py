@@ -11,10 +11,11 @@ rows of B and the layer's whole A. That is exact: for a fused qkv = [q; k; v], (
 (B_q A) x, (B_k A) x, (B_v A) x. Keys are `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, as
 peft saves them; target_modules lists the modules by full name.
 
-The names are the checkpoint's tensor names. For a Llama-family LM they are transformers' module names (tested
-against transformers + peft for Llama, Qwen2 and Phi-3, whose fused qkv_proj / gate_up_proj keep one adapter);
-transformers 5 loads a VLM's parts under other module names (LLaVA's vision tower adapters were not found by peft
-under the checkpoint's names), so a VLM's adapters are refused (VERIFIED_TYPES) until that renaming is done here.
+The names are transformers' module names: for a Llama-family LM the checkpoint's tensor names, for LLaVA those
+renamed as transformers 5 renames them on loading (RUNTIME_NAMES: `language_model.model.*` is
+`model.language_model.*`, `vision_tower.*` is `model.vision_tower.*`); tested against transformers + peft for Llama,
+Qwen2, Phi-3 (whose fused qkv_proj / gate_up_proj keep one adapter) and LLaVA. Other model types are refused
+(VERIFIED_TYPES) until their names are checked so.
 Only the adapters are exported: a group the run trained in full (e.g. a LoRA run's projector at an lr > 0) is in the
 run's base weights, not here; export with --merge to keep it.
 """
@@ -35,9 +36,14 @@ from vlmkit.weights.hf import default_model_type, get_converter
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-# the model types whose adapters transformers + peft load by these names (tests/test_lora.py); a VLM's are not yet:
-# transformers 5 loads LLaVA's vision tower and LM under other module names than its checkpoint's tensor names
-VERIFIED_TYPES = ("llama", "mistral", "qwen2", "phi3")
+# The checkpoint's tensor-name prefixes a model type's transformers model holds under other module names (transformers
+# 5 renames them when it loads the checkpoint; peft applies adapters by module name), in the order they are tried.
+RUNTIME_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "llava": (("language_model.model.", "model.language_model."), ("language_model.lm_head", "lm_head"),
+              ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")),
+}
+# the model types whose adapters transformers + peft load by these names, checked in tests/test_lora.py
+VERIFIED_TYPES = ("llama", "mistral", "qwen2", "phi3", "llava")
 
 
 def peft_adapter(model: nn.Module, model_type: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -67,7 +73,7 @@ def peft_adapter(model: nn.Module, model_type: str | None = None) -> tuple[dict[
         if not key.endswith(".weight") or tensor.dim() != 2 or tensor.shape[1] != layers[source].lora_B.shape[1]:
             raise ValueError(f"{model_type}'s layout writes the weight of {source} as {key} {tuple(tensor.shape)}, "
                              "not as rows of a linear weight: its LoRA adapter cannot be exported there")
-        module = key.removesuffix(".weight")
+        module = runtime_name(key.removesuffix(".weight"), model_type)
         tensors[f"{PREFIX}{module}.lora_A.weight"] = layers[source].lora_A.detach().contiguous().clone()
         tensors[f"{PREFIX}{module}.lora_B.weight"] = tensor.contiguous().clone()
         modules[source].append(module)
@@ -81,6 +87,14 @@ def peft_adapter(model: nn.Module, model_type: str | None = None) -> tuple[dict[
               "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "use_rslora": False,
               "use_dora": False, "init_lora_weights": True, "inference_mode": True, "base_model_name_or_path": None}
     return config, tensors
+
+
+def runtime_name(name: str, model_type: str) -> str:
+    """The transformers module name of a checkpoint tensor-name prefix (RUNTIME_NAMES; most types: the same)."""
+    for old, new in RUNTIME_NAMES.get(model_type, ()):
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
 
 
 def write_peft_adapter(model: nn.Module, folder: str | Path, model_type: str | None = None) -> Path:
