@@ -121,11 +121,17 @@ def test_dropout_applies_to_the_adapter_input_only_while_training():
     torch.testing.assert_close(layer(x), x @ W.T + x @ A.T @ B.T, rtol=0, atol=1e-5)
 
 
-def _image_logits(loaded, image: Image.Image) -> torch.Tensor:
+def _image_prompt(loaded, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids (1, T), pixel_values) of a one-image prompt "hi" for loaded's model."""
     plans = loaded.plan_images([image])
     ids = loaded.prompt_ids([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], plans)
+    return torch.tensor([ids]), loaded.image_inputs(plans)["pixel_values"]
+
+
+def _image_logits(loaded, image: Image.Image) -> torch.Tensor:
+    ids, pixels = _image_prompt(loaded, image)
     with torch.no_grad():
-        return loaded.model(input_ids=torch.tensor([ids]), **loaded.image_inputs(plans)).logits
+        return loaded.model(input_ids=ids, pixel_values=pixels).logits
 
 
 def _image(seed: int = 0) -> Image.Image:
@@ -321,10 +327,7 @@ def test_peft_adapter_of_a_llava_run_gives_transformers_the_same_logits(run, tmp
     modules = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
     assert len(modules) == 26 and "model.language_model.layers.1.self_attn.v_proj" in modules
     loaded = load_model(str(run))
-    plans = loaded.plan_images([_image(2)])
-    ids = torch.tensor([loaded.prompt_ids([{"role": "user", "content": [{"type": "image"},
-                                                                       {"type": "text", "text": "hi"}]}], plans)])
-    pixels = loaded.image_inputs(plans)["pixel_values"]
+    ids, pixels = _image_prompt(loaded, _image(2))
     base = transformers.LlavaForConditionalGeneration.from_pretrained(run).eval()
     with torch.no_grad():
         base_logits = base(input_ids=ids, pixel_values=pixels).logits
@@ -336,6 +339,19 @@ def test_peft_adapter_of_a_llava_run_gives_transformers_the_same_logits(run, tmp
         ours = loaded.model(input_ids=ids, pixel_values=pixels).logits
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
     assert (ours - base_logits).abs().max() > 1e-3
+
+
+def test_merged_export_loads_in_transformers_with_the_same_logits(run, tmp_path):
+    """The --merge folder of the tiny-random LoRA run, loaded by transformers' LlavaForConditionalGeneration, gives
+    the logits of vlmkit's run with its adapters (unmerged) within 1e-4."""
+    transformers = pytest.importorskip("transformers")
+    assert cli("export", run, "--merge", "--out", tmp_path / "merged") == 0
+    loaded = load_model(str(run))
+    ids, pixels = _image_prompt(loaded, _image(3))
+    merged = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids, pixel_values=pixels).logits,
+                                   loaded.model(input_ids=ids, pixel_values=pixels).logits, rtol=0, atol=1e-4)
 
 
 def test_adapters_only_of_an_unchecked_model_type_is_refused():
