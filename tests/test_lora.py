@@ -275,7 +275,7 @@ def test_resume_equals_an_uninterrupted_run(run, data, tmp_path):
 
 # ---- --adapters-only: a PEFT adapter directory that transformers + peft apply to the transformers model
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3"])
 def test_peft_adapter_gives_transformers_the_same_logits(family, tmp_path):
     """A tiny random transformers LM (Qwen2: qkv bias; Phi-3: fused qkv_proj / gate_up_proj), loaded by vlmkit,
     adapters on every attention and MLP layer with random B; the exported adapter applied by peft to the
@@ -285,8 +285,8 @@ def test_peft_adapter_gives_transformers_the_same_logits(family, tmp_path):
     import vlmkit.weights as vm
     from vlmkit.weights.peft import write_peft_adapter
 
-    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-                    "phi3": transformers.Phi3Config}[family]
+    config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                    "qwen2": transformers.Qwen2Config, "phi3": transformers.Phi3Config}[family]
     torch.manual_seed(0)
     config = config_class(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

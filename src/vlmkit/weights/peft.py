@@ -14,7 +14,7 @@ peft saves them; target_modules lists the modules by full name.
 The names are transformers' module names: for a Llama-family LM the checkpoint's tensor names, for LLaVA those
 renamed as transformers 5 renames them on loading (RUNTIME_NAMES: `language_model.model.*` is
 `model.language_model.*`, `vision_tower.*` is `model.vision_tower.*`); tested against transformers + peft for Llama,
-Qwen2, Phi-3 (whose fused qkv_proj / gate_up_proj keep one adapter) and LLaVA. Other model types are refused
+Mistral, Qwen2, Phi-3 (whose fused qkv_proj / gate_up_proj keep one adapter) and LLaVA. Other model types are refused
 (VERIFIED_TYPES) until their names are checked so.
 Only the adapters are exported: a group the run trained in full (e.g. a LoRA run's projector at an lr > 0) is in the
 run's base weights, not here; export with --merge to keep it.
