@@ -58,7 +58,7 @@ def _csv(path):
 def test_stages_by_name_and_bad_groups():
     assert get_stage("align").lrs == {"vision": 0.0, "projector": 2e-3, "lm": 0.0}
     assert get_stage("sft").lrs == {"vision": 0.0, "projector": 2e-5, "lm": 2e-5}
-    with pytest.raises(ValueError, match="unknown stage 'pretrain'; valid: align, full, sft"):
+    with pytest.raises(ValueError, match="unknown stage 'pretrain'; valid: align, full, lora, sft"):
         get_stage("pretrain")
     model = tiny_random_model().model
     with pytest.raises(ValueError, match="group 'ctc', which this model .* does not have"):

@@ -2,7 +2,7 @@
 
 The verbs live in vlmkit/commands/, one module per group, each registering its verbs with add_parsers(sub):
 talk.py (generate, chat), plan.py (presets, tokens), data.py (data synth), serve.py, evaluate.py (eval) and
-train.py. This file assembles them into one parser (build_parser), runs the chosen verb (main) and holds the
+train.py, export.py. This file assembles them into one parser (build_parser), runs the chosen verb (main) and holds the
 demo verb.
 
     vlmkit generate --model smollm2-135m --prompt "What is the capital of France?"
@@ -20,6 +20,8 @@ demo verb.
     vlmkit eval --model tiny-random --data synth/data.json --metrics ned,cer --out eval-out --tesseract
     vlmkit train --model tiny-random --data synth/data.json --stage full --steps 200 --out run
     torchrun --nproc_per_node 2 -m vlmkit.cli train --model tiny-random --data synth/data.json --out run
+    vlmkit train --model tiny-random --data synth/data.json --lora r=16,alpha=32,targets=lm.attn,lm.mlp --out run
+    vlmkit export run --merge --out merged            # the LoRA adapters folded into the weights
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import platform
 import sys
 from pathlib import Path
 
-from vlmkit.commands import data, evaluate, inspect_model, plan, serve, talk, train
+from vlmkit.commands import data, evaluate, export, inspect_model, plan, serve, talk, train
 from vlmkit.commands.common import add_device_flag
 from vlmkit.devices import resolve_device
 from vlmkit.eval.tesseract import TesseractError
@@ -100,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmkit", description="vlmkit: vision-language models in pure PyTorch")
     parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=VerbParser)
-    for verbs in (talk, plan, inspect_model, data, serve, evaluate, train):
+    for verbs in (talk, plan, inspect_model, data, serve, evaluate, train, export):
         verbs.add_parsers(sub)
     _add_demo(sub)
     return parser

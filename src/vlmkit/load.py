@@ -7,7 +7,8 @@ A model spec is one of
 - a model directory of any registered model_type (weights/hf.py): a transformers-format checkpoint (config.json
   + safetensors + tokenizer files, e.g. LLaVA), a `vlmkit train` run folder, a `vlmkit demo` report folder
   (the demo registers its model type, its image scheme and prompt format: vlmkit.demo), or a folder
-  `LoadedModel.save_pretrained` wrote (model and tokenizer).
+  `LoadedModel.save_pretrained` wrote (model and tokenizer; a LoRA run's folder adds its adapters to the base
+  model: train/lora.py).
 - a Hugging Face hub id, `owner/name` or `owner/name@revision` (a branch, tag or commit), when no local folder
   has that name (a folder wins): resolved through huggingface_hub's cache, downloading config, safetensors,
   tokenizer and processor files when online, never a pickle (vlmkit.hub).
@@ -62,6 +63,14 @@ from vlmkit.schemes import Media
 from vlmkit.text.chat import ChatTemplate, Message, chat_template_for, turn_end_ids
 from vlmkit.text.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
 from vlmkit.train.checkpoint import is_checkpoint
+from vlmkit.train.lora import (
+    ADAPTER_FILE,
+    LORA_FILE,
+    has_adapters,
+    load_adapters,
+    lora_layers,
+    save_adapters,
+)
 from vlmkit.weights.gguf import load_gguf, smollm2_gguf_path
 from vlmkit.weights.hf import from_pretrained, save_pretrained
 
@@ -137,10 +146,16 @@ class LoadedModel:
         """Write the model and its tokenizer (chat template included) as a model directory: config.json +
         safetensors in the model's layout (weights.save_pretrained) and the tokenizer's files
         (Tokenizer.save_pretrained), and generation_config.json with the ids that end an answer
-        (save_generation_config). load_model(folder) and `vlmkit generate --model folder` read it back, and stop
-        where this model stops; returns the folder."""
+        (save_generation_config). A model with LoRA adapters is written as its base model plus the adapters
+        (train/lora.py save_adapters: adapter.safetensors, lora.json). load_model(folder) and `vlmkit generate
+        --model folder` read it back, and stop where this model stops; returns the folder."""
         save_pretrained(self.model, folder, tokenizer=self.tokenizer)
         save_generation_config(self, folder)
+        if lora_layers(self.model):
+            save_adapters(self.model, folder)
+        else:  # a model without adapters written over a LoRA model's folder: its adapters are not this model's
+            for name in (ADAPTER_FILE, LORA_FILE):
+                (Path(folder) / name).unlink(missing_ok=True)
         return Path(folder)
 
     def _check_media(self, media: Sequence[object], what: str) -> None:
@@ -276,6 +291,8 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device
         if is_checkpoint(folder):
             raise ValueError(_checkpoint_advice(folder))
         model = from_pretrained(folder)
+        if has_adapters(folder):  # a LoRA run's folder: the base model + its adapters (train/lora.py)
+            load_adapters(model, folder)
         tokenizer = load_tokenizer(folder)
         if takes_images(model):
             template = model.scheme.chat_template(tokenizer, model.cfg, fallback="llava")

@@ -40,6 +40,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                                           "(default: the stage's)")
     p.add_argument("--group-lr", action="append", default=[], metavar="GROUP=LR",
                    help="learning rate of one group (vision, projector, lm, ...), 0 freezes it (repeatable)")
+    p.add_argument("--lora", default=None, metavar="SPEC",
+                   help="train LoRA adapters instead of the weights of the groups they are in: r=RANK,alpha=A,"
+                        "dropout=P,targets=T1,T2,... with targets GROUP (all its linear layers), GROUP.attn or "
+                        "GROUP.mlp, e.g. r=16,alpha=32,dropout=0.05,targets=lm.attn,lm.mlp (defaults r=16, alpha=32, "
+                        "dropout=0, targets=lm.attn,lm.mlp). Groups without adapters train as the stage says. The "
+                        "run folder holds the base model + adapters; vlmkit export OUT --merge folds them in")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="samples per micro-batch over all processes (default 8)")
@@ -90,7 +96,7 @@ def _run_train(args: argparse.Namespace) -> int:
                     keep_checkpoints=args.keep_checkpoints, resume=args.resume, seed=args.seed,
                     data_policy=args.data_policy, image_root=args.image_root, max_len=args.max_len,
                     pack_len=args.pack, log_every=args.log_every, progress=not (args.quiet or args.json),
-                    threads=args.threads, device=args.device)
+                    threads=args.threads, device=args.device, lora=args.lora)
     world = init_distributed()
     try:
         result = run_training(cfg, world)

@@ -56,11 +56,12 @@ from vlmkit.files import remove_temporaries
 from vlmkit.train.checkpoint import (TrainState, checkpoint_dir, load_checkpoint, prune_checkpoints,
                                      reporting_write_errors, rng_state, save_checkpoint)
 from vlmkit.train.distributed import World, all_reduce_sum, barrier, current_world, gather_to_main, wrap_model
+from vlmkit.train.lora import add_lora, is_adapter
 from vlmkit.train.runlog import METRICS, MetricRow, Progress, plot_loss, read_metrics, write_metrics
 from vlmkit.train.stages import Stage, module_groups
 
 __all__ = ["METRICS", "Batch", "ShuffledBatches", "TrainResult", "build_optimizer", "lr_multiplier", "plot_loss",
-           "train"]
+           "train", "trainable_parameters"]
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
@@ -72,17 +73,34 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, stage: Stage) -> torch.optim.AdamW:
-    """Freeze the stage's lr-0 groups (requires_grad False, left out of the optimizer) and build AdamW over
-    the others: per group one decayed set (dim >= 2) and one undecayed set (dim < 2). Each optimizer
-    group records its name, its peak lr (`base_lr`) and its parameter names."""
-    param_groups = []
+def trainable_parameters(model: nn.Module, stage: Stage) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Set requires_grad as the stage says and return the parameters that train, by group (groups at lr 0
+    left out): every parameter of a group with an lr > 0, except in a group holding LoRA adapters
+    (train/lora.py), where only the adapters train. Raises ValueError for adapters in a frozen group."""
+    trained = {}
     for group, params in module_groups(model, stage).items():
         lr = stage.lrs[group]
-        for _, p in params:
-            p.requires_grad_(lr > 0)
-        if lr == 0:
-            continue
+        adapters = [(n, p) for n, p in params if is_adapter(n)]
+        if adapters and lr == 0:
+            raise ValueError(f"stage {stage.name!r} freezes group {group!r} (lr 0), which holds LoRA adapters; "
+                             f"give it a learning rate (--group-lr {group}=2e-4) or leave it out of the targets")
+        chosen = adapters or (params if lr > 0 else [])
+        names = {n for n, _ in chosen}
+        for name, p in params:
+            p.requires_grad_(name in names)
+        if chosen:
+            trained[group] = chosen
+    return trained
+
+
+def build_optimizer(model: nn.Module, stage: Stage) -> torch.optim.AdamW:
+    """Freeze the stage's lr-0 groups (requires_grad False, left out of the optimizer) and build AdamW over
+    the others (trainable_parameters: in a group holding LoRA adapters, only the adapters): per group one
+    decayed set (dim >= 2) and one undecayed set (dim < 2). Each optimizer group records its name, its peak
+    lr (`base_lr`) and its parameter names."""
+    param_groups = []
+    for group, params in trainable_parameters(model, stage).items():
+        lr = stage.lrs[group]
         for decay in (True, False):
             chosen = [(n, p) for n, p in params if (p.dim() >= 2) == decay]
             if chosen:
@@ -148,8 +166,10 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
     micro-batch; grad_accum of them make a step).
 
     seed seeds torch, python and numpy at the start of a fresh run (a resumed run restores the saved RNG
-    states instead). out_dir receives metrics.csv, loss.png and, every save_every steps and at the end,
-    checkpoints (see train.checkpoint); keep_checkpoints > 0 deletes all but that many newest ones.
+    states instead), and the LoRA adapters a stage with `lora` adds to model (train/lora.py add_lora; they are
+    part of the model's weights from then on, in every checkpoint). out_dir receives metrics.csv, loss.png and,
+    every save_every steps and at the end, checkpoints (see train.checkpoint); keep_checkpoints > 0 deletes
+    all but that many newest ones.
     resume is a checkpoint directory: the weights, optimizer, schedule, RNGs and the data position
     (ShuffledBatches.seek, else the consumed batches are skipped) are restored and training continues
     from the step after it. stop_after ends this call after that step while the schedule still spans
@@ -162,6 +182,8 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
     if bf16 and autocast_dtype(model_device(model)) is None:  # before out_dir is made
         raise ValueError(f"--bf16: {model_device(model)} cannot run bfloat16 autocast; leave --bf16 out")
     run = _open_run(batches, stage, steps, grad_accum, out_dir, save_every, resume)
+    if stage.lora is not None:
+        add_lora(model, stage.lora, seed=seed)  # before the optimizer and a checkpoint's weights; again: no-op
     optimizer = build_optimizer(model, stage)
     at = _restore(resume, model, optimizer, run) if resume is not None else _start_fresh(seed)
     stream = _stream_from(batches, at, grad_accum)

@@ -43,6 +43,8 @@ The run folder (--out):
     skipped.txt               the problems of the records --data-policy skip dropped
     config.json, model.safetensors, tokenizer files   the final model: `vlmkit generate --model OUT` loads it
     generation_config.json    its eos_token_id: the ids that end an answer (the template's turn end, the eos)
+    adapter.safetensors, lora.json   with --lora: the adapters beside the base model (train/lora.py); load_model
+                              adds them back, `vlmkit export OUT --merge --out DIR` folds them into the weights
 run.json records --data, --image-root and a --model directory relative to the run folder, and not --out,
 so a run folder moved (with its data) resumes. A write of the folder that fails (a full disk, a folder
 turned read-only) stops the run with a RunFolderError naming the last complete checkpoint, from which
@@ -77,7 +79,8 @@ from vlmkit.text.tokenizer import DEFAULT_SPECIAL_TOKENS, CharTokenizer
 from vlmkit.files import temporary_path, write_text_atomically
 from vlmkit.train.checkpoint import latest_checkpoint, reporting_write_errors
 from vlmkit.train.distributed import World, current_world
-from vlmkit.train.loop import ShuffledBatches, TrainResult, train
+from vlmkit.train.lora import add_lora, parse_lora
+from vlmkit.train.loop import ShuffledBatches, TrainResult, train, trainable_parameters
 from vlmkit.train.recipes import RECIPES, SMALL_SUFFIX, recipe
 from vlmkit.train.stages import STAGES, Stage, available_groups, module_groups
 
@@ -126,6 +129,7 @@ class RunConfig:
     progress: bool = True
     threads: int | None = None
     device: str = "auto"  # --device (vlmkit.devices.resolve_device); under torchrun cuda is each rank's own GPU
+    lora: str | None = None  # --lora r=16,alpha=32,dropout=0.05,targets=lm.attn,lm.mlp (train/lora.py parse_lora)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -137,6 +141,8 @@ class RunConfig:
             raise ValueError(f"--data-policy must be one of {', '.join(POLICIES)}, got {self.data_policy!r}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"--lr must be > 0 (freeze groups with --group-lr NAME=0), got {self.lr}")
+        if self.lora is not None:  # checked now, and kept in one spelling (run.json compares it on --resume)
+            self.lora = parse_lora(self.lora).spec()
 
 
 @dataclass
@@ -212,7 +218,7 @@ def resolve_stage(spec: str, model: str) -> Stage:
 
 def build_stage(cfg: RunConfig) -> Stage:
     """The stage --stage names (resolve_stage) with the run's overrides: --lr on every trained group,
-    --group-lr per group, --warmup, --weight-decay, --grad-clip."""
+    --group-lr per group, --warmup, --weight-decay, --grad-clip, --lora."""
     stage = resolve_stage(cfg.stage, cfg.model)
     lrs = {g: (cfg.lr if cfg.lr is not None and lr > 0 else lr) for g, lr in stage.lrs.items()}
     lrs.update(cfg.group_lrs)
@@ -223,6 +229,8 @@ def build_stage(cfg: RunConfig) -> Stage:
         changes["weight_decay"] = cfg.weight_decay
     if cfg.grad_clip is not None:
         changes["grad_clip"] = cfg.grad_clip
+    if cfg.lora is not None:
+        changes["lora"] = parse_lora(cfg.lora)
     return dataclasses.replace(stage, **changes)
 
 
@@ -382,7 +390,7 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
     samples, problems = load_dataset(cfg.data, image_root=cfg.image_root, policy="skip")
     loaded = load_for_training(cfg.model, samples, cfg.seed)
     loaded.model.to(device)  # built (and seeded) on the host, so every device starts from the same weights
-    check_groups(loaded, stage, cfg.group_lrs)  # before the data is prepared, which takes long
+    check_groups(loaded, stage, cfg.group_lrs, cfg.seed)  # before the data is prepared, which takes long
     max_len = cfg.max_len
     if cfg.pack_len is not None and (max_len is None or max_len > cfg.pack_len):
         max_len = cfg.pack_len  # a packed row must hold every sample
@@ -421,15 +429,23 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
     return RunResult(result, out, len(examples), problems, model_dir)
 
 
-def check_groups(loaded: LoadedModel, stage: Stage, group_lrs: dict[str, float]) -> None:
+def check_groups(loaded: LoadedModel, stage: Stage, group_lrs: dict[str, float], seed: int = 0) -> None:
     """Refuse a --group-lr naming a group the model does not have, and a stage whose groups do not cover the
-    model (stages.module_groups), with the model's groups listed."""
+    model (stages.module_groups), with the model's groups listed. With the stage's LoRA, add its adapters
+    (train/lora.py add_lora, seeded as train() seeds them) and refuse targets the model does not have or a
+    stage that freezes their group (loop.trainable_parameters)."""
     groups = list(dict.fromkeys(available_groups(loaded.model)))
     unknown = [name for name in group_lrs if name not in groups]
     if unknown:
         raise ValueError(f"--group-lr {unknown[0]}={group_lrs[unknown[0]]:g}: {loaded.name} has no group "
                          f"{unknown[0]!r}; its groups are {', '.join(groups)}")
     module_groups(loaded.model, stage)
+    if stage.lora is not None:
+        try:
+            add_lora(loaded.model, stage.lora, seed=seed)
+        except ValueError as e:
+            raise ValueError(f"--lora: {e}") from None
+        trainable_parameters(loaded.model, stage)
 
 
 def check_writable(out: Path) -> None:

@@ -3,6 +3,7 @@ optimizer/schedule settings that go with them.
 
     stage = get_stage("align")                    # projector only, lr 2e-3 (LLaVA stage 1)
     stage = Stage("mine", {"vision": 0, "projector": 1e-3, "lm": 1e-4}, warmup_steps=50)
+    stage = get_stage("lora")                     # LoRA adapters on the LM (train/lora.py), projector trained
     groups = module_groups(model, stage)          # {"projector": [(name, param), ...], ...}
 
 A module group names top-level parts of the model. The VLM groups gather related parts so one stage
@@ -21,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch.nn as nn
+
+from vlmkit.train.lora import LoraConfig
 
 # group name -> the top-level attributes it gathers (those the model has)
 GROUP_MEMBERS: dict[str, tuple[str, ...]] = {
@@ -42,6 +45,10 @@ class Stage:
     warmup_steps: linear warmup length; None = warmup_ratio * total steps
     min_lr_ratio: the cosine decays from lr to lr * min_lr_ratio
     grad_clip:    max global gradient norm (0 = no clipping)
+    lora:         LoRA adapters (train/lora.py LoraConfig; `vlmkit train --lora`) or None. A group holding
+                  adapters trains only them, at its lr, its own weights frozen; a group without adapters
+                  trains in full or is frozen as its lr says (LLaVA's LoRA recipe: adapters on the LM, the
+                  projector trained in full). A target in a frozen group (lr 0) is refused.
     """
 
     name: str
@@ -53,6 +60,7 @@ class Stage:
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    lora: LoraConfig | None = None
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +94,12 @@ STAGES: dict[str, Stage] = {
     # Vary-tiny: every part trains (AdamW, cosine, lr 5e-5).
     "full": Stage("full", {"vision": 5e-5, "projector": 5e-5, "lm": 5e-5}, weight_decay=0.05,
                   description="everything trained (Vary-tiny)"),
+    # LLaVA-1.5's LoRA fine-tuning (GitHub haotian-liu/LLaVA, scripts/v1_5/finetune_lora.sh): adapters r 128,
+    # alpha 256 (dropout 0.05, llava/train/train.py's default) on the LM's linear layers but its head at lr 2e-4,
+    # the projector trained in full at 2e-5 (--mm_projector_lr), the encoder frozen, no decay, 3% warmup, cosine.
+    "lora": Stage("lora", {"vision": 0.0, "projector": 2e-5, "lm": 2e-4},
+                  lora=LoraConfig(r=128, alpha=256.0, dropout=0.05, targets=("lm.attn", "lm.mlp")),
+                  description="LoRA adapters on the LM, projector trained, encoder frozen (LLaVA-1.5 LoRA)"),
 }
 
 
@@ -97,8 +111,8 @@ def get_stage(name: str) -> Stage:
     return STAGES[name]
 
 
-def _members(model: nn.Module, group: str) -> list[str]:
-    """The top-level attribute names group gathers on this model."""
+def group_members(model: nn.Module, group: str) -> list[str]:
+    """The top-level attribute names group gathers on this model ([] when it has none of them)."""
     children = {n for n, m in model.named_children() if m is not None}
     direct = set(model._parameters)
     if group in GROUP_MEMBERS:
@@ -110,7 +124,7 @@ def _members(model: nn.Module, group: str) -> list[str]:
 def available_groups(model: nn.Module) -> list[str]:
     """Group names this model can be trained by: the built-in groups it has, then its top-level parts."""
     top = [n for n, m in model.named_children() if m is not None] + list(model._parameters)
-    return [g for g in GROUP_MEMBERS if _members(model, g)] + top
+    return [g for g in GROUP_MEMBERS if group_members(model, g)] + top
 
 
 def module_groups(model: nn.Module, stage: Stage) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -120,7 +134,7 @@ def module_groups(model: nn.Module, stage: Stage) -> dict[str, list[tuple[str, n
     no group (or in two)."""
     owner: dict[str, str] = {}
     for group in stage.lrs:
-        members = _members(model, group)
+        members = group_members(model, group)
         if not members:
             raise ValueError(f"stage {stage.name!r} trains group {group!r}, which this model "
                              f"({type(model).__name__}) does not have; valid groups: "

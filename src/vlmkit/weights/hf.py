@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from vlmkit.hub import hub_folder, is_hub_spec
 from vlmkit.plugins import load_plugins
+from vlmkit.train.lora import without_adapters
 from vlmkit.weights.converter import Converter, StateDict
 from vlmkit.weights.safetensors_io import read_config
 
@@ -110,6 +111,7 @@ def save_pretrained(model: nn.Module, path: str | Path, model_type: str | None =
     (a text.tokenizer.Tokenizer: its save_pretrained files) when given. LoadedModel.save_pretrained passes
     the model's own, so the folder is one vlmkit.load.load_model reads back.
 
+    A model with LoRA adapters (train/lora.py) is written without them: its base weights.
     model_type defaults to the type it was loaded from, or the model's natural type (default_model_type):
     llava / llava_next for a VLM they express, vlmkit's own format for any other VLM, the llama-family
     type that expresses a CausalLM's config, clip/siglip for a vision tower.
@@ -117,8 +119,8 @@ def save_pretrained(model: nn.Module, path: str | Path, model_type: str | None =
     model_type = model_type or getattr(model, "hf_model_type", None) or default_model_type(model)
     conv = get_converter(model_type)
     cfg = model.cfg
-    conv.write(Path(path), conv.config_to_hf(cfg), conv.state_to_hf(model.state_dict(), cfg), max_shard_bytes,
-               tokenizer)
+    state = without_adapters(model.state_dict())  # the base model; LoadedModel.save_pretrained writes the adapters
+    conv.write(Path(path), conv.config_to_hf(cfg), conv.state_to_hf(state, cfg), max_shard_bytes, tokenizer)
 
 
 def default_model_type(model: nn.Module) -> str:
