@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from resumed_runs import assert_same_run
+
 from vlmkit.cli import main
 from vlmkit.data.formats import Problem, load_dataset
 from vlmkit.data.labels import build_training_example
@@ -30,13 +30,13 @@ from vlmkit.train import run as run_module
 from vlmkit.train.batches import BatchesAt, ShuffledBatches
 from vlmkit.train.checkpoint import latest_checkpoint
 from vlmkit.train.loop import train
-from vlmkit.train.runlog import METRICS, Progress
 from vlmkit.train.run import RunConfig, load_for_training, prepare_data, run_training
+from vlmkit.train.runlog import METRICS, Progress
 from vlmkit.train.stages import Stage
 
 STEPS = 4
-FLAGS = dict(model="tiny-random", stage="full", steps=STEPS, batch_size=4, lr=3e-3, checkpoint_every=2, threads=1,
-             progress=False)
+FLAGS = {"model": "tiny-random", "stage": "full", "steps": STEPS, "batch_size": 4, "lr": 3e-3, "checkpoint_every": 2,
+         "threads": 1, "progress": False}
 
 
 @pytest.fixture(autouse=True)
