@@ -9,7 +9,7 @@
 metrics.csv has one row per optimizer step with the columns of `METRICS`; floats are written with repr,
 so equal text means equal bits. matplotlib and tqdm are optional: without them there is no loss.png (a
 note on stderr says so) and progress is a printed line every `every` steps. Progress shows the step's
-loss, lr, samples/s and tokens/s (the input tokens of its batches, padding not counted).
+loss, lr, samples/s and tokens/s (the input tokens of its batches, image tokens included, padding not counted).
 
 TensorBoard (optional, `pip install tensorboard`): TensorBoardLog writes each metrics row's columns other
 than step as scalars `train/<column>` at global step = the row's step, through
