@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from vlmkit.commands.common import add_data_flags, add_device_flag
 from vlmkit.train.distributed import init_distributed, shutdown
@@ -73,6 +74,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-every", type=int, default=10, metavar="STEPS",
                    help="rewrite metrics.csv every STEPS steps (default 10; also at each checkpoint)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="DataLoader worker processes that read and plan the images of the next batches while the "
+                        "model trains (default 0: in the training process); the batches, their order and the "
+                        "result are the same with any N")
+    p.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="also write metrics.csv's rows as TensorBoard scalars to DIR (default OUT/tensorboard); "
+                        "needs pip install tensorboard")
     add_device_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="end with one JSON object: steps, losses, paths")
@@ -96,7 +104,9 @@ def _run_train(args: argparse.Namespace) -> int:
                     keep_checkpoints=args.keep_checkpoints, resume=args.resume, seed=args.seed,
                     data_policy=args.data_policy, image_root=args.image_root, max_len=args.max_len,
                     pack_len=args.pack, log_every=args.log_every, progress=not (args.quiet or args.json),
-                    threads=args.threads, device=args.device, lora=args.lora)
+                    threads=args.threads, workers=args.workers, device=args.device, lora=args.lora,
+                    tensorboard=(args.tensorboard or str(Path(args.out) / "tensorboard")
+                                 if args.tensorboard is not None else None))
     world = init_distributed()
     try:
         result = run_training(cfg, world)

@@ -11,7 +11,8 @@ gradients clipped to `stage.grad_clip`; AdamW. Weight decay follows nanoGPT's ru
 2 or more dimensions decay (linear and conv weights, embedding matrices), 1-D ones do not (biases,
 norm weights, learned vectors such as image_newline). The learning rate is linear warmup then cosine
 decay (`lr_multiplier`). Metrics go to `metrics.csv` (step, loss, lr, samples_per_s, grad_norm) and
-the loss curve to `loss.png` in out_dir (both written by train.runlog).
+the loss curve to `loss.png` in out_dir (both written by train.runlog), and with tensorboard=DIR also to
+TensorBoard scalars there; the progress display adds tokens/s.
 
 train() itself is only the loop: `_open_run` checks the arguments and fixes the run's setup, `_restore`
 brings a run back from its checkpoint (or `_start_fresh` seeds the RNGs), then every step sets the lr,
@@ -57,7 +58,8 @@ from vlmkit.train.checkpoint import (TrainState, checkpoint_dir, load_checkpoint
                                      reporting_write_errors, rng_state, save_checkpoint)
 from vlmkit.train.distributed import World, all_reduce_sum, barrier, current_world, gather_to_main, wrap_model
 from vlmkit.train.lora import add_lora, is_adapter
-from vlmkit.train.runlog import METRICS, MetricRow, Progress, plot_loss, read_metrics, write_metrics
+from vlmkit.train.runlog import (METRICS, MetricRow, Progress, TensorBoardLog, check_tensorboard, plot_loss,
+                                 read_metrics, write_metrics)
 from vlmkit.train.stages import Stage, module_groups
 
 __all__ = ["METRICS", "Batch", "ShuffledBatches", "TrainResult", "build_optimizer", "lr_multiplier", "plot_loss",
@@ -161,7 +163,8 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
           bf16: bool = False, activation_checkpointing: bool = False, seed: int = 0,
           out_dir: str | Path | None = None, save_every: int = 0, resume: str | Path | None = None,
           stop_after: int | None = None, progress: bool = True, log_every: int = 10,
-          on_step: Callable[[int, float], None] | None = None, keep_checkpoints: int = 0) -> TrainResult:
+          on_step: Callable[[int, float], None] | None = None, keep_checkpoints: int = 0,
+          tensorboard: str | Path | None = None) -> TrainResult:
     """Train model for `steps` optimizer steps of `stage` on `batches` (collate()/pack() dicts, each one
     micro-batch; grad_accum of them make a step).
 
@@ -174,6 +177,8 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
     (ShuffledBatches.seek, else the consumed batches are skipped) are restored and training continues
     from the step after it. stop_after ends this call after that step while the schedule still spans
     `steps` (a time budget, or an interrupted run in tests). on_step(step, loss) is called after every step.
+    tensorboard: a folder that receives every metrics row as TensorBoard scalars (runlog.TensorBoardLog;
+    needs the tensorboard package).
 
     Under torchrun (torch.distributed initialized with several processes) the model is trained through
     DistributedDataParallel and batches must be this rank's slice of each global batch (ShuffledBatches
@@ -181,6 +186,8 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
     """
     if bf16 and autocast_dtype(model_device(model)) is None:  # before out_dir is made
         raise ValueError(f"--bf16: {model_device(model)} cannot run bfloat16 autocast; leave --bf16 out")
+    if tensorboard is not None:
+        check_tensorboard()
     run = _open_run(batches, stage, steps, grad_accum, out_dir, save_every, resume)
     if stage.lora is not None:
         add_lora(model, stage.lora, seed=seed)  # before the optimizer and a checkpoint's weights; again: no-op
@@ -190,19 +197,23 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
     end = steps if stop_after is None else min(steps, stop_after)
     result = TrainResult([], [], None, run.metrics_csv if run.writes else None, None)
     with (_training(model, activation_checkpointing, run.world) as runner,
-          Progress(at.step, steps, progress and run.world.is_main, log_every) as bar):
+          Progress(at.step, steps, progress and run.world.is_main, log_every) as bar,
+          _tensorboard(tensorboard, at.rows, run.world) as tb, _closing(stream)):
         for step in range(at.step, end):
             t0 = time.perf_counter()
             lr = _set_lr(optimizer, run.lr_multiplier(step))
             micro = _next_micro_batches(stream, grad_accum, step, steps)
             stats = _optimizer_step(runner, optimizer, micro, step, stage.grad_clip, bf16, run.world)
             at.step, at.sample_index = step + 1, _sample_index_after(batches, at, stats.samples)
-            samples_per_s = stats.samples / (time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            samples_per_s = stats.samples / seconds
             at.rows.append({"step": at.step, "loss": stats.loss, "lr": lr, "samples_per_s": round(samples_per_s, 2),
                             "grad_norm": stats.grad_norm})
+            if tb is not None:
+                tb.write(at.rows[-1])
             result.steps.append(at.step)
             result.losses.append(stats.loss)
-            bar.update(at.step, stats.loss, lr, samples_per_s)
+            bar.update(at.step, stats.loss, lr, samples_per_s, stats.tokens / seconds)
             if on_step is not None:
                 on_step(at.step, stats.loss)
             if run.out is not None and (save_every and at.step % save_every == 0 or at.step == end):
@@ -267,6 +278,19 @@ def _restore(resume: str | Path, model: nn.Module, optimizer: torch.optim.Optimi
     return _Position(state.step, state.sample_index, rows)
 
 
+def _tensorboard(log_dir: str | Path | None, rows: list[MetricRow], world: World) -> Any:
+    """A TensorBoardLog in log_dir on rank 0 (rewriting the rows of the steps done before), else None."""
+    if log_dir is None or not world.is_main:
+        return contextlib.nullcontext()
+    return contextlib.closing(TensorBoardLog(log_dir, rows))
+
+
+def _closing(stream: Iterator[Batch]) -> Any:
+    """Close the stream on exit when it can be closed (a generator: ShuffledBatches' ends its DataLoader's
+    worker processes), also when training raised."""
+    return contextlib.closing(stream) if hasattr(stream, "close") else contextlib.nullcontext()
+
+
 def _stream_from(batches: Iterable[Batch], at: _Position, grad_accum: int) -> Iterator[Batch]:
     """An iterator over batches from where the run stands: a stream with seek() (ShuffledBatches) seeks
     to the sample index, any other iterable skips the micro-batches of the steps done."""
@@ -324,11 +348,12 @@ def _next_micro_batches(stream: Iterator[Batch], grad_accum: int, step: int, ste
 @dataclass(frozen=True)
 class _StepStats:
     """One optimizer step over every rank: its loss (the mean over all its labelled tokens), the gradient
-    norm before clipping, and the number of samples it trained on."""
+    norm before clipping, and the number of samples and of input tokens (padding not counted) it trained on."""
 
     loss: float
     grad_norm: float
     samples: float
+    tokens: float
 
 
 def _optimizer_step(runner: nn.Module, optimizer: torch.optim.Optimizer, micro: list[Batch], step: int,
@@ -336,8 +361,9 @@ def _optimizer_step(runner: nn.Module, optimizer: torch.optim.Optimizer, micro: 
     """Take optimizer step `step` (0-based) on this rank's micro-batches: each forward (optionally under bf16
     autocast) and backward with its loss weighted by its share of the global step's labelled tokens, DDP
     syncing gradients on the last micro-batch only; then clip to grad_clip (0: no clipping) and step AdamW."""
-    # labelled tokens and samples of the global step (summed over ranks)
-    tokens, samples = all_reduce_sum([sum(_labelled(b) for b in micro), sum(_samples(b) for b in micro)], world)
+    # labelled tokens, samples and input tokens of the global step (summed over ranks)
+    tokens, samples, inputs = all_reduce_sum([sum(_labelled(b) for b in micro), sum(_samples(b) for b in micro),
+                                              sum(_input_tokens(b) for b in micro)], world)
     if tokens == 0:
         raise ValueError(f"step {step + 1} has no labelled tokens (every label is {IGNORE_INDEX}); "
                          "check the examples' labels")
@@ -356,7 +382,7 @@ def _optimizer_step(runner: nn.Module, optimizer: torch.optim.Optimizer, micro: 
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return _StepStats(loss_sum, float(grad_norm), samples)
+    return _StepStats(loss_sum, float(grad_norm), samples, inputs)
 
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:
@@ -375,6 +401,15 @@ def _sync_on_last(runner: nn.Module, last: bool) -> Any:
 def _labelled(batch: Batch) -> int:
     """The batch's labelled tokens: positions whose next-token label counts in the loss."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _input_tokens(batch: Batch) -> int:
+    """The batch's input tokens, padding not counted (a packed batch marks its padding with segment 0)."""
+    if "segment_ids" in batch:
+        return int((batch["segment_ids"] > 0).sum())
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return batch["input_ids"].numel()
 
 
 def _samples(batch: Batch) -> int:

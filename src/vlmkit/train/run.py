@@ -33,12 +33,16 @@ starts. Both lists of problems make one: --data-policy fail stops with every pro
 form, their images and their length at once); skip drops the bad records, prints them and writes them to
 skipped.txt. During training an
 example is built again when it is read (a pure function of its sample), so the pixels of the dataset are
-never all in memory: a real dataset's images would not fit (1.3 MiB per 336x336 image). Under torchrun every
+never all in memory: a real dataset's images would not fit (1.3 MiB per 336x336 image). --workers N builds
+the batches in N DataLoader processes while the model trains (train.batches; the same batches in the same
+order with any N, resumable exactly); a record whose files change during the run stops it with a DataError
+naming the record, whichever --data-policy (skipping it then would change the data order). Under torchrun every
 rank prepares every sample (all ranks must agree on which samples are good).
 
 The run folder (--out):
     run.json                  the run's settings; --resume refuses a run whose settings differ
     metrics.csv, loss.png     one row per optimizer step (train.loop)
+    TensorBoard events        the same rows as scalars, in the --tensorboard DIR (OUT/tensorboard when no DIR)
     step-NNNNNN/              checkpoints (train.checkpoint); the newest --keep-checkpoints are kept
     skipped.txt               the problems of the records --data-policy skip dropped
     config.json, model.safetensors, tokenizer files   the final model: `vlmkit generate --model OUT` loads it
@@ -82,6 +86,7 @@ from vlmkit.train.distributed import World, current_world
 from vlmkit.train.lora import add_lora, parse_lora
 from vlmkit.train.loop import ShuffledBatches, TrainResult, train, trainable_parameters
 from vlmkit.train.recipes import RECIPES, SMALL_SUFFIX, recipe
+from vlmkit.train.runlog import check_tensorboard
 from vlmkit.train.stages import STAGES, Stage, available_groups, module_groups
 
 RUN_FILE = "run.json"
@@ -90,7 +95,8 @@ FRESH_PRESETS = tuple(n for n in PRESETS if n.endswith(SMALL_SUFFIX) or n in ("t
 RECIPE_PREFIX = "recipe"  # --stage recipe:N
 # Settings that may change between a run and its resumption (they do not change the result; a run may resume
 # on another device, whose float arithmetic may round differently: checkpoints load onto any device).
-RESUMABLE_CHANGES = ("resume", "progress", "checkpoint_every", "keep_checkpoints", "log_every", "threads", "device")
+RESUMABLE_CHANGES = ("resume", "progress", "checkpoint_every", "keep_checkpoints", "log_every", "threads", "device",
+                     "workers", "tensorboard")
 PATH_SETTINGS = ("data", "image_root", "model")  # run.json holds them relative to the run folder
 
 
@@ -128,6 +134,8 @@ class RunConfig:
     log_every: int = 10
     progress: bool = True
     threads: int | None = None
+    workers: int = 0  # --workers: DataLoader processes that build the batches (0: this process); same batches
+    tensorboard: str | None = None  # --tensorboard DIR: also write metrics.csv's rows as TensorBoard scalars
     device: str = "auto"  # --device (vlmkit.devices.resolve_device); under torchrun cuda is each rank's own GPU
     lora: str | None = None  # --lora r=16,alpha=32,dropout=0.05,targets=lm.attn,lm.mlp (train/lora.py parse_lora)
 
@@ -143,6 +151,10 @@ class RunConfig:
             raise ValueError(f"--lr must be > 0 (freeze groups with --group-lr NAME=0), got {self.lr}")
         if self.lora is not None:  # checked now, and kept in one spelling (run.json compares it on --resume)
             self.lora = parse_lora(self.lora).spec()
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0 (0 builds the batches in the training process), got {self.workers}")
+        if self.tensorboard is not None:
+            check_tensorboard()
 
 
 @dataclass
@@ -294,7 +306,14 @@ class TrainingSet(Sequence[TrainingExample]):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> TrainingExample:  # type: ignore[override]
-        return build_example(self.samples[index], self.loaded)
+        sample = self.samples[index]
+        try:
+            return build_example(sample, self.loaded)
+        except ValueError as e:  # it was built once when the run started (prepare_data): its files changed since
+            problem = Problem(sample.file, sample.line, sample.id, str(e))
+            raise ValueError(f"{problem} (it passed the check when the run started, so its files changed since; "
+                             "--data-policy applies only to that check: restore the file and continue with "
+                             "--resume, or drop the record and start again)") from e
 
 
 def prepare_data(samples: Sequence[Sample], loaded: LoadedModel,
@@ -414,14 +433,14 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
                          f"in {out / SKIPPED_FILE}")
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     batches = ShuffledBatches(examples, cfg.batch_size, pad_id, seed=cfg.seed, pack_len=cfg.pack_len,
-                              rank=world.rank, world_size=world.size)
+                              rank=world.rank, world_size=world.size, workers=cfg.workers)
     say(f"training {loaded.name} on {len(examples)} samples: stage {stage.name} {stage.lrs}, {cfg.steps} steps of "
         f"{cfg.batch_size} x {cfg.grad_accum} samples" + (f" over {world.size} processes" if world.distributed else ""),
         file=sys.stderr, flush=True)
     result = train(loaded.model, batches, stage, cfg.steps, grad_accum=cfg.grad_accum, bf16=cfg.bf16,
                    activation_checkpointing=cfg.activation_checkpointing, seed=cfg.seed, out_dir=out,
                    save_every=cfg.checkpoint_every, resume=resume, progress=cfg.progress, log_every=cfg.log_every,
-                   keep_checkpoints=cfg.keep_checkpoints)
+                   keep_checkpoints=cfg.keep_checkpoints, tensorboard=cfg.tensorboard)
     model_dir = None
     if world.is_main:
         with reporting_write_errors(out, "the trained model (config.json, safetensors, tokenizer)"):
