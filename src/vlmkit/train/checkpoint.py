@@ -42,7 +42,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch.distributed import checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from vlmkit.decoding import model_device
 from vlmkit.files import temporary_path
@@ -340,9 +340,17 @@ def load_sharded_checkpoint(path: str | Path, model: nn.Module, optimizer: torch
     if restore_rng:
         rng = _rank_rng(load_file(str(path / "rng.safetensors")), meta["rng"], world.rank, world.size, path)
     _check_groups(path, meta["optimizer"]["param_groups"], optimizer)
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer)  # a fresh optimizer: a state for every parameter
+    # ... but the checkpoint has none for a parameter that never had a gradient (a vision layer past the one the
+    # projector reads): leave those out, so the optimizer is the one that was saved
+    saved = dcp.FileSystemReader(str(path / SHARDED_DIR)).read_metadata().state_dict_metadata
+    optim_state["state"] = {name: entry for name, entry in optim_state["state"].items()
+                            if any(f"optimizer.state.{name}.{key}" in saved for key in entry)}
     dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=path / SHARDED_DIR)
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    # strict=False lets those parameters stay without a state; the model's keys are all there (dcp.load raises
+    # for a key of model_state the checkpoint lacks, and model_state has every key of the model)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(strict=False))
     if rng is not None:
         _set_rng_state(rng)
     return TrainState(meta["step"], meta["sample_index"], meta["schedule"], meta.get("metric_rows"))
