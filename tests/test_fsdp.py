@@ -34,6 +34,7 @@ from vlmkit.cli import main
 from vlmkit.data.synth import DATASET_FILE, synthesize
 from vlmkit.load import load_model, tiny_random_model
 from vlmkit.train.checkpoint import is_checkpoint, latest_checkpoint
+from vlmkit.train.distributed import layer_units
 from vlmkit.train.run import RunConfig, run_training
 from vlmkit.weights.hf import get_converter
 
@@ -99,6 +100,13 @@ def test_two_sharded_processes_equal_one_process(tmp_path):
     for r in ranks:
         assert abs(r["parameters"] - params / 2) <= 0.02 * params, shards
         assert abs(r["optimizer_state"] - opt_state / 2) <= 0.02 * opt_state, shards
+
+
+def test_the_units_are_every_decoder_and_vision_layer():
+    """tiny-random has 2 vision layers and 2 decoder layers: 4 units below the root, in module order."""
+    model = tiny_random_model().model
+    assert layer_units(model) == [*model.vision.layers, *model.lm.layers]
+    assert len(layer_units(model)) == 4
 
 
 def test_fsdp_in_one_process_is_refused(tmp_path):
