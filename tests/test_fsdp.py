@@ -11,9 +11,10 @@
 - The final model is one ordinary model folder, which load_model reads.
 - SIGKILL + --resume (slow): a sharded run killed after a checkpoint and resumed ends with the same metrics
   rows and the same final weights as an uninterrupted sharded run, bit for bit (both have 2 processes).
-- --fsdp in a single process is refused before anything is read or written.
+- --fsdp in a single process is refused before anything is read or written; a step with images on one rank and
+  none on another is refused (its vision layers' all-gathers would never meet).
 
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_fsdp.py              (~25 s: one torchrun launch)
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_fsdp.py              (~30-45 s: two torchrun launches)
      OMP_NUM_THREADS=1 python -m pytest -q -m slow tests/test_fsdp.py      (the kill + resume test, ~50 s)
 """
 
@@ -107,6 +108,22 @@ def test_the_units_are_every_decoder_and_vision_layer():
     model = tiny_random_model().model
     assert layer_units(model) == [*model.vision.layers, *model.lm.layers]
     assert len(layer_units(model)) == 4
+
+
+def test_a_step_with_images_on_one_rank_only_is_refused(tmp_path):
+    """A sharded vision layer runs (and all-gathers its weights) only where a batch has images, so a step with
+    images on one rank and none on the other would wait forever: it stops with a message instead."""
+    synthesize(tmp_path / "data", {"shapes": 1}, seed=0, image_size=(32, 32), progress=False)
+    records = json.loads((tmp_path / "data" / DATASET_FILE).read_text())
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "Say hi"},
+                                                    {"from": "gpt", "value": "hi"}]})
+    (tmp_path / "data" / "mixed.json").write_text(json.dumps(records))
+    proc = subprocess.run([*TORCHRUN, "--model", "tiny-random", "--data", str(tmp_path / "data" / "mixed.json"),
+                           "--stage", "full", "--steps", "2", "--batch-size", "2", "--threads", "1", "--quiet",
+                           "--out", str(tmp_path / "run"), "--fsdp"],
+                          capture_output=True, text=True, timeout=120, env=ENV, check=False)
+    assert proc.returncode != 0
+    assert "every process's micro-batch must have images or none does, but 1 of 2 have them" in proc.stderr
 
 
 def test_fsdp_in_one_process_is_refused(tmp_path):

@@ -363,7 +363,7 @@ def _optimizer_step(runner: nn.Module, optimizer: torch.optim.Optimizer, micro: 
         [sum(_labelled(b) for b in micro), sum(_samples(b) for b in micro), *with_images], world)
     if any(0 < n < world.size for n in ranks_with_images):  # the vision layers' all-gathers would never meet
         raise ValueError(f"step {step + 1}: under --fsdp every process's micro-batch must have images or none "
-                         f"does, but {min(n for n in ranks_with_images if n)} of {world.size} have them; mix "
+                         f"does, but {int(min(n for n in ranks_with_images if n))} of {world.size} have them; mix "
                          "text-only and image samples without --fsdp (DDP), or give every sample an image")
     if tokens == 0:
         raise ValueError(f"step {step + 1} has no labelled tokens (every label is {IGNORE_INDEX}); "
