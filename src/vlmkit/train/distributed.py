@@ -177,13 +177,19 @@ def layer_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+def check_shardable(world: World) -> None:
+    """Refuse sharding in a single process (nothing to shard over): --fsdp needs torchrun with N >= 2."""
+    if not world.distributed:
+        raise ValueError("--fsdp shards the model over the processes torchrun starts, but this is a single "
+                         "process: launch with torchrun --nproc_per_node N (N >= 2), or leave --fsdp out to "
+                         "train in one")
+
+
 def shard_model(model: nn.Module, world: World, bf16: bool = False) -> nn.Module:
     """Shard model in place over the ranks of world with FSDP2: one fully_shard unit per layer (layer_units),
     then the root. bf16: parameters gathered in bfloat16 for compute, gradients reduced in float32. Every
     parameter becomes a DTensor holding this rank's rows; build the optimizer after this. Returns model."""
-    if not world.distributed:
-        raise ValueError("--fsdp shards the model over the processes torchrun starts, but this is a single "
-                         "process: launch with torchrun --nproc_per_node N (N >= 2), or leave --fsdp out")
+    check_shardable(world)
     device = next(model.parameters()).device
     if device.type != "cpu":
         torch.accelerator.set_device_index(device.index or 0)

@@ -81,7 +81,7 @@ from vlmkit.text.chat import chat_template_for
 from vlmkit.text.tokenizer import DEFAULT_SPECIAL_TOKENS, CharTokenizer
 from vlmkit.files import temporary_path, write_text_atomically
 from vlmkit.train.checkpoint import latest_checkpoint, reporting_write_errors
-from vlmkit.train.distributed import World, current_world
+from vlmkit.train.distributed import World, check_shardable, current_world
 from vlmkit.train.lora import add_lora, parse_lora
 from vlmkit.train.loop import ShuffledBatches, TrainResult, train, trainable_parameters
 from vlmkit.train.recipes import RECIPES, SMALL_SUFFIX, recipe
@@ -387,9 +387,8 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
     """Load the data and the model, train cfg.steps steps of the stage, write the run folder (see the module
     docstring). world is this process's rank (default: from the initialized process group, if any)."""
     world = world or current_world()
-    if cfg.fsdp and not world.distributed:  # before anything is read or written
-        raise ValueError("--fsdp shards the model over the processes torchrun starts, but this is a single process: "
-                         "launch with torchrun --nproc_per_node N (N >= 2), or leave --fsdp out to train in one")
+    if cfg.fsdp:
+        check_shardable(world)  # before anything is read or written
     say = print if world.is_main and cfg.progress else (lambda *a, **k: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
