@@ -8,14 +8,15 @@
   their optimizer states to the elements of the 1-process checkpoint's optimizer.safetensors, each rank
   within 2 % of half (FSDP2 splits every tensor by rows; a tensor of an odd number of rows gives rank 0 one
   more).
-- The final model is one ordinary model folder, which load_model reads.
+- The final model is one ordinary model folder, which load_model reads; with --lora, the base model and the
+  adapters equal a 1-process LoRA run's.
 - SIGKILL + --resume (slow): a sharded run killed after a checkpoint and resumed ends with the same metrics
   rows and the same final weights as an uninterrupted sharded run, bit for bit (both have 2 processes).
 - --fsdp in a single process is refused before anything is read or written; a step with images on one rank and
   none on another is refused (its vision layers' all-gathers would never meet).
 
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_fsdp.py              (~30-45 s: two torchrun launches)
-     OMP_NUM_THREADS=1 python -m pytest -q -m slow tests/test_fsdp.py      (the kill + resume test, ~50 s)
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_fsdp.py              (~45 s: two torchrun launches)
+     OMP_NUM_THREADS=1 python -m pytest -q -m slow tests/test_fsdp.py      (kill + resume, ~75 s; the mixed-images refusal, ~13 s)
 """
 
 from __future__ import annotations
@@ -103,6 +104,28 @@ def test_two_sharded_processes_equal_one_process(tmp_path):
         assert abs(r["optimizer_state"] - opt_state / 2) <= 0.02 * opt_state, shards
 
 
+def test_sharded_lora_equals_one_process(tmp_path):
+    """LoRA under --fsdp (adapters added before sharding, so each adapter is sharded with its layer): the run
+    folder holds the base model and the adapters as a 1-process LoRA run's, within the same tolerance."""
+    flags = ["--model", "tiny-random", "--data", _data(tmp_path), "--stage", "full", "--steps", "3",
+             "--batch-size", "4", "--lr", "1e-3", "--threads", "1", "--quiet", "--lora", "r=4,alpha=8"]
+    _torchrun([*flags, "--out", str(tmp_path / "fsdp"), "--fsdp"])
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", *flags, "--out", str(tmp_path / "single")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    two, one = _losses(tmp_path / "fsdp"), _losses(tmp_path / "single")
+    assert len(two) == 3 and max(abs(a - b) for a, b in zip(two, one)) <= TOLERANCE, (two, one)
+    assert (tmp_path / "fsdp" / "lora.json").read_text() == (tmp_path / "single" / "lora.json").read_text()
+    for name in ("adapter.safetensors", "model.safetensors"):
+        a = load_file(str(tmp_path / "fsdp" / name))
+        b = load_file(str(tmp_path / "single" / name))
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= TOLERANCE
+    adapters = load_file(str(tmp_path / "fsdp" / "adapter.safetensors"))
+    assert any(k.endswith("lora_B") and v.abs().max() > 0 for k, v in adapters.items())  # B starts at 0: trained
+
+
 def test_the_units_are_every_decoder_and_vision_layer():
     """tiny-random has 2 vision layers and 2 decoder layers: 4 units below the root, in module order."""
     model = tiny_random_model().model
@@ -110,6 +133,7 @@ def test_the_units_are_every_decoder_and_vision_layer():
     assert len(layer_units(model)) == 4
 
 
+@pytest.mark.slow
 def test_a_step_with_images_on_one_rank_only_is_refused(tmp_path):
     """A sharded vision layer runs (and all-gathers its weights) only where a batch has images, so a step with
     images on one rank and none on the other would wait forever: it stops with a message instead."""
