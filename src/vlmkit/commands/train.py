@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 
+import torch
+
 from vlmkit.commands.common import add_data_flags, add_device_flag
 from vlmkit.devices import distributed_backend, resolve_device
 from vlmkit.train.distributed import init_distributed, shutdown
@@ -106,9 +108,12 @@ def _run_train(args: argparse.Namespace) -> int:
                     data_policy=args.data_policy, image_root=args.image_root, max_len=args.max_len,
                     pack_len=args.pack, log_every=args.log_every, progress=not (args.quiet or args.json),
                     threads=args.threads, device=args.device, lora=args.lora, fsdp=args.fsdp)
-    # gloo on the CPU, NCCL for CUDA tensors (a bad --device fails here, before the process group)
-    backend = distributed_backend(resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0"))))
-    world = init_distributed(backend)
+    # gloo on the CPU, NCCL for CUDA tensors (a bad --device fails here, before the process group); a GPU
+    # process makes its own GPU the current one first, so NCCL's collectives run there
+    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.index is not None:
+        torch.accelerator.set_device_index(device.index)
+    world = init_distributed(distributed_backend(device))
     try:
         result = run_training(cfg, world)
     except BaseException:

@@ -191,8 +191,8 @@ def shard_model(model: nn.Module, world: World, bf16: bool = False) -> nn.Module
     parameter becomes a DTensor holding this rank's rows; build the optimizer after this. Returns model."""
     check_shardable(world)
     device = next(model.parameters()).device
-    if device.type != "cpu":
-        torch.accelerator.set_device_index(device.index or 0)
+    if device.index is not None:  # a GPU: NCCL's collectives run on the current device
+        torch.accelerator.set_device_index(device.index)
     mesh = init_device_mesh(device.type, (world.size,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
