@@ -358,7 +358,7 @@ def _optimizer_step(runner: nn.Module, optimizer: torch.optim.Optimizer, micro: 
     syncing gradients on the last micro-batch only; then clip to grad_clip (0: no clipping) and step AdamW."""
     # labelled tokens and samples of the global step (summed over ranks); sharded: how many ranks have images
     sharded = is_sharded(runner)
-    with_images = [float("pixel_values" in b) for b in micro] if sharded else []
+    with_images = [float(any(k.startswith("pixel_values") for k in b)) for b in micro] if sharded else []
     tokens, samples, *ranks_with_images = all_reduce_sum(
         [sum(_labelled(b) for b in micro), sum(_samples(b) for b in micro), *with_images], world)
     if any(0 < n < world.size for n in ranks_with_images):  # the vision layers' all-gathers would never meet
