@@ -17,42 +17,20 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from resumed_runs import assert_same_run
+from resumed_runs import assert_same_run, sigkill_torchrun_after
 from vlmkit.data.synth import DATASET_FILE, synthesize
 from vlmkit.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "vlmkit.cli", "train"]
-
-
-def _children(pid: int) -> list[int]:
-    """The child processes of pid (Linux /proc; every thread's children, torchrun starts workers from one)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except FileNotFoundError:  # the thread ended meanwhile
-            continue
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """True while pid runs (a zombie, dead but not yet reaped by its parent, counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.slow
@@ -64,23 +42,8 @@ def test_torchrun_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     flags = ["--model", "tiny-random", "--data", str(tmp_path / "data" / DATASET_FILE), "--stage", "full",
              "--steps", str(steps), "--batch-size", "4", "--lr", "3e-3", "--seed", "1", "--threads", "1", "--quiet"]
     killed = tmp_path / "killed"
-    with (tmp_path / "killed.log").open("w") as log:
-        agent = subprocess.Popen([*TORCHRUN, *flags, "--out", str(killed), "--checkpoint-every", "1"],
-                                 stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
-    deadline = time.monotonic() + 180
-    workers: list[int] = []
-    while len(workers) < 2 or not (killed / "step-000004").is_dir():
-        assert agent.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no 4th checkpoint after 180 s"
-        workers = workers if len(workers) == 2 else _children(agent.pid)
-        time.sleep(0.005)
-    for pid in workers:
-        os.killpg(os.getpgid(pid), signal.SIGKILL)
-    os.killpg(agent.pid, signal.SIGKILL)
-    assert agent.wait(timeout=30) == -signal.SIGKILL
-    while any(_alive(pid) for pid in workers):
-        assert time.monotonic() < deadline + 30, "the workers outlived SIGKILL"
-        time.sleep(0.01)
+    sigkill_torchrun_after([*TORCHRUN, *flags, "--out", str(killed), "--checkpoint-every", "1"],
+                           tmp_path / "killed.log", killed / "step-000004", 2, ENV)
     reached = int(latest_checkpoint(killed).name.split("-")[1])
     assert 4 <= reached < steps and not (killed / "config.json").exists()  # killed mid-run, before the end
 

@@ -72,3 +72,10 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if device.type in ("cpu", "mps") else None
+
+
+def distributed_backend(device: torch.device) -> str:
+    """The torch.distributed backend for a process group training on device: gloo for the CPU (and MPS, which
+    has no collective backend: its tensors go through the host), gloo for host tensors and NCCL for CUDA
+    tensors on a CUDA device."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"

@@ -142,17 +142,18 @@ class LoadedModel:
         """The placeholder id of a native video (Qwen2-VL's <|video_pad|>); None when videos go as frames."""
         return self.model.placeholder_ids.get("video") if self.takes_images else None
 
-    def save_pretrained(self, folder: str | Path) -> Path:
+    def save_pretrained(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the model and its tokenizer (chat template included) as a model directory: config.json +
         safetensors in the model's layout (weights.save_pretrained) and the tokenizer's files
         (Tokenizer.save_pretrained), and generation_config.json with the ids that end an answer
         (save_generation_config). A model with LoRA adapters is written as its base model plus the adapters
         (train/lora.py save_adapters: adapter.safetensors, lora.json). load_model(folder) and `vlmkit generate
-        --model folder` read it back, and stop where this model stops; returns the folder."""
-        save_pretrained(self.model, folder, tokenizer=self.tokenizer)
+        --model folder` read it back, and stop where this model stops; returns the folder. state: the weights to
+        write, default the model's own state_dict() (a sharded model's full weights, gathered by train.run)."""
+        save_pretrained(self.model, folder, tokenizer=self.tokenizer, state=state)
         save_generation_config(self, folder)
         if lora_layers(self.model):
-            save_adapters(self.model, folder)
+            save_adapters(self.model, folder, state)
         else:  # a model without adapters written over a LoRA model's folder: its adapters are not this model's
             for name in (ADAPTER_FILE, LORA_FILE):
                 (Path(folder) / name).unlink(missing_ok=True)

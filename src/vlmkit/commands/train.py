@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
+import torch
+
 from vlmkit.commands.common import add_data_flags, add_device_flag
+from vlmkit.devices import distributed_backend, resolve_device
 from vlmkit.train.distributed import init_distributed, shutdown
 from vlmkit.train.run import FRESH_PRESETS, RUN_FILE, SKIPPED_FILE, RunConfig, run_training
 from vlmkit.train.stages import STAGES
@@ -23,7 +27,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                    "JSON/JSONL dataset with one stage (which parts train, at which learning rate). "
                                    f"Writes OUT/{RUN_FILE}, metrics.csv, loss.png, step-NNNNNN/ checkpoints and the "
                                    "final model (vlmkit generate/chat/serve --model OUT loads it). Under torchrun "
-                                   "each process trains on its slice of every batch (DDP, gloo on CPU).")
+                                   "each process trains on its slice of every batch (DDP, gloo on CPU, NCCL on "
+                                   "CUDA); with --fsdp each also holds only its shard of the model.")
     p.add_argument("--model", required=True,
                    help=f"a model directory or Hugging Face hub id (owner/name[@revision]) to fine-tune, or a preset "
                         f"to train from random weights: "
@@ -47,6 +52,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "GROUP.mlp, e.g. r=16,alpha=32,dropout=0.05,targets=lm.attn,lm.mlp (defaults r=16, alpha=32, "
                         "dropout=0, targets=lm.attn,lm.mlp). Groups without adapters train as the stage says. The "
                         "run folder holds the base model + adapters; vlmkit export OUT --merge folds them in")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the weights, gradients and optimizer states over the processes "
+                        "(PyTorch FSDP2, one unit per decoder and vision layer) instead of a full copy in each; "
+                        "with --bf16 the weights are gathered in bfloat16 and gradients reduced in float32. "
+                        "Checkpoints are torch.distributed.checkpoint shards; the final model is one ordinary "
+                        "model folder. Needs torchrun with 2 or more processes")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="samples per micro-batch over all processes (default 8)")
@@ -105,9 +116,14 @@ def _run_train(args: argparse.Namespace) -> int:
                     data_policy=args.data_policy, image_root=args.image_root, max_len=args.max_len,
                     pack_len=args.pack, log_every=args.log_every, progress=not (args.quiet or args.json),
                     threads=args.threads, workers=args.workers, device=args.device, lora=args.lora,
-                    tensorboard=(args.tensorboard or str(Path(args.out) / "tensorboard")
-                                 if args.tensorboard is not None else None))
-    world = init_distributed()
+                    fsdp=args.fsdp, tensorboard=(args.tensorboard or str(Path(args.out) / "tensorboard")
+                                                 if args.tensorboard is not None else None))
+    # gloo on the CPU, NCCL for CUDA tensors (a bad --device fails here, before the process group); a GPU
+    # process makes its own GPU the current one first, so NCCL's collectives run there
+    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.index is not None:
+        torch.accelerator.set_device_index(device.index)
+    world = init_distributed(distributed_backend(device))
     try:
         result = run_training(cfg, world)
     except BaseException:

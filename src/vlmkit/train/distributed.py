@@ -20,6 +20,17 @@ How a run splits (what `train.loop.train` does with the helpers here):
   another number of processes is refused (its ranks' RNG streams could not continue exactly).
 The result equals single-process training up to the order of float additions: an all-reduce sums the
 ranks' partial gradients in another order than one backward over the whole batch.
+
+Sharded training (`--fsdp`, `shard_model`): instead of DDP's full copy per rank, PyTorch's FSDP2
+(`torch.distributed.fsdp.fully_shard`) splits every parameter, its gradient and its AdamW states over the
+ranks (dim 0, ~1/N each). The units are the layers activation checkpointing recomputes (`layer_units`:
+every decoder layer and every vision layer), then the root, which holds the rest (embeddings, norms,
+projector, head): a unit's full weights exist only while it runs. Gradients are reduce-scattered with
+the mean over ranks, so the loss weighting above holds unchanged. With bf16 the policy gathers the
+parameters in bfloat16 and reduces gradients in float32; the sharded master weights and optimizer states
+stay float32. The same data split, the same checkpoint contents (as `torch.distributed.checkpoint`
+shards, train.checkpoint.save_sharded_checkpoint) and the same final model folder (full weights gathered
+to rank 0) as DDP.
 """
 
 from __future__ import annotations
@@ -32,6 +43,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -135,3 +149,69 @@ def shard_bounds(batch_size: int, world: World) -> tuple[int, int]:
                          f"use a multiple of {world.size}")
     per_rank = batch_size // world.size
     return world.rank * per_rank, (world.rank + 1) * per_rank
+
+
+def broadcast_from_main(value: Any, world: World) -> Any:
+    """Rank 0's value (any picklable object) on every rank; value itself in a single process."""
+    if not world.distributed:
+        return value
+    box = [value if world.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+LAYER_LISTS = ("layers", "blocks")  # the ModuleList attribute of a layer stack
+
+
+def layer_units(model: nn.Module) -> list[nn.Module]:
+    """The FSDP units of a model below its root: every layer of every layer stack, in module order. A layer
+    stack is a module with a `gradient_checkpointing` flag (the LM's decoder, a ViT or SAM vision tower:
+    the stacks activation checkpointing recomputes layer by layer), or one of their kin holding a `layers` /
+    `blocks` ModuleList (Qwen2-VL's vision blocks, a resampler's layers)."""
+    units = []
+    for module in model.modules():
+        for attr in LAYER_LISTS:
+            stack = getattr(module, attr, None)
+            if isinstance(stack, nn.ModuleList):
+                units.extend(stack)
+    return units
+
+
+def check_shardable(world: World) -> None:
+    """Refuse sharding in a single process (nothing to shard over): --fsdp needs torchrun with N >= 2."""
+    if not world.distributed:
+        raise ValueError("--fsdp shards the model over the processes torchrun starts, but this is a single "
+                         "process: launch with torchrun --nproc_per_node N (N >= 2), or leave --fsdp out to "
+                         "train in one")
+
+
+def shard_model(model: nn.Module, world: World, bf16: bool = False) -> nn.Module:
+    """Shard model in place over the ranks of world with FSDP2: one fully_shard unit per layer (layer_units),
+    then the root. bf16: parameters gathered in bfloat16 for compute, gradients reduced in float32. Every
+    parameter becomes a DTensor holding this rank's rows; build the optimizer after this. Returns model."""
+    check_shardable(world)
+    device = next(model.parameters()).device
+    if device.index is not None:  # a GPU: NCCL's collectives run on the current device
+        torch.accelerator.set_device_index(device.index)
+    mesh = init_device_mesh(device.type, (world.size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for unit in layer_units(model):
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether model was sharded by shard_model (its parameters are DTensors)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def local_numel(tensor: torch.Tensor) -> int:
+    """The elements of tensor this rank holds: a DTensor's local shard, else the whole tensor."""
+    return tensor.to_local().numel() if isinstance(tensor, DTensor) else tensor.numel()
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective: every rank calls it), any other tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

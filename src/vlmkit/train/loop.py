@@ -32,11 +32,17 @@ DistributedDataParallel, each rank reads its slice of every global batch, the lo
 averaged gradient equals the single-process one, and only rank 0 writes files and shows progress. A
 checkpoint holds every rank's RNG state; a resumed run must have the same number of processes, and each
 rank restores its own RNG state and seeks to the global data position.
+
+With fsdp=True (`--fsdp`, torchrun only) the model is sharded with FSDP2 instead (train.distributed.shard_model:
+each rank holds ~1/N of every parameter, gradient and AdamW state), checkpoints are written by every rank as
+torch.distributed.checkpoint shards (train.checkpoint.save_sharded_checkpoint), and rank 0 writes
+`shards.json` at the end: the parameter and optimizer-state elements each rank held.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import time
@@ -53,10 +59,12 @@ from vlmkit.decoding import model_device
 from vlmkit.devices import autocast_dtype
 from vlmkit.models.lm import IGNORE_INDEX
 from vlmkit.train.batches import Batch, ShuffledBatches
-from vlmkit.files import remove_temporaries
-from vlmkit.train.checkpoint import (TrainState, checkpoint_dir, load_checkpoint, prune_checkpoints,
-                                     reporting_write_errors, rng_state, save_checkpoint)
-from vlmkit.train.distributed import World, all_reduce_sum, barrier, current_world, gather_to_main, wrap_model
+from vlmkit.files import remove_temporaries, write_text_atomically
+from vlmkit.train.checkpoint import (TrainState, checkpoint_dir, load_checkpoint, load_sharded_checkpoint,
+                                     prune_checkpoints, reporting_write_errors, rng_state, save_checkpoint,
+                                     save_sharded_checkpoint)
+from vlmkit.train.distributed import (World, all_reduce_sum, barrier, current_world, full_value, gather_to_main,
+                                      is_sharded, local_numel, shard_model, wrap_model)
 from vlmkit.train.lora import add_lora, is_adapter
 from vlmkit.train.runlog import (METRICS, MetricRow, Progress, TensorBoardLog, check_tensorboard, plot_loss,
                                  read_metrics, write_metrics)
@@ -164,7 +172,7 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
           out_dir: str | Path | None = None, save_every: int = 0, resume: str | Path | None = None,
           stop_after: int | None = None, progress: bool = True, log_every: int = 10,
           on_step: Callable[[int, float], None] | None = None, keep_checkpoints: int = 0,
-          tensorboard: str | Path | None = None) -> TrainResult:
+          tensorboard: str | Path | None = None, fsdp: bool = False) -> TrainResult:
     """Train model for `steps` optimizer steps of `stage` on `batches` (collate()/pack() dicts, each one
     micro-batch; grad_accum of them make a step).
 
@@ -182,7 +190,10 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
 
     Under torchrun (torch.distributed initialized with several processes) the model is trained through
     DistributedDataParallel and batches must be this rank's slice of each global batch (ShuffledBatches
-    with rank= and world_size=); the losses returned are the global ones, on every rank.
+    with rank= and world_size=); the losses returned are the global ones, on every rank. fsdp shards the
+    model in place with FSDP2 instead (train.distributed.shard_model; bf16 then also gathers the weights in
+    bfloat16): after train() its parameters are DTensors, and the full weights are
+    `get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))`.
     """
     if bf16 and autocast_dtype(model_device(model)) is None:  # before out_dir is made
         raise ValueError(f"--bf16: {model_device(model)} cannot run bfloat16 autocast; leave --bf16 out")
@@ -191,6 +202,8 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
     run = _open_run(batches, stage, steps, grad_accum, out_dir, save_every, resume)
     if stage.lora is not None:
         add_lora(model, stage.lora, seed=seed)  # before the optimizer and a checkpoint's weights; again: no-op
+    if fsdp and not is_sharded(model):
+        shard_model(model, run.world, bf16)  # before the optimizer, which must hold the sharded parameters
     optimizer = build_optimizer(model, stage)
     at = _restore(resume, model, optimizer, run) if resume is not None else _start_fresh(seed)
     stream = _stream_from(batches, at, grad_accum)
@@ -225,6 +238,8 @@ def train(model: nn.Module, batches: Iterable[Batch], stage: Stage, steps: int, 
         with reporting_write_errors(run.out, f"{run.metrics_csv.name} and loss.png"):
             write_metrics(run.metrics_csv, at.rows)
             result.loss_png = plot_loss(run.metrics_csv, run.out / "loss.png")
+    if run.out is not None and is_sharded(model):
+        _write_shards(model, optimizer, run)
     barrier(run.world)
     return result
 
@@ -264,7 +279,10 @@ def _restore(resume: str | Path, model: nn.Module, optimizer: torch.optim.Optimi
     the run's schedule. Rank 0 then takes back metrics.csv's rows up to the checkpoint's step, which must
     all be there when the checkpoint records them (what a kill left half-written was deleted by _open_run).
     Returns where the checkpoint stands."""
-    state = load_checkpoint(resume, model, optimizer, rank=run.world.rank, world_size=run.world.size)
+    if is_sharded(model):
+        state = load_sharded_checkpoint(resume, model, optimizer, run.world)
+    else:
+        state = load_checkpoint(resume, model, optimizer, rank=run.world.rank, world_size=run.world.size)
     if state.schedule != run.schedule:
         raise ValueError(f"{resume} was saved with schedule {state.schedule} but this run has {run.schedule}; "
                          "resume with the same stage and steps")
@@ -312,14 +330,15 @@ def _sample_index_after(batches: Iterable[Batch], at: _Position, samples: float)
 @contextlib.contextmanager
 def _training(model: nn.Module, activation_checkpointing: bool, world: World) -> Iterator[nn.Module]:
     """model in train mode with every `gradient_checkpointing` flag set to activation_checkpointing,
-    yielding the module to call (DDP under torchrun, else model); on exit the flags and mode are put back."""
+    yielding the module to call (DDP under torchrun, else model: a sharded model is its own runner); on exit the
+    flags and mode are put back."""
     flags = {m: m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")}
     was_training = model.training
     try:
         for module in flags:
             module.gradient_checkpointing = activation_checkpointing
         model.train()
-        yield wrap_model(model, world)
+        yield model if is_sharded(model) else wrap_model(model, world)
     finally:
         for module, flag in flags.items():
             module.gradient_checkpointing = flag
@@ -361,9 +380,17 @@ def _optimizer_step(runner: nn.Module, optimizer: torch.optim.Optimizer, micro: 
     """Take optimizer step `step` (0-based) on this rank's micro-batches: each forward (optionally under bf16
     autocast) and backward with its loss weighted by its share of the global step's labelled tokens, DDP
     syncing gradients on the last micro-batch only; then clip to grad_clip (0: no clipping) and step AdamW."""
-    # labelled tokens, samples and input tokens of the global step (summed over ranks)
-    tokens, samples, inputs = all_reduce_sum([sum(_labelled(b) for b in micro), sum(_samples(b) for b in micro),
-                                              sum(_input_tokens(b) for b in micro)], world)
+    # labelled tokens, samples and input tokens of the global step (summed over ranks); sharded: how many ranks
+    # have images
+    sharded = is_sharded(runner)
+    with_images = [float(any(k.startswith("pixel_values") for k in b)) for b in micro] if sharded else []
+    tokens, samples, inputs, *ranks_with_images = all_reduce_sum(
+        [sum(_labelled(b) for b in micro), sum(_samples(b) for b in micro), sum(_input_tokens(b) for b in micro),
+         *with_images], world)
+    if any(0 < n < world.size for n in ranks_with_images):  # the vision layers' all-gathers would never meet
+        raise ValueError(f"step {step + 1}: under --fsdp every process's micro-batch must have images or none "
+                         f"does, but {int(min(n for n in ranks_with_images if n))} of {world.size} have them; mix "
+                         "text-only and image samples without --fsdp (DDP), or give every sample an image")
     if tokens == 0:
         raise ValueError(f"step {step + 1} has no labelled tokens (every label is {IGNORE_INDEX}); "
                          "check the examples' labels")
@@ -382,7 +409,7 @@ def _optimizer_step(runner: nn.Module, optimizer: torch.optim.Optimizer, micro: 
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return _StepStats(loss_sum, float(grad_norm), samples, inputs)
+    return _StepStats(loss_sum, float(full_value(grad_norm)), samples, inputs)
 
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:
@@ -425,12 +452,48 @@ def _save(model: nn.Module, optimizer: torch.optim.Optimizer, at: _Position, run
     (keep 0 keeps every one); then the ranks meet. Returns the checkpoint on rank 0, None on the others."""
     rng_states = gather_to_main(rng_state(), run.world)  # every rank's, in rank order, on rank 0
     path = None
-    if run.writes:
+    if is_sharded(model):  # every rank writes its shards
+        with reporting_write_errors(run.out, f"checkpoint {checkpoint_dir(run.out, at.step).name}"):
+            if run.writes:
+                write_metrics(run.metrics_csv, at.rows)
+            path = save_sharded_checkpoint(run.out, model, optimizer, _train_state(at, run), run.world,
+                                           extra=_checkpoint_extra(run), rng_states=rng_states)
+            if run.writes:
+                prune_checkpoints(run.out, keep)
+    elif run.writes:
         with reporting_write_errors(run.out, f"checkpoint {checkpoint_dir(run.out, at.step).name}"):
             write_metrics(run.metrics_csv, at.rows)
-            path = save_checkpoint(run.out, model, optimizer,
-                                   TrainState(at.step, at.sample_index, run.schedule, metric_rows=len(at.rows)),
-                                   extra={"stage": run.stage, "world_size": run.world.size}, rng_states=rng_states)
+            path = save_checkpoint(run.out, model, optimizer, _train_state(at, run), extra=_checkpoint_extra(run),
+                                   rng_states=rng_states)
             prune_checkpoints(run.out, keep)
     barrier(run.world)
     return path
+
+
+def _train_state(at: _Position, run: _Run) -> TrainState:
+    """What a checkpoint at `at` records of where the run stands."""
+    return TrainState(at.step, at.sample_index, run.schedule, metric_rows=len(at.rows))
+
+
+def _checkpoint_extra(run: _Run) -> dict[str, Any]:
+    """What a checkpoint records for the reader: the stage and the number of processes."""
+    return {"stage": run.stage, "world_size": run.world.size}
+
+
+SHARDS_FILE = "shards.json"
+
+
+def _write_shards(model: nn.Module, optimizer: torch.optim.Optimizer, run: _Run) -> None:
+    """Rank 0 writes out/shards.json: for every rank the parameter and optimizer-state elements it holds
+    (its local shards), beside the model's totals: how the sharded run split the model."""
+    held = {"rank": run.world.rank, "parameters": sum(local_numel(p) for p in model.parameters()),
+            "optimizer_state": sum(local_numel(v) for state in optimizer.state.values() for v in state.values()
+                                   if isinstance(v, torch.Tensor) and v.dim() > 0)}
+    ranks = gather_to_main(held, run.world)
+    if run.writes:
+        report = {"processes": run.world.size, "ranks": ranks,
+                  "parameters": sum(p.numel() for p in model.parameters()),  # a DTensor's numel is the full one
+                  "optimizer_state": sum(v.numel() for state in optimizer.state.values() for v in state.values()
+                                         if isinstance(v, torch.Tensor) and v.dim() > 0)}
+        with reporting_write_errors(run.out, SHARDS_FILE):
+            write_text_atomically(run.out / SHARDS_FILE, json.dumps(report, indent=1) + "\n")

@@ -253,12 +253,13 @@ def without_adapters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not is_adapter(k)}
 
 
-def save_adapters(model: nn.Module, folder: str | Path) -> None:
+def save_adapters(model: nn.Module, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
     """Write model's adapters into folder: ADAPTER_FILE (every lora_A / lora_B) and LORA_FILE (the config and the
-    adapted layers)."""
+    adapted layers). state: the weights to take them from, default model.state_dict()."""
     cfg: LoraConfig = model.lora_config
     folder = Path(folder)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if is_adapter(k)}
+    state = model.state_dict() if state is None else state
+    tensors = {k: v.detach().contiguous() for k, v in state.items() if is_adapter(k)}
     save_file(tensors, str(folder / ADAPTER_FILE))
     meta = {"lora": cfg.to_dict(), "layers": list(lora_layers(model))}
     (folder / LORA_FILE).write_text(json.dumps(meta, indent=1) + "\n")

@@ -4,6 +4,7 @@
     vlmkit train --model tiny-random --data synth/data.json --stage full --steps 200 --out run
     vlmkit generate --model run --image synth/images/shapes-000000.png --prompt "What shape is this?"
     torchrun --nproc_per_node 2 -m vlmkit.cli train ...      # the same flags; the global batch is --batch-size
+    torchrun --nproc_per_node 2 -m vlmkit.cli train ... --fsdp   # each process holds half the model (FSDP2)
 
     result = run_training(RunConfig(model="tiny-random", data="synth/data.json", out="run", steps=200))
 
@@ -47,6 +48,7 @@ The run folder (--out):
     skipped.txt               the problems of the records --data-policy skip dropped
     config.json, model.safetensors, tokenizer files   the final model: `vlmkit generate --model OUT` loads it
     generation_config.json    its eos_token_id: the ids that end an answer (the template's turn end, the eos)
+    shards.json               with --fsdp: the parameter and optimizer-state elements each process held
     adapter.safetensors, lora.json   with --lora: the adapters beside the base model (train/lora.py); load_model
                               adds them back, `vlmkit export OUT --merge --out DIR` folds them into the weights
 run.json records --data, --image-root and a --model directory relative to the run folder, and not --out,
@@ -68,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from vlmkit.data.formats import POLICIES, DatasetError, Problem, Sample, load_dataset
 from vlmkit.data.labels import TrainingExample, build_training_example
@@ -82,7 +85,7 @@ from vlmkit.text.chat import chat_template_for
 from vlmkit.text.tokenizer import DEFAULT_SPECIAL_TOKENS, CharTokenizer
 from vlmkit.files import temporary_path, write_text_atomically
 from vlmkit.train.checkpoint import latest_checkpoint, reporting_write_errors
-from vlmkit.train.distributed import World, current_world
+from vlmkit.train.distributed import World, check_shardable, current_world
 from vlmkit.train.lora import add_lora, parse_lora
 from vlmkit.train.loop import ShuffledBatches, TrainResult, train, trainable_parameters
 from vlmkit.train.recipes import RECIPES, SMALL_SUFFIX, recipe
@@ -138,6 +141,7 @@ class RunConfig:
     tensorboard: str | None = None  # --tensorboard DIR: also write metrics.csv's rows as TensorBoard scalars
     device: str = "auto"  # --device (vlmkit.devices.resolve_device); under torchrun cuda is each rank's own GPU
     lora: str | None = None  # --lora r=16,alpha=32,dropout=0.05,targets=lm.attn,lm.mlp (train/lora.py parse_lora)
+    fsdp: bool = False  # --fsdp: shard weights, gradients and optimizer states over the torchrun processes
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -341,10 +345,17 @@ def prepare_data(samples: Sequence[Sample], loaded: LoadedModel,
     return TrainingSet(good, loaded), problems
 
 
-def save_model_dir(loaded: LoadedModel, out: Path) -> Path:
+def save_model_dir(loaded: LoadedModel, out: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the trained model to out as a model directory load_model reads: LoadedModel.save_pretrained
-    (config.json + safetensors, the tokenizer's files with its chat template, generation_config.json)."""
-    return loaded.save_pretrained(out)
+    (config.json + safetensors, the tokenizer's files with its chat template, generation_config.json);
+    state: its weights when they are not the model's own (a sharded model's, full_state_dict)."""
+    return loaded.save_pretrained(out, state)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded (FSDP) model's full weights on the host, by the unsharded model's names, on rank 0 (empty on the
+    other ranks); every rank must call it (the shards are gathered)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _is_path(key: str, value: Any) -> bool:
@@ -395,6 +406,8 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
     """Load the data and the model, train cfg.steps steps of the stage, write the run folder (see the module
     docstring). world is this process's rank (default: from the initialized process group, if any)."""
     world = world or current_world()
+    if cfg.fsdp:
+        check_shardable(world)  # before anything is read or written
     say = print if world.is_main and cfg.progress else (lambda *a, **k: None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -440,11 +453,13 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
     result = train(loaded.model, batches, stage, cfg.steps, grad_accum=cfg.grad_accum, bf16=cfg.bf16,
                    activation_checkpointing=cfg.activation_checkpointing, seed=cfg.seed, out_dir=out,
                    save_every=cfg.checkpoint_every, resume=resume, progress=cfg.progress, log_every=cfg.log_every,
-                   keep_checkpoints=cfg.keep_checkpoints, tensorboard=cfg.tensorboard)
+                   keep_checkpoints=cfg.keep_checkpoints, tensorboard=cfg.tensorboard, fsdp=cfg.fsdp)
+    # a sharded model's full weights, gathered to rank 0 on the host (every rank takes part), else its own
+    state = full_state_dict(loaded.model) if cfg.fsdp else None
     model_dir = None
     if world.is_main:
         with reporting_write_errors(out, "the trained model (config.json, safetensors, tokenizer)"):
-            model_dir = save_model_dir(loaded, out)
+            model_dir = save_model_dir(loaded, out, state)
     return RunResult(result, out, len(examples), problems, model_dir)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 
 from vlmkit.hub import hub_folder, is_hub_spec
 from vlmkit.plugins import load_plugins
@@ -106,7 +107,8 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
 
 
 def save_pretrained(model: nn.Module, path: str | Path, model_type: str | None = None,
-                    max_shard_bytes: int = 2 * 1024**3, tokenizer: Any = None) -> None:
+                    max_shard_bytes: int = 2 * 1024**3, tokenizer: Any = None,
+                    state: dict[str, torch.Tensor] | None = None) -> None:
     """Write model as a model directory in model_type's layout (config.json + safetensors), and the tokenizer
     (a text.tokenizer.Tokenizer: its save_pretrained files) when given. LoadedModel.save_pretrained passes
     the model's own, so the folder is one vlmkit.load.load_model reads back.
@@ -115,18 +117,24 @@ def save_pretrained(model: nn.Module, path: str | Path, model_type: str | None =
     model_type defaults to the type it was loaded from, or the model's natural type (default_model_type):
     llava / llava_next for a VLM they express, vlmkit's own format for any other VLM, the llama-family
     type that expresses a CausalLM's config, clip/siglip for a vision tower.
+    state is the weights to write under the model's names, default model.state_dict() (a sharded model's
+    full weights, gathered to one process by train.run).
     """
     model_type = model_type or getattr(model, "hf_model_type", None) or default_model_type(model)
     conv = get_converter(model_type)
     cfg = model.cfg
-    state = without_adapters(model.state_dict())  # the base model; LoadedModel.save_pretrained writes the adapters
+    state = without_adapters(model.state_dict() if state is None else state)  # the base model; LoadedModel
+    # .save_pretrained writes the adapters
     conv.write(Path(path), conv.config_to_hf(cfg), conv.state_to_hf(state, cfg), max_shard_bytes, tokenizer)
 
 
 def default_model_type(model: nn.Module) -> str:
     """The first registered model_type whose family builds exactly this model's class and calls this config
     natural (Converter.natural)."""
+    cls = type(model)
+    if isinstance(model, FSDPModule):  # fully_shard (train --fsdp) made its class FSDP's subclass FSDP<Name>
+        cls = cls.__bases__[-1]
     for model_type, conv in converters().items():
-        if type(model) is conv.build and conv.natural is not None and conv.natural(model.cfg):
+        if cls is conv.build and conv.natural is not None and conv.natural(model.cfg):
             return model_type
     raise ValueError(f"cannot tell the model_type of {type(model).__name__}; pass model_type=")
