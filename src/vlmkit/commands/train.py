@@ -11,6 +11,7 @@ import json
 
 from vlmkit.commands.common import add_data_flags, add_device_flag
 from vlmkit.train.distributed import init_distributed, shutdown
+from vlmkit.train.qlora import QUANTIZE_CHOICES
 from vlmkit.train.run import FRESH_PRESETS, RUN_FILE, SKIPPED_FILE, RunConfig, run_training
 from vlmkit.train.stages import STAGES
 
@@ -46,6 +47,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "GROUP.mlp, e.g. r=16,alpha=32,dropout=0.05,targets=lm.attn,lm.mlp (defaults r=16, alpha=32, "
                         "dropout=0, targets=lm.attn,lm.mlp). Groups without adapters train as the stage says. The "
                         "run folder holds the base model + adapters; vlmkit export OUT --merge folds them in")
+    # QLoRA's flag, local to train for now; the lead merges it with the shared --quantize of commands/common.py
+    p.add_argument("--quantize", default=None, choices=list(QUANTIZE_CHOICES),
+                   help="store the frozen linear weights in 4-bit NormalFloat with double quantization and train "
+                        "the rest (QLoRA with --lora; needs torchao: pip install 'vlmkit[qlora]'). The run folder "
+                        "holds the dequantized base model")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="samples per micro-batch over all processes (default 8)")
@@ -96,7 +102,8 @@ def _run_train(args: argparse.Namespace) -> int:
                     keep_checkpoints=args.keep_checkpoints, resume=args.resume, seed=args.seed,
                     data_policy=args.data_policy, image_root=args.image_root, max_len=args.max_len,
                     pack_len=args.pack, log_every=args.log_every, progress=not (args.quiet or args.json),
-                    threads=args.threads, device=args.device, lora=args.lora)
+                    threads=args.threads, device=args.device, lora=args.lora,
+                    quantize=args.quantize)
     world = init_distributed()
     try:
         result = run_training(cfg, world)
