@@ -93,6 +93,14 @@ def test_nf4_quantize_dequantize_equals_the_definition_by_hand():
     assert 0.05 < ((back - w).norm() / w.norm()).item() < 0.15  # 4-bit precision, not lossless, not garbage
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_lean_dequantization_is_torchaos_bit_for_bit(dtype):
+    w = torch.randn(384, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
+    nf4 = qlora.to_nf4(w)
+    back = qlora.dequantize(nf4)
+    assert back.dtype == dtype and torch.equal(back, nf4.get_original_weight())
+
+
 def test_a_small_weight_gets_a_smaller_scaler_block_and_a_ragged_one_is_refused():
     """192 blocks (a tiny model's fused qkv) is no multiple of 256: the double quantization uses 64 (gcd)."""
     assert qlora.scaler_block_size(192 * 64) == 64 and qlora.scaler_block_size(4096 * 4096) == 256

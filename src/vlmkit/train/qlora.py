@@ -10,7 +10,7 @@ NF4 (the paper's section 3): a weight is cut into blocks of 64 consecutive value
 absmax and every value rounded to the nearest of 16 levels (the quantiles of a standard normal scaled to
 [-1, 1], with an exact 0); the absmaxes themselves are quantized again ("double quantization"): their mean
 subtracted, then 8-bit absmax quantization in blocks of 256 absmaxes. That is 4.127 bits per weight. The
-implementation is torchao's `NF4Tensor` (to_nf4 and linear_nf4, which runs on CPU), an optional dependency
+implementation is torchao's `NF4Tensor` (to_nf4; its format runs on CPU), an optional dependency
 (`pip install vlmkit[qlora]`). A layer whose block count is not a multiple of 256 (only in small test
 models: a 7B model's are all multiples) gets the largest scaler block that divides it (gcd(blocks, 256));
 a weight whose size is not a multiple of 64 stays unquantized (quantize_frozen returns the layers it
@@ -36,6 +36,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.train.lora import ADAPTABLE, LoRALinear, tied_weights
@@ -48,7 +49,7 @@ _NF4_MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
 
 
 def torchao_nf4() -> Any:
-    """torchao's NF4 module (to_nf4, linear_nf4, NF4Tensor); raises ImportError saying what to install."""
+    """torchao's NF4 module (to_nf4, NF4Tensor); raises ImportError saying what to install."""
     try:
         return importlib.import_module(_NF4_MODULE)
     except ImportError as e:
@@ -80,20 +81,48 @@ def to_nf4(weight: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(weight: torch.Tensor) -> torch.Tensor:
-    """An NF4Tensor's values as an ordinary tensor of its dtype (an ordinary tensor is returned as it is)."""
-    return weight.get_original_weight() if is_nf4(weight) else weight
+    """An NF4Tensor's values as an ordinary tensor of its dtype, bit for bit torchao's get_original_weight (an
+    ordinary tensor is returned as it is). Leaner than it: each byte (two 4-bit codes) is looked up in a 256 x 2
+    table of level pairs through int32 indices, so the transient is 2 bytes a value beside the result where
+    torchao builds two int64 code tensors (8 bytes a value) and three more copies; the absmaxes are torchao's
+    own dequantize_scalers, so the products are the same operations on the same numbers."""
+    if not is_nf4(weight):
+        return weight
+    levels = weight.nf4.to(weight.dtype)
+    codes = torch.arange(256, device=levels.device)
+    pairs = torch.stack([levels[codes >> 4], levels[codes & 15]], dim=1)  # (256, 2): byte -> its two values
+    values = F.embedding(weight.quantized_data.to(torch.int32), pairs)  # (numel / 2, 2)
+    scalers = weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor,
+                                        weight.scaler_block_size)
+    values = values.view(-1, weight.block_size).mul_(scalers.unsqueeze(-1))
+    return values.view(weight.shape)
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x dequant(W)^T with W in NF4, never trained: the backward returns x's gradient only and dequantizes W
+    again (nothing but the NF4 weight is kept between forward and backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, dequantize(weight).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return grad @ dequantize(weight).to(grad.dtype), None
 
 
 class _NF4Base:
-    """What a linear layer with an NF4 weight does differently: its matmul (torchao's linear_nf4 dequantizes
-    the weight for it, in forward and backward) and its state dict (the weight dequantized; see the module
+    """What a linear layer with an NF4 weight does differently: its matmul (_NF4Matmul dequantizes the weight
+    for it, in forward and backward) and its state dict (the weight dequantized; see the module
     docstring for loading)."""
 
     weight: nn.Parameter
     bias: nn.Parameter | None
 
     def base_linear(self, x: torch.Tensor) -> torch.Tensor:
-        y = torchao_nf4().linear_nf4(x, self.weight)
+        y = _NF4Matmul.apply(x, self.weight)
         return y if self.bias is None else y + self.bias
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
