@@ -226,6 +226,12 @@ def run(data, tmp_path_factory) -> Path:
     return out
 
 
+def test_quantize_with_nothing_frozen_is_refused(data, tmp_path, capsys):
+    assert cli("train", "--model", "tiny-random", "--data", data[0], "--out", tmp_path / "r", "--stage", "full",
+               "--quantize", "nf4", "--quiet") == 2
+    assert "has no frozen linear layer to quantize" in capsys.readouterr().err
+
+
 def _base_only(run: Path) -> Path:
     """A copy of the run folder without the adapters: the dequantized base model."""
     folder = run.parent / "base-only"
