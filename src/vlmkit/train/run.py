@@ -44,7 +44,9 @@ The run folder (--out):
     config.json, model.safetensors, tokenizer files   the final model: `vlmkit generate --model OUT` loads it
     generation_config.json    its eos_token_id: the ids that end an answer (the template's turn end, the eos)
     adapter.safetensors, lora.json   with --lora: the adapters beside the base model (train/lora.py); load_model
-                              adds them back, `vlmkit export OUT --merge --out DIR` folds them into the weights
+                              adds them back, `vlmkit export OUT --merge --out DIR` folds them into the weights;
+                              with --quantize nf4 (QLoRA, train/qlora.py) the base model is the NF4 weights
+                              dequantized: what training computed with, in full precision
 run.json records --data, --image-root and a --model directory relative to the run folder, and not --out,
 so a run folder moved (with its data) resumes. A write of the folder that fails (a full disk, a folder
 turned read-only) stops the run with a RunFolderError naming the last complete checkpoint, from which
