@@ -16,6 +16,7 @@ import torch
 from vlmkit.commands.common import add_data_flags, add_device_flag
 from vlmkit.devices import distributed_backend, resolve_device
 from vlmkit.train.distributed import init_distributed, shutdown
+from vlmkit.train.qlora import QUANTIZE_CHOICES
 from vlmkit.train.run import FRESH_PRESETS, RUN_FILE, SKIPPED_FILE, RunConfig, run_training
 from vlmkit.train.stages import STAGES
 
@@ -58,6 +59,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "with --bf16 the weights are gathered in bfloat16 and gradients reduced in float32. "
                         "Checkpoints are torch.distributed.checkpoint shards; the final model is one ordinary "
                         "model folder. Needs torchrun with 2 or more processes")
+    # QLoRA's flag, local to train for now; the lead merges it with the shared --quantize of commands/common.py
+    p.add_argument("--quantize", default=None, choices=list(QUANTIZE_CHOICES),
+                   help="store the frozen linear weights in 4-bit NormalFloat with double quantization and train "
+                        "the rest (QLoRA with --lora; needs torchao: pip install 'vlmkit[qlora]'). The run folder "
+                        "holds the dequantized base model")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="samples per micro-batch over all processes (default 8)")
@@ -116,7 +122,7 @@ def _run_train(args: argparse.Namespace) -> int:
                     data_policy=args.data_policy, image_root=args.image_root, max_len=args.max_len,
                     pack_len=args.pack, log_every=args.log_every, progress=not (args.quiet or args.json),
                     threads=args.threads, workers=args.workers, device=args.device, lora=args.lora,
-                    fsdp=args.fsdp, tensorboard=(args.tensorboard or str(Path(args.out) / "tensorboard")
+                    fsdp=args.fsdp, quantize=args.quantize, tensorboard=(args.tensorboard or str(Path(args.out) / "tensorboard")
                                                  if args.tensorboard is not None else None))
     # gloo on the CPU, NCCL for CUDA tensors (a bad --device fails here, before the process group); a GPU
     # process makes its own GPU the current one first, so NCCL's collectives run there

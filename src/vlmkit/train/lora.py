@@ -132,14 +132,27 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)  # (..., out)
-        return F.linear(x, self.weight, self.bias) + update * self.lora_scale
+        return self.base_linear(x) + update * self.lora_scale
+
+    def base_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer's x W^T + b (train/qlora.py's QLoRALinear: W stored in NF4)."""
+        return F.linear(x, self.weight, self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        """W as an ordinary tensor (QLoRALinear: its NF4 weight dequantized)."""
+        return self.weight
 
     def delta_weight(self) -> torch.Tensor:
         """The update folded into the weight: lora_scale * B A (out, in), computed in fp32."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.lora_scale
 
 
-def _tied_weights(model: nn.Module) -> set[int]:
+# A layer class add_lora adapts -> the class it becomes. train/qlora.py adds its NF4 layers (NF4Linear becomes
+# QLoRALinear, a LoRALinear over an NF4 weight).
+ADAPTABLE: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: LoRALinear, LoRALinear: LoRALinear}
+
+
+def tied_weights(model: nn.Module) -> set[int]:
     """ids of the parameters that more than one module holds (e.g. a head tied to the embedding)."""
     seen: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -162,9 +175,9 @@ def _matches(model: nn.Module, target: str) -> list[str]:
     if part and part not in PARTS:
         return []
     members = set(group_members(model, group))
-    tied = _tied_weights(model)
+    tied = tied_weights(model)
     return [name for name, m in model.named_modules()
-            if type(m) in (nn.Linear, LoRALinear) and name.split(".", 1)[0] in members and id(m.weight) not in tied
+            if type(m) in ADAPTABLE and name.split(".", 1)[0] in members and id(m.weight) not in tied
             and (not part or _in_part(name, part))]
 
 
@@ -208,7 +221,7 @@ def _adapt(linear: nn.Linear, cfg: LoraConfig, generator: torch.Generator) -> No
     a = torch.empty(cfg.r, linear.in_features)
     bound = 1 / math.sqrt(linear.in_features)  # kaiming_uniform_(a=sqrt(5)): gain sqrt(1/3), bound sqrt(3) gain/sqrt(fan_in)
     a.uniform_(-bound, bound, generator=generator)
-    linear.__class__ = LoRALinear
+    linear.__class__ = ADAPTABLE[type(linear)]
     linear.lora_A = nn.Parameter(a.to(device=w.device, dtype=w.dtype))
     linear.lora_B = nn.Parameter(torch.zeros(linear.out_features, cfg.r, device=w.device, dtype=w.dtype))
     linear.lora_scale = cfg.scale
@@ -240,7 +253,12 @@ def merge_lora(model: nn.Module) -> int:
     plain nn.Linear again; the model then has no LoRA. Returns the number of layers merged."""
     layers = lora_layers(model)
     for layer in layers.values():
-        layer.weight.copy_((layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype))
+        dense = layer.dense_weight()
+        merged = (dense.float() + layer.delta_weight()).to(dense.dtype)
+        if dense is layer.weight:
+            layer.weight.copy_(merged)
+        else:  # an NF4 weight (QLoRALinear): the merge is a new dense weight, the dequantized W + update
+            layer.weight = nn.Parameter(merged, requires_grad=layer.weight.requires_grad)
         del layer.lora_A, layer.lora_B, layer.lora_dropout, layer.lora_scale
         layer.__class__ = nn.Linear
     if hasattr(model, "lora_config"):

@@ -50,7 +50,9 @@ The run folder (--out):
     generation_config.json    its eos_token_id: the ids that end an answer (the template's turn end, the eos)
     shards.json               with --fsdp: the parameter and optimizer-state elements each process held
     adapter.safetensors, lora.json   with --lora: the adapters beside the base model (train/lora.py); load_model
-                              adds them back, `vlmkit export OUT --merge --out DIR` folds them into the weights
+                              adds them back, `vlmkit export OUT --merge --out DIR` folds them into the weights;
+                              with --quantize nf4 (QLoRA, train/qlora.py) the base model is the NF4 weights
+                              dequantized: what training computed with, in full precision
 run.json records --data, --image-root and a --model directory relative to the run folder, and not --out,
 so a run folder moved (with its data) resumes. A write of the folder that fails (a full disk, a folder
 turned read-only) stops the run with a RunFolderError naming the last complete checkpoint, from which
@@ -87,6 +89,7 @@ from vlmkit.files import temporary_path, write_text_atomically
 from vlmkit.train.checkpoint import latest_checkpoint, reporting_write_errors
 from vlmkit.train.distributed import World, check_shardable, current_world
 from vlmkit.train.lora import add_lora, parse_lora
+from vlmkit.train.qlora import QUANTIZE_CHOICES, quantize_frozen
 from vlmkit.train.loop import ShuffledBatches, TrainResult, train, trainable_parameters
 from vlmkit.train.recipes import RECIPES, SMALL_SUFFIX, recipe
 from vlmkit.train.runlog import check_tensorboard
@@ -142,6 +145,7 @@ class RunConfig:
     device: str = "auto"  # --device (vlmkit.devices.resolve_device); under torchrun cuda is each rank's own GPU
     lora: str | None = None  # --lora r=16,alpha=32,dropout=0.05,targets=lm.attn,lm.mlp (train/lora.py parse_lora)
     fsdp: bool = False  # --fsdp: shard weights, gradients and optimizer states over the torchrun processes
+    quantize: str | None = None  # --quantize nf4: the frozen linear weights stored in NF4 (QLoRA, train/qlora.py)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -153,6 +157,9 @@ class RunConfig:
             raise ValueError(f"--data-policy must be one of {', '.join(POLICIES)}, got {self.data_policy!r}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"--lr must be > 0 (freeze groups with --group-lr NAME=0), got {self.lr}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)} for training, got "
+                             f"{self.quantize!r}")
         if self.lora is not None:  # checked now, and kept in one spelling (run.json compares it on --resume)
             self.lora = parse_lora(self.lora).spec()
         if self.workers < 0:
@@ -423,6 +430,9 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
     loaded = load_for_training(cfg.model, samples, cfg.seed)
     loaded.model.to(device)  # built (and seeded) on the host, so every device starts from the same weights
     check_groups(loaded, stage, cfg.group_lrs, cfg.seed)  # before the data is prepared, which takes long
+    if cfg.quantize is not None:
+        names = quantize_base(loaded, stage, world)
+        say(f"--quantize {cfg.quantize}: {len(names)} frozen linear layers stored in NF4", file=sys.stderr, flush=True)
     max_len = cfg.max_len
     if cfg.pack_len is not None and (max_len is None or max_len > cfg.pack_len):
         max_len = cfg.pack_len  # a packed row must hold every sample
@@ -480,6 +490,21 @@ def check_groups(loaded: LoadedModel, stage: Stage, group_lrs: dict[str, float],
         except ValueError as e:
             raise ValueError(f"--lora: {e}") from None
         trainable_parameters(loaded.model, stage)
+
+
+def quantize_base(loaded: LoadedModel, stage: Stage, world: World) -> list[str]:
+    """QLoRA (--quantize nf4): freeze what the stage freezes (loop.trainable_parameters; with LoRA the adapted
+    layers' weights) and store every frozen linear weight in NF4 (train/qlora.py quantize_frozen); returns the
+    quantized layers. Refused under torchrun: DistributedDataParallel does not handle NF4 weights."""
+    if world.distributed:
+        raise ValueError("--quantize nf4 trains in one process only (DistributedDataParallel cannot broadcast NF4 "
+                         "weights); run without torchrun, or without --quantize")
+    trainable_parameters(loaded.model, stage)
+    names = quantize_frozen(loaded.model)
+    if not names:
+        raise ValueError(f"--quantize nf4: {loaded.name} has no frozen linear layer to quantize (the stage trains "
+                         "them all); freeze groups with --group-lr GROUP=0 or train adapters with --lora")
+    return names
 
 
 def check_writable(out: Path) -> None:

@@ -1,0 +1,188 @@
+"""QLoRA (Dettmers et al. 2023): the frozen linear weights stored in 4-bit NormalFloat (NF4) with double
+quantization, dequantized for each matmul; the LoRA adapters (train/lora.py) stay in the model's dtype.
+
+    vlmkit train --model DIR --data data.json --lora r=16,alpha=32 --quantize nf4 --out run
+
+    add_lora(model, cfg)                 # the adapters first: they decide which weights train
+    names = quantize_frozen(model)       # every frozen nn.Linear / LoRALinear weight -> NF4 (torchao's NF4Tensor)
+
+NF4 (the paper's section 3): a weight is cut into blocks of 64 consecutive values; each block is divided by its
+absmax and every value rounded to the nearest of 16 levels (the quantiles of a standard normal scaled to
+[-1, 1], with an exact 0); the absmaxes themselves are quantized again ("double quantization"): their mean
+subtracted, then 8-bit absmax quantization in blocks of 256 absmaxes. That is 4.127 bits per weight. The
+implementation is torchao's `NF4Tensor` (to_nf4; its format runs on CPU), an optional dependency
+(`pip install vlmkit[qlora]`). A layer whose block count is not a multiple of 256 (only in small test
+models: a 7B model's are all multiples) gets the largest scaler block that divides it (gcd(blocks, 256));
+a weight whose size is not a multiple of 64 stays unquantized (quantize_frozen returns the layers it
+quantized).
+
+Only frozen weights are quantized: a group the stage trains in full keeps its weights, and so do adapters,
+biases, norms and embeddings (as in the paper, which quantizes the linear layers only). A weight tied to
+another module (a head tied to the embedding) is left alone.
+
+State dicts: a quantized layer writes its weight dequantized (in the weight's dtype), so checkpoints and the
+final model folder hold ordinary tensors under the ordinary names. Loading a weight into a quantized layer
+keeps the NF4 weight when the value equals its dequantization (a checkpoint of the same run, so --resume is
+exact) and quantizes the value otherwise. A QLoRA run's folder therefore holds the dequantized base model plus
+the adapters: `vlmkit generate --model RUN` computes what training computed, in full precision, and
+`vlmkit export RUN --merge` folds the adapters into the dequantized weights (the base the adapters were
+trained against).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.train.lora import ADAPTABLE, LoRALinear, tied_weights
+
+TORCHAO_VERSION = "0.18.0"  # the version verified here, pinned in the `qlora` extra
+QUANTIZE_CHOICES = ("nf4",)
+BLOCK_SIZE = 64  # values per absmax block (the paper's)
+SCALER_BLOCK_SIZE = 256  # absmaxes per 8-bit block of the double quantization (the paper's)
+_NF4_MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
+
+
+def torchao_nf4() -> Any:
+    """torchao's NF4 module (to_nf4, NF4Tensor); raises ImportError saying what to install."""
+    try:
+        return importlib.import_module(_NF4_MODULE)
+    except ImportError as e:
+        raise ImportError(f"--quantize nf4 needs torchao's NF4 tensor ({e}); install it with "
+                          f"`pip install torchao=={TORCHAO_VERSION} --no-deps` (or pip install 'vlmkit[qlora]')") from None
+
+
+def is_nf4(t: torch.Tensor) -> bool:
+    """Whether t is a torchao NF4Tensor (without importing torchao when it is not loaded)."""
+    return type(t).__name__ == "NF4Tensor"
+
+
+def scaler_block_size(numel: int) -> int | None:
+    """The double quantization's block of absmaxes for a weight of numel values: 256 when the block count is a
+    multiple of it, else gcd(blocks, 256); None when numel is no multiple of BLOCK_SIZE (not quantizable)."""
+    if numel % BLOCK_SIZE:
+        return None
+    return math.gcd(numel // BLOCK_SIZE, SCALER_BLOCK_SIZE)
+
+
+def to_nf4(weight: torch.Tensor) -> torch.Tensor:
+    """weight (out, in) as torchao's NF4Tensor: blocks of BLOCK_SIZE, scalers double-quantized in blocks of
+    scaler_block_size. Raises ValueError for a weight that cannot be cut into blocks of BLOCK_SIZE."""
+    scalers = scaler_block_size(weight.numel())
+    if scalers is None:
+        raise ValueError(f"a weight of {tuple(weight.shape)} ({weight.numel()} values) cannot be stored in NF4: "
+                         f"its size must be a multiple of the block size {BLOCK_SIZE}")
+    return torchao_nf4().to_nf4(weight.detach().contiguous(), BLOCK_SIZE, scalers)
+
+
+def dequantize(weight: torch.Tensor) -> torch.Tensor:
+    """An NF4Tensor's values as an ordinary tensor of its dtype, bit for bit torchao's get_original_weight (an
+    ordinary tensor is returned as it is). Leaner than it: each byte (two 4-bit codes) is looked up in a 256 x 2
+    table of level pairs through int32 indices, so the transient is 2 bytes a value beside the result where
+    torchao builds two int64 code tensors (8 bytes a value) and three more copies; the absmaxes are torchao's
+    own dequantize_scalers, so the products are the same operations on the same numbers."""
+    if not is_nf4(weight):
+        return weight
+    levels = weight.nf4.to(weight.dtype)
+    codes = torch.arange(256, device=levels.device)
+    pairs = torch.stack([levels[codes >> 4], levels[codes & 15]], dim=1)  # (256, 2): byte -> its two values
+    values = F.embedding(weight.quantized_data.to(torch.int32), pairs)  # (numel / 2, 2)
+    scalers = weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor,
+                                        weight.scaler_block_size)
+    values = values.view(-1, weight.block_size).mul_(scalers.unsqueeze(-1))
+    return values.view(weight.shape)
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x dequant(W)^T with W in NF4, never trained: the backward returns x's gradient only and dequantizes W
+    again (nothing but the NF4 weight is kept between forward and backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, dequantize(weight).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return grad @ dequantize(weight).to(grad.dtype), None
+
+
+class _NF4Base:
+    """What a linear layer with an NF4 weight does differently: its matmul (_NF4Matmul dequantizes the weight
+    for it, in forward and backward) and its state dict (the weight dequantized; see the module
+    docstring for loading)."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def base_linear(self, x: torch.Tensor) -> torch.Tensor:
+        y = _NF4Matmul.apply(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
+        destination[prefix + "weight"] = dequantize(self.weight.detach())
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        key = prefix + "weight"
+        value = state_dict.get(key)
+        if value is not None:
+            value = value.to(device=self.weight.device, dtype=self.weight.dtype)
+            if not torch.equal(value, dequantize(self.weight.detach())):
+                self.weight = nn.Parameter(to_nf4(value), requires_grad=False)
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+            weight, self._parameters["weight"] = self._parameters["weight"], None
+            try:
+                super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,  # type: ignore[misc]
+                                              missing_keys, unexpected_keys, error_msgs)
+            finally:
+                self._parameters["weight"] = weight
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,  # type: ignore[misc]
+                                      missing_keys, unexpected_keys, error_msgs)
+
+
+class NF4Linear(_NF4Base, nn.Linear):
+    """A frozen nn.Linear whose weight is NF4 (made by quantize_frozen; add_lora adapts it to a QLoRALinear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_linear(x)
+
+
+class QLoRALinear(_NF4Base, LoRALinear):
+    """A LoRALinear whose frozen weight is NF4: forward = dequant(W) x + b + lora_scale * B A x."""
+
+    def dense_weight(self) -> torch.Tensor:
+        return dequantize(self.weight.detach())
+
+
+QUANTIZED = {nn.Linear: NF4Linear, LoRALinear: QLoRALinear}  # layer class -> its class with an NF4 weight
+ADAPTABLE.update({NF4Linear: QLoRALinear, QLoRALinear: QLoRALinear})  # add_lora adapts a quantized layer too
+
+
+def quantize_frozen(model: nn.Module) -> list[str]:
+    """Store the weight of every frozen (requires_grad False) nn.Linear and LoRALinear of model in NF4, in
+    place; weights tied to another module, trained weights and weights whose size is no multiple of
+    BLOCK_SIZE are kept. Call it after the stage froze its parameters (loop.trainable_parameters). Returns
+    the quantized layers' names."""
+    torchao_nf4()  # a missing torchao is reported before anything changes
+    tied = tied_weights(model)
+    done = []
+    for name, module in model.named_modules():
+        new_class = QUANTIZED.get(type(module))
+        if new_class is None or module.weight.requires_grad or id(module.weight) in tied:
+            continue
+        if scaler_block_size(module.weight.numel()) is None:
+            continue
+        module.weight = nn.Parameter(to_nf4(module.weight), requires_grad=False)
+        module.__class__ = new_class
+        done.append(name)
+    return done
+
