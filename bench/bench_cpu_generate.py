@@ -12,6 +12,8 @@ Each repetition runs every engine once, in turn (machine noise hits all alike); 
 - bytes read per decoded token (vlmkit: the language model's weights and buffers, the embedding counted as one
   row) and the GB/s that makes, against the machine's copy bandwidth (a STREAM-style copy of 256 MB,
   counted as read + write).
+transformers runs dense (fp32, bf16: the GGUF dequantized at load) and, where its `kernels` package is installed,
+with the GGUF's blocks kept packed (fp32 activations, which it says is its fastest).
 llama.cpp: `pip install llama-cpp-python` builds it from source with cmake (CMAKE_ARGS="-DGGML_NATIVE=on" for
 this CPU's instructions); without it its rows are skipped with that message.
 """
@@ -86,11 +88,14 @@ def vlmkit_engine(dtype: torch.dtype, quantize: str | None) -> tuple[Run, int]:
     return run, decode_bytes(loaded.model)
 
 
-def transformers_engine(dtype: torch.dtype) -> tuple[Run, int]:
-    from transformers import AutoModelForCausalLM, DynamicCache
+def transformers_engine(dtype: torch.dtype, packed: bool) -> tuple[Run, int]:
+    """transformers on the GGUF: dense (dequantized at load: GgufConfig(dequantize=True)) or, with packed, its
+    weights left in GGUF blocks (transformers 5.x with the `kernels` package; it falls back to dense without)."""
+    from transformers import AutoModelForCausalLM, DynamicCache, GgufConfig
 
     path = smollm2_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                 quantization_config=GgufConfig(dequantize=not packed)).eval()
 
     @torch.inference_mode()
     def run(ids: list[int], new: int) -> tuple[float, float]:
@@ -153,8 +158,9 @@ def main() -> None:
                            ("vlmkit int8 (bf16)", torch.bfloat16, "int8"), ("vlmkit int4 g32 (bf16)", torch.bfloat16, "int4")]:
         engines[name] = vlmkit_engine(dtype, q)
     if not args.skip_transformers:
-        engines["transformers fp32"] = transformers_engine(torch.float32)
-        engines["transformers bf16"] = transformers_engine(torch.bfloat16)
+        engines["transformers fp32"] = transformers_engine(torch.float32, packed=False)
+        engines["transformers bf16"] = transformers_engine(torch.bfloat16, packed=False)
+        engines["transformers GGUF packed"] = transformers_engine(torch.float32, packed=True)
     llama = llama_cpp_engine(args.threads)
     if isinstance(llama, str):
         print(llama)
