@@ -59,6 +59,7 @@ from vlmkit.models.image_model import takes_images
 from vlmkit.models.vlm import VLM
 from vlmkit.presets import tiny_random
 from vlmkit.prompt import MediaPlans, Prompt, build_prompt, build_prompt_ids, flat_plans
+from vlmkit.quantize import Quantization, quantize_model
 from vlmkit.schemes import Media
 from vlmkit.text.chat import ChatTemplate, Message, chat_template_for, turn_end_ids
 from vlmkit.text.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
@@ -101,6 +102,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     chat_template: ChatTemplate
     generation_eos_ids: Sequence[int] = ()  # a model directory's generation_config.json eos_token_id (read_eos_ids)
+    quantization: str | None = None  # the weight format of the language model's linear layers (vlmkit.quantize)
 
     def __post_init__(self) -> None:
         self.tokenizer.end_token_ids = end_token_ids(self.tokenizer, self.chat_template, self.model,
@@ -150,6 +152,9 @@ class LoadedModel:
         (train/lora.py save_adapters: adapter.safetensors, lora.json). load_model(folder) and `vlmkit generate
         --model folder` read it back, and stop where this model stops; returns the folder. state: the weights to
         write, default the model's own state_dict() (a sharded model's full weights, gathered by train.run)."""
+        if self.quantization is not None:
+            raise ValueError(f"{self.name} was loaded with --quantize {self.quantization}, which vlmkit cannot save: "
+                             f"save the model loaded without it")
         save_pretrained(self.model, folder, tokenizer=self.tokenizer, state=state)
         save_generation_config(self, folder)
         if lora_layers(self.model):
@@ -275,11 +280,17 @@ def tiny_random_model(seed: int = 0) -> LoadedModel:
     return LoadedModel("tiny-random", VLM(cfg).eval(), tokenizer, chat_template_for(tokenizer))
 
 
-def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LoadedModel:
+def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+               quantize: str | None = None) -> LoadedModel:
     """Load a model spec (see the module docstring), cast to dtype and moved to device (a torch.device or a
-    --device name: vlmkit.devices.resolve_device) when given; raises ValueError/FileNotFoundError saying
-    what to pass."""
+    --device name: vlmkit.devices.resolve_device) when given, then with quantize ('int8', 'int4', 'int4-g64',
+    'int4-g128': vlmkit.quantize) its language model's linear layers quantized; a quantized model computes in
+    bfloat16 unless dtype says otherwise (the CPU kernels' fp32 path is slower than fp32 weights). Raises
+    ValueError/FileNotFoundError saying what to pass."""
     target = resolve_device(device) if device is not None else None  # a bad device fails before loading
+    quantization = Quantization.parse(quantize) if quantize is not None else None  # a bad name fails first too
+    if quantization is not None and dtype is None:
+        dtype = torch.bfloat16
     if spec == "tiny-random":
         loaded = tiny_random_model()
     elif spec == "smollm2-135m" or spec.endswith(".gguf"):
@@ -306,6 +317,9 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device
         loaded.model.to(dtype)
     if target is not None:
         loaded.model.to(target)
+    if quantization is not None:
+        quantize_model(loaded.model, quantization)
+        loaded.quantization = str(quantization)
     return loaded
 
 

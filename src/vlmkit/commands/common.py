@@ -1,4 +1,4 @@
-"""What several verb modules share: the --model, --dtype and --device flags of every verb that loads a model
+"""What several verb modules share: the --model, --dtype, --quantize and --device flags of every verb that loads a model
 (vlmkit/load.py) and the loading they ask for; the --data-policy and --image-root flags of every verb that
 reads a dataset (data/formats.py: train, eval)."""
 
@@ -11,6 +11,7 @@ import torch
 from vlmkit.data.formats import POLICIES
 from vlmkit.devices import DEVICE_HELP
 from vlmkit.load import SPECIAL_SPECS, LoadedModel, load_model
+from vlmkit.quantize import QUANTIZE_CHOICES
 
 # --dtype choices. bfloat16 halves the bytes a decoding step reads and runs matrix products on the CPU's
 # bf16 units (AVX-512 BF16): faster for models of ~100M parameters and up, with answers that can
@@ -31,12 +32,18 @@ def add_model_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="cast the weights (and so the activations) to this type; on a CPU the KV cache "
                         "stays float32 (default: as loaded, float32)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="int8 (per output channel) or int4 (groups of 32 inputs; int4-g64 / int4-g128 for larger "
+                        "groups) weights for the language model's linear layers, through PyTorch's CPU kernels: "
+                        "faster decoding, slower prefill; computes in bfloat16 unless --dtype says otherwise "
+                        "(float32 is slower than unquantized float32 on a CPU)")
     add_device_flag(p)
 
 
 def load_model_of(args: argparse.Namespace) -> LoadedModel:
-    """The model named by --model, cast to --dtype if given, on --device."""
-    return load_model(args.model, dtype=None if args.dtype is None else DTYPES[args.dtype], device=args.device)
+    """The model named by --model, cast to --dtype if given, on --device, quantized by --quantize if given."""
+    return load_model(args.model, dtype=None if args.dtype is None else DTYPES[args.dtype], device=args.device,
+                      quantize=args.quantize)
 
 
 def add_data_flags(p: argparse.ArgumentParser, skipped: str) -> None:

@@ -59,7 +59,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "with --bf16 the weights are gathered in bfloat16 and gradients reduced in float32. "
                         "Checkpoints are torch.distributed.checkpoint shards; the final model is one ordinary "
                         "model folder. Needs torchrun with 2 or more processes")
-    # QLoRA's flag, local to train for now; the lead merges it with the shared --quantize of commands/common.py
+    # Training's --quantize says how the frozen base is stored while adapters train (nf4: QLoRA); the verbs that
+    # only run a model take commands/common.py's inference formats (int8, int4: vlmkit/quantize.py).
     p.add_argument("--quantize", default=None, choices=list(QUANTIZE_CHOICES),
                    help="store the frozen linear weights in 4-bit NormalFloat with double quantization and train "
                         "the rest (QLoRA with --lora; needs torchao: pip install 'vlmkit[qlora]'). The run folder "
