@@ -62,17 +62,22 @@ def _data(tmp_path) -> str:
     return str(tmp_path / "data" / DATASET_FILE)
 
 
+def _train_in_this_process(flags: list[str]) -> None:
+    """vlmkit train in this process (one process, no torchrun), leaving torch's thread count as it was."""
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", *flags]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_two_sharded_processes_equal_one_process(tmp_path):
     flags = ["--model", "tiny-random", "--data", _data(tmp_path), "--stage", "full", "--steps", "4",
              "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-3", "--threads", "1", "--json"]
     proc = _torchrun([*flags, "--out", str(tmp_path / "fsdp"), "--fsdp"])
     summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and summaries[0]["processes"] == 2
-    threads = torch.get_num_threads()
-    try:
-        assert main(["train", *flags, "--out", str(tmp_path / "single")]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _train_in_this_process([*flags, "--out", str(tmp_path / "single")])
 
     two, one = _losses(tmp_path / "fsdp"), _losses(tmp_path / "single")
     assert len(two) == len(one) == 4
@@ -110,11 +115,7 @@ def test_sharded_lora_equals_one_process(tmp_path):
     flags = ["--model", "tiny-random", "--data", _data(tmp_path), "--stage", "full", "--steps", "3",
              "--batch-size", "4", "--lr", "1e-3", "--threads", "1", "--quiet", "--lora", "r=4,alpha=8"]
     _torchrun([*flags, "--out", str(tmp_path / "fsdp"), "--fsdp"])
-    threads = torch.get_num_threads()
-    try:
-        assert main(["train", *flags, "--out", str(tmp_path / "single")]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _train_in_this_process([*flags, "--out", str(tmp_path / "single")])
     two, one = _losses(tmp_path / "fsdp"), _losses(tmp_path / "single")
     assert len(two) == 3 and max(abs(a - b) for a, b in zip(two, one)) <= TOLERANCE, (two, one)
     assert (tmp_path / "fsdp" / "lora.json").read_text() == (tmp_path / "single" / "lora.json").read_text()

@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_first_hour import run_main
 
 import vlmkit
 from vlmkit import hub as vlmkit_hub
-from vlmkit.cli import main
 from vlmkit.hub import allow_patterns, is_allowed, is_hub_spec, parse_hub_spec
 from vlmkit.load import load_model, tiny_random_model
 
@@ -73,15 +73,6 @@ def saved(tmp_path_factory):
     """Two tiny-random models saved by LoadedModel.save_pretrained: seed 0 (folder a) and seed 1 (folder b)."""
     root = tmp_path_factory.mktemp("saved")
     return {name: tiny_random_model(seed).save_pretrained(root / name) for name, seed in (("a", 0), ("b", 1))}
-
-
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    try:
-        status = main([str(a) for a in args])
-    except SystemExit as e:
-        status = e.code
-    out = capsys.readouterr()
-    return status, out.out, out.err
 
 
 def answer(capsys, model: str | Path) -> str:
