@@ -6,7 +6,7 @@
 
 Each repetition runs one prefill of --prompt-tokens and times --new-tokens one-token steps (argmax included) of
 the model as it is and of three stripped copies, in turn, so machine noise hits all alike; medians are printed:
- 1. every linear layer returns an uninitialised output of its shape (what is left: the step without matmuls);
+ 1. every linear layer returns zeros of its output shape (what is left: the step without matmuls);
  2. and the RMSNorms return their input;
  3. and attention returns its queries.
 The differences are what the matmuls, the norms and attention cost; row 3 is the rest (embedding, RoPE, KV cache
@@ -36,7 +36,7 @@ ORIGINAL = {"forward": {cls: cls.forward for cls in LINEARS}, "rms_norm": lm_mod
 
 
 def _no_matmul(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], self.out_features)
+    return x.new_zeros(*x.shape[:-1], self.out_features)  # zeros: garbage could hold denormals, slow to add
 
 
 def strip(level: int) -> None:
