@@ -15,10 +15,12 @@ The matmul runs in PyTorch's CPU kernels where they apply (`aten._weight_int8pac
 plain dequantize-then-matmul (another device, or an int4 layer with out_features not a multiple of 16, which
 the CPU packing needs). The kernels take fp32, bf16 and fp16 activations with scales of the same type.
 
-Measured on the 2-core AVX-512 CPU (one thread, SmolLM2-135M's matrices, one token): the kernels with bf16
-activations read all the layers in 6.1 ms (int8) and 1.9 ms (int4) against 19.5 ms for bf16 weights; with fp32
-activations they are slower than fp32 weights (40.6 ms int8, 101 ms int4, against 17.6 ms): their fp32 path is
-not vectorised. So a quantized model computes in bfloat16 unless a dtype is asked for (load_model). With 32
+Measured on the 2-core AVX-512 CPU (one thread, SmolLM2-135M's matrices, one token, the minimum of 30 repeats,
+so with warm caches): the kernels with bf16 activations take 6.1 ms (int8) and 1.9 ms (int4) against 19.5 ms
+for bf16 weights; with fp32 activations they are slower than fp32 weights (40.6 ms int8, 101 ms int4, against
+17.6 ms): their fp32 path is not vectorised. In a real decoding step, with the weights coming from memory, the
+int4 matmuls take ~16.7 of ~22.8 ms per token and bf16 weights' ~55.7 of ~61.7 ms
+(`python bench/bench_decode_overhead.py [--quantize none]`). So a quantized model computes in bfloat16 unless a dtype is asked for (load_model). With 32
 prompt rows the kernels are 2-4x slower than bf16 weights: prefill pays for the faster decode.
 
 What is quantized: every nn.Linear of the language model (a VLM's `.lm`), the head included (a tied head gets
