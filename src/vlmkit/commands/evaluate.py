@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 
 from vlmkit.commands.common import add_data_flags, add_model_flag, load_model_of
-from vlmkit.data.formats import load_dataset
+from vlmkit.data.formats import load_dataset, print_problems
 from vlmkit.eval.runner import (DEFAULT_METRICS, METRICS, PREDICTIONS_FILE, SUMMARY_FILE, evaluate, get_metrics,
                                 summary_table, write_results)
 
@@ -47,9 +46,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     samples, problems = load_dataset(args.data, image_root=args.image_root, policy=args.data_policy,
                                      check_images=True)
     if problems:
-        print(f"skipped {len(problems)} bad record(s):", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
+        print_problems(problems)
     result = evaluate(load_model_of(args), samples, metrics, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, answer_separator=args.answer_separator,
                       compare_tesseract=args.tesseract, tesseract_psm=args.tesseract_psm, quiet=args.json)

@@ -47,7 +47,8 @@ import json
 import os
 import re
 import reprlib
-from collections.abc import Iterable, Iterator, Mapping
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,13 @@ def load_dataset(path: str | os.PathLike, image_root: str | os.PathLike | None =
     if problems and policy == "fail":
         raise DatasetError(problems)
     return samples, problems
+
+
+def print_problems(problems: Sequence[Problem], where: str = "") -> None:
+    """Tell stderr which records --data-policy skip dropped (where: e.g. the file that also lists them)."""
+    print(f"skipped {len(problems)} bad record(s){where}:", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
 
 
 def write_llava_json(samples: Iterable[Sample], path: str | os.PathLike,

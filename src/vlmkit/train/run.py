@@ -74,7 +74,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from vlmkit.data.formats import POLICIES, DatasetError, Problem, Sample, load_dataset
+from vlmkit.data.formats import POLICIES, DatasetError, Problem, Sample, load_dataset, print_problems
 from vlmkit.data.labels import TrainingExample, build_training_example
 from vlmkit.devices import resolve_device
 from vlmkit.hub import is_hub_spec
@@ -448,9 +448,7 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
             if problems:
                 write_text_atomically(out / SKIPPED_FILE, "".join(f"{p}\n" for p in problems))
         if problems:
-            print(f"skipped {len(problems)} bad record(s) (listed in {out / SKIPPED_FILE}):", file=sys.stderr)
-            for p in problems:
-                print(f"  {p}", file=sys.stderr)
+            print_problems(problems, f" (listed in {out / SKIPPED_FILE})")
     if len(examples) == 0:
         raise ValueError(f"no record of {cfg.data} can be trained on: all {len(problems)} problem(s) are listed "
                          f"in {out / SKIPPED_FILE}")
