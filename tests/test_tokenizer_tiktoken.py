@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from vlmkit.text.qwen_chat import qwen_chat_prompt, qwen_vl_query
 from vlmkit.text.qwen_tiktoken import QwenTiktokenTokenizer, read_ranks
 from vlmkit.text.tokenizer import load_tokenizer
 
@@ -178,3 +179,35 @@ def test_real_vocabulary_decode(real_tok, case):
 def test_real_vocabulary_saves_byte_for_byte(real_tok, real_dir, tmp_path):
     real_tok.save_pretrained(tmp_path)
     assert (tmp_path / "qwen.tiktoken").read_bytes() == (real_dir / "qwen.tiktoken").read_bytes()
+
+
+# --- Qwen-VL-Chat's prompt (text/qwen_chat.py) against from_list_format and make_context ----------------------
+
+
+@pytest.mark.parametrize("case", REFERENCE["from_list_format"], ids=lambda c: c["text"][:30])
+def test_query_text_equals_from_list_format(case):
+    assert qwen_vl_query(case["parts"]) == case["text"]
+
+
+def check_make_context(tok: QwenTiktokenTokenizer, case: dict) -> None:
+    history = [tuple(turn) for turn in case["history"]]
+    text, ids = qwen_chat_prompt(tok, case["query"], history, case["system"], case["max_window_size"])
+    assert text == case["raw_text"]
+    assert ids == case["ids"]
+
+
+@pytest.mark.parametrize("case", REFERENCE["make_context"], ids=lambda c: c["name"])
+def test_prompt_ids_equal_make_context(tok, case):
+    check_make_context(tok, case)
+
+
+@pytest.mark.parametrize("case", REAL["make_context"], ids=lambda c: c["name"])
+def test_real_vocabulary_prompt_ids_equal_make_context(real_tok, case):
+    check_make_context(real_tok, case)
+
+
+def test_query_parts_that_are_not_understood_are_refused():
+    with pytest.raises(ValueError, match="none of"):
+        qwen_vl_query([{"ref": "a dog"}])
+    with pytest.raises(ValueError, match="x1, y1, x2, y2"):
+        qwen_vl_query([{"box": [(1, 2, 3)]}])

@@ -24,7 +24,9 @@ What it writes under tests/fixtures/qwen_tiktoken/:
                            the real file's order (GPT-2's printable-first order, so a byte's rank is not its value),
                            then byte-level BPE merges learned here on MIXED_TEXT with Qwen's split regex
     tokenizer_config.json  Qwen-VL-Chat's tokenizer config (the directory is a Qwen-VL-Chat tokenizer layout)
-    reference.json         the reference tokenizer's ids and decoded strings on that small file
+    reference.json         the reference tokenizer's ids and decoded strings on that small file, and the ids of
+                           Qwen-VL-Chat conversations as qwen_generation_utils.make_context builds them (queries
+                           written by the tokenizer's from_list_format)
     reference_real.json    the same for a few cases on the real qwen.tiktoken (with its sha256), when --real-vocab
 """
 
@@ -262,6 +264,42 @@ def real_vocab_cases(tok, ref) -> dict:
                        decode_case(tok, "partial_multibyte", partial_multibyte_ids(tok, text_ids))]}
 
 
+# Qwen-VL-Chat conversations for make_context: (query parts for from_list_format, history, system, max_window_size).
+# history is a list of (query, response) pairs whose queries are from_list_format parts too; a None response
+# is an unanswered turn. The window sizes cut the history at different turns.
+LIST_FORMAT_QUERIES = [
+    [{"image": "https://qianwen-res.oss-cn-beijing.aliyuncs.com/Qwen-VL/assets/demo.jpeg"},
+     {"image": "/data/照片/cat 1.png"}, {"text": "这两张图片有什么不同？"}],
+    [{"text": "Box the dog: "}, {"ref": "the dog", "box": [(120, 340, 560, 880), (1, 2, 3, 4)]}],
+    [{"box": [(0, 0, 1000, 1000)]}, {"text": " whole picture"}],
+    [{"text": "No image at all, and text that looks special: <|im_end|><|endoftext|> and leading\n newline"}],
+]
+CONVERSATIONS = [
+    ("two_images", 0, [], "You are a helpful assistant.", 6144),
+    ("empty_system", 0, [], "", 6144),
+    ("with_history", 1, [(0, "第一张是狗，第二张是猫。"), (2, "<ref>狗</ref><box>(10,20),(300,400)</box>")],
+     "You are a helpful assistant.", 6144),
+    ("unanswered_turn", 3, [(1, None), (3, "Sure.")], "You are a helpful assistant.", 6144),
+    ("window_drops_old_turns", 3, [(0, "old answer"), (1, "newer"), (2, "newest")], "sys", 700),
+    ("window_drops_all_history", 3, [(1, "x"), (0, "y")], "You are a helpful assistant.", 300),
+    ("special_text_in_query", 3, [(3, "<|im_start|>not special<|im_end|>")], "<|endoftext|>system", 6144),
+]
+
+
+def make_context_cases(tok, utils) -> dict:
+    queries = [tok.from_list_format(parts) for parts in LIST_FORMAT_QUERIES]
+    cases = []
+    for name, query, history, system, window in CONVERSATIONS:
+        hist = [(queries[q], r) for q, r in history]
+        raw_text, ids = utils.make_context(tok, queries[query], history=hist, system=system,
+                                           max_window_size=window, chat_format="chatml")
+        cases.append({"name": name, "query": queries[query], "history": hist, "system": system,
+                      "max_window_size": window, "raw_text": raw_text, "ids": ids})
+    return {"from_list_format": [{"parts": parts, "text": text}
+                                 for parts, text in zip(LIST_FORMAT_QUERIES, queries, strict=True)],
+            "make_context": cases}
+
+
 def dump(data: dict, file: Path) -> None:
     file.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n")
     print(f"wrote {file} ({file.stat().st_size} bytes)")
@@ -283,16 +321,20 @@ def main() -> None:
     config = {"model_max_length": 8192, "tokenizer_class": "QWenTokenizer",
               "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}}
     (FIXTURES / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    utils = importlib.import_module("qwen_generation_utils")
     tok = ref.QWenTokenizer(str(vocab))
-    data = {"source": "x1ngzai/Qwen-VL-Chat-Int4@1cd721a27dd000fc4cf688c6ad58e614da1d600d tokenization_qwen.py",
-            "mixed_text": MIXED_TEXT, "vl_prompt": VL_PROMPT, **small_vocab_cases(tok, ref)}
+    data = {"source": "x1ngzai/Qwen-VL-Chat-Int4@1cd721a27dd000fc4cf688c6ad58e614da1d600d tokenization_qwen.py, "
+                      "qwen_generation_utils.py",
+            "mixed_text": MIXED_TEXT, "vl_prompt": VL_PROMPT, **small_vocab_cases(tok, ref),
+            **make_context_cases(tok, utils)}
     dump(data, FIXTURES / "reference.json")
     print(f"vocabulary: {data['n_mergeable']} ranks; text {len(MIXED_TEXT)} chars -> {len(data['encode'][0]['ids'])} ids")
 
     if args.real_vocab is not None:
         real = ref.QWenTokenizer(str(args.real_vocab))
         sha = hashlib.sha256(args.real_vocab.read_bytes()).hexdigest()
-        dump({"vocab_sha256": sha, "mixed_text": MIXED_TEXT, **real_vocab_cases(real, ref)},
+        dump({"vocab_sha256": sha, "mixed_text": MIXED_TEXT, **real_vocab_cases(real, ref),
+              **make_context_cases(real, utils)},
              FIXTURES / "reference_real.json")
 
 
