@@ -211,3 +211,22 @@ def test_query_parts_that_are_not_understood_are_refused():
         qwen_vl_query([{"ref": "a dog"}])
     with pytest.raises(ValueError, match="x1, y1, x2, y2"):
         qwen_vl_query([{"box": [(1, 2, 3)]}])
+
+
+def test_tokenizer_config_can_rename_the_image_tags(tmp_path):
+    """QWenTokenizer takes its tags (and errors) as keyword arguments from tokenizer_config.json; the ids follow
+    the reference's order: 208 ChatML/extra tokens after the ranks, then ref, box, quad, image start/end/pad."""
+    shutil.copy(FIXTURES / "qwen.tiktoken", tmp_path / "qwen.tiktoken")
+    config = {"tokenizer_class": "QWenTokenizer", "image_start_tag": "<image>", "image_end_tag": "</image>",
+              "errors": "strict"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(tmp_path)
+    n = REFERENCE["n_mergeable"]
+    assert tok.token_to_id("<image>") == n + 208 + 6 and tok.token_to_id("</image>") == n + 208 + 7
+    assert tok.encode("<img>") == tok.encode("<img>", allowed_special=())  # the old tag is text now
+    assert tok.decode(tok.encode("<image>a.png</image>")) == "<image>a.png</image>"
+    e4 = read_ranks(FIXTURES / "qwen.tiktoken")[b"\xe4"]
+    with pytest.raises(UnicodeDecodeError):
+        tok.decode([e4])
+    tok.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()) == config

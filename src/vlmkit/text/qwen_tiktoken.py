@@ -87,10 +87,11 @@ class QwenTiktokenTokenizer(Tokenizer):
     """Qwen-1 / Qwen-VL's tokenizer over tiktoken (see the module docstring for what it does)."""
 
     def __init__(self, ranks: dict[bytes, int], image_tags: dict[str, str] | None = None,
-                 image_span: int = IMAGE_SPAN, chat_template: str | None = None,
+                 image_span: int = IMAGE_SPAN, chat_template: str | None = None, errors: str = "replace",
                  config: dict[str, Any] | None = None) -> None:
         """ranks: {token bytes: rank} (read_ranks). image_tags: overrides of IMAGE_TAG_DEFAULTS by key.
         chat_template: jinja source or a built-in name; None means the built-in "chatml" Qwen chat models use.
+        errors: how decode treats bytes that are not UTF-8 (bytes.decode's errors; Qwen's default "replace").
         config: the tokenizer_config.json it was read from, written back by save_pretrained."""
         try:
             import tiktoken
@@ -101,6 +102,9 @@ class QwenTiktokenTokenizer(Tokenizer):
         unknown = sorted(set(tags) - set(IMAGE_TAG_DEFAULTS))
         if unknown:
             raise ValueError(f"unknown image tags {unknown}; the tags are {list(IMAGE_TAG_DEFAULTS)}")
+        if errors not in ("replace", "strict", "ignore", "backslashreplace", "surrogateescape"):
+            raise ValueError(f"errors={errors!r} is not a way to decode bytes; use 'replace' (Qwen's), 'strict', "
+                             "'ignore', 'backslashreplace' or 'surrogateescape'")
         if image_span < 1:
             raise ValueError(f"image_span must be a positive number of ids, got {image_span}")
         self.ranks = ranks
@@ -110,6 +114,8 @@ class QwenTiktokenTokenizer(Tokenizer):
         if len(set(specials)) != len(specials):
             raise ValueError(f"image tags {list(tags.values())} repeat a special token; each must be distinct")
         self.special_tokens = {token: len(ranks) + i for i, token in enumerate(specials)}
+        self._special_of_id = {i: token for token, i in self.special_tokens.items()}
+        self.errors = errors
         self.encoding = tiktoken.Encoding("Qwen", pat_str=PAT, mergeable_ranks=ranks,
                                           special_tokens=self.special_tokens)
         self._token_of_id = {rank: token for token, rank in ranks.items()}
@@ -124,7 +130,7 @@ class QwenTiktokenTokenizer(Tokenizer):
     @classmethod
     def from_dir(cls, path: str | Path, image_span: int = IMAGE_SPAN) -> QwenTiktokenTokenizer:
         """Read a Qwen-1 tokenizer directory: qwen.tiktoken, and tokenizer_config.json when present (its image
-        tag names and chat template, if it sets them)."""
+        tag names, decoding errors and chat template, if it sets them, as QWenTokenizer's arguments)."""
         path = Path(path)
         file = path / VOCAB_FILE
         if not file.is_file():
@@ -132,7 +138,8 @@ class QwenTiktokenTokenizer(Tokenizer):
         config_file = path / TOKENIZER_CONFIG_FILE
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         tags = {key: config[key] for key in IMAGE_TAG_DEFAULTS if key in config}
-        return cls(read_ranks(file), tags, image_span, config.get("chat_template"), config)
+        return cls(read_ranks(file), tags, image_span, config.get("chat_template"), config.get("errors", "replace"),
+                   config)
 
     def save_pretrained(self, folder: str | Path) -> list[str]:
         """qwen.tiktoken (the ranks, one `<base64> <rank>` line each, by rank) and tokenizer_config.json (the
@@ -145,6 +152,8 @@ class QwenTiktokenTokenizer(Tokenizer):
                  for token, rank in sorted(self.ranks.items(), key=lambda item: item[1])]
         config = dict(self._config or {"model_max_length": 8192, "tokenizer_class": "QWenTokenizer"})
         config.update({key: tag for key, tag in self.image_tags.items() if tag != IMAGE_TAG_DEFAULTS[key]})
+        if self.errors != "replace":
+            config["errors"] = self.errors
         if self._chat_template is not None and self._chat_template not in BUILTIN_TEMPLATES:
             config["chat_template"] = self._chat_template
         write_text_atomically(folder / VOCAB_FILE, "".join(lines))
@@ -203,7 +212,7 @@ class QwenTiktokenTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of ids: the tokens' bytes decoded as UTF-8 with errors="replace" (a cut multi-byte character
-        is U+FFFD); an image span reads `<img>path</img>`; skip_special_tokens drops every special token."""
+        is U+FFFD; `errors` chooses another way); an image span reads `<img>path</img>`; skip_special_tokens drops every special token."""
         ids = [int(i) for i in ids]
         out: list[int] = []
         start = 0
@@ -228,7 +237,7 @@ class QwenTiktokenTokenizer(Tokenizer):
         bad = [i for i in out if not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
-        return self.encoding.decode(out, errors="replace")
+        return self.encoding.decode(out, errors=self.errors)
 
     # --- vocabulary -----------------------------------------------------------------------------------
 
@@ -249,9 +258,8 @@ class QwenTiktokenTokenizer(Tokenizer):
         if token_id in self._token_of_id:
             alphabet = byte_level_alphabet()
             return "".join(alphabet[b] for b in self._token_of_id[token_id])
-        for token, special_id in self.special_tokens.items():
-            if special_id == token_id:
-                return token
+        if token_id in self._special_of_id:
+            return self._special_of_id[token_id]
         raise ValueError(f"id {token_id} is outside the vocabulary (size {self.vocab_size})")
 
     @property
