@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from vlmkit.files import write_text_atomically
 from vlmkit.text.gguf_vocab import byte_level_alphabet
-from vlmkit.text.tokenizer import TOKENIZER_CONFIG_FILE, Tokenizer
+from vlmkit.text.tokenizer import TOKENIZER_CONFIG_FILE, Tokenizer, _read_json
 
 VOCAB_FILE = "qwen.tiktoken"
 # Qwen's split regex (tokenization_qwen.py PAT_STR): contractions, letters with one leading non-letter, single
@@ -119,6 +119,8 @@ class QwenTiktokenTokenizer(Tokenizer):
         self.encoding = tiktoken.Encoding("Qwen", pat_str=PAT, mergeable_ranks=ranks,
                                           special_tokens=self.special_tokens)
         self._token_of_id = {rank: token for token, rank in ranks.items()}
+        self._spelling = byte_level_alphabet()  # byte -> character, to write a token's bytes as a string
+        self._byte_of_char = {c: b for b, c in self._spelling.items()}
         self.eod_id = self.special_tokens[ENDOFTEXT]
         self.im_start_id, self.im_end_id = self.special_tokens[IM_START], self.special_tokens[IM_END]
         self.img_start_id = self.special_tokens[tags["image_start_tag"]]
@@ -135,8 +137,7 @@ class QwenTiktokenTokenizer(Tokenizer):
         file = path / VOCAB_FILE
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found: a Qwen-1 tokenizer directory holds qwen.tiktoken")
-        config_file = path / TOKENIZER_CONFIG_FILE
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        config = _read_json(path / TOKENIZER_CONFIG_FILE)  # {} when absent; ValueError naming a broken file
         tags = {key: config[key] for key in IMAGE_TAG_DEFAULTS if key in config}
         return cls(read_ranks(file), tags, image_span, config.get("chat_template"), config.get("errors", "replace"),
                    config)
@@ -246,9 +247,8 @@ class QwenTiktokenTokenizer(Tokenizer):
         writes it, and as Qwen2's tokenizer.json spells the same tokens)."""
         if token in self.special_tokens:
             return self.special_tokens[token]
-        to_byte = {c: b for b, c in byte_level_alphabet().items()}
-        if all(c in to_byte for c in token):
-            rank = self.ranks.get(bytes(to_byte[c] for c in token))
+        if all(c in self._byte_of_char for c in token):
+            rank = self.ranks.get(bytes(self._byte_of_char[c] for c in token))
             if rank is not None:
                 return rank
         raise ValueError(f"token {token!r} is not in the vocabulary")
@@ -256,8 +256,7 @@ class QwenTiktokenTokenizer(Tokenizer):
     def id_to_token(self, token_id: int) -> str:
         token_id = int(token_id)
         if token_id in self._token_of_id:
-            alphabet = byte_level_alphabet()
-            return "".join(alphabet[b] for b in self._token_of_id[token_id])
+            return "".join(self._spelling[b] for b in self._token_of_id[token_id])
         if token_id in self._special_of_id:
             return self._special_of_id[token_id]
         raise ValueError(f"id {token_id} is outside the vocabulary (size {self.vocab_size})")
