@@ -1,4 +1,5 @@
-"""Text side of vlmkit: tokenizers (tokenizer.json, GGUF vocabularies, characters) and chat templates."""
+"""Text side of vlmkit: tokenizers (tokenizer.json, GGUF vocabularies, Qwen-1's qwen.tiktoken, characters) and chat
+templates."""
 
 from vlmkit.text.chat import (
     BUILTIN_TEMPLATES,
@@ -8,6 +9,7 @@ from vlmkit.text.chat import (
     chat_template_for,
     get_chat_template,
 )
+from vlmkit.text.qwen_tiktoken import QwenTiktokenTokenizer
 from vlmkit.text.tokenizer import CharTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "ChatTemplate",
     "HFTokenizer",
     "JinjaChatTemplate",
+    "QwenTiktokenTokenizer",
     "Tokenizer",
     "chat_template_for",
     "get_chat_template",

@@ -3,6 +3,7 @@
     tok = load_tokenizer("path/to/model_dir")          # tokenizer.json (+ tokenizer_config.json ...)
     tok = load_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")   # vocabulary + merges stored in the GGUF
     tok = load_tokenizer("chars.json")                 # a CharTokenizer saved with .save()
+    tok = load_tokenizer("Qwen-VL-Chat/")              # qwen.tiktoken (text/qwen_tiktoken.py)
     tok.save_pretrained("out/")                        # out/tokenizer.json (+ tokenizer_config.json); load_tokenizer reads it
     ids = tok.encode("<|im_start|>user\nhi<|im_end|>")   # special tokens in the text are single ids
 
@@ -400,17 +401,23 @@ class CharTokenizer(Tokenizer):
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer at path: a directory with tokenizer.json, a .gguf file, or a CharTokenizer JSON."""
+    """The tokenizer at path: a directory with tokenizer.json (or Qwen-1's qwen.tiktoken), a .gguf file, or a
+    CharTokenizer JSON."""
     path = Path(path)
     if path.is_dir():
         file = path / "tokenizer.json"
         if file.is_file():
             return CharTokenizer.load(file) if _is_char_file(file) else HFTokenizer.from_dir(path)
+        if (path / "qwen.tiktoken").is_file():  # Qwen-1 / Qwen-VL: a tiktoken rank file, no tokenizer.json
+            from vlmkit.text.qwen_tiktoken import QwenTiktokenTokenizer  # it imports this module
+
+            return QwenTiktokenTokenizer.from_dir(path)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return HFTokenizer.from_gguf(ggufs[0])
-        raise FileNotFoundError(f"{path} holds no tokenizer.json and {len(ggufs)} .gguf files; pass a directory "
-                                "with tokenizer.json, a .gguf file or a CharTokenizer .json file")
+        raise FileNotFoundError(f"{path} holds no tokenizer.json, no qwen.tiktoken and {len(ggufs)} .gguf files; "
+                                "pass a directory with tokenizer.json or qwen.tiktoken, a .gguf file or a "
+                                "CharTokenizer .json file")
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer path {path} does not exist")
     if path.suffix == ".gguf":
