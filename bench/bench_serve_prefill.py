@@ -1,0 +1,174 @@
+"""Batched prefill in the server: 8 concurrent image requests, prefilled together against one at a time.
+
+    python bench/bench_serve_prefill.py                          # default: 5 repetitions, 1 torch thread, 32 tokens
+    python bench/bench_serve_prefill.py --reps 7 --threads 2 --lm vary-tiny --json bench/results/prefill.json
+
+Two `vlmkit serve` apps (uvicorn, bench_serve.py's server process) run side by side on free
+127.0.0.1 ports, serving the same bench model (bench_serve.py: bench-tiny's vision tower, 96 px,
+and the LM of `--lm`, random weights, character vocabulary): one with `--prefill-batch 8` (the
+default: the requests admitted together go through one prefill pass, their images through one
+vision batch), one with `--prefill-batch 1` (each request prefilled alone, as before). Only one
+of them works at a time. Each run sends 8 streamed greedy requests at once from 8 client threads,
+each a different question about its own image (bench_serve.py's crops, flips and turns of
+examples/shapes.png: 144 image tokens, prompts of ~190 tokens), with the image-feature cache
+emptied first, so every run encodes its 8 images. Repetitions alternate the two servers, and which
+goes first, so machine noise hits both alike.
+
+Reported, medians over the repetitions: time to first token (from the release of the 8 clients to
+a request's first streamed text; per run the median and the largest of the 8), and total completion
+tokens / wall time; then the median of each repetition's ratio batched / one at a time (steadier on
+a busy machine: the two runs of a repetition are seconds apart). The same 8 answers are expected from both servers (greedy, float32: a batched
+prefill's last bits differ from a single row's, which could flip an exact tie only); answers that
+differ are listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from bench_serve import CLEAR_ROUTE, CLIENTS, MODELS, QUESTIONS, cache_stats, free_port, image_urls
+
+MODES = {"batched prefill": 8, "one at a time": 1}  # name -> the server's --prefill-batch
+
+
+def start(port: int, prefill_batch: int, args: argparse.Namespace) -> subprocess.Popen:
+    script = Path(__file__).resolve().parent / "bench_serve.py"
+    return subprocess.Popen([sys.executable, str(script), "--serve-port", str(port), "--threads", str(args.threads),
+                             "--max-tokens", str(args.max_tokens), "--lm", args.lm,
+                             "--prefill-batch", str(prefill_batch)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_ready(port: int, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+            return
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the server on port {port} did not start")
+            time.sleep(0.2)
+
+
+def ask(client, question: str, image_url: str, max_tokens: int, start: list[float]) -> tuple[str, int, float]:
+    """One streamed request: (answer, completion tokens, seconds from start[0] to the first text)."""
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                             {"type": "text", "text": question}]}]
+    first, text, tokens = None, [], 0
+    for chunk in client.chat.completions.create(model="bench-tiny", messages=messages, max_tokens=max_tokens,
+                                                temperature=0, stream=True, stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first if first is not None else time.perf_counter() - start[0]
+            text.append(chunk.choices[0].delta.content)
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return "".join(text), tokens, first
+
+
+def run(client, urls: list[str], max_tokens: int) -> tuple[float, list[tuple[str, int, float]]]:
+    """The 8 requests sent at once from 8 threads: (wall seconds, each (answer, tokens, time to first text))."""
+    answers: list = [None] * CLIENTS
+    barrier = threading.Barrier(CLIENTS + 1)
+    start = [0.0]
+
+    def one(i: int) -> None:
+        barrier.wait()
+        answers[i] = ask(client, QUESTIONS[i], urls[i], max_tokens, start)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    start[0] = time.perf_counter()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start[0], answers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=5, help="repetitions of each mode (medians are reported)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each server process")
+    parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
+    parser.add_argument("--lm", choices=list(MODELS), default="bench-tiny",
+                        help="whose language model to serve (the vision tower is bench-tiny's either way)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+
+    import openai
+
+    ports = {mode: free_port() for mode in MODES}
+    servers = {mode: start(ports[mode], n, args) for mode, n in MODES.items()}
+    figures: dict[str, dict[str, list[float]]] = {m: {"ttft_median": [], "ttft_max": [], "tokens_per_s": []}
+                                                   for m in MODES}
+    differing: list[str] = []
+    try:
+        for mode in MODES:
+            wait_ready(ports[mode], servers[mode])
+        clients = {m: openai.OpenAI(base_url=f"http://127.0.0.1:{ports[m]}/v1", api_key="unused", max_retries=0)
+                   for m in MODES}
+        urls = image_urls()
+        shapes = "data:image/png;base64," + base64.b64encode(
+            (Path(__file__).resolve().parent.parent / "examples" / "shapes.png").read_bytes()).decode()
+        for mode in MODES:
+            run(clients[mode], [shapes] * CLIENTS, 4)  # warm-up, on an image the timed runs do not use
+        reference: dict[int, str] = {}
+        for rep in range(args.reps):
+            order = list(MODES) if rep % 2 == 0 else list(MODES)[::-1]
+            for mode in order:
+                before = cache_stats(ports[mode], CLEAR_ROUTE, "POST")  # every run encodes its 8 images
+                seconds, answers = run(clients[mode], urls, args.max_tokens)
+                misses = cache_stats(ports[mode])["misses"] - before["misses"]
+                if misses != CLIENTS:
+                    raise SystemExit(f"{mode}: {misses} images were encoded, expected {CLIENTS}")
+                for i, (text, _, _) in enumerate(answers):
+                    if reference.setdefault(i, text) != text:
+                        differing.append(f"rep {rep + 1}, {mode}, request {i + 1}: {text!r} vs {reference[i]!r}")
+                firsts = [first for _, _, first in answers]
+                tokens = sum(n for _, n, _ in answers)
+                figures[mode]["ttft_median"].append(statistics.median(firsts))
+                figures[mode]["ttft_max"].append(max(firsts))
+                figures[mode]["tokens_per_s"].append(tokens / seconds)
+                print(f"rep {rep + 1} {mode:<15} time to first token median {statistics.median(firsts) * 1000:6.0f} "
+                      f"ms, max {max(firsts) * 1000:6.0f} ms; {tokens} tokens in {seconds:.2f} s = "
+                      f"{tokens / seconds:.1f} tokens/s", flush=True)
+    finally:
+        for server in servers.values():
+            server.terminate()
+        for server in servers.values():
+            server.wait(timeout=30)
+    medians = {m: {k: statistics.median(v) for k, v in f.items()} for m, f in figures.items()}
+    print(f"\n{MODELS[args.lm]} in float32, {CLIENTS} concurrent streamed greedy requests, each with its own image "
+          f"(144 image tokens), {args.max_tokens} max new tokens, {args.threads} torch thread(s) per server, "
+          f"image cache emptied before each run, medians of {args.reps}")
+    print(f"{'mode':<16} {'TTFT median':>12} {'TTFT max':>9} {'tokens/s':>9}")
+    for mode in MODES:
+        m = medians[mode]
+        print(f"{mode:<16} {m['ttft_median'] * 1000:>9.0f} ms {m['ttft_max'] * 1000:>6.0f} ms "
+              f"{m['tokens_per_s']:>9.1f}")
+    on, off = figures["batched prefill"], figures["one at a time"]
+    paired = {k: statistics.median(a / b for a, b in zip(on[k], off[k])) for k in on}
+    print(f"batched / one at a time, the median of each repetition's ratio (its two runs ran back to back): "
+          f"TTFT median x{paired['ttft_median']:.2f}, TTFT max x{paired['ttft_max']:.2f}, "
+          f"tokens/s x{paired['tokens_per_s']:.2f}")
+    print("answers: the same in both modes" if not differing else
+          f"answers that differ from the first run's ({len(differing)}):\n  " + "\n  ".join(differing))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"model": MODELS[args.lm], "clients": CLIENTS, "max_tokens": args.max_tokens,
+                                         "threads": args.threads, "reps": args.reps, "medians": medians,
+                                         "median_paired_ratio": paired,
+                                         "all": figures, "differing": differing}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
