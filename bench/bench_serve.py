@@ -69,9 +69,10 @@ MODELS = {"bench-tiny": "bench-tiny (char vocabulary)",
 
 
 def serve(port: int, threads: int, max_tokens: int, lm: str, image_cache_mb: float | None, dtype: str,
-          prefill_batch: int | None = None) -> None:
+          prefill_batch: int | None = None, prefill_wait_ms: float = 0.0) -> None:
     """The server process: the bench model behind create_app, run by uvicorn (until killed), plus a route that
-    empties the image-feature cache between timed runs. prefill_batch: the server's (None: its default)."""
+    empties the image-feature cache between timed runs. prefill_batch, prefill_wait_ms: the server's options
+    (prefill_batch None: its default)."""
     import torch
 
     from bench_dtype import build  # the same model (bench/ is this script's import path)
@@ -87,6 +88,7 @@ def serve(port: int, threads: int, max_tokens: int, lm: str, image_cache_mb: flo
     options = {} if image_cache_mb is None else {"image_cache_bytes": int(image_cache_mb * MB)}  # {}: the default
     if prefill_batch is not None:
         options["prefill_batch"] = prefill_batch
+    options["prefill_wait"] = prefill_wait_ms / 1000
     app = create_app(loaded, limits=Limits(max_tokens=max_tokens), **options)
 
     @app.post(CLEAR_ROUTE)
@@ -194,11 +196,13 @@ def main() -> None:
     parser.add_argument("--prefill-batch", type=int, default=None,
                         help="the server's --prefill-batch, 1 = each request prefilled alone (default: the server's; "
                              "bench_serve_prefill.py compares the two)")
+    parser.add_argument("--prefill-wait-ms", type=float, default=0.0,
+                        help="the server's --prefill-wait-ms (default 0)")
     parser.add_argument("--serve-port", type=int, default=None, help=argparse.SUPPRESS)  # the server subprocess
     args = parser.parse_args()
     if args.serve_port is not None:
         serve(args.serve_port, args.threads, args.max_tokens, args.lm, args.image_cache_mb, args.dtype,
-              args.prefill_batch)
+              args.prefill_batch, args.prefill_wait_ms)
         return
 
     import base64
@@ -211,7 +215,7 @@ def main() -> None:
                                *(["--image-cache-mb", str(args.image_cache_mb)] if args.image_cache_mb is not None
                                  else []),
                                *(["--prefill-batch", str(args.prefill_batch)] if args.prefill_batch is not None
-                                 else [])],
+                                 else []), "--prefill-wait-ms", str(args.prefill_wait_ms)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120

@@ -1,14 +1,18 @@
 """Batched prefill in the server: 8 concurrent image requests, prefilled together against one at a time.
 
-    python bench/bench_serve_prefill.py                          # default: 5 repetitions, 1 torch thread, 32 tokens
+    python bench/bench_serve_prefill.py                    # default: 5 repetitions, 1 torch thread, 32 tokens, 100 ms
     python bench/bench_serve_prefill.py --reps 7 --threads 2 --lm vary-tiny --json bench/results/prefill.json
 
-Two `vlmkit serve` apps (uvicorn, bench_serve.py's server process) run side by side on free
+Three `vlmkit serve` apps (uvicorn, bench_serve.py's server process) run side by side on free
 127.0.0.1 ports, serving the same bench model (bench_serve.py: bench-tiny's vision tower, 96 px,
-and the LM of `--lm`, random weights, character vocabulary): one with `--prefill-batch 8` (the
-default: the requests admitted together go through one prefill pass, their images through one
-vision batch), one with `--prefill-batch 1` (each request prefilled alone, as before). Only one
-of them works at a time. Each run sends 8 streamed greedy requests at once from 8 client threads,
+and the LM of `--lm`, random weights, character vocabulary), one per mode:
+- one at a time: `--prefill-batch 1`, each request prefilled alone (the server before batched prefill);
+- batched: `--prefill-batch 8` (the default): the requests the batcher finds waiting when it
+  turns go through one prefill pass, their images through one vision batch;
+- batched, wait: the same with `--prefill-wait-ms` (this bench's, default 100): an idle server waits
+  that long for 8 requests, since requests sent together arrive spread over their parsing (each
+  decodes a PNG) and would otherwise be prefilled in two or three groups.
+Only one of them works at a time. Each run sends 8 streamed greedy requests at once from 8 client threads,
 each a different question about its own image (bench_serve.py's crops, flips and turns of
 examples/shapes.png: 144 image tokens, prompts of ~190 tokens), with the image-feature cache
 emptied first, so every run encodes its 8 images. Repetitions alternate the two servers, and which
@@ -16,10 +20,10 @@ goes first, so machine noise hits both alike.
 
 Reported, medians over the repetitions: time to first token (from the release of the 8 clients to
 a request's first streamed text; per run the median and the largest of the 8), and total completion
-tokens / wall time; then the median of each repetition's ratio batched / one at a time (steadier on
-a busy machine: the two runs of a repetition are seconds apart). The same 8 answers are expected from both servers (greedy, float32: a batched
-prefill's last bits differ from a single row's, which could flip an exact tie only); answers that
-differ are listed.
+tokens / wall time; then the median of each repetition's ratio to one at a time (steadier on a busy
+machine: the runs of a repetition are seconds apart). The same 8 answers are expected from every
+server (greedy, float32: a batched prefill's last bits differ from a single row's, which could flip
+an exact tie only); answers that differ are listed.
 """
 
 from __future__ import annotations
@@ -37,14 +41,19 @@ from pathlib import Path
 
 from bench_serve import CLEAR_ROUTE, CLIENTS, MODELS, QUESTIONS, cache_stats, free_port, image_urls
 
-MODES = {"batched prefill": 8, "one at a time": 1}  # name -> the server's --prefill-batch
+BASELINE = "one at a time"
 
 
-def start(port: int, prefill_batch: int, args: argparse.Namespace) -> subprocess.Popen:
+def modes(wait_ms: float) -> dict[str, tuple[int, float]]:
+    """name -> the server's --prefill-batch and --prefill-wait-ms."""
+    return {BASELINE: (1, 0.0), "batched": (8, 0.0), f"batched, wait {wait_ms:g} ms": (8, wait_ms)}
+
+
+def start(port: int, prefill_batch: int, wait_ms: float, args: argparse.Namespace) -> subprocess.Popen:
     script = Path(__file__).resolve().parent / "bench_serve.py"
     return subprocess.Popen([sys.executable, str(script), "--serve-port", str(port), "--threads", str(args.threads),
                              "--max-tokens", str(args.max_tokens), "--lm", args.lm,
-                             "--prefill-batch", str(prefill_batch)],
+                             "--prefill-batch", str(prefill_batch), "--prefill-wait-ms", str(wait_ms)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -102,29 +111,33 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every request")
     parser.add_argument("--lm", choices=list(MODELS), default="bench-tiny",
                         help="whose language model to serve (the vision tower is bench-tiny's either way)")
+    parser.add_argument("--prefill-wait-ms", type=float, default=100.0,
+                        help="the third server's --prefill-wait-ms (default 100)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     import openai
 
-    ports = {mode: free_port() for mode in MODES}
-    servers = {mode: start(ports[mode], n, args) for mode, n in MODES.items()}
+    mode_options = modes(args.prefill_wait_ms)
+    ports = {mode: free_port() for mode in mode_options}
+    servers = {mode: start(ports[mode], n, wait, args) for mode, (n, wait) in mode_options.items()}
     figures: dict[str, dict[str, list[float]]] = {m: {"ttft_median": [], "ttft_max": [], "tokens_per_s": []}
-                                                   for m in MODES}
+                                                   for m in mode_options}
     differing: list[str] = []
     try:
-        for mode in MODES:
+        for mode in mode_options:
             wait_ready(ports[mode], servers[mode])
         clients = {m: openai.OpenAI(base_url=f"http://127.0.0.1:{ports[m]}/v1", api_key="unused", max_retries=0)
-                   for m in MODES}
+                   for m in mode_options}
         urls = image_urls()
         shapes = "data:image/png;base64," + base64.b64encode(
             (Path(__file__).resolve().parent.parent / "examples" / "shapes.png").read_bytes()).decode()
-        for mode in MODES:
+        for mode in mode_options:
             run(clients[mode], [shapes] * CLIENTS, 4)  # warm-up, on an image the timed runs do not use
         reference: dict[int, str] = {}
         for rep in range(args.reps):
-            order = list(MODES) if rep % 2 == 0 else list(MODES)[::-1]
+            names = list(mode_options)
+            order = names[rep % len(names):] + names[:rep % len(names)]  # each mode goes first in turn
             for mode in order:
                 before = cache_stats(ports[mode], CLEAR_ROUTE, "POST")  # every run encodes its 8 images
                 seconds, answers = run(clients[mode], urls, args.max_tokens)
@@ -139,7 +152,7 @@ def main() -> None:
                 figures[mode]["ttft_median"].append(statistics.median(firsts))
                 figures[mode]["ttft_max"].append(max(firsts))
                 figures[mode]["tokens_per_s"].append(tokens / seconds)
-                print(f"rep {rep + 1} {mode:<15} time to first token median {statistics.median(firsts) * 1000:6.0f} "
+                print(f"rep {rep + 1} {mode:<22} time to first token median {statistics.median(firsts) * 1000:6.0f} "
                       f"ms, max {max(firsts) * 1000:6.0f} ms; {tokens} tokens in {seconds:.2f} s = "
                       f"{tokens / seconds:.1f} tokens/s", flush=True)
     finally:
@@ -151,22 +164,22 @@ def main() -> None:
     print(f"\n{MODELS[args.lm]} in float32, {CLIENTS} concurrent streamed greedy requests, each with its own image "
           f"(144 image tokens), {args.max_tokens} max new tokens, {args.threads} torch thread(s) per server, "
           f"image cache emptied before each run, medians of {args.reps}")
-    print(f"{'mode':<16} {'TTFT median':>12} {'TTFT max':>9} {'tokens/s':>9}")
-    for mode in MODES:
-        m = medians[mode]
-        print(f"{mode:<16} {m['ttft_median'] * 1000:>9.0f} ms {m['ttft_max'] * 1000:>6.0f} ms "
-              f"{m['tokens_per_s']:>9.1f}")
-    on, off = figures["batched prefill"], figures["one at a time"]
-    paired = {k: statistics.median(a / b for a, b in zip(on[k], off[k])) for k in on}
-    print(f"batched / one at a time, the median of each repetition's ratio (its two runs ran back to back): "
-          f"TTFT median x{paired['ttft_median']:.2f}, TTFT max x{paired['ttft_max']:.2f}, "
-          f"tokens/s x{paired['tokens_per_s']:.2f}")
-    print("answers: the same in both modes" if not differing else
+    print(f"{'mode':<24} {'TTFT median':>12} {'TTFT max':>9} {'tokens/s':>9}   ratios to {BASELINE} (median of "
+          "each repetition's)")
+    off = figures[BASELINE]
+    paired = {mode: {k: statistics.median(a / b for a, b in zip(figures[mode][k], off[k])) for k in off}
+              for mode in mode_options}
+    for mode in mode_options:
+        m, r = medians[mode], paired[mode]
+        print(f"{mode:<24} {m['ttft_median'] * 1000:>9.0f} ms {m['ttft_max'] * 1000:>6.0f} ms "
+              f"{m['tokens_per_s']:>9.1f}   TTFT median x{r['ttft_median']:.2f}, max x{r['ttft_max']:.2f}, "
+              f"tokens/s x{r['tokens_per_s']:.2f}")
+    print("answers: the same in every mode" if not differing else
           f"answers that differ from the first run's ({len(differing)}):\n  " + "\n  ".join(differing))
     if args.json is not None:
         args.json.write_text(json.dumps({"model": MODELS[args.lm], "clients": CLIENTS, "max_tokens": args.max_tokens,
-                                         "threads": args.threads, "reps": args.reps, "medians": medians,
-                                         "median_paired_ratio": paired,
+                                         "threads": args.threads, "reps": args.reps, "modes": mode_options,
+                                         "medians": medians, "median_paired_ratio": paired,
                                          "all": figures, "differing": differing}, indent=2))
 
 

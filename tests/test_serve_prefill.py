@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import string
+import time
 from typing import Any
 
 import pytest
@@ -208,8 +209,42 @@ def test_a_request_cancelled_after_its_prefill_leaves_the_others_alone():
         assert results[i].token_ids[0] == alone(loaded, *long[i])
 
 
-def test_prefill_batch_flag():
-    assert build_parser().parse_args(["serve", "--model", "tiny-random"]).prefill_batch == PREFILL_BATCH
-    assert build_parser().parse_args(["serve", "--model", "tiny-random", "--prefill-batch", "1"]).prefill_batch == 1
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--model", "tiny-random", "--prefill-batch", "0"])
+def test_prefill_flags():
+    args = build_parser().parse_args(["serve", "--model", "tiny-random"])
+    assert (args.prefill_batch, args.prefill_wait_ms) == (PREFILL_BATCH, 0)
+    args = build_parser().parse_args(["serve", "--model", "tiny-random", "--prefill-batch", "1",
+                                      "--prefill-wait-ms", "50"])
+    assert (args.prefill_batch, args.prefill_wait_ms) == (1, 50)
+    for wrong in (["--prefill-batch", "0"], ["--prefill-batch", "two"], ["--prefill-wait-ms", "-1"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--model", "tiny-random", *wrong])
+
+
+def test_an_idle_batcher_waits_prefill_wait_for_requests_sent_together():
+    """Requests arriving 30 ms apart: with a wait, one prefill pass; a lone request goes once the wait is over."""
+    loaded = small_vlm("tiny-random")
+    jobs = jobs_of(loaded)[:3]
+    passes = Passes(loaded.model)
+
+    async def main(wait: float, jobs: list) -> list:
+        batcher = Batcher(loaded.model, loaded.tokenizer, prefill_batch=len(jobs) + 1, prefill_wait=wait)
+
+        async def one(i: int):
+            await asyncio.sleep(0.03 * i)
+            return await batcher.submit(*jobs[i]).complete()
+        try:
+            return await asyncio.gather(*(one(i) for i in range(len(jobs))))
+        finally:
+            batcher.stop()
+    try:
+        results = asyncio.run(main(1.0, jobs))
+        assert [p.shape[0] for p in passes.prefills] == [3]
+        start = time.monotonic()
+        asyncio.run(main(0.2, jobs[:1]))  # fewer than prefill_batch come: it waits 0.2 s, then prefills
+        assert 0.2 <= time.monotonic() - start < 2
+        assert [p.shape[0] for p in passes.prefills] == [3, 1]
+    finally:
+        passes.remove()
+    assert [r.token_ids[0] for r in results] == [alone(loaded, *job) for job in jobs]
+    with pytest.raises(ValueError, match="prefill_wait"):
+        Batcher(loaded.model, loaded.tokenizer, prefill_wait=-1)

@@ -51,6 +51,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="requests arriving together are prefilled together, up to N in one forward pass with their "
                         "images encoded in one vision batch; 1 prefills each request alone "
                         f"(default {PREFILL_BATCH})")
+    p.add_argument("--prefill-wait-ms", type=_milliseconds, default=0.0, metavar="MS",
+                   help="how long an idle server waits for --prefill-batch requests before it prefills the ones it "
+                        "has: requests sent together arrive spread over the time their images take to decode; "
+                        "adds up to MS to a lone request's first token (default 0)")
     p.add_argument("--image-cache-mb", type=_megabytes, default=IMAGE_CACHE_MB, metavar="MB",
                    help="memory for the encoded features of recently seen images, so that an image a client "
                         "sends again (every turn of a chat) skips the vision tower; 0 turns the cache off "
@@ -71,6 +75,7 @@ def _run_serve(args: argparse.Namespace) -> int:
                      allow_local_images_root=args.allow_local_images, limits=limits,
                      max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                      image_cache_bytes=int(args.image_cache_mb * MB), prefill_batch=args.prefill_batch,
+                     prefill_wait=args.prefill_wait_ms / 1000,
                      allowed_hosts=[args.host, *args.allowed_hosts],
                      request_log=None if args.quiet else _log_to_stderr)
     run_server(app, host=args.host, port=args.port)
@@ -97,6 +102,17 @@ def _positive(text: str) -> int:
                                          "request alone") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not >= 1; give e.g. 8, or 1 to prefill each request alone")
+    return value
+
+
+def _milliseconds(text: str) -> float:
+    """--prefill-wait-ms: a number of milliseconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds; give e.g. 50, or 0") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} milliseconds is not a time >= 0; give e.g. 50, or 0 not to wait")
     return value
 
 

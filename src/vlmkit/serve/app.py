@@ -24,7 +24,8 @@ handed to the Batcher (batcher.py): up to max_batch_size requests decode togethe
 pass per step, joining and leaving between steps (continuous batching), each with its own settings
 and seed, so an answer is the same as when its request runs alone. Requests admitted together are
 prefilled together, up to prefill_batch in one forward pass with their images encoded in one
-vision batch (`--prefill-batch`; 1 prefills each request alone). At most max_queue more wait for
+vision batch (`--prefill-batch`; 1 prefills each request alone; `--prefill-wait-ms` lets an idle
+server wait for requests sent together, whose parsing spreads their arrivals). At most max_queue more wait for
 a row; beyond that a request is refused with 503 (OpenAI's error shape, code "server_overloaded",
 a Retry-After header): the server is overloaded, not the client over a quota (that would be 429).
 A client that disconnects, streaming or not, frees its row or its queue place at the next step.
@@ -111,7 +112,7 @@ class _Engine:
     """The loaded model behind the batcher: turns checked requests into prompts and queues them."""
 
     def __init__(self, loaded: LoadedModel, limits: Limits, max_batch_size: int, max_queue: int,
-                 image_cache_bytes: int, prefill_batch: int) -> None:
+                 image_cache_bytes: int, prefill_batch: int, prefill_wait: float) -> None:
         self.loaded, self.limits = loaded, limits
         self.context_length = _context_length(loaded)
         # Text longer than this cannot fit in max_prompt_tokens (requests.py): refused before tokenizing.
@@ -120,7 +121,8 @@ class _Engine:
         self.encoder = (CachedImageEncoder(loaded, self.image_cache)
                         if loaded.takes_images and self.image_cache.enabled else None)
         images = self.encoder.prefill if self.encoder is not None else None  # None: the model's image_inputs
-        self.batcher = Batcher(loaded.model, loaded.tokenizer, max_batch_size, max_queue, prefill_batch, images)
+        self.batcher = Batcher(loaded.model, loaded.tokenizer, max_batch_size, max_queue, prefill_batch, images,
+                               prefill_wait)
 
     def prepare(self, chat: ChatRequest) -> _Job:
         """Plan the images and build the prompt ids; check the prompt-token limits; then the images for the
@@ -157,14 +159,16 @@ def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: s
                allow_local_images_root: str | Path | None = None, limits: Limits = Limits(),
                max_batch_size: int = MAX_BATCH_SIZE, max_queue: int = MAX_QUEUE,
                image_cache_bytes: int = IMAGE_CACHE_MB * MB, allowed_hosts: Iterable[str] = (),
-               request_log: Callable[[str], None] | None = None, prefill_batch: int = PREFILL_BATCH) -> FastAPI:
+               request_log: Callable[[str], None] | None = None, prefill_batch: int = PREFILL_BATCH,
+               prefill_wait: float = 0.0) -> FastAPI:
     """The server app for loaded, answering as model_name (default: loaded.name).
 
     api_key: require `Authorization: Bearer <api_key>` on /v1 routes. allow_local_images_root: let
     image_url parts name local files, only inside this directory (symlinks resolved); None: data URLs only.
     max_batch_size: requests decoded together; max_queue: requests that may wait for a row (then 503).
     image_cache_bytes: bound of the encoded-image cache (image_cache.py); 0 turns it off.
-    prefill_batch: requests admitted together that are prefilled in one forward pass (1: each alone).
+    prefill_batch: requests admitted together that are prefilled in one forward pass (1: each alone);
+    prefill_wait: seconds an idle server waits for that many requests before it prefills the ones it has.
     allowed_hosts: Host names accepted besides localhost names and IP addresses ("*": any; guard.py).
     request_log: called with one line per request (`POST /v1/chat/completions 200 153 ms`); None: no log.
     The batcher's worker thread starts with the first request and stops when the app shuts down.
@@ -178,7 +182,7 @@ def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: s
                              "give an existing folder")
     if api_key is not None and not api_key:
         raise ValueError("the API key is empty; give a non-empty key or none")
-    engine = _Engine(loaded, limits, max_batch_size, max_queue, image_cache_bytes, prefill_batch)
+    engine = _Engine(loaded, limits, max_batch_size, max_queue, image_cache_bytes, prefill_batch, prefill_wait)
     created = int(time.time())
 
     @asynccontextmanager

@@ -24,7 +24,9 @@ Each turn of its loop:
     prefill. Then the group's KV cache joins the batch cache (KVCache.join), every row
     right-aligned to a common width with masked padding on the left. If a group's prefill fails,
     each of its requests is prefilled alone (logged), so the error ends only the request that
-    causes it;
+    causes it. Requests sent together reach the batcher spread over the time their parsing takes
+    (tens of ms for images), so an idle batcher may wait up to prefill_wait seconds (0 by default)
+    for prefill_batch requests before it admits the first ones;
  2. one decoding.decode_step, the step generate() runs too: each row's next token is sampled
     from its logits with its own settings and seeded generator (sampling.sample_rows) and pushed
     into its generate.Row (stop ids, stop strings, max_tokens), except for cancelled rows; new
@@ -59,6 +61,7 @@ import asyncio
 import functools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -154,15 +157,17 @@ class Batcher:
 
     def __init__(self, model: nn.Module, tokenizer: Any, max_batch_size: int = MAX_BATCH_SIZE,
                  max_queue: int = MAX_QUEUE, prefill_batch: int = PREFILL_BATCH,
-                 images: ImagePrefill | None = None) -> None:
+                 images: ImagePrefill | None = None, prefill_wait: float = 0.0) -> None:
         """prefill_batch: requests prefilled together in one forward pass (1: each alone). images: the function
         making a prefill's image inputs from the items submitted as images (default: the model's image_inputs,
-        taking ImagePlans; None for a text-only model)."""
-        if max_batch_size < 1 or max_queue < 0 or prefill_batch < 1:
-            raise ValueError(f"max_batch_size and prefill_batch must be >= 1 and max_queue >= 0, got "
-                             f"{max_batch_size}, {prefill_batch} and {max_queue}")
+        taking ImagePlans; None for a text-only model). prefill_wait: seconds an idle batcher waits for
+        prefill_batch requests before it admits the ones it has."""
+        if max_batch_size < 1 or max_queue < 0 or prefill_batch < 1 or not prefill_wait >= 0:
+            raise ValueError(f"max_batch_size and prefill_batch must be >= 1, max_queue and prefill_wait >= 0, got "
+                             f"{max_batch_size}, {prefill_batch}, {max_queue} and {prefill_wait}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue, self.prefill_batch = max_batch_size, max_queue, prefill_batch
+        self.prefill_wait = prefill_wait
         if images is None and takes_images(model):
             images = functools.partial(_plan_inputs, model)
         self.images = images
@@ -231,6 +236,8 @@ class Batcher:
             with self._wake:
                 while not self._waiting and not self._slots and not self._stopping:
                     self._wake.wait()
+                if not self._slots and self.prefill_wait > 0:
+                    self._gather()
                 if self._stopping:  # the requests still here end with an error rather than wait forever
                     ended = [s.ticket for s in self._slots.values()] + [r.ticket for r in self._waiting]
                     for ticket in ended:
@@ -248,6 +255,13 @@ class Batcher:
                     slot.ticket.put(e)
                 self._end(len(self._slots), cancelled=0)
                 self._batch, self._slots = None, {}
+
+    def _gather(self) -> None:
+        """Idle, with the lock held: wait up to prefill_wait seconds for prefill_batch requests (submit wakes it)."""
+        deadline = time.monotonic() + self.prefill_wait
+        wanted = min(self.prefill_batch, self.max_batch_size)
+        while len(self._waiting) < wanted and not self._stopping and (left := deadline - time.monotonic()) > 0:
+            self._wake.wait(left)
 
     def _end(self, n: int, cancelled: int) -> None:
         with self._wake:
