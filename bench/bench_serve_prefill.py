@@ -18,6 +18,10 @@ examples/shapes.png: 144 image tokens, prompts of ~190 tokens), with the image-f
 emptied first, so every run encodes its 8 images. Repetitions alternate the two servers, and which
 goes first, so machine noise hits both alike.
 
+Then, with the servers stopped, the same 8 prompts' prefill work in this process, no HTTP: each
+prompt's prefill pass (decoding.prefill_batch, its images encoded in it) one at a time, against one
+pass of the 8 left-padded prompts with their 8 images in one vision batch, alternating, --reps times.
+
 Reported, medians over the repetitions: time to first token (from the release of the 8 clients to
 a request's first streamed text; per run the median and the largest of the 8), and total completion
 tokens / wall time; then the median of each repetition's ratio to one at a time (steadier on a busy
@@ -104,6 +108,48 @@ def run(client, urls: list[str], max_tokens: int) -> tuple[float, list[tuple[str
     return time.perf_counter() - start[0], answers
 
 
+def prefill_passes(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Seconds of the 8 prompts' prefill work in this process, per repetition: one at a time and batched."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from bench_dtype import build
+    from vlmkit.decoding import prefill_batch
+    from vlmkit.generate import new_row, pad_id
+    from vlmkit.load import LoadedModel
+    from vlmkit.sampling import GenerationConfig
+    from vlmkit.text.chat import chat_template_for
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = build(args.lm)
+    loaded = LoadedModel("bench-tiny", model, tokenizer, chat_template_for(tokenizer))
+    images = [Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2]))).convert("RGB") for url in image_urls()]
+    plans = [loaded.plan_images([image]) for image in images]
+    prompts = [loaded.prompt_ids([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], p)
+               for q, p in zip(QUESTIONS, plans)]
+    config, pad = GenerationConfig(max_new_tokens=1), pad_id(tokenizer)
+
+    def alone() -> None:
+        for ids, p in zip(prompts, plans):
+            prefill_batch(model, [new_row(ids, config)], len(ids), loaded.image_inputs(p), pad)
+
+    def together() -> None:
+        rows = [new_row(ids, config) for ids in prompts]
+        prefill_batch(model, rows, max(map(len, prompts)), loaded.image_inputs([q for p in plans for q in p]), pad)
+
+    seconds: dict[str, list[float]] = {BASELINE: [], "batched": []}
+    with torch.inference_mode():
+        alone(), together()  # warm-up
+        for rep in range(args.reps):
+            for name, work in ((BASELINE, alone), ("batched", together))[::1 if rep % 2 == 0 else -1]:
+                start = time.perf_counter()
+                work()
+                seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5, help="repetitions of each mode (medians are reported)")
@@ -160,6 +206,7 @@ def main() -> None:
             server.terminate()
         for server in servers.values():
             server.wait(timeout=30)
+    passes = prefill_passes(args)
     medians = {m: {k: statistics.median(v) for k, v in f.items()} for m, f in figures.items()}
     print(f"\n{MODELS[args.lm]} in float32, {CLIENTS} concurrent streamed greedy requests, each with its own image "
           f"(144 image tokens), {args.max_tokens} max new tokens, {args.threads} torch thread(s) per server, "
@@ -174,12 +221,17 @@ def main() -> None:
         print(f"{mode:<24} {m['ttft_median'] * 1000:>9.0f} ms {m['ttft_max'] * 1000:>6.0f} ms "
               f"{m['tokens_per_s']:>9.1f}   TTFT median x{r['ttft_median']:.2f}, max x{r['ttft_max']:.2f}, "
               f"tokens/s x{r['tokens_per_s']:.2f}")
+    ratio = statistics.median(b / a for a, b in zip(passes[BASELINE], passes["batched"]))
+    one, batched = (statistics.median(passes[m]) * 1000 for m in (BASELINE, "batched"))
+    print(f"prefill work of the 8 prompts alone (this process, no HTTP), medians: one at a time {one:.0f} ms, "
+          f"batched {batched:.0f} ms (x{ratio:.2f}, median of each repetition's ratio)")
     print("answers: the same in every mode" if not differing else
           f"answers that differ from the first run's ({len(differing)}):\n  " + "\n  ".join(differing))
     if args.json is not None:
         args.json.write_text(json.dumps({"model": MODELS[args.lm], "clients": CLIENTS, "max_tokens": args.max_tokens,
                                          "threads": args.threads, "reps": args.reps, "modes": mode_options,
                                          "medians": medians, "median_paired_ratio": paired,
+                                         "prefill_pass_seconds": passes,
                                          "all": figures, "differing": differing}, indent=2))
 
 
