@@ -248,3 +248,13 @@ def test_an_idle_batcher_waits_prefill_wait_for_requests_sent_together():
     assert [r.token_ids[0] for r in results] == [alone(loaded, *job) for job in jobs]
     with pytest.raises(ValueError, match="prefill_wait"):
         Batcher(loaded.model, loaded.tokenizer, prefill_wait=-1)
+
+
+def test_padding_that_would_look_like_an_image_placeholder_is_refused():
+    """Left padding is written with the pad id (0 here); were it the placeholder id, the scatter would fill it."""
+    tok = CharTokenizer(string.printable)
+    cfg = dataclasses.replace(get_preset("tiny-random"), image_token_id=0)
+    model = build_model(dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, vocab_size=tok.vocab_size))).eval()
+    with pytest.raises(ValueError, match="padding id 0 is one of the model's placeholder ids"):
+        generate(model, [[5, 6, 7], [8]], GenerationConfig(max_new_tokens=2))
+    assert len(generate(model, [[5, 6, 7]], GenerationConfig(max_new_tokens=2)).token_ids[0]) == 2  # no padding
