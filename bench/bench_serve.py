@@ -35,12 +35,11 @@ Both modes must give the same 8 answers, or the run stops. In bfloat16 a batched
 rounds differently from a single row's (the kernels block the sums differently), so a greedy answer can
 take the other branch at a near-tie: there an answer may differ from the first run's after at least
 MIN_BF16_AGREEMENT equal characters (a wrong row, cache or position would differ from the start), and every
-such run is listed at the end. Only decoding is batched: each prompt is
-prefilled alone (a batched prefill is no faster on a CPU, it is compute-bound), its images encoded
-alone, so the image workloads, whose prefills are longer, gain less than text only. With bench-tiny
-(a 96 px tower) encoding an image is a small part of a 128-token answer, so "8 images" (8 encodes
-per run) and "one image" (1 encode) come out alike, within the noise of a run; a bigger tower or
-shorter answers would separate them.
+such run is listed at the end. Requests the server admits together are prefilled together (its
+--prefill-batch, `--prefill-batch` here; bench_serve_prefill.py measures that against one at a
+time). With bench-tiny (a 96 px tower) encoding an image is a small part of a 128-token answer, so
+"8 images" (8 encodes per run) and "one image" (1 encode) come out alike, within the noise of a run;
+a bigger tower or shorter answers would separate them.
 """
 
 from __future__ import annotations
@@ -69,9 +68,11 @@ MODELS = {"bench-tiny": "bench-tiny (char vocabulary)",
           "vary-tiny": "bench-tiny's vision + vary-tiny's LM (12 x 768, char vocabulary)"}
 
 
-def serve(port: int, threads: int, max_tokens: int, lm: str, image_cache_mb: float | None, dtype: str) -> None:
+def serve(port: int, threads: int, max_tokens: int, lm: str, image_cache_mb: float | None, dtype: str,
+          prefill_batch: int | None = None, prefill_wait_ms: float = 0.0) -> None:
     """The server process: the bench model behind create_app, run by uvicorn (until killed), plus a route that
-    empties the image-feature cache between timed runs."""
+    empties the image-feature cache between timed runs. prefill_batch, prefill_wait_ms: the server's options
+    (prefill_batch None: its default)."""
     import torch
 
     from bench_dtype import build  # the same model (bench/ is this script's import path)
@@ -84,8 +85,11 @@ def serve(port: int, threads: int, max_tokens: int, lm: str, image_cache_mb: flo
     model, tokenizer = build(lm)
     model.to(getattr(torch, dtype))
     loaded = LoadedModel("bench-tiny", model, tokenizer, chat_template_for(tokenizer))
-    cache = {} if image_cache_mb is None else {"image_cache_bytes": int(image_cache_mb * MB)}  # {}: the default
-    app = create_app(loaded, limits=Limits(max_tokens=max_tokens), **cache)
+    options = {} if image_cache_mb is None else {"image_cache_bytes": int(image_cache_mb * MB)}  # {}: the default
+    if prefill_batch is not None:
+        options["prefill_batch"] = prefill_batch
+    options["prefill_wait"] = prefill_wait_ms / 1000
+    app = create_app(loaded, limits=Limits(max_tokens=max_tokens), **options)
 
     @app.post(CLEAR_ROUTE)
     def clear() -> dict:
@@ -189,10 +193,16 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="the served model's weights, activations and KV cache (vlmkit serve --dtype)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--prefill-batch", type=int, default=None,
+                        help="the server's --prefill-batch, 1 = each request prefilled alone (default: the server's; "
+                             "bench_serve_prefill.py compares the two)")
+    parser.add_argument("--prefill-wait-ms", type=float, default=0.0,
+                        help="the server's --prefill-wait-ms (default 0)")
     parser.add_argument("--serve-port", type=int, default=None, help=argparse.SUPPRESS)  # the server subprocess
     args = parser.parse_args()
     if args.serve_port is not None:
-        serve(args.serve_port, args.threads, args.max_tokens, args.lm, args.image_cache_mb, args.dtype)
+        serve(args.serve_port, args.threads, args.max_tokens, args.lm, args.image_cache_mb, args.dtype,
+              args.prefill_batch, args.prefill_wait_ms)
         return
 
     import base64
@@ -203,7 +213,9 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, __file__, "--serve-port", str(port), "--threads", str(args.threads),
                                "--max-tokens", str(args.max_tokens), "--lm", args.lm, "--dtype", args.dtype,
                                *(["--image-cache-mb", str(args.image_cache_mb)] if args.image_cache_mb is not None
-                                 else [])],
+                                 else []),
+                               *(["--prefill-batch", str(args.prefill_batch)] if args.prefill_batch is not None
+                                 else []), "--prefill-wait-ms", str(args.prefill_wait_ms)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120

@@ -24,6 +24,7 @@ from typing import Any
 import openai
 import pytest
 import torch
+from PIL import Image
 from test_serve import SHAPES, SHAPES_URL, Server, direct, request, user
 
 from vlmkit.cli import build_parser
@@ -72,7 +73,7 @@ def loaded():
     return loaded
 
 
-def run_batcher(model, tokenizer, jobs: list[tuple[list[int], dict | None, GenerationConfig]],
+def run_batcher(model, tokenizer, jobs: list[tuple[list[int], list | None, GenerationConfig]],
                 max_batch_size: int) -> list:
     """The GenerationResult of each job, submitted to one Batcher 2 ms apart (so later ones join a running batch)."""
     async def main() -> list:
@@ -109,13 +110,16 @@ def test_batcher_carries_qwen2_vl_rope_deltas():
                   qkv_bias=True, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})
     vision = Qwen2VLVisionConfig(depth=2, embed_dim=32, num_heads=4, out_hidden_size=64)
     model = sharpen(Qwen2VL(Qwen2VLConfig(vision=vision, lm=lm, image_token_id=99)).eval())
-    torch.manual_seed(1)
-    image = {"pixel_values": torch.randn(4 * 6, vision.patch_dim), "image_grid_thw": torch.tensor([[1, 4, 6]])}
+    noise = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (56, 84, 3), dtype=torch.uint8, generator=noise).numpy()
+    plans = model.plan_images([Image.fromarray(pixels)])  # 4 x 6 patches of 14 px, merged 2 x 2: 6 tokens
+    assert plans[0].extra["image_grid_thw"] == (1, 4, 6)
     jobs = [([5, 6, 7, 8, 9, 10, 11], None, GenerationConfig(max_new_tokens=20)),
-            ([1, 2] + [99] * 6 + [3], image, GenerationConfig(max_new_tokens=24)),
+            ([1, 2] + [99] * 6 + [3], plans, GenerationConfig(max_new_tokens=24)),
             ([4, 3], None, GenerationConfig(max_new_tokens=16, temperature=1.0, seed=5))]
     results = run_batcher(model, None, jobs, max_batch_size=3)
-    for ids, prefill, cfg in jobs:
+    for ids, images, cfg in jobs:
+        prefill = model.image_inputs(images) if images else None
         assert results.pop(0).token_ids == generate(model, [ids], cfg, prefill_inputs=prefill).token_ids
 
 

@@ -300,8 +300,8 @@ def test_prefill_from_the_cache_equals_pixels_for_every_scheme(preset, shapes):
     encoder = CachedImageEncoder(loaded, ImageFeatureCache(64 * MB))
     keyed = [(plan_key(plan), plan) for plan in plans]
     with torch.inference_mode():
-        encoder.prefill(keyed[:1])
-        cached = loaded.model(input_ids=ids, **encoder.prefill(keyed)).logits  # (1, T, V)
+        encoder.prefill([keyed[:1]])
+        cached = loaded.model(input_ids=ids, **encoder.prefill([keyed])).logits  # (1, T, V)
         pixels = loaded.model(input_ids=ids, **loaded.image_inputs(plans)).logits  # (1, T, V)
     assert torch.equal(cached, pixels)
     assert encoder.cache.stats()["entries"] == 3 and encoder.cache.stats()["hits"] == 1

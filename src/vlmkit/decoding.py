@@ -12,8 +12,8 @@ cancelled) from the rows, the cache and the mask, and runs one forward pass of t
 new tokens. Rows join and leave through the cache's own row operations (models/lm.py, KVCache).
 
 generate.py runs it from one prefill until every row has finished (replacing the forward pass at
-Phi-3's longrope switch); serve/batcher.py admits new requests between steps (each prefilled alone,
-then joined to the batch), cancels rows and grows the cache.
+Phi-3's longrope switch); serve/batcher.py admits new requests between steps (those arriving together
+prefilled together by prefill_batch, then joined to the batch), cancels rows and grows the cache.
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ def prefill_batch(model: nn.Module, rows: list[Row], max_len: int, prefill_input
                   pad_id: int) -> DecodeBatch:
     """The rows' prompts, left-padded, through the model once into a new cache of max_len positions."""
     ids, mask = left_pad([r.prompt for r in rows], pad_id, model_device(model))  # (B, T) each
+    placeholders = getattr(model, "placeholder_ids", {})  # an ImageModel's; the padding must not look like one
+    if not bool(mask.all()) and pad_id in placeholders.values():
+        raise ValueError(f"the padding id {pad_id} is one of the model's placeholder ids {placeholders}; the padding "
+                         "would be taken for image tokens: give the tokenizer another pad_token_id")
     cache = model.new_cache(len(rows), max_len)
     logits = model(input_ids=ids, attention_mask=_attention(mask), cache=cache, logits_to_keep=1,
                    **prefill_inputs).logits[:, -1]  # (B, V)

@@ -252,7 +252,8 @@ def result_of(rows: list[Row], with_text: bool) -> GenerationResult:
                             texts=["".join(r.pieces) for r in rows] if with_text else None)
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
+    """The id left padding is written with (masked out, so any id works): the tokenizer's pad id, else 0."""
     pad = getattr(tokenizer, "pad_token_id", None)
     return pad if pad is not None else 0
 
@@ -353,7 +354,7 @@ def generate(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig | None 
     """
     cfg = cfg or GenerationConfig()
     rows = _make_rows(input_ids, attention_mask, cfg, tokenizer, model_device(model))
-    for _ in _decode_cached(model, rows, cfg, prefill_inputs or {}, _pad_id(tokenizer)):
+    for _ in _decode_cached(model, rows, cfg, prefill_inputs or {}, pad_id(tokenizer)):
         pass
     return result_of(rows, tokenizer is not None)
 
@@ -364,7 +365,7 @@ def generate_naive(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig |
     """Same as generate, without a cache (reference path; prefill inputs go to every forward pass)."""
     cfg = cfg or GenerationConfig()
     rows = _make_rows(input_ids, attention_mask, cfg, tokenizer, model_device(model))
-    for _ in _decode_naive(model, rows, cfg, prefill_inputs or {}, _pad_id(tokenizer)):
+    for _ in _decode_naive(model, rows, cfg, prefill_inputs or {}, pad_id(tokenizer)):
         pass
     return result_of(rows, tokenizer is not None)
 
@@ -406,4 +407,4 @@ def stream(model: nn.Module, input_ids: Prompts, cfg: GenerationConfig | None = 
     rows = _make_rows(input_ids, attention_mask, cfg, tokenizer, model_device(model))
     if len(rows) != 1:
         raise ValueError(f"stream takes one prompt, got a batch of {len(rows)}; use generate")
-    return TextStream(_decode_cached(model, rows, cfg, prefill_inputs or {}, _pad_id(tokenizer)), rows[0])
+    return TextStream(_decode_cached(model, rows, cfg, prefill_inputs or {}, pad_id(tokenizer)), rows[0])

@@ -10,7 +10,7 @@ import torch
 
 from vlmkit.commands.common import add_model_flag, load_model_of
 from vlmkit.serve import DEFAULT_HOST, DEFAULT_PORT, Limits, create_app, run_server
-from vlmkit.serve.batcher import MAX_BATCH_SIZE, MAX_QUEUE
+from vlmkit.serve.batcher import MAX_BATCH_SIZE, MAX_QUEUE, PREFILL_BATCH
 from vlmkit.serve.guard import parse_allowed_hosts
 from vlmkit.serve.image_cache import IMAGE_CACHE_MB, MB
 from vlmkit.serve.requests import MAX_IMAGE_PIXELS, MAX_IMAGES, MAX_PROMPT_TOKENS, MAX_REQUEST_BYTES, MAX_TOKENS
@@ -47,6 +47,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help=f"requests decoded together in one forward pass (default {MAX_BATCH_SIZE})")
     p.add_argument("--max-queue", type=int, default=MAX_QUEUE,
                    help=f"requests that may wait for a batch row; more get 503 (default {MAX_QUEUE})")
+    p.add_argument("--prefill-batch", type=_positive, default=PREFILL_BATCH, metavar="N",
+                   help="requests arriving together are prefilled together, up to N in one forward pass with their "
+                        "images encoded in one vision batch; 1 prefills each request alone "
+                        f"(default {PREFILL_BATCH})")
+    p.add_argument("--prefill-wait-ms", type=_milliseconds, default=0.0, metavar="MS",
+                   help="how long an idle server waits for --prefill-batch requests before it prefills the ones it "
+                        "has: requests sent together arrive spread over the time their images take to decode; "
+                        "adds up to MS to a lone request's first token (default 0)")
     p.add_argument("--image-cache-mb", type=_megabytes, default=IMAGE_CACHE_MB, metavar="MB",
                    help="memory for the encoded features of recently seen images, so that an image a client "
                         "sends again (every turn of a chat) skips the vision tower; 0 turns the cache off "
@@ -66,7 +74,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     app = create_app(load_model_of(args), model_name=args.model_name or args.model, api_key=args.api_key,
                      allow_local_images_root=args.allow_local_images, limits=limits,
                      max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                     image_cache_bytes=int(args.image_cache_mb * MB),
+                     image_cache_bytes=int(args.image_cache_mb * MB), prefill_batch=args.prefill_batch,
+                     prefill_wait=args.prefill_wait_ms / 1000,
                      allowed_hosts=[args.host, *args.allowed_hosts],
                      request_log=None if args.quiet else _log_to_stderr)
     run_server(app, host=args.host, port=args.port)
@@ -82,6 +91,29 @@ def _allowed_hosts(text: str) -> list[str]:
         return parse_allowed_hosts(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(text: str) -> int:
+    """--prefill-batch: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give e.g. 8, or 1 to prefill each "
+                                         "request alone") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1; give e.g. 8, or 1 to prefill each request alone")
+    return value
+
+
+def _milliseconds(text: str) -> float:
+    """--prefill-wait-ms: a number of milliseconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds; give e.g. 50, or 0") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} milliseconds is not a time >= 0; give e.g. 50, or 0 not to wait")
+    return value
 
 
 def _megabytes(text: str) -> float:

@@ -22,24 +22,27 @@ request log line. A request that gives no `temperature` is answered greedily (te
 Concurrency: requests are parsed and their images decoded concurrently in worker threads, then
 handed to the Batcher (batcher.py): up to max_batch_size requests decode together in one forward
 pass per step, joining and leaving between steps (continuous batching), each with its own settings
-and seed, so an answer is the same as when its request runs alone. At most max_queue more wait for
+and seed, so an answer is the same as when its request runs alone. Requests admitted together are
+prefilled together, up to prefill_batch in one forward pass with their images encoded in one
+vision batch (`--prefill-batch`; 1 prefills each request alone; `--prefill-wait-ms` lets an idle
+server wait for requests sent together, whose parsing spreads their arrivals). At most max_queue more wait for
 a row; beyond that a request is refused with 503 (OpenAI's error shape, code "server_overloaded",
 a Retry-After header): the server is overloaded, not the client over a quota (that would be 429).
 A client that disconnects, streaming or not, frees its row or its queue place at the next step.
 
 Images: a chat client resends the conversation's images every turn. The server keeps their encoded
 rows in an LRU bounded by bytes (image_cache.py; image_cache_bytes, `--image-cache-mb`, 0 turns it
-off), keyed by a hash of each image's plan, which the request thread computes. A request's prefill
-inputs are then made by the batcher's worker thread at admission: the cached rows, with the images
-the cache lacks encoded in one encode_images call, passed to forward as image_embeds (plus the
-position inputs such as Qwen2-VL's image_grid_thw). With the cache off, the request carries its
-pixel inputs and forward encodes them. Answers are the same either way.
+off), keyed by a hash of each image's plan, which the request thread computes. The prefill inputs
+of a group of requests are then made by the batcher's worker thread at admission: the cached rows,
+with the images the cache lacks (of every request of the group) encoded in one encode_images call,
+passed to forward as image_embeds (plus the position inputs such as Qwen2-VL's image_grid_thw).
+With the cache off, the group's plans become the scheme's pixel inputs (the model's image_inputs)
+and forward encodes them. Answers are the same either way.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
 import json
 import logging
@@ -59,10 +62,24 @@ from starlette.exceptions import HTTPException
 
 from vlmkit.generate import GenerationResult, _long_rope_threshold
 from vlmkit.load import LoadedModel
+from vlmkit.prompt import flat_plans
 from vlmkit.sampling import GenerationConfig
-from vlmkit.serve.batcher import MAX_BATCH_SIZE, MAX_QUEUE, Batcher, Prefill, QueueFull, Ticket
+from vlmkit.serve.batcher import (
+    MAX_BATCH_SIZE,
+    MAX_QUEUE,
+    PREFILL_BATCH,
+    Batcher,
+    QueueFull,
+    Ticket,
+)
 from vlmkit.serve.guard import Guard
-from vlmkit.serve.image_cache import IMAGE_CACHE_MB, MB, CachedImageEncoder, ImageFeatureCache, plan_key
+from vlmkit.serve.image_cache import (
+    IMAGE_CACHE_MB,
+    MB,
+    CachedImageEncoder,
+    ImageFeatureCache,
+    plan_key,
+)
 from vlmkit.serve.requests import (
     ERROR_TYPES,
     ChatRequest,
@@ -83,11 +100,11 @@ logger = logging.getLogger("vlmkit.serve")
 
 @dataclass
 class _Job:
-    """A request ready to generate: prompt ids (image tokens expanded), prefill inputs (or the function the
-    batcher calls to make them from the image cache), settings."""
+    """A request ready to generate: prompt ids (image tokens expanded), its images in placeholder order as the
+    batcher's images function takes them (plans, or (cache key, plan) pairs with the image cache on), settings."""
 
     ids: list[int]
-    prefill: Prefill
+    images: list[Any]
     config: GenerationConfig
 
 
@@ -95,19 +112,21 @@ class _Engine:
     """The loaded model behind the batcher: turns checked requests into prompts and queues them."""
 
     def __init__(self, loaded: LoadedModel, limits: Limits, max_batch_size: int, max_queue: int,
-                 image_cache_bytes: int) -> None:
+                 image_cache_bytes: int, prefill_batch: int, prefill_wait: float) -> None:
         self.loaded, self.limits = loaded, limits
         self.context_length = _context_length(loaded)
         # Text longer than this cannot fit in max_prompt_tokens (requests.py): refused before tokenizing.
         self.max_text_chars = limits.max_prompt_tokens * longest_token_chars(loaded.tokenizer)
-        self.batcher = Batcher(loaded.model, loaded.tokenizer, max_batch_size, max_queue)
         self.image_cache = ImageFeatureCache(image_cache_bytes)
         self.encoder = (CachedImageEncoder(loaded, self.image_cache)
                         if loaded.takes_images and self.image_cache.enabled else None)
+        images = self.encoder.prefill if self.encoder is not None else None  # None: the model's image_inputs
+        self.batcher = Batcher(loaded.model, loaded.tokenizer, max_batch_size, max_queue, prefill_batch, images,
+                               prefill_wait)
 
     def prepare(self, chat: ChatRequest) -> _Job:
-        """Plan the images and build the prompt ids; check the prompt-token limits; then the prefill: the pixel
-        inputs, or with the image cache on, the images' keys and plans for the batcher to look up."""
+        """Plan the images and build the prompt ids; check the prompt-token limits; then the images for the
+        batcher: the plans, or with the image cache on, each plan with its key for the batcher to look up."""
         try:
             plans = self.loaded.plan_images(chat.images)
             ids = self.loaded.prompt_ids(chat.messages, plans)  # placeholders show the plans in order
@@ -123,17 +142,15 @@ class _Engine:
                                f"is {wanted}, more than the context of {self.context_length} tokens this server "
                                "runs the model with; lower max_tokens or shorten the conversation", param="max_tokens",
                                code="context_length_exceeded")
-        if not plans:
-            return _Job(ids, None, chat.config)
+        flat = flat_plans(plans)
         if self.encoder is None:
-            return _Job(ids, self.loaded.image_inputs(plans), chat.config)
-        images = [(plan_key(plan), plan) for plan in plans]
-        return _Job(ids, functools.partial(self.encoder.prefill, images), chat.config)
+            return _Job(ids, flat, chat.config)
+        return _Job(ids, [(plan_key(plan), plan) for plan in flat], chat.config)
 
     def submit(self, job: _Job) -> Ticket:
         """Queue the job for the batcher; a 503 when it is full."""
         try:
-            return self.batcher.submit(job.ids, job.prefill, job.config)
+            return self.batcher.submit(job.ids, job.images, job.config)
         except QueueFull as e:
             raise RequestError(str(e), status=503, code="server_overloaded") from e
 
@@ -142,13 +159,16 @@ def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: s
                allow_local_images_root: str | Path | None = None, limits: Limits = Limits(),
                max_batch_size: int = MAX_BATCH_SIZE, max_queue: int = MAX_QUEUE,
                image_cache_bytes: int = IMAGE_CACHE_MB * MB, allowed_hosts: Iterable[str] = (),
-               request_log: Callable[[str], None] | None = None) -> FastAPI:
+               request_log: Callable[[str], None] | None = None, prefill_batch: int = PREFILL_BATCH,
+               prefill_wait: float = 0.0) -> FastAPI:
     """The server app for loaded, answering as model_name (default: loaded.name).
 
     api_key: require `Authorization: Bearer <api_key>` on /v1 routes. allow_local_images_root: let
     image_url parts name local files, only inside this directory (symlinks resolved); None: data URLs only.
     max_batch_size: requests decoded together; max_queue: requests that may wait for a row (then 503).
     image_cache_bytes: bound of the encoded-image cache (image_cache.py); 0 turns it off.
+    prefill_batch: requests admitted together that are prefilled in one forward pass (1: each alone);
+    prefill_wait: seconds an idle server waits for that many requests before it prefills the ones it has.
     allowed_hosts: Host names accepted besides localhost names and IP addresses ("*": any; guard.py).
     request_log: called with one line per request (`POST /v1/chat/completions 200 153 ms`); None: no log.
     The batcher's worker thread starts with the first request and stops when the app shuts down.
@@ -162,7 +182,7 @@ def create_app(loaded: LoadedModel, *, model_name: str | None = None, api_key: s
                              "give an existing folder")
     if api_key is not None and not api_key:
         raise ValueError("the API key is empty; give a non-empty key or none")
-    engine = _Engine(loaded, limits, max_batch_size, max_queue, image_cache_bytes)
+    engine = _Engine(loaded, limits, max_batch_size, max_queue, image_cache_bytes, prefill_batch, prefill_wait)
     created = int(time.time())
 
     @asynccontextmanager

@@ -3,8 +3,9 @@
     cache = ImageFeatureCache(max_bytes=IMAGE_CACHE_MB * MB)     # 0: disabled
     encoder = CachedImageEncoder(loaded, cache)
     keys = [plan_key(plan) for plan in prompt.plans]            # in a request thread (hashing is not free)
-    prefill = encoder.prefill(list(zip(keys, prompt.plans)))    # in the batcher's worker thread
-    model(input_ids=ids, cache=kv, **prefill)                   # image_embeds + position inputs, no pixels
+    prefill = encoder.prefill([list(zip(keys, prompt.plans))])  # in the batcher's worker thread: one prompt,
+    model(input_ids=ids, cache=kv, **prefill)                   # or several prefilled together (row order);
+                                                                # image_embeds + position inputs, no pixels
     cache.stats()        # {"max_bytes", "entries", "bytes", "hits", "misses", "evictions"} for /health
 
 A chat client (the web page, any OpenAI client) resends the conversation's images with every turn.
@@ -25,13 +26,15 @@ scheme, for one, plans an image differently when the prompt holds more than two 
 
 Answers are the same with and without the cache: the rows are what forward would compute from the
 pixels (the same encode_images call); an image's rows are computed in one encode_images call with the
-request's other uncached images, so a float's last bits may differ from a batch of other images.
+other uncached images of its request and of the requests prefilled with it (the batcher's batched
+prefill), so a float's last bits may differ from a batch of other images.
 
 Bounded by bytes (each entry's rows and position tensors, measured from their storage): putting an
 entry evicts the least recently used ones until the total fits; an entry larger than the whole bound
 is used for its request and not kept. Thread-safe (one lock): the batcher's worker thread reads and
 fills it while /health reads its counters on the event loop. `hits` and `misses` count each distinct
-image of a request once; every miss is an image the vision tower encoded.
+image of a request once; every miss is an image the vision tower encoded. Requests prefilled together
+count as if one came after the other: an image one of them encodes is a hit for the later ones.
 """
 
 from __future__ import annotations
@@ -127,6 +130,11 @@ class ImageFeatureCache:
             self._entries[key] = entry
             self._bytes += size
 
+    def count_hit(self) -> None:
+        """Count a hit for an image found outside the cache: one an earlier request of the same prefill encodes."""
+        with self._lock:
+            self.hits += 1
+
     def clear(self) -> None:
         """Drop every entry (the counters stay)."""
         with self._lock:
@@ -149,24 +157,28 @@ class CachedImageEncoder:
         self.loaded, self.cache = loaded, cache
 
     @torch.inference_mode()
-    def prefill(self, images: Sequence[tuple[str, ImagePlan]]) -> dict[str, Any]:
-        """Forward keywords for a prompt's images given as (plan_key, plan) in placeholder order:
-        image_embeds, one (T_i, C) tensor per placeholder run, and each position input (images, ...).
+    def prefill(self, prompts: Sequence[Sequence[tuple[str, ImagePlan]]]) -> dict[str, Any]:
+        """Forward keywords for the images of prompts prefilled together, each prompt's given as (plan_key, plan)
+        in placeholder order, the prompts in row order: image_embeds, one (T_i, C) tensor per placeholder run
+        (row-major, as scatter_rows fills them), and each position input (images, ...).
 
-        The distinct images the cache lacks go through the vision side in one encode_images call and
-        are kept. Raises ValueError when the plans do not fit the model (as forward would)."""
+        The distinct images the cache lacks, of all the prompts, go through the vision side in one
+        encode_images call and are kept. Raises ValueError when the plans do not fit the model (as forward
+        would)."""
         found: dict[str, EncodedImage] = {}
         missing: dict[str, ImagePlan] = {}  # key -> plan, in first-shown order
-        for key, plan in images:
-            if key in found or key in missing:
-                continue
-            entry = self.cache.get(key)
-            if entry is None:
-                missing[key] = plan
-            else:
-                found[key] = entry
+        for images in prompts:
+            for key, plan in dict(images).items():  # each distinct image of the prompt once
+                if key in missing:  # an earlier prompt of this prefill has it encoded below
+                    self.cache.count_hit()
+                    continue
+                entry = self.cache.get(key)
+                if entry is None:
+                    missing[key] = plan
+                else:
+                    found[key] = entry
         if missing:
             for key, entry in zip(missing, self.loaded.encode(list(missing.values()))):
                 self.cache.put(key, entry)
                 found[key] = entry
-        return self.loaded.encoded_prefill([found[key] for key, _ in images])
+        return self.loaded.encoded_prefill([found[key] for images in prompts for key, _ in images])
