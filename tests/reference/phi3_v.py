@@ -18,8 +18,10 @@ PyPI's torchvision wheel is a CUDA build whose compiled ops cannot load beside a
 reference only uses torchvision's pure-Python PIL transforms (resize, pad, ToTensor, Normalize), so
 the script skips torchvision's meta-kernel registration module (stubbed in sys.modules).
 
-The tiny checkpoint is the real config.json (phi3_v, HD transform, longrope "su") with small
-dimensions. Two sizes the reference hard-codes are overridden, and the override is recorded in the
+The tiny checkpoint is the real config.json (tests/fixtures/phi3_v/real/config.json: the values of
+microsoft/Phi-3.5-vision-instruct's config.json, as transcribed in sdpython/onnx-diagnostic's
+untrained-model helpers; phi3_v, HD transform, longrope "su") with small dimensions, and the real
+preprocessor_config.json (real/, Phi-3.5-vision's num_crops 4). Two sizes the reference hard-codes are overridden, and the override is recorded in the
 fixture's config so vlmkit reads it like any other size:
 - the CLIP tower: image_embedding_phi3_v builds it from the constant CLIP_VIT_LARGE_PATCH14_336_CONFIG;
   here that constant is replaced by a 3-layer, 16-wide CLIP at 336 px / patch 14 (the same 24 x 24
@@ -40,7 +42,8 @@ Outputs (tests/fixtures/phi3_v/):
                      and the last 32: logit_rows), 20 greedy ids, the processor's image_sizes, and per
                      photo its views at every 7th pixel row and column
     reference.json   prompt text, token counts, image_sizes, per-view sums, real-size token counts
-    real_config.json the real Phi-3.5-vision-instruct config.json values (for `vlmkit inspect`)
+    real/            (input, not written) Phi-3.5-vision-instruct's config.json and preprocessor_config.json,
+                     also what `vlmkit inspect` reads in the tests
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ TINY_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_
                  image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
                  projection_dim=16)
 NUM_CROPS = 4
-SEED = 0
+SEED = 1
 
 
 def photos() -> dict[str, Image.Image]:
@@ -158,8 +161,8 @@ def tiny_config(real: dict, vocab_size: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("reference", type=Path, help="folder with the reference .py files, config.json, "
-                        "preprocessor_config.json, tokenizer.json and tokenizer_config.json")
+    parser.add_argument("reference", type=Path, help="folder with the reference .py files, tokenizer.json and "
+                        "tokenizer_config.json")
     args = parser.parse_args()
     src = args.reference.resolve()
     torch.manual_seed(SEED)
@@ -179,10 +182,10 @@ def main() -> None:
         shutil.rmtree(tiny)
     tiny.mkdir(parents=True)
     vocab_size = tiny_tokenizer(src, tiny)
-    real = json.loads((src / "config.json").read_text())
+    real = json.loads((OUT / "real" / "config.json").read_text())
     config = tiny_config(real, vocab_size)
     (tiny / "config.json").write_text(json.dumps(config, indent=2))
-    preprocessor = json.loads((src / "preprocessor_config.json").read_text())
+    preprocessor = json.loads((OUT / "real" / "preprocessor_config.json").read_text())
     preprocessor["num_crops"] = NUM_CROPS
     (tiny / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
 
