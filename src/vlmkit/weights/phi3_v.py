@@ -109,8 +109,8 @@ def config_to_hf(cfg: VLMConfig) -> dict:
     lm = lm_config_to_hf(cfg.lm, "phi3")
     rope = rope_parameters(cfg.lm)
     hf: dict[str, Any] = {"architectures": ["Phi3VForCausalLM"], "auto_map": dict(AUTO_MAP), "model_type": MODEL_TYPE,
-                          "attention_dropout": 0.0, "embd_layer": dict(EMBD_LAYER), "initializer_range": 0.02,
-                          "use_cache": True}
+                          "attention_dropout": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
+                          "embd_layer": dict(EMBD_LAYER), "initializer_range": 0.02, "use_cache": True}
     hf.update({k: lm[k] for k in _LM_KEYS})
     hf["rope_theta"] = cfg.lm.rope_theta
     if rope["rope_type"] == "longrope":
