@@ -9,8 +9,6 @@ processor's views, canvas sizes and token counts on seven photos, and its chat t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import vlmkit.models
+from vlmkit.cli import main
 from vlmkit.describe import describe_model
 from vlmkit.generate import generate
 from vlmkit.load import load_model
@@ -179,10 +178,6 @@ def answer_text(loaded, reference, two_photos) -> str:
     return result.texts[0]
 
 
-def vlmkit_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlmkit.cli", *args], capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def photo_files(tmp_path_factory, two_photos) -> list[str]:
     folder = tmp_path_factory.mktemp("photos")
@@ -194,11 +189,12 @@ def photo_files(tmp_path_factory, two_photos) -> list[str]:
 
 
 @pytest.mark.parametrize("verb", ["generate", "chat"])
-def test_cli_answers_with_the_reference_tokens(reference, photo_files, answer_text, verb):
-    out = vlmkit_cli(verb, "--model", str(TINY), "--image", photo_files[0], "--image", photo_files[1],
-                     "--prompt", QUESTION, "--max-new-tokens", "20", "--json")
-    assert out.returncode == 0, out.stderr
-    answer = json.loads(out.stdout)
+def test_cli_answers_with_the_reference_tokens(reference, photo_files, answer_text, verb, capsys):
+    status = main([verb, "--model", str(TINY), "--image", photo_files[0], "--image", photo_files[1],
+                   "--prompt", QUESTION, "--max-new-tokens", "20", "--json"])  # in-process: test_cli runs a subprocess
+    out = capsys.readouterr()
+    assert status == 0, out.err
+    answer = json.loads(out.out)
     assert answer["prompt_tokens"] == len(reference["input_ids"]) and answer["completion_tokens"] == 20
     assert answer["text"] == answer_text
 
