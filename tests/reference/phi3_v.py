@@ -14,6 +14,12 @@ Environment: transformers 4.43.0, tokenizers 0.19.1, torchvision 0.28.0 on torch
         huggingface_hub==0.24.7 torchvision==0.28.0
     /work/venvs/phi3v/bin/python tests/reference/phi3_v.py /path/to/reference/files
 
+and, to check that the reference loads what vlmkit's save_pretrained writes (same logits):
+
+    PYTHONPATH=src python -c "from vlmkit.load import load_model; \
+        load_model('tests/fixtures/phi3_v/tiny').save_pretrained('/tmp/phi3v/saved')"
+    /work/venvs/phi3v/bin/python tests/reference/phi3_v.py /path/to/reference/files --check-saved /tmp/phi3v/saved
+
 PyPI's torchvision wheel is a CUDA build whose compiled ops cannot load beside a CPU torch; the
 reference only uses torchvision's pure-Python PIL transforms (resize, pad, ToTensor, Normalize), so
 the script skips torchvision's meta-kernel registration module (stubbed in sys.modules).
@@ -159,10 +165,48 @@ def tiny_config(real: dict, vocab_size: int) -> dict:
     return cfg
 
 
+def check_saved(folder: Path, config_class, model_class, image_processor_class, processor_class) -> None:
+    """Load a saved tiny model with the reference (strict: every tensor name and shape must match) and its
+    image processor from the saved preprocessor_config.json, and compare its logits on the fixture prompt."""
+    import transformers
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    model = model_class(config_class(**{k: v for k, v in config.items()
+                                        if k not in ("auto_map", "architectures", "model_type")},
+                                     attn_implementation="eager")).eval()
+    state = load_file(str(folder / "model.safetensors"))
+    state["model.vision_embed_tokens.wte.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True)
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
+    image_processor = image_processor_class(num_crops=pre["num_crops"], image_mean=pre["image_mean"],
+                                            image_std=pre["image_std"])
+    image_processor.num_img_tokens = pre["num_img_tokens"]
+    # the fixture's tokenizer files: vlmkit's tokenizers (0.23) writes tokenizer.json in a form 0.19 cannot read
+    processor = processor_class(image_processor, transformers.AutoTokenizer.from_pretrained(str(OUT / "tiny")))
+    report = json.loads((OUT / "reference.json").read_text())
+    pics = photos()
+    inputs = processor(report["prompt"], [pics[n] for n in report["prompt_images"]], return_tensors="pt")
+    from safetensors.torch import load_file as load
+
+    want = load(str(OUT / "reference.safetensors"))
+    if not torch.equal(inputs["input_ids"][0], want["input_ids"]):
+        raise SystemExit("the saved folder's tokenizer/processor gives other input ids than the fixture's")
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, want["logit_rows"]]
+    diff = (logits - want["logits"]).abs().max().item()
+    print(f"{folder}: loaded by the reference, logits max |diff| from the fixture {diff:.3g}")
+    if diff > 1e-5:
+        raise SystemExit("the saved folder does not reproduce the reference's logits")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("reference", type=Path, help="folder with the reference .py files, tokenizer.json and "
                         "tokenizer_config.json")
+    parser.add_argument("--check-saved", type=Path, metavar="DIR",
+                        help="instead of writing fixtures, load DIR (the tiny model as vlmkit's save_pretrained wrote "
+                        "it) with the reference code and compare its logits with the fixture's")
     args = parser.parse_args()
     src = args.reference.resolve()
     torch.manual_seed(SEED)
@@ -177,6 +221,9 @@ def main() -> None:
     from safetensors.torch import save_file
 
     print(f"transformers {transformers.__version__}, reference {ref.__name__} from {src}")
+    if args.check_saved is not None:
+        check_saved(args.check_saved, Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor)
+        return
     tiny = OUT / "tiny"
     if tiny.exists():
         shutil.rmtree(tiny)
