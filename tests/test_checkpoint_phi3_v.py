@@ -222,3 +222,29 @@ def test_inspect_reports_phi_35_vision_parameters():
     assert report.loader is None and "no safetensors" in report.problem  # a config without weights
     assert abs(report.parameters - 4.15e9) / 4.15e9 < 0.02  # the model card's 4.2B; the weights' index: 4,146,621,440
     assert report.memory["bfloat16"] == 2 * report.parameters
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"embd_layer": {"hd_transform_order": "glb_sub"}}, "hd_transform_order='glb_sub' is not supported"),
+    ({"embd_layer": {"projection_cls": "linear"}}, "projection_cls='linear' is not supported"),
+    ({"img_processor": {"type_feature": "cls_patch"}}, "only 'patch' is supported"),
+    ({"img_processor": {"image_dim_out": 1024}}, "image_dim_out 1024 differs from the CLIP tower's width 16"),
+])
+def test_a_layout_the_reference_lacks_is_refused(tmp_path, change, message):
+    config = json.loads((TINY / "config.json").read_text())
+    for key, values in change.items():
+        config[key] = {**config[key], **values}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes((TINY / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=message):
+        vlmkit.models.from_pretrained(tmp_path)
+
+
+def test_one_pass_tokenization_would_differ_from_the_reference(loaded, reference, two_photos):
+    """Phi-3-V's processor tokenizes each text piece with its BOS: the usual one-pass encoding gives other ids."""
+    from vlmkit.prompt import build_prompt_ids
+
+    plans = loaded.plan_images(two_photos)
+    one_pass = build_prompt_ids(loaded.tokenizer, loaded.chat_template, two_photo_messages(), loaded.image_token_id,
+                                plans)
+    assert one_pass != reference_ids(reference, loaded.image_token_id).tolist()
