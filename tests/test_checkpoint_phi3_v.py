@@ -145,7 +145,7 @@ def test_real_size_token_counts_match_the_reference_processor():
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     with safe_open(folder / "model.safetensors", "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
 
 
 def test_save_pretrained_writes_the_original_layout(tmp_path):
@@ -201,6 +201,7 @@ def test_cli_answers_with_the_reference_tokens(reference, photo_files, answer_te
 
 def test_serve_answers_with_the_reference_tokens(loaded, reference, two_photos, answer_text):
     from test_serve import Server, png_data_url, request
+
     from vlmkit.serve import create_app
 
     server = Server(create_app(loaded, model_name="phi3_v-tiny"))

@@ -161,7 +161,7 @@ def tiny_config(real: dict, vocab_size: int) -> dict:
                            "short_factor": [real["rope_scaling"]["short_factor"][i] for i in pick],
                            "type": real["rope_scaling"]["type"]}
     cfg["img_processor"] = {**real["img_processor"], "image_dim_out": TINY_CLIP["hidden_size"],
-                            "vision_config": dict(TINY_CLIP)}
+                            "vision_config": {**TINY_CLIP}}
     return cfg
 
 
