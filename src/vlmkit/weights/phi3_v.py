@@ -84,6 +84,7 @@ def _check_layout(hf: dict) -> dict:
 
 
 def config_from_hf(hf: dict) -> VLMConfig:
+    """read_config's dict (config.json + "preprocessor") -> VLMConfig of the hd scheme (module docstring)."""
     img = _check_layout(hf)
     tower = {**CLIP_VIT_L_336, **img.get("vision_config", {}), "model_type": "clip_vision_model"}
     pre = hf.get("preprocessor", {})
@@ -102,6 +103,9 @@ def config_from_hf(hf: dict) -> VLMConfig:
 
 
 def config_to_hf(cfg: VLMConfig) -> dict:
+    """config.json of the released layout, with the processor's settings under "preprocessor" (as read_config
+    adds them; write puts them in preprocessor_config.json). Keys the model does not read (initializer_range,
+    dropouts, use_cache) take the released values."""
     if cfg.image_scheme != "hd" or cfg.projector.type != "merge2x2_mlp2x_gelu" or cfg.vision is None:
         raise ValueError(f"phi3_v holds a CLIP tower, the hd scheme and a merge2x2_mlp2x_gelu projector; this model "
                          f"has scheme {cfg.image_scheme!r} and projector {cfg.projector.type!r}: save it as "
