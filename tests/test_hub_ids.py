@@ -338,9 +338,9 @@ def test_inspect_a_hub_id_reads_the_cached_snapshot(offline_cache, saved, capsys
 
 
 def test_inspect_says_why_it_cannot_load(offline_cache, tmp_path, saved, capsys):
-    phi3_v = tmp_path / "phi3v"
+    phi3_v = tmp_path / "phi4mm"  # a family vlmkit has no converter for (phi3_v has one since issue 15)
     phi3_v.mkdir()
-    (phi3_v / "config.json").write_text(json.dumps({"model_type": "phi3_v", "hidden_size": 3072}))
+    (phi3_v / "config.json").write_text(json.dumps({"model_type": "phi4_multimodal", "hidden_size": 3072}))
     import torch
     from safetensors.torch import save_file
 
@@ -348,7 +348,7 @@ def test_inspect_says_why_it_cannot_load(offline_cache, tmp_path, saved, capsys)
                "model.layers.0.self_attn.qkv_proj.weight": torch.zeros(9, 3, dtype=torch.bfloat16)},
               str(phi3_v / "model.safetensors"))
     report = inspect_json(capsys, phi3_v)
-    assert report["loader"] is None and report["problem"].startswith("model_type 'phi3_v' is not supported yet")
+    assert report["loader"] is None and report["problem"].startswith("model_type 'phi4_multimodal' is not supported yet")
     assert report["parameters"] == 4096 + 27 and report["stored_dtypes"] == {"F32": 1, "BF16": 1}
     assert set(report["parts"]) == {"model.vision_embed_tokens", "model.layers"}
 

@@ -140,6 +140,12 @@ class LoadedModel:
         return self.model.image_token_id if self.takes_images else None
 
     @property
+    def segment_special_tokens(self) -> bool:
+        """Whether prompts are tokenized piece by piece between image placeholders, each piece with the
+        tokenizer's special tokens (the model's scheme says so: Scheme.segment_special_tokens)."""
+        return self.takes_images and self.model.scheme.segment_special_tokens
+
+    @property
     def video_token_id(self) -> int | None:
         """The placeholder id of a native video (Qwen2-VL's <|video_pad|>); None when videos go as frames."""
         return self.model.placeholder_ids.get("video") if self.takes_images else None
@@ -208,14 +214,14 @@ class LoadedModel:
         (pass prompt.plans to image_inputs); see vlmkit.prompt for the placeholder rule."""
         self._check_media(list(plans), "prompting")
         return build_prompt(self.tokenizer, self.chat_template, messages, self.image_token_id, plans,
-                            video_token_id=self.video_token_id)
+                            video_token_id=self.video_token_id, segment_special_tokens=self.segment_special_tokens)
 
     def prompt_ids(self, messages: Sequence[Message], plans: Sequence[MediaPlans] = ()) -> list[int]:
         """Token ids of the conversation with a generation prompt, each image expanded to its plan's
         num_tokens; for placeholders that show the images in order (else use prompt())."""
         self._check_media(list(plans), "prompting")
         return build_prompt_ids(self.tokenizer, self.chat_template, messages, self.image_token_id, plans,
-                                video_token_id=self.video_token_id)
+                                video_token_id=self.video_token_id, segment_special_tokens=self.segment_special_tokens)
 
 
 def eos_list(value: Any, where: str) -> list[int]:

@@ -132,8 +132,16 @@ def flatten_media(messages: Sequence[Message], plans: Sequence[MediaPlans]) -> t
     return videos_as_images(messages, [len(v) for v in videos]), flat_plans(plans)
 
 
-def encode_with_image_runs(tokenizer: Tokenizer, segments: Sequence[str], runs: Sequence[int], image_token_id: int) -> list[int]:
-    """Ids of segments[0] run[0] segments[1] run[1] ... segments[-1], a run being that many image ids."""
+def encode_with_image_runs(tokenizer: Tokenizer, segments: Sequence[str], runs: Sequence[int], image_token_id: int,
+                           segment_special_tokens: bool = False) -> list[int]:
+    """Ids of segments[0] run[0] segments[1] run[1] ... segments[-1], a run being that many image ids;
+    segment_special_tokens: each segment tokenized on its own with the tokenizer's special tokens (Phi-3-V's
+    processor), instead of encode_with_runs' one pass."""
+    if segment_special_tokens:
+        out = tokenizer.encode(segments[0], add_special_tokens=True)
+        for n, segment in zip(runs, segments[1:]):
+            out += [image_token_id] * n + tokenizer.encode(segment, add_special_tokens=True)
+        return out
     return encode_with_runs(tokenizer, segments, [(image_token_id, n) for n in runs])
 
 
@@ -209,8 +217,11 @@ def _native_video_prompt(tokenizer: Tokenizer, text: str, plans: Sequence[MediaP
 
 def build_prompt(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Message],
                  image_token_id: int | None = None, plans: Sequence[MediaPlans] = (),
-                 add_generation_prompt: bool = True, video_token_id: int | None = None) -> Prompt:
+                 add_generation_prompt: bool = True, video_token_id: int | None = None,
+                 segment_special_tokens: bool = False) -> Prompt:
     """Render messages with the template, then turn each image placeholder into its run of image ids.
+    segment_special_tokens: the text between placeholders is tokenized piece by piece with the tokenizer's
+    special tokens (the model's scheme says so: Scheme.segment_special_tokens, Phi-3-V).
 
     plans has one entry per image or video part of the messages, in order: an ImagePlan for an
     image, a list of ImagePlans for a video. video_token_id: the model takes video natively (each
@@ -228,23 +239,25 @@ def build_prompt(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequenc
     if image_token_id is None:
         if flat:
             raise ValueError("images were given but this model has no image placeholder token (text-only model)")
-        return Prompt(tokenizer.encode(text), [])
+        return Prompt(tokenizer.encode(text, add_special_tokens=segment_special_tokens), [])
     try:
         plain: str | None = tokenizer.id_to_token(image_token_id)
     except ValueError:
         plain = None
     segments, order = placeholder_order(text, len(flat), plain)
     ordered = [flat[i] for i in order]
-    return Prompt(encode_with_image_runs(tokenizer, segments, [p.num_tokens for p in ordered], image_token_id), ordered)
+    return Prompt(encode_with_image_runs(tokenizer, segments, [p.num_tokens for p in ordered], image_token_id,
+                                         segment_special_tokens), ordered)
 
 
 def build_prompt_ids(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Message],
                      image_token_id: int | None = None, plans: Sequence[MediaPlans] = (),
-                     add_generation_prompt: bool = True, video_token_id: int | None = None) -> list[int]:
+                     add_generation_prompt: bool = True, video_token_id: int | None = None,
+                     segment_special_tokens: bool = False) -> list[int]:
     """build_prompt's ids, for prompts whose placeholders show images 1, 2, ... once each in order
     (so image_inputs(plans) matches); other orders raise ValueError: use build_prompt."""
     prompt = build_prompt(tokenizer, template, messages, image_token_id, plans, add_generation_prompt,
-                          video_token_id)
+                          video_token_id, segment_special_tokens)
     if [id(p) for p in prompt.plans] != [id(p) for p in flat_plans(plans)]:
         raise ValueError("the prompt's placeholders show the images out of order or more than once; call "
                          "build_prompt and pass its .plans to image_inputs")

@@ -57,8 +57,10 @@ class _PrefixEncoder:
     """Tokenizes text prefixes of the rendered conversation exactly as build_prompt tokenizes the whole:
     a prefix holds the first m image placeholders, which take the first m runs."""
 
-    def __init__(self, tokenizer: Tokenizer, image_token_id: int | None, runs: Sequence[int]) -> None:
+    def __init__(self, tokenizer: Tokenizer, image_token_id: int | None, runs: Sequence[int],
+                 segment_special_tokens: bool = False) -> None:
         self.tokenizer, self.image_token_id, self.runs = tokenizer, image_token_id, list(runs)
+        self.segment_special_tokens = segment_special_tokens
         self.pattern = None
         if image_token_id is not None:
             try:
@@ -69,13 +71,14 @@ class _PrefixEncoder:
 
     def __call__(self, text: str) -> list[int]:
         if self.pattern is None:
-            return self.tokenizer.encode(text)
+            return self.tokenizer.encode(text, add_special_tokens=self.segment_special_tokens)
         segments, start = [], 0
         for match in self.pattern.finditer(text):
             segments.append(text[start:match.start()])
             start = match.end()
         segments.append(text[start:])
-        return encode_with_image_runs(self.tokenizer, segments, self.runs[:len(segments) - 1], self.image_token_id)
+        return encode_with_image_runs(self.tokenizer, segments, self.runs[:len(segments) - 1], self.image_token_id,
+                                      self.segment_special_tokens)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -126,22 +129,23 @@ def _reply_spans(template: ChatTemplate, messages: Sequence[Message], full: str)
 
 
 def build_training_example(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Message],
-                           image_token_id: int | None = None,
-                           plans: Sequence[MediaPlans] = ()) -> TrainingExample:
+                           image_token_id: int | None = None, plans: Sequence[MediaPlans] = (),
+                           segment_special_tokens: bool = False) -> TrainingExample:
     """Ids of the whole conversation (rendered without a generation prompt, image placeholders expanded
     from plans, as prompt.build_prompt does) and labels: IGNORE_INDEX everywhere except on the tokens of
     each assistant reply and the end-of-turn token closing it. See the module docstring for the method.
 
     Raises ValueError when no message is an assistant reply (nothing to learn) or when the template does
-    not render prefixes of the conversation as prefixes of the whole.
+    not render prefixes of the conversation as prefixes of the whole. segment_special_tokens as build_prompt's.
     """
     if not any(m.get("role") == "assistant" for m in messages):
         raise ValueError("the conversation has no assistant message, so nothing would be trained; "
                          "add the reply as {'role': 'assistant', 'content': ...}")
-    prompt = build_prompt(tokenizer, template, messages, image_token_id, plans, add_generation_prompt=False)
+    prompt = build_prompt(tokenizer, template, messages, image_token_id, plans, add_generation_prompt=False,
+                          segment_special_tokens=segment_special_tokens)
     flat_messages, _ = flatten_media(messages, plans)
     full_text = template.render(flat_messages, add_generation_prompt=False)
-    encode = _PrefixEncoder(tokenizer, image_token_id, [p.num_tokens for p in prompt.plans])
+    encode = _PrefixEncoder(tokenizer, image_token_id, [p.num_tokens for p in prompt.plans], segment_special_tokens)
     ids = prompt.ids
     labels = [IGNORE_INDEX] * len(ids)
     for before, through in _reply_spans(template, flat_messages, full_text):

@@ -55,6 +55,9 @@ class Scheme:
         counts_images      whether a plan depends on how many images the prompt holds
         placeholders       config field -> text of its special token, for a fresh character vocabulary
         prompt_format      the built-in chat template its models use when a checkpoint has none (None: any)
+        segment_special_tokens  whether the reference processor tokenizes the text between image placeholders
+                           piece by piece, each piece with the tokenizer's special tokens (Phi-3-V: a BOS
+                           before each), rather than the whole prompt in one pass (vlmkit.prompt)
         grid_unit          what plan.grid counts, for `vlmkit tokens`
     """
 
@@ -67,6 +70,7 @@ class Scheme:
     counts_images: bool = False
     placeholders: dict[str, str] = {"image_token_id": "<image>"}
     prompt_format: str | None = None
+    segment_special_tokens: bool = False
     grid_unit: str = "view"
 
     def check_config(self, cfg: Any) -> None:

@@ -55,12 +55,17 @@ The layout (`hd_layout`), for one image, at the vision width, before the project
 
 Forward inputs: pixel_values (N, V_max, 3, 336, 336) [global, crops] and image_sizes (N, 2), the HD canvas
 (rows * 336, cols * 336) as (height, width) (base.canvas_inputs).
+
+Prompt format (processing_phi3_v.py): images are numbered placeholders `<|image_1|>`, `<|image_2|>`, ... written
+in the message text (an image part renders as `<|image_N|>` and a newline, in the checkpoint's own chat template
+as in the built-in `phi3`), and the processor tokenizes the text pieces between placeholders one by one, each
+with the tokenizer's special tokens, so every piece starts with a BOS (segment_special_tokens).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +77,7 @@ from vlmkit.image.pixels import as_rgb, normalize, normalize_work, pil_bytes, re
 from vlmkit.image.plan import ImagePlan
 from vlmkit.models.projectors import merge_2x2
 from vlmkit.schemes.base import Scheme, canvas_inputs, canvas_plans, per_plan, require_merged_views
+from vlmkit.text.chat import ChatTemplate, chat_template_for
 
 if TYPE_CHECKING:
     from vlmkit.models.vlm import VLM, VLMConfig
@@ -269,6 +275,14 @@ class HD(Scheme):
     input_names = ("pixel_values", "image_sizes")
     config_fields = ("max_crops",)
     grid_unit = "crops"
+    prompt_format = "phi3"
+    segment_special_tokens = True
+
+    def chat_template(self, tokenizer: Any, cfg: VLMConfig, fallback: str | None) -> ChatTemplate:
+        """The checkpoint's template, fed string content with image parts as `<|image_N|>\n` (its templates read
+        message['content'] as text, as the model card's prompts write it), else the built-in phi3."""
+        return chat_template_for(tokenizer, default=self.prompt_format, flatten_content=True,
+                                 image_placeholder="<|image_{n}|>")
 
     def check_config(self, cfg: VLMConfig) -> None:
         require_merged_views(cfg, self.name, CROP, 14, CROP, 16)  # 24 x 24 patches -> 12 x 12 merged per crop

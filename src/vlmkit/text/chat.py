@@ -243,26 +243,28 @@ class JinjaChatTemplate(ChatTemplate):
 
 
 def get_chat_template(name_or_jinja: str, bos_token: str | None = None, eos_token: str | None = None,
-                      flatten_content: bool = False) -> ChatTemplate:
+                      flatten_content: bool = False, image_placeholder: str = "<image>") -> ChatTemplate:
     """A built-in template by name, or a JinjaChatTemplate from jinja source (with the tokenizer's
-    bos/eos tokens in scope). Raises ValueError for an unknown name, listing the built-ins."""
+    bos/eos tokens in scope; flatten_content and image_placeholder as JinjaChatTemplate's). Raises
+    ValueError for an unknown name, listing the built-ins."""
     if name_or_jinja in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[name_or_jinja]
     if "{{" in name_or_jinja or "{%" in name_or_jinja:
         return JinjaChatTemplate(name_or_jinja, {"bos_token": bos_token, "eos_token": eos_token},
-                                 flatten_content=flatten_content)
+                                 flatten_content=flatten_content, image_placeholder=image_placeholder)
     raise ValueError(f"unknown chat template {name_or_jinja!r}; built-in templates: {sorted(BUILTIN_TEMPLATES)} "
                      "(or pass jinja source)")
 
 
-def chat_template_for(tokenizer: Any, default: str | None = None, flatten_content: bool = False) -> ChatTemplate:
+def chat_template_for(tokenizer: Any, default: str | None = None, flatten_content: bool = False,
+                      image_placeholder: str = "<image>") -> ChatTemplate:
     """The chat template of a vlmkit Tokenizer (its own jinja or built-in name), else the built-in
     `default`; ValueError when it has none and no default is given."""
     source = tokenizer.chat_template or default
     if source is None:
         raise ValueError(f"this tokenizer has no chat template; pass default= one of {sorted(BUILTIN_TEMPLATES)}")
     return get_chat_template(source, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
-                             flatten_content=flatten_content)
+                             flatten_content=flatten_content, image_placeholder=image_placeholder)
 
 
 def turn_end_ids(template: ChatTemplate, tokenizer: Any) -> tuple[int, ...]:

@@ -19,6 +19,11 @@ def read_files(path: Path, config: dict) -> StateDict:
     return read_state_dict(path)
 
 
+def read_json_config(path: Path, config: dict) -> dict:
+    """config.json as it is: what a family whose checkpoints keep everything there reads."""
+    return config
+
+
 def write_files(path: Path, config: dict, state: StateDict, max_shard_bytes: int, tokenizer: Any = None) -> None:
     """When given, the tokenizer's files (Tokenizer.save_pretrained), then the tensors (sharded above
     max_shard_bytes) and config.json last (write_dir), so a folder with a config.json has its other files."""
@@ -38,6 +43,8 @@ class Converter:
     state_to_hf:    (vlmkit state dict, vlmkit config) -> checkpoint state dict
     natural:        whether save_pretrained picks this model_type for a model of class `build` with this
                     config when none is named (None: only when named, e.g. got_ocr2)
+    read_config:    (directory, config.json dict) -> the dict config_from_hf reads: config.json with what
+                    the family keeps in other files (phi3_v: preprocessor_config.json's num_crops)
     read_state:     (directory, config.json dict) -> the checkpoint's tensors
     write:          (directory, config.json dict, tensors, max_shard_bytes, tokenizer or None) -> the files
     """
@@ -48,5 +55,6 @@ class Converter:
     config_to_hf: Callable[[Any], dict]
     state_to_hf: Callable[[StateDict, Any], StateDict]
     natural: Callable[[Any], bool] | None = None
+    read_config: Callable[[Path, dict], dict] = read_json_config
     read_state: Callable[[Path, dict], StateDict] = read_files
     write: Callable[[Path, dict, StateDict, int, Any], None] = write_files
