@@ -149,7 +149,7 @@ def _describe_folder(spec: str, folder: Path, source: str, headers: dict[str, di
         report.parts = _tensor_groups(headers)
         return report
     try:
-        cfg = conv.config_from_hf(config)
+        cfg = conv.config_from_hf(conv.complete_config(folder, config))
     except (ValueError, KeyError, TypeError) as e:
         report.problem = f"config.json cannot be read as model_type {report.model_type!r}: {e}"
         return report

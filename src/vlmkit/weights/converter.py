@@ -40,6 +40,8 @@ class Converter:
                     config when none is named (None: only when named, e.g. got_ocr2)
     read_state:     (directory, config.json dict) -> the checkpoint's tensors
     write:          (directory, config.json dict, tensors, max_shard_bytes, tokenizer or None) -> the files
+    complete_config: (directory, config.json dict) -> the dict config_from_hf reads: config.json plus what the
+                    family keeps in its other files (deepseek_vl_v2: the `<image>` id from tokenizer.json)
     """
 
     config_from_hf: Callable[[dict], Any]
@@ -50,3 +52,4 @@ class Converter:
     natural: Callable[[Any], bool] | None = None
     read_state: Callable[[Path, dict], StateDict] = read_files
     write: Callable[[Path, dict, StateDict, int, Any], None] = write_files
+    complete_config: Callable[[Path, dict], dict] = lambda path, config: config

@@ -38,8 +38,8 @@ def converters() -> dict[str, Converter]:
 
 
 def _builtin_converters() -> dict[str, Converter]:
-    from vlmkit.weights import (deepseek_v2, deepseek_vl, got_ocr2, llama, llava, llava_next, native, qwen2_5_vl,
-                                qwen2_moe, qwen2_vl, sam, vision)
+    from vlmkit.weights import (deepseek_v2, deepseek_vl, deepseek_vl2, got_ocr2, llama, llava, llava_next, native,
+                                qwen2_5_vl, qwen2_moe, qwen2_vl, sam, vision)
 
     return {
         "llama": llama.LLAMA,
@@ -57,6 +57,7 @@ def _builtin_converters() -> dict[str, Converter]:
         "qwen2_vl": qwen2_vl.QWEN2_VL,
         "qwen2_5_vl": qwen2_5_vl.QWEN2_5_VL,
         "deepseek_vl_hybrid": deepseek_vl.DEEPSEEK_VL_HYBRID,
+        "deepseek_vl_v2": deepseek_vl2.DEEPSEEK_VL_V2,
         "got_ocr2": got_ocr2.GOT_OCR2,
         native.MODEL_TYPE: native.NATIVE,
     }
@@ -96,7 +97,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
     config = read_config(path)
     model_type = config.get("model_type")
     conv = get_converter(model_type)
-    cfg = conv.config_from_hf(config)
+    cfg = conv.config_from_hf(conv.complete_config(Path(path), config))
     state = conv.read_state(Path(path), config)
     model = conv.build(cfg)
     load_state(model, conv.state_from_hf(state, cfg), str(path))
