@@ -31,8 +31,8 @@ What it writes under tests/fixtures/deepseek_vl2/:
   a two-turn conversation's input ids (format_messages_v2).
 - `processor.safetensors`: for 7 photos alone in a prompt (and the first two in a three-image prompt, where
   tiling is off) the reference processor's images_spatial_crop, token count, per-view sums and sums of
-  squares, a strided subsample of every view, and the full pixel tensor of one photo (stored as the 0-255
-  values it was normalised from, checked exact here).
+  squares, a strided subsample of every view, exact integer checksums of the 0-255 values every view was
+  normalised from (checked exact here), and the full pixel tensor of one photo (as those 0-255 values).
 - `prompts.json`: the reference's prompt text (sft_format) of the test prompt and the conversation.
 """
 
@@ -223,10 +223,13 @@ def build_processor_fixture(ref) -> None:
         out[f"{key}.view_sums"] = views.double().sum(dim=(1, 2, 3))
         out[f"{key}.view_sq_sums"] = views.double().pow(2).sum(dim=(1, 2, 3))
         out[f"{key}.subsample"] = views[:, :, ::STRIDE, ::STRIDE].contiguous()
+        u8 = torch.round((views * 0.5 + 0.5) * 255)
+        assert torch.equal((u8 / 255 - 0.5) / 0.5, views), "pixels are not 0-255 values normalised"
+        u8 = u8.to(torch.int64).flatten(1)  # (views, 3*384*384)
+        out[f"{key}.u8_sums"] = u8.sum(1)  # exact: any one pixel off by one level shows
+        out[f"{key}.u8_weighted"] = (u8 * (torch.arange(u8.shape[1]) % 9973)).sum(1)  # and where it is
         if key == "chelsea":
-            u8 = torch.round((views * 0.5 + 0.5) * 255)
-            assert torch.equal((u8 / 255 - 0.5) / 0.5, views), "pixels are not 0-255 values normalised"
-            out[f"{key}.pixels_u8"] = u8.to(torch.uint8).contiguous()
+            out[f"{key}.pixels_u8"] = u8.view(views.shape).to(torch.uint8).contiguous()
     save_file(out, str(OUT / "processor.safetensors"))
     print("processor:", {k: out[k].tolist() for k in out if k.endswith(("spatial_crop", "num_tokens"))})
 

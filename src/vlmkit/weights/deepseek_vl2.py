@@ -46,6 +46,7 @@ from vlmkit.weights import deepseek_v2
 from vlmkit.weights.converter import Converter, StateDict
 
 MODEL_TYPE = "deepseek_vl_v2"
+SO400M_MLP_RATIO = 3.7362
 IMAGE_TOKEN = "<image>"
 # DeepSeek-VL2's configuration_deepseek.py DeepseekV2Config defaults where they differ from transformers'
 # (which weights/deepseek_v2.py fills in): a config.json without these keys means these values there.
@@ -137,6 +138,13 @@ def config_from_hf(hf: dict) -> VLMConfig:
                      image_scheme="tiles", max_crops=max_tiles)
 
 
+def _mlp_ratio(width: int, hidden: int) -> float:
+    """An mlp_ratio with int(width * ratio) == hidden, as timm sizes the MLP: SigLIP-so400m's 3.7362 when it
+    gives that width (1152 -> 4304, what the releases write), else the plain quotient or a half step above it
+    (4304 / 1152 alone would give 4303 after float rounding)."""
+    return next(r for r in (SO400M_MLP_RATIO, hidden / width, (hidden + 0.5) / width) if int(width * r) == hidden)
+
+
 def config_to_hf(cfg: VLMConfig) -> dict:
     """VLMConfig -> config.json in the release's keys (language_config in DeepSeek's own keys)."""
     if cfg.image_scheme != "tiles" or cfg.vision is None or cfg.vision.use_cls_token:
@@ -154,7 +162,7 @@ def config_to_hf(cfg: VLMConfig) -> dict:
         "tile_tag": "2D", "global_view_pos": "head",
         "vision_config": {"model_type": "vision", "model_name": "siglip_so400m_patch14_384", "image_size": TILE,
                           "patch_size": v.patch_size, "width": v.hidden_size, "layers": v.num_layers,
-                          "heads": v.num_heads, "mlp_ratio": v.intermediate_size / v.hidden_size,
+                          "heads": v.num_heads, "mlp_ratio": _mlp_ratio(v.hidden_size, v.intermediate_size),
                           "global_pool": "map" if v.use_head else ""},
         "projector_config": {"model_type": "mlp_projector", "projector_type": "downsample_mlp_gelu",
                              "input_dim": v.hidden_size, "n_embed": cfg.projector.out_dim, "depth": _depth(cfg),
