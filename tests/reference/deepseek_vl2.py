@@ -11,6 +11,17 @@ Environment (a virtualenv outside the repository; torch 2.13.0+cpu from the syst
         torchvision==0.28.0 attrdict==2.0.1 einops==0.8.0 huggingface_hub==0.24.7
     /work/venvs/dsvl2/bin/python tests/reference/deepseek_vl2.py /path/to/DeepSeek-VL2
 
+and, to check that what vlmkit's save_pretrained writes loads in the reference to the same logits:
+
+    PYTHONPATH=src python -c "from vlmkit.load import load_model; \
+        load_model('tests/fixtures/deepseek_vl2/tiny').save_pretrained('/tmp/dsvl2/saved-tiny')"
+    cp tests/fixtures/deepseek_vl2/tiny/tokenizer*.json /tmp/dsvl2/saved-tiny/
+    /work/venvs/dsvl2/bin/python tests/reference/deepseek_vl2.py /path/to/DeepSeek-VL2 \
+        --check-saved-tiny /tmp/dsvl2/saved-tiny      (and the same for small)
+
+(the copy: the tokenizers library vlmkit runs, 0.23, writes BPE merges as pairs, which the 0.15 that
+transformers 4.38 needs cannot read; the check is of the model files.)
+
 Two stand-ins, installed into sys.modules below before the reference is imported, and only here:
 - `xformers.ops.memory_efficient_attention`: siglip_vit.Attention imports it unconditionally; ours calls
   torch's scaled_dot_product_attention on the same (B, N, heads, head_dim) layout (no dropout at eval).
@@ -234,13 +245,42 @@ def build_processor_fixture(ref) -> None:
     print("processor:", {k: out[k].tolist() for k in out if k.endswith(("spatial_crop", "num_tokens"))})
 
 
+def check_saved(name: str, folder: Path) -> None:
+    """Load a folder vlmkit's save_pretrained wrote from fixture `name` with the reference code and compare its
+    logits on the fixture's prompt with the fixture's (the save's layout is the reference's own)."""
+    from safetensors.torch import load_file
+
+    from deepseek_vl2.models.modeling_deepseek_vl_v2 import DeepseekVLV2ForCausalLM
+
+    model = DeepseekVLV2ForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+    ref = load_file(str(OUT / name / "expected.safetensors"))
+    processor = processor_for(sys.modules["deepseek_vl2.models"], folder, json.loads((folder / "config.json").read_text()))
+    conversation = [{"role": "<|User|>", "content": "<image>\n<image>\n" + QUESTION}, {"role": "<|Assistant|>", "content": ""}]
+    inputs = processor(conversations=conversation, images=[photo(p) for p in PROMPT_PHOTOS], force_batchify=True)
+    assert torch.equal(inputs.input_ids[0], ref["input_ids"])
+    with torch.no_grad():
+        logits = model(input_ids=inputs.input_ids, images=inputs.images, images_seq_mask=inputs.images_seq_mask,
+                       images_spatial_crop=inputs.images_spatial_crop,
+                       attention_mask=inputs.attention_mask.long(), use_cache=False).logits[0]
+    diff = (logits[ref["text_positions"]] - ref["text_logits"]).abs().max().item()
+    print(f"{folder} loaded by the reference: text logits differ from fixture {name!r} by at most {diff:.3g}")
+    assert diff < 1e-4
+
+
 def main() -> None:
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python tests/reference/deepseek_vl2.py /path/to/DeepSeek-VL2 (its checkout)")
+    if len(sys.argv) not in (2, 4) or (len(sys.argv) == 4 and sys.argv[2] not in ("--check-saved-tiny",
+                                                                                  "--check-saved-small")):
+        raise SystemExit("usage: python tests/reference/deepseek_vl2.py /path/to/DeepSeek-VL2 (its checkout)\n"
+                         "   or: ... /path/to/DeepSeek-VL2 --check-saved-tiny|--check-saved-small DIR "
+                         "(a folder vlmkit's save_pretrained wrote from that fixture, tokenizer files included)")
     install_stand_ins()
     sys.path.insert(0, str(Path(sys.argv[1]).resolve()))
     torch.set_num_threads(1)
     import deepseek_vl2.models as ref
+
+    if len(sys.argv) == 4:
+        check_saved(sys.argv[2].rsplit("-", 1)[1], Path(sys.argv[3]))
+        return
 
     build_model(ref, "tiny", {"use_mla": False}, seed=0)
     build_model(ref, "small", {"use_mla": True, "kv_lora_rank": 16, "q_lora_rank": None, "qk_nope_head_dim": 8,
