@@ -32,7 +32,12 @@ from vlmkit.load import load_model
 from vlmkit.models import from_pretrained
 from vlmkit.sampling import GenerationConfig
 from vlmkit.serve import create_app
-from vlmkit.text.grounding import draw_groundings, parse_grounding, strip_grounding, to_pixels
+from vlmkit.text.grounding import (
+    draw_groundings,
+    parse_grounding,
+    strip_grounding,
+    to_pixels,
+)
 from vlmkit.weights.hf import save_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,7 +205,7 @@ def test_checkpoint_generate_chat_and_serve_answer(loaded, tmp_path, capsys):
     oracle = _direct(loaded["tiny"], photo("coins"), "Where is the cat?", 6)
     out = subprocess.run([sys.executable, "-m", "vlmkit.cli", "generate", "--model", folder, "--image", str(image_file),
                           "--prompt", "Where is the cat?", "--max-new-tokens", "6", "--json"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+                         check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["text"] == oracle
     assert main(["chat", "--model", folder, "--image", str(image_file), "--prompt", "Where is the cat?",
@@ -228,3 +233,28 @@ def test_checkpoint_inspect_real_configs_match_the_model_cards(name, tmp_path, c
     report = json.loads(capsys.readouterr().out)
     assert report["model_type"] == "deepseek_vl_v2"
     assert abs(report["parameters"] / CARD_PARAMETERS[name] - 1) < 0.02, report["parameters"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(candidate_resolutions=[[384, 384], [768, 768]]), "are not the tilings"),
+    (lambda c: c.update(tile_tag="1D"), "tile_tag='1D'"),
+    (lambda c: c["projector_config"].update(projector_type="mlp_gelu"), "downsample_mlp_gelu"),
+    (lambda c: c["language_config"].pop("topk_method"), "set topk_method"),
+])
+def test_checkpoint_config_errors_say_what_to_do(tmp_path, change, message):
+    folder = tmp_path / "model"
+    shutil.copytree(FIXTURES / "tiny", folder)
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(folder)
+
+
+def test_checkpoint_without_tokenizer_is_refused_clearly(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for file in ("config.json", "model.safetensors"):
+        shutil.copy(FIXTURES / "tiny" / file, folder / file)
+    with pytest.raises(ValueError, match="needs its tokenizer.json"):
+        from_pretrained(folder)

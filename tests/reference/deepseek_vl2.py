@@ -55,7 +55,6 @@ import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -94,7 +93,14 @@ def photo(name: str) -> Image.Image:
 
 def build_tokenizer(folder: Path) -> None:
     """tokenizer.json + tokenizer_config.json: byte-level BPE trained on a few sentences, DeepSeek's specials."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -162,9 +168,11 @@ def write_processor_config(folder: Path, cfg: dict) -> None:
 
 
 def build_model(ref, name: str, lm: dict, seed: int) -> None:
+    from deepseek_vl2.models.modeling_deepseek_vl_v2 import (
+        DeepseekVLV2Config,
+        DeepseekVLV2ForCausalLM,
+    )
     from safetensors.torch import save_file
-
-    from deepseek_vl2.models.modeling_deepseek_vl_v2 import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
 
     real = json.loads((OUT / "real_configs" / f"deepseek-vl2-{name}.json").read_text())
     cfg = small_config(real, lm)
@@ -248,9 +256,8 @@ def build_processor_fixture(ref) -> None:
 def check_saved(name: str, folder: Path) -> None:
     """Load a folder vlmkit's save_pretrained wrote from fixture `name` with the reference code and compare its
     logits on the fixture's prompt with the fixture's (the save's layout is the reference's own)."""
-    from safetensors.torch import load_file
-
     from deepseek_vl2.models.modeling_deepseek_vl_v2 import DeepseekVLV2ForCausalLM
+    from safetensors.torch import load_file
 
     model = DeepseekVLV2ForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
     ref = load_file(str(OUT / name / "expected.safetensors"))
