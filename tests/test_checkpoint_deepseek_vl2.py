@@ -258,3 +258,7 @@ def test_checkpoint_without_tokenizer_is_refused_clearly(tmp_path):
         shutil.copy(FIXTURES / "tiny" / file, folder / file)
     with pytest.raises(ValueError, match="needs its tokenizer.json"):
         from_pretrained(folder)
+    # transformers' tokenizer_config.json names the added tokens too
+    decoder = {"360": {"content": "<image>", "special": True}}
+    (folder / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}))
+    assert from_pretrained(folder).cfg.image_token_id == 360

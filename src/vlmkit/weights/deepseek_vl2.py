@@ -67,18 +67,25 @@ _POOL = {"q": "q", "kv": "kv", "proj": "out", "norm": "norm", "mlp.fc1": "mlp.fc
 
 
 def complete_config(folder: Path, config: dict) -> dict:
-    """config.json plus `image_token_id`: the id of `<image>` in the folder's tokenizer.json, when config.json
-    has none (DeepSeek-VL2's processor reads it from the tokenizer the same way)."""
-    file = folder / "tokenizer.json"
-    if "image_token_id" in config or not file.is_file():
+    """config.json plus `image_token_id`: the id of `<image>` in the folder's tokenizer files (tokenizer.json's
+    added tokens or vocabulary, else tokenizer_config.json's added_tokens_decoder), when config.json has none;
+    DeepSeek-VL2's processor reads it from the tokenizer the same way."""
+    if "image_token_id" in config:
         return config
-    added = {t["content"]: t["id"] for t in json.loads(file.read_text(encoding="utf-8")).get("added_tokens", [])}
-    vocab = json.loads(file.read_text(encoding="utf-8")).get("model", {}).get("vocab", {})
-    token_id = added.get(IMAGE_TOKEN, vocab.get(IMAGE_TOKEN) if isinstance(vocab, dict) else None)
-    if token_id is None:
-        raise ValueError(f"{file} has no {IMAGE_TOKEN!r} token; DeepSeek-VL2 prompts mark images with it: use the "
-                         "checkpoint's own tokenizer files")
-    return {**config, "image_token_id": token_id}
+    ids: dict[str, int] = {}
+    file = folder / "tokenizer.json"
+    if file.is_file():
+        data = json.loads(file.read_text(encoding="utf-8"))
+        vocab = data.get("model", {}).get("vocab")
+        ids.update(vocab if isinstance(vocab, dict) else {})
+        ids.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+    file = folder / "tokenizer_config.json"
+    if IMAGE_TOKEN not in ids and file.is_file():
+        decoder = json.loads(file.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
+        ids.update({t["content"]: int(i) for i, t in decoder.items()})
+    if IMAGE_TOKEN not in ids:
+        return config  # config_from_hf says what is missing
+    return {**config, "image_token_id": ids[IMAGE_TOKEN]}
 
 
 def _check_tiling(hf: dict) -> int:
@@ -133,7 +140,7 @@ def config_from_hf(hf: dict) -> VLMConfig:
     lm = deepseek_v2.config_from_hf(language_config(hf.get("language_config", {})))
     if "image_token_id" not in hf:
         raise ValueError("a deepseek_vl_v2 folder needs its tokenizer.json (with the <image> token) beside "
-                         "config.json, or image_token_id in config.json")
+                         "config.json, or image_token_id in config.json: copy the checkpoint's tokenizer files")
     return VLMConfig(vision=vision, projector=projector, lm=lm, image_token_id=hf["image_token_id"],
                      image_scheme="tiles", max_crops=max_tiles)
 
