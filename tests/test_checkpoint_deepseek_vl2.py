@@ -2,8 +2,9 @@
 
 The oracle is DeepSeek's reference implementation (GitHub deepseek-ai/DeepSeek-VL2), run by
 tests/reference/deepseek_vl2.py in its own virtualenv; its outputs are the fixtures under
-tests/fixtures/deepseek_vl2/: two tiny random checkpoints in the original layout (`tiny`: DeepSeekMoE with
-multi-head attention, as DeepSeek-VL2-Tiny; `small`: latent attention, as -Small), the reference's logits and
+tests/fixtures/deepseek_vl2/: three tiny random checkpoints in the original layout (`tiny`: DeepSeekMoE with
+multi-head attention, as DeepSeek-VL2-Tiny; `small`: latent attention, as -Small; `base`: latent attention and
+noaux_tc sigmoid routing with the correction bias, as DeepSeek-VL2), the reference's logits and
 20 greedy tokens for a prompt with two photos, its processor's pixels, tile grids and token counts on 7
 photos, and its prompt text. The real configs of deepseek-vl2-tiny, -small and deepseek-vl2 (real_configs/)
 check `vlmkit inspect` against the model cards' parameter totals.
@@ -42,7 +43,7 @@ from vlmkit.weights.hf import save_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "deepseek_vl2"
-MODELS = ("tiny", "small")
+MODELS = ("tiny", "small", "base")
 BOS = "<｜begin▁of▁sentence｜>"
 # The model cards' totals: DeepSeek-VL2-Tiny 3.37B, -Small 16.1B, DeepSeek-VL2 27.5B (paper, Table 1)
 CARD_PARAMETERS = {"deepseek-vl2-tiny": 3.37e9, "deepseek-vl2-small": 16.1e9, "deepseek-vl2": 27.5e9}
@@ -98,7 +99,9 @@ def test_checkpoint_loads_with_from_pretrained(name):
     model = from_pretrained(FIXTURES / name)
     cfg = model.cfg
     assert (cfg.image_token_id, cfg.max_crops, cfg.vision.image_size) == (360, 9, 378)
-    assert bool(cfg.lm.kv_lora_rank) == (name == "small")  # tiny: multi-head attention; small: MLA
+    assert bool(cfg.lm.kv_lora_rank) == (name != "tiny")  # tiny: multi-head attention; small, base: MLA
+    routing = (cfg.lm.moe_topk_method, cfg.lm.moe_scoring, cfg.lm.norm_topk_prob, cfg.lm.routed_scaling_factor)
+    assert routing == (("noaux_tc", "sigmoid", True, 2.0) if name == "base" else ("greedy", "softmax", False, 1.0))
     assert cfg.lm.num_experts == 8 and cfg.lm.dense_layers == (0,)
 
 

@@ -17,7 +17,7 @@ and, to check that what vlmkit's save_pretrained writes loads in the reference t
         load_model('tests/fixtures/deepseek_vl2/tiny').save_pretrained('/tmp/dsvl2/saved-tiny')"
     cp tests/fixtures/deepseek_vl2/tiny/tokenizer*.json /tmp/dsvl2/saved-tiny/
     /work/venvs/dsvl2/bin/python tests/reference/deepseek_vl2.py /path/to/DeepSeek-VL2 \
-        --check-saved-tiny /tmp/dsvl2/saved-tiny      (and the same for small)
+        --check-saved-tiny /tmp/dsvl2/saved-tiny      (and the same for small and base)
 
 (the copy: the tokenizers library vlmkit runs, 0.23, writes BPE merges as pairs, which the 0.15 that
 transformers 4.38 needs cannot read; the check is of the model files.)
@@ -30,10 +30,12 @@ Two stand-ins, installed into sys.modules below before the reference is imported
   torchvision's Python transforms (ToTensor, Normalize), which do not need them.
 
 What it writes under tests/fixtures/deepseek_vl2/:
-- `tiny/` and `small/`: checkpoints in the original layout (config.json = the real deepseek-vl2-tiny /
-  -small config.json of real_configs/ with small dimensions, model.safetensors in bfloat16 as the releases
-  are, the tokenizer, processor_config.json). tiny: DeepSeekMoE with multi-head attention (use_mla false);
-  small: latent attention (use_mla true), both greedy softmax routing with a dense first layer.
+- `tiny/`, `small/` and `base/`: checkpoints in the original layout (config.json = the real deepseek-vl2-tiny,
+  -small and deepseek-vl2 config.json of real_configs/ with small dimensions, model.safetensors in bfloat16 as
+  the releases are, the tokenizer, processor_config.json). tiny: DeepSeekMoE with multi-head attention
+  (use_mla false); small: latent attention (use_mla true), both greedy softmax routing with a dense first
+  layer; base: latent attention and noaux_tc routing over sigmoid scores with the expert correction bias,
+  weights renormalised and scaled by 2.0.
 - `tokenizer` files inside each: a byte-level BPE of 360 entries trained here, plus the special tokens
   DeepSeek-VL2's processor and prompt use, at ids of their own.
 - `<model>/expected.safetensors`: for a prompt with two photos (chelsea 451x300 and rocket 640x427) the
@@ -68,6 +70,7 @@ PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "page
 PROMPT_PHOTOS = ["chelsea", "rocket"]
 QUESTION = "Describe the two pictures. Where is the cat?"
 STRIDE = 16  # subsample of every view: pixels [::16, ::16]
+REAL_CONFIG = {"tiny": "deepseek-vl2-tiny.json", "small": "deepseek-vl2-small.json", "base": "deepseek-vl2.json"}
 
 
 def install_stand_ins() -> None:
@@ -174,7 +177,7 @@ def build_model(ref, name: str, lm: dict, seed: int) -> None:
     )
     from safetensors.torch import save_file
 
-    real = json.loads((OUT / "real_configs" / f"deepseek-vl2-{name}.json").read_text())
+    real = json.loads((OUT / "real_configs" / REAL_CONFIG[name]).read_text())
     cfg = small_config(real, lm)
     folder = OUT / name
     build_tokenizer(folder)
@@ -275,10 +278,10 @@ def check_saved(name: str, folder: Path) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) not in (2, 4) or (len(sys.argv) == 4 and sys.argv[2] not in ("--check-saved-tiny",
-                                                                                  "--check-saved-small")):
+    checks = [f"--check-saved-{name}" for name in REAL_CONFIG]
+    if len(sys.argv) not in (2, 4) or (len(sys.argv) == 4 and sys.argv[2] not in checks):
         raise SystemExit("usage: python tests/reference/deepseek_vl2.py /path/to/DeepSeek-VL2 (its checkout)\n"
-                         "   or: ... /path/to/DeepSeek-VL2 --check-saved-tiny|--check-saved-small DIR "
+                         "   or: ... /path/to/DeepSeek-VL2 --check-saved-tiny|-small|-base DIR "
                          "(a folder vlmkit's save_pretrained wrote from that fixture, tokenizer files included)")
     install_stand_ins()
     sys.path.insert(0, str(Path(sys.argv[1]).resolve()))
@@ -292,6 +295,8 @@ def main() -> None:
     build_model(ref, "tiny", {"use_mla": False}, seed=0)
     build_model(ref, "small", {"use_mla": True, "kv_lora_rank": 16, "q_lora_rank": None, "qk_nope_head_dim": 8,
                                "qk_rope_head_dim": 4, "v_head_dim": 12}, seed=1)
+    build_model(ref, "base", {"use_mla": True, "kv_lora_rank": 16, "q_lora_rank": None, "qk_nope_head_dim": 8,
+                              "qk_rope_head_dim": 4, "v_head_dim": 12}, seed=2)
     build_processor_fixture(ref)
 
 
