@@ -154,15 +154,17 @@ def _mlp_ratio(width: int, hidden: int) -> float:
 
 def config_to_hf(cfg: VLMConfig) -> dict:
     """VLMConfig -> config.json in the release's keys (language_config in DeepSeek's own keys)."""
-    if cfg.image_scheme != "tiles" or cfg.vision is None or cfg.vision.use_cls_token:
-        raise ValueError("deepseek_vl_v2 saves a tiles-scheme VLM with a SigLIP tower")
     v = cfg.vision
+    timm_siglip = v is not None and (v.use_cls_token, v.pre_layernorm, v.patch_bias, v.hidden_act, v.layer_norm_eps,
+                                     v.select_layer) == (False, False, True, "gelu_pytorch_tanh", 1e-6, -1)
+    if cfg.image_scheme != "tiles" or not timm_siglip:
+        raise ValueError("deepseek_vl_v2 saves a tiles-scheme VLM whose tower is DeepSeek-VL2's SigLIP (no CLS, no "
+                         "pre-layernorm, gelu-tanh, LayerNorm eps 1e-6, the last layer); save this model as 'vlmkit'")
     lang = deepseek_v2.config_to_hf(cfg.lm, "deepseek_v2")
     rope = lang.pop("rope_parameters")
     lang.update(rope_theta=rope.pop("rope_theta"), use_mla=bool(cfg.lm.kv_lora_rank))
-    rope.pop("rope_type")
-    if rope:
-        lang["rope_scaling"] = rope
+    if rope.get("rope_type", "default") != "default":  # DeepSeek's own key: rope_scaling {"type": ...}
+        lang["rope_scaling"] = {"type": rope.pop("rope_type"), **rope}
     return {
         "architectures": ["DeepseekVLV2ForCausalLM"], "model_type": MODEL_TYPE,
         "candidate_resolutions": [list(r) for r in candidate_resolutions(cfg.max_crops or 9)],
