@@ -58,7 +58,8 @@ def _expected_rows(model: VLM, plan) -> torch.Tensor:
     if plan.scheme == "hd":
         features = model.vision.features(plan.pixel_values)  # (V, 576, 32)
         return model.projector.mlp(hd_layout(features, plan, model.sub_gn, model.glb_gn))
-    features = model.vision.features(plan.pixel_values[..., :378, :378])  # (V, 729, 32)
+    # DeepSeek-VL2's tower output is its last layer after the final LayerNorm (siglip_vit.py forward_features)
+    features = model.vision.post_norm(model.vision.features(plan.pixel_values[..., :378, :378]))  # (V, 729, 32)
     projected = model.projector.mlp(downsample_2x2(features))  # (V, 196, 32)
     return tiles_layout(projected, plan, model.image_newline, model.view_separator)
 

@@ -39,7 +39,8 @@ view row ends with a newline token and one separator sits between the global and
 
 The layout, for one image:
 
-    views (1 + rows*cols, 27*27, C) from SigLIP, global first
+    views (1 + rows*cols, 27*27, C) from SigLIP's last layer and its final LayerNorm (siglip_vit.py's
+       forward_features ends with `self.norm`), global first
     -> `downsample_2x2`: zero-pad 27 -> 28 at the bottom/right, merge each 2x2 block with F.unfold's
        channel order [c0(0,0), c0(0,1), c0(1,0), c0(1,1), c1(0,0), ...] -> (views, 14*14, 4C)
     -> the projector MLP (4C -> D)
@@ -220,6 +221,7 @@ class Tiles(Scheme):
     config_fields = ("max_crops",)
     counts_images = True
     grid_unit = "tiles"
+    prompt_format = "deepseek_vl2"
 
     def check_config(self, cfg: VLMConfig) -> None:
         # SigLIP-so400m's stride-14 patch conv reads the first 27 * 14 = 378 pixels of each 384-px tile.
@@ -242,7 +244,8 @@ class Tiles(Scheme):
                              lambda rows, cols: tiles_num_tokens(rows, cols, view_side()))
         seen = model.cfg.vision.image_size  # the stride-14 conv reads the first 27 * 14 = 378 px of a 384 tile
         views = torch.cat([p.pixel_values for p in plans])[..., :seen, :seen]  # (sum V, 3, 378, 378)
-        projected = model.projector.mlp(downsample_2x2(model.tower_features(views)))  # (sum V, 196, C)
+        features = model.vision.post_norm(model.tower_features(views))  # (sum V, 729, Dv): after SigLIP's last norm
+        projected = model.projector.mlp(downsample_2x2(features))  # (sum V, 196, C)
         return [tiles_layout(f, p, model.image_newline, model.view_separator)
                 for f, p in zip(per_plan(plans, projected), plans)]
 

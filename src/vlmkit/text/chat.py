@@ -116,10 +116,11 @@ class BuiltinChatTemplate(ChatTemplate):
     default_system: str | None = None  # written as a system turn when the first message is not one
     video_placeholder: str | None = None  # a video part's text; None: the template takes no video parts
     media_suffix: str = "\n"  # written after each image / video placeholder
+    prefix: str = ""  # written once before the conversation, e.g. the BOS token's text
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         _check_messages(messages)
-        out = []
+        out = [self.prefix]
         if self.default_system is not None and (not messages or messages[0]["role"] != "system"):
             before, after = self.turns["system"]
             out.append(before + self.default_system + after)
@@ -165,6 +166,18 @@ BUILTIN_TEMPLATES: dict[str, BuiltinChatTemplate] = {
         turns={r: (f"<|{r}|>\n", "<|end|>\n") for r in ROLES},
         generation_prompt="<|assistant|>\n",
         image_placeholder="<|image_{n}|>",
+    ),
+    # DeepSeek-VL2 (conversation.py "deepseek", tokenized as processing_deepseek_vl_v2.py's format_messages_v2
+    # does): BOS, then per user turn "<|User|>: {content}\n\n<|Assistant|>:" and per answer "{content}" + EOS.
+    # The template writes "<|Assistant|>:" as the generation prompt or before an answer; the one-prompt text
+    # is the processor's sft_format ("<|User|>: <image>\n{prompt}\n\n<|Assistant|>:"). A system message is
+    # written bare before the first user turn, as format_messages_v2 tokenizes it.
+    "deepseek_vl2": BuiltinChatTemplate(
+        name="deepseek_vl2",
+        turns={"system": ("", ""), "user": ("<|User|>: ", "\n\n"),
+               "assistant": ("<|Assistant|>:", "<｜end▁of▁sentence｜>")},
+        generation_prompt="<|Assistant|>:",
+        prefix="<｜begin▁of▁sentence｜>",
     ),
     # Qwen2-VL-Instruct's chat_template.json (add_vision_id off), as data.
     "qwen2_vl": BuiltinChatTemplate(

@@ -1,4 +1,4 @@
-r"""Qwen-VL grounding markup: `<ref>`, `<box>`, `<quad>` (and `<img>`) in text.
+r"""Grounding markup in text: Qwen-VL's `<ref>`, `<box>`, `<quad>` (and `<img>`), DeepSeek-VL2's `<|ref|>`, `<|det|>`.
 
 Qwen-VL writes regions into plain text (Qwen-VL, Bai et al. 2023, sec. 2.2 "Inputs and Outputs", and
 the multi-task pre-training formats in the paper's appendix; docs/references.md, Qwen-VL):
@@ -22,6 +22,12 @@ so a pixel coordinate survives format -> parse -> to_pixels within half a grid s
 (size / 2000 pixels). Qwen-VL's own drawing code truncates the inverse with int(),
 which stays within one grid step of this. Image sizes are (width, height), as in PIL.
 
+DeepSeek-VL2 writes a region as `<|ref|>the cat<|/ref|><|det|>[[x1, y1, x2, y2], ...]<|/det|>`: one
+`<|det|>` may hold several boxes of its ref, each [x1, y1, x2, y2] on a 0..999 grid (DeepSeek-VL2's
+deepseek_vl2/serve/app_modules/utils.py `parse_ref_bbox` draws int(x / 999 * width)). The same parser
+reads both dialects; each Grounding carries its grid (1000 or 999), which to_pixels divides by, and a
+`<|ref|>` attaches to the `<|det|>` after it as `<ref>` does to `<box>`.
+
     groundings, problems = parse_grounding(model_output)
     boxes = [to_pixels(g, image.size) for g in groundings]
     draw_groundings(image, groundings).save("regions.png")
@@ -38,9 +44,13 @@ from typing import Literal, NamedTuple
 from PIL import Image, ImageDraw, ImageFont
 
 GRID = 1000
+DET_GRID = 999  # DeepSeek-VL2's <|det|> boxes
 POINTS_PER_KIND = {"box": 2, "quad": 4}
 
-_TAG_RE = re.compile(r"<(/?)(ref|box|quad|img)>")
+# Qwen-VL's tags <ref> <box> <quad> <img>, DeepSeek-VL2's <|ref|> <|det|>; a tag's name keeps the bars ("|det|")
+_TAG_RE = re.compile(r"<(/?)(ref|box|quad|img)>|<\|(/?)(ref|det)\|>")
+_DET_BOX_RE = re.compile(r"\[([^\[\]]*)\]")
+_DET_LIST_RE = re.compile(r"\s*\[\s*\[[^\[\]]*\](?:\s*,\s*\[[^\[\]]*\])*\s*\]\s*")
 _POINT_RE = re.compile(r"\(([^()]*)\)")
 _POINT_LIST_RE = re.compile(r"\s*\([^()]*\)(?:\s*,?\s*\([^()]*\))*\s*")
 _INT_RE = re.compile(r"\d+")
@@ -60,8 +70,9 @@ class Grounding:
     ref: the `<ref>` text it belongs to, or None for a bare box/quad.
     kind: "box" (2 points: top-left, bottom-right) or "quad" (4 corner points).
     points: (x, y) pairs on the 0..1000 grid.
-    span: (start, end) character offsets of the `<box>`/`<quad>` element, end exclusive.
+    span: (start, end) character offsets of the `<box>`/`<quad>` (or `<|det|>`) element, end exclusive.
     ref_span: (start, end) of the `<ref>` element, or None.
+    grid: the coordinates' grid, 1000 (Qwen-VL) or 999 (DeepSeek-VL2's `<|det|>`).
     """
 
     ref: str | None
@@ -69,6 +80,7 @@ class Grounding:
     points: tuple[tuple[int, int], ...]
     span: tuple[int, int]
     ref_span: tuple[int, int] | None = None
+    grid: int = GRID
 
 
 @dataclass(frozen=True)
@@ -178,6 +190,34 @@ def _parse_points(kind: str, content: str) -> tuple[tuple[tuple[int, int], ...],
     return tuple(points), None
 
 
+def _parse_det(content: str) -> tuple[list[tuple[tuple[int, int], ...]], str | None]:
+    """The boxes of a `<|det|>` element's content `[[x1, y1, x2, y2], ...]` (0..999 grid), or an error message."""
+    if not _DET_LIST_RE.fullmatch(content):
+        return [], "<|det|> content is not a list of [x1, y1, x2, y2] boxes"
+    boxes = []
+    for match in _DET_BOX_RE.finditer(content):
+        parts = [p.strip() for p in match.group(1).split(",")]
+        if len(parts) != 4:
+            return [], f"box [{match.group(1)}] in <|det|> needs exactly four numbers"
+        for part in parts:
+            if not _INT_RE.fullmatch(part):
+                return [], f"bad number {part!r} in <|det|>: grid coordinates are integers 0..{DET_GRID}"
+            if int(part) > DET_GRID:
+                return [], f"coordinate {part} in <|det|> is outside the 0..{DET_GRID} grid"
+        x1, y1, x2, y2 = (int(p) for p in parts)
+        if x1 > x2 or y1 > y2:
+            return [], "box corners out of order: x1 > x2 or y1 > y2"
+        boxes.append(((x1, y1), (x2, y2)))
+    return boxes, None
+
+
+def _tag(match: re.Match) -> tuple[bool, str]:
+    """(closing, name) of a tag match: name "ref", "box", "quad", "img", or DeepSeek-VL2's "|ref|", "|det|"."""
+    if match.group(2) is not None:
+        return match.group(1) == "/", match.group(2)
+    return match.group(3) == "/", f"|{match.group(4)}|"
+
+
 def parse_grounding(text: str, *, strict: bool = False) -> ParsedGrounding:
     """Every `<box>`/`<quad>` in text, with the `<ref>` it belongs to, plus the malformed markup.
 
@@ -194,6 +234,8 @@ def parse_grounding(text: str, *, strict: bool = False) -> ParsedGrounding:
     []
     >>> parse_grounding("a <box>(1,2),(3,4) b")[1][0].message
     'unclosed <box>'
+    >>> [(g.ref, g.points, g.grid) for g in parse_grounding("<|ref|>cat<|/ref|><|det|>[[1, 2, 30, 40]]<|/det|>")[0]]
+    [('cat', ((1, 2), (30, 40)), 999)]
     """
     tags = list(_TAG_RE.finditer(text))
     groundings: list[Grounding] = []
@@ -210,10 +252,10 @@ def parse_grounding(text: str, *, strict: bool = False) -> ParsedGrounding:
     i = 0
     while i < len(tags):
         tag = tags[i]
-        closing, name = tag.group(1) == "/", tag.group(2)
+        closing, name = _tag(tag)
         following = tags[i + 1] if i + 1 < len(tags) else None
         if closing:
-            report(f"stray </{name}> without an opening <{name}>", tag.start(), tag.end())
+            report(f"stray {tag.group(0)} without an opening <{name}>", tag.start(), tag.end())
             pending_ref = None
             i += 1
             continue
@@ -226,7 +268,7 @@ def parse_grounding(text: str, *, strict: bool = False) -> ParsedGrounding:
                 i = close + 1
             pending_ref = None
             continue
-        if following is None or following.group(2) != name or following.group(1) != "/":
+        if following is None or _tag(following) != (True, name):
             report(f"unclosed <{name}>", tag.start(), following.start() if following else len(text))
             pending_ref = None
             i += 1
@@ -234,18 +276,24 @@ def parse_grounding(text: str, *, strict: bool = False) -> ParsedGrounding:
         start, end = tag.start(), following.end()
         content = text[tag.end() : following.start()]
         i += 2
-        if name == "ref":
+        if name in ("ref", "|ref|"):
             pending_ref, pending_end = (content, (start, end)), end
         else:
             attached = pending_ref is not None and not text[pending_end:start].strip()
             if not attached:
                 pending_ref = None
-            points, error = _parse_points(name, content)
+            if name == "|det|":
+                boxes, error = _parse_det(content)
+                found = [("box", points, DET_GRID) for points in boxes]
+            else:
+                points, error = _parse_points(name, content)
+                found = [(name, points, GRID)]
             if error is not None:
                 report(error, start, end)
             else:
                 ref, ref_span = pending_ref if pending_ref is not None else (None, None)
-                groundings.append(Grounding(ref, name, points, (start, end), ref_span))
+                groundings += [Grounding(ref, kind, points, (start, end), ref_span, grid)  # type: ignore[arg-type]
+                               for kind, points, grid in found]
             pending_end = end
     return ParsedGrounding(groundings, problems)
 
@@ -258,7 +306,8 @@ def to_pixels(grounding: Grounding, image_size: Sequence[int]) -> tuple[tuple[fl
     ((64.0, 120.0), (320.0, 480.0))
     """
     width, height = _check_image_size(image_size)
-    return tuple((x / GRID * width, y / GRID * height) for x, y in grounding.points)
+    grid = grounding.grid
+    return tuple((x / grid * width, y / grid * height) for x, y in grounding.points)
 
 
 def strip_grounding(text: str) -> str:
@@ -270,9 +319,12 @@ def strip_grounding(text: str) -> str:
 
     >>> strip_grounding("<img>a.jpg</img>Shot of <ref>bees</ref><box>(661,612), (833,812)</box> on a flower")
     'Shot of bees on a flower'
+    >>> strip_grounding("<|ref|>The cat<|/ref|><|det|>[[10, 20, 300, 400]]<|/det|> sleeps")
+    'The cat sleeps'
     """
     text = re.sub(r"<img>.*?</img>", "", text, flags=re.DOTALL)
     text = re.sub(r"<(box|quad)>[^<]*</\1>", "", text)
+    text = re.sub(r"<\|det\|>[^<]*<\|/det\|>", "", text)
     return _TAG_RE.sub("", text)
 
 

@@ -44,7 +44,8 @@ class Converter:
     natural:        whether save_pretrained picks this model_type for a model of class `build` with this
                     config when none is named (None: only when named, e.g. got_ocr2)
     read_config:    (directory, config.json dict) -> the dict config_from_hf reads: config.json with what
-                    the family keeps in other files (phi3_v: preprocessor_config.json's num_crops)
+                    the family keeps in other files (phi3_v: preprocessor_config.json's num_crops;
+                    deepseek_vl_v2: the `<image>` id from tokenizer.json)
     read_state:     (directory, config.json dict) -> the checkpoint's tensors
     write:          (directory, config.json dict, tensors, max_shard_bytes, tokenizer or None) -> the files
     """
