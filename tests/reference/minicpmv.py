@@ -151,7 +151,7 @@ def tiny_config(real: dict) -> dict:
     cfg.pop("_name_or_path", None)
     cfg.update(hidden_size=128, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                num_hidden_layers=2, max_window_layers=2, vocab_size=VOCAB, torch_dtype="bfloat16",
-               bos_token_id=ADDED.index("<|im_start|>") + BPE_SIZE, eos_token_id=ADDED.index("<|im_end|>") + BPE_SIZE)
+               bos_token_id=ADDED.index("<|endoftext|>") + BPE_SIZE, eos_token_id=ADDED.index("<|im_end|>") + BPE_SIZE)
     cfg["vision_config"].update(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=3,
                                 image_size=448)
     return cfg
@@ -218,9 +218,9 @@ def check_saved(folder: Path, ref) -> None:
     state = {k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()}
     model.load_state_dict(state, strict=True)
     report = json.loads((OUT / "reference.json").read_text())
-    tokenizer = None if (folder / "tokenizer.json").is_file() else \
-        processor_for(ref, OUT / "tiny")[1]
-    processor, _ = processor_for(ref, folder, tokenizer)
+    # the fixture's tokenizer files: the tokenizers library vlmkit runs (0.23) writes BPE merges as pairs, which
+    # the 0.19 that transformers 4.40 needs cannot read; the check is of the model and processor files
+    processor, _ = processor_for(ref, folder, processor_for(ref, OUT / "tiny")[1])
     pics = photos()
     inputs = processor([report["prompt"]], [[pics[n] for n in report["prompt_images"]]], return_tensors="pt")
     want = load_file(str(OUT / "reference.safetensors"))

@@ -20,6 +20,8 @@ preprocessor_config.json (MiniCPMVImageProcessor) repeats max_slice_nums, scale_
 image_feature_size (= query_num), use_image_id, and gives norm_mean / norm_std (0.5): read_config puts it under
 "preprocessor" and write writes it back. The image token is `<unk>` (128244 in the 2.6 vocabulary; the
 processor's `unk`), whose id read_config takes from the tokenizer files when config.json has no image_token_id.
+Generation ends at MiniCPMV.terminators, `<|im_end|>` (config.json's eos_token_id) and `<|endoftext|>`: their ids
+in the tokenizer files join the LM's eos_token_id list (config_to_hf writes config.json's single id back).
 The vision tower's features are its last layer after post_layernorm (VisionConfig.feature_post_norm).
 """
 
@@ -29,6 +31,8 @@ import dataclasses
 import json
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from vlmkit.config import ProjectorConfig
 from vlmkit.models.rope import rope_parameters
@@ -41,6 +45,7 @@ MODEL_TYPE = "minicpmv"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 IMAGE_TOKEN = "<unk>"
 MINICPMV_UNK_ID = 128244  # <unk> in MiniCPM-V 2.6's vocabulary
+TERMINATORS = ("<|im_end|>", "<|endoftext|>")  # MiniCPMV.terminators: generation ends at either
 AUTO_MAP = {"AutoConfig": "configuration_minicpm.MiniCPMVConfig", "AutoModel": "modeling_minicpmv.MiniCPMV",
             "AutoModelForCausalLM": "modeling_minicpmv.MiniCPMV"}
 # MiniCPMVConfig.default_vision_config: SigLIP so400m at 980 px
@@ -53,16 +58,31 @@ _LM_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers
 _RESAMPLER = "resampler."
 
 
+def reference_pixel_layout(view: torch.Tensor, patch: int = 14) -> torch.Tensor:
+    """A (3, h, w) view in the reference processor's layout (image_processing_minicpmv.reshape_by_patch):
+    (3, patch, L * patch), the L = (h/P)(w/P) patches side by side in row-major order. The reference's tower
+    convolves that strip, which gives the same patch embeddings, in the same order, as vlmkit's tower on the
+    (3, h, w) view; vlmkit keeps views whole and uses this only to compare pixels with the reference.
+
+        >>> reference_pixel_layout(torch.arange(16.0).view(1, 4, 4), patch=2)[0].tolist()
+        [[0.0, 1.0, 2.0, 3.0, 8.0, 9.0, 10.0, 11.0], [4.0, 5.0, 6.0, 7.0, 12.0, 13.0, 14.0, 15.0]]
+    """
+    C = view.shape[0]
+    patches = torch.nn.functional.unfold(view[None], (patch, patch), stride=(patch, patch))[0]  # (C*P*P, L)
+    return patches.reshape(C, patch, patch, -1).permute(0, 1, 3, 2).reshape(C, patch, -1)  # (C, P, L*P)
+
+
 def _tokenizer_ids(folder: Path) -> dict[str, int]:
+    """Token text -> id of the added tokens in the folder's tokenizer files."""
     ids: dict[str, int] = {}
     file = folder / "tokenizer.json"
     if file.is_file():
         data = json.loads(file.read_text(encoding="utf-8"))
         ids.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
     file = folder / "tokenizer_config.json"
-    if IMAGE_TOKEN not in ids and file.is_file():
+    if file.is_file():
         decoder = json.loads(file.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
-        ids.update({t["content"]: int(i) for i, t in decoder.items()})
+        ids.update({t["content"]: int(i) for i, t in decoder.items() if t["content"] not in ids})
     return ids
 
 
@@ -76,11 +96,12 @@ def read_config(path: Path, config: dict) -> dict:
             out["preprocessor"] = json.loads(file.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{file} is not valid JSON: {e}") from e
+    ids = _tokenizer_ids(path)
     if "image_token_id" not in out:
         unk = out.get("preprocessor", {}).get("unk", IMAGE_TOKEN)
-        ids = _tokenizer_ids(path)
         if unk in ids:
             out["image_token_id"] = ids[unk]
+    out["terminator_ids"] = [ids[t] for t in TERMINATORS if t in ids]
     return out
 
 
@@ -114,6 +135,9 @@ def config_from_hf(hf: dict) -> VLMConfig:
                                     "image_std": tuple(pre.get("norm_std", (0.5, 0.5, 0.5)))})
     vision = dataclasses.replace(vision, position_buckets=True, feature_post_norm=True)
     lm = lm_config_from_hf({**{k: hf[k] for k in (*_LM_KEYS, "pad_token_id") if k in hf}, "model_type": "qwen2"})
+    eos = [] if lm.eos_token_id is None else [lm.eos_token_id] if isinstance(lm.eos_token_id, int) else lm.eos_token_id
+    stops = list(dict.fromkeys([*eos, *hf.get("terminator_ids", [])]))
+    lm = dataclasses.replace(lm, eos_token_id=stops[0] if len(stops) == 1 else stops or None)
     slices = hf.get("slice_config") or {}
     patch = slices.get("patch_size", hf.get("patch_size", vision.patch_size))
     if patch != vision.patch_size:
@@ -144,6 +168,8 @@ def config_to_hf(cfg: VLMConfig) -> dict:
                           "slice_mode": True, "use_cache": True, "use_image_id": True, "version": 2.6,
                           "vision_batch_size": 16}
     hf.update({k: lm[k] for k in _LM_KEYS if k in lm})
+    if isinstance(hf["eos_token_id"], list):  # config.json's own eos first; read_config adds the terminators
+        hf["eos_token_id"] = hf["eos_token_id"][0]
     rope = rope_parameters(cfg.lm)
     if rope["rope_type"] != "default":
         raise ValueError(f"minicpmv's Qwen2 LM has plain RoPE; this model's is {rope['rope_type']!r}")
