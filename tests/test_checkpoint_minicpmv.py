@@ -240,3 +240,32 @@ def test_a_layout_vlmkit_lacks_is_refused(tmp_path, change, message):
         (tmp_path / name).write_bytes((TINY / name).read_bytes())
     with pytest.raises(ValueError, match=message):
         vlmkit.models.from_pretrained(tmp_path)
+
+
+def test_training_labels_use_the_reference_prompt(loaded, reference, two_photos):
+    """A conversation to train on starts with the reference's prompt ids (wrappers included) and only the
+    reply and its <|im_end|> are labelled."""
+    from vlmkit.data.labels import build_training_example
+    from vlmkit.models.lm import IGNORE_INDEX
+
+    messages = [*two_photo_messages(), {"role": "assistant", "content": "A cat."}]
+    example = build_training_example(loaded.tokenizer, loaded.chat_template, messages, loaded.image_token_id,
+                                     loaded.plan_images(two_photos), **loaded.image_text_hooks)
+    prompt = reference["input_ids"].tolist()
+    assert example.input_ids[:len(prompt)] == prompt
+    labelled = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    assert loaded.tokenizer.decode(labelled) == "A cat.<|im_end|>"
+
+
+def test_the_minicpm_v_preset_is_the_released_architecture():
+    from vlmkit.presets import count_parameters, get_preset
+    from vlmkit.weights.minicpmv import config_from_hf, read_config
+
+    real = config_from_hf(read_config(FIXTURES / "real", json.loads((FIXTURES / "real" / "config.json").read_text())))
+    preset = get_preset("minicpm-v")
+    assert (preset.vision, preset.projector, preset.image_scheme, preset.max_crops, preset.slice_size,
+            preset.image_token_id) == (real.vision, real.projector, "slices", 9, 448, 128244)
+    lm_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "rope_theta", "qkv_bias", "tie_word_embeddings")
+    assert all(getattr(preset.lm, f) == getattr(real.lm, f) for f in lm_fields)
+    assert count_parameters(preset) == 8_099_175_152  # `vlmkit presets`: 8099.18M, the model card's 8B

@@ -215,7 +215,10 @@ def _native_video_prompt(tokenizer: Tokenizer, text: str, plans: Sequence[MediaP
     return Prompt(encode_with_runs(tokenizer, segments, runs), ordered)
 
 
-def _image_texts_prompt(tokenizer: Tokenizer, segments: Sequence[str], ordered: Sequence[ImagePlan],
+ImageText = Callable[[ImagePlan, int, str], "str | None"]  # Scheme.image_text
+
+
+def image_texts_prompt(tokenizer: Tokenizer, segments: Sequence[str], ordered: Sequence[ImagePlan],
                         image_token_id: int, image_text: ImageText) -> Prompt | None:
     """build_prompt's ids when the scheme writes each image as text around its image ids (image_text); None
     when it writes none of them (image_text gives None, or the image token has no text of its own)."""
@@ -233,9 +236,6 @@ def _image_texts_prompt(tokenizer: Tokenizer, segments: Sequence[str], ordered: 
         raise ValueError(f"the prompt holds {found} image ids ({marker}) but its images' plans need {want}: the "
                          "text around the images must not contain the image token; remove it from the messages")
     return Prompt(ids, list(ordered))
-
-
-ImageText = Callable[[ImagePlan, int, str], "str | None"]  # Scheme.image_text
 
 
 def build_prompt(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Message],
@@ -275,7 +275,7 @@ def build_prompt(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequenc
     segments, order = placeholder_order(text, len(flat), plain)
     ordered = [flat[i] for i in order]
     if image_text is not None and ordered:
-        written = _image_texts_prompt(tokenizer, segments, ordered, image_token_id, image_text)
+        written = image_texts_prompt(tokenizer, segments, ordered, image_token_id, image_text)
         if written is not None:
             return written
     return Prompt(encode_with_image_runs(tokenizer, segments, [p.num_tokens for p in ordered], image_token_id,
