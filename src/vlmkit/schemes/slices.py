@@ -34,7 +34,14 @@ Every view is wrapped: the source as <im_start> + 64 x <unk> + <im_end>, each sl
 
 Of these, only the q * views query positions receive image features: they are the plan's
 `parts` (num_tokens, 448 for 1344x896); the wrappers and row breaks are text tokens the prompt
-builder writes around them, the plan's `text_parts` (context_tokens = 463).
+builder writes around them, the plan's `text_parts` (context_tokens = 463). The prompt text is
+`Slices.image_text` (prompt.py writes it where the template put `<image>`): MiniCPM-V 2.6's
+`<image_id>N</image_id><image>` + q image tokens + `</image>` + the slice rows, whose image token is
+`<unk>`; the image-id tag (2 + the digits of N tokens) is not in context_tokens. A model whose image
+token is `<image>` itself (the presets' fresh vocabularies) gets the bare run of image ids instead.
+The slice resolution is VLMConfig.slice_size (MiniCPM-V 2.6: 448 beside a 980-px tower), else
+vision.image_size; the projector is `minicpmv_resampler{Q}q` (MiniCPM-V's own: positions sized to each
+view's patch grid, which encode passes it) or a `perceiver{Q}q` Q-Former.
 pixel_values holds the views zero-padded to the largest one: (views, 3, H_max, W_max), with each
 view's (width, height) in extra["view_sizes"] and its patch grid (h/P, w/P) in extra["tgt_sizes"].
 
