@@ -323,7 +323,8 @@ class Slices(Scheme):
     def chat_template(self, tokenizer: Any, cfg: VLMConfig, fallback: str | None) -> ChatTemplate:
         """The checkpoint's template fed string content, each image part as `<image>` and a newline (MiniCPM-V's
         ChatML template reads message['content'] as text; MiniCPMV.chat joins an image's `(<image>./</image>)`
-        and the text with "\n"), else the built-in fallback."""
+        and the text with "\n"), else the built-in fallback. Images before the text, as the model card writes
+        them, give the reference's text exactly; a text part before an image gets no newline between them here."""
         return chat_template_for(tokenizer, default=self.prompt_format or fallback, flatten_content=True)
 
     def image_text(self, plan: ImagePlan, index: int, image_token: str) -> str | None:
