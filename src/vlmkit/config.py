@@ -239,6 +239,14 @@ class VisionConfig(Serializable):
     select_feature: str = "patch"  # "patch" drops CLS, "cls_patch" keeps every token
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    # How a patch grid other than the trained (image_size / patch_size)^2 one finds its positions: False
+    # resizes the table bicubically (transformers' interpolate_pos_encoding); True looks each patch up in the
+    # table by bucketed fractional coordinates (NaViT / Idefics2, MiniCPM-V's modeling_navit_siglip.py),
+    # which it then does for every grid (models/vit.bucket_position_ids).
+    position_buckets: bool = False
+    # features() of the last layer after post_layernorm (SigLIP's last_hidden_state, which MiniCPM-V's resampler
+    # reads) instead of the raw hidden state; needs select_layer -1 and post_layernorm.
+    feature_post_norm: bool = False
 
     def __post_init__(self) -> None:
         self.image_mean = tuple(self.image_mean)  # type: ignore[assignment]
@@ -253,6 +261,9 @@ class VisionConfig(Serializable):
                  f"VisionConfig.hidden_act {self.hidden_act!r} unknown; valid: {VISION_ACTIVATIONS}")
         require(self.select_feature in SELECT_FEATURES,
                  f"select_feature {self.select_feature!r} unknown; valid: {SELECT_FEATURES}")
+        require(not self.feature_post_norm or (self.post_layernorm and self.select_layer in (-1, self.num_layers)),
+                 "feature_post_norm normalises the last layer's features: it needs select_layer -1 and "
+                 "post_layernorm")
         require(-self.num_layers - 1 <= self.select_layer <= self.num_layers,
                  f"select_layer {self.select_layer} is out of range for {self.num_layers} layers "
                  f"(valid: {-self.num_layers - 1}..{self.num_layers})")
@@ -378,9 +389,10 @@ _FORMS = {
     r"merge(?P<m1>\d+)x(?P<m2>\d+)_mlp(?P<depth>\d+)x_gelu": "merge_mlp",
     r"qwen_resampler(?P<queries>\d+)q": "qwen_resampler",
     r"perceiver(?P<queries>\d+)q(?:_(?P<depth>\d+)x(?P<width>\d+))?": "perceiver",
+    r"minicpmv_resampler(?P<queries>\d+)q": "minicpmv_resampler",
 }
 VALID_PROJECTOR_TYPES = ("linear", "mlp{N}x_gelu", "merge2x2_mlp{N}x_gelu", "qwen_resampler{Q}q",
-                         "perceiver{Q}q", "perceiver{Q}q_{L}x{H}")
+                         "perceiver{Q}q", "perceiver{Q}q_{L}x{H}", "minicpmv_resampler{Q}q")
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,14 @@ class LoadedModel:
         return self.model.image_token_id if self.takes_images else None
 
     @property
+    def image_text_hooks(self) -> dict[str, Any]:
+        """build_prompt's image_placeholder and image_text: the scheme's (Scheme.image_placeholder, image_text)."""
+        if not self.takes_images:
+            return {}
+        scheme = self.model.scheme
+        return {"image_placeholder": scheme.image_placeholder, "image_text": scheme.image_text}
+
+    @property
     def segment_special_tokens(self) -> bool:
         """Whether prompts are tokenized piece by piece between image placeholders, each piece with the
         tokenizer's special tokens (the model's scheme says so: Scheme.segment_special_tokens)."""
@@ -214,14 +222,16 @@ class LoadedModel:
         (pass prompt.plans to image_inputs); see vlmkit.prompt for the placeholder rule."""
         self._check_media(list(plans), "prompting")
         return build_prompt(self.tokenizer, self.chat_template, messages, self.image_token_id, plans,
-                            video_token_id=self.video_token_id, segment_special_tokens=self.segment_special_tokens)
+                            video_token_id=self.video_token_id, segment_special_tokens=self.segment_special_tokens,
+                            **self.image_text_hooks)
 
     def prompt_ids(self, messages: Sequence[Message], plans: Sequence[MediaPlans] = ()) -> list[int]:
         """Token ids of the conversation with a generation prompt, each image expanded to its plan's
         num_tokens; for placeholders that show the images in order (else use prompt())."""
         self._check_media(list(plans), "prompting")
         return build_prompt_ids(self.tokenizer, self.chat_template, messages, self.image_token_id, plans,
-                                video_token_id=self.video_token_id, segment_special_tokens=self.segment_special_tokens)
+                                video_token_id=self.video_token_id, segment_special_tokens=self.segment_special_tokens,
+                                **self.image_text_hooks)
 
 
 def eos_list(value: Any, where: str) -> list[int]:

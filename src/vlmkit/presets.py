@@ -193,18 +193,17 @@ def deepseek_vl2() -> VLMConfig:
 
 
 def minicpm_v() -> VLMConfig:
-    """MiniCPM-V 2.6 (MiniCPM-V, Yao et al. 2024, sec. 3.1; docs/references.md, MiniCPM-V): SigLIP-400m slicing
-    at 448 px (up to 9 slices), 64 query tokens per view, Qwen2-7B.
-
-    Two gaps: the projector is `perceiver64q`, a BERT-base Q-Former, because MiniCPM-V's own resampler
-    (one Qwen-VL-style cross-attention at the LM width with 2-D sin-cos positions for any grid) is not
-    implemented: vlmkit's qwen_resampler takes square grids only. And the tower's position table is
-    32x32 (448 / 14), interpolated per view, where the release keeps 70x70. image_token_id 128244 is
+    """MiniCPM-V 2.6 (MiniCPM-V, Yao et al. 2024, sec. 3.1; docs/references.md, MiniCPM-V) as released
+    (openbmb/MiniCPM-V-2_6's config.json, weights/minicpmv.py): SigLIP-400m (27 layers, a 70x70 position
+    table at 980 px looked up by bucketed coordinates, features after post_layernorm), slices at 448 px (up to
+    9), MiniCPM-V's resampler of 64 queries per view (one cross-attention at the LM width, 2-D sin-cos
+    positions per view grid), Qwen2-7B; 8,099.18M parameters (the model card's 8B). image_token_id 128244 is
     the `<unk>` the prompt repeats, as the 2.6 tokenizer numbers it."""
     lm = LMConfig(vocab_size=151666, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
                   num_kv_heads=4, rope_theta=1000000.0, max_position_embeddings=32768, qkv_bias=True)
-    return VLMConfig(vision=siglip_so400m(448), projector=ProjectorConfig("perceiver64q", 1152, 3584), lm=lm,
-                     image_token_id=128244, image_scheme="slices", max_crops=9)
+    vision = dataclasses.replace(siglip_so400m(980), position_buckets=True, feature_post_norm=True)
+    return VLMConfig(vision=vision, projector=ProjectorConfig("minicpmv_resampler64q", 1152, 3584), lm=lm,
+                     image_token_id=128244, image_scheme="slices", max_crops=9, slice_size=448)
 
 
 def tiny_random(vocab_size: int = 128, image_token_id: int | None = None) -> VLMConfig:

@@ -34,7 +34,7 @@ Otherwise the text segments between placeholders are tokenized one by one.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from vlmkit.image.plan import ImagePlan, MediaPlans
@@ -215,13 +215,41 @@ def _native_video_prompt(tokenizer: Tokenizer, text: str, plans: Sequence[MediaP
     return Prompt(encode_with_runs(tokenizer, segments, runs), ordered)
 
 
+ImageText = Callable[[ImagePlan, int, str], "str | None"]  # Scheme.image_text
+
+
+def image_texts_prompt(tokenizer: Tokenizer, segments: Sequence[str], ordered: Sequence[ImagePlan],
+                        image_token_id: int, image_text: ImageText) -> Prompt | None:
+    """build_prompt's ids when the scheme writes each image as text around its image ids (image_text); None
+    when it writes none of them (image_text gives None, or the image token has no text of its own)."""
+    marker = _token_text(tokenizer, image_token_id)
+    if marker is None:
+        return None
+    texts = [image_text(plan, k, marker) for k, plan in enumerate(ordered)]
+    if all(t is None for t in texts):
+        return None
+    if any(t is None for t in texts):
+        raise ValueError("the scheme writes some images of the prompt as text and others not; it must do all")
+    ids = tokenizer.encode(segments[0] + "".join(t + seg for t, seg in zip(texts, segments[1:])))  # type: ignore[operator]
+    found, want = ids.count(image_token_id), sum(p.num_tokens for p in ordered)
+    if found != want:
+        raise ValueError(f"the prompt holds {found} image ids ({marker}) but its images' plans need {want}: the "
+                         "text around the images must not contain the image token; remove it from the messages")
+    return Prompt(ids, list(ordered))
+
+
 def build_prompt(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Message],
                  image_token_id: int | None = None, plans: Sequence[MediaPlans] = (),
                  add_generation_prompt: bool = True, video_token_id: int | None = None,
-                 segment_special_tokens: bool = False) -> Prompt:
+                 segment_special_tokens: bool = False, image_placeholder: str | None = None,
+                 image_text: ImageText | None = None) -> Prompt:
     """Render messages with the template, then turn each image placeholder into its run of image ids.
     segment_special_tokens: the text between placeholders is tokenized piece by piece with the tokenizer's
     special tokens (the model's scheme says so: Scheme.segment_special_tokens, Phi-3-V).
+    image_placeholder: the text the template writes for an image part, when not the image token's own
+    (Scheme.image_placeholder); image_text: the text each placeholder becomes instead of the bare run, the
+    run's ids written as the image token's text, tokenized with the prompt in one pass (Scheme.image_text,
+    MiniCPM-V's `<image>...</image><slice>...</slice>` wrappers).
 
     plans has one entry per image or video part of the messages, in order: an ImagePlan for an
     image, a list of ImagePlans for a video. video_token_id: the model takes video natively (each
@@ -241,11 +269,15 @@ def build_prompt(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequenc
             raise ValueError("images were given but this model has no image placeholder token (text-only model)")
         return Prompt(tokenizer.encode(text, add_special_tokens=segment_special_tokens), [])
     try:
-        plain: str | None = tokenizer.id_to_token(image_token_id)
+        plain: str | None = image_placeholder or tokenizer.id_to_token(image_token_id)
     except ValueError:
         plain = None
     segments, order = placeholder_order(text, len(flat), plain)
     ordered = [flat[i] for i in order]
+    if image_text is not None and ordered:
+        written = image_texts_prompt(tokenizer, segments, ordered, image_token_id, image_text)
+        if written is not None:
+            return written
     return Prompt(encode_with_image_runs(tokenizer, segments, [p.num_tokens for p in ordered], image_token_id,
                                          segment_special_tokens), ordered)
 
@@ -253,11 +285,12 @@ def build_prompt(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequenc
 def build_prompt_ids(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Message],
                      image_token_id: int | None = None, plans: Sequence[MediaPlans] = (),
                      add_generation_prompt: bool = True, video_token_id: int | None = None,
-                     segment_special_tokens: bool = False) -> list[int]:
+                     segment_special_tokens: bool = False, image_placeholder: str | None = None,
+                     image_text: ImageText | None = None) -> list[int]:
     """build_prompt's ids, for prompts whose placeholders show images 1, 2, ... once each in order
     (so image_inputs(plans) matches); other orders raise ValueError: use build_prompt."""
     prompt = build_prompt(tokenizer, template, messages, image_token_id, plans, add_generation_prompt,
-                          video_token_id, segment_special_tokens)
+                          video_token_id, segment_special_tokens, image_placeholder, image_text)
     if [id(p) for p in prompt.plans] != [id(p) for p in flat_plans(plans)]:
         raise ValueError("the prompt's placeholders show the images out of order or more than once; call "
                          "build_prompt and pass its .plans to image_inputs")

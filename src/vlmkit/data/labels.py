@@ -35,7 +35,15 @@ from dataclasses import dataclass
 
 from vlmkit.image.plan import ImagePlan
 from vlmkit.models.lm import IGNORE_INDEX
-from vlmkit.prompt import NUMBERED_PLACEHOLDER, MediaPlans, encode_with_image_runs, flatten_media, build_prompt
+from vlmkit.prompt import (
+    NUMBERED_PLACEHOLDER,
+    ImageText,
+    MediaPlans,
+    build_prompt,
+    encode_with_image_runs,
+    flatten_media,
+    image_texts_prompt,
+)
 from vlmkit.text.chat import ChatTemplate, Message
 from vlmkit.text.tokenizer import Tokenizer
 
@@ -57,14 +65,16 @@ class _PrefixEncoder:
     """Tokenizes text prefixes of the rendered conversation exactly as build_prompt tokenizes the whole:
     a prefix holds the first m image placeholders, which take the first m runs."""
 
-    def __init__(self, tokenizer: Tokenizer, image_token_id: int | None, runs: Sequence[int],
-                 segment_special_tokens: bool = False) -> None:
-        self.tokenizer, self.image_token_id, self.runs = tokenizer, image_token_id, list(runs)
-        self.segment_special_tokens = segment_special_tokens
+    def __init__(self, tokenizer: Tokenizer, image_token_id: int | None, plans: Sequence[ImagePlan],
+                 segment_special_tokens: bool = False, image_placeholder: str | None = None,
+                 image_text: ImageText | None = None) -> None:
+        self.tokenizer, self.image_token_id, self.plans = tokenizer, image_token_id, list(plans)
+        self.runs = [p.num_tokens for p in self.plans]
+        self.segment_special_tokens, self.image_text = segment_special_tokens, image_text
         self.pattern = None
         if image_token_id is not None:
             try:
-                plain = re.escape(tokenizer.id_to_token(image_token_id)) + "|"
+                plain = re.escape(image_placeholder or tokenizer.id_to_token(image_token_id)) + "|"
             except ValueError:
                 plain = ""
             self.pattern = re.compile(plain + NUMBERED_PLACEHOLDER)
@@ -77,6 +87,11 @@ class _PrefixEncoder:
             segments.append(text[start:match.start()])
             start = match.end()
         segments.append(text[start:])
+        if self.image_text is not None and len(segments) > 1:
+            written = image_texts_prompt(self.tokenizer, segments, self.plans[:len(segments) - 1],
+                                         self.image_token_id, self.image_text)
+            if written is not None:
+                return written.ids
         return encode_with_image_runs(self.tokenizer, segments, self.runs[:len(segments) - 1], self.image_token_id,
                                       self.segment_special_tokens)
 
@@ -130,22 +145,26 @@ def _reply_spans(template: ChatTemplate, messages: Sequence[Message], full: str)
 
 def build_training_example(tokenizer: Tokenizer, template: ChatTemplate, messages: Sequence[Message],
                            image_token_id: int | None = None, plans: Sequence[MediaPlans] = (),
-                           segment_special_tokens: bool = False) -> TrainingExample:
+                           segment_special_tokens: bool = False, image_placeholder: str | None = None,
+                           image_text: ImageText | None = None) -> TrainingExample:
     """Ids of the whole conversation (rendered without a generation prompt, image placeholders expanded
     from plans, as prompt.build_prompt does) and labels: IGNORE_INDEX everywhere except on the tokens of
     each assistant reply and the end-of-turn token closing it. See the module docstring for the method.
 
     Raises ValueError when no message is an assistant reply (nothing to learn) or when the template does
-    not render prefixes of the conversation as prefixes of the whole. segment_special_tokens as build_prompt's.
+    not render prefixes of the conversation as prefixes of the whole. segment_special_tokens, image_placeholder
+    and image_text as build_prompt's.
     """
     if not any(m.get("role") == "assistant" for m in messages):
         raise ValueError("the conversation has no assistant message, so nothing would be trained; "
                          "add the reply as {'role': 'assistant', 'content': ...}")
     prompt = build_prompt(tokenizer, template, messages, image_token_id, plans, add_generation_prompt=False,
-                          segment_special_tokens=segment_special_tokens)
+                          segment_special_tokens=segment_special_tokens, image_placeholder=image_placeholder,
+                          image_text=image_text)
     flat_messages, _ = flatten_media(messages, plans)
     full_text = template.render(flat_messages, add_generation_prompt=False)
-    encode = _PrefixEncoder(tokenizer, image_token_id, [p.num_tokens for p in prompt.plans], segment_special_tokens)
+    encode = _PrefixEncoder(tokenizer, image_token_id, prompt.plans, segment_special_tokens, image_placeholder,
+                            image_text)
     ids = prompt.ids
     labels = [IGNORE_INDEX] * len(ids)
     for before, through in _reply_spans(template, flat_messages, full_text):

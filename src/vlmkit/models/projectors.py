@@ -1,6 +1,6 @@
 """Projectors: map vision features (B, N, Dv) to the LM width (B, N', C).
 
-Five families, chosen by the config string ProjectorConfig.type:
+Six families, chosen by the config string ProjectorConfig.type:
 
 - ``linear``               one Linear(Dv, C)                        (LLaVA-1.0, Vary)
 - ``mlp{N}x_gelu``         Linear(Dv, C), then (GELU, Linear(C, C)) x (N-1)  (LLaVA-1.5 uses N=2)
@@ -11,6 +11,8 @@ Five families, chosen by the config string ProjectorConfig.type:
   2-D sin-cos positions: any N tokens -> Q tokens (models/resampler.py)
 - ``perceiver{Q}q`` / ``perceiver{Q}q_{L}x{H}``  a BLIP-2 Q-Former of Q queries (BERT-base, or
   L layers of width H), then a Linear to C: N tokens -> Q tokens (models/resampler.py)
+- ``minicpmv_resampler{Q}q``  MiniCPM-V's one cross-attention layer with Q queries and 2-D sin-cos
+  positions sized to each view's patch grid (models/minicpmv_resampler.py; the slices scheme)
 
     >>> parse_projector_type("mlp2x_gelu")
     ProjectorSpec(family='mlp', depth=2, merge=1, queries=0, width=0)
@@ -30,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlmkit.config import ProjectorSpec, parse_projector_type
+from vlmkit.models.minicpmv_resampler import build_minicpmv_resampler
 from vlmkit.models.resampler import build_perceiver, build_qwen_resampler
 
 
@@ -97,6 +100,7 @@ PROJECTORS: dict[str, Callable[[ProjectorSpec, int, int, bool], nn.Module]] = {
     "merge_mlp": Projector,
     "qwen_resampler": build_qwen_resampler,
     "perceiver": build_perceiver,
+    "minicpmv_resampler": build_minicpmv_resampler,
 }
 
 

@@ -114,6 +114,22 @@ class AttentionPoolHead(nn.Module):
         return h[:, 0]  # (B, D)
 
 
+def bucket_position_ids(rows: int, cols: int, side: int) -> torch.Tensor:
+    """Position-table rows of a rows x cols patch grid on a side x side table, NaViT-style (Idefics2's and
+    MiniCPM-V's SiglipVisionEmbeddings): patch (i, j) sits at fractional coordinates (i / rows, j / cols), each
+    bucketed into the side equal bins of [0, 1); the id is bin_i * side + bin_j. In float32 with the step a
+    float32 tensor, as the reference computes it, so the bins at the edges agree exactly.
+
+        >>> bucket_position_ids(2, 3, 4).tolist()
+        [0, 1, 2, 8, 9, 10]
+    """
+    boundaries = torch.arange(1 / side, 1.0, 1 / side)  # (side - 1,) float32
+    steps = 1 / torch.tensor([rows, cols], dtype=torch.int32)  # float32, as 1 / tgt_sizes[i] in the reference
+    bins_h = torch.bucketize(torch.arange(0, 1 - 1e-6, steps[0]), boundaries, right=True)  # (rows,)
+    bins_w = torch.bucketize(torch.arange(0, 1 - 1e-6, steps[1]), boundaries, right=True)  # (cols,)
+    return (bins_h[:, None] * side + bins_w).flatten()  # (rows * cols,)
+
+
 class VisionTower(nn.Module):
     """CLIP / SigLIP vision transformer built from a VisionConfig."""
 
@@ -147,10 +163,13 @@ class VisionTower(nn.Module):
         return VisionOutput(x, pooled, tuple(hidden) if hidden is not None else None)
 
     def features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """The (B, N, D) features a VLM projects: hidden state cfg.select_layer, CLS dropped for "patch"."""
+        """The (B, N, D) features a VLM projects: hidden state cfg.select_layer, CLS dropped for "patch", after
+        post_layernorm with cfg.feature_post_norm."""
         L = self.cfg.num_layers
         depth = self.cfg.select_layer if self.cfg.select_layer >= 0 else L + 1 + self.cfg.select_layer
         x = self._encode(pixel_values, depth, interpolate_pos_encoding, None)  # (B, N, D)
+        if self.cfg.feature_post_norm:  # SigLIP's last_hidden_state (MiniCPM-V)
+            x = self.post_norm(x)
         if self.cls_token is not None and self.cfg.select_feature == "patch":
             x = x[:, 1:]  # (B, N - 1, D)
         return x
@@ -189,6 +208,8 @@ class VisionTower(nn.Module):
         """
         rows, cols = (grid, grid) if isinstance(grid, int) else grid
         native = self.cfg.image_size // self.cfg.patch_size
+        if self.cfg.position_buckets:  # NaViT: no CLS (MiniCPM-V's SigLIP), a lookup for every grid
+            return self.pos_embed[bucket_position_ids(rows, cols, native).to(self.pos_embed.device)]
         if rows == cols == native:
             return self.pos_embed
         n_cls = int(self.cls_token is not None)

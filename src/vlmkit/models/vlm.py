@@ -34,7 +34,8 @@ from vlmkit.schemes.base import Scheme, one_of
 
 # VLMConfig's fields that only some schemes read, with their unset value (the schemes list theirs in
 # Scheme.config_fields).
-SCHEME_FIELDS = {"grid_pinpoints": (), "max_crops": None, "vision_high": None, "projector_high": None}
+SCHEME_FIELDS = {"grid_pinpoints": (), "max_crops": None, "vision_high": None, "projector_high": None,
+                 "slice_size": None}
 
 
 @dataclass
@@ -55,6 +56,9 @@ class VLMConfig(Serializable):
     # hd: N of HD-N (Phi-3.5-vision: 16 for one image, 4 for many); tiles: most local tiles m*n
     # (DeepSeek-VL2: 9); slices: max_slices (MiniCPM-V: 9). None = that default.
     max_crops: int | None = None
+    # slices: the side a slice is sized to (MiniCPM-V's scale_resolution, 448), when it is not vision.image_size
+    # (MiniCPM-V 2.6's tower keeps a 980-px, 70 x 70 position table). None = vision.image_size.
+    slice_size: int | None = None
     # dual: the SAM tower (downsample="vary") beside CLIP and its own projector, each image's rows being
     # cat([projector(CLIP tokens), projector_high(SAM tokens)], dim=-1), so projector.out_dim +
     # projector_high.out_dim == lm.hidden_size (Vary: 1024 + 1024); sam: the SAM tower alone, no projector_high.

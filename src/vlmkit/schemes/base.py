@@ -59,6 +59,11 @@ class Scheme:
                            piece by piece, each piece with the tokenizer's special tokens (Phi-3-V: a BOS
                            before each), rather than the whole prompt in one pass (vlmkit.prompt)
         grid_unit          what plan.grid counts, for `vlmkit tokens`
+        image_placeholder  the text a chat template writes for an image part, when it is not the image token's
+                           own text (None); prompt.py finds the images there
+        image_text(plan, index, image_token)  the text an image placeholder becomes (its image ids written as
+                           image_token, their text), e.g. MiniCPM-V's `<image>` and `<slice>` wrappers; None
+                           (the default): the run of plan.num_tokens image ids alone
     """
 
     name: str = ""
@@ -72,6 +77,11 @@ class Scheme:
     prompt_format: str | None = None
     segment_special_tokens: bool = False
     grid_unit: str = "view"
+    image_placeholder: str | None = None
+
+    def image_text(self, plan: ImagePlan, index: int, image_token: str) -> str | None:
+        """The prompt text of the index-th image (0-based, prompt order) of plan; None: just its image ids."""
+        return None
 
     def check_config(self, cfg: Any) -> None:
         """Raise ValueError for VLMConfig values this scheme cannot follow; may fill scheme defaults (max_crops).

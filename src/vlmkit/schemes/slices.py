@@ -34,7 +34,14 @@ Every view is wrapped: the source as <im_start> + 64 x <unk> + <im_end>, each sl
 
 Of these, only the q * views query positions receive image features: they are the plan's
 `parts` (num_tokens, 448 for 1344x896); the wrappers and row breaks are text tokens the prompt
-builder writes around them, the plan's `text_parts` (context_tokens = 463).
+builder writes around them, the plan's `text_parts` (context_tokens = 463). The prompt text is
+`Slices.image_text` (prompt.py writes it where the template put `<image>`): MiniCPM-V 2.6's
+`<image_id>N</image_id><image>` + q image tokens + `</image>` + the slice rows, whose image token is
+`<unk>`; the image-id tag (2 + the digits of N tokens) is not in context_tokens. A model whose image
+token is `<image>` itself (the presets' fresh vocabularies) gets the bare run of image ids instead.
+The slice resolution is VLMConfig.slice_size (MiniCPM-V 2.6: 448 beside a 980-px tower), else
+vision.image_size; the projector is `minicpmv_resampler{Q}q` (MiniCPM-V's own: positions sized to each
+view's patch grid, which encode passes it) or a `perceiver{Q}q` Q-Former.
 pixel_values holds the views zero-padded to the largest one: (views, 3, H_max, W_max), with each
 view's (width, height) in extra["view_sizes"] and its patch grid (h/P, w/P) in extra["tgt_sizes"].
 
@@ -58,7 +65,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +76,7 @@ from vlmkit.image.overlay import Geometry, View, whole_box
 from vlmkit.image.pixels import as_rgb, normalize, normalize_work, pil_bytes, resize_work
 from vlmkit.image.plan import ImagePlan
 from vlmkit.schemes.base import Scheme, require_max_crops, require_projector_input, require_vision
+from vlmkit.text.chat import ChatTemplate, chat_template_for
 
 if TYPE_CHECKING:
     from vlmkit.models.vlm import VLM, VLMConfig
@@ -223,6 +231,11 @@ def slices_work(width: int, height: int, max_slices: int = 9, scale_resolution: 
     return total + sum(normalize_work(w, h) for w, h in views) + 2 * len(views) * padded
 
 
+def slice_size(cfg: VLMConfig) -> int:
+    """The side slices are sized to (MiniCPM-V's scale_resolution): cfg.slice_size, else vision.image_size."""
+    return cfg.slice_size if cfg.slice_size is not None else cfg.vision.image_size  # type: ignore[union-attr]
+
+
 def query_num(cfg: VLMConfig) -> int:
     """Tokens per view: the resampler projector's query count (MiniCPM-V 2.6: 64)."""
     queries = cfg.projector.spec.queries
@@ -303,30 +316,55 @@ class Slices(Scheme):
     name = "slices"
     reference_preset = "minicpm-v"
     input_names = ("pixel_values", "image_sizes")
-    config_fields = ("max_crops",)
+    config_fields = ("max_crops", "slice_size")
     grid_unit = "slices"
+    image_placeholder = "<image>"
+
+    def chat_template(self, tokenizer: Any, cfg: VLMConfig, fallback: str | None) -> ChatTemplate:
+        """The checkpoint's template fed string content, each image part as `<image>` and a newline (MiniCPM-V's
+        ChatML template reads message['content'] as text; MiniCPMV.chat joins an image's `(<image>./</image>)`
+        and the text with "\n"), else the built-in fallback. Images before the text, as the model card writes
+        them, give the reference's text exactly; a text part before an image gets no newline between them here."""
+        return chat_template_for(tokenizer, default=self.prompt_format or fallback, flatten_content=True)
+
+    def image_text(self, plan: ImagePlan, index: int, image_token: str) -> str | None:
+        """MiniCPM-V 2.6's image text (image_processing_minicpmv.get_slice_image_placeholder, use_image_id):
+        `<image_id>{index}</image_id><image>` + Q image tokens + `</image>`, then per slice row its slices'
+        `<slice>` + Q image tokens + `</slice>`, rows joined by "\n". Only for an image token other than
+        `<image>` itself (MiniCPM-V's `<unk>`); a model whose image token is `<image>` (the presets' fresh
+        vocabularies) gets the bare run of image ids."""
+        if image_token == "<image>":
+            return None
+        queries = plan.parts["source_queries"]
+        rows, cols = plan.grid
+        piece = f"<slice>{image_token * queries}</slice>"
+        slices = "\n".join(piece * cols for _ in range(rows))
+        return f"<image_id>{index}</image_id><image>{image_token * queries}</image>{slices}"
 
     def check_config(self, cfg: VLMConfig) -> None:
         """Every view, whatever its size, becomes the resampler's Q query tokens; the plan takes its query_num
         from the projector, max_slices from max_crops and its slice resolution from vision.image_size."""
         require_vision(cfg, self.name)
         require_max_crops(cfg, self.name, 9, "max_slices")
-        require(cfg.projector.spec.family == "perceiver",
+        require(cfg.projector.spec.family in ("perceiver", "minicpmv_resampler"),
                 f"image_scheme='slices' gives every view (non-square, any size) the same number of query "
-                f"tokens: use a 'perceiver{{Q}}q' or 'perceiver{{Q}}q_{{L}}x{{H}}' resampler projector, not "
-                f"{cfg.projector.type!r} (qwen_resampler{{Q}}q takes square patch grids only)")
+                f"tokens: use a 'minicpmv_resampler{{Q}}q', 'perceiver{{Q}}q' or 'perceiver{{Q}}q_{{L}}x{{H}}' "
+                f"resampler projector, not {cfg.projector.type!r} (qwen_resampler{{Q}}q takes square patch grids "
+                "only)")
+        require(cfg.slice_size is None or (cfg.slice_size > 0 and cfg.slice_size % cfg.vision.patch_size == 0),
+                f"slice_size {cfg.slice_size} must be a positive multiple of the patch size {cfg.vision.patch_size}")
         require_projector_input(cfg)
 
     def work(self, cfg: VLMConfig, size: tuple[int, int], num_images: int = 1) -> int:
         v = cfg.vision
-        return slices_work(*size, cfg.max_crops, v.image_size, v.patch_size)  # type: ignore[arg-type]
+        return slices_work(*size, cfg.max_crops, slice_size(cfg), v.patch_size)  # type: ignore[arg-type]
 
     def plan(self, cfg: VLMConfig, image: Image.Image, num_images: int = 1) -> ImagePlan:
-        """max_slices = cfg.max_crops, query_num = the projector's queries, slice resolution = vision.image_size,
-        sides multiples of vision.patch_size. Every image of a prompt is sliced alike."""
+        """max_slices = cfg.max_crops, query_num = the projector's queries, slice resolution = cfg.slice_size
+        (default vision.image_size), sides multiples of vision.patch_size. Every image of a prompt is sliced alike."""
         v = cfg.vision
         return plan_slices(image, max_slices=cfg.max_crops, query_num=query_num(cfg),  # type: ignore[arg-type]
-                           scale_resolution=v.image_size, size_multiple=v.patch_size, mean=v.image_mean,
+                           scale_resolution=slice_size(cfg), size_multiple=v.patch_size, mean=v.image_mean,
                            std=v.image_std, patch_size=v.patch_size)
 
     def inputs(self, plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor]:
@@ -345,7 +383,11 @@ class Slices(Scheme):
         for (h, w), members in groups.items():
             crops = torch.stack([pixel_values[i, v, :, :h, :w] for i, v in members])  # (G, 3, h, w)
             features = model.tower_features(crops, interpolate_pos_encoding=True)  # (G, h/P * w/P, Dv)
-            projected = model.projector(features)  # (G, Q, C)
+            if getattr(model.projector, "takes_grid", False):  # MiniCPM-V's resampler: positions per view grid
+                P = model.cfg.vision.patch_size
+                projected = model.projector(features, grid=(h // P, w // P))  # (G, Q, C)
+            else:
+                projected = model.projector(features)  # (G, Q, C)
             tokens.update(zip(members, projected.unbind(0)))
         queries = query_num(model.cfg)
         return [slices_layout([tokens[i, v] for v in range(len(image))], slices_num_tokens(len(image), queries))

@@ -305,7 +305,7 @@ def build_example(sample: Sample, loaded: LoadedModel) -> TrainingExample:
     or planned and for a conversation that cannot be labelled."""
     plans = loaded.plan_images([load_image(path) for path in sample.images])
     return build_training_example(loaded.tokenizer, loaded.chat_template, sample.messages, loaded.image_token_id,
-                                  plans, loaded.segment_special_tokens)
+                                  plans, loaded.segment_special_tokens, **loaded.image_text_hooks)
 
 
 class TrainingSet(Sequence[TrainingExample]):
