@@ -273,6 +273,9 @@ class VisionConfig(Serializable):
 
 
 SAM_DOWNSAMPLES = ("none", "vary", "deepseek")
+# How a SAM view is resized to image_size x image_size: "bicubic" (Pillow; Vary-toy's BlipImageEvalProcessor) or
+# "cv2_linear" (OpenCV's INTER_LINEAR on the uint8 image; Vary-base's albumentations test_transform).
+SAM_RESIZES = ("bicubic", "cv2_linear")
 
 
 @dataclass
@@ -310,8 +313,10 @@ class SamConfig(Serializable):
     global_branch: bool = False  # "deepseek" only: DeepSeek-VL's sam_hd second neck
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = "bicubic"  # how the scheme resizes the view: SAM_RESIZES
 
     def __post_init__(self) -> None:
+        require(self.resize in SAM_RESIZES, f"SamConfig.resize {self.resize!r} unknown; valid: {SAM_RESIZES}")
         self.global_attn_indexes = tuple(self.global_attn_indexes)
         self.downsample_channels = tuple(self.downsample_channels)  # type: ignore[assignment]
         self.image_mean = tuple(self.image_mean)  # type: ignore[assignment]

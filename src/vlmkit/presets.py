@@ -109,7 +109,8 @@ def vary_base() -> VLMConfig:
     GitHub Ucas-HaoranWei/Vary's vary_qwen_vary.py, so the halves fill Qwen-7B's 4096; Vary-toy's
     vary_toy_qwen1_8.py uses 1024 -> 1024 beside the 2048-wide Qwen-1.8B."""
     return VLMConfig(vision=clip_vit_l(224), projector=ProjectorConfig("linear", 1024, 2048), lm=qwen_7b(),
-                     image_token_id=QWEN_IMGPAD, image_scheme="dual", vision_high=SamConfig(downsample="vary"),
+                     image_token_id=QWEN_IMGPAD, image_scheme="dual",
+                     vision_high=SamConfig(downsample="vary", image_mean=CLIP_MEAN, image_std=CLIP_STD),
                      projector_high=ProjectorConfig("linear", 1024, 2048))
 
 

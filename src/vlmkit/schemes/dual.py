@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -45,9 +46,11 @@ from vlmkit.image.overlay import Geometry, View, whole_box
 from vlmkit.image.pixels import (
     as_rgb,
     normalize,
+    normalize_uint8,
     normalize_work,
     pil_bytes,
     resize_work,
+    rgb_array,
 )
 from vlmkit.image.plan import ImagePlan
 from vlmkit.schemes.base import Scheme, require_projector_input, require_vision
@@ -102,10 +105,22 @@ def clip_view(image: Image.Image, size: int = CLIP_SIZE, mean: tuple[float, ...]
 
 
 def sam_view(image: Image.Image, size: int = SAM_SIZE, mean: tuple[float, ...] = CLIP_MEAN,
-             std: tuple[float, ...] = CLIP_STD) -> torch.Tensor:
-    """Bicubic resize to size x size (aspect ratio not kept), normalise -> (3, size, size)."""
+             std: tuple[float, ...] = CLIP_STD, resize: str = "bicubic") -> torch.Tensor:
+    """Resize to size x size (aspect ratio not kept), normalise -> (3, size, size). resize "bicubic": Pillow's
+    (Vary-toy's BlipImageEvalProcessor, a torchvision Resize of the PIL image); "cv2_linear": OpenCV's
+    INTER_LINEAR on the uint8 pixels (Vary-base's albumentations test_transform; needs opencv-python-headless)."""
     _check(image)
-    return normalize(as_rgb(image).resize((size, size), Image.Resampling.BICUBIC), mean, std)
+    if resize == "bicubic":
+        return normalize(as_rgb(image).resize((size, size), Image.Resampling.BICUBIC), mean, std)
+    if resize != "cv2_linear":
+        raise ValueError(f"sam_view resize {resize!r} unknown; use 'bicubic' or 'cv2_linear'")
+    try:
+        import cv2
+    except ImportError as e:
+        raise ImportError("this model's SAM view is resized as Vary-base's albumentations test_transform does, with "
+                          "OpenCV: pip install opencv-python-headless") from e
+    pixels = cv2.resize(rgb_array(image), (size, size), interpolation=cv2.INTER_LINEAR)  # (size, size, 3) uint8
+    return normalize_uint8(torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), mean, std)
 
 
 def dual_num_tokens(sam_size: int = SAM_SIZE, sam_convs: bool = True, sam_patch: int = 16) -> int:
@@ -123,9 +138,11 @@ def dual_num_tokens(sam_size: int = SAM_SIZE, sam_convs: bool = True, sam_patch:
 
 
 def plan_dual(image: Image.Image, clip_size: int = CLIP_SIZE, sam_size: int = SAM_SIZE,
-              clip_patch: int = 14, sam_patch: int = 16) -> ImagePlan:
+              clip_patch: int = 14, sam_patch: int = 16, sam_mean: tuple[float, ...] = CLIP_MEAN,
+              sam_std: tuple[float, ...] = CLIP_STD, sam_resize: str = "bicubic") -> ImagePlan:
     """Vary plan: CLIP view in pixel_values (1, 3, 224, 224), SAM view in extra["pixel_values_high"].
-    The sizes and patch sizes are the two towers' (tiny test models use e.g. 32 / 8 and 256 / 16).
+    The sizes and patch sizes are the two towers' (tiny test models use e.g. 32 / 8 and 256 / 16); the SAM
+    view's normalisation and resize are the SAM tower's (sam_view).
 
     >>> plan_dual(Image.new("RGB", (40, 30)), clip_size=32, sam_size=256, clip_patch=8).num_tokens
     16
@@ -139,7 +156,8 @@ def plan_dual(image: Image.Image, clip_size: int = CLIP_SIZE, sam_size: int = SA
     return ImagePlan(scheme="dual", pixel_values=clip_view(image, clip_size)[None], original_size=image.size,
                      resized_size=(clip_size, clip_size), grid=(1, 1), parts={"features": tokens},
                      text_parts={"<img>": 1, "</img>": 1},
-                     extra={"pixel_values_high": sam_view(image, sam_size)[None], "sam_size": sam_size})
+                     extra={"pixel_values_high": sam_view(image, sam_size, sam_mean, sam_std, sam_resize)[None],
+                            "sam_size": sam_size})
 
 
 def dual_rows(clip: torch.Tensor, sam: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -195,7 +213,8 @@ class Dual(Scheme):
         """The image's dual plan at the sizes of the model's two towers (224 / 14 and 1024 / 16 for Vary)."""
         high = cfg.vision_high
         return plan_dual(image, clip_size=cfg.vision.image_size, sam_size=high.image_size,
-                         clip_patch=cfg.vision.patch_size, sam_patch=high.patch_size)
+                         clip_patch=cfg.vision.patch_size, sam_patch=high.patch_size, sam_mean=high.image_mean,
+                         sam_std=high.image_std, sam_resize=high.resize)
 
     def inputs(self, plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor]:
         """pixel_values (N, 3, S, S), the CLIP views, and pixel_values_high (N, 3, S_high, S_high), the SAM views."""
