@@ -48,7 +48,8 @@ config.json, so vlmkit reads it like any other size):
 Every source rewrite is a text replacement whose number of occurrences the script checks.
 
 Outputs (tests/fixtures/vary/):
-    tiny/                  config.json, model.safetensors, qwen.tiktoken, tokenizer_config.json
+    tiny/                  config.json, generation_config.json, model.safetensors, qwen.tiktoken,
+                           tokenizer_config.json
     reference.safetensors  input_ids of the two-photo prompt, its logits (rows logit_rows), 20 greedy ids, and per
                            photo every 14th pixel of the CLIP view and every 64th of both SAM views
     reference.json         prompts, ids, view sums per photo
@@ -279,6 +280,9 @@ def main() -> None:
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tiny / "model.safetensors"), metadata={"format": "pt"})
     (tiny / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    eod = tok.convert_tokens_to_ids("<|endoftext|>")  # Qwen-1 keeps its token ids in generation_config.json
+    (tiny / "generation_config.json").write_text(json.dumps({
+        "chat_format": "chatml", "eos_token_id": eod, "pad_token_id": eod, "max_new_tokens": 2048}, indent=2) + "\n")
 
     pics = photos()
     names = ["astronaut", "rocket"]

@@ -35,7 +35,7 @@ extra["pixel_values_high"] (1, 3, 1024, 1024). The model side:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -54,6 +54,8 @@ from vlmkit.image.pixels import (
 )
 from vlmkit.image.plan import ImagePlan
 from vlmkit.schemes.base import Scheme, require_projector_input, require_vision
+from vlmkit.text.chat import ChatTemplate, get_chat_template
+from vlmkit.text.qwen_tiktoken import QwenTiktokenTokenizer
 
 if TYPE_CHECKING:
     from vlmkit.models.vlm import VLM, VLMConfig
@@ -236,6 +238,13 @@ class Dual(Scheme):
         clip = model.project(pixel_values)  # (N, T, C1)
         sam = model.projector_high(model.vision_high.features(pixel_values_high.to(dtype)))  # (N, T, C2)
         return [dual_rows(c, s, tokens) for c, s in zip(clip, sam)]  # N x (T, C1 + C2)
+
+    def chat_template(self, tokenizer: Any, cfg: VLMConfig, fallback: str | None) -> ChatTemplate:
+        """Vary's built-in "vary" template (conv "mpt" of its code) for a Qwen-1 tokenizer (qwen.tiktoken) that
+        names no template of its own: a Vary checkpoint ships none. Otherwise the tokenizer's own, else fallback."""
+        if isinstance(tokenizer, QwenTiktokenTokenizer) and tokenizer.chat_template == "chatml":  # its default
+            return get_chat_template("vary")
+        return super().chat_template(tokenizer, cfg, fallback)
 
     def geometry(self, plan: ImagePlan) -> Geometry:
         width, height = plan.original_size

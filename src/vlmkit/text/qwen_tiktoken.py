@@ -16,7 +16,9 @@ id and the merge priority of tiktoken's byte-level BPE. This class follows that 
 - by default every special token written in the text is one id (allowed_special="all", disallowed_special=());
 - `<img>path</img>` becomes `<img>`, one id per byte of the path *whose value is the byte* (not the byte's
   rank), `<imgpad>` up to image_span (256) ids, `</img>`: the model overwrites these positions with the
-  image's features. decode turns such a span back into `<img>path</img>`;
+  image's features. decode turns such a span back into `<img>path</img>`. A span holding only `<imgpad>`
+  tokens is kept as it is: Vary writes its images so (`<img>` + 256 x `<imgpad>` + `</img>`, its tokenizer
+  being Qwen-7B's with these tags as plain special tokens), text Qwen-VL's tokenizer cannot encode;
 - decode joins the tokens' bytes and decodes UTF-8 with errors="replace"; skip_special_tokens drops every id
   from `<|endoftext|>` on.
 Where the reference raises (an `<img>` without `</img>`, a path longer than image_span bytes, a span without
@@ -182,6 +184,8 @@ class QwenTiktokenTokenizer(Tokenizer):
         start = 0
         for begin, end in self._image_spans(ids, "text"):
             inner = ids[begin + 1:end]
+            if inner and all(i == self.img_pad_id for i in inner):  # already image positions (Vary's prompts)
+                continue
             special = [i for i in inner if i >= self.eod_id]
             if special:
                 raise ValueError(f"the image path between {self.image_tags['image_start_tag']} and "
