@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import skimage.data
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file
+from test_checkpoint_phi3_v import _tensors, photo_files, photos  # noqa: F401 (photo_files is a fixture)
 
 import vlmkit.models
 from vlmkit.cli import main
@@ -33,20 +32,6 @@ FIXTURES = Path(__file__).parent / "fixtures" / "vary"
 TINY = FIXTURES / "tiny"
 REPORT = json.loads((FIXTURES / "reference.json").read_text())
 QUESTION = REPORT["question"]
-
-
-def photos() -> dict[str, Image.Image]:
-    """The photos of tests/reference/vary.py, made the same way."""
-    coffee = skimage.data.coffee()
-    return {
-        "astronaut": Image.fromarray(skimage.data.astronaut()),
-        "chelsea": Image.fromarray(skimage.data.chelsea()),
-        "rocket": Image.fromarray(skimage.data.rocket()),
-        "camera": Image.fromarray(skimage.data.camera()),
-        "hubble": Image.fromarray(skimage.data.hubble_deep_field()),
-        "coffee_strip": Image.fromarray(coffee[120:270]),
-        "astronaut_tall": Image.fromarray(skimage.data.astronaut()[:, 180:330]),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -145,11 +130,6 @@ def test_vary_base_sam_processor_matches_albumentations(reference, name):
     np.testing.assert_allclose(view.double().abs().sum().item(), want["test_transform_abs_sum"], rtol=1e-6)
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    with safe_open(folder / "model.safetensors", "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-
-
 def test_save_pretrained_writes_the_original_layout(tmp_path):
     model = vlmkit.models.from_pretrained(TINY)
     vlmkit.models.save_pretrained(model, tmp_path)
@@ -183,16 +163,6 @@ def answer_text(loaded, reference, two_photos) -> str:
                       prefill_inputs=loaded.image_inputs(plans), tokenizer=loaded.tokenizer)
     assert result.token_ids[0] == reference["greedy_ids"].tolist() and result.finish_reasons[0] == "length"
     return result.texts[0]
-
-
-@pytest.fixture(scope="module")
-def photo_files(tmp_path_factory, two_photos) -> list[str]:
-    folder = tmp_path_factory.mktemp("photos")
-    paths = []
-    for i, image in enumerate(two_photos):
-        paths.append(str(folder / f"photo{i}.png"))
-        image.save(paths[-1])  # PNG: the same pixels back
-    return paths
 
 
 @pytest.mark.parametrize("verb", ["generate", "chat"])

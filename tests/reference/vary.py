@@ -70,6 +70,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from phi3_v import photos  # the seven photos of tests/reference/phi3_v.py (scikit-image's data)
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests" / "fixtures" / "vary"
@@ -87,22 +88,6 @@ REAL_IDS = {"<img>": 151857, "</img>": 151858, "<imgpad>": 151859}
 TOKENS = 256
 QUESTION = "What do the two photos show?"
 SEED = 3
-
-
-def photos() -> dict[str, Image.Image]:
-    """Real photos of different sizes and aspect ratios (scikit-image's data)."""
-    import skimage.data as d
-
-    coffee = d.coffee()
-    return {
-        "astronaut": Image.fromarray(d.astronaut()),  # 512 x 512
-        "chelsea": Image.fromarray(d.chelsea()),  # 451 x 300
-        "rocket": Image.fromarray(d.rocket()),  # 427 x 640, tall
-        "camera": Image.fromarray(d.camera()),  # 512 x 512, grayscale
-        "hubble": Image.fromarray(d.hubble_deep_field()),  # 1000 x 872
-        "coffee_strip": Image.fromarray(coffee[120:270]),  # 600 x 150, wide
-        "astronaut_tall": Image.fromarray(d.astronaut()[:, 180:330]),  # 150 x 512, tall
-    }
 
 
 def _replace(text: str, old: str, new: str, count: int | None, name: str) -> str:
