@@ -38,10 +38,12 @@ config.json's vocab_size pads it to a multiple of 16 as the real 151936 pads 151
 visual.image_start_id is the tiny vocabulary's <img>.
 
 Outputs (tests/fixtures/qwen_vl_chat/):
-    tiny/            config.json, generation_config.json, model.safetensors, qwen.tiktoken, tokenizer_config.json
+    tiny/            config.json, generation_config.json (the real one, its eos / pad ids renumbered),
+                     model.safetensors, qwen.tiktoken, tokenizer_config.json
     reference.safetensors  input_ids of make_context for the two-photo query (the photos' paths in the image
-                     spans), logits at logit_rows (every 16th position and the last 32), 20 greedy ids, and per
-                     photo the preprocessed pixels at every 11th row and column
+                     spans), logits at logit_rows (every 16th position and the last 32), 20 greedy ids, the last
+                     8 logit rows of a text-only question, and per photo the preprocessed pixels at every 11th
+                     row and column
     reference.json   query and prompt texts, make_context ids for the same query with empty image paths (what
                      vlmkit's prompt writes), for a multi-turn history and for a text-only question, per-photo
                      pixel sums
@@ -204,7 +206,9 @@ def main() -> None:
     real = json.loads((OUT / "real" / "config.json").read_text())
     config = tiny_config(real, tokens, tokenizer.img_start_id)
     (tiny / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shutil.copy(OUT / "real" / "generation_config.json", tiny / "generation_config.json")
+    generation = json.loads((OUT / "real" / "generation_config.json").read_text())
+    generation.update(eos_token_id=tokenizer.eod_id, pad_token_id=tokenizer.eod_id)  # <|endoftext|>, renumbered
+    (tiny / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
     model = ref.modeling_qwen.QWenLMHeadModel(ref.configuration_qwen.QWenConfig(
         **{k: v for k, v in config.items() if k not in ("auto_map", "architectures", "model_type")})).eval()
@@ -224,6 +228,9 @@ def main() -> None:
     rows = torch.cat([torch.arange(0, input_ids.shape[1] - 32, 16), torch.arange(input_ids.shape[1] - 32,
                                                                                   input_ids.shape[1])])
     tensors = {"input_ids": input_ids[0], "logit_rows": rows, "logits": logits[0, rows], "greedy_ids": greedy}
+    text_only = make_ids(tokenizer, make_context, "Hello there")
+    with torch.no_grad():  # no <img> in the prompt: the LM alone, what a text-only Qwen-1 checkpoint runs
+        tensors["text_only_logits"] = model(torch.tensor([text_only])).logits[0, -8:]
     no_paths = tokenizer.from_list_format([{"image": ""} for _ in PROMPT_PHOTOS] + [{"text": QUESTION}])
     history = [(tokenizer.from_list_format([{"image": ""}, {"text": "What is this?"}]), "An astronaut."),
                (tokenizer.from_list_format([{"text": "And the cup?"}]), "Coffee.")]
@@ -237,7 +244,7 @@ def main() -> None:
         "no_path_ids": make_ids(tokenizer, make_context, no_paths),
         "multi_turn": {"history": history, "query": second,
                        "ids": make_ids(tokenizer, make_context, second, history)},
-        "text_only_ids": make_ids(tokenizer, make_context, "Hello there"),
+        "text_only_ids": text_only,
         "stop_ids": [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id],
         "photos": {},
     }
