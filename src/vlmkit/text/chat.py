@@ -26,6 +26,7 @@ a part {"type": "text", "text": str}, {"type": "image"} or {"type": "video"}. Tw
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -105,6 +106,9 @@ def content_text(content: str | Sequence[Mapping[str, Any]], image_placeholder: 
     return "".join(pieces), images
 
 
+_MARKER = re.compile(r"<\|[^|<>]+\|>|<｜[^｜<>]+｜>")
+
+
 @dataclass(frozen=True)
 class BuiltinChatTemplate(ChatTemplate):
     """A template given as data: the text written before and after each role's content."""
@@ -118,6 +122,12 @@ class BuiltinChatTemplate(ChatTemplate):
     media_suffix: str = "\n"  # written after each image / video placeholder
     prefix: str = ""  # written once before the conversation, e.g. the BOS token's text
     number_per_message: bool = False  # "{n}" restarts at 1 in every message (Qwen-VL-Chat's "Picture N:")
+
+    def marker_tokens(self) -> tuple[str, ...]:
+        """The `<|...|>` / `<｜...｜>` markers the template writes around turns (phi3's `<|user|>`, `<|end|>`, ...),
+        in order of first use: the tokens a fresh vocabulary must hold as special tokens to prompt with it."""
+        texts = [self.prefix, *(t for pair in self.turns.values() for t in pair), self.generation_prompt]
+        return tuple(dict.fromkeys(m for text in texts for m in _MARKER.findall(text)))
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         _check_messages(messages)
