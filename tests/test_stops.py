@@ -179,6 +179,7 @@ TURN_ENDS = {  # the text each built-in template writes after an assistant turn,
     "llava": " ",
     "chatml": "<|im_end|>\n",
     "phi3": "<|end|>\n",
+    "deepseek_vl2": "<｜end▁of▁sentence｜>",
     "qwen2_vl": "<|im_end|>\n",
 }
 
@@ -236,14 +237,30 @@ def test_template_that_renders_no_answer_warns_and_keeps_the_eos():
 QWEN2_VL_PRESETS = {"qwen2-vl", "qwen2-vl-small", "qwen2.5-vl", "qwen2.5-vl-small"}
 
 
+PRESET_TURN_ENDS = {"qwen2_vl": "<|im_end|>", "phi3": "<|end|>", "deepseek_vl2": "<｜end▁of▁sentence｜>",
+                    "chatml": "<|im_end|>"}
+
+
+def preset_format(preset):
+    if preset in QWEN2_VL_PRESETS:
+        return "qwen2_vl"
+    if preset.startswith("phi-3.5-v"):
+        return "phi3"
+    return "deepseek_vl2" if preset.startswith("deepseek-vl2") else "chatml"
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_preset_turn_end(preset):
-    """A preset trained from random weights is prompted with its scheme's format (Qwen2-VL's qwen2_vl), else
-    chatml; both end an assistant turn with <|im_end|>."""
+    """A preset trained from random weights is prompted with its family's format (Qwen2-VL's qwen2_vl, Phi-3-V's
+    phi3, DeepSeek-VL2's deepseek_vl2), else chatml; its fresh vocabulary holds the template's markers as special
+    tokens, so an assistant turn ends with one special token."""
     special, template = fresh_special_tokens(get_preset(preset))
-    assert template == ("qwen2_vl" if preset in QWEN2_VL_PRESETS else "chatml")
+    assert template == preset_format(preset)
     tok = CharTokenizer(string.printable, special, chat_template=template)
-    assert turn_end_ids(get_chat_template(template), tok) == (IM_END,)
+    assert turn_end_ids(get_chat_template(template), tok) == (special.index(PRESET_TURN_ENDS[template]),)
+    rendered = get_chat_template(template).render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert all(len(tok.encode(m, add_special_tokens=False)) == 1 for m in ("<|user|>", "<|User|>")
+               if m in rendered)
 
 
 def test_config_eos_list_joins_the_end_ids():

@@ -239,12 +239,16 @@ class VisionConfig(Serializable):
     select_feature: str = "patch"  # "patch" drops CLS, "cls_patch" keeps every token
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    # Side of the stored square position table, resized bicubically to the patch grid on every forward
+    # (Qwen-VL: 16, a 256-row table for its 32 x 32 patches, visual.py get_abs_pos); 0 = the patch grid itself.
+    position_grid: int = 0
 
     def __post_init__(self) -> None:
         self.image_mean = tuple(self.image_mean)  # type: ignore[assignment]
         self.image_std = tuple(self.image_std)  # type: ignore[assignment]
         for name in ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
             require(getattr(self, name) > 0, f"VisionConfig.{name} must be positive, got {getattr(self, name)}")
+        require(self.position_grid >= 0, f"VisionConfig.position_grid must be 0 or positive, got {self.position_grid}")
         require(self.image_size % self.patch_size == 0,
                  f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         require(self.hidden_size % self.num_heads == 0,
@@ -262,8 +266,13 @@ class VisionConfig(Serializable):
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def position_side(self) -> int:
+        """Side of the stored position table's square grid (position_grid, else the patch grid)."""
+        return self.position_grid or self.image_size // self.patch_size
+
+    @property
     def num_positions(self) -> int:
-        return self.num_patches + int(self.use_cls_token)
+        return self.position_side**2 + int(self.use_cls_token)
 
     @property
     def tokens_per_image(self) -> int:

@@ -188,7 +188,7 @@ class VisionTower(nn.Module):
         grids included; the CLS position is kept as is.
         """
         rows, cols = (grid, grid) if isinstance(grid, int) else grid
-        native = self.cfg.image_size // self.cfg.patch_size
+        native = self.cfg.position_side  # a smaller stored table (Qwen-VL's 16 x 16) is resized even at image_size
         if rows == cols == native:
             return self.pos_embed
         n_cls = int(self.cls_token is not None)

@@ -242,7 +242,7 @@ class Dual(Scheme):
     def chat_template(self, tokenizer: Any, cfg: VLMConfig, fallback: str | None) -> ChatTemplate:
         """Vary's built-in "vary" template (conv "mpt" of its code) for a Qwen-1 tokenizer (qwen.tiktoken) that
         names no template of its own: a Vary checkpoint ships none. Otherwise the tokenizer's own, else fallback."""
-        if isinstance(tokenizer, QwenTiktokenTokenizer) and tokenizer.chat_template == "chatml":  # its default
+        if isinstance(tokenizer, QwenTiktokenTokenizer) and tokenizer.own_chat_template is None:
             return get_chat_template("vary")
         return super().chat_template(tokenizer, cfg, fallback)
 

@@ -13,7 +13,7 @@ a part {"type": "text", "text": str}, {"type": "image"} or {"type": "video"}. Tw
   `apply_chat_template` renders it (trim_blocks, lstrip_blocks, `raise_exception`,
   a `tojson` that does not escape HTML, `bos_token` / `eos_token` in scope), so the
   same messages give the same string.
-- Built-ins by name (`BUILTIN_TEMPLATES`): vicuna_v1, llava, chatml, phi3, vary, qwen2_vl. In these
+- Built-ins by name (`BUILTIN_TEMPLATES`): vicuna_v1, llava, chatml, phi3, vary, qwen2_vl, qwen_vl. In these
   an image part renders as the template's placeholder and a newline; phi3 numbers its
   placeholders <|image_1|>, <|image_2|>, ... across the conversation. qwen2_vl is the
   Qwen2-VL-Instruct checkpoints' chat template written as data: chatml with a default system
@@ -26,6 +26,7 @@ a part {"type": "text", "text": str}, {"type": "image"} or {"type": "video"}. Tw
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -105,6 +106,9 @@ def content_text(content: str | Sequence[Mapping[str, Any]], image_placeholder: 
     return "".join(pieces), images
 
 
+_MARKER = re.compile(r"<\|[^|<>]+\|>|<｜[^｜<>]+｜>")
+
+
 @dataclass(frozen=True)
 class BuiltinChatTemplate(ChatTemplate):
     """A template given as data: the text written before and after each role's content."""
@@ -117,6 +121,13 @@ class BuiltinChatTemplate(ChatTemplate):
     video_placeholder: str | None = None  # a video part's text; None: the template takes no video parts
     media_suffix: str = "\n"  # written after each image / video placeholder
     prefix: str = ""  # written once before the conversation, e.g. the BOS token's text
+    number_per_message: bool = False  # "{n}" restarts at 1 in every message (Qwen-VL-Chat's "Picture N:")
+
+    def marker_tokens(self) -> tuple[str, ...]:
+        """The `<|...|>` / `<｜...｜>` markers the template writes around turns (phi3's `<|user|>`, `<|end|>`, ...),
+        in order of first use: the tokens a fresh vocabulary must hold as special tokens to prompt with it."""
+        texts = [self.prefix, *(t for pair in self.turns.values() for t in pair), self.generation_prompt]
+        return tuple(dict.fromkeys(m for text in texts for m in _MARKER.findall(text)))
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         _check_messages(messages)
@@ -127,6 +138,7 @@ class BuiltinChatTemplate(ChatTemplate):
         images = 0
         for i, message in enumerate(messages):
             role = message["role"]
+            images = 0 if self.number_per_message else images
             if role not in self.turns:
                 raise ValueError(f"message {i} has role {role!r}; the {self.name} template knows {list(self.turns)}")
             text, images = content_text(message["content"], self.image_placeholder, i, images,
@@ -198,6 +210,18 @@ BUILTIN_TEMPLATES: dict[str, BuiltinChatTemplate] = {
         video_placeholder="<|vision_start|><|video_pad|><|vision_end|>",
         media_suffix="",
         default_system="You are a helpful assistant.",
+    ),
+    # Qwen-VL-Chat's make_context (qwen_generation_utils.py, chatml, model.chat's system text) with each query
+    # written by QWenTokenizer.from_list_format: an image is "Picture N:<img>path</img>\n", N counting the
+    # query's images. The path is left out (the image is given apart from the text): <img><imgpad></img>
+    # becomes <img>, the plan's 256 <imgpad>, </img>, the reference tokenizer's ids for an empty path.
+    "qwen_vl": BuiltinChatTemplate(
+        name="qwen_vl",
+        turns={r: (f"<|im_start|>{r}\n", "<|im_end|>\n") for r in ROLES},
+        generation_prompt="<|im_start|>assistant\n",
+        image_placeholder="Picture {n}:<img><imgpad></img>",
+        default_system="You are a helpful assistant.",
+        number_per_message=True,
     ),
 }
 

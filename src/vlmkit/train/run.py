@@ -83,7 +83,7 @@ from vlmkit.load import LoadedModel, load_model, not_a_model_error
 from vlmkit.models.image_model import build_model
 from vlmkit.presets import PRESETS, Preset, get_preset
 from vlmkit.schemes import get_scheme
-from vlmkit.text.chat import chat_template_for
+from vlmkit.text.chat import BUILTIN_TEMPLATES, chat_template_for
 from vlmkit.text.tokenizer import DEFAULT_SPECIAL_TOKENS, CharTokenizer
 from vlmkit.files import temporary_path, write_text_atomically
 from vlmkit.train.checkpoint import latest_checkpoint, reporting_write_errors
@@ -263,12 +263,13 @@ def conversation_text(samples: Sequence[Sample]) -> str:
 
 
 def fresh_special_tokens(cfg: Preset) -> tuple[tuple[str, ...], str]:
-    """(special tokens, chat template) of a fresh CharTokenizer for a preset's prompt format: its scheme's
-    placeholder tokens after the default special tokens, and the scheme's prompt format (Qwen2-VL's
-    qwen2_vl), else chatml."""
+    """(special tokens, chat template) of a fresh CharTokenizer for a preset's prompt format: the scheme's
+    prompt format (Phi-3-V's phi3, DeepSeek-VL2's deepseek_vl2, Qwen2-VL's qwen2_vl), else chatml; the special
+    tokens are the default ones, then the scheme's placeholder tokens and the template's turn markers."""
     scheme = get_scheme(cfg.image_scheme)
-    extra = [t for t in scheme.placeholders.values() if t not in DEFAULT_SPECIAL_TOKENS]
-    return (*DEFAULT_SPECIAL_TOKENS, *extra), scheme.prompt_format or "chatml"
+    template = scheme.prompt_format or "chatml"
+    extra = [*scheme.placeholders.values(), *BUILTIN_TEMPLATES[template].marker_tokens()]
+    return (*DEFAULT_SPECIAL_TOKENS, *dict.fromkeys(t for t in extra if t not in DEFAULT_SPECIAL_TOKENS)), template
 
 
 def fresh_model(preset: str, chars: str, seed: int) -> LoadedModel:

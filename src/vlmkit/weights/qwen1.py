@@ -200,9 +200,14 @@ def lm_state_to_qwen(state: StateDict, cfg: LMConfig, prefix: str = "transformer
 
 def write_with_generation_config(path: Path, config: dict, state: StateDict, max_shard_bytes: int,
                                  tokenizer: Any = None) -> None:
-    """write_files, after generation_config.json from the "generation" entry config_to_hf puts in the dict."""
+    """write_files, after generation_config.json from the "generation" entry config_to_hf puts in the dict.
+    torch_dtype and the reference's precision flag (bf16 / fp16 / fp32) follow the tensors' dtype, so the
+    reference computes in the dtype saved (with none set it picks bf16 or fp16 on a GPU by itself)."""
     config = dict(config)
     generation = config.pop("generation")
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    flags = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+    config.update({flag: name == dtype for name, flag in flags.items()}, torch_dtype=dtype)
     path.mkdir(parents=True, exist_ok=True)
     (path / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")
     write_files(path, config, state, max_shard_bytes, tokenizer)
