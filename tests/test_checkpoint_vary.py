@@ -211,3 +211,26 @@ def test_inspect_reports_vary_base_parameters():
     want = sum(VARY_BASE_PARTS.values())
     assert abs(report.parameters - want) / want < 0.02, (report.parameters, want)
     assert report.memory["bfloat16"] == 2 * report.parameters
+
+
+def test_inspect_reports_vary_toy_parameters():
+    """Vary-toy (real_toy/config.json: Qwen-1.8B's sizes, the Vary-toy paper's "1.8B" language model): the LM by
+    hand from Qwen-1.8B's config (embedding and head, per layer c_attn with bias, c_proj, w1 / w2 / c_proj at
+    11008 / 2 = 5504, two norms; ln_f) plus the Vary-base vision parts with Vary-toy's Linear(1024, 1024) twice."""
+    hidden, vocab, layers, ff = 2048, 151936, 24, 5504
+    qwen_1_8b = 2 * vocab * hidden + layers * (hidden * 3 * hidden + 3 * hidden + hidden * hidden
+                                               + 3 * hidden * ff + 2 * hidden) + hidden
+    want = qwen_1_8b + sum(VARY_BASE_PARTS[k] for k in ("clip_l_224", "sam_b", "net_2_3")) + 2 * (1024 * 1024 + 1024)
+    report = describe_model(str(FIXTURES / "real_toy"))
+    assert report.model_type == "vary" and report.parameters == want
+
+
+@pytest.mark.parametrize("folder, resize, mean", [("real", "cv2_linear", IMAGENET_MEAN), ("real_toy", "bicubic", None)])
+def test_the_sam_processor_follows_the_code_that_fits_the_checkpoint(folder, resize, mean):
+    """Qwen-7B's width is vary_qwen_vary.py's (test_transform), Qwen-1.8B's vary_toy_qwen1_8.py's (Blip, CLIP mean)."""
+    from vlmkit.config import CLIP_MEAN
+    from vlmkit.weights.vary import config_from_hf
+
+    cfg = config_from_hf(json.loads((FIXTURES / folder / "config.json").read_text()))
+    assert (cfg.vision_high.resize, cfg.vision_high.image_mean) == (resize, mean or CLIP_MEAN)
+    assert cfg.vision.select_layer == -2 and cfg.image_token_id == 151859

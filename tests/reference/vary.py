@@ -53,8 +53,12 @@ Outputs (tests/fixtures/vary/):
     reference.safetensors  input_ids of the two-photo prompt, its logits (rows logit_rows), 20 greedy ids, and per
                            photo every 14th pixel of the CLIP view and every 64th of both SAM views
     reference.json         prompts, ids, view sums per photo
-    real/config.json       (input, not written) Vary-base's config as vary_qwen_vary.py + Qwen-7B build it, read by
-                           `vlmkit inspect` in the tests
+    real/config.json       (input, not written) Vary-base's config as its code builds it: QWenConfig's Qwen-7B
+                           sizes (configuration_qwen.py defaults, vocab 151936) and the keys vary_qwen_vary.py and the
+                           README's training command set (vision_select_layer -2, image_token_len 256, im_* ids);
+                           no Vary-base config.json is published. Read by `vlmkit inspect` in the tests
+    real_toy/config.json   (input, not written) the same with Qwen-1.8B's sizes (2048 wide, 24 layers, 16 heads,
+                           intermediate_size 11008), the released Vary-toy's language model
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ processors:
 - CLIP-L branch: CLIPImageProcessor -- bicubic resize of the short side to 224 (long side
   int(224 * long / short)), centre crop 224 x 224, CLIP mean/std. CLIP-L/14 at 224 gives 16 x 16 = 256
   patch features (penultimate layer, CLS dropped).
-- SAM branch ("new vision vocabulary"): Vary's BlipImageEvalProcessor(image_size=1024) -- bicubic
-  resize to 1024 x 1024 ignoring the aspect ratio, then the same CLIP mean/std (its defaults).
+- SAM branch ("new vision vocabulary"): Vary-toy's BlipImageEvalProcessor(image_size=1024) -- bicubic
+  resize to 1024 x 1024 ignoring the aspect ratio, then the same CLIP mean/std (its defaults); or Vary-base's
+  demo processor, plug/transforms.py test_transform -- OpenCV bilinear resize to 1024 x 1024, ImageNet mean/std.
+  The SAM tower's config says which (SamConfig.resize, image_mean, image_std; weights/vary.py).
   SAM ViTDet-B gives 64 x 64 x 256; two 3x3 stride-2 convs give 32 x 32 x 512 and 16 x 16 x 1024 = 256.
 - Each branch has its own linear; the two 256-token maps are concatenated along channels, so the
   image costs 256 positions: `<img>` + 256 x `<imgpad>` + `</img>`, the features replacing <imgpad>.
