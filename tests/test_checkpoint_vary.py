@@ -234,3 +234,10 @@ def test_the_sam_processor_follows_the_code_that_fits_the_checkpoint(folder, res
     cfg = config_from_hf(json.loads((FIXTURES / folder / "config.json").read_text()))
     assert (cfg.vision_high.resize, cfg.vision_high.image_mean) == (resize, mean or CLIP_MEAN)
     assert cfg.vision.select_layer == -2 and cfg.image_token_id == 151859
+
+
+def test_text_only_logits_match_the_reference(loaded, reference):
+    ids = loaded.prompt_ids([{"role": "user", "content": "Hello there"}])
+    with torch.no_grad():
+        logits = loaded.model(torch.tensor([ids])).logits[0, -8:]
+    torch.testing.assert_close(logits, reference["text_only_logits"], atol=1e-4, rtol=0)

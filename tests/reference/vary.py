@@ -50,7 +50,8 @@ Every source rewrite is a text replacement whose number of occurrences the scrip
 Outputs (tests/fixtures/vary/):
     tiny/                  config.json, generation_config.json, model.safetensors, qwen.tiktoken,
                            tokenizer_config.json
-    reference.safetensors  input_ids of the two-photo prompt, its logits (rows logit_rows), 20 greedy ids, and per
+    reference.safetensors  input_ids of the two-photo prompt, its logits (rows logit_rows), 20 greedy ids, the last 8
+                           logit rows of the text-only prompt (text_only_logits), and per
                            photo every 14th pixel of the CLIP view and every 64th of both SAM views
     reference.json         prompts, ids, view sums per photo
     real/config.json       (input, not written) Vary-base's config as its code builds it: QWenConfig's Qwen-7B
@@ -287,6 +288,9 @@ def main() -> None:
         seq = torch.cat([seq, torch.tensor([nxt])])
     tensors = {"input_ids": ids, "logits": logits[rows].contiguous(), "logit_rows": rows,
                "greedy_ids": torch.tensor(greedy)}
+    text_ids = torch.tensor(tok(prompt_text(ref, [("Hello there", None)])).input_ids)
+    with torch.no_grad():  # no images: the reference's forward skips the vision towers
+        tensors["text_only_logits"] = model(input_ids=text_ids[None], use_cache=False).logits[0, -8:].contiguous()
     multi = prompt_text(ref, [(image_block(1) + "What is this?", "An astronaut."), (image_block(1) + "And this?", None)])
     report = {
         "prompt": prompt, "prompt_images": names, "question": QUESTION,
