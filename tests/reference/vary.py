@@ -291,7 +291,8 @@ def main() -> None:
     text_ids = torch.tensor(tok(prompt_text(ref, [("Hello there", None)])).input_ids)
     with torch.no_grad():  # no images: the reference's forward skips the vision towers
         tensors["text_only_logits"] = model(input_ids=text_ids[None], use_cache=False).logits[0, -8:].contiguous()
-    multi = prompt_text(ref, [(image_block(1) + "What is this?", "An astronaut."), (image_block(1) + "And this?", None)])
+    multi = prompt_text(ref, [(image_block(1) + "What is this?", "An astronaut."),
+                              (image_block(1) + "And this?", None)])
     report = {
         "prompt": prompt, "prompt_images": names, "question": QUESTION,
         "prompt_multi_turn": multi, "multi_turn_ids": tok(multi).input_ids,

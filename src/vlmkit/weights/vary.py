@@ -1,10 +1,10 @@
-"""Vary checkpoints (`model_type: vary`, GitHub Ucas-HaoranWei/Vary and Vary-toy's own code) <-> vlmkit VLM (dual scheme).
+"""Vary checkpoints (`model_type: vary`, GitHub Ucas-HaoranWei/Vary and Vary-toy's code) <-> vlmkit VLM (dual scheme).
 
 The layout of varyQwenForCausalLM (vary/model/vary_qwen_vary.py for Vary-base, vary_toy_qwen1_8.py for the
 released Vary-toy; the module names are the same in both):
 
     checkpoint                                                 vlmkit
-    transformer.vision_tower.vision_model.<clip>               vision.<tower>          CLIP-L/14 at 224 (weights/vision.py)
+    transformer.vision_tower.vision_model.<clip>               vision.<tower>          CLIP-L/14-224 (weights/vision.py)
     transformer.vision_tower_high.pos_embed  (1, 64, 64, D)    vision_high.pos_embed   (64, 64, D)   SAM-B ViTDet
     transformer.vision_tower_high.patch_embed.proj.*           vision_high.patch_embed.*
     transformer.vision_tower_high.blocks.{i}.norm1 / norm2     vision_high.layers.{i}.attn_norm / mlp_norm
@@ -42,7 +42,7 @@ from typing import Any
 from vlmkit.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ProjectorConfig, SamConfig
 from vlmkit.models.vlm import VLM, VLMConfig
 from vlmkit.weights.converter import Converter, StateDict
-from vlmkit.weights.qwen1 import (lm_config_from_qwen, lm_config_to_qwen, lm_state_from_qwen, lm_state_to_qwen,
+from vlmkit.weights.qwen1 import (EOS_TOKEN_ID, lm_config_from_qwen, lm_config_to_qwen, lm_state_from_qwen, lm_state_to_qwen,
                                   read_generation_config, write_with_generation_config)
 from vlmkit.weights.vision import vision_config_from_hf, vision_state_from_hf, vision_state_to_hf
 
@@ -133,15 +133,17 @@ def config_to_hf(cfg: VLMConfig) -> dict:
              "hidden_act": v.hidden_act, "layer_norm_eps": v.layer_norm_eps}
     if any(CLIP_VIT_L_224[k] != value for k, value in tower.items()):
         hf["vision_config"] = {**tower, "projection_dim": v.hidden_size}
+    if (high.image_size, high.patch_size, high.window_size, high.intermediate_size) != (1024, 16, 14,
+                                                                                       4 * high.hidden_size):
+        raise ValueError("Vary's sam.py builds a 1024 px SAM with patch 16, windows of 14 and an MLP 4 x its width; "
+                         "this tower differs: save the model as model_type='vlmkit'")
     sam = {name: getattr(high, name) for name in SAM_FIELDS}
-    base = SamConfig()
-    if any(getattr(base, k) != value for k, value in sam.items()) or (high.image_size, high.patch_size) != (1024, 16):
-        if (high.image_size, high.patch_size, high.window_size) != (1024, 16, 14):
-            raise ValueError("Vary's SAM tower is 1024 px, patch 16, windows of 14; this one differs: save it as "
-                             "model_type='vlmkit'")
+    if any(getattr(SamConfig, k) != value for k, value in sam.items()):
         hf["sam_config"] = {k: list(value) if isinstance(value, tuple) else value for k, value in sam.items()}
-    hf["generation"] = {"chat_format": "chatml", "eos_token_id": cfg.lm.eos_token_id,
-                        "pad_token_id": cfg.lm.pad_token_id, "max_new_tokens": 2048}
+    eos = cfg.lm.eos_token_id if cfg.lm.eos_token_id is not None else EOS_TOKEN_ID  # Qwen-1 pads with its eos
+    hf["generation"] = {"chat_format": "chatml", "eos_token_id": eos,
+                        "pad_token_id": cfg.lm.pad_token_id if cfg.lm.pad_token_id is not None else eos,
+                        "max_new_tokens": 2048}  # Vary's demo's max_new_tokens
     return hf
 
 
@@ -209,4 +211,5 @@ def state_to_hf(state: StateDict, cfg: VLMConfig) -> StateDict:
 
 
 VARY = Converter(config_from_hf=config_from_hf, build=VLM, state_from_hf=state_from_hf, config_to_hf=config_to_hf,
-                 state_to_hf=state_to_hf, natural=None, read_config=read_generation_config, write=write_with_generation_config)
+                 state_to_hf=state_to_hf, natural=None, read_config=read_generation_config,
+                 write=write_with_generation_config)
