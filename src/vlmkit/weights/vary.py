@@ -42,8 +42,8 @@ from typing import Any
 from vlmkit.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ProjectorConfig, SamConfig
 from vlmkit.models.vlm import VLM, VLMConfig
 from vlmkit.weights.converter import Converter, StateDict
-from vlmkit.weights.qwen1 import (EOS_TOKEN_ID, lm_config_from_qwen, lm_config_to_qwen, lm_state_from_qwen, lm_state_to_qwen,
-                                  read_generation_config, write_with_generation_config)
+from vlmkit.weights.qwen1 import (EOS_TOKEN_ID, lm_config_from_qwen, lm_config_to_qwen, lm_state_from_qwen,
+                                  lm_state_to_qwen, read_generation_config, write_with_generation_config)
 from vlmkit.weights.vision import vision_config_from_hf, vision_state_from_hf, vision_state_to_hf
 
 MODEL_TYPE = "vary"
