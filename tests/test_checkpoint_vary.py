@@ -241,3 +241,35 @@ def test_text_only_logits_match_the_reference(loaded, reference):
     with torch.no_grad():
         logits = loaded.model(torch.tensor([ids])).logits[0, -8:]
     torch.testing.assert_close(logits, reference["text_only_logits"], atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def loaded_base(tmp_path_factory):
+    """The tiny checkpoint as Vary-base's code reads it: config.json naming its SAM processor (test_transform)."""
+    pytest.importorskip("cv2")
+    folder = tmp_path_factory.mktemp("vary-base")
+    for file in TINY.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    config = json.loads((TINY / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "image_processor_high": "test_transform"}))
+    return load_model(str(folder))
+
+
+@pytest.fixture(scope="module")
+def reference_base() -> dict[str, torch.Tensor]:
+    return load_file(FIXTURES / "reference_base.safetensors")
+
+
+def test_vary_base_code_path_matches_the_reference(loaded_base, reference_base, two_photos):
+    """vary_qwen_vary.py with its demo's prompt (no newline after </img>) and test_transform SAM views: prompt
+    ids, logits and 20 greedy tokens (the reference decodes with its KV cache, as its generate does)."""
+    assert loaded_base.chat_template.name == "vary_base"
+    plans = loaded_base.plan_images(two_photos)
+    ids = loaded_base.prompt_ids(two_photo_messages(), plans)
+    assert ids == reference_base["input_ids"].tolist()
+    inputs = loaded_base.image_inputs(plans)
+    with torch.no_grad():
+        logits = loaded_base.model(torch.tensor([ids]), **inputs).logits[0]
+    torch.testing.assert_close(logits[reference_base["logit_rows"]], reference_base["logits"], atol=1e-4, rtol=0)
+    result = generate(loaded_base.model, [ids], GenerationConfig(max_new_tokens=20), prefill_inputs=inputs)
+    assert result.token_ids[0] == reference_base["greedy_ids"].tolist()

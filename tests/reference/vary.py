@@ -10,7 +10,8 @@ projector widths (Vary-toy Linear(1024, 1024) beside Qwen-1.8B, Vary-base Linear
 in the SAM branch's image processor (Vary-toy's demo: plug/blip_process.BlipImageEvalProcessor(1024), a
 torchvision bicubic resize and CLIP's mean/std; Vary-base's demo: plug/transforms.test_transform, albumentations'
 cv2 bilinear resize and ImageNet's mean/std) and in the demo prompt (Vary-toy writes "\\n" after `</img>`).
-The tiny model here runs vary_toy_qwen1_8.py; the processor fixtures hold both SAM processors.
+The tiny model runs in vary_toy_qwen1_8.py and, its tensors unchanged, in vary_qwen_vary.py with Vary-base's
+processor and prompt; the processor fixtures hold both SAM processors.
 
 Environment (torch 2.13.0+cpu, transformers 4.32.1 as Vary's pyproject.toml pins, tokenizers 0.13.3,
 tiktoken 0.14.0, einops, scikit-image 0.26.0, torchvision 0.28.0 and timm 0.6.13 without deps, albumentations
@@ -54,6 +55,8 @@ Outputs (tests/fixtures/vary/):
                            logit rows of the text-only prompt (text_only_logits), and per
                            photo every 14th pixel of the CLIP view and every 64th of both SAM views
     reference.json         prompts, ids, view sums per photo
+    reference_base.safetensors  the same tiny tensors run by Vary-base's vary_qwen_vary.py with its demo's prompt
+                           and SAM processor (test_transform): input_ids, logits (rows logit_rows), 20 greedy ids
     real/config.json       (input, not written) Vary-base's config as its code builds it: QWenConfig's Qwen-7B
                            sizes (configuration_qwen.py defaults, vocab 151936) and the keys vary_qwen_vary.py and the
                            README's training command set (vision_select_layer -2, image_token_len 256, im_* ids);
@@ -114,18 +117,25 @@ def import_reference(src: Path, work: Path, vocab: int) -> types.SimpleNamespace
     text = _replace(text, "nn.Conv2d(256, 512,", f"nn.Conv2d({TINY_SAM['output_channels']}, {c2},", 1, sam.name)
     text = _replace(text, "nn.Conv2d(512, 1024,", f"nn.Conv2d({c2}, {c3},", 1, sam.name)
     sam.write_text(text)
-    model_file = work / "vary" / "model" / "vary_toy_qwen1_8.py"
-    text = model_file.read_text()
-    text = _replace(text, "nn.Linear(1024, 1024)", f"nn.Linear({TINY_CLIP['hidden_size']}, {HALF})", 2, model_file.name)
-    text = _replace(text, "torch.zeros(256, 1024,", f"torch.zeros(256, {TINY_CLIP['hidden_size']},", 2,
-                    model_file.name)
-    for tag, real in REAL_IDS.items():
-        text = _replace(text, str(real), str(ids[tag]), None, model_file.name)
-    model_file.write_text(text)
+    for name, width in (("vary_toy_qwen1_8", 1024), ("vary_qwen_vary", 2048)):
+        model_file = work / "vary" / "model" / f"{name}.py"
+        text = model_file.read_text()
+        text = _replace(text, f"nn.Linear(1024, {width})", f"nn.Linear({TINY_CLIP['hidden_size']}, {HALF})", 2,
+                        model_file.name)
+        text = _replace(text, "torch.zeros(256, 1024,", f"torch.zeros(256, {TINY_CLIP['hidden_size']},", 2,
+                        model_file.name)
+        for tag, real in REAL_IDS.items():
+            text = _replace(text, str(real), str(ids[tag]), None, model_file.name)
+        if name == "vary_qwen_vary":  # both files register "vary" with transformers' Auto classes: once is allowed
+            text = _replace(text, 'AutoConfig.register("vary", varyConfig)', "", 1, model_file.name)
+            text = _replace(text, "AutoModelForCausalLM.register(varyConfig, varyQwenForCausalLM)", "", 1,
+                            model_file.name)
+        model_file.write_text(text)
     # vary/model/__init__.py imports the OPT models too; the Qwen ones are all this script needs
     (work / "vary" / "model" / "__init__.py").write_text("")
     sys.path.insert(0, str(work))
     modeling = importlib.import_module("vary.model.vary_toy_qwen1_8")
+    modeling_base = importlib.import_module("vary.model.vary_qwen_vary")
     sam_module = importlib.import_module("vary.model.vision_encoder.sam")
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -134,13 +144,14 @@ def import_reference(src: Path, work: Path, vocab: int) -> types.SimpleNamespace
         def from_pretrained(path: str) -> CLIPVisionModel:
             return CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP))
 
-    modeling.CLIPVisionModel = TinyClip
-    modeling.build_sam_vit_b = lambda: sam_module._build_sam(
-        encoder_embed_dim=TINY_SAM["hidden_size"], encoder_depth=TINY_SAM["num_layers"],
-        encoder_num_heads=TINY_SAM["num_heads"], encoder_global_attn_indexes=TINY_SAM["global_attn_indexes"])
+    for module in (modeling, modeling_base):
+        module.CLIPVisionModel = TinyClip
+        module.build_sam_vit_b = lambda: sam_module._build_sam(
+            encoder_embed_dim=TINY_SAM["hidden_size"], encoder_depth=TINY_SAM["num_layers"],
+            encoder_num_heads=TINY_SAM["num_heads"], encoder_global_attn_indexes=TINY_SAM["global_attn_indexes"])
     tokenization = importlib.import_module("vary.model.llm.qwen.tokenization_qwen")
     tokenization.SPECIAL_TOKENS = tokenization.SPECIAL_TOKENS + IMAGE_TAGS
-    return types.SimpleNamespace(modeling=modeling, tokenization=tokenization, ids=ids,
+    return types.SimpleNamespace(modeling=modeling, modeling_base=modeling_base, tokenization=tokenization, ids=ids,
                                  conversation=importlib.import_module("vary.utils.conversation"),
                                  blip=importlib.import_module("vary.model.plug.blip_process"),
                                  transforms=importlib.import_module("vary.model.plug.transforms"))
@@ -164,10 +175,12 @@ def tiny_config(vocab_size: int, ids: dict[str, int]) -> dict:
     }
 
 
-def build_model(ref, config: dict):
-    """varyQwenForCausalLM of config (its hard-coded sizes already rewritten), in eval mode."""
-    conf = ref.modeling.varyConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
-    return ref.modeling.varyQwenForCausalLM(conf).eval()
+def build_model(ref, config: dict, base: bool = False):
+    """varyQwenForCausalLM of config (its hard-coded sizes already rewritten), in eval mode: Vary-toy's
+    vary_toy_qwen1_8.py, or with base Vary-base's vary_qwen_vary.py."""
+    modeling = ref.modeling_base if base else ref.modeling
+    conf = modeling.varyConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    return modeling.varyQwenForCausalLM(conf).eval()
 
 
 def tokenizer(ref, folder: Path):
@@ -184,9 +197,10 @@ def prompt_text(ref, turns: list[tuple[str, str | None]], system: bool = True) -
     return conv.get_prompt()
 
 
-def image_block(n: int = 1) -> str:
-    """n images as Vary-toy's demo writes one: <img> + 256 x <imgpad> + </img> + newline."""
-    return ("<img>" + "<imgpad>" * TOKENS + "</img>" + "\n") * n
+def image_block(n: int = 1, newline: str = "\n") -> str:
+    """n images as Vary-toy's demo writes one: <img> + 256 x <imgpad> + </img> + newline (Vary-base's demo: no
+    newline)."""
+    return ("<img>" + "<imgpad>" * TOKENS + "</img>" + newline) * n
 
 
 def processors(ref):
@@ -313,6 +327,27 @@ def main() -> None:
         for k in ("blip", "test_transform"):
             tensors[f"{k}.{name}"] = views[k][:, 5::64, 5::64].contiguous().float()  # (3, 16, 16)
     save_file(tensors, str(OUT / "reference.safetensors"))
+    # Vary-base's code path: the same tensors in vary_qwen_vary.py, its demo's prompt (no newline after </img>)
+    # and SAM processor (test_transform); vlmkit reads it from config.json's image_processor_high
+    base = build_model(ref, {**config, "image_processor_high": "test_transform"}, base=True)
+    base.load_state_dict(state, strict=True)
+    base_prompt = prompt_text(ref, [(image_block(2, newline="") + QUESTION, None)])
+    base_ids = torch.tensor(tok(base_prompt).input_ids)
+    base_high = torch.stack([alb(pics[n].convert("RGB")) for n in names])
+    base_logits = forward_logits(base, base_ids, low, base_high)
+    base_rows = torch.tensor(sorted(set(range(0, len(base_ids), 64)) | set(range(len(base_ids) - 8, len(base_ids)))))
+    base_greedy = []  # with the KV cache as Vary's generate runs: an answer holding <img> would fail the full
+    with torch.no_grad():  # forward's <img>/</img> count check, and decode steps skip the vision branch
+        out = base(input_ids=base_ids[None], images=[(low, base_high)], use_cache=True,
+                   attention_mask=torch.ones(1, len(base_ids)))
+        for _ in range(20):
+            base_greedy.append(int(out.logits[0, -1].argmax()))
+            out = base(input_ids=torch.tensor([[base_greedy[-1]]]), images=[(low, base_high)],
+                       past_key_values=out.past_key_values, use_cache=True,
+                       attention_mask=torch.ones(1, len(base_ids) + len(base_greedy)))
+    save_file({"input_ids": base_ids, "logits": base_logits[base_rows].contiguous(), "logit_rows": base_rows,
+               "greedy_ids": torch.tensor(base_greedy)}, str(OUT / "reference_base.safetensors"))
+    print(f"Vary-base code: prompt tokens {len(base_ids)}, greedy {base_greedy}")
     (OUT / "reference.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     print(f"prompt tokens {len(ids)}, greedy {greedy}")
     print(f"wrote {OUT}")

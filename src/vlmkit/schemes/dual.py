@@ -242,10 +242,12 @@ class Dual(Scheme):
         return [dual_rows(c, s, tokens) for c, s in zip(clip, sam)]  # N x (T, C1 + C2)
 
     def chat_template(self, tokenizer: Any, cfg: VLMConfig, fallback: str | None) -> ChatTemplate:
-        """Vary's built-in "vary" template (conv "mpt" of its code) for a Qwen-1 tokenizer (qwen.tiktoken) that
-        names no template of its own: a Vary checkpoint ships none. Otherwise the tokenizer's own, else fallback."""
+        """Vary's built-in template (conv "mpt" of its code) for a Qwen-1 tokenizer (qwen.tiktoken) that names no
+        template of its own, as a Vary checkpoint ships none: "vary_base" (Vary-base's demo) for a model with
+        Vary-base's SAM processor (cv2 resize), else "vary" (Vary-toy's demo, a newline after each image).
+        Otherwise the tokenizer's own template, else fallback."""
         if isinstance(tokenizer, QwenTiktokenTokenizer) and tokenizer.own_chat_template is None:
-            return get_chat_template("vary")
+            return get_chat_template("vary_base" if cfg.vision_high.resize == "cv2_linear" else "vary")
         return super().chat_template(tokenizer, cfg, fallback)
 
     def geometry(self, plan: ImagePlan) -> Geometry:

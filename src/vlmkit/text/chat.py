@@ -13,7 +13,7 @@ a part {"type": "text", "text": str}, {"type": "image"} or {"type": "video"}. Tw
   `apply_chat_template` renders it (trim_blocks, lstrip_blocks, `raise_exception`,
   a `tojson` that does not escape HTML, `bos_token` / `eos_token` in scope), so the
   same messages give the same string.
-- Built-ins by name (`BUILTIN_TEMPLATES`): vicuna_v1, llava, chatml, phi3, vary, qwen2_vl, qwen_vl. In these
+- Built-ins by name (`BUILTIN_TEMPLATES`): vicuna_v1, llava, chatml, phi3, vary, vary_base, qwen2_vl, qwen_vl. In these
   an image part renders as the template's placeholder and a newline; phi3 numbers its
   placeholders <|image_1|>, <|image_2|>, ... across the conversation. qwen2_vl is the
   Qwen2-VL-Instruct checkpoints' chat template written as data: chatml with a default system
@@ -200,6 +200,16 @@ BUILTIN_TEMPLATES: dict[str, BuiltinChatTemplate] = {
         generation_prompt="<|im_start|>assistant\n",
         image_placeholder="<img><imgpad></img>",
         default_system="You should follow the instructions carefully and explain your answers in detail.",
+    ),
+    # The same as Vary-base's demo (Ucas-HaoranWei/Vary's vary/demo/run_qwen_vary.py) fills it: no newline after
+    # an image's `</img>`.
+    "vary_base": BuiltinChatTemplate(
+        name="vary_base",
+        turns={r: (f"<|im_start|>{r}\n", "<|im_end|>") for r in ROLES},
+        generation_prompt="<|im_start|>assistant\n",
+        image_placeholder="<img><imgpad></img>",
+        default_system="You should follow the instructions carefully and explain your answers in detail.",
+        media_suffix="",
     ),
     # Qwen2-VL-Instruct's chat_template.json (add_vision_id off), as data.
     "qwen2_vl": BuiltinChatTemplate(
