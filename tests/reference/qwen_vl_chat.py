@@ -71,8 +71,9 @@ OUT = ROOT / "tests" / "fixtures" / "qwen_vl_chat"
 SMALL_VOCAB = ROOT / "tests" / "fixtures" / "qwen_tiktoken"
 KEEP_RANKS = 300
 SEED = 7
-TINY_LM = dict(hidden_size=32, num_attention_heads=4, kv_channels=8, intermediate_size=64, num_hidden_layers=2)
-TINY_VISUAL = dict(width=16, layers=2, heads=2, mlp_ratio=2.0, output_dim=32)
+TINY_LM = {"hidden_size": 32, "num_attention_heads": 4, "kv_channels": 8, "intermediate_size": 64,
+           "num_hidden_layers": 2}
+TINY_VISUAL = {"width": 16, "layers": 2, "heads": 2, "mlp_ratio": 2.0, "output_dim": 32}
 HEADS_EDIT = ("num_heads=output_dim // 128", "num_heads=max(1, output_dim // 128)")
 QUESTION = "What do the two photos show?"
 PROMPT_PHOTOS = ("astronaut", "coffee")
