@@ -134,6 +134,8 @@ def test_multi_turn_and_text_only_prompts_match_make_context(loaded, two_photos)
 def test_generation_stops_at_im_end_and_endoftext(loaded):
     im_end, _, endoftext = REPORT["stop_ids"]
     assert {im_end, endoftext} <= set(loaded.end_token_ids)
+    # seq_length: past it the reference rescales RoPE (dynamic NTK) and the queries (logn); the server refuses more
+    assert loaded.context_length == 2048
 
 
 @pytest.mark.parametrize("name", sorted(REPORT["photos"]))
