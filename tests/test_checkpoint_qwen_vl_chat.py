@@ -216,6 +216,23 @@ def test_cli_answers_with_the_reference_tokens(reference, photo_files, answer_te
     check_cli_answer(verb, TINY, photo_files, QUESTION, capsys, len(reference["input_ids"]), answer_text)
 
 
+def test_generate_takes_images_written_in_the_prompt(reference, photo_files, answer_text, capsys):
+    """Qwen-VL's own way: `Picture N:<img>path</img>` in the text (the reference's query, with these paths)."""
+    query = "".join(f"Picture {i}:<img>{path}</img>\n" for i, path in enumerate(photo_files, 1)) + QUESTION
+    check_cli_answer("generate", TINY, [], query, capsys, len(reference["input_ids"]), answer_text)
+
+
+def test_query_parts_render_back_to_the_query(loaded):
+    from vlmkit.text.qwen_chat import query_parts
+
+    parts, paths = query_parts(REPORT["query"])
+    assert paths == ["astronaut.png", "coffee.png"] and parts[-1] == {"type": "text", "text": QUESTION}
+    text = loaded.chat_template.render([{"role": "user", "content": parts}], add_generation_prompt=True)
+    assert text == REPORT["prompt"].replace("astronaut.png", "<imgpad>").replace("coffee.png", "<imgpad>")
+    with pytest.raises(ValueError, match="image tag without a path"):
+        query_parts("Picture 1:<img></img>\nHi")
+
+
 def test_serve_answers_with_the_reference_tokens(loaded, reference, two_photos, answer_text):
     check_serve_answer(loaded, two_photos, QUESTION, len(reference["input_ids"]), answer_text)
 
