@@ -24,8 +24,10 @@ PyPI's torchvision wheel is a CUDA build whose compiled ops cannot load beside a
 uses torchvision's pure-Python PIL transforms (Resize, ToTensor, Normalize), so the script skips
 torchvision's meta-kernel registration module (stubbed in sys.modules).
 
-The tiny checkpoint is the real config.json (tests/fixtures/qwen_vl_chat/real/config.json: Qwen-VL-Chat's,
-see docs/what-works.md for where it comes from) with small dimensions: a 2-layer, 32-wide Qwen-1 LM and a
+The real config.json (tests/fixtures/qwen_vl_chat/real/) is the mirror's (Qwen-VL-Chat-Int4's) without its
+quantization_config, with fp16 false and torch_dtype bfloat16: Qwen-VL-Chat's values, as a second copy found by
+search (a third-party script transcribing Qwen-VL-Chat's config.json) also gives them; generation_config.json
+is the mirror's. The tiny checkpoint is that config.json with small dimensions: a 2-layer, 32-wide Qwen-1 LM and a
 2-layer, 16-wide ViT at the real 448 px / patch 14 (32 x 32 patches, so the 16 x 16 position table is
 resized as in the real model) with its 256-query resampler. fp32 is set (the reference would pick bf16 or
 fp16 on a GPU). One size the reference hard-codes is overridden, and the override is recorded:
