@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import skimage.data
 import torch
+from checkpoint_answers import check_cli_answer, check_serve_answer, greedy_answer_text, save_photos
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import vlmkit.models
-from vlmkit.cli import main
 from vlmkit.describe import describe_model
 from vlmkit.generate import generate
 from vlmkit.load import load_model
@@ -124,7 +124,8 @@ def test_multi_turn_and_text_only_prompts_match_make_context(loaded, two_photos)
                 {"role": "assistant", "content": a1},
                 {"role": "user", "content": q2},
                 {"role": "assistant", "content": a2},
-                {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "And these?"}]}]
+                {"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                             {"type": "text", "text": "And these?"}]}]
     plans = loaded.plan_images([two_photos[0], *two_photos])
     assert loaded.prompt_ids(messages, plans) == REPORT["multi_turn"]["ids"]  # "Picture N" restarts per query
     assert loaded.prompt_ids([{"role": "user", "content": "Hello there"}]) == REPORT["text_only_ids"]
@@ -133,6 +134,8 @@ def test_multi_turn_and_text_only_prompts_match_make_context(loaded, two_photos)
 def test_generation_stops_at_im_end_and_endoftext(loaded):
     im_end, _, endoftext = REPORT["stop_ids"]
     assert {im_end, endoftext} <= set(loaded.end_token_ids)
+    # seq_length: past it the reference rescales RoPE (dynamic NTK) and the queries (logn); the server refuses more
+    assert loaded.context_length == 2048
 
 
 @pytest.mark.parametrize("name", sorted(REPORT["photos"]))
@@ -200,52 +203,38 @@ def test_loaded_model_save_keeps_the_tokenizer_and_chat_settings(loaded, tmp_pat
 
 @pytest.fixture(scope="module")
 def answer_text(loaded, reference, two_photos) -> str:
-    """The text vlmkit's generate decodes from the reference's 20 greedy tokens."""
-    plans = loaded.plan_images(two_photos)
-    ids = loaded.prompt_ids(two_photo_messages(), plans)
-    result = generate(loaded.model, [ids], GenerationConfig(max_new_tokens=20),
-                      prefill_inputs=loaded.image_inputs(plans), tokenizer=loaded.tokenizer)
-    assert result.token_ids[0] == reference["greedy_ids"].tolist() and result.finish_reasons[0] == "length"
-    return result.texts[0]
+    return greedy_answer_text(loaded, two_photo_messages(), two_photos, reference["greedy_ids"].tolist())
 
 
 @pytest.fixture(scope="module")
 def photo_files(tmp_path_factory, two_photos) -> list[str]:
-    folder = tmp_path_factory.mktemp("photos")
-    paths = []
-    for i, image in enumerate(two_photos):
-        paths.append(str(folder / f"photo{i}.png"))
-        image.save(paths[-1])  # PNG: the same pixels back
-    return paths
+    return save_photos(tmp_path_factory.mktemp("photos"), two_photos)
 
 
 @pytest.mark.parametrize("verb", ["generate", "chat"])
 def test_cli_answers_with_the_reference_tokens(reference, photo_files, answer_text, verb, capsys):
-    status = main([verb, "--model", str(TINY), "--image", photo_files[0], "--image", photo_files[1],
-                   "--prompt", QUESTION, "--max-new-tokens", "20", "--json"])  # in-process: test_cli runs a subprocess
-    out = capsys.readouterr()
-    assert status == 0, out.err
-    answer = json.loads(out.out)
-    assert answer["prompt_tokens"] == len(reference["input_ids"]) and answer["completion_tokens"] == 20
-    assert answer["text"] == answer_text
+    check_cli_answer(verb, TINY, photo_files, QUESTION, capsys, len(reference["input_ids"]), answer_text)
+
+
+def test_generate_takes_images_written_in_the_prompt(reference, photo_files, answer_text, capsys):
+    """Qwen-VL's own way: `Picture N:<img>path</img>` in the text (the reference's query, with these paths)."""
+    query = "".join(f"Picture {i}:<img>{path}</img>\n" for i, path in enumerate(photo_files, 1)) + QUESTION
+    check_cli_answer("generate", TINY, [], query, capsys, len(reference["input_ids"]), answer_text)
+
+
+def test_query_parts_render_back_to_the_query(loaded):
+    from vlmkit.text.qwen_chat import query_parts
+
+    parts, paths = query_parts(REPORT["query"])
+    assert paths == ["astronaut.png", "coffee.png"] and parts[-1] == {"type": "text", "text": QUESTION}
+    text = loaded.chat_template.render([{"role": "user", "content": parts}], add_generation_prompt=True)
+    assert text == REPORT["prompt"].replace("astronaut.png", "<imgpad>").replace("coffee.png", "<imgpad>")
+    with pytest.raises(ValueError, match="image tag without a path"):
+        query_parts("Picture 1:<img></img>\nHi")
 
 
 def test_serve_answers_with_the_reference_tokens(loaded, reference, two_photos, answer_text):
-    from test_serve import Server, png_data_url, request
-
-    from vlmkit.serve import create_app
-
-    server = Server(create_app(loaded, model_name="qwen-vl-chat-tiny"))
-    try:
-        content = [{"type": "image_url", "image_url": {"url": png_data_url(image)}} for image in two_photos]
-        body = {"model": "qwen-vl-chat-tiny", "max_tokens": 20, "temperature": 0,
-                "messages": [{"role": "user", "content": [*content, {"type": "text", "text": QUESTION}]}]}
-        status, answer = request(server.url + "/v1/chat/completions", body)
-    finally:
-        server.stop()
-    assert status == 200, answer
-    assert answer["usage"]["prompt_tokens"] == len(reference["input_ids"]) and answer["usage"]["completion_tokens"] == 20
-    assert answer["choices"][0]["message"]["content"] == answer_text
+    check_serve_answer(loaded, two_photos, QUESTION, len(reference["input_ids"]), answer_text)
 
 
 def test_inspect_reports_qwen_vl_parameters():

@@ -24,8 +24,10 @@ PyPI's torchvision wheel is a CUDA build whose compiled ops cannot load beside a
 uses torchvision's pure-Python PIL transforms (Resize, ToTensor, Normalize), so the script skips
 torchvision's meta-kernel registration module (stubbed in sys.modules).
 
-The tiny checkpoint is the real config.json (tests/fixtures/qwen_vl_chat/real/config.json: Qwen-VL-Chat's,
-see docs/what-works.md for where it comes from) with small dimensions: a 2-layer, 32-wide Qwen-1 LM and a
+The real config.json (tests/fixtures/qwen_vl_chat/real/) is the mirror's (Qwen-VL-Chat-Int4's) without its
+quantization_config, with fp16 false and torch_dtype bfloat16: Qwen-VL-Chat's values, as a second copy found by
+search (a third-party script transcribing Qwen-VL-Chat's config.json) also gives them; generation_config.json
+is the mirror's. The tiny checkpoint is that config.json with small dimensions: a 2-layer, 32-wide Qwen-1 LM and a
 2-layer, 16-wide ViT at the real 448 px / patch 14 (32 x 32 patches, so the 16 x 16 position table is
 resized as in the real model) with its 256-query resampler. fp32 is set (the reference would pick bf16 or
 fp16 on a GPU). One size the reference hard-codes is overridden, and the override is recorded:
@@ -71,8 +73,9 @@ OUT = ROOT / "tests" / "fixtures" / "qwen_vl_chat"
 SMALL_VOCAB = ROOT / "tests" / "fixtures" / "qwen_tiktoken"
 KEEP_RANKS = 300
 SEED = 7
-TINY_LM = dict(hidden_size=32, num_attention_heads=4, kv_channels=8, intermediate_size=64, num_hidden_layers=2)
-TINY_VISUAL = dict(width=16, layers=2, heads=2, mlp_ratio=2.0, output_dim=32)
+TINY_LM = {"hidden_size": 32, "num_attention_heads": 4, "kv_channels": 8, "intermediate_size": 64,
+           "num_hidden_layers": 2}
+TINY_VISUAL = {"width": 16, "layers": 2, "heads": 2, "mlp_ratio": 2.0, "output_dim": 32}
 HEADS_EDIT = ("num_heads=output_dim // 128", "num_heads=max(1, output_dim // 128)")
 QUESTION = "What do the two photos show?"
 PROMPT_PHOTOS = ("astronaut", "coffee")

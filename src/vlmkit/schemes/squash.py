@@ -56,7 +56,8 @@ class Squash(Scheme):
 
     def plan(self, cfg: VLMConfig, image: Image.Image, num_images: int = 1) -> ImagePlan:
         v = cfg.vision
-        return plan_squash(image, v.image_size, v.image_mean, v.image_std, **_view_tokens(cfg))  # type: ignore[arg-type]
+        tokens = _view_tokens(cfg)
+        return plan_squash(image, v.image_size, v.image_mean, v.image_std, **tokens)  # type: ignore[arg-type]
 
     def encode(self, model: VLM, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """pixel_values (N, 3, S, S) -> N x (Q, C)."""

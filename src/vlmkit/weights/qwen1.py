@@ -9,8 +9,8 @@ prefix "transformer." by default:
     transformer.h.{i}.attn.c_attn.{weight,bias}    layers.{i}.attn.qkv.*           fused q|k|v, biased
     transformer.h.{i}.attn.c_proj.weight           layers.{i}.attn.out.weight      (no_bias: no bias)
     transformer.h.{i}.ln_2.weight                  layers.{i}.mlp_norm.weight
-    transformer.h.{i}.mlp.w2.weight                layers.{i}.mlp.gate_up.weight   rows [w2 (gate); w1 (up)]:
-    transformer.h.{i}.mlp.w1.weight                                                QWenMLP is c_proj(w1(x) * silu(w2(x)))
+    transformer.h.{i}.mlp.w2.weight                layers.{i}.mlp.gate_up.weight   rows [w2 (gate); w1 (up)]: QWenMLP
+    transformer.h.{i}.mlp.w1.weight                                                is c_proj(w1(x) * silu(w2(x)))
     transformer.h.{i}.mlp.c_proj.weight            layers.{i}.mlp.down.weight
     transformer.ln_f.weight                        norm.weight
     lm_head.weight                                 lm_head.weight                  (never tied in Qwen-1)

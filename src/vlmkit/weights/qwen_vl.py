@@ -10,8 +10,8 @@ QWenModel, under "transformer.visual." (visual.py VisionTransformer):
                                                                              to the 32 x 32 patches, get_abs_pos)
     ln_pre.*                                             vision.pre_norm.*
     transformer.resblocks.{i}.ln_1.*                     vision.layers.{i}.attn_norm.*
-    transformer.resblocks.{i}.attn.in_proj.*             vision.layers.{i}.attn.qkv.*   rows reordered: Qwen's are
-                                                                             per head [q_h; k_h; v_h], vlmkit's [q; k; v]
+    transformer.resblocks.{i}.attn.in_proj.*             vision.layers.{i}.attn.qkv.*   rows reordered: Qwen's
+                                                                   are per head [q_h; k_h; v_h], vlmkit's [q; k; v]
     transformer.resblocks.{i}.attn.out_proj.*            vision.layers.{i}.attn.out.*
     transformer.resblocks.{i}.ln_2.*                     vision.layers.{i}.mlp_norm.*
     transformer.resblocks.{i}.mlp.c_fc.* / c_proj.*      vision.layers.{i}.mlp.fc1.* / fc2.*   (exact GELU)
