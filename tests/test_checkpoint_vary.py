@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from checkpoint_answers import check_cli_answer, check_serve_answer, greedy_answer_text, save_photos
 from PIL import Image
 from safetensors.torch import load_file
-from test_checkpoint_phi3_v import _tensors, photo_files, photos  # noqa: F401 (photo_files is a fixture)
+from test_checkpoint_phi3_v import _tensors, photos
 
 import vlmkit.models
-from vlmkit.cli import main
 from vlmkit.config import IMAGENET_MEAN, IMAGENET_STD
 from vlmkit.describe import describe_model
 from vlmkit.generate import generate
@@ -158,43 +158,21 @@ def test_a_model_vary_cannot_hold_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def answer_text(loaded, reference, two_photos) -> str:
-    """The text vlmkit's generate decodes from the reference's 20 greedy tokens (after checking the tokens)."""
-    plans = loaded.plan_images(two_photos)
-    ids = loaded.prompt_ids(two_photo_messages(), plans)
-    result = generate(loaded.model, [ids], GenerationConfig(max_new_tokens=20),
-                      prefill_inputs=loaded.image_inputs(plans), tokenizer=loaded.tokenizer)
-    assert result.token_ids[0] == reference["greedy_ids"].tolist() and result.finish_reasons[0] == "length"
-    return result.texts[0]
+    return greedy_answer_text(loaded, two_photo_messages(), two_photos, reference["greedy_ids"].tolist())
+
+
+@pytest.fixture(scope="module")
+def photo_files(tmp_path_factory, two_photos) -> list[str]:
+    return save_photos(tmp_path_factory.mktemp("photos"), two_photos)
 
 
 @pytest.mark.parametrize("verb", ["generate", "chat"])
 def test_cli_answers_with_the_reference_tokens(reference, photo_files, answer_text, verb, capsys):
-    status = main([verb, "--model", str(TINY), "--image", photo_files[0], "--image", photo_files[1],
-                   "--prompt", QUESTION, "--max-new-tokens", "20", "--json"])
-    out = capsys.readouterr()
-    assert status == 0, out.err
-    answer = json.loads(out.out)
-    assert answer["prompt_tokens"] == len(reference["input_ids"]) and answer["completion_tokens"] == 20
-    assert answer["text"] == answer_text
+    check_cli_answer(verb, TINY, photo_files, QUESTION, capsys, len(reference["input_ids"]), answer_text)
 
 
 def test_serve_answers_with_the_reference_tokens(loaded, reference, two_photos, answer_text):
-    from test_serve import Server, png_data_url, request
-
-    from vlmkit.serve import create_app
-
-    server = Server(create_app(loaded, model_name="vary-tiny"))
-    try:
-        content = [{"type": "image_url", "image_url": {"url": png_data_url(image)}} for image in two_photos]
-        body = {"model": "vary-tiny", "max_tokens": 20, "temperature": 0,
-                "messages": [{"role": "user", "content": [*content, {"type": "text", "text": QUESTION}]}]}
-        status, answer = request(server.url + "/v1/chat/completions", body)
-    finally:
-        server.stop()
-    assert status == 200, answer
-    assert answer["usage"]["prompt_tokens"] == len(reference["input_ids"])
-    assert answer["usage"]["completion_tokens"] == 20
-    assert answer["choices"][0]["message"]["content"] == answer_text
+    check_serve_answer(loaded, two_photos, QUESTION, len(reference["input_ids"]), answer_text)
 
 
 # Published sizes of Vary-base's parts (no Vary-base checkpoint or card gives a total): Qwen-7B's weights

@@ -181,6 +181,8 @@ TURN_ENDS = {  # the text each built-in template writes after an assistant turn,
     "phi3": "<|end|>\n",
     "deepseek_vl2": "<｜end▁of▁sentence｜>",
     "qwen2_vl": "<|im_end|>\n",
+    "vary": "<|im_end|>",
+    "vary_base": "<|im_end|>",
     "qwen_vl": "<|im_end|>\n",
 }
 
