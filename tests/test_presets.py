@@ -120,6 +120,7 @@ def test_published_token_counts(name, size, tokens):
     ("llava-1.5", 7.06e9, 0.01e9),   # LLaVA-1.5-7B: ~7.06B
     ("phi-3.5-v", 4.2e9, 0.1e9),     # Phi-3.5-vision: "4.2B", given to one decimal
     ("qwen2.5-vl", 8.29e9, 0.01e9),  # Qwen2.5-VL-7B-Instruct's model card: 8.29B
+    ("qwen-vl", 9.6e9, 0.1e9),       # Qwen-VL's model card: "Qwen-VL 9.6B", given to one decimal
     ("deepseek-vl2", 27.5e9, 0.05e9),  # DeepSeek-VL2 paper, Table 1: 27.5B total (4.5B activated)
 ])
 def test_parameter_counts_match_published(name, published, tolerance):

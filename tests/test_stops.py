@@ -181,6 +181,9 @@ TURN_ENDS = {  # the text each built-in template writes after an assistant turn,
     "phi3": "<|end|>\n",
     "deepseek_vl2": "<｜end▁of▁sentence｜>",
     "qwen2_vl": "<|im_end|>\n",
+    "vary": "<|im_end|>",
+    "vary_base": "<|im_end|>",
+    "qwen_vl": "<|im_end|>\n",
 }
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<image>", "<|im_start|>", "<|im_end|>", "<|end|>", "<|user|>",
@@ -196,7 +199,8 @@ def test_builtin_turn_end_text():
 
 
 @pytest.mark.parametrize(("name", "expected"), [("vicuna_v1", ("</s>",)), ("llava", ()), ("chatml", ("<|im_end|>",)),
-                                                ("phi3", ("<|end|>",)), ("qwen2_vl", ("<|im_end|>",))])
+                                                ("phi3", ("<|end|>",)), ("qwen2_vl", ("<|im_end|>",)),
+                                                ("qwen_vl", ("<|im_end|>",))])
 def test_builtin_turn_end_ids(name, expected):
     assert turn_end_ids(get_chat_template(name), TOKENIZER) == tuple(SPECIALS.index(t) for t in expected)
 
@@ -238,7 +242,7 @@ QWEN2_VL_PRESETS = {"qwen2-vl", "qwen2-vl-small", "qwen2.5-vl", "qwen2.5-vl-smal
 
 
 PRESET_TURN_ENDS = {"qwen2_vl": "<|im_end|>", "phi3": "<|end|>", "deepseek_vl2": "<｜end▁of▁sentence｜>",
-                    "chatml": "<|im_end|>"}
+                    "chatml": "<|im_end|>", "qwen_vl": "<|im_end|>"}
 
 
 def preset_format(preset):
@@ -246,13 +250,15 @@ def preset_format(preset):
         return "qwen2_vl"
     if preset.startswith("phi-3.5-v"):
         return "phi3"
+    if preset in ("qwen-vl", "qwen-vl-small"):
+        return "qwen_vl"
     return "deepseek_vl2" if preset.startswith("deepseek-vl2") else "chatml"
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_preset_turn_end(preset):
     """A preset trained from random weights is prompted with its family's format (Qwen2-VL's qwen2_vl, Phi-3-V's
-    phi3, DeepSeek-VL2's deepseek_vl2), else chatml; its fresh vocabulary holds the template's markers as special
+    phi3, DeepSeek-VL2's deepseek_vl2, Qwen-VL's qwen_vl), else chatml; its fresh vocabulary holds the template's markers as special
     tokens, so an assistant turn ends with one special token."""
     special, template = fresh_special_tokens(get_preset(preset))
     assert template == preset_format(preset)

@@ -247,12 +247,16 @@ class VisionConfig(Serializable):
     # features() of the last layer after post_layernorm (SigLIP's last_hidden_state, which MiniCPM-V's resampler
     # reads) instead of the raw hidden state; needs select_layer -1 and post_layernorm.
     feature_post_norm: bool = False
+    # Side of the stored square position table, resized bicubically to the patch grid on every forward
+    # (Qwen-VL: 16, a 256-row table for its 32 x 32 patches, visual.py get_abs_pos); 0 = the patch grid itself.
+    position_grid: int = 0
 
     def __post_init__(self) -> None:
         self.image_mean = tuple(self.image_mean)  # type: ignore[assignment]
         self.image_std = tuple(self.image_std)  # type: ignore[assignment]
         for name in ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
             require(getattr(self, name) > 0, f"VisionConfig.{name} must be positive, got {getattr(self, name)}")
+        require(self.position_grid >= 0, f"VisionConfig.position_grid must be 0 or positive, got {self.position_grid}")
         require(self.image_size % self.patch_size == 0,
                  f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         require(self.hidden_size % self.num_heads == 0,
@@ -273,8 +277,13 @@ class VisionConfig(Serializable):
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def position_side(self) -> int:
+        """Side of the stored position table's square grid (position_grid, else the patch grid)."""
+        return self.position_grid or self.image_size // self.patch_size
+
+    @property
     def num_positions(self) -> int:
-        return self.num_patches + int(self.use_cls_token)
+        return self.position_side**2 + int(self.use_cls_token)
 
     @property
     def tokens_per_image(self) -> int:
@@ -284,6 +293,9 @@ class VisionConfig(Serializable):
 
 
 SAM_DOWNSAMPLES = ("none", "vary", "deepseek")
+# How a SAM view is resized to image_size x image_size: "bicubic" (Pillow; Vary-toy's BlipImageEvalProcessor) or
+# "cv2_linear" (OpenCV's INTER_LINEAR on the uint8 image; Vary-base's albumentations test_transform).
+SAM_RESIZES = ("bicubic", "cv2_linear")
 
 
 @dataclass
@@ -321,8 +333,10 @@ class SamConfig(Serializable):
     global_branch: bool = False  # "deepseek" only: DeepSeek-VL's sam_hd second neck
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = "bicubic"  # how the scheme resizes the view: SAM_RESIZES
 
     def __post_init__(self) -> None:
+        require(self.resize in SAM_RESIZES, f"SamConfig.resize {self.resize!r} unknown; valid: {SAM_RESIZES}")
         self.global_attn_indexes = tuple(self.global_attn_indexes)
         self.downsample_channels = tuple(self.downsample_channels)  # type: ignore[assignment]
         self.image_mean = tuple(self.image_mean)  # type: ignore[assignment]

@@ -279,12 +279,15 @@ def end_token_ids(tokenizer: Tokenizer, template: ChatTemplate, model: nn.Module
 
 def save_generation_config(loaded: LoadedModel, model_dir: str | Path) -> Path:
     """Write model_dir/generation_config.json with the ids that end generation (eos_token_id, a list, as
-    transformers reads it) and the tokenizer's bos / pad ids; returns the file."""
+    transformers reads it) and the tokenizer's bos / pad ids, over the other keys of the file the model's
+    layout wrote there (Qwen-VL's chat_format and max_window_size, which its remote code reads); returns it."""
     tok = loaded.tokenizer
     config = {"bos_token_id": tok.bos_token_id, "eos_token_id": list(loaded.end_token_ids),
               "pad_token_id": tok.pad_token_id}
     file = Path(model_dir) / "generation_config.json"
-    write_text_atomically(file, json.dumps({k: v for k, v in config.items() if v is not None}, indent=1) + "\n")
+    layout = json.loads(file.read_text()) if file.is_file() else {}
+    config = {**layout, **{k: v for k, v in config.items() if v is not None}}
+    write_text_atomically(file, json.dumps(config, indent=1) + "\n")
     return file
 
 

@@ -109,7 +109,8 @@ def vary_base() -> VLMConfig:
     GitHub Ucas-HaoranWei/Vary's vary_qwen_vary.py, so the halves fill Qwen-7B's 4096; Vary-toy's
     vary_toy_qwen1_8.py uses 1024 -> 1024 beside the 2048-wide Qwen-1.8B."""
     return VLMConfig(vision=clip_vit_l(224), projector=ProjectorConfig("linear", 1024, 2048), lm=qwen_7b(),
-                     image_token_id=QWEN_IMGPAD, image_scheme="dual", vision_high=SamConfig(downsample="vary"),
+                     image_token_id=QWEN_IMGPAD, image_scheme="dual",
+                     vision_high=SamConfig(downsample="vary", image_mean=CLIP_MEAN, image_std=CLIP_STD),
                      projector_high=ProjectorConfig("linear", 1024, 2048))
 
 
@@ -134,14 +135,15 @@ def vary_tiny() -> VLMConfig:
 
 
 def qwen_vl() -> VLMConfig:
-    """Qwen-VL: ViT-bigG/14 at 448 (1664 wide, 48 layers, MLP 8192, no CLS, last layer), one cross-attention
-    resampler of 256 queries (qwen_resampler256q, with its ln_post and proj), Qwen-7B (Qwen-VL, Bai et al.
-    2023, sec. 2.1, and config.json of Qwen/Qwen-VL on the Hugging Face Hub; docs/references.md, Qwen-VL)."""
+    """Qwen-VL: ViT-bigG/14 at 448 (1664 wide, 48 layers, MLP 8192, no CLS, last layer, a 16 x 16 position
+    table resized to the 32 x 32 patches), one cross-attention resampler of 256 queries (qwen_resampler256q,
+    with its ln_post and proj), Qwen-7B; images squashed to 448 x 448 (Qwen-VL, Bai et al. 2023, sec. 2.1,
+    and config.json / visual.py of Qwen/Qwen-VL on the Hugging Face Hub; docs/references.md, Qwen-VL)."""
     vision = VisionConfig(image_size=448, patch_size=14, hidden_size=1664, intermediate_size=8192, num_layers=48,
                           num_heads=16, layer_norm_eps=1e-6, hidden_act="gelu", use_cls_token=False,
-                          post_layernorm=False, select_layer=-1, select_feature="patch")
+                          post_layernorm=False, select_layer=-1, select_feature="patch", position_grid=16)
     return VLMConfig(vision=vision, projector=ProjectorConfig("qwen_resampler256q", 1664, 4096), lm=qwen_7b(),
-                     image_token_id=QWEN_IMGPAD)
+                     image_token_id=QWEN_IMGPAD, image_scheme="squash")
 
 
 def qwen2_vl() -> Qwen2VLConfig:

@@ -16,6 +16,7 @@ from vlmkit.commands.common import add_model_flag, load_model_of
 from vlmkit.generate import GenerationConfig, generate, stream
 from vlmkit.image.load import load_image
 from vlmkit.image.video import VideoFrames, load_video_frames
+from vlmkit.text.qwen_chat import query_parts
 
 
 DEFAULT_VIDEO_FPS = 2.0  # Qwen2-VL samples video at 2 frames per second
@@ -53,7 +54,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="answer one prompt (optionally about images) and exit",
                        description="Answer one prompt with a model, streaming the text to stdout.")
     add_model_flag(p)
-    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--prompt", required=True, help="the user message (Qwen-VL models: images may also be written "
+                                                   "in it as <img>path</img>, as Qwen-VL's own prompts do)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image to ask about (repeat for several); placed before the prompt")
     p.add_argument("--video", action="append", default=[], metavar="PATH",
@@ -93,13 +95,18 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_model_of(args)
+    asked: list[dict[str, str]] = [{"type": "text", "text": args.prompt}]
+    in_text: list[str] = []
+    tags = getattr(loaded.tokenizer, "image_tags", None)  # Qwen-VL's: images may be written <img>path</img>
+    if tags is not None and tags["image_start_tag"] in args.prompt:
+        asked, in_text = query_parts(args.prompt, tags)
     images = [load_image(path) for path in args.image]
     videos = _load_videos(args)
-    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos] + \
-        [{"type": "text", "text": args.prompt}]
+    written = [load_image(path) for path in in_text]
+    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos] + asked
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": content}]
-    built = loaded.prompt(messages, loaded.plan_images([*images, *videos]))
+    built = loaded.prompt(messages, loaded.plan_images([*images, *videos, *written]))  # in content order
     prompt = built.ids
     prefill = loaded.image_inputs(built.plans)
     cfg = _generation_config(args)

@@ -207,7 +207,7 @@ class VisionTower(nn.Module):
         grids included; the CLS position is kept as is.
         """
         rows, cols = (grid, grid) if isinstance(grid, int) else grid
-        native = self.cfg.image_size // self.cfg.patch_size
+        native = self.cfg.position_side  # a smaller stored table (Qwen-VL's 16 x 16) is resized even at image_size
         if self.cfg.position_buckets:  # NaViT: no CLS (MiniCPM-V's SigLIP), a lookup for every grid
             return self.pos_embed[bucket_position_ids(rows, cols, native).to(self.pos_embed.device)]
         if rows == cols == native:

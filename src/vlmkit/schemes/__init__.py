@@ -13,6 +13,7 @@ vlmkit.demo; a plugin package registers its schemes the same way, see vlmkit.plu
     dual     Vary-base         dual      CLIP 224 beside SAM 1024, concatenated on channels
     sam      Vary-tiny         sam       SAM 1024 alone
     hybrid   DeepSeek-VL       hybrid    SigLIP 384 and SAM 1024 views, hybrid aligner
+    squash   Qwen-VL           squash    resize to a square (aspect not kept), one view
 
 A model's config names its scheme (VLMConfig.image_scheme; Qwen2VLConfig and DeepseekVLConfig name theirs),
 and everything that plans an image goes through it:
@@ -51,6 +52,7 @@ from vlmkit.schemes.hybrid import Hybrid
 from vlmkit.schemes.pad import Pad
 from vlmkit.schemes.sam import Sam
 from vlmkit.schemes.slices import Slices
+from vlmkit.schemes.squash import Squash
 from vlmkit.schemes.tiles import Tiles
 
 Media = Image.Image | Video  # one image, or a video as its sampled frames
@@ -116,5 +118,5 @@ def image_inputs(plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor]:
     return get_scheme(plans[0].scheme).inputs(plans)
 
 
-for _scheme in (Pad(), Anyres(), HD(), Tiles(), Slices(), Dynamic(), Dual(), Sam(), Hybrid()):
+for _scheme in (Pad(), Anyres(), HD(), Tiles(), Slices(), Dynamic(), Dual(), Sam(), Hybrid(), Squash()):
     register_scheme(_scheme)

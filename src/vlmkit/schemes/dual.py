@@ -9,8 +9,10 @@ processors:
 - CLIP-L branch: CLIPImageProcessor -- bicubic resize of the short side to 224 (long side
   int(224 * long / short)), centre crop 224 x 224, CLIP mean/std. CLIP-L/14 at 224 gives 16 x 16 = 256
   patch features (penultimate layer, CLS dropped).
-- SAM branch ("new vision vocabulary"): Vary's BlipImageEvalProcessor(image_size=1024) -- bicubic
-  resize to 1024 x 1024 ignoring the aspect ratio, then the same CLIP mean/std (its defaults).
+- SAM branch ("new vision vocabulary"): Vary-toy's BlipImageEvalProcessor(image_size=1024) -- bicubic
+  resize to 1024 x 1024 ignoring the aspect ratio, then the same CLIP mean/std (its defaults); or Vary-base's
+  demo processor, plug/transforms.py test_transform -- OpenCV bilinear resize to 1024 x 1024, ImageNet mean/std.
+  The SAM tower's config says which (SamConfig.resize, image_mean, image_std; weights/vary.py).
   SAM ViTDet-B gives 64 x 64 x 256; two 3x3 stride-2 convs give 32 x 32 x 512 and 16 x 16 x 1024 = 256.
 - Each branch has its own linear; the two 256-token maps are concatenated along channels, so the
   image costs 256 positions: `<img>` + 256 x `<imgpad>` + `</img>`, the features replacing <imgpad>.
@@ -35,8 +37,9 @@ extra["pixel_values_high"] (1, 3, 1024, 1024). The model side:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -45,12 +48,16 @@ from vlmkit.image.overlay import Geometry, View, whole_box
 from vlmkit.image.pixels import (
     as_rgb,
     normalize,
+    normalize_uint8,
     normalize_work,
     pil_bytes,
     resize_work,
+    rgb_array,
 )
 from vlmkit.image.plan import ImagePlan
 from vlmkit.schemes.base import Scheme, require_projector_input, require_vision
+from vlmkit.text.chat import ChatTemplate, get_chat_template
+from vlmkit.text.qwen_tiktoken import QwenTiktokenTokenizer
 
 if TYPE_CHECKING:
     from vlmkit.models.vlm import VLM, VLMConfig
@@ -102,10 +109,22 @@ def clip_view(image: Image.Image, size: int = CLIP_SIZE, mean: tuple[float, ...]
 
 
 def sam_view(image: Image.Image, size: int = SAM_SIZE, mean: tuple[float, ...] = CLIP_MEAN,
-             std: tuple[float, ...] = CLIP_STD) -> torch.Tensor:
-    """Bicubic resize to size x size (aspect ratio not kept), normalise -> (3, size, size)."""
+             std: tuple[float, ...] = CLIP_STD, resize: str = "bicubic") -> torch.Tensor:
+    """Resize to size x size (aspect ratio not kept), normalise -> (3, size, size). resize "bicubic": Pillow's
+    (Vary-toy's BlipImageEvalProcessor, a torchvision Resize of the PIL image); "cv2_linear": OpenCV's
+    INTER_LINEAR on the uint8 pixels (Vary-base's albumentations test_transform; needs opencv-python-headless)."""
     _check(image)
-    return normalize(as_rgb(image).resize((size, size), Image.Resampling.BICUBIC), mean, std)
+    if resize == "bicubic":
+        return normalize(as_rgb(image).resize((size, size), Image.Resampling.BICUBIC), mean, std)
+    if resize != "cv2_linear":
+        raise ValueError(f"sam_view resize {resize!r} unknown; use 'bicubic' or 'cv2_linear'")
+    try:
+        import cv2
+    except ImportError as e:
+        raise ImportError("this model's SAM view is resized as Vary-base's albumentations test_transform does, with "
+                          "OpenCV: pip install opencv-python-headless") from e
+    pixels = cv2.resize(rgb_array(image), (size, size), interpolation=cv2.INTER_LINEAR)  # (size, size, 3) uint8
+    return normalize_uint8(torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), mean, std)
 
 
 def dual_num_tokens(sam_size: int = SAM_SIZE, sam_convs: bool = True, sam_patch: int = 16) -> int:
@@ -123,9 +142,11 @@ def dual_num_tokens(sam_size: int = SAM_SIZE, sam_convs: bool = True, sam_patch:
 
 
 def plan_dual(image: Image.Image, clip_size: int = CLIP_SIZE, sam_size: int = SAM_SIZE,
-              clip_patch: int = 14, sam_patch: int = 16) -> ImagePlan:
+              clip_patch: int = 14, sam_patch: int = 16, sam_mean: tuple[float, ...] = CLIP_MEAN,
+              sam_std: tuple[float, ...] = CLIP_STD, sam_resize: str = "bicubic") -> ImagePlan:
     """Vary plan: CLIP view in pixel_values (1, 3, 224, 224), SAM view in extra["pixel_values_high"].
-    The sizes and patch sizes are the two towers' (tiny test models use e.g. 32 / 8 and 256 / 16).
+    The sizes and patch sizes are the two towers' (tiny test models use e.g. 32 / 8 and 256 / 16); the SAM
+    view's normalisation and resize are the SAM tower's (sam_view).
 
     >>> plan_dual(Image.new("RGB", (40, 30)), clip_size=32, sam_size=256, clip_patch=8).num_tokens
     16
@@ -139,7 +160,8 @@ def plan_dual(image: Image.Image, clip_size: int = CLIP_SIZE, sam_size: int = SA
     return ImagePlan(scheme="dual", pixel_values=clip_view(image, clip_size)[None], original_size=image.size,
                      resized_size=(clip_size, clip_size), grid=(1, 1), parts={"features": tokens},
                      text_parts={"<img>": 1, "</img>": 1},
-                     extra={"pixel_values_high": sam_view(image, sam_size)[None], "sam_size": sam_size})
+                     extra={"pixel_values_high": sam_view(image, sam_size, sam_mean, sam_std, sam_resize)[None],
+                            "sam_size": sam_size})
 
 
 def dual_rows(clip: torch.Tensor, sam: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -195,7 +217,8 @@ class Dual(Scheme):
         """The image's dual plan at the sizes of the model's two towers (224 / 14 and 1024 / 16 for Vary)."""
         high = cfg.vision_high
         return plan_dual(image, clip_size=cfg.vision.image_size, sam_size=high.image_size,
-                         clip_patch=cfg.vision.patch_size, sam_patch=high.patch_size)
+                         clip_patch=cfg.vision.patch_size, sam_patch=high.patch_size, sam_mean=high.image_mean,
+                         sam_std=high.image_std, sam_resize=high.resize)
 
     def inputs(self, plans: Sequence[ImagePlan]) -> dict[str, torch.Tensor]:
         """pixel_values (N, 3, S, S), the CLIP views, and pixel_values_high (N, 3, S_high, S_high), the SAM views."""
@@ -217,6 +240,15 @@ class Dual(Scheme):
         clip = model.project(pixel_values)  # (N, T, C1)
         sam = model.projector_high(model.vision_high.features(pixel_values_high.to(dtype)))  # (N, T, C2)
         return [dual_rows(c, s, tokens) for c, s in zip(clip, sam)]  # N x (T, C1 + C2)
+
+    def chat_template(self, tokenizer: Any, cfg: VLMConfig, fallback: str | None) -> ChatTemplate:
+        """Vary's built-in template (conv "mpt" of its code) for a Qwen-1 tokenizer (qwen.tiktoken) that names no
+        template of its own, as a Vary checkpoint ships none: "vary_base" (Vary-base's demo) for a model with
+        Vary-base's SAM processor (cv2 resize), else "vary" (Vary-toy's demo, a newline after each image).
+        Otherwise the tokenizer's own template, else fallback."""
+        if isinstance(tokenizer, QwenTiktokenTokenizer) and tokenizer.own_chat_template is None:
+            return get_chat_template("vary_base" if cfg.vision_high.resize == "cv2_linear" else "vary")
+        return super().chat_template(tokenizer, cfg, fallback)
 
     def geometry(self, plan: ImagePlan) -> Geometry:
         width, height = plan.original_size

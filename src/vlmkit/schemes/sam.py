@@ -64,7 +64,7 @@ class Sam(Scheme):
         with the vary convs) wrapped in <img> ... </img> text tokens."""
         high = cfg.vision_high
         size = high.image_size
-        view = sam_view(image, size, high.image_mean, high.image_std)  # (3, S, S)
+        view = sam_view(image, size, high.image_mean, high.image_std, high.resize)  # (3, S, S)
         return ImagePlan(scheme="sam", pixel_values=view[None], original_size=image.size,
                          resized_size=(size, size), grid=(1, 1), parts={"features": high.tokens_per_image},
                          text_parts={"<img>": 1, "</img>": 1})

@@ -13,7 +13,7 @@ a part {"type": "text", "text": str}, {"type": "image"} or {"type": "video"}. Tw
   `apply_chat_template` renders it (trim_blocks, lstrip_blocks, `raise_exception`,
   a `tojson` that does not escape HTML, `bos_token` / `eos_token` in scope), so the
   same messages give the same string.
-- Built-ins by name (`BUILTIN_TEMPLATES`): vicuna_v1, llava, chatml, phi3, qwen2_vl. In these
+- Built-ins by name (`BUILTIN_TEMPLATES`): vicuna_v1, llava, chatml, phi3, vary, vary_base, qwen2_vl, qwen_vl. In these
   an image part renders as the template's placeholder and a newline; phi3 numbers its
   placeholders <|image_1|>, <|image_2|>, ... across the conversation. qwen2_vl is the
   Qwen2-VL-Instruct checkpoints' chat template written as data: chatml with a default system
@@ -121,6 +121,7 @@ class BuiltinChatTemplate(ChatTemplate):
     video_placeholder: str | None = None  # a video part's text; None: the template takes no video parts
     media_suffix: str = "\n"  # written after each image / video placeholder
     prefix: str = ""  # written once before the conversation, e.g. the BOS token's text
+    number_per_message: bool = False  # "{n}" restarts at 1 in every message (Qwen-VL-Chat's "Picture N:")
 
     def marker_tokens(self) -> tuple[str, ...]:
         """The `<|...|>` / `<｜...｜>` markers the template writes around turns (phi3's `<|user|>`, `<|end|>`, ...),
@@ -137,6 +138,7 @@ class BuiltinChatTemplate(ChatTemplate):
         images = 0
         for i, message in enumerate(messages):
             role = message["role"]
+            images = 0 if self.number_per_message else images
             if role not in self.turns:
                 raise ValueError(f"message {i} has role {role!r}; the {self.name} template knows {list(self.turns)}")
             text, images = content_text(message["content"], self.image_placeholder, i, images,
@@ -189,6 +191,26 @@ BUILTIN_TEMPLATES: dict[str, BuiltinChatTemplate] = {
         generation_prompt="<|Assistant|>:",
         prefix="<｜begin▁of▁sentence｜>",
     ),
+    # Vary's conv_templates["mpt"] (vary/utils/conversation.py, SeparatorStyle.MPT: each turn role + text +
+    # "<|im_end|>", no newline between turns) as Vary-toy's demo fills it: an image is `<img>` + 256 x `<imgpad>`
+    # + `</img>` + "\n" before the text (the `<imgpad>` here becomes the image's run).
+    "vary": BuiltinChatTemplate(
+        name="vary",
+        turns={r: (f"<|im_start|>{r}\n", "<|im_end|>") for r in ROLES},
+        generation_prompt="<|im_start|>assistant\n",
+        image_placeholder="<img><imgpad></img>",
+        default_system="You should follow the instructions carefully and explain your answers in detail.",
+    ),
+    # The same as Vary-base's demo (Ucas-HaoranWei/Vary's vary/demo/run_qwen_vary.py) fills it: no newline after
+    # an image's `</img>`.
+    "vary_base": BuiltinChatTemplate(
+        name="vary_base",
+        turns={r: (f"<|im_start|>{r}\n", "<|im_end|>") for r in ROLES},
+        generation_prompt="<|im_start|>assistant\n",
+        image_placeholder="<img><imgpad></img>",
+        default_system="You should follow the instructions carefully and explain your answers in detail.",
+        media_suffix="",
+    ),
     # Qwen2-VL-Instruct's chat_template.json (add_vision_id off), as data.
     "qwen2_vl": BuiltinChatTemplate(
         name="qwen2_vl",
@@ -198,6 +220,18 @@ BUILTIN_TEMPLATES: dict[str, BuiltinChatTemplate] = {
         video_placeholder="<|vision_start|><|video_pad|><|vision_end|>",
         media_suffix="",
         default_system="You are a helpful assistant.",
+    ),
+    # Qwen-VL-Chat's make_context (qwen_generation_utils.py, chatml, model.chat's system text) with each query
+    # written by QWenTokenizer.from_list_format: an image is "Picture N:<img>path</img>\n", N counting the
+    # query's images. The path is left out (the image is given apart from the text): <img><imgpad></img>
+    # becomes <img>, the plan's 256 <imgpad>, </img>, the reference tokenizer's ids for an empty path.
+    "qwen_vl": BuiltinChatTemplate(
+        name="qwen_vl",
+        turns={r: (f"<|im_start|>{r}\n", "<|im_end|>\n") for r in ROLES},
+        generation_prompt="<|im_start|>assistant\n",
+        image_placeholder="Picture {n}:<img><imgpad></img>",
+        default_system="You are a helpful assistant.",
+        number_per_message=True,
     ),
 }
 

@@ -21,6 +21,7 @@ calls with the system text "You are a helpful assistant.". These two functions g
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,6 +57,33 @@ def qwen_vl_query(parts: Sequence[Mapping[str, Any]], tokenizer: QwenTiktokenTok
             raise ValueError(f"part {i} {dict(part)!r} is none of {{'image': path}}, {{'text': str}}, "
                              "{'box': [(x1, y1, x2, y2), ...], 'ref': optional name}")
     return text
+
+
+def query_parts(query: str, tags: Mapping[str, str] = IMAGE_TAG_DEFAULTS) -> tuple[list[dict[str, str]], list[str]]:
+    """A query with its images written in the text, as Qwen-VL's documentation writes them (`<img>path</img>`,
+    from_list_format's `Picture N:<img>path</img>\\n`) -> (chat content parts with an image part at each image,
+    the paths in order). The "Picture N:" before a tag and the newline after it are the image part's own text in
+    the qwen_vl template, so the parts render back to the query (with the paths left out).
+
+        >>> query_parts("Picture 1: <img>cat.jpg</img>\\nWhat is it?")
+        ([{'type': 'image'}, {'type': 'text', 'text': 'What is it?'}], ['cat.jpg'])
+    """
+    start, end = re.escape(tags["image_start_tag"]), re.escape(tags["image_end_tag"])
+    parts: list[dict[str, str]] = []
+    paths: list[str] = []
+    at = 0
+    for m in re.finditer(rf"(?:Picture \d+: ?)?{start}(.*?){end}\n?", query, flags=re.S):
+        if m.start() > at:
+            parts.append({"type": "text", "text": query[at:m.start()]})
+        if not m.group(1).strip():
+            raise ValueError(f"the prompt has an image tag without a path at character {m.start()}; write "
+                             f"{tags['image_start_tag']}path{tags['image_end_tag']}")
+        parts.append({"type": "image"})
+        paths.append(m.group(1).strip())
+        at = m.end()
+    if at < len(query) or not parts:
+        parts.append({"type": "text", "text": query[at:]})
+    return parts, paths
 
 
 def qwen_chat_prompt(tokenizer: QwenTiktokenTokenizer, query: str,

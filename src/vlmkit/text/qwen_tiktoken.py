@@ -16,7 +16,11 @@ id and the merge priority of tiktoken's byte-level BPE. This class follows that 
 - by default every special token written in the text is one id (allowed_special="all", disallowed_special=());
 - `<img>path</img>` becomes `<img>`, one id per byte of the path *whose value is the byte* (not the byte's
   rank), `<imgpad>` up to image_span (256) ids, `</img>`: the model overwrites these positions with the
-  image's features. decode turns such a span back into `<img>path</img>`;
+  image's features. decode turns such a span back into `<img>path</img>`. A span holding only `<imgpad>`
+  tokens stays as it is: `<img><imgpad></img>` is the placeholder of an image given apart from the text (the
+  chat templates qwen_vl and vary write it and vlmkit.prompt widens the `<imgpad>` to the image's 256, the
+  reference's ids for an empty path), and Vary writes its images as `<img>` + 256 x `<imgpad>` + `</img>`
+  (its tokenizer being Qwen-7B's with these tags as plain special tokens), text Qwen-VL's tokenizer cannot encode;
 - decode joins the tokens' bytes and decodes UTF-8 with errors="replace"; skip_special_tokens drops every id
   from `<|endoftext|>` on.
 Where the reference raises (an `<img>` without `</img>`, a path longer than image_span bytes, a span without
@@ -90,7 +94,7 @@ class QwenTiktokenTokenizer(Tokenizer):
                  image_span: int = IMAGE_SPAN, chat_template: str | None = None, errors: str = "replace",
                  config: dict[str, Any] | None = None) -> None:
         """ranks: {token bytes: rank} (read_ranks). image_tags: overrides of IMAGE_TAG_DEFAULTS by key.
-        chat_template: jinja source or a built-in name; None means the built-in "chatml" Qwen chat models use.
+        chat_template: jinja source or a built-in name; None means the built-in "qwen_vl" (make_context's).
         errors: how decode treats bytes that are not UTF-8 (bytes.decode's errors; Qwen's default "replace").
         config: the tokenizer_config.json it was read from, written back by save_pretrained."""
         try:
@@ -182,6 +186,8 @@ class QwenTiktokenTokenizer(Tokenizer):
         start = 0
         for begin, end in self._image_spans(ids, "text"):
             inner = ids[begin + 1:end]
+            if inner and all(i == self.img_pad_id for i in inner):  # an image's placeholder or its run (Vary's
+                continue  # prompts); vlmkit.prompt widens one <imgpad> to the image's run (templates qwen_vl, vary)
             special = [i for i in inner if i >= self.eod_id]
             if special:
                 raise ValueError(f"the image path between {self.image_tags['image_start_tag']} and "
@@ -279,7 +285,14 @@ class QwenTiktokenTokenizer(Tokenizer):
 
     @property
     def chat_template(self) -> str:
-        return self._chat_template or "chatml"
+        """The tokenizer_config.json's template, else the built-in "qwen_vl": Qwen-(VL-)Chat's make_context."""
+        return self._chat_template or "qwen_vl"
+
+    @property
+    def own_chat_template(self) -> str | None:
+        """The template tokenizer_config.json names (jinja or a built-in name), None when it names none: then the
+        model's scheme may pick its family's (Vary's "vary", schemes/dual.py) over the default chat_template."""
+        return self._chat_template
 
 
 def _find(ids: list[int], target: int, start: int) -> int:

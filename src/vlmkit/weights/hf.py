@@ -39,7 +39,7 @@ def converters() -> dict[str, Converter]:
 
 def _builtin_converters() -> dict[str, Converter]:
     from vlmkit.weights import (deepseek_v2, deepseek_vl, deepseek_vl2, got_ocr2, llama, llava, llava_next, minicpmv,
-                                native, phi3_v, qwen2_5_vl, qwen2_moe, qwen2_vl, sam, vision)
+                                native, phi3_v, qwen2_5_vl, qwen2_moe, qwen2_vl, qwen_vl, sam, vary, vision)
 
     return {
         "llama": llama.LLAMA,
@@ -61,6 +61,8 @@ def _builtin_converters() -> dict[str, Converter]:
         "got_ocr2": got_ocr2.GOT_OCR2,
         "phi3_v": phi3_v.PHI3_V,
         "minicpmv": minicpmv.MINICPMV,
+        "vary": vary.VARY,
+        "qwen": qwen_vl.QWEN,
         native.MODEL_TYPE: native.NATIVE,
     }
 
