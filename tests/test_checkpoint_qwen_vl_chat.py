@@ -250,12 +250,13 @@ def test_inspect_reports_qwen_vl_parameters():
     ({"kv_channels": 16}, "kv_channels 16 differs"),
     ({"visual": {"width": None}}, r"visual dict lacks \['width'\]"),
     ({"visual": {"output_dim": 64}}, "output_dim 64 differs from the LM's hidden_size 32"),
+    ({"quantization_config": {"bits": 4, "quant_method": "gptq"}}, "holds gptq weights"),  # Qwen-VL-Chat-Int4's
 ])
 def test_a_layout_the_reference_lacks_is_refused(tmp_path, change, message):
     config = json.loads((TINY / "config.json").read_text())
     for key, value in change.items():
         if isinstance(value, dict):
-            config[key] = {k: v for k, v in {**config[key], **value}.items() if v is not None}
+            config[key] = {k: v for k, v in {**config.get(key, {}), **value}.items() if v is not None}
         else:
             config[key] = value
     (tmp_path / "config.json").write_text(json.dumps(config))

@@ -170,6 +170,11 @@ def check_saved(folder: Path, ref) -> None:
     print(f"{folder}: loaded by the reference, logits max |diff| from the fixture {diff:.3g}")
     if diff > 1e-5:
         raise SystemExit("the saved folder does not reproduce the reference's logits")
+    import transformers  # model.chat reads chat_format, max_window_size and the stop ids in generation_config.json
+
+    model.generation_config = transformers.GenerationConfig.from_pretrained(str(folder))
+    response, _ = model.chat(tokenizer, report["query"], history=None, do_sample=False, max_new_tokens=20)
+    print(f"{folder}: the reference's model.chat with the saved generation_config.json answers {response!r}")
 
 
 def main() -> None:

@@ -85,6 +85,10 @@ def read_generation_config(path: Path, config: dict) -> dict:
 def lm_config_from_qwen(hf: dict[str, Any]) -> LMConfig:
     """A Qwen-1 config.json dict -> LMConfig (keys and their meaning in the module docstring)."""
     hf = {**_DEFAULTS, **hf}
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "quantized")
+        raise ValueError(f"this qwen checkpoint holds {method} weights (e.g. Qwen-VL-Chat-Int4), which vlmkit does not "
+                         "read; load the unquantized checkpoint (Qwen/Qwen-VL-Chat) and pass --quantize int4 instead")
     heads, width = hf["num_attention_heads"], hf["hidden_size"]
     if width % heads:
         raise ValueError(f"qwen config: hidden_size {width} is not divisible by num_attention_heads {heads}")
