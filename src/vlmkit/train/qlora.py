@@ -33,13 +33,15 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.train.lora import ADAPTABLE, LoRALinear, tied_weights
+from vlmkit.train.lora import ADAPTABLE, LoRALinear, lora_targets, tied_weights
+from vlmkit.train.stages import Stage, module_groups
 
 TORCHAO_VERSION = "0.18.0"  # the version verified here, pinned in the `qlora` extra
 QUANTIZE_CHOICES = ("nf4",)
@@ -167,22 +169,48 @@ QUANTIZED = {nn.Linear: NF4Linear, LoRALinear: QLoRALinear}  # layer class -> it
 ADAPTABLE.update({NF4Linear: QLoRALinear, QLoRALinear: QLoRALinear})  # add_lora adapts a quantized layer too
 
 
+def nf4_layer(module: nn.Module) -> nn.Module:
+    """module (an nn.Linear or LoRALinear) with its weight stored in NF4, in place: its class becomes the
+    QUANTIZED one; returns it. Its weight is frozen (requires_grad False)."""
+    module.weight = nn.Parameter(to_nf4(module.weight), requires_grad=False)
+    module.__class__ = QUANTIZED[type(module)]
+    return module
+
+
+def frozen_linears(model: nn.Module, stage: Stage) -> dict[str, Callable[[nn.Module], nn.Module]]:
+    """The layers quantize_frozen would store in NF4 once the stage has frozen what it freezes (a group at lr 0,
+    or one holding LoRA adapters, whose base weights stay frozen: loop.trainable_parameters), by name, each
+    with nf4_layer: weights/hf.py from_pretrained quantizes them while it loads them. Reads names and shapes
+    only, so model may be on the meta device and need not have its adapters yet."""
+    torchao_nf4()
+    adapted = set(lora_targets(model, stage.lora)) if stage.lora is not None else set()
+    frozen: set[int] = set()
+    for group, params in module_groups(model, stage).items():
+        if stage.lrs[group] == 0 or any(name.rpartition(".")[0] in adapted for name, _ in params):
+            frozen.update(id(p) for _, p in params)
+    tied = tied_weights(model)
+    return {name: nf4_layer for name, module in model.named_modules()
+            if type(module) in QUANTIZED and id(module.weight) in frozen and id(module.weight) not in tied
+            and scaler_block_size(module.weight.numel()) is not None}
+
+
 def quantize_frozen(model: nn.Module) -> list[str]:
     """Store the weight of every frozen (requires_grad False) nn.Linear and LoRALinear of model in NF4, in
     place; weights tied to another module, trained weights and weights whose size is no multiple of
     BLOCK_SIZE are kept. Call it after the stage froze its parameters (loop.trainable_parameters). Returns
-    the quantized layers' names."""
+    the names of the layers holding NF4 weights, those quantized when the model was loaded
+    (frozen_linears) included."""
     torchao_nf4()  # a missing torchao is reported before anything changes
     tied = tied_weights(model)
     done = []
     for name, module in model.named_modules():
-        new_class = QUANTIZED.get(type(module))
-        if new_class is None or module.weight.requires_grad or id(module.weight) in tied:
+        if isinstance(module, _NF4Base):
+            done.append(name)
+            continue
+        if type(module) not in QUANTIZED or module.weight.requires_grad or id(module.weight) in tied:
             continue
         if scaler_block_size(module.weight.numel()) is None:
             continue
-        module.weight = nn.Parameter(to_nf4(module.weight), requires_grad=False)
-        module.__class__ = new_class
+        nf4_layer(module)
         done.append(name)
     return done
-
