@@ -112,28 +112,42 @@ def materialize(model: nn.Module, values: Values, dtype: torch.dtype | None = No
     Non-persistent buffers are cast and moved only. Returns model. values(name, built) is called once per
     tensor (tied ones once); ValueError for a quantize name that is not a module of model."""
     quantize = dict(quantize or {})
-    modules = list(model.named_modules())
-    unknown = sorted(set(quantize) - {name for name, _ in modules})
+    names = [name for name, _ in model.named_modules()]  # names only: a replaced layer must be let go of
+    unknown = sorted(set(quantize) - set(names))
     if unknown:
         raise ValueError(f"cannot quantize {unknown[:3]}: model has no such module")
-    done: dict[int, torch.Tensor] = {}  # id(meta tensor) -> its real tensor or Parameter: tied ones stay tied
-    for name, module in modules:
+    held: dict[int, int] = {}
+    for _, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        held[id(t)] = held.get(id(t), 0) + 1
+    tied: dict[int, torch.Tensor] = {}  # id(built tensor held twice) -> its real tensor or Parameter
+    for name in names:
+        module = model.get_submodule(name)
         prefix = f"{name}." if name else ""
-        for key, param in module.named_parameters(recurse=False):
-            if param.is_meta:
-                if id(param) not in done:
-                    done[id(param)] = nn.Parameter(_real(prefix + key, param, values, dtype, device),
-                                                   requires_grad=param.requires_grad)
-                module._parameters[key] = done[id(param)]
-        for key, buffer in module.named_buffers(recurse=False):
-            if id(buffer) not in done:
+        for key, param in list(module._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            real = tied.get(id(param))
+            if real is None:
+                real = nn.Parameter(_real(prefix + key, param, values, dtype, device), requires_grad=param.requires_grad)
+                if held[id(param)] > 1:
+                    tied[id(param)] = real
+            module._parameters[key] = real
+        for key, buffer in list(module._buffers.items()):
+            if buffer is None:
+                continue
+            real = tied.get(id(buffer))
+            if real is None:
                 if key in module._non_persistent_buffers_set:
-                    done[id(buffer)] = buffer.to(device=device, dtype=_target_dtype(buffer, dtype))
+                    real = buffer.to(device=device, dtype=_target_dtype(buffer, dtype))
                 else:
-                    done[id(buffer)] = _real(prefix + key, buffer, values, dtype, device)
-            module._buffers[key] = done[id(buffer)]
+                    real = _real(prefix + key, buffer, values, dtype, device)
+                if held[id(buffer)] > 1:
+                    tied[id(buffer)] = real
+            module._buffers[key] = real
+        del module
         if name in quantize:
             _replace(model, name, quantize[name])
+            release_memory()  # the float weight and the quantizer's scratch: else the heap keeps their pages
     return model
 
 
