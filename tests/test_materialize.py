@@ -23,7 +23,6 @@ from vlmkit.quantize import Int8Linear, quantize_model
 from vlmkit.train.loop import trainable_parameters
 from vlmkit.train.lora import add_lora, parse_lora, tied_weights
 from vlmkit.train.stages import Stage
-from vlmkit.weights.hf import from_pretrained
 from vlmkit.weights.materialize import build_on_meta, check_state, from_state, materialize
 
 PRESETS = ["tiny-random", "llava-1.5-small", "qwen2-vl-small", "deepseek-vl2-small", "minicpm-v-small"]
@@ -134,13 +133,43 @@ def test_nf4_while_loading_is_torchaos_to_nf4_of_the_same_weights(folder):
         weight = reference.get_submodule(name).weight.detach()
         ours = module.weight
         theirs = torchao_nf4.to_nf4(weight.contiguous(), 64, math.gcd(weight.numel() // 64, 256))
-        for field in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4"):
+        for field in NF4_FIELDS:
             assert torch.equal(getattr(ours, field), getattr(theirs, field)), (name, field)
         with torch.no_grad():
             reference.get_submodule(name).weight = nn.Parameter(theirs.get_original_weight())
     with torch.no_grad():
         inputs = _inputs(reference, reference.cfg)
         torch.testing.assert_close(loaded.model(**inputs).logits, reference(**inputs).logits, rtol=0, atol=0)
+
+
+NF4_FIELDS = ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_to_nf4_is_torchaos_to_nf4_field_for_field(dtype):
+    """qlora.to_nf4 (a code table for 16-bit types, the two nearest levels for fp32) against torchao's to_nf4 on
+    the same tensors: random weights of several shapes (scaler blocks of 256 and smaller), every value of the
+    type in [-1, 1] and the midpoints between levels (the ties) in blocks whose absmax is 1, a block of zeros."""
+    qlora = pytest.importorskip("vlmkit.train.qlora")
+    ao = qlora.torchao_nf4()
+    torch.manual_seed(0)
+    weights = [(torch.randn(*shape) * 3).to(dtype) for shape in [(128, 64), (1408, 512), (3, 320), (4096, 1100)]]
+    levels = ao.to_nf4(torch.ones(64, dtype=dtype), 64, 1).nf4.float()
+    special = torch.cat([levels, (levels[1:] + levels[:-1]) / 2, torch.linspace(-1, 1, 20000)]).to(dtype)
+    if dtype != torch.float32:  # every value of the type in [-1, 1]
+        every = torch.arange(1 << 16, dtype=torch.int32).to(torch.uint16).view(dtype)
+        special = torch.cat([special, every[every.float().abs() <= 1]])
+    rows = special[: special.numel() // 63 * 63].view(-1, 63)
+    rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=dtype)], dim=1)  # absmax 1: the values are the scaled ones
+    weights.append(rows[: len(rows) // 4 * 4].contiguous())
+    zero_block = torch.randn(128, 64).to(dtype)
+    zero_block[5] = 0
+    weights.append(zero_block)
+    for w in weights:
+        ours, theirs = qlora.to_nf4(w), ao.to_nf4(w, 64, qlora.scaler_block_size(w.numel()))
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+        for field in NF4_FIELDS:
+            assert torch.equal(getattr(ours, field), getattr(theirs, field)), (tuple(w.shape), field)
 
 
 def test_train_quantizes_at_load_exactly_the_layers_quantize_frozen_picks(folder):
