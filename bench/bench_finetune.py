@@ -16,7 +16,8 @@ One step: one 336-px image (576 placeholder positions) + `--text-tokens` (64) te
 checkpointing, the loss over the text tokens, backward, AdamW step, zero_grad. Each mode runs in its own
 process; this process reads that child's peak resident set size from the kernel (os.wait4's ru_maxrss: build
 and steps together), and the child reports its build time, its resident size once built (freed heap handed
-back with malloc_trim) and the median of `--steps` step times. Full bf16 at 7B does not fit in 24 GB: unless
+back with malloc_trim), the median of `--steps` step times and the machine's 1-minute load average before and
+after the steps (step times on a shared machine depend on it). Full bf16 at 7B does not fit in 24 GB: unless
 `full` is in --modes, its memory is estimated from the parameter count (formula printed).
 """
 
@@ -77,9 +78,11 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
     from vlmkit.weights.materialize import build_on_meta, materialize, random_values, release_memory
 
     torch.set_num_threads(args.threads)
+    print(f"{mode}: torch {torch.__version__}, {torch.get_num_threads()} thread(s)", file=sys.stderr, flush=True)
     cfg, stage = _config(args.preset, args.lm_layers, args.vision_layers), _stage(mode)
     t0 = time.perf_counter()
     model = build_on_meta(build_model, cfg)
+    base_params = sum(p.numel() for p in model.parameters())  # before any adapter: what full fine-tuning trains
     plan = frozen_linears(model, stage) if mode == "qlora" else None
     materialize(model, random_values(seed=0), dtype=torch.bfloat16, quantize=plan)
     if stage.lora is not None:
@@ -102,7 +105,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
         if hasattr(m, "gradient_checkpointing"):
             m.gradient_checkpointing = True
     model.train()
-    times, losses = [], []
+    times, losses, load = [], [], [os.getloadavg()[0]]
     for _ in range(args.steps):
         t = time.perf_counter()
         loss = model(input_ids=ids, labels=labels, loss_only=True, **inputs).loss
@@ -113,10 +116,11 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
         losses.append(loss.item())
         print(f"{mode}: step {len(times)}/{args.steps} {times[-1]:.1f} s, loss {losses[-1]:.4f}", file=sys.stderr,
               flush=True)
-    return {"mode": mode, "params": params, "trained_params": trained, "quantized_layers": len(plan or {}),
+    return {"mode": mode, "base_params": base_params, "params": params, "trained_params": trained, "quantized_layers": len(plan or {}),
             "positions": ids.shape[1], "build_s": round(build_s, 2), "ready_rss_gib": round(ready_kib * 1024 / GIB, 2),
             "step_s": round(statistics.median(times), 3), "steps": [round(t, 3) for t in times],
-            "loss": round(losses[-1], 4)}
+            "loss": round(losses[-1], 4),
+            "load_avg": [round(x, 1) for x in (*load, os.getloadavg()[0])]}  # the machine's 1-min load, before/after
 
 
 def full_estimate(params: int) -> dict:
@@ -173,22 +177,16 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child, args)))
         return
-    import torch
-
-    from vlmkit.models.image_model import build_model
-    from vlmkit.weights.materialize import build_on_meta
-
-    cfg = _config(args.preset, args.lm_layers, args.vision_layers)
-    params = sum(t.numel() for t in build_on_meta(build_model, cfg).parameters())
-    print(f"# {args.preset}: {params / 1e9:.2f} B parameters, {args.steps} step(s) per mode, "
-          f"{args.threads} thread(s), torch {torch.__version__}", flush=True)
+    print(f"# {args.preset}, {args.steps} step(s) per mode, {args.threads} thread(s)", flush=True)
+    results = []
     for mode in args.modes:
         free = available_gib()
         if free < args.require_available:
             raise SystemExit(f"{mode}: only {free:.1f} GiB available, --require-available {args.require_available}")
-        print(json.dumps(run_child(mode, args)), flush=True)
+        results.append(run_child(mode, args))
+        print(json.dumps(results[-1]), flush=True)
     if "full" not in args.modes:
-        print(json.dumps({"mode": "full (estimate)", **full_estimate(params)}), flush=True)
+        print(json.dumps({"mode": "full (estimate)", **full_estimate(results[0]["base_params"])}), flush=True)
 
 
 if __name__ == "__main__":

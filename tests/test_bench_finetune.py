@@ -30,7 +30,7 @@ def test_bench_finetune_runs_on_a_tiny_shape():
     r = by_mode["qlora"]
     assert r["peak_rss_gib"] >= r["ready_rss_gib"] > 0 and r["build_s"] > 0 and r["step_s"] > 0
     assert len(r["steps"]) == 2 and r["positions"] == 576 + 8 and r["quantized_layers"] > 0
-    assert 0 < r["trained_params"] < r["params"]
+    assert 0 < r["trained_params"] < r["params"] and r["base_params"] == params
     full = by_mode["full (estimate)"]
     assert full["params"] == params
     assert full["bf16_gib"] == round(8 * params / 2**30, 1) and full["fp32_master_gib"] == round(16 * params / 2**30, 1)
