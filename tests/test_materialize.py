@@ -245,3 +245,19 @@ def test_nf4_load_peaks_below_the_float_models_size():
     measured = _peak("nf4", 32)
     print(f"peak {measured['peak'] / 2**20:.0f} MiB, bf16 model {measured['bf16'] / 2**20:.0f} MiB")
     assert measured["peak"] < 0.75 * measured["bf16"]
+
+
+def test_train_quantize_nf4_from_a_folder(folder, tmp_path, capsys):
+    """`vlmkit train --model FOLDER --lora ... --quantize nf4` quantizes the frozen layers while loading and
+    trains: the layers it reports are those frozen_linears names."""
+    qlora = pytest.importorskip("vlmkit.train.qlora")
+    from vlmkit.cli import main
+    from vlmkit.data.synth import DATASET_FILE, synthesize
+
+    synthesize(tmp_path / "data", {"shapes": 4}, seed=0, image_size=(32, 32), progress=False)
+    stage = Stage("s", {"vision": 0.0, "projector": 0.0, "lm": 1e-3}, lora=parse_lora("r=4,alpha=8,targets=lm.attn"))
+    expected = qlora.frozen_linears(build_on_meta(build_model, load_model(str(folder)).model.cfg), stage)
+    assert main(["train", "--model", str(folder), "--data", str(tmp_path / "data" / DATASET_FILE), "--out",
+                 str(tmp_path / "run"), "--lora", "r=4,alpha=8,targets=lm.attn", "--group-lr", "vision=0",
+                 "--group-lr", "projector=0", "--group-lr", "lm=1e-3", "--quantize", "nf4", "--steps", "2"]) == 0
+    assert f"--quantize nf4: {len(expected)} frozen linear layers stored in NF4" in capsys.readouterr().err
