@@ -239,12 +239,12 @@ def test_quantized_load_peaks_below_the_float_models_size():
 
 
 @pytest.mark.slow
-def test_nf4_load_peaks_below_the_float_models_size():
-    """The same with NF4 layers (4.13 bits a weight, ~55 MiB here; torchao's quantizer takes ~60 bytes of scratch
-    per value of the layer it quantizes, so the peak is ~137 MiB): below 3/4 of the bf16 size."""
+def test_nf4_load_peaks_below_half_the_float_models_size():
+    """The same with NF4 layers (4.13 bits a weight, ~55 MiB here; measured peak 77 MiB): below half the bf16
+    size."""
     measured = _peak("nf4", 32)
     print(f"peak {measured['peak'] / 2**20:.0f} MiB, bf16 model {measured['bf16'] / 2**20:.0f} MiB")
-    assert measured["peak"] < 0.75 * measured["bf16"]
+    assert measured["peak"] < 0.5 * measured["bf16"]
 
 
 def test_train_quantize_nf4_from_a_folder(folder, tmp_path, capsys):
