@@ -10,8 +10,8 @@ NF4 (the paper's section 3): a weight is cut into blocks of 64 consecutive value
 absmax and every value rounded to the nearest of 16 levels (the quantiles of a standard normal scaled to
 [-1, 1], with an exact 0); the absmaxes themselves are quantized again ("double quantization"): their mean
 subtracted, then 8-bit absmax quantization in blocks of 256 absmaxes. That is 4.127 bits per weight. The
-implementation is torchao's `NF4Tensor` (to_nf4; its format runs on CPU), an optional dependency
-(`pip install vlmkit[qlora]`). A layer whose block count is not a multiple of 256 (only in small test
+implementation is torchao's `NF4Tensor` (its format runs on CPU; to_nf4 here makes what torchao's to_nf4
+makes, field for field, ~4x faster), an optional dependency (`pip install vlmkit[qlora]`). A layer whose block count is not a multiple of 256 (only in small test
 models: a 7B model's are all multiples) gets the largest scaler block that divides it (gcd(blocks, 256));
 a weight whose size is not a multiple of 64 stays unquantized (quantize_frozen returns the layers it
 quantized).
