@@ -196,7 +196,7 @@ def test_flag_on_the_verbs_and_bad_values():
         parser.parse_args(["generate", "--model", "tiny-random", "--prompt", "hi", "--quantize", "int3"])
     assert e.value.code == 2
     with pytest.raises(ValueError, match="int8, int4"):
-        load_model("tiny-random", quantize="nf4")
+        load_model("tiny-random", quantize="int2")  # nf4 is a format now (QLoRA's NF4 layers), int2 is none
     # tiny-random's attention output takes 64 inputs: groups of 128 do not fit, and the error says which do
     with pytest.raises(ValueError, match=r"not a multiple of the group size 128; groups that fit this model: 32, 64"):
         load_model("tiny-random", quantize="int4-g128")

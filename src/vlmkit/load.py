@@ -41,8 +41,9 @@ from __future__ import annotations
 import json
 import string
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ from vlmkit.models.image_model import takes_images
 from vlmkit.models.vlm import VLM
 from vlmkit.presets import tiny_random
 from vlmkit.prompt import MediaPlans, Prompt, build_prompt, build_prompt_ids, flat_plans
-from vlmkit.quantize import Quantization, quantize_model
+from vlmkit.quantize import Quantization, quantize_plan
 from vlmkit.schemes import Media
 from vlmkit.text.chat import ChatTemplate, Message, chat_template_for, turn_end_ids
 from vlmkit.text.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
@@ -74,6 +75,7 @@ from vlmkit.train.lora import (
 )
 from vlmkit.weights.gguf import load_gguf, smollm2_gguf_path
 from vlmkit.weights.hf import from_pretrained, save_pretrained
+from vlmkit.weights.materialize import LayerQuantizer, replace_layers
 
 SPECIAL_SPECS = ("tiny-random", "smollm2-135m")
 
@@ -300,16 +302,25 @@ def tiny_random_model(seed: int = 0) -> LoadedModel:
 
 
 def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-               quantize: str | None = None) -> LoadedModel:
+               quantize: str | None = None,
+               quantize_layers: Callable[[nn.Module], Mapping[str, LayerQuantizer]] | None = None) -> LoadedModel:
     """Load a model spec (see the module docstring), cast to dtype and moved to device (a torch.device or a
     --device name: vlmkit.devices.resolve_device) when given, then with quantize ('int8', 'int4', 'int4-g64',
-    'int4-g128': vlmkit.quantize) its language model's linear layers quantized; a quantized model computes in
-    bfloat16 unless dtype says otherwise (the CPU kernels' fp32 path is slower than fp32 weights). Raises
-    ValueError/FileNotFoundError saying what to pass."""
+    'int4-g128', 'nf4': vlmkit.quantize) its language model's linear layers quantized; a quantized model
+    computes in bfloat16 unless dtype says otherwise (the CPU kernels' fp32 path is slower than fp32 weights).
+    quantize_layers(model) instead names the layers to quantize and how (train/qlora.py frozen_linears: the
+    layers a QLoRA stage freezes); such a model is not marked quantized, as its state dict is ordinary tensors.
+    A model folder is loaded module by module in its dtype on its device, each layer quantized as it is
+    loaded (weights/materialize.py), so a quantized 7B model never exists in full as floats; the other specs
+    are built whole, then quantized. Raises ValueError/FileNotFoundError saying what to pass."""
     target = resolve_device(device) if device is not None else None  # a bad device fails before loading
     quantization = Quantization.parse(quantize) if quantize is not None else None  # a bad name fails first too
-    if quantization is not None and dtype is None:
-        dtype = torch.bfloat16
+    if quantization is not None and quantize_layers is not None:
+        raise ValueError("load_model: pass quantize (a format for the language model) or quantize_layers, not both")
+    if quantization is not None:
+        if dtype is None:
+            dtype = torch.bfloat16
+        quantize_layers = partial(quantize_plan, quantization=quantization)
     if spec == "tiny-random":
         loaded = tiny_random_model()
     elif spec == "smollm2-135m" or spec.endswith(".gguf"):
@@ -321,7 +332,8 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device
         folder = Path(spec) if Path(spec).is_dir() else hub_folder(spec)
         if is_checkpoint(folder):
             raise ValueError(_checkpoint_advice(folder))
-        model = from_pretrained(folder)
+        model = from_pretrained(folder, dtype=dtype, device=target, quantize=quantize_layers)
+        dtype = target = quantize_layers = None  # done while loading
         if has_adapters(folder):  # a LoRA run's folder: the base model + its adapters (train/lora.py)
             load_adapters(model, folder)
         tokenizer = load_tokenizer(folder)
@@ -336,8 +348,9 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device
         loaded.model.to(dtype)
     if target is not None:
         loaded.model.to(target)
+    if quantize_layers is not None:
+        replace_layers(loaded.model, quantize_layers(loaded.model))
     if quantization is not None:
-        quantize_model(loaded.model, quantization)
         loaded.quantization = str(quantization)
     return loaded
 

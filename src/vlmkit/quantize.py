@@ -31,6 +31,7 @@ they run once per image over hundreds of rows, where the kernels are slower than
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,7 @@ from torch import nn
 
 GROUP_SIZES = (32, 64, 128)
 # --quantize choices: int4 is group 32 (the most accurate; the kernel is as fast at 32 as at 64 or 128)
-QUANTIZE_CHOICES = ("int8", "int4", "int4-g64", "int4-g128")
+QUANTIZE_CHOICES = ("int8", "int4", "int4-g64", "int4-g128", "nf4")  # nf4: train/qlora.py's NF4 layers
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Linear layers read as plain matrices elsewhere (moe.py's router: F.linear on router.weight in fp32)
 KEEP_FLOAT = ("router",)
@@ -47,12 +48,16 @@ KEEP_FLOAT = ("router",)
 
 @dataclass(frozen=True)
 class Quantization:
-    """A weight format: bits (8 or 4) and, for int4, the group size."""
+    """A weight format: bits (8 or 4) and, for int4, the group size; nf4: QLoRA's 4-bit NormalFloat
+    (train/qlora.py, torchao's NF4 tensor) instead of int4."""
 
     bits: int
     group_size: int | None = None
+    nf4: bool = False
 
     def __str__(self) -> str:
+        if self.nf4:
+            return "nf4"
         if self.bits == 8:
             return "int8"
         return "int4" if self.group_size == 32 else f"int4-g{self.group_size}"
@@ -64,11 +69,14 @@ class Quantization:
             return spec
         if spec == "int8":
             return cls(8)
+        if spec == "nf4":
+            return cls(4, nf4=True)
         if spec == "int4":
             return cls(4, 32)
         if spec.startswith("int4-g") and spec[6:].isdigit() and int(spec[6:]) in GROUP_SIZES:
             return cls(4, int(spec[6:]))
-        raise ValueError(f"unknown quantization {spec!r}: use int8, int4 (groups of 32) or int4-g64 / int4-g128")
+        raise ValueError(f"unknown quantization {spec!r}: use int8, int4 (groups of 32), int4-g64 / int4-g128 "
+                         f"or nf4")
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,28 +208,48 @@ def language_model(model: nn.Module) -> nn.Module:
     return getattr(model, "lm", model)
 
 
-@torch.no_grad()
-def quantize_model(model: nn.Module, quantization: str | Quantization) -> int:
-    """Replace every nn.Linear of the model's language model (but those in KEEP_FLOAT) with an Int8Linear or
-    Int4Linear, in place, on the layers' device and in the type of the model's float weights; returns how many
-    were replaced. Cast and move the model first: the int4 CPU layout is made for one device and type.
-    ValueError when there is nothing to quantize or an int4 group does not divide a layer's in_features."""
+def quantize_plan(model: nn.Module, quantization: str | Quantization) -> dict[str, Callable[[nn.Module], nn.Module]]:
+    """Which layers quantization replaces and how: every nn.Linear of the model's language model (but those in
+    KEEP_FLOAT; for nf4 also those whose size train/qlora.py cannot cut into blocks) by full name, each with
+    the function making its quantized layer from the loaded one (in the device and type of its weight). Reads
+    shapes only, so it works on a model built on the meta device (weights/materialize.py: load_model
+    quantizes each layer as it is loaded). ValueError when there is nothing to quantize or an int4 group does
+    not divide a layer's in_features."""
     spec = Quantization.parse(quantization)
     lm = language_model(model)
+    prefix = next((f"{name}." for name, m in model.named_modules() if m is lm and name), "")
     targets = [(name, module) for name, module in lm.named_modules()
                if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in KEEP_FLOAT]
+    if spec.nf4:
+        from vlmkit.train.qlora import nf4_layer, scaler_block_size, torchao_nf4
+
+        torchao_nf4()  # a missing torchao is reported before anything is loaded
+        targets = [(name, m) for name, m in targets if scaler_block_size(m.weight.numel()) is not None]
     if not targets:
         raise ValueError(f"--quantize {spec}: {type(model).__name__} has no linear layers in its language model")
-    if spec.bits == 4:
+    if spec.bits == 4 and not spec.nf4:
         bad = [f"{name} ({m.in_features})" for name, m in targets if m.in_features % spec.group_size]
         if bad:
             fits = [g for g in GROUP_SIZES if all(m.in_features % g == 0 for _, m in targets)]
             raise ValueError(f"--quantize {spec}: in_features of {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
                              f" is not a multiple of the group size {spec.group_size}; groups that fit this model: "
                              f"{', '.join(f'{g}' for g in fits) or 'none (use int8)'}")
-    for name, linear in targets:
+
+    def make(linear: nn.Module) -> nn.Module:
+        if spec.nf4:
+            return nf4_layer(linear)
         dtype = linear.weight.dtype
-        new = Int8Linear(linear, dtype) if spec.bits == 8 else Int4Linear(linear, spec.group_size, dtype)
-        parent_name, _, child = name.rpartition(".")
-        setattr(lm.get_submodule(parent_name) if parent_name else lm, child, new)
-    return len(targets)
+        return Int8Linear(linear, dtype) if spec.bits == 8 else Int4Linear(linear, spec.group_size, dtype)
+
+    return {prefix + name: make for name, _ in targets}
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, quantization: str | Quantization) -> int:
+    """Replace every layer quantize_plan names with its quantized layer, in place, on the layers' device and in
+    the type of the model's float weights; returns how many were replaced. Cast and move the model first: the
+    int4 CPU layout is made for one device and type. (load_model quantizes a model folder's layers while it
+    loads them instead: weights/materialize.py.)"""
+    from vlmkit.weights.materialize import replace_layers
+
+    return replace_layers(model, quantize_plan(model, quantization))

@@ -66,12 +66,14 @@ import json
 import os
 import string
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from vlmkit.data.formats import POLICIES, DatasetError, Problem, Sample, load_dataset, print_problems
@@ -89,11 +91,12 @@ from vlmkit.files import temporary_path, write_text_atomically
 from vlmkit.train.checkpoint import latest_checkpoint, reporting_write_errors
 from vlmkit.train.distributed import World, check_shardable, current_world
 from vlmkit.train.lora import add_lora, parse_lora
-from vlmkit.train.qlora import QUANTIZE_CHOICES, quantize_frozen
+from vlmkit.train.qlora import QUANTIZE_CHOICES, frozen_linears, quantize_frozen
 from vlmkit.train.loop import ShuffledBatches, TrainResult, train, trainable_parameters
 from vlmkit.train.recipes import RECIPES, SMALL_SUFFIX, recipe
 from vlmkit.train.runlog import check_tensorboard
 from vlmkit.train.stages import STAGES, Stage, available_groups, module_groups
+from vlmkit.weights.materialize import LayerQuantizer
 
 RUN_FILE = "run.json"
 SKIPPED_FILE = "skipped.txt"
@@ -289,10 +292,15 @@ def fresh_model(preset: str, chars: str, seed: int) -> LoadedModel:
     return LoadedModel(preset, build_model(cfg), tokenizer, chat_template_for(tokenizer))
 
 
-def load_for_training(spec: str, samples: Sequence[Sample], seed: int) -> LoadedModel:
-    """A model directory or hub id (its own tokenizer and template), or a fresh preset (see fresh_model)."""
+def load_for_training(spec: str, samples: Sequence[Sample], seed: int,
+                      quantize_layers: Callable[[nn.Module], Mapping[str, LayerQuantizer]] | None = None
+                      ) -> LoadedModel:
+    """A model directory or hub id (its own tokenizer and template), or a fresh preset (see fresh_model).
+    quantize_layers: the layers a directory's model gets quantized as it loads (--quantize nf4: the frozen
+    ones, qlora.frozen_linears), so the float model never exists in full; a fresh preset is quantized after
+    it is built (quantize_base)."""
     if Path(spec).is_dir() or is_hub_spec(spec):
-        return load_model(spec)
+        return load_model(spec, quantize_layers=quantize_layers)
     if spec in PRESETS:
         return fresh_model(spec, conversation_text(samples), seed)
     raise not_a_model_error(spec, f"nor a preset; give a directory (config.json + safetensors + tokenizer) or "
@@ -428,7 +436,10 @@ def run_training(cfg: RunConfig, world: World | None = None) -> RunResult:
     # every problem of every record in one pass: load_dataset's (the records' form), then prepare_data's
     # (images, labels, length) for the records load_dataset passed; the policy is applied to them all
     samples, problems = load_dataset(cfg.data, image_root=cfg.image_root, policy="skip")
-    loaded = load_for_training(cfg.model, samples, cfg.seed)
+    if cfg.quantize is not None and world.distributed:
+        raise ValueError(QUANTIZE_DISTRIBUTED)
+    frozen = partial(frozen_linears, stage=stage) if cfg.quantize is not None else None
+    loaded = load_for_training(cfg.model, samples, cfg.seed, quantize_layers=frozen)
     loaded.model.to(device)  # built (and seeded) on the host, so every device starts from the same weights
     check_groups(loaded, stage, cfg.group_lrs, cfg.seed)  # before the data is prepared, which takes long
     if cfg.quantize is not None:
@@ -491,13 +502,16 @@ def check_groups(loaded: LoadedModel, stage: Stage, group_lrs: dict[str, float],
         trainable_parameters(loaded.model, stage)
 
 
+QUANTIZE_DISTRIBUTED = ("--quantize nf4 trains in one process only (DistributedDataParallel cannot broadcast NF4 "
+                        "weights); run without torchrun, or without --quantize")
+
+
 def quantize_base(loaded: LoadedModel, stage: Stage, world: World) -> list[str]:
     """QLoRA (--quantize nf4): freeze what the stage freezes (loop.trainable_parameters; with LoRA the adapted
     layers' weights) and store every frozen linear weight in NF4 (train/qlora.py quantize_frozen); returns the
-    quantized layers. Refused under torchrun: DistributedDataParallel does not handle NF4 weights."""
+    quantized layers (with those quantized while the model was loaded). Refused under torchrun: DistributedDataParallel does not handle NF4 weights."""
     if world.distributed:
-        raise ValueError("--quantize nf4 trains in one process only (DistributedDataParallel cannot broadcast NF4 "
-                         "weights); run without torchrun, or without --quantize")
+        raise ValueError(QUANTIZE_DISTRIBUTED)
     trainable_parameters(loaded.model, stage)
     names = quantize_frozen(loaded.model)
     if not names:

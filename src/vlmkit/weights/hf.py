@@ -8,6 +8,7 @@ unknown model_type loads the installed plugins (vlmkit.plugins) before it is ref
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from vlmkit.hub import hub_folder, is_hub_spec
 from vlmkit.plugins import load_plugins
 from vlmkit.train.lora import without_adapters
 from vlmkit.weights.converter import Converter, StateDict
+from vlmkit.weights.materialize import LayerQuantizer, build_on_meta, check_state, from_state, materialize
 from vlmkit.weights.safetensors_io import read_config
 
 _REGISTERED: dict[str, Converter] = {}  # families added by register_converter (plugins, the demo)
@@ -79,35 +81,29 @@ def get_converter(model_type: str | None) -> Converter:
 
 def load_state(model: nn.Module, state: StateDict, source: str) -> None:
     """Copy state into model, requiring the same names and shapes (no silent partial loads)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"{source}: checkpoint does not match the model: missing {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
-    for name, tensor in state.items():
-        if tuple(own[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(own[name].shape)}")
+    check_state(model, state, source)
     model.load_state_dict(state, strict=True)
 
 
-def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                    quantize: Callable[[nn.Module], Mapping[str, LayerQuantizer]] | None = None) -> nn.Module:
     """Build the vlmkit module for a transformers-format directory, or a Hugging Face hub id (owner/name or
-    owner/name@revision, when no folder has that name: vlmkit.hub.hub_folder), and load its weights."""
+    owner/name@revision, when no folder has that name: vlmkit.hub.hub_folder), and load its weights: built on
+    the meta device and materialized module by module (weights/materialize.py) in dtype (float tensors; default
+    fp32) on device, with the layers quantize(model on meta) names replaced by their quantized form as they are
+    loaded (vlmkit.quantize.quantize_plan, train/qlora.py frozen_linears), so no full float copy ever exists."""
     if not Path(path).is_dir() and is_hub_spec(str(path)):
         path = hub_folder(str(path))
     config = read_config(path)
     model_type = config.get("model_type")
     conv = get_converter(model_type)
     cfg = conv.config_from_hf(conv.read_config(Path(path), config))
-    state = conv.read_state(Path(path), config)
-    model = conv.build(cfg)
-    load_state(model, conv.state_from_hf(state, cfg), str(path))
+    state = conv.state_from_hf(conv.read_state(Path(path), config), cfg)
+    model = build_on_meta(conv.build, cfg)
+    check_state(model, state, str(path))
+    plan = quantize(model) if quantize is not None else None
+    materialize(model, from_state(state), dtype=dtype, device=device, quantize=plan)
     model.hf_model_type = model_type
-    if dtype is not None:
-        model.to(dtype)
     return model.eval()
 
 
