@@ -59,7 +59,7 @@ from vlmkit.models.image_model import takes_images
 from vlmkit.models.vlm import VLM
 from vlmkit.presets import tiny_random
 from vlmkit.prompt import MediaPlans, Prompt, build_prompt, build_prompt_ids, flat_plans
-from vlmkit.quantize import Quantization, quantize_model
+from vlmkit.quantize import GGUF_NATIVE, Quantization, quantize_model
 from vlmkit.schemes import Media
 from vlmkit.text.chat import ChatTemplate, Message, chat_template_for, turn_end_ids
 from vlmkit.text.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
@@ -290,18 +290,28 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device
                quantize: str | None = None) -> LoadedModel:
     """Load a model spec (see the module docstring), cast to dtype and moved to device (a torch.device or a
     --device name: vlmkit.devices.resolve_device) when given, then with quantize ('int8', 'int4', 'int4-g64',
-    'int4-g128': vlmkit.quantize) its language model's linear layers quantized; a quantized model computes in
-    bfloat16 unless dtype says otherwise (the CPU kernels' fp32 path is slower than fp32 weights). Raises
-    ValueError/FileNotFoundError saying what to pass."""
+    'int4-g128': vlmkit.quantize) its language model's linear layers quantized, or with quantize='gguf' a GGUF
+    file's Q4_0 / Q4_1 / Q8_0 blocks kept as integer weights (weights/gguf.py load_native); a quantized model
+    computes in bfloat16 unless dtype says otherwise (the CPU kernels' fp32 path is slower than fp32 weights).
+    Raises ValueError/FileNotFoundError saying what to pass."""
     target = resolve_device(device) if device is not None else None  # a bad device fails before loading
-    quantization = Quantization.parse(quantize) if quantize is not None else None  # a bad name fails first too
-    if quantization is not None and dtype is None:
+    native = quantize == GGUF_NATIVE
+    quantization = Quantization.parse(quantize) if quantize is not None and not native else None  # bad names fail first
+    if quantize is not None and dtype is None:
         dtype = torch.bfloat16
+    is_gguf = spec == "smollm2-135m" or spec.endswith(".gguf")
+    if native and not is_gguf:
+        raise ValueError(f"--quantize gguf keeps a GGUF file's quantized blocks; {spec} is not a .gguf file (nor "
+                         f"smollm2-135m): use --quantize int4 or int8 to quantize its weights")
     if spec == "tiny-random":
         loaded = tiny_random_model()
-    elif spec == "smollm2-135m" or spec.endswith(".gguf"):
+    elif is_gguf:
         path = smollm2_gguf_path() if spec == "smollm2-135m" else Path(spec)
-        model, tokenizer = load_gguf(path)
+        if native:  # built in dtype on the device: casting again would round the embedding's fp32 scales
+            model, tokenizer = load_gguf(path, dtype, native=True, device=target or "cpu")
+            dtype = target = None
+        else:
+            model, tokenizer = load_gguf(path)
         # A text-only checkpoint's template expects string content: text parts are joined for it.
         loaded = LoadedModel(spec, model.eval(), tokenizer, chat_template_for(tokenizer, flatten_content=True))
     elif Path(spec).is_dir() or is_hub_spec(spec):
@@ -326,6 +336,8 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device
     if quantization is not None:
         quantize_model(loaded.model, quantization)
         loaded.quantization = str(quantization)
+    elif native:
+        loaded.quantization = GGUF_NATIVE
     return loaded
 
 

@@ -35,8 +35,9 @@ def add_model_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                    help="int8 (per output channel) or int4 (groups of 32 inputs; int4-g64 / int4-g128 for larger "
                         "groups) weights for the language model's linear layers, through PyTorch's CPU kernels: "
-                        "faster decoding, slower prefill; computes in bfloat16 unless --dtype says otherwise "
-                        "(float32 is slower than unquantized float32 on a CPU)")
+                        "faster decoding, slower prefill; gguf keeps a .gguf file's Q4_0 / Q4_1 / Q8_0 blocks as "
+                        "they are (other types are dequantized, with a warning); computes in bfloat16 unless "
+                        "--dtype says otherwise (float32 is slower than unquantized float32 on a CPU)")
     add_device_flag(p)
 
 
