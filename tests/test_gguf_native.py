@@ -1,0 +1,228 @@
+"""--quantize gguf (weights/gguf.py load_native): a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks kept as integer weights.
+
+Oracles:
+- layers: the native layers (torch's int4 CPU kernel, which computes (q - 8) * scale + offset per group, and the
+  dequantizing path) equal F.linear with the weights dequantized by the `gguf` package's own
+  `gguf.quants.dequantize` (llama.cpp's formulas) in float64, within test_quantize's derived `bound`; and a layer
+  built with a wrong offset (Q4_1's min m where m + 8d is due) is far outside it, so the test can fail;
+- the quantized embedding's rows equal gguf.quants.dequantize's rows exactly (the same fp32 operations);
+- whole model: a tiny llama / qwen2 GGUF (written as llama.cpp's converter writes it: test_gguf.write_gguf) loaded
+  natively in fp32 gives the logits and greedy tokens of the same file dequantized (load_gguf, itself checked
+  against transformers in test_gguf), and never dequantizes a Q4_0 / Q4_1 / Q8_0 tensor;
+- SmolLM2-135M-Instruct Q4_1 (slow): the same greedy tokens over 64 steps as the file dequantized to fp32 on 10
+  prompts, perplexity of test_quantize's PROSE within 8% of fp32's, and the peak memory of loading below the
+  float32 weights' size.
+
+Run: PYTHONPATH=src python -m pytest -q tests/test_gguf_native.py (add -m slow for the SmolLM2 tests)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from test_gguf import bpe, tiny_hf_model, write_gguf  # noqa: F401  (bpe: a fixture)
+from test_quantize import PROSE, bound, perplexity
+
+import test_gguf
+from vlmkit.cli import build_parser
+from vlmkit.load import load_model
+from vlmkit.quantize import Int4Linear, Int8GroupLinear, QuantizedEmbedding
+from vlmkit.weights import gguf as vgguf
+from vlmkit.weights.gguf import load_gguf, native_embedding, native_linear
+
+NATIVE = (QT.Q4_0, QT.Q4_1, QT.Q8_0)
+U = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float64: 2.0 ** -53}
+
+
+def blocks(qtype: QT, rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """(raw rows (rows, bytes) uint8 as llama.cpp's quantizer writes them, gguf's dequantization (rows, cols))."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((rows, cols)) * 0.1 + rng.uniform(-0.05, 0.05, (rows, 1))).astype(np.float32)
+    raw = gguf.quants.quantize(w, qtype)
+    return torch.from_numpy(raw.copy()), gguf.quants.dequantize(raw, qtype).astype(np.float64)
+
+
+def steps(raw: np.ndarray, qtype: QT) -> torch.Tensor:
+    """Per weight, the step of the int4 code that carries it: d, or 16 d for Q8_0's high plane."""
+    d = raw.reshape(-1, vgguf.DEQUANTIZERS[qtype][1])[:, :2].copy().view("<f2").astype(np.float64)
+    d = np.abs(d).reshape(raw.shape[0], -1) * (16 if qtype == QT.Q8_0 else 1)
+    return torch.from_numpy(np.repeat(d, 32, axis=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("qtype", NATIVE, ids=lambda t: t.name)
+@pytest.mark.parametrize("out_features", [48, 40])  # 48: the CPU kernel; 40: the dequantizing path
+def test_native_linear_equals_gguf_dequantized(qtype, dtype, out_features):
+    raw, w = blocks(qtype, out_features, 128)
+    layer = native_linear(raw, qtype, dtype, "cpu")
+    assert isinstance(layer, Int8GroupLinear if qtype == QT.Q8_0 else Int4Linear)
+    planes = [layer.high, layer.low] if qtype == QT.Q8_0 else [layer]
+    assert all(p.kernel == (out_features % 16 == 0 and dtype != torch.float64) for p in planes)
+    torch.manual_seed(0)
+    x = torch.randn(3, 128).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (3, out_features)
+    w = torch.from_numpy(w)
+    y_ref = x.double() @ w.T
+    tol = bound(x, w, y_ref, dtype, steps(raw.numpy(), qtype))
+    if qtype == QT.Q8_0:  # two outputs, each rounded to dtype before the sum
+        tol = tol + U[dtype] * (x.double().abs() @ (w.abs() + steps(raw.numpy(), qtype)).T)
+    err = (y.double() - y_ref).abs()
+    assert (err <= tol).all(), f"max excess {(err - tol).max().item():.3g}"
+    if qtype == QT.Q4_1 and dtype != torch.bfloat16:  # the test can fail: Q4_1's offset taken as m, not m + 8d
+        q, d, m = vgguf.decode_blocks(raw, qtype)
+        wrong = Int4Linear.from_codes(q, d, m, 32, dtype)
+        assert ((wrong(x).double() - y_ref).abs() > tol).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("qtype", NATIVE, ids=lambda t: t.name)
+def test_native_embedding_rows_equal_gguf_dequantized(qtype):
+    raw, w = blocks(qtype, 50, 96, seed=3)
+    emb = native_embedding(raw, qtype, torch.float32, "cpu")
+    assert isinstance(emb, QuantizedEmbedding) and emb.codes.dtype == torch.int8
+    ids = torch.tensor([[0, 7, 49], [7, 7, 1]])
+    assert torch.equal(emb(ids).double(), torch.from_numpy(w)[ids])
+    assert native_embedding(raw, qtype, torch.bfloat16, "cpu")(ids).dtype == torch.bfloat16
+
+
+# every matrix in a native type: attention in Q4_1, MLP in Q4_0 / Q8_0, embedding Q8_0, an untied head Q4_1
+ALL_NATIVE = {"token_embd": QT.Q8_0, "attn_q": QT.Q4_1, "attn_k": QT.Q4_1, "attn_v": QT.Q4_1,
+              "attn_output": QT.Q4_0, "ffn_gate": QT.Q4_0, "ffn_up": QT.Q4_0, "ffn_down": QT.Q8_0,
+              "output": QT.Q4_1}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # llama: Q/K rows unpermuted, untied head; qwen2: tied
+def test_tiny_gguf_native_equals_dequantized(arch, bpe, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(test_gguf, "TENSOR_TYPES", ALL_NATIVE)
+    path = write_gguf(tmp_path / f"tiny-{arch}.gguf", tiny_hf_model(arch, len(bpe[0])), arch, bpe)
+    reference, tok = load_gguf(path)
+    seen: list[QT] = []
+    dequantize = vgguf.dequantize
+    monkeypatch.setattr(vgguf, "dequantize", lambda data, qtype, shape: seen.append(QT(qtype)) or
+                        dequantize(data, qtype, shape))
+    loaded = load_model(str(path), quantize="gguf", dtype=torch.float32)
+    assert set(seen) == {QT.F32}  # the norms only: no block went through a float matrix
+    lm = loaded.model
+    assert loaded.quantization == "gguf" and loaded.dtype == torch.float32
+    assert isinstance(lm.embed, QuantizedEmbedding)
+    assert isinstance(lm.lm_head, Int8GroupLinear if arch == "qwen2" else Int4Linear)  # qwen2: the tied Q8_0
+    assert isinstance(lm.layers[0].attn.qkv, Int4Linear) and isinstance(lm.layers[1].mlp.down, Int8GroupLinear)
+    ids = torch.tensor([tok.encode("<|im_start|>user\nHello world, 2024!<|im_end|>\n<|im_start|>assistant\n")])
+    with torch.no_grad():
+        ours, theirs = lm(ids).logits, reference(ids).logits
+        assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+        assert test_gguf.greedy(lm, ids, 20) == test_gguf.greedy(reference, ids, 20)
+    # the KV cache follows the float type, not the integer weights
+    assert lm.new_cache(1, 8).keys[0].dtype == torch.float32
+    assert load_model(str(path), quantize="gguf", dtype=torch.float64).model.new_cache(1, 8).keys[0].dtype == \
+        torch.float64
+
+
+def test_other_types_are_dequantized_with_a_warning(bpe, tmp_path, monkeypatch):  # noqa: F811
+    types = dict(ALL_NATIVE, attn_v=QT.Q5_0, ffn_down=QT.Q5_1, ffn_up=QT.F16)
+    monkeypatch.setattr(test_gguf, "TENSOR_TYPES", types)
+    path = write_gguf(tmp_path / "mixed.gguf", tiny_hf_model("llama", len(bpe[0])), "llama", bpe)
+    with pytest.warns(UserWarning, match=r"dequantized to torch.float32 \(blk.0.attn_q.weight \(Q4_1\)"):
+        loaded = load_model(str(path), quantize="gguf", dtype=torch.float32)
+    lm = loaded.model
+    # q/k/v are fused with a Q5_0 v: dequantized together; gate (Q4_0) is fused with an F16 up: the same
+    assert type(lm.layers[0].attn.qkv) is torch.nn.Linear and type(lm.layers[0].mlp.gate_up) is torch.nn.Linear
+    assert type(lm.layers[0].mlp.down) is torch.nn.Linear and isinstance(lm.layers[0].attn.out, Int4Linear)
+    reference, tok = load_gguf(path)
+    ids = torch.tensor([tok.encode("Hello world")])
+    with torch.no_grad():
+        assert (lm(ids).logits - reference(ids).logits).abs().max() <= 1e-4 * reference(ids).logits.abs().max()
+
+
+def test_flag_on_the_verbs_and_non_gguf_models():
+    parser = build_parser()
+    for verb, extra in [("generate", ["--prompt", "hi"]), ("chat", []), ("serve", []), ("eval", ["--data", "d.jsonl"])]:
+        assert parser.parse_args([verb, "--model", "m.gguf", "--quantize", "gguf", *extra]).quantize == "gguf"
+    with pytest.raises(ValueError, match="not a .gguf file.*use --quantize int4 or int8"):
+        load_model("tiny-random", quantize="gguf")
+
+
+# --- SmolLM2-135M-Instruct, Q4_1 (slow) ---------------------------------------------------------
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis simply.",
+           "List three uses of a paperclip.", "What is 17 times 23?", "Tell me a short story about a robot.",
+           "How do I boil an egg?", "Translate 'good morning' into Spanish.", "Why is the sky blue?",
+           "Give me a tip for learning to code."]
+
+
+def greedy_with_gaps(lm, ids: list[int], steps: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and, per step, the gap between the best and second-best logit."""
+    cache = lm.new_cache(1, len(ids) + steps + 1)
+    logits = lm(input_ids=torch.tensor([ids]), cache=cache, logits_to_keep=1).logits[0, -1].float()
+    tokens, gaps = [], []
+    for _ in range(steps):
+        top = logits.topk(2)
+        tokens.append(int(top.indices[0]))
+        gaps.append(float(top.values[0] - top.values[1]))
+        logits = lm(input_ids=torch.tensor([[tokens[-1]]]), cache=cache).logits[0, -1].float()
+    return tokens, gaps
+
+
+@pytest.mark.slow
+def test_smollm2_native_greedy_64_steps_as_fp32_dequantized():
+    """Native fp32 (the file's exact weights, summed in another order) against the file dequantized to fp32: the
+    same 64 greedy tokens on all 10 prompts. Native bf16 (the default) is reported, not asserted: bf16 rounds the
+    activations (and the scales to 8 bits), so it departs from fp32 where the two best logits are close; its first
+    difference and the fp32 logit gap there are printed."""
+    fp32 = load_model("smollm2-135m")
+    native = load_model("smollm2-135m", quantize="gguf", dtype=torch.float32)
+    native_bf16 = load_model("smollm2-135m", quantize="gguf")
+    with torch.inference_mode():
+        for prompt in PROMPTS:
+            ids = fp32.prompt_ids([{"role": "user", "content": prompt}])
+            want, gaps = greedy_with_gaps(fp32.model, ids, 64)
+            got, _ = greedy_with_gaps(native.model, ids, 64)
+            first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+            assert first is None, (prompt, first, gaps[first])
+            bf16, _ = greedy_with_gaps(native_bf16.model, ids, 64)
+            diff = next((i for i, (a, b) in enumerate(zip(bf16, want)) if a != b), None)
+            print(f"{prompt!r}: native fp32 = fp32 over 64 steps; native bf16 "
+                  + ("the same" if diff is None else f"first differs at step {diff} (fp32 logit gap {gaps[diff]:.3f})"))
+
+
+@pytest.mark.slow
+def test_smollm2_native_perplexity_and_bytes():
+    base, n = perplexity(load_model("smollm2-135m"))
+    assert n > 900 and 5 < base < 60
+    for dtype in (torch.bfloat16, torch.float32):
+        loaded = load_model("smollm2-135m", quantize="gguf", dtype=dtype)
+        ppl, _ = perplexity(loaded)
+        nbytes = sum(t.nbytes for t in [*loaded.model.parameters(), *loaded.model.buffers()])
+        print(f"native {dtype}: perplexity {ppl:.3f} (fp32 dequantized {base:.3f}), {nbytes / 1e6:.1f} MB")
+        assert ppl <= base * 1.08, (dtype, base, ppl)
+        assert nbytes < 150e6  # fp32: 538 MB
+
+
+PEAK = """
+import json, resource, sys, torch
+from vlmkit.load import load_model
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+load_model("smollm2-135m", **json.loads(sys.argv[1]))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+@pytest.mark.slow
+def test_smollm2_native_loading_never_holds_the_float_weights():
+    """Peak resident memory of loading, in a fresh process: native loading stays below the float32 weights'
+    size (134.5M parameters, 538 MB) in all, the tokenizer's ~170 MB included, where the dequantizing load needs
+    more than twice that (the float state and the model)."""
+    def peak(kw: dict) -> int:
+        out = subprocess.run([sys.executable, "-c", PEAK, json.dumps(kw)], capture_output=True, text=True,
+                             check=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        return int(out.stdout.split()[-1])
+    native, dense = peak({"quantize": "gguf"}), peak({})
+    print(f"peak memory of loading: native {native / 1e6:.0f} MB, dequantized fp32 {dense / 1e6:.0f} MB")
+    assert native < 538e6 < 2 * 538e6 < dense
