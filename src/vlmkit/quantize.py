@@ -27,6 +27,10 @@ What is quantized: every nn.Linear of the language model (a VLM's `.lm`), the he
 its own quantized copy; the embedding stays float, read one row per token). MoE experts (stacked parameters,
 not nn.Linear) and the router (read as a float matrix) stay float. The vision tower and projector stay float:
 they run once per image over hundreds of rows, where the kernels are slower than float weights.
+
+`--quantize gguf` does not quantize: it keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks (weights/gguf.py
+load_native), Q4_x as Int4Linear.from_codes, Q8_0 as an Int8GroupLinear (two exact int4 planes), and the token
+embedding as a QuantizedEmbedding (only looked-up rows dequantized; a tied head gets its own layer).
 """
 
 from __future__ import annotations
@@ -154,7 +158,8 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int,
-                   dtype: torch.dtype, device: torch.device | str = "cpu", bias: torch.Tensor | None = None) -> Int4Linear:
+                   dtype: torch.dtype, device: torch.device | str = "cpu",
+                   bias: torch.Tensor | None = None) -> Int4Linear:
         """A layer whose weights are already int4 codes: q (N, K) in [0, 15], scale and offset (N, K / group_size)
         with W = (q - 8) * scale + offset per group, the kernel's own form (a GGUF Q4_0 / Q4_1 block maps onto it
         exactly: weights/gguf.py). Nothing is rounded but scale and offset to dtype on the kernel path."""
@@ -214,17 +219,16 @@ class Int8GroupLinear(nn.Module):
     (h, l in [0, 15]), q * d = (h - 8) * 16d + ((l - 8) * d + 8d), so `high` is Int4Linear(h, scale 16d,
     offset 0) and `low` Int4Linear(l, scale d, offset 8d), and the output is their sum. 8 bits a weight, as
     int8; the scales 16d and d are exact in any float type that holds d.
-    Measured against the alternatives on SmolLM2's tied head (49152 x 576; see quantize_gguf in docs/what-works.md)."""
+    Chosen by measurement against a dequantized bf16 / fp32 matrix and int4 re-quantization on SmolLM2's tied
+    head (49152 x 576): bench/bench_gguf_q8.py."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        u = q.to(torch.int16) + 128
+        u = q.to(torch.int8).view(torch.uint8) ^ 128  # q + 128 as a byte
         scale = scale.float()
-        self.high = Int4Linear.from_codes((u >> 4).to(torch.uint8), 16 * scale, torch.zeros_like(scale), group_size,
-                                          dtype, device)
-        self.low = Int4Linear.from_codes((u & 15).to(torch.uint8), scale, 8 * scale, group_size, dtype, device,
-                                         bias)
+        self.high = Int4Linear.from_codes(u >> 4, 16 * scale, torch.zeros_like(scale), group_size, dtype, device)
+        self.low = Int4Linear.from_codes(u & 15, scale, 8 * scale, group_size, dtype, device, bias)
         self.in_features, self.out_features, self.group_size = q.shape[1], q.shape[0], group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -306,7 +306,9 @@ def read_gguf(path: str | Path, keep: frozenset[QT] = frozenset()) -> tuple[dict
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dims innermost first
         if QT(t.tensor_type) in keep and len(shape) == 2 and t.name not in mixed:
-            tensor = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(shape[0], -1))  # a copy, not the map
+            with warnings.catch_warnings():  # the file's read-only map, never written: only read, or copied by
+                warnings.simplefilter("ignore", UserWarning)  # the unpermutation and the converter's concatenation
+                tensor = torch.from_numpy(t.data.reshape(shape[0], -1))
         else:
             tensor = dequantize(t.data, t.tensor_type, shape)
         name = hf_tensor_name(t.name)
@@ -332,8 +334,8 @@ def _mixed_fused_groups(tensors: list[Any], keep: frozenset[QT]) -> set[str]:
         group = next((g for g in _FUSED if match and match.group(2) in g), None)
         if group is None:
             continue
-        members = [f"blk.{match.group(1)}.{part}.weight" for part in group if f"blk.{match.group(1)}.{part}.weight" in types]
-        kinds = {types[m] for m in members}
+        members = [f"blk.{match.group(1)}.{part}.weight" for part in group]
+        kinds = {types[m] for m in members if m in types}
         if len(kinds) > 1 and kinds & keep:
             mixed.add(name)
     return mixed
@@ -399,7 +401,8 @@ def native_embedding(rows: torch.Tensor, qtype: QT, dtype: torch.dtype, device: 
     return QuantizedEmbedding(codes, d, m, BLOCK, dtype, device)
 
 
-def load_native(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> tuple[CausalLM, HFTokenizer]:
+def load_native(path: str | Path, dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> tuple[CausalLM, HFTokenizer]:
     """A CausalLM whose Q4_0 / Q4_1 / Q8_0 matrices go from the file's blocks straight into integer layers
     (native_linear, native_embedding; a tied head gets its own layer from the same blocks), never through a float
     matrix: the model is built on the meta device and only the float tensors (norms, matrices of other types,
@@ -434,7 +437,8 @@ def load_native(path: str | Path, dtype: torch.dtype, device: torch.device | str
                                    assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left or result.unexpected_keys:
-        raise RuntimeError(f"{path}: native loading left {left[:4]} unset and {result.unexpected_keys[:4]} unused (a vlmkit bug: report it)")
+        raise RuntimeError(f"{path}: native loading left {left[:4]} unset and {result.unexpected_keys[:4]} unused "
+                           f"(a vlmkit bug: report it)")
     tokenizer = HFTokenizer.from_gguf_metadata(meta, source=str(path))
     return model.eval(), tokenizer
 
