@@ -39,7 +39,6 @@ from vlmkit.weights import gguf as vgguf
 from vlmkit.weights.gguf import load_gguf, native_embedding, native_linear
 
 NATIVE = (QT.Q4_0, QT.Q4_1, QT.Q8_0)
-U = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float64: 2.0 ** -53}
 
 
 def blocks(qtype: QT, rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
@@ -51,10 +50,20 @@ def blocks(qtype: QT, rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor
 
 
 def steps(raw: np.ndarray, qtype: QT) -> torch.Tensor:
-    """Per weight, the step of the int4 code that carries it: d, or 16 d for Q8_0's high plane."""
+    """Per weight, the step d of its block's codes."""
     d = raw.reshape(-1, vgguf.DEQUANTIZERS[qtype][1])[:, :2].copy().view("<f2").astype(np.float64)
-    d = np.abs(d).reshape(raw.shape[0], -1) * (16 if qtype == QT.Q8_0 else 1)
-    return torch.from_numpy(np.repeat(d, 32, axis=1))
+    return torch.from_numpy(np.repeat(np.abs(d).reshape(raw.shape[0], -1), 32, axis=1))
+
+
+def kernel_form(x: torch.Tensor, w: torch.Tensor, step: torch.Tensor, qtype: QT):
+    """(inputs, weights, steps) as the int4 kernel sees them: Q8_0's W = q d is the two int4 planes side by side,
+    (h - 8) 16d and (l - 8) d + 8d with q + 128 = 16 h + l, fed [x, x]; Q4_x as they are."""
+    if qtype != QT.Q8_0:
+        return x, w, step
+    u = torch.round(w / torch.where(step > 0, step, 1)) + 128
+    h = torch.div(u, 16, rounding_mode="floor")
+    return torch.cat([x, x], -1), torch.cat([(h - 8) * 16 * step, (u - 16 * h - 8) * step + 8 * step], 1), \
+        torch.cat([16 * step, step], 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -64,17 +73,16 @@ def test_native_linear_equals_gguf_dequantized(qtype, dtype, out_features):
     raw, w = blocks(qtype, out_features, 128)
     layer = native_linear(raw, qtype, dtype, "cpu")
     assert isinstance(layer, Int8GroupLinear if qtype == QT.Q8_0 else Int4Linear)
-    planes = [layer.high, layer.low] if qtype == QT.Q8_0 else [layer]
-    assert all(p.kernel == (out_features % 16 == 0 and dtype != torch.float64) for p in planes)
+    assert (layer.planes if qtype == QT.Q8_0 else layer).kernel == (out_features % 16 == 0 and dtype != torch.float64)
     torch.manual_seed(0)
     x = torch.randn(3, 128).to(dtype)
     y = layer(x)
     assert y.dtype == dtype and y.shape == (3, out_features)
     w = torch.from_numpy(w)
     y_ref = x.double() @ w.T
-    tol = bound(x, w, y_ref, dtype, steps(raw.numpy(), qtype))
-    if qtype == QT.Q8_0:  # two outputs, each rounded to dtype before the sum
-        tol = tol + U[dtype] * (x.double().abs() @ (w.abs() + steps(raw.numpy(), qtype)).T)
+    xk, wk, step = kernel_form(x, w, steps(raw.numpy(), qtype), qtype)
+    assert torch.allclose(xk.double() @ wk.T, y_ref, rtol=1e-12, atol=1e-12)  # the split is exact
+    tol = bound(xk, wk, y_ref, dtype, step)
     err = (y.double() - y_ref).abs()
     assert (err <= tol).all(), f"max excess {(err - tol).max().item():.3g}"
     if qtype == QT.Q4_1 and dtype != torch.bfloat16:  # the test can fail: Q4_1's offset taken as m, not m + 8d

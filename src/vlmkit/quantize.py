@@ -215,24 +215,25 @@ class Int4Linear(nn.Module):
 class Int8GroupLinear(nn.Module):
     """A linear layer with int8 weights and one scale per group of `group_size` inputs (a GGUF Q8_0 tensor:
     W = q * d, q in [-128, 127]), which `_weight_int8pack_mm` cannot take (its scales are per output channel).
-    It is split exactly into two int4 planes run through the int4 kernel: with u = q + 128 = 16 h + l
-    (h, l in [0, 15]), q * d = (h - 8) * 16d + ((l - 8) * d + 8d), so `high` is Int4Linear(h, scale 16d,
-    offset 0) and `low` Int4Linear(l, scale d, offset 8d), and the output is their sum. 8 bits a weight, as
-    int8; the scales 16d and d are exact in any float type that holds d.
-    Chosen by measurement against a dequantized bf16 / fp32 matrix and int4 re-quantization on SmolLM2's tied
-    head (49152 x 576): bench/bench_gguf_q8.py."""
+    It is split exactly into two int4 planes: with u = q + 128 = 16 h + l (h, l in [0, 15]),
+    q * d = (h - 8) * 16d + ((l - 8) * d + 8d). Both planes sit side by side in one Int4Linear over 2K inputs
+    (`planes`: groups of h with scale 16d, offset 0, then groups of l with scale d, offset 8d) fed [x, x], so
+    one int4 kernel call sums them in its fp32 accumulator. 8 bits a weight, as int8; 16d and d are exact in
+    any float type that holds d. Chosen by measurement against a dequantized bf16 / fp32 matrix and int4
+    re-quantization on SmolLM2's tied head (49152 x 576): bench/bench_gguf_q8.py."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", bias: torch.Tensor | None = None) -> None:
         super().__init__()
         u = q.to(torch.int8).view(torch.uint8) ^ 128  # q + 128 as a byte
         scale = scale.float()
-        self.high = Int4Linear.from_codes(u >> 4, 16 * scale, torch.zeros_like(scale), group_size, dtype, device)
-        self.low = Int4Linear.from_codes(u & 15, scale, 8 * scale, group_size, dtype, device, bias)
+        self.planes = Int4Linear.from_codes(torch.cat([u >> 4, u & 15], dim=1), torch.cat([16 * scale, scale], dim=1),
+                                            torch.cat([torch.zeros_like(scale), 8 * scale], dim=1), group_size, dtype,
+                                            device, bias)
         self.in_features, self.out_features, self.group_size = q.shape[1], q.shape[0], group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.high(x) + self.low(x)
+        return self.planes(torch.cat([x, x], dim=-1))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
