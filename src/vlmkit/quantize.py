@@ -108,6 +108,22 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return q.to(dtype) * scale.to(dtype)[:, None]
 
 
+# Rows packed per call: the kernel wants int32 codes, 4x the bytes of the result; packing a large matrix (a 49152-row
+# head) in row blocks bounds that temporary. The CPU layout packs blocks of 64 rows on their own (tests/
+# test_gguf_native.py checks that blocks give the whole matrix's layout).
+PACK_ROWS = 4096
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in [0, 15] -> the CPU kernel's packed layout, PACK_ROWS rows at a time when N is a multiple
+    of 64 (the layout's row block)."""
+    def pack(rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows.to(torch.int32), 1)  # innerKTiles: unused
+    if q.shape[0] % 64 or q.shape[0] <= PACK_ROWS:
+        return pack(q)
+    return torch.cat([pack(q[i:i + PACK_ROWS]) for i in range(0, q.shape[0], PACK_ROWS)])
+
+
 def _uses_cpu_kernel(x: torch.Tensor, scale: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and x.dtype == scale.dtype
 
@@ -174,8 +190,7 @@ class Int4Linear(nn.Module):
         self.group_size = group_size
         self.kernel = device.type == "cpu" and dtype in KERNEL_DTYPES and self.out_features % 16 == 0
         if self.kernel:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)  # innerKTiles: unused
-            self.register_buffer("packed", packed)
+            self.register_buffer("packed", pack_int4(q))
             self.register_buffer("scale_offset", torch.stack([scale.T, offset.T], dim=-1).to(dtype).contiguous())
         else:
             q = q.to(device=device, dtype=torch.uint8)
@@ -227,7 +242,9 @@ class Int8GroupLinear(nn.Module):
         super().__init__()
         u = q.to(torch.int8).view(torch.uint8) ^ 128  # q + 128 as a byte
         scale = scale.float()
-        self.planes = Int4Linear.from_codes(torch.cat([u >> 4, u & 15], dim=1), torch.cat([16 * scale, scale], dim=1),
+        codes = torch.cat([u >> 4, u & 15], dim=1)
+        del u
+        self.planes = Int4Linear.from_codes(codes, torch.cat([16 * scale, scale], dim=1),
                                             torch.cat([torch.zeros_like(scale), 8 * scale], dim=1), group_size, dtype,
                                             device, bias)
         self.in_features, self.out_features, self.group_size = q.shape[1], q.shape[0], group_size
