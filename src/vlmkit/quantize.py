@@ -27,6 +27,10 @@ What is quantized: every nn.Linear of the language model (a VLM's `.lm`), the he
 its own quantized copy; the embedding stays float, read one row per token). MoE experts (stacked parameters,
 not nn.Linear) and the router (read as a float matrix) stay float. The vision tower and projector stay float:
 they run once per image over hundreds of rows, where the kernels are slower than float weights.
+
+`--quantize gguf` does not quantize: it keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks (weights/gguf.py
+load_native), Q4_x as Int4Linear.from_codes, Q8_0 as an Int8GroupLinear (two exact int4 planes), and the token
+embedding as a QuantizedEmbedding (only looked-up rows dequantized; a tied head gets its own layer).
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ from torch import nn
 
 GROUP_SIZES = (32, 64, 128)
 # --quantize choices: int4 is group 32 (the most accurate; the kernel is as fast at 32 as at 64 or 128)
-QUANTIZE_CHOICES = ("int8", "int4", "int4-g64", "int4-g128", "nf4")  # nf4: train/qlora.py's NF4 layers
+# nf4: train/qlora.py's NF4 layers; gguf: a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks loaded as they are
+# (weights/gguf.py load_gguf(native=True))
+GGUF_NATIVE = "gguf"
+QUANTIZE_CHOICES = ("int8", "int4", "int4-g64", "int4-g128", "nf4", GGUF_NATIVE)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Linear layers read as plain matrices elsewhere (moe.py's router: F.linear on router.weight in fp32)
 KEEP_FLOAT = ("router",)
@@ -110,12 +117,20 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return q.to(dtype) * scale.to(dtype)[:, None]
 
 
-def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(q - zero) * scale per group as a (N, K) float matrix of dtype (q (N, K), scale and zero (N, G))."""
-    N, K = q.shape
-    G = scale.shape[1]
-    w = (q.view(N, G, K // G).float() - zero[..., None].float()) * scale[..., None].float()
-    return w.view(N, K).to(dtype)
+# Rows packed per call: the kernel wants int32 codes, 4x the bytes of the result; packing a large matrix (a 49152-row
+# head) in row blocks bounds that temporary. The CPU layout packs blocks of 64 rows on their own (tests/
+# test_gguf_native.py checks that blocks give the whole matrix's layout).
+PACK_ROWS = 4096
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in [0, 15] -> the CPU kernel's packed layout, PACK_ROWS rows at a time when N is a multiple
+    of 64 (the layout's row block)."""
+    def pack(rows: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows.to(torch.int32), 1)  # innerKTiles: unused
+    if q.shape[0] % 64 or q.shape[0] <= PACK_ROWS:
+        return pack(q)
+    return torch.cat([pack(q[i:i + PACK_ROWS]) for i in range(0, q.shape[0], PACK_ROWS)])
 
 
 def _uses_cpu_kernel(x: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -156,25 +171,42 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """A linear layer with int4 group-wise weights (quantize_int4). On a CPU with out_features a multiple of 16
     the weights are kept only in the kernel's packed layout (`packed`, two weights a byte) with
-    `scale_offset` (G, N, 2): scale and (8 - zero) * scale in the activations' type; elsewhere as the plain
-    codes (`codes` (N, K) uint8, two a byte) with fp32 scale and zero, dequantized at each call."""
+    `scale_offset` (G, N, 2): scale and offset = (8 - zero) * scale in the activations' type; elsewhere as the
+    plain codes (`codes` (N, K) uint8, two a byte) with fp32 scale and offset, dequantized at each call as
+    (q - 8) * scale + offset."""
 
     def __init__(self, linear: nn.Linear, group_size: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
-        device = linear.weight.device
         q, scale, zero = quantize_int4(linear.weight, group_size)
+        bias = None if linear.bias is None else linear.bias.detach()
+        self._store(q, scale, (8 - zero) * scale, group_size, dtype, linear.weight.device, bias)
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int,
+                   dtype: torch.dtype, device: torch.device | str = "cpu",
+                   bias: torch.Tensor | None = None) -> Int4Linear:
+        """A layer whose weights are already int4 codes: q (N, K) in [0, 15], scale and offset (N, K / group_size)
+        with W = (q - 8) * scale + offset per group, the kernel's own form (a GGUF Q4_0 / Q4_1 block maps onto it
+        exactly: weights/gguf.py). Nothing is rounded but scale and offset to dtype on the kernel path."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._store(q, scale.float(), offset.float(), group_size, dtype, torch.device(device), bias)
+        return layer
+
+    def _store(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int, dtype: torch.dtype,
+               device: torch.device, bias: torch.Tensor | None) -> None:
+        self.out_features, self.in_features = q.shape
+        self.group_size = group_size
         self.kernel = device.type == "cpu" and dtype in KERNEL_DTYPES and self.out_features % 16 == 0
         if self.kernel:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)  # innerKTiles: unused
-            offset = (8 - zero) * scale  # (q - 8) * scale + offset = (q - zero) * scale
-            self.register_buffer("packed", packed)
+            self.register_buffer("packed", pack_int4(q))
             self.register_buffer("scale_offset", torch.stack([scale.T, offset.T], dim=-1).to(dtype).contiguous())
         else:
-            self.register_buffer("codes", (q[:, 0::2] | (q[:, 1::2] << 4)).to(device))  # (N, K / 2)
+            q = q.to(device=device, dtype=torch.uint8)
+            self.register_buffer("codes", q[:, 0::2] | (q[:, 1::2] << 4))  # (N, K / 2)
             self.register_buffer("scale", scale.to(device))
-            self.register_buffer("zero", zero.to(device))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+            self.register_buffer("offset", offset.to(device))
+        self.bias = None if bias is None else nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
 
     def unpacked_codes(self) -> torch.Tensor:
         """The (N, K) uint8 codes of the dequantizing layout."""
@@ -192,8 +224,9 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size,
                                                            self.scale_offset)
         else:
-            w = dequantize_int4(self.unpacked_codes(), self.scale, self.zero, x.dtype)
-            y = F.linear(x2, w)
+            N, K, g = self.out_features, self.in_features, self.group_size
+            w = (self.unpacked_codes().view(N, K // g, g).float() - 8) * self.scale[..., None] + self.offset[..., None]
+            y = F.linear(x2, w.view(N, K).to(x.dtype))
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
@@ -201,6 +234,64 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"bias={self.bias is not None}, kernel={self.kernel}")
+
+
+class Int8GroupLinear(nn.Module):
+    """A linear layer with int8 weights and one scale per group of `group_size` inputs (a GGUF Q8_0 tensor:
+    W = q * d, q in [-128, 127]), which `_weight_int8pack_mm` cannot take (its scales are per output channel).
+    It is split exactly into two int4 planes: with u = q + 128 = 16 h + l (h, l in [0, 15]),
+    q * d = (h - 8) * 16d + ((l - 8) * d + 8d). Both planes sit side by side in one Int4Linear over 2K inputs
+    (`planes`: groups of h with scale 16d, offset 0, then groups of l with scale d, offset 8d) fed [x, x], so
+    one int4 kernel call sums them in its fp32 accumulator. 8 bits a weight, as int8; 16d and d are exact in
+    any float type that holds d. Chosen by measurement against a dequantized bf16 / fp32 matrix and int4
+    re-quantization on SmolLM2's tied head (49152 x 576): bench/bench_gguf_q8.py."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        u = q.to(torch.int8).view(torch.uint8) ^ 128  # q + 128 as a byte
+        scale = scale.float()
+        codes = torch.cat([u >> 4, u & 15], dim=1)
+        del u
+        self.planes = Int4Linear.from_codes(codes, torch.cat([16 * scale, scale], dim=1),
+                                            torch.cat([torch.zeros_like(scale), 8 * scale], dim=1), group_size, dtype,
+                                            device, bias)
+        self.in_features, self.out_features, self.group_size = q.shape[1], q.shape[0], group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.planes(torch.cat([x, x], dim=-1))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """A token embedding kept in group-quantized form: row v is codes[v] * scale[v, g] + low[v, g] per group of
+    `group_size` (int8 codes; low zero when absent), dequantized only for the rows looked up, in fp32 and then
+    cast to `dtype`, the model's float type (a GGUF Q8_0 / Q4_0 / Q4_1 token_embd: weights/gguf.py)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None, group_size: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = codes.shape
+        self.group_size, self.dtype = group_size, dtype
+        self.register_buffer("codes", codes.to(device=device, dtype=torch.int8))
+        self.register_buffer("scale", scale.to(device=device, dtype=torch.float32))
+        self.register_buffer("low", None if low is None else low.to(device=device, dtype=torch.float32))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        g = self.group_size
+        rows = self.codes[ids].float().unflatten(-1, (-1, g)) * self.scale[ids][..., None]  # (..., G, g)
+        if self.low is not None:
+            rows = rows + self.low[ids][..., None]
+        return rows.flatten(-2).to(self.dtype)
+
+    def row_bytes(self) -> int:
+        """Bytes one looked-up row reads (codes, scales and lows)."""
+        return sum(t[0].nbytes for t in (self.codes, self.scale, self.low) if t is not None)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}, dtype={self.dtype}"
 
 
 def language_model(model: nn.Module) -> nn.Module:

@@ -35,10 +35,11 @@ def add_model_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                    help="int8 (per output channel) or int4 (groups of 32 inputs; int4-g64 / int4-g128 for larger "
                         "groups) weights for the language model's linear layers, through PyTorch's CPU kernels: "
-                        "faster decoding, slower prefill; computes in bfloat16 unless --dtype says otherwise "
-                        "(float32 is slower than unquantized float32 on a CPU); nf4: QLoRA's 4-bit NormalFloat "
-                        "(torchao, dequantized per matmul: smallest, slowest). A model folder is quantized layer "
-                        "by layer as it loads, so it never exists in full as floats")
+                         "faster decoding, slower prefill; computes in bfloat16 unless --dtype says otherwise "
+                         "(float32 is slower than unquantized float32 on a CPU); nf4: QLoRA's 4-bit NormalFloat "
+                         "(torchao, dequantized per matmul: smallest, slowest); gguf keeps a .gguf file's Q4_0 / "
+                         "Q4_1 / Q8_0 blocks as they are (other types are dequantized, with a warning). A model "
+                         "folder is quantized layer by layer as it loads, so it never exists in full as floats")
     add_device_flag(p)
 
 

@@ -290,7 +290,7 @@ class CausalLM(nn.Module):
         self.gradient_checkpointing = False
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        p = self.embed.weight
+        p = self.norm.weight  # the model's float type, also when the embedding is quantized (--quantize gguf)
         return KVCache(self.cfg, batch_size, max_len, dtype=cache_dtype(self.cfg, p), device=p.device)
 
     def forward(

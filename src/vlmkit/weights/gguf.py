@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,8 +24,11 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
+from torch import nn
 
 from vlmkit.models.lm import CausalLM
+from vlmkit.models.rope import RotaryEmbedding
+from vlmkit.quantize import Int4Linear, Int8GroupLinear, QuantizedEmbedding
 from vlmkit.text.tokenizer import HFTokenizer
 from vlmkit.weights.hf import load_state
 from vlmkit.weights.llama import lm_config_from_hf, lm_state_from_hf
@@ -286,17 +290,27 @@ def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> dict[st
     return config
 
 
-def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """(transformers config dict, transformers-named float32 state dict, raw metadata) of a GGUF LM."""
+def read_gguf(path: str | Path, keep: frozenset[QT] = frozenset()) -> tuple[dict[str, Any], dict[str, torch.Tensor],
+                                                                      dict[str, Any]]:
+    """(transformers config dict, transformers-named float32 state dict, raw metadata) of a GGUF LM. A matrix of a
+    type in `keep` stays as its raw blocks, a (rows, bytes) uint8 tensor: a block never crosses a row, so the
+    renaming, the Q/K row unpermutation and the converter's row concatenations (q/k/v, gate/up) apply to the
+    blocks as to floats (load_gguf(native=True)). Tensors fused with one of another type are dequantized."""
     reader = _open(path)
     meta = _metadata(reader)
     names = {t.name for t in reader.tensors}
     config = hf_config_from_gguf(meta, names)
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    mixed = _mixed_fused_groups(reader.tensors, keep)
     state: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dims innermost first
-        tensor = dequantize(t.data, t.tensor_type, shape)
+        if QT(t.tensor_type) in keep and len(shape) == 2 and t.name not in mixed:
+            with warnings.catch_warnings():  # the file's read-only map, never written: only read, or copied by
+                warnings.simplefilter("ignore", UserWarning)  # the unpermutation and the converter's concatenation
+                tensor = torch.from_numpy(t.data.reshape(shape[0], -1))
+        else:
+            tensor = dequantize(t.data, t.tensor_type, shape)
         name = hf_tensor_name(t.name)
         if config["model_type"] == "llama" and ".attn_q." in t.name:
             tensor = unpermute_rope_rows(tensor, heads)
@@ -306,14 +320,135 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     return config, state, meta
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[CausalLM, HFTokenizer]:
-    """A vlmkit CausalLM (eval mode, weights dequantized to dtype) and its tokenizer from a GGUF file."""
+# tensors the converter concatenates into one vlmkit matrix (attention q/k/v, the MLP's gate/up)
+_FUSED = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
+
+
+def _mixed_fused_groups(tensors: list[Any], keep: frozenset[QT]) -> set[str]:
+    """Names of the matrices fused with one of another type where one of them would stay as blocks: raw rows of
+    different block sizes cannot be concatenated, so the whole group is dequantized."""
+    types = {t.name: QT(t.tensor_type) for t in tensors}
+    mixed: set[str] = set()
+    for name in types:
+        match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+        group = next((g for g in _FUSED if match and match.group(2) in g), None)
+        if group is None:
+            continue
+        members = [f"blk.{match.group(1)}.{part}.weight" for part in group]
+        kinds = {types[m] for m in members if m in types}
+        if len(kinds) > 1 and kinds & keep:
+            mixed.add(name)
+    return mixed
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, native: bool = False,
+              device: torch.device | str = "cpu") -> tuple[CausalLM, HFTokenizer]:
+    """A vlmkit CausalLM (eval mode) and its tokenizer from a GGUF file: weights dequantized to dtype, or with
+    native (`--quantize gguf`) the Q4_0 / Q4_1 / Q8_0 matrices kept in their blocks (load_native)."""
+    if native:
+        return load_native(path, dtype, device)
     config, state, meta = read_gguf(path)
     cfg = lm_config_from_hf(config)
     model = CausalLM(cfg)
     load_state(model, lm_state_from_hf(state, cfg), str(path))
     tokenizer = HFTokenizer.from_gguf_metadata(meta, source=str(path))
-    return model.to(dtype).eval(), tokenizer
+    return model.to(dtype).eval().to(device), tokenizer
+
+
+# --- native (still quantized) loading --------------------------------------------------------------
+# ggml block layouts that map exactly onto group-32 integer weights (block bytes -> type: they differ)
+NATIVE_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q8_0})
+_NATIVE_BY_BLOCK_BYTES = {DEQUANTIZERS[t][1]: t for t in NATIVE_TYPES}
+_FLOAT_TYPES = frozenset({QT.F32, QT.F16, QT.BF16})
+BLOCK = 32
+
+
+def decode_blocks(rows: torch.Tensor, qtype: QT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(N, bytes) raw rows of Q4_0 / Q4_1 / Q8_0 blocks -> codes q (N, K) (uint8 in [0, 15] for Q4_x, int8 for
+    Q8_0), d (N, K / 32) and m (N, K / 32) fp32 (None but for Q4_1), with ggml's formulas per block:
+    Q4_0 w = (q - 8) d, Q4_1 w = q d + m, Q8_0 w = q d."""
+    n = rows.shape[0]
+    b = rows.numpy().reshape(-1, DEQUANTIZERS[qtype][1])  # (N * G, block bytes)
+    m = None
+    if qtype == QT.Q8_0:
+        q = b[:, 2:34].copy().view(np.int8)
+    elif qtype == QT.Q4_0:
+        q = _nibbles(b[:, 2:18])
+    elif qtype == QT.Q4_1:
+        q, m = _nibbles(b[:, 4:20]), torch.from_numpy(_f16(b, 2)).view(n, -1)
+    else:
+        raise ValueError(f"{qtype.name} blocks have no integer layout here; native types: "
+                         f"{', '.join(t.name for t in NATIVE_TYPES)}")
+    return torch.from_numpy(q).view(n, -1), torch.from_numpy(_f16(b, 0)).view(n, -1), m
+
+
+def native_linear(rows: torch.Tensor, qtype: QT, dtype: torch.dtype, device: torch.device | str,
+                  bias: torch.Tensor | None = None) -> nn.Module:
+    """The linear layer of a matrix in raw blocks: Q4_0 / Q4_1 as an Int4Linear (its W = (q - 8) scale + offset
+    per group of 32: Q4_0 is scale d, offset 0; Q4_1 scale d, offset m + 8d), Q8_0 as an Int8GroupLinear."""
+    q, d, m = decode_blocks(rows, qtype)
+    if qtype == QT.Q8_0:
+        return Int8GroupLinear(q, d, BLOCK, dtype, device, bias)
+    offset = torch.zeros_like(d) if m is None else m + 8 * d
+    return Int4Linear.from_codes(q, d, offset, BLOCK, dtype, device, bias)
+
+
+def native_embedding(rows: torch.Tensor, qtype: QT, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """The token embedding of a matrix in raw blocks, dequantizing only the rows looked up (QuantizedEmbedding:
+    codes * d + m with codes q - 8 for Q4_0, q for Q4_1 and Q8_0)."""
+    q, d, m = decode_blocks(rows, qtype)
+    codes = q.to(torch.int8) - 8 if qtype == QT.Q4_0 else q.to(torch.int8)
+    return QuantizedEmbedding(codes, d, m, BLOCK, dtype, device)
+
+
+def load_native(path: str | Path, dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> tuple[CausalLM, HFTokenizer]:
+    """A CausalLM whose Q4_0 / Q4_1 / Q8_0 matrices go from the file's blocks straight into integer layers
+    (native_linear, native_embedding; a tied head gets its own layer from the same blocks), never through a float
+    matrix: the model is built on the meta device and only the float tensors (norms, matrices of other types,
+    dequantized with a warning naming them) are materialized, in dtype. The KV cache follows dtype
+    (CausalLM.new_cache reads the norm's type)."""
+    config, state, meta = read_gguf(path, keep=NATIVE_TYPES)
+    others = _dequantized_matrices(path)
+    if others:
+        warnings.warn(f"--quantize gguf: {len(others)} matrices have no integer layout here and are dequantized to "
+                      f"{dtype} ({', '.join(others[:4])}{' ...' if len(others) > 4 else ''}); native: "
+                      f"{', '.join(sorted(t.name for t in NATIVE_TYPES))}", stacklevel=2)
+    cfg = lm_config_from_hf(config)
+    state = lm_state_from_hf(state, cfg)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    model.rope = RotaryEmbedding(cfg)  # its frequency tables are plain attributes: made again, for real
+    for name, module in list(model.named_modules()):
+        weight = state.get(f"{name}.weight")
+        if not isinstance(module, (nn.Linear, nn.Embedding)) or weight is None or weight.dtype != torch.uint8:
+            continue
+        width = module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
+        qtype = _NATIVE_BY_BLOCK_BYTES[weight.shape[1] * BLOCK // width]
+        state.pop(f"{name}.weight")
+        if isinstance(module, nn.Embedding):
+            new = native_embedding(weight, qtype, dtype, device)
+        else:
+            bias = state.pop(f"{name}.bias", None)
+            new = native_linear(weight, qtype, dtype, device, None if bias is None else bias.to(dtype))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    result = model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False,
+                                   assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left or result.unexpected_keys:
+        raise RuntimeError(f"{path}: native loading left {left[:4]} unset and {result.unexpected_keys[:4]} unused "
+                           f"(a vlmkit bug: report it)")
+    tokenizer = HFTokenizer.from_gguf_metadata(meta, source=str(path))
+    return model.eval(), tokenizer
+
+
+def _dequantized_matrices(path: str | Path) -> list[str]:
+    """The matrices of a GGUF file that native loading dequantizes, each with its type."""
+    tensors = _open(path).tensors
+    mixed = _mixed_fused_groups(tensors, NATIVE_TYPES)
+    return [f"{t.name} ({QT(t.tensor_type).name})" for t in tensors if len(t.shape) == 2
+            and QT(t.tensor_type) not in _FLOAT_TYPES and (QT(t.tensor_type) not in NATIVE_TYPES or t.name in mixed)]
 
 
 def smollm2_gguf_path() -> Path:
