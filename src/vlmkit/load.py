@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from vlmkit.decoding import model_device
+from vlmkit.decoding import compile_decoding, model_device
 from vlmkit.devices import resolve_device
 from vlmkit.files import write_text_atomically
 from vlmkit.hub import hub_folder, is_hub_spec
@@ -287,12 +287,14 @@ def tiny_random_model(seed: int = 0) -> LoadedModel:
 
 
 def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-               quantize: str | None = None) -> LoadedModel:
+               quantize: str | None = None, compile: bool = False) -> LoadedModel:
     """Load a model spec (see the module docstring), cast to dtype and moved to device (a torch.device or a
     --device name: vlmkit.devices.resolve_device) when given, then with quantize ('int8', 'int4', 'int4-g64',
     'int4-g128': vlmkit.quantize) its language model's linear layers quantized; a quantized model computes in
-    bfloat16 unless dtype says otherwise (the CPU kernels' fp32 path is slower than fp32 weights). Raises
-    ValueError/FileNotFoundError saying what to pass."""
+    bfloat16 unless dtype says otherwise (the CPU kernels' fp32 path is slower than fp32 weights). With compile,
+    the decode step's forward pass runs through torch.compile (decoding.compile_decoding; its compile time:
+    decoding.compiled_step(loaded.model).seconds). Raises ValueError/FileNotFoundError saying what to pass,
+    RuntimeError when compile cannot run here."""
     target = resolve_device(device) if device is not None else None  # a bad device fails before loading
     quantization = Quantization.parse(quantize) if quantize is not None else None  # a bad name fails first too
     if quantization is not None and dtype is None:
@@ -326,6 +328,8 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device
     if quantization is not None:
         quantize_model(loaded.model, quantization)
         loaded.quantization = str(quantization)
+    if compile:
+        compile_decoding(loaded.model)
     return loaded
 
 
