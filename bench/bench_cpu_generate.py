@@ -21,10 +21,12 @@ with the GGUF's blocks kept packed (fp32 activations, which it says is its faste
 llama.cpp: `CMAKE_ARGS="-DGGML_NATIVE=on" pip install llama-cpp-python==0.3.36` builds it from source with cmake
 and a C++ compiler (several minutes on 2 cores; GGML_NATIVE: this CPU's instructions); without it its rows are
 skipped with that message. --llama-cpp-no-repack loads the GGUF without llama.cpp's repacked weight layouts
-("extra buffer types": the AMX / AVX-512 interleaved Q4 layouts; llama.cpp's own `--no-repack`, the model
-parameter use_extra_bufts = false), which on this machine's CPU (Xeon with AMX) crashed 0.3.36 with a
-segmentation fault when the repacked Q4_1 weights were used: the bench first loads llama.cpp in a child process
-and reports such a crash instead of dying with it.
+("extra buffer types": the CPU backend's interleaved Q4 layouts for AVX-512 / AMX; llama.cpp's own `--no-repack`,
+the model parameter use_extra_bufts = false, which Llama() does not take: the bench sets it in the default
+parameters Llama() starts from). On this machine's CPU (a Xeon with AVX-512 and AMX) 0.3.36 built as above loads
+the SmolLM2 Q4_1 GGUF and then dies with a segmentation fault at its first evaluation unless repacking is off; so
+the bench first loads and runs llama.cpp in a child process and reports such a crash (pointing at
+--llama-cpp-no-repack) instead of dying with it.
 """
 
 from __future__ import annotations
@@ -168,20 +170,21 @@ def _llama(threads: int, no_repack: bool):  # -> llama_cpp.Llama
     llama.cpp's --no-repack), which Llama() does not take as an argument: its default model parameters are
     patched for the call."""
     import llama_cpp
+    import llama_cpp.llama_cpp as bindings  # where Llama.__init__ takes its default model parameters from
 
-    defaults = llama_cpp.llama_model_default_params
+    defaults = bindings.llama_model_default_params
     if no_repack:
-        def patched():  # llama_cpp.llama.Llama.__init__ starts from these, then sets its own arguments
+        def patched():  # Llama.__init__ starts from these, then sets its own arguments (not use_extra_bufts)
             params = defaults()
             params.use_extra_bufts = False
             return params
 
-        llama_cpp.llama_model_default_params = patched
+        bindings.llama_model_default_params = patched
     try:
         return llama_cpp.Llama(model_path=str(smollm2_gguf_path()), n_ctx=1024, n_threads=threads,
                                n_threads_batch=threads, n_batch=512, verbose=False)
     finally:
-        llama_cpp.llama_model_default_params = defaults
+        bindings.llama_model_default_params = defaults
 
 
 def _llama_smoke(threads: int, no_repack: bool) -> None:
