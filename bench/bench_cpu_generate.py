@@ -15,7 +15,7 @@ Each repetition runs every engine once, in turn (machine noise hits all alike); 
   `compile s` column is the time the warm-up's first steps took to compile it, decoding.CompiledStep.seconds);
 - bytes read per decoded token (vlmkit: the language model's weights and buffers, the embedding counted as one
   row) and the GB/s that makes, against the machine's copy bandwidth (a STREAM-style copy of 256 MB,
-  counted as read + write).
+  counted as read + write, best of 5, measured in every repetition beside the engines; the median).
 transformers runs dense (fp32, bf16: the GGUF dequantized at load) and, where its `kernels` package is installed,
 with the GGUF's blocks kept packed (fp32 activations, which it says is its fastest).
 llama.cpp: `CMAKE_ARGS="-DGGML_NATIVE=on" pip install llama-cpp-python==0.3.36` builds it from source with cmake
@@ -255,9 +255,7 @@ def main() -> None:
     if any(c not in VLMKIT for c in compiled):
         raise SystemExit(f"--compile takes a comma-separated list of {', '.join(VLMKIT)} or none, got {args.compile!r}")
     torch.set_num_threads(args.threads)
-    bandwidth = copy_bandwidth()
-    print(f"torch {torch.__version__}, {args.threads} threads, copy bandwidth {bandwidth:.1f} GB/s "
-          f"(read + write of 256 MB, best of 5)")
+    print(f"torch {torch.__version__}, {args.threads} threads", flush=True)
 
     engines: dict[str, tuple[Run, int, Callable[[], float]]] = {}
     for weights, (dtype, q) in VLMKIT.items():
@@ -285,10 +283,15 @@ def main() -> None:
     for run, _, _ in engines.values():  # warm-up: first-call allocations, kernel selection, compilation
         run(ids[:16], 2)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+    bandwidths = []  # measured in every repetition too: on a shared machine it moves with the load
     for _ in range(args.reps):
+        bandwidths.append(copy_bandwidth())
         for name, (run, _, _) in engines.items():
             times[name].append(run(ids, args.new_tokens))
+    bandwidth = statistics.median(bandwidths)
 
+    print(f"copy bandwidth {bandwidth:.1f} GB/s (read + write of 256 MB, best of 5, median of the repetitions: "
+          f"{', '.join(f'{b:.1f}' for b in bandwidths)})")
     print(f"{len(ids)} prompt tokens, {args.new_tokens} new tokens, medians of {args.reps} alternating repetitions")
     print(f"{'engine':28} {'prompt tok/s':>12} {'decode tok/s':>12} {'ms/token':>9} {'MB/token':>9} {'GB/s':>6} "
           f"{'% copy bw':>9} {'compile s':>9}")
