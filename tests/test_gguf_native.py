@@ -26,12 +26,12 @@ import sys
 import gguf
 import numpy as np
 import pytest
+import test_gguf
 import torch
 from gguf import GGMLQuantizationType as QT
 from test_gguf import bpe, tiny_hf_model, write_gguf  # noqa: F401  (bpe: a fixture)
-from test_quantize import PROSE, bound, perplexity
+from test_quantize import bound, perplexity
 
-import test_gguf
 from vlmkit import quantize
 from vlmkit.cli import build_parser
 from vlmkit.load import load_model

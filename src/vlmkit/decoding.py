@@ -14,10 +14,19 @@ new tokens. Rows join and leave through the cache's own row operations (models/l
 generate.py runs it from one prefill until every row has finished (replacing the forward pass at
 Phi-3's longrope switch); serve/batcher.py admits new requests between steps (those arriving together
 prefilled together by prefill_batch, then joined to the batch), cancels rows and grows the cache.
+
+compile_decoding(model) (`--compile`, load_model(..., compile=True)) has the step's forward pass (next_logits)
+run through torch.compile for every caller of that model: the sampling, the stop rules and the row bookkeeping
+stay eager Python. The cache's length is a symbolic size (dynamic=True), so a growing cache does not recompile
+each step: one graph without padding and one with an attention mask (the batch size is symbolic too, past 1).
+Compilation happens at the first steps; CompiledStep.seconds adds up the wall time of the calls that compiled.
+What it pays is measured in docs/benchmarks.md (`python bench/bench_cpu_generate.py`).
 """
 
 from __future__ import annotations
 
+import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from vlmkit.devices import compiles_with_triton
 from vlmkit.sampling import sample_rows
 
 if TYPE_CHECKING:
@@ -108,9 +118,93 @@ def advance(batch: DecodeBatch, cancelled: Sequence[bool] | None = None, on_push
 
 
 def next_logits(model: nn.Module, batch: DecodeBatch, tokens: torch.Tensor) -> torch.Tensor:
-    """The logits (B, V) after one new token per row (B,), whose column batch.mask already has."""
-    return model(input_ids=tokens[:, None], attention_mask=_attention(batch.mask), cache=batch.cache,
-                 logits_to_keep=1).logits[:, -1]  # (B, V)
+    """The logits (B, V) after one new token per row (B,), whose column batch.mask already has; through the
+    model's CompiledStep when compile_decoding registered one."""
+    step = _COMPILED.get(model)
+    forward = step if step is not None else _forward_one
+    return forward(model, tokens[:, None], _attention(batch.mask), batch.cache)  # (B, V)
+
+
+def _forward_one(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+    """The forward pass of one new token per row: tokens (B, 1), mask (B, S) or None -> logits (B, V)."""
+    return model(input_ids=tokens, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
+
+
+class CompiledStep:
+    """_forward_one through torch.compile (inductor, dynamic shapes), for one model. seconds: wall time of the
+    calls that compiled a graph (a step's own run time, milliseconds, included); graphs: how many were compiled.
+    report(text), when set, is told each compilation (the CLI prints it on stderr)."""
+
+    def __init__(self, report: Callable[[str], None] | None = None) -> None:
+        self.compiled = torch.compile(_forward_one, dynamic=True)
+        self.seconds = 0.0
+        self.graphs = 0
+        self.report = report
+
+    def __call__(self, model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None,
+                 cache: KVCache) -> torch.Tensor:
+        from torch._dynamo.exc import BackendCompilerFailed
+        from torch._dynamo.utils import counters
+        from torch._inductor.exc import InductorError
+
+        before = counters["stats"]["unique_graphs"]
+        start = time.perf_counter()
+        try:
+            logits = self.compiled(model, tokens, mask, cache)
+        except (BackendCompilerFailed, InductorError) as e:
+            raise RuntimeError(f"--compile: torch.compile could not compile the decode step of "
+                               f"{type(model).__name__} ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                               f"run without --compile") from e
+        new = counters["stats"]["unique_graphs"] - before
+        if new:
+            took = time.perf_counter() - start
+            self.seconds += took
+            self.graphs += new
+            if self.report is not None:
+                self.report(f"[--compile: the decode step compiled in {took:.1f} s "
+                            f"({'with' if mask is not None else 'without'} padding, {len(tokens)} rows); "
+                            f"{self.seconds:.1f} s in all]")
+        return logits
+
+
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, CompiledStep] = weakref.WeakKeyDictionary()
+
+
+def compile_decoding(model: nn.Module, report: Callable[[str], None] | None = None) -> CompiledStep:
+    """Run the decode step's forward pass of model through torch.compile from now on (every caller of
+    next_logits: generate, stream, chat, the server, eval); returns its CompiledStep (compile time, graphs).
+    Compilation itself happens at the first steps. RuntimeError saying why when torch.compile cannot run
+    here: no dynamo on this Python, no C++ compiler for the CPU's kernels, no Triton for a GPU's."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise RuntimeError("--compile: torch.compile is not supported on this Python / platform; run without "
+                           "--compile")
+    device = model_device(model)
+    if device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+
+        try:
+            get_cpp_compiler()
+        except InvalidCxxCompiler as e:
+            raise RuntimeError(f"--compile: torch.compile builds the CPU kernels with a C++ compiler and found none "
+                               f"({str(e).splitlines()[0]}); install g++ (apt-get install g++) or set CXX, or run "
+                               f"without --compile") from e
+    elif compiles_with_triton(device):
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise RuntimeError("--compile: torch.compile needs Triton for CUDA kernels and it is not installed "
+                               "(pip install triton); or run without --compile")
+    step = CompiledStep(report)
+    _COMPILED[model] = step
+    return step
+
+
+def compiled_step(model: nn.Module) -> CompiledStep | None:
+    """The CompiledStep compile_decoding registered for model, or None (the step runs eagerly)."""
+    return _COMPILED.get(model)
 
 
 def _attention(mask: torch.Tensor) -> torch.Tensor | None:

@@ -79,3 +79,9 @@ def distributed_backend(device: torch.device) -> str:
     has no collective backend: its tensors go through the host), gloo for host tensors and NCCL for CUDA
     tensors on a CUDA device."""
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def compiles_with_triton(device: torch.device) -> bool:
+    """Whether torch.compile's inductor generates Triton kernels for device (CUDA GPUs), so Triton must be
+    installed to compile there; the CPU's kernels are C++ and MPS's are Metal."""
+    return device.type == "cuda"

@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from vlmkit.decoding import model_device
+from vlmkit.decoding import compile_decoding, model_device
 from vlmkit.devices import resolve_device
 from vlmkit.files import write_text_atomically
 from vlmkit.hub import hub_folder, is_hub_spec
@@ -303,7 +303,8 @@ def tiny_random_model(seed: int = 0) -> LoadedModel:
 
 def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                quantize: str | None = None,
-               quantize_layers: Callable[[nn.Module], Mapping[str, LayerQuantizer]] | None = None) -> LoadedModel:
+               quantize_layers: Callable[[nn.Module], Mapping[str, LayerQuantizer]] | None = None,
+               compile: bool = False) -> LoadedModel:
     """Load a model spec (see the module docstring), cast to dtype and moved to device (a torch.device or a
     --device name: vlmkit.devices.resolve_device) when given, then with quantize ('int8', 'int4', 'int4-g64',
     'int4-g128', 'nf4': vlmkit.quantize) its language model's linear layers quantized, or with quantize='gguf' a
@@ -313,7 +314,9 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device
     layers a QLoRA stage freezes); such a model is not marked quantized, as its state dict is ordinary tensors.
     A model folder is loaded module by module in its dtype on its device, each layer quantized as it is
     loaded (weights/materialize.py), so a quantized 7B model never exists in full as floats; the other specs
-    are built whole, then quantized. Raises ValueError/FileNotFoundError saying what to pass."""
+    are built whole, then quantized. With compile, the decode step's forward pass runs through torch.compile
+    (decoding.compile_decoding; its compile time: decoding.compiled_step(loaded.model).seconds). Raises
+    ValueError/FileNotFoundError saying what to pass, RuntimeError when compile cannot run here."""
     target = resolve_device(device) if device is not None else None  # a bad device fails before loading
     native = quantize == GGUF_NATIVE
     quantization = Quantization.parse(quantize) if quantize is not None and not native else None  # bad names fail first
@@ -364,6 +367,8 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device
         loaded.quantization = str(quantization)
     elif native:
         loaded.quantization = GGUF_NATIVE
+    if compile:
+        compile_decoding(loaded.model)
     return loaded
 
 

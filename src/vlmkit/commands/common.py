@@ -1,14 +1,16 @@
-"""What several verb modules share: the --model, --dtype, --quantize and --device flags of every verb that loads a model
+"""What several verb modules share: the --model, --dtype, --quantize, --compile and --device flags of every verb that loads a model
 (vlmkit/load.py) and the loading they ask for; the --data-policy and --image-root flags of every verb that
 reads a dataset (data/formats.py: train, eval)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 from vlmkit.data.formats import POLICIES
+from vlmkit.decoding import compile_decoding
 from vlmkit.devices import DEVICE_HELP
 from vlmkit.load import SPECIAL_SPECS, LoadedModel, load_model
 from vlmkit.quantize import QUANTIZE_CHOICES
@@ -40,13 +42,20 @@ def add_model_flag(p: argparse.ArgumentParser) -> None:
                          "(torchao, dequantized per matmul: smallest, slowest); gguf keeps a .gguf file's Q4_0 / "
                          "Q4_1 / Q8_0 blocks as they are (other types are dequantized, with a warning). A model "
                          "folder is quantized layer by layer as it loads, so it never exists in full as floats")
+    p.add_argument("--compile", action="store_true",
+                   help="run the decode step through torch.compile: the first steps compile it (tens of seconds on a "
+                        "CPU, reported on stderr), later ones run faster; needs a C++ compiler on a CPU")
     add_device_flag(p)
 
 
 def load_model_of(args: argparse.Namespace) -> LoadedModel:
-    """The model named by --model, cast to --dtype if given, on --device, quantized by --quantize if given."""
-    return load_model(args.model, dtype=None if args.dtype is None else DTYPES[args.dtype], device=args.device,
-                      quantize=args.quantize)
+    """The model named by --model, cast to --dtype if given, on --device, quantized by --quantize if given, its
+    decode step compiled with --compile (each compilation and its time reported on stderr)."""
+    loaded = load_model(args.model, dtype=None if args.dtype is None else DTYPES[args.dtype], device=args.device,
+                        quantize=args.quantize)
+    if args.compile:
+        compile_decoding(loaded.model, report=lambda text: print(text, file=sys.stderr, flush=True))
+    return loaded
 
 
 def add_data_flags(p: argparse.ArgumentParser, skipped: str) -> None:
