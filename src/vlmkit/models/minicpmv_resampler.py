@@ -22,9 +22,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn as nn
 
-from vlmkit.models.resampler import FusedCrossAttention
+from vlmkit.models.resampler import QueryResampler
 
 if TYPE_CHECKING:
     from vlmkit.config import ProjectorSpec
@@ -53,32 +52,21 @@ def sincos_grid(embed_dim: int, rows: int, cols: int) -> torch.Tensor:
     return torch.cat([col.expand(rows, -1, -1), row[:, None].expand(-1, cols, -1)], dim=2).reshape(rows * cols, -1)
 
 
-class MiniCPMVResampler(nn.Module):
+class MiniCPMVResampler(QueryResampler):
     """(B, h*w, in_dim) features of views of one h x w patch grid -> (B, num_queries, out_dim)."""
 
     takes_grid = True  # forward needs each view's (rows, cols) patch grid
 
     def __init__(self, in_dim: int, out_dim: int, num_queries: int = 64, num_heads: int | None = None,
                  eps: float = 1e-6) -> None:
-        super().__init__()
-        if num_queries < 1:
-            raise ValueError(f"MiniCPMVResampler needs at least one query, got {num_queries}")
-        self.in_dim, self.out_dim, self.num_queries = in_dim, out_dim, num_queries
-        heads = num_heads if num_heads is not None else max(1, out_dim // 128)
-        self.query = nn.Parameter(torch.randn(num_queries, out_dim) * 0.02)  # (Q, C)
-        self.kv_proj = nn.Linear(in_dim, out_dim, bias=False) if in_dim != out_dim else nn.Identity()
-        self.attn = FusedCrossAttention(out_dim, heads)
-        self.ln_q = nn.LayerNorm(out_dim, eps=eps)
-        self.ln_kv = nn.LayerNorm(out_dim, eps=eps)
-        self.ln_post = nn.LayerNorm(out_dim, eps=eps)
-        self.proj = nn.Parameter(torch.randn(out_dim, out_dim) * out_dim**-0.5)  # (C, C), used as x @ proj
+        super().__init__(in_dim, out_dim, num_queries, num_heads, eps)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """x (B, N, in_dim) on a rows x cols grid (N = rows * cols; None: a square grid) -> (B, Q, out_dim)."""
         if x.dim() != 3 or x.shape[-1] != self.in_dim:
             raise ValueError(f"MiniCPMVResampler expects vision features of shape (batch, patches, {self.in_dim}), "
                              f"got {tuple(x.shape)}")
-        B, N, _ = x.shape
+        N = x.shape[1]
         if grid is None:
             side = round(N**0.5)
             if side * side != N:
@@ -87,11 +75,7 @@ class MiniCPMVResampler(nn.Module):
         rows, cols = grid
         if rows * cols != N:
             raise ValueError(f"grid {rows} x {cols} does not hold the {N} patches given")
-        pos = sincos_grid(self.out_dim, rows, cols).to(x.device, x.dtype)  # (N, C)
-        kv = self.ln_kv(self.kv_proj(x))  # (B, N, C)
-        q = self.ln_q(self.query).expand(B, -1, -1)  # (B, Q, C)
-        out = self.attn(q, kv + pos, kv)  # (B, Q, C)
-        return self.ln_post(out) @ self.proj  # (B, Q, C)
+        return self.attend(x, sincos_grid(self.out_dim, rows, cols).to(x.device, x.dtype))  # queries: no positions
 
 
 def build_minicpmv_resampler(spec: ProjectorSpec, in_dim: int, out_dim: int, bias: bool = True) -> MiniCPMVResampler:

@@ -122,20 +122,17 @@ class FusedCrossAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(B, Q, C))  # (B, Q, C)
 
 
-class QwenResampler(nn.Module):
-    """Qwen-VL's adapter: (B, N, in_dim) on a square patch grid -> (B, num_queries, out_dim).
+class QueryResampler(nn.Module):
+    """What Qwen-VL's and MiniCPM-V's resamplers share: num_queries learned queries read kv_proj(x) by one
+    cross-attention at out_dim with num_heads heads (default out_dim // 128), LayerNorms on the queries, the keys
+    and values and the output, then x @ proj. Subclasses give the positions (attend's pos_k, pos_q)."""
 
-    The attention runs at out_dim with num_heads heads (Qwen-VL: out_dim // 128 = 32 at 4096).
-    num_queries must be a square (the queries sit on a grid for their positions).
-    """
-
-    def __init__(self, in_dim: int, out_dim: int, num_queries: int = 256, num_heads: int | None = None,
-                 eps: float = 1e-6) -> None:
+    def __init__(self, in_dim: int, out_dim: int, num_queries: int, num_heads: int | None, eps: float) -> None:
         super().__init__()
-        grid = _square_side(num_queries, "num_queries")
+        if num_queries < 1:
+            raise ValueError(f"{type(self).__name__} needs at least one query, got {num_queries}")
         self.in_dim, self.out_dim, self.num_queries = in_dim, out_dim, num_queries
         heads = num_heads if num_heads is not None else max(1, out_dim // 128)
-        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(out_dim, grid))  # (Q, C), fixed
         self.query = nn.Parameter(torch.randn(num_queries, out_dim) * 0.02)  # (Q, C)
         self.kv_proj = nn.Linear(in_dim, out_dim, bias=False) if in_dim != out_dim else nn.Identity()
         self.attn = FusedCrossAttention(out_dim, heads)
@@ -144,15 +141,34 @@ class QwenResampler(nn.Module):
         self.ln_post = nn.LayerNorm(out_dim, eps=eps)
         self.proj = nn.Parameter(torch.randn(out_dim, out_dim) * out_dim**-0.5)  # (C, C), used as x @ proj
 
+    def attend(self, x: torch.Tensor, pos_k: torch.Tensor, pos_q: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, in_dim), pos_k (N, C) added to the keys only, pos_q (Q, C) to the queries -> (B, Q, C)."""
+        kv = self.ln_kv(self.kv_proj(x))  # (B, N, C)
+        q = self.ln_q(self.query)
+        if pos_q is not None:
+            q = q + pos_q
+        out = self.attn(q.expand(x.shape[0], -1, -1), kv + pos_k, kv)  # (B, Q, C); values carry no positions
+        return self.ln_post(out) @ self.proj  # (B, Q, C)
+
+
+class QwenResampler(QueryResampler):
+    """Qwen-VL's adapter: (B, N, in_dim) on a square patch grid -> (B, num_queries, out_dim).
+
+    The attention runs at out_dim with num_heads heads (Qwen-VL: out_dim // 128 = 32 at 4096).
+    num_queries must be a square (the queries sit on a grid for their positions).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, num_queries: int = 256, num_heads: int | None = None,
+                 eps: float = 1e-6) -> None:
+        grid = _square_side(num_queries, "num_queries")
+        super().__init__(in_dim, out_dim, num_queries, num_heads, eps)
+        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(out_dim, grid))  # (Q, C), fixed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, N, in_dim), N a square number of patches -> (B, num_queries, out_dim)."""
         _check_features(x, self.in_dim, "QwenResampler")
-        B = x.shape[0]
         pos_k = resize_pos_embed(self.pos_embed, x.shape[1]).to(x.dtype)  # (N, C)
-        kv = self.ln_kv(self.kv_proj(x))  # (B, N, C)
-        q = (self.ln_q(self.query) + self.pos_embed).expand(B, -1, -1)  # (B, Q, C)
-        out = self.attn(q, kv + pos_k, kv)  # (B, Q, C)
-        return self.ln_post(out) @ self.proj  # (B, Q, C)
+        return self.attend(x, pos_k, self.pos_embed)
 
 
 class QFormerAttention(nn.Module):
