@@ -335,7 +335,7 @@ def load_model(spec: str, dtype: torch.dtype | None = None, device: torch.device
     elif is_gguf:
         path = smollm2_gguf_path() if spec == "smollm2-135m" else Path(spec)
         if native:  # built in dtype on the device: casting again would round the embedding's fp32 scales
-            model, tokenizer = load_gguf(path, dtype, native=True, device=target or "cpu")
+            model, tokenizer = load_gguf(path, dtype, native=True, device=target)
             dtype = target = None
         else:
             model, tokenizer = load_gguf(path)

@@ -183,14 +183,16 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int,
-                   dtype: torch.dtype, device: torch.device | str = "cpu",
+                   dtype: torch.dtype, device: torch.device | str | None = None,
                    bias: torch.Tensor | None = None) -> Int4Linear:
         """A layer whose weights are already int4 codes: q (N, K) in [0, 15], scale and offset (N, K / group_size)
         with W = (q - 8) * scale + offset per group, the kernel's own form (a GGUF Q4_0 / Q4_1 block maps onto it
-        exactly: weights/gguf.py). Nothing is rounded but scale and offset to dtype on the kernel path."""
+        exactly: weights/gguf.py). Nothing is rounded but scale and offset to dtype on the kernel path. device:
+        where the layer lives (None: torch's default device)."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._store(q, scale.float(), offset.float(), group_size, dtype, torch.device(device), bias)
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        layer._store(q, scale.float(), offset.float(), group_size, dtype, device, bias)
         return layer
 
     def _store(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int, dtype: torch.dtype,
@@ -247,7 +249,7 @@ class Int8GroupLinear(nn.Module):
     re-quantization on SmolLM2's tied head (49152 x 576): bench/bench_gguf_q8.py."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", bias: torch.Tensor | None = None) -> None:
+                 device: torch.device | str | None = None, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         u = q.to(torch.int8).view(torch.uint8) ^ 128  # q + 128 as a byte
         scale = scale.float()
@@ -271,7 +273,7 @@ class QuantizedEmbedding(nn.Module):
     cast to `dtype`, the model's float type (a GGUF Q8_0 / Q4_0 / Q4_1 token_embd: weights/gguf.py)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None, group_size: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = codes.shape
         self.group_size, self.dtype = group_size, dtype

@@ -55,7 +55,7 @@ class KVCache:
     """
 
     def __init__(self, cfg: LMConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         k_shape = v_shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         if cfg.kv_lora_rank:  # latent attention caches its latent and shared RoPE key (models/mla.py)
             k_shape = (batch_size, 1, max_len, cfg.kv_lora_rank)

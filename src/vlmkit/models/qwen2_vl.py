@@ -266,7 +266,7 @@ class MRopeCache(KVCache):
     """A KVCache that also keeps each row's M-RoPE delta, set by the prefill, used by every decode step."""
 
     def __init__(self, cfg: LMConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         super().__init__(cfg, batch_size, max_len, dtype=dtype, device=device)
         self.rope_deltas = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # (B, 1)
 

@@ -342,7 +342,7 @@ def _mixed_fused_groups(tensors: list[Any], keep: frozenset[QT]) -> set[str]:
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, native: bool = False,
-              device: torch.device | str = "cpu") -> tuple[CausalLM, HFTokenizer]:
+              device: torch.device | str | None = None) -> tuple[CausalLM, HFTokenizer]:
     """A vlmkit CausalLM (eval mode) and its tokenizer from a GGUF file: weights dequantized to dtype, or with
     native (`--quantize gguf`) the Q4_0 / Q4_1 / Q8_0 matrices kept in their blocks (load_native)."""
     if native:
@@ -402,7 +402,7 @@ def native_embedding(rows: torch.Tensor, qtype: QT, dtype: torch.dtype, device: 
 
 
 def load_native(path: str | Path, dtype: torch.dtype,
-                device: torch.device | str = "cpu") -> tuple[CausalLM, HFTokenizer]:
+                device: torch.device | str | None = None) -> tuple[CausalLM, HFTokenizer]:
     """A CausalLM whose Q4_0 / Q4_1 / Q8_0 matrices go from the file's blocks straight into integer layers
     (native_linear, native_embedding; a tied head gets its own layer from the same blocks), never through a float
     matrix: the model is built on the meta device and only the float tensors (norms, matrices of other types,
