@@ -15,7 +15,10 @@ Each repetition runs every engine once, in turn (machine noise hits all alike); 
   `compile s` column is the time the warm-up's first steps took to compile it, decoding.CompiledStep.seconds);
 - bytes read per decoded token (vlmkit: the language model's weights and buffers, the embedding counted as one
   row) and the GB/s that makes, against the machine's copy bandwidth (a STREAM-style copy of 256 MB,
-  counted as read + write, best of 5, measured in every repetition beside the engines; the median).
+  counted as read + write, best of 5, measured in every repetition beside the engines; the median);
+- `matmuls alone` (int4, and the 1.1B's int4): the step's linear layers only, in its order, each once per token
+  on one row of random activations: the rate the matmul kernel itself reaches on these matrices, the ceiling of
+  the step; the rest of the step is the difference.
 transformers runs dense (fp32, bf16: the GGUF dequantized at load) and, where its `kernels` package is installed,
 with the GGUF's blocks kept packed (fp32 activations, which it says is its fastest).
 llama.cpp: `CMAKE_ARGS="-DGGML_NATIVE=on" pip install llama-cpp-python==0.3.36` builds it from source with cmake
@@ -44,7 +47,7 @@ from vlmkit.config import LMConfig
 from vlmkit.decoding import DecodeBatch, compile_decoding, next_logits
 from vlmkit.load import load_model
 from vlmkit.models.lm import CausalLM
-from vlmkit.quantize import language_model, quantize_model
+from vlmkit.quantize import Int4Linear, Int8GroupLinear, Int8Linear, language_model, quantize_model
 from vlmkit.weights.gguf import smollm2_gguf_path
 
 TEXT = ("The river town woke slowly in the autumn. Before the sun cleared the hills, the baker had already lit his "
@@ -58,7 +61,8 @@ TEXT = ("The river town woke slowly in the autumn. Before the sun cleared the hi
         "had come from, how long they had walked, and whether the cities beyond the mountains were really as large "
         "as the stories said.")
 
-# (prompt ids, new tokens) -> (prefill s, decode s); engines come with the bytes a decoding step reads (0: unknown)
+LINEARS = (torch.nn.Linear, Int8Linear, Int4Linear, Int8GroupLinear)
+# (prompt ids, new tokens) -> (prefill s, decode s; prefill 0: none); engines come with the bytes a decoding step reads (0: unknown)
 Run = Callable[[list[int], int], tuple[float, float]]
 
 
@@ -110,6 +114,30 @@ def vlmkit_engine(model: torch.nn.Module, compile: bool = False) -> tuple[Run, i
         return t1 - t0, time.perf_counter() - t1
 
     return run, decode_bytes(model), (lambda: step.seconds) if step is not None else (lambda: 0.0)
+
+
+def matmuls_engine(model: torch.nn.Module) -> tuple[Run, int, Callable[[], float]]:
+    """The decode step's matrix products alone: every linear layer of the language model (quantized or not), in
+    the step's order, on one row of random activations, once per decoded token; no prefill. Its GB/s is what the
+    matmul kernels reach on these matrices, the ceiling of the step around them."""
+    lm = language_model(model)
+    layers: list[torch.nn.Module] = []
+    for m in lm.modules():  # in the step's order; an Int8GroupLinear's inner Int4Linear is run through it
+        if isinstance(m, LINEARS) and not any(m in set(outer.modules()) for outer in layers):
+            layers.append(m)
+    dtype = lm.norm.weight.dtype
+    inputs = {n: torch.randn(1, n, dtype=dtype) for n in {m.in_features for m in layers}}
+    nbytes = sum(t.nbytes for m in layers for t in [*m.parameters(), *m.buffers()])
+
+    @torch.inference_mode()
+    def run(ids: list[int], new: int) -> tuple[float, float]:
+        t = time.perf_counter()
+        for _ in range(new):
+            for m in layers:
+                m(inputs[m.in_features])
+        return 0.0, time.perf_counter() - t
+
+    return run, nbytes, lambda: 0.0
 
 
 def smollm2(dtype: torch.dtype, quantize: str | None) -> torch.nn.Module:
@@ -261,7 +289,10 @@ def main() -> None:
 
     engines: dict[str, tuple[Run, int, Callable[[], float]]] = {}
     for weights, (dtype, q) in VLMKIT.items():
-        engines[f"vlmkit {weights}"] = vlmkit_engine(smollm2(dtype, q))
+        model = smollm2(dtype, q)
+        engines[f"vlmkit {weights}"] = vlmkit_engine(model)
+        if weights == "int4":
+            engines["vlmkit int4 matmuls alone"] = matmuls_engine(model)
         if weights in compiled:
             engines[f"vlmkit {weights} compiled"] = vlmkit_engine(smollm2(dtype, q), compile=True)
     if not args.skip_transformers:
@@ -277,6 +308,7 @@ def main() -> None:
         model_1b = llama_1b()
         engines["1.1B vlmkit int4"] = vlmkit_engine(model_1b)
         engines["1.1B vlmkit int4 compiled"] = vlmkit_engine(model_1b, compile=True)
+        engines["1.1B int4 matmuls alone"] = matmuls_engine(model_1b)
 
     loaded = load_model("smollm2-135m")
     ids = loaded.tokenizer.encode(TEXT)[: args.prompt_tokens]
@@ -304,7 +336,8 @@ def main() -> None:
         memory = f"{nbytes / 1e6:9.1f} {gbs:6.2f} {100 * gbs / bandwidth:8.0f}%" if nbytes else f"{'-':>9} {'-':>6} {'-':>9}"
         seconds = compile_seconds()
         compiling = f"{seconds:9.1f}" if seconds else f"{'-':>9}"
-        print(f"{name:28} {len(ids) / prefill:12.1f} {1 / decode:12.1f} {decode * 1e3:9.2f} {memory} {compiling}")
+        prompt = f"{len(ids) / prefill:12.1f}" if prefill else f"{'-':>12}"
+        print(f"{name:28} {prompt} {1 / decode:12.1f} {decode * 1e3:9.2f} {memory} {compiling}")
 
 
 if __name__ == "__main__":
