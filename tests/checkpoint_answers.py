@@ -1,4 +1,4 @@
-"""What the tests/test_checkpoint_*.py files share: the reference scripts' photos, the two-photo prompt, the
+"""What the tests/test_checkpoint_*.py files share: the two-photo prompt, the
 checks that vlmkit's generate, CLI and server answer with the reference's greedy tokens (the shared tests at
 the end, collected in each module that imports them), and the checks of a checkpoint saved back in its layout.
 
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import skimage.data
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -22,24 +21,6 @@ from vlmkit.describe import describe_model
 from vlmkit.generate import generate
 from vlmkit.load import LoadedModel
 from vlmkit.sampling import GenerationConfig
-
-PHOTOS = {  # the photos of tests/reference/*.py by name (scikit-image's data), made the same way
-    "astronaut": lambda: skimage.data.astronaut(),  # 512 x 512
-    "coffee": lambda: skimage.data.coffee(),  # 600 x 400, wide
-    "chelsea": lambda: skimage.data.chelsea(),  # 451 x 300
-    "rocket": lambda: skimage.data.rocket(),  # 427 x 640, tall
-    "camera": lambda: skimage.data.camera(),  # 512 x 512, grayscale
-    "hubble": lambda: skimage.data.hubble_deep_field(),  # 1000 x 872
-    "coffee_strip": lambda: skimage.data.coffee()[120:270],  # 600 x 150, wide
-    "astronaut_tall": lambda: skimage.data.astronaut()[:, 180:330],  # 150 x 512, tall
-}
-
-
-def photo(name: str) -> Image.Image:
-    """The reference scripts' photo called name; coffee_big is coffee resized to 1400 x 1050 (minicpmv.py)."""
-    if name == "coffee_big":
-        return photo("coffee").resize((1400, 1050))
-    return Image.fromarray(PHOTOS[name]())
 
 
 def two_photo_messages(question: str) -> list[dict]:

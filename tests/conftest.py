@@ -26,7 +26,7 @@ def loaded(request):
 @pytest.fixture(scope="module")
 def two_photos(request):
     """The photos of the reference's two-photo prompt, in order."""
-    from checkpoint_answers import photo
+    from reference.shared import photo  # the reference scripts' photos, by name
 
     return [photo(name) for name in request.module.PROMPT_PHOTOS]
 

@@ -18,13 +18,13 @@ from checkpoint_answers import (  # noqa: F401 (the test_* run here, on this mod
     check_inspect_report,
     check_same_json,
     check_same_tensors,
-    photo,
     test_cli_answers_with_the_reference_tokens,
     test_serve_answers_with_the_reference_tokens,
     test_twenty_greedy_tokens_match_the_reference,
     two_photo_messages,
     write_checkpoint,
 )
+from reference.shared import photo  # the photos tests/reference/*.py processed, by name
 
 import vlmkit.models
 from vlmkit.schemes.hd import plan_size_tokens

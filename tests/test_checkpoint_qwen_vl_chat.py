@@ -18,7 +18,6 @@ from checkpoint_answers import (  # noqa: F401 (the test_* run here, on this mod
     check_inspect_report,
     check_same_json,
     check_same_tensors,
-    photo,
     read_tensors,
     test_cli_answers_with_the_reference_tokens,
     test_serve_answers_with_the_reference_tokens,
@@ -26,6 +25,7 @@ from checkpoint_answers import (  # noqa: F401 (the test_* run here, on this mod
     two_photo_messages,
     write_checkpoint,
 )
+from reference.shared import photo  # the photos tests/reference/*.py processed, by name
 from safetensors.torch import load_file
 
 import vlmkit.models
