@@ -1,6 +1,7 @@
-"""What the tests/test_checkpoint_*.py files share: the two-photo prompt, the
-checks that vlmkit's generate, CLI and server answer with the reference's greedy tokens (the shared tests at
-the end, collected in each module that imports them), and the checks of a checkpoint saved back in its layout.
+"""What the tests/test_checkpoint_*.py files share: the two-photo prompt; the checks that vlmkit's generate, CLI
+and server answer with the reference's greedy tokens (the shared tests at the end, collected in each module
+that imports them); and the checks of a checkpoint saved back in its layout, of `vlmkit inspect` on a config
+without weights and of a changed config.
 
 The shared tests and tests/conftest.py's fixtures read the importing module's FIXTURES (its folder under
 tests/fixtures/, holding reference.safetensors), TINY (the tiny checkpoint), PROMPT_PHOTOS and QUESTION."""
