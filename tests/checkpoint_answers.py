@@ -1,5 +1,10 @@
-"""What `vlmkit generate` / `chat` and the server answer with a checkpoint fixture and two photos: the helpers the
-tests/test_checkpoint_*.py files share to check that each answers with the reference's greedy tokens."""
+"""What the tests/test_checkpoint_*.py files share: the two-photo prompt; the checks that vlmkit's generate, CLI
+and server answer with the reference's greedy tokens (the shared tests at the end, collected in each module
+that imports them); and the checks of a checkpoint saved back in its layout, of `vlmkit inspect` on a config
+without weights and of a changed config.
+
+The shared tests and tests/conftest.py's fixtures read the importing module's FIXTURES (its folder under
+tests/fixtures/, holding reference.safetensors), TINY (the tiny checkpoint), PROMPT_PHOTOS and QUESTION."""
 
 from __future__ import annotations
 
@@ -7,12 +12,21 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
 from PIL import Image
+from safetensors import safe_open
 
 from vlmkit.cli import main
+from vlmkit.describe import describe_model
 from vlmkit.generate import generate
 from vlmkit.load import LoadedModel
 from vlmkit.sampling import GenerationConfig
+
+
+def two_photo_messages(question: str) -> list[dict]:
+    """The reference's prompt: one user turn with two images, then the question."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": question}]}]
 
 
 def greedy_answer_text(loaded: LoadedModel, messages: list[dict], images: list[Image.Image],
@@ -69,3 +83,64 @@ def check_serve_answer(loaded: LoadedModel, images: list[Image.Image], question:
     assert status == 200, answer
     assert (answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"]) == (prompt_tokens, max_tokens)
     assert answer["choices"][0]["message"]["content"] == text
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """folder/model.safetensors as stored (its dtypes kept)."""
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+
+
+def check_same_tensors(saved: Path, original: Path, dtype: torch.dtype | None = None) -> None:
+    """saved/model.safetensors holds original's tensor names, each equal to original's (read as dtype if given)."""
+    tensors, want = read_tensors(saved), read_tensors(original)
+    assert sorted(tensors) == sorted(want)
+    for name, tensor in want.items():
+        assert torch.equal(tensors[name], tensor if dtype is None else tensor.to(dtype)), name
+
+
+def check_same_json(saved: Path, original: Path, unread: set[str], file: str = "config.json") -> dict:
+    """saved/file holds every key of original/file but those in unread, with the same value; saved's contents."""
+    config, want = (json.loads((folder / file).read_text()) for folder in (saved, original))
+    assert set(want) - unread <= set(config)
+    for key in set(want) - unread:
+        assert config[key] == want[key], key
+    return config
+
+
+def check_inspect_report(folder: Path, model_type: str, parameters: float) -> None:
+    """`vlmkit inspect` of a config without weights: its model_type and a parameter count within 2% of parameters
+    (a model card's total), two bytes each in bfloat16."""
+    report = describe_model(str(folder))
+    assert report.model_type == model_type
+    assert report.loader is None and "no safetensors" in report.problem
+    assert abs(report.parameters - parameters) / parameters < 0.02, report.parameters
+    assert report.memory["bfloat16"] == 2 * report.parameters
+
+
+def write_checkpoint(folder: Path, tiny: Path, config: dict, files: tuple[str, ...] = ("model.safetensors",)) -> Path:
+    """folder holding config as config.json and copies of tiny's files; folder."""
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in files:
+        (folder / name).write_bytes((tiny / name).read_bytes())
+    return folder
+
+
+# The shared tests: a module collects them by importing them (`from checkpoint_answers import test_...`).
+
+def test_twenty_greedy_tokens_match_the_reference(request, loaded, reference, two_photos):
+    plans = loaded.plan_images(two_photos)
+    ids = loaded.prompt_ids(two_photo_messages(request.module.QUESTION), plans)
+    result = generate(loaded.model, [ids], GenerationConfig(max_new_tokens=20),
+                      prefill_inputs=loaded.image_inputs(plans))  # no tokenizer: no stop ids, as the reference ran
+    assert result.token_ids[0] == reference["greedy_ids"].tolist()
+
+
+@pytest.mark.parametrize("verb", ["generate", "chat"])
+def test_cli_answers_with_the_reference_tokens(request, reference, photo_files, answer_text, verb, capsys):
+    module = request.module
+    check_cli_answer(verb, module.TINY, photo_files, module.QUESTION, capsys, len(reference["input_ids"]), answer_text)
+
+
+def test_serve_answers_with_the_reference_tokens(request, loaded, reference, two_photos, answer_text):
+    check_serve_answer(loaded, two_photos, request.module.QUESTION, len(reference["input_ids"]), answer_text)

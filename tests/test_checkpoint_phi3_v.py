@@ -13,58 +13,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import skimage.data
 import torch
-from checkpoint_answers import check_cli_answer, check_serve_answer, greedy_answer_text, save_photos
-from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file
+from checkpoint_answers import (  # noqa: F401 (the test_* run here, on this module's fixtures)
+    check_inspect_report,
+    check_same_json,
+    check_same_tensors,
+    test_cli_answers_with_the_reference_tokens,
+    test_serve_answers_with_the_reference_tokens,
+    test_twenty_greedy_tokens_match_the_reference,
+    two_photo_messages,
+    write_checkpoint,
+)
+from reference.shared import photo  # the photos tests/reference/*.py processed, by name
 
 import vlmkit.models
-from vlmkit.describe import describe_model
-from vlmkit.generate import generate
-from vlmkit.load import load_model
-from vlmkit.sampling import GenerationConfig
 from vlmkit.schemes.hd import plan_size_tokens
 
 FIXTURES = Path(__file__).parent / "fixtures" / "phi3_v"
 TINY = FIXTURES / "tiny"
 REPORT = json.loads((FIXTURES / "reference.json").read_text())
 QUESTION = "What do the two photos show?"
-
-
-def photos() -> dict[str, Image.Image]:
-    """The photos of tests/reference/phi3_v.py, made the same way."""
-    coffee = skimage.data.coffee()
-    return {
-        "astronaut": Image.fromarray(skimage.data.astronaut()),
-        "chelsea": Image.fromarray(skimage.data.chelsea()),
-        "rocket": Image.fromarray(skimage.data.rocket()),
-        "camera": Image.fromarray(skimage.data.camera()),
-        "hubble": Image.fromarray(skimage.data.hubble_deep_field()),
-        "coffee_strip": Image.fromarray(coffee[120:270]),
-        "astronaut_tall": Image.fromarray(skimage.data.astronaut()[:, 180:330]),
-    }
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict[str, torch.Tensor]:
-    return load_file(FIXTURES / "reference.safetensors")
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    return load_model(str(TINY))
-
-
-@pytest.fixture(scope="module")
-def two_photos() -> list[Image.Image]:
-    pics = photos()
-    return [pics[name] for name in REPORT["prompt_images"]]
-
-
-def two_photo_messages(n: int = 2) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}] * n + [{"type": "text", "text": QUESTION}]}]
+PROMPT_PHOTOS = REPORT["prompt_images"]
 
 
 def reference_ids(reference, image_token_id: int) -> torch.Tensor:
@@ -93,19 +62,11 @@ def test_logits_match_the_reference(loaded, reference, two_photos):
     torch.testing.assert_close(logits[rows], reference["logits"], atol=1e-4, rtol=0)
 
 
-def test_twenty_greedy_tokens_match_the_reference(loaded, reference, two_photos):
-    plans = loaded.plan_images(two_photos)
-    ids = loaded.prompt_ids(two_photo_messages(), plans)
-    result = generate(loaded.model, [ids], GenerationConfig(max_new_tokens=20),
-                      prefill_inputs=loaded.image_inputs(plans))  # no tokenizer: no stop ids, as the reference ran
-    assert result.token_ids[0] == reference["greedy_ids"].tolist()
-
-
 def test_prompt_text_and_ids_match_the_reference(loaded, reference, two_photos):
-    text = loaded.chat_template.render(two_photo_messages(), add_generation_prompt=True)
+    text = loaded.chat_template.render(two_photo_messages(QUESTION), add_generation_prompt=True)
     assert text == REPORT["prompt"]
-    plans = loaded.plan_images(two_photos)
-    assert loaded.prompt_ids(two_photo_messages(), plans) == reference_ids(reference, loaded.image_token_id).tolist()
+    ids = loaded.prompt_ids(two_photo_messages(QUESTION), loaded.plan_images(two_photos))
+    assert ids == reference_ids(reference, loaded.image_token_id).tolist()
 
 
 def test_multi_turn_and_text_only_prompts_match_the_reference(loaded, two_photos):
@@ -121,7 +82,7 @@ def test_multi_turn_and_text_only_prompts_match_the_reference(loaded, two_photos
 
 @pytest.mark.parametrize("name", sorted(REPORT["photos"]))
 def test_processor_views_sizes_and_token_counts(loaded, reference, name):
-    image = photos()[name]
+    image = photo(name)
     want = REPORT["photos"][name]
     assert list(image.size) == want["size"] and image.mode == want["mode"]
     plan = loaded.plan_images([image])[0]
@@ -143,54 +104,19 @@ def test_real_size_token_counts_match_the_reference_processor():
             assert plan_size_tokens(side, side, int(n)) == tokens, (n, size)
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    with safe_open(folder / "model.safetensors", "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-
-
 def test_save_pretrained_writes_the_original_layout(tmp_path):
     model = vlmkit.models.from_pretrained(TINY)
     vlmkit.models.save_pretrained(model, tmp_path)
-    saved, original = _tensors(tmp_path), _tensors(TINY)
-    assert sorted(saved) == sorted(original)
-    for name, tensor in original.items():
-        assert torch.equal(saved[name], tensor), name
-    config, want = (json.loads((d / "config.json").read_text()) for d in (tmp_path, TINY))
-    bookkeeping = {"_name_or_path", "transformers_version", "initializer_range"}  # not read by the model
-    assert set(want) - bookkeeping <= set(config)
-    for key in set(want) - bookkeeping:
-        assert config[key] == want[key], key
-    pre, want_pre = (json.loads((d / "preprocessor_config.json").read_text()) for d in (tmp_path, TINY))
-    assert {k: pre[k] for k in want_pre} == want_pre
+    check_same_tensors(tmp_path, TINY)
+    check_same_json(tmp_path, TINY, {"_name_or_path", "transformers_version", "initializer_range"})  # not read
+    check_same_json(tmp_path, TINY, set(), "preprocessor_config.json")
     again = vlmkit.models.from_pretrained(tmp_path)
     assert again.cfg == model.cfg
 
 
-@pytest.fixture(scope="module")
-def answer_text(loaded, reference, two_photos) -> str:
-    return greedy_answer_text(loaded, two_photo_messages(), two_photos, reference["greedy_ids"].tolist())
-
-
-@pytest.fixture(scope="module")
-def photo_files(tmp_path_factory, two_photos) -> list[str]:
-    return save_photos(tmp_path_factory.mktemp("photos"), two_photos)
-
-
-@pytest.mark.parametrize("verb", ["generate", "chat"])
-def test_cli_answers_with_the_reference_tokens(reference, photo_files, answer_text, verb, capsys):
-    check_cli_answer(verb, TINY, photo_files, QUESTION, capsys, len(reference["input_ids"]), answer_text)
-
-
-def test_serve_answers_with_the_reference_tokens(loaded, reference, two_photos, answer_text):
-    check_serve_answer(loaded, two_photos, QUESTION, len(reference["input_ids"]), answer_text)
-
-
 def test_inspect_reports_phi_35_vision_parameters():
-    report = describe_model(str(FIXTURES / "real"))
-    assert report.model_type == "phi3_v"
-    assert report.loader is None and "no safetensors" in report.problem  # a config without weights
-    assert abs(report.parameters - 4.15e9) / 4.15e9 < 0.02  # the model card's 4.2B; the weights' index: 4,146,621,440
-    assert report.memory["bfloat16"] == 2 * report.parameters
+    # the model card's 4.2B; the weights' index: 4,146,621,440
+    check_inspect_report(FIXTURES / "real", "phi3_v", 4.15e9)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -203,10 +129,8 @@ def test_a_layout_the_reference_lacks_is_refused(tmp_path, change, message):
     config = json.loads((TINY / "config.json").read_text())
     for key, values in change.items():
         config[key] = {**config[key], **values}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    (tmp_path / "model.safetensors").write_bytes((TINY / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match=message):
-        vlmkit.models.from_pretrained(tmp_path)
+        vlmkit.models.from_pretrained(write_checkpoint(tmp_path, TINY, config))
 
 
 def test_one_pass_tokenization_would_differ_from_the_reference(loaded, reference, two_photos):
@@ -214,6 +138,6 @@ def test_one_pass_tokenization_would_differ_from_the_reference(loaded, reference
     from vlmkit.prompt import build_prompt_ids
 
     plans = loaded.plan_images(two_photos)
-    one_pass = build_prompt_ids(loaded.tokenizer, loaded.chat_template, two_photo_messages(), loaded.image_token_id,
-                                plans)
+    one_pass = build_prompt_ids(loaded.tokenizer, loaded.chat_template, two_photo_messages(QUESTION),
+                                loaded.image_token_id, plans)
     assert one_pass != reference_ids(reference, loaded.image_token_id).tolist()

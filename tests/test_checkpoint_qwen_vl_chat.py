@@ -12,59 +12,33 @@ import json
 from pathlib import Path
 
 import pytest
-import skimage.data
 import torch
-from checkpoint_answers import check_cli_answer, check_serve_answer, greedy_answer_text, save_photos
-from PIL import Image
-from safetensors import safe_open
+from checkpoint_answers import (  # noqa: F401 (the test_* run here, on this module's fixtures)
+    check_cli_answer,
+    check_inspect_report,
+    check_same_json,
+    check_same_tensors,
+    read_tensors,
+    test_cli_answers_with_the_reference_tokens,
+    test_serve_answers_with_the_reference_tokens,
+    test_twenty_greedy_tokens_match_the_reference,
+    two_photo_messages,
+    write_checkpoint,
+)
+from reference.shared import photo  # the photos tests/reference/*.py processed, by name
 from safetensors.torch import load_file
 
 import vlmkit.models
-from vlmkit.describe import describe_model
-from vlmkit.generate import generate
 from vlmkit.load import load_model
 from vlmkit.models.lm import CausalLM
-from vlmkit.sampling import GenerationConfig
 from vlmkit.weights.qwen_vl import config_to_hf as qwen_vl_config_to_hf
 
 FIXTURES = Path(__file__).parent / "fixtures" / "qwen_vl_chat"
 TINY = FIXTURES / "tiny"
 REPORT = json.loads((FIXTURES / "reference.json").read_text())
 QUESTION = "What do the two photos show?"
+PROMPT_PHOTOS = REPORT["prompt_photos"]
 pytest.importorskip("tiktoken")
-
-
-def photos() -> dict[str, Image.Image]:
-    """The photos of tests/reference/qwen_vl_chat.py, made the same way."""
-    return {
-        "astronaut": Image.fromarray(skimage.data.astronaut()),
-        "coffee": Image.fromarray(skimage.data.coffee()),
-        "chelsea": Image.fromarray(skimage.data.chelsea()),
-        "rocket": Image.fromarray(skimage.data.rocket()),
-        "camera": Image.fromarray(skimage.data.camera()),
-        "hubble": Image.fromarray(skimage.data.hubble_deep_field()),
-        "astronaut_tall": Image.fromarray(skimage.data.astronaut()[:, 180:330]),
-    }
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict[str, torch.Tensor]:
-    return load_file(FIXTURES / "reference.safetensors")
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    return load_model(str(TINY))
-
-
-@pytest.fixture(scope="module")
-def two_photos() -> list[Image.Image]:
-    pics = photos()
-    return [pics[name] for name in REPORT["prompt_photos"]]
-
-
-def two_photo_messages() -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}] * 2 + [{"type": "text", "text": QUESTION}]}]
 
 
 def image_spans(ids: list[int], start: int, end: int) -> list[tuple[int, int]]:
@@ -86,7 +60,7 @@ def test_loads_into_the_squash_vlm_with_the_fixture_sizes():
 
 
 def test_logits_match_the_reference(loaded, reference, two_photos):
-    ids = loaded.prompt_ids(two_photo_messages(), loaded.plan_images(two_photos))
+    ids = loaded.prompt_ids(two_photo_messages(QUESTION), loaded.plan_images(two_photos))
     inputs = loaded.image_inputs(loaded.plan_images(two_photos))
     with torch.no_grad():
         logits = loaded.model(torch.tensor([ids]), **inputs).logits[0]  # (T, V)
@@ -94,16 +68,8 @@ def test_logits_match_the_reference(loaded, reference, two_photos):
     torch.testing.assert_close(logits[rows], reference["logits"], atol=1e-4, rtol=0)
 
 
-def test_twenty_greedy_tokens_match_the_reference(loaded, reference, two_photos):
-    plans = loaded.plan_images(two_photos)
-    ids = loaded.prompt_ids(two_photo_messages(), plans)
-    result = generate(loaded.model, [ids], GenerationConfig(max_new_tokens=20),
-                      prefill_inputs=loaded.image_inputs(plans))  # no tokenizer: no stop ids, as the reference ran
-    assert result.token_ids[0] == reference["greedy_ids"].tolist()
-
-
 def test_prompt_ids_match_make_context(loaded, reference, two_photos):
-    ids = loaded.prompt_ids(two_photo_messages(), loaded.plan_images(two_photos))
+    ids = loaded.prompt_ids(two_photo_messages(QUESTION), loaded.plan_images(two_photos))
     assert ids == REPORT["no_path_ids"]  # make_context of the query with empty image paths
     # with the photos' paths, the reference differs only inside the 256-id image spans (which both overwrite)
     theirs = reference["input_ids"].tolist()
@@ -113,7 +79,7 @@ def test_prompt_ids_match_make_context(loaded, reference, two_photos):
     inside = {i for a, b in spans for i in range(a, b)}
     assert [t for i, t in enumerate(ids) if i not in inside] == [t for i, t in enumerate(theirs) if i not in inside]
     assert tok.decode(theirs) == REPORT["prompt"]
-    text = loaded.chat_template.render(two_photo_messages(), add_generation_prompt=True)
+    text = loaded.chat_template.render(two_photo_messages(QUESTION), add_generation_prompt=True)
     assert text == REPORT["prompt"].replace("astronaut.png", "<imgpad>").replace("coffee.png", "<imgpad>")
 
 
@@ -140,7 +106,7 @@ def test_generation_stops_at_im_end_and_endoftext(loaded):
 
 @pytest.mark.parametrize("name", sorted(REPORT["photos"]))
 def test_preprocessed_pixels_match_visual_py(loaded, reference, name):
-    image = photos()[name]
+    image = photo(name)
     want = REPORT["photos"][name]
     assert list(image.size) == want["size"] and image.mode == want["mode"]
     plan = loaded.plan_images([image])[0]
@@ -166,29 +132,15 @@ def test_text_only_qwen_checkpoint_loads_as_a_causal_lm(tmp_path, reference):
         logits = model(torch.tensor([REPORT["text_only_ids"]])).logits[0, -8:]
     torch.testing.assert_close(logits, reference["text_only_logits"], atol=1e-4, rtol=0)
     vlmkit.models.save_pretrained(model, tmp_path / "saved")
-    assert sorted(_tensors(tmp_path / "saved")) == sorted(state)
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    with safe_open(folder / "model.safetensors", "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    assert sorted(read_tensors(tmp_path / "saved")) == sorted(state)
 
 
 def test_save_pretrained_writes_the_original_layout(tmp_path):
     model = vlmkit.models.from_pretrained(TINY)
     vlmkit.models.save_pretrained(model, tmp_path)
-    saved, original = _tensors(tmp_path), _tensors(TINY)
-    assert sorted(saved) == sorted(original)
-    for name, tensor in original.items():
-        assert torch.equal(saved[name], tensor), name
-    config, want = (json.loads((d / "config.json").read_text()) for d in (tmp_path, TINY))
-    bookkeeping = {"transformers_version", "initializer_range", "use_flash_attn"}  # not read by the model's math
-    assert set(want) - bookkeeping <= set(config)
-    for key in set(want) - bookkeeping:
-        assert config[key] == want[key], key
-    generation, want_generation = (json.loads((d / "generation_config.json").read_text()) for d in (tmp_path, TINY))
-    assert {k: generation[k] for k in want_generation if k != "transformers_version"} == {
-        k: v for k, v in want_generation.items() if k != "transformers_version"}
+    check_same_tensors(tmp_path, TINY)
+    check_same_json(tmp_path, TINY, {"transformers_version", "initializer_range", "use_flash_attn"})  # unread
+    check_same_json(tmp_path, TINY, {"transformers_version"}, "generation_config.json")
     again = vlmkit.models.from_pretrained(tmp_path)
     assert again.cfg == model.cfg
 
@@ -199,21 +151,6 @@ def test_loaded_model_save_keeps_the_tokenizer_and_chat_settings(loaded, tmp_pat
     generation = json.loads((tmp_path / "generation_config.json").read_text())
     assert generation["chat_format"] == "chatml" and generation["max_window_size"] == 6144  # model.chat reads them
     assert load_model(str(tmp_path)).prompt_ids([{"role": "user", "content": "Hello there"}]) == REPORT["text_only_ids"]
-
-
-@pytest.fixture(scope="module")
-def answer_text(loaded, reference, two_photos) -> str:
-    return greedy_answer_text(loaded, two_photo_messages(), two_photos, reference["greedy_ids"].tolist())
-
-
-@pytest.fixture(scope="module")
-def photo_files(tmp_path_factory, two_photos) -> list[str]:
-    return save_photos(tmp_path_factory.mktemp("photos"), two_photos)
-
-
-@pytest.mark.parametrize("verb", ["generate", "chat"])
-def test_cli_answers_with_the_reference_tokens(reference, photo_files, answer_text, verb, capsys):
-    check_cli_answer(verb, TINY, photo_files, QUESTION, capsys, len(reference["input_ids"]), answer_text)
 
 
 def test_generate_takes_images_written_in_the_prompt(reference, photo_files, answer_text, capsys):
@@ -233,16 +170,8 @@ def test_query_parts_render_back_to_the_query(loaded):
         query_parts("Picture 1:<img></img>\nHi")
 
 
-def test_serve_answers_with_the_reference_tokens(loaded, reference, two_photos, answer_text):
-    check_serve_answer(loaded, two_photos, QUESTION, len(reference["input_ids"]), answer_text)
-
-
 def test_inspect_reports_qwen_vl_parameters():
-    report = describe_model(str(FIXTURES / "real"))
-    assert report.model_type == "qwen"
-    assert report.loader is None and "no safetensors" in report.problem  # a config without weights
-    assert abs(report.parameters - 9.6e9) / 9.6e9 < 0.02  # the model card's "Qwen-VL 9.6B"
-    assert report.memory["bfloat16"] == 2 * report.parameters
+    check_inspect_report(FIXTURES / "real", "qwen", 9.6e9)  # the model card's "Qwen-VL 9.6B"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -259,10 +188,8 @@ def test_a_layout_the_reference_lacks_is_refused(tmp_path, change, message):
             config[key] = {k: v for k, v in {**config.get(key, {}), **value}.items() if v is not None}
         else:
             config[key] = value
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    (tmp_path / "model.safetensors").write_bytes((TINY / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match=message):
-        vlmkit.models.from_pretrained(tmp_path)
+        vlmkit.models.from_pretrained(write_checkpoint(tmp_path, TINY, config))
 
 
 def test_a_model_qwen_vl_cannot_hold_is_refused(tmp_path):

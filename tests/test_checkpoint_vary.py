@@ -15,10 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checkpoint_answers import check_cli_answer, check_serve_answer, greedy_answer_text, save_photos
-from PIL import Image
+from checkpoint_answers import (  # noqa: F401 (the test_* run here, on this module's fixtures)
+    check_inspect_report,
+    check_same_json,
+    check_same_tensors,
+    test_cli_answers_with_the_reference_tokens,
+    test_serve_answers_with_the_reference_tokens,
+    test_twenty_greedy_tokens_match_the_reference,
+    two_photo_messages,
+)
+from reference.shared import photo  # the photos tests/reference/*.py processed, by name
 from safetensors.torch import load_file
-from test_checkpoint_phi3_v import _tensors, photos
 
 import vlmkit.models
 from vlmkit.config import IMAGENET_MEAN, IMAGENET_STD
@@ -32,26 +39,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "vary"
 TINY = FIXTURES / "tiny"
 REPORT = json.loads((FIXTURES / "reference.json").read_text())
 QUESTION = REPORT["question"]
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict[str, torch.Tensor]:
-    return load_file(FIXTURES / "reference.safetensors")
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    return load_model(str(TINY))
-
-
-@pytest.fixture(scope="module")
-def two_photos() -> list[Image.Image]:
-    pics = photos()
-    return [pics[name] for name in REPORT["prompt_images"]]
-
-
-def two_photo_messages() -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]}]
+PROMPT_PHOTOS = REPORT["prompt_images"]  # among the photos of tests/reference/phi3_v.py
 
 
 def test_loads_into_the_dual_vlm_with_the_fixture_sizes():
@@ -80,16 +68,8 @@ def test_images_change_the_logits(loaded, reference, two_photos):
     assert (logits[reference["logit_rows"]] - reference["logits"]).abs().max() > 1e-3
 
 
-def test_twenty_greedy_tokens_match_the_reference(loaded, reference, two_photos):
-    plans = loaded.plan_images(two_photos)
-    ids = loaded.prompt_ids(two_photo_messages(), plans)
-    result = generate(loaded.model, [ids], GenerationConfig(max_new_tokens=20),
-                      prefill_inputs=loaded.image_inputs(plans))  # no tokenizer: no stop ids, as the reference ran
-    assert result.token_ids[0] == reference["greedy_ids"].tolist()
-
-
 def test_prompt_text_and_ids_match_the_reference(loaded, reference, two_photos):
-    messages = two_photo_messages()
+    messages = two_photo_messages(QUESTION)
     text = loaded.chat_template.render(messages, add_generation_prompt=True)
     assert text.replace("<imgpad>", "<imgpad>" * 256) == REPORT["prompt"]
     assert loaded.prompt_ids(messages, loaded.plan_images(two_photos)) == reference["input_ids"].tolist()
@@ -107,7 +87,7 @@ def test_multi_turn_and_text_only_prompts_match_the_reference(loaded, two_photos
 
 @pytest.mark.parametrize("name", sorted(REPORT["photos"]))
 def test_processors_match_the_reference(loaded, reference, name):
-    image = photos()[name]
+    image = photo(name)
     want = REPORT["photos"][name]
     assert list(image.size) == want["size"] and image.mode == want["mode"]
     plan = loaded.plan_images([image])[0]
@@ -124,7 +104,7 @@ def test_processors_match_the_reference(loaded, reference, name):
 def test_vary_base_sam_processor_matches_albumentations(reference, name):
     """Vary-base's demo feeds the SAM branch plug/transforms.test_transform (cv2 bilinear, ImageNet mean/std)."""
     pytest.importorskip("cv2")
-    view = sam_view(photos()[name], 1024, IMAGENET_MEAN, IMAGENET_STD, "cv2_linear")  # (3, 1024, 1024)
+    view = sam_view(photo(name), 1024, IMAGENET_MEAN, IMAGENET_STD, "cv2_linear")  # (3, 1024, 1024)
     torch.testing.assert_close(view[:, 5::64, 5::64], reference[f"test_transform.{name}"], atol=1e-5, rtol=0)
     want = REPORT["photos"][name]
     np.testing.assert_allclose(view.double().abs().sum().item(), want["test_transform_abs_sum"], rtol=1e-6)
@@ -133,15 +113,10 @@ def test_vary_base_sam_processor_matches_albumentations(reference, name):
 def test_save_pretrained_writes_the_original_layout(tmp_path):
     model = vlmkit.models.from_pretrained(TINY)
     vlmkit.models.save_pretrained(model, tmp_path)
-    saved, original = _tensors(tmp_path), _tensors(TINY)
-    assert sorted(saved) == sorted(original)
-    for name, tensor in original.items():
-        assert torch.equal(saved[name], tensor), name
-    config, want = (json.loads((d / "config.json").read_text()) for d in (tmp_path, TINY))
+    check_same_tensors(tmp_path, TINY)
     unread = {"initializer_range", "use_flash_attn", "torch_dtype", "vision_tower"}  # not read by the model code
     precision = {"bf16", "fp16", "fp32"}  # a save names the tensors' dtype (weights/qwen1.py)
-    for key in set(want) - unread - precision:
-        assert config[key] == want[key], key
+    config = check_same_json(tmp_path, TINY, unread | precision)
     assert (config["fp32"], config["bf16"], config["fp16"]) == (True, False, False)
     generation = json.loads((tmp_path / "generation_config.json").read_text())
     assert generation == json.loads((TINY / "generation_config.json").read_text())
@@ -156,25 +131,6 @@ def test_a_model_vary_cannot_hold_is_refused(tmp_path):
         vlmkit.models.save_pretrained(model, tmp_path)
 
 
-@pytest.fixture(scope="module")
-def answer_text(loaded, reference, two_photos) -> str:
-    return greedy_answer_text(loaded, two_photo_messages(), two_photos, reference["greedy_ids"].tolist())
-
-
-@pytest.fixture(scope="module")
-def photo_files(tmp_path_factory, two_photos) -> list[str]:
-    return save_photos(tmp_path_factory.mktemp("photos"), two_photos)
-
-
-@pytest.mark.parametrize("verb", ["generate", "chat"])
-def test_cli_answers_with_the_reference_tokens(reference, photo_files, answer_text, verb, capsys):
-    check_cli_answer(verb, TINY, photo_files, QUESTION, capsys, len(reference["input_ids"]), answer_text)
-
-
-def test_serve_answers_with_the_reference_tokens(loaded, reference, two_photos, answer_text):
-    check_serve_answer(loaded, two_photos, QUESTION, len(reference["input_ids"]), answer_text)
-
-
 # Published sizes of Vary-base's parts (no Vary-base checkpoint or card gives a total): Qwen-7B's weights
 # (its safetensors index: 15,442,649,088 bytes of bfloat16), CLIP-L/14-224's vision_model, SAM ViT-B's image
 # encoder (89.67M), Vary's net_2 / net_3 (3x3 convs 256 -> 512 -> 1024, no bias) and two Linear(1024, 2048).
@@ -183,12 +139,7 @@ VARY_BASE_PARTS = {"qwen_7b": 15_442_649_088 // 2, "clip_l_224": 303_179_776, "s
 
 
 def test_inspect_reports_vary_base_parameters():
-    report = describe_model(str(FIXTURES / "real"))
-    assert report.model_type == "vary"
-    assert report.loader is None and "no safetensors" in report.problem  # a config without weights
-    want = sum(VARY_BASE_PARTS.values())
-    assert abs(report.parameters - want) / want < 0.02, (report.parameters, want)
-    assert report.memory["bfloat16"] == 2 * report.parameters
+    check_inspect_report(FIXTURES / "real", "vary", sum(VARY_BASE_PARTS.values()))
 
 
 def test_inspect_reports_vary_toy_parameters():
@@ -243,7 +194,7 @@ def test_vary_base_code_path_matches_the_reference(loaded_base, reference_base, 
     ids, logits and 20 greedy tokens (the reference decodes with its KV cache, as its generate does)."""
     assert loaded_base.chat_template.name == "vary_base"
     plans = loaded_base.plan_images(two_photos)
-    ids = loaded_base.prompt_ids(two_photo_messages(), plans)
+    ids = loaded_base.prompt_ids(two_photo_messages(QUESTION), plans)
     assert ids == reference_base["input_ids"].tolist()
     inputs = loaded_base.image_inputs(plans)
     with torch.no_grad():

@@ -16,20 +16,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lm_parity import (
+    TOL,
+    check_greedy_generation,
+    check_left_padded_logits,
+    check_logits,
+    check_reloaded_logits,
+    padded_batch,
+)
 
-from vlmkit.generate import generate
 from vlmkit.weights import from_pretrained, save_pretrained
 from vlmkit.models.lm import CausalLM
 from vlmkit.models.mla import LatentAttention
 from vlmkit.models.moe import MoE
-from vlmkit.sampling import GenerationConfig
 from vlmkit.weights.deepseek_v2 import config_from_hf
 
 transformers = pytest.importorskip("transformers")
 
-TOL = 1e-4
 VOCAB = 96
-NEW_TOKENS = 20
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
             num_attention_heads=4, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
             n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, max_position_embeddings=128,
@@ -79,18 +83,6 @@ def pair(request, tmp_path_factory):
     return hf, from_pretrained(path), request.param
 
 
-def _padded_batch(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded random ids (B, T) and the attention mask (1 = real token)."""
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.randint(3, VOCAB, (len(lengths), T), generator=g)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        mask[row, T - n:] = 1
-        ids[row, :T - n] = 0
-    return ids, mask
-
-
 def test_loaded_structure(pair):
     hf, ours, case = pair
     assert isinstance(ours, CausalLM)
@@ -105,25 +97,13 @@ def test_loaded_structure(pair):
     assert cfg.moe_scoring == ("sigmoid" if case.startswith("v3") else "softmax")
 
 
-@torch.no_grad()
 def test_logits_match(pair):
     hf, ours, case = pair
-    for length in (9, 40):  # 40 > the YaRN case's original 32 positions
-        ids = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
-        diff = (hf(ids).logits - ours(ids).logits).abs().max().item()
-        assert diff <= TOL, f"{case}, T={length}: max |logits diff| = {diff}"
+    check_logits(hf, ours, case, VOCAB, (9, 40))  # 40 > the YaRN case's original 32 positions
 
 
-@torch.no_grad()
 def test_left_padded_batch_matches(pair):
-    hf, ours, case = pair
-    ids, mask = _padded_batch([24, 13, 19], seed=1)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    ref = hf(ids, attention_mask=mask, position_ids=positions).logits
-    got = ours(ids, attention_mask=mask).logits
-    real = mask.bool()
-    diff = (ref[real] - got[real]).abs().max().item()
-    assert diff <= TOL, f"{case}: padded batch max |logits diff| = {diff}"
+    check_left_padded_logits(*pair, *padded_batch([24, 13, 19], seed=1, vocab=VOCAB, low=3))
 
 
 @torch.no_grad()
@@ -141,24 +121,14 @@ def test_kv_cached_decode_matches(pair):
     assert diff <= TOL, f"{case}: cached decode max |logits diff| = {diff}"
 
 
-@torch.no_grad()
 def test_greedy_generation_matches(pair):
-    hf, ours, case = pair
-    ids, mask = _padded_batch([12, 7], seed=2)
-    ref = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
-                      min_new_tokens=NEW_TOKENS, pad_token_id=0)[:, ids.shape[1]:]
-    got = generate(ours, ids, GenerationConfig(max_new_tokens=NEW_TOKENS), attention_mask=mask).token_ids
-    assert got == ref.tolist(), f"{case}: greedy tokens differ"
+    check_greedy_generation(*pair, *padded_batch([12, 7], seed=2, vocab=VOCAB, low=3))
 
 
-@torch.no_grad()
 def test_save_loads_in_transformers(pair, tmp_path):
     hf, ours, case = pair
     save_pretrained(ours, tmp_path)
-    back = type(hf).from_pretrained(tmp_path).eval()
-    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
-    diff = (back(ids).logits - hf(ids).logits).abs().max().item()
-    assert diff <= TOL, f"{case}: logits after vlmkit save differ by {diff}"
+    check_reloaded_logits(type(hf).from_pretrained(tmp_path).eval(), hf, case, VOCAB, 16)
     assert from_pretrained(tmp_path).cfg == ours.cfg
 
 

@@ -15,6 +15,15 @@ import json
 
 import pytest
 import torch
+from lm_parity import (
+    NEW_TOKENS,
+    TOL,
+    check_left_padded_logits,
+    check_logits,
+    check_reloaded_logits,
+    hf_greedy,
+    padded_batch,
+)
 
 import vlmkit.weights as vm
 from vlmkit.config import LMConfig
@@ -25,9 +34,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config,  # noqa: E402
                           Qwen2Config)
 
-TOL = 1e-4
 VOCAB = 128
-NEW_TOKENS = 20
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, bos_token_id=None, eos_token_id=None, pad_token_id=0)
 LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
@@ -80,23 +87,6 @@ def pair(request, tmp_path_factory):
     return hf.eval(), vm.from_pretrained(path), request.param, path
 
 
-def _padded_batch(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded random ids (B, T) and the attention mask (1 = real token)."""
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.randint(1, VOCAB, (len(lengths), T), generator=g)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        mask[row, T - n:] = 1
-        ids[row, :T - n] = 0
-    return ids, mask
-
-
-def _hf_positions(mask: torch.Tensor) -> torch.Tensor:
-    """The position ids transformers' generate() derives from a left-padded mask."""
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
 @torch.no_grad()
 def greedy(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, steps: int,
            refresh_at: int | None = None) -> torch.Tensor:
@@ -120,34 +110,23 @@ def greedy(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, steps: int,
     return seq[:, T:]
 
 
-@torch.no_grad()
 def test_logits_match(pair):
     hf, ours, case, _ = pair
-    for length in (10, 24):  # below and above the original context of the long-context rope cases (16)
-        ids = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
-        diff = (hf(ids).logits - ours(ids).logits).abs().max().item()
-        assert diff <= TOL, f"{case}, T={length}: max |logits diff| = {diff}"
+    check_logits(hf, ours, case, VOCAB, (10, 24))  # below and above the long-context rope cases' original 16
 
 
-@torch.no_grad()
 def test_left_padded_batch_matches(pair):
     hf, ours, case, _ = pair
-    ids, mask = _padded_batch([24, 13, 19], seed=1)
-    ref = hf(ids, attention_mask=mask, position_ids=_hf_positions(mask)).logits
-    got = ours(ids, attention_mask=mask).logits
-    real = mask.bool()
-    diff = (ref[real] - got[real]).abs().max().item()
-    assert diff <= TOL, f"{case}: padded batch max |logits diff| = {diff}"
+    check_left_padded_logits(hf, ours, case, *padded_batch([24, 13, 19], seed=1, vocab=VOCAB))
 
 
 @torch.no_grad()
 def test_greedy_generation_matches(pair):
     hf, ours, case, _ = pair
-    ids, mask = _padded_batch([12, 7], seed=2)
+    ids, mask = padded_batch([12, 7], seed=2, vocab=VOCAB)
     if case == "phi3_longrope":
         ids, mask = ids[:1, -10:], mask[:1, -10:]  # one row: the cache refresh happens at a total length
-    ref = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
-                      min_new_tokens=NEW_TOKENS, pad_token_id=0)[:, ids.shape[1]:]
+    ref = hf_greedy(hf, ids, mask)
     refresh_at = LONGROPE["original_max_position_embeddings"] + 1 if case == "phi3_longrope" else None
     got = greedy(ours, ids, mask, NEW_TOKENS, refresh_at=refresh_at)
     assert torch.equal(got, ref), f"{case}: vlmkit {got.tolist()} != transformers {ref.tolist()}"
@@ -162,9 +141,7 @@ def test_save_pretrained_loads_in_transformers(pair, tmp_path):
     assert config["model_type"] == hf.config.model_type
     back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(back) is type(hf)
-    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
-    diff = (back(ids).logits - hf(ids).logits).abs().max().item()
-    assert diff <= TOL, f"{case}: reloaded in transformers, max |logits diff| = {diff}"
+    check_reloaded_logits(back, hf, case, VOCAB, 20)
     if hf.config.tie_word_embeddings:
         assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()
 

@@ -19,12 +19,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from lm_parity import (
+    check_greedy_generation,
+    check_left_padded_logits,
+    check_logits,
+    check_reloaded_logits,
+    padded_batch,
+)
 
 from vlmkit.config import LMConfig
-from vlmkit.generate import generate
 from vlmkit.models.lm import CausalLM
 from vlmkit.models.moe import MoE, route
-from vlmkit.sampling import GenerationConfig
 from vlmkit.weights.hf import load_state
 from vlmkit.weights.qwen2_moe import QWEN2_MOE, config_from_hf
 from vlmkit.weights.safetensors_io import read_config, read_state_dict, write_dir
@@ -32,9 +37,7 @@ from vlmkit.weights.safetensors_io import read_config, read_state_dict, write_di
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, Qwen2MoeConfig  # noqa: E402
 
-TOL = 1e-4
 VOCAB = 128
-NEW_TOKENS = 20
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
             shared_expert_intermediate_size=48, max_position_embeddings=64, pad_token_id=0)
@@ -235,18 +238,6 @@ def pair(request, tmp_path_factory):
     return hf.eval(), load_qwen2_moe(path), request.param
 
 
-def _padded_batch(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded random ids (B, T) and the attention mask (1 = real token)."""
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.randint(1, VOCAB, (len(lengths), T), generator=g)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        mask[row, T - n:] = 1
-        ids[row, :T - n] = 0
-    return ids, mask
-
-
 def test_loaded_structure(pair):
     _, ours, case = pair
     sparse = [type(layer.mlp).__name__ for layer in ours.layers]
@@ -254,35 +245,17 @@ def test_loaded_structure(pair):
     assert ours.cfg.norm_topk_prob == (case != "top2")
 
 
-@torch.no_grad()
 def test_logits_match(pair):
     hf, ours, case = pair
-    for length in (10, 24):
-        ids = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(length))
-        diff = (hf(ids).logits - ours(ids).logits).abs().max().item()
-        assert diff <= TOL, f"{case}, T={length}: max |logits diff| = {diff}"
+    check_logits(hf, ours, case, VOCAB, (10, 24))
 
 
-@torch.no_grad()
 def test_left_padded_batch_matches(pair):
-    hf, ours, case = pair
-    ids, mask = _padded_batch([24, 13, 19], seed=1)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    ref = hf(ids, attention_mask=mask, position_ids=positions).logits
-    got = ours(ids, attention_mask=mask).logits
-    real = mask.bool()
-    diff = (ref[real] - got[real]).abs().max().item()
-    assert diff <= TOL, f"{case}: padded batch max |logits diff| = {diff}"
+    check_left_padded_logits(*pair, *padded_batch([24, 13, 19], seed=1, vocab=VOCAB))
 
 
-@torch.no_grad()
 def test_greedy_generation_matches(pair):
-    hf, ours, case = pair
-    ids, mask = _padded_batch([12, 7], seed=2)
-    ref = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
-                      min_new_tokens=NEW_TOKENS, pad_token_id=0)[:, ids.shape[1]:]
-    got = generate(ours, ids, GenerationConfig(max_new_tokens=NEW_TOKENS), attention_mask=mask).token_ids
-    assert got == ref.tolist(), f"{case}: greedy tokens differ"
+    check_greedy_generation(*pair, *padded_batch([12, 7], seed=2, vocab=VOCAB))
 
 
 @torch.no_grad()
@@ -291,10 +264,7 @@ def test_save_loads_in_transformers(pair, tmp_path):
     cfg = ours.cfg
     write_dir(tmp_path, QWEN2_MOE.config_to_hf(cfg), QWEN2_MOE.state_to_hf(ours.state_dict(), cfg),
               2 * 1024**3)
-    back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
-    diff = (back(ids).logits - hf(ids).logits).abs().max().item()
-    assert diff <= TOL, f"{case}: logits after vlmkit save differ by {diff}"
+    check_reloaded_logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), hf, case, VOCAB, 16)
     assert load_qwen2_moe(tmp_path).cfg == cfg
 
 

@@ -12,23 +12,28 @@ merged tokens (rows cut into windows of 2, 2 and a short 1), resized to 300 x 20
 4 x 6 (every window full).
 """
 
-import matplotlib.cbook
 import pytest
 import torch
 import transformers
-from PIL import Image
+from qwen_vl_parity import (
+    TOKENS,
+    TOL,
+    check_greedy_generation,
+    check_left_padded_logits,
+    check_logits,
+    hf_inputs,
+    images,
+    prompt,
+    text_config,
+    widen,
+)
 from transformers.vision_utils import get_vision_window_index
 
-from vlmkit.generate import GenerationConfig, generate
-from vlmkit.schemes.dynamic import plan_dynamic
-from vlmkit.weights import from_pretrained, save_pretrained
 from vlmkit.models.qwen2_5_vl import Qwen2_5_VL, window_order
+from vlmkit.weights import from_pretrained, save_pretrained
 from vlmkit.weights.qwen2_5_vl import QWEN2_5_VL
 from vlmkit.weights.safetensors_io import read_config
 
-VOCAB = 300
-IMAGE, VIDEO, START, END = 290, 291, 292, 293
-TOL = 1e-4
 MAX_PIXELS = 28 * 28 * 24
 WINDOW = 56  # pixels: 56 // 14 // 2 = 2 x 2 merged tokens per window
 SIZES = (None, (300, 200))  # merged grids 5 x 4 (a short window row) and 4 x 6 (all windows full)
@@ -37,21 +42,11 @@ SIZES = (None, (300, 200))  # merged grids 5 x 4 (a short window row) and 4 x 6 
 def _hf_qwen2_5_vl() -> transformers.Qwen2_5_VLForConditionalGeneration:
     torch.manual_seed(0)
     cfg = transformers.Qwen2_5_VLConfig(
-        vision_config=dict(depth=4, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=64,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=WINDOW,
-                           fullatt_block_indexes=[1, 3]),
-        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
-        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # the default init (std 0.02) leaves near-ties in the logits; widen them
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.15)
-            elif not torch.all(p == 1):  # biases; RMSNorm weights stay ones
-                p.normal_(0, 0.05)
-    return model
+        vision_config={"depth": 4, "hidden_size": 32, "num_heads": 4, "intermediate_size": 48, "out_hidden_size": 64,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": WINDOW,
+                       "fullatt_block_indexes": [1, 3]},
+        text_config=text_config(), **TOKENS)
+    return widen(transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval())  # biases too; RMSNorm weights stay ones
 
 
 @pytest.fixture(scope="module")
@@ -62,33 +57,8 @@ def models(tmp_path_factory):
     return hf, from_pretrained(path)
 
 
-def _photo(size: tuple[int, int] | None = None) -> Image.Image:
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
-        photo = Image.open(f).convert("RGB")
-    return photo.resize(size) if size else photo
-
-
 def _images(*sizes):
-    """(pixel_values, image_grid_thw, tokens per image) of grace_hopper at each size, by plan_dynamic."""
-    plans = [plan_dynamic(_photo(s), max_pixels=MAX_PIXELS) for s in sizes]
-    pixels = torch.cat([p.pixel_values for p in plans])
-    grid = torch.tensor([p.extra["image_grid_thw"] for p in plans])
-    return pixels, grid, [p.num_tokens for p in plans]
-
-
-def _prompt(tokens: list[int], text_len: int = 6, seed: int = 1) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 280, (3,), generator=g).tolist()
-    for n in tokens:
-        ids += [START] + [IMAGE] * n + [END] + torch.randint(3, 280, (2,), generator=g).tolist()
-    return ids + torch.randint(3, 280, (text_len,), generator=g).tolist()
-
-
-def _hf_inputs(ids: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
-    inputs = {"input_ids": ids, "mm_token_type_ids": (ids == IMAGE).int()}
-    if mask is not None:
-        inputs["attention_mask"] = mask
-    return inputs
+    return images(*sizes, max_pixels=MAX_PIXELS)
 
 
 def test_sizes_exercise_short_and_full_windows():
@@ -118,42 +88,15 @@ def test_vision_features_match(models):
 
 
 def test_logits_match(models):
-    hf, ours = models
-    pixels, grid, tokens = _images(*SIZES)
-    ids = torch.tensor([_prompt(tokens)])
-    with torch.no_grad():
-        want = hf(**_hf_inputs(ids), pixel_values=pixels, image_grid_thw=grid).logits
-        got = ours(ids, pixel_values=pixels, image_grid_thw=grid).logits
-    assert (got - want).abs().max().item() <= TOL
+    check_logits(*models, *_images(*SIZES))
 
 
 def test_left_padded_batch_logits_match(models):
-    hf, ours = models
-    pixels, grid, tokens = _images(*SIZES)
-    a, b = _prompt(tokens[:1], text_len=9), _prompt(tokens[1:], seed=3)
-    T = max(len(a), len(b))
-    ids = torch.zeros(2, T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate((a, b)):
-        ids[row, T - len(p):], mask[row, T - len(p):] = torch.tensor(p), 1
-    with torch.no_grad():
-        want = hf(**_hf_inputs(ids, mask), pixel_values=pixels, image_grid_thw=grid).logits
-        got = ours(ids, pixel_values=pixels, image_grid_thw=grid, attention_mask=mask).logits
-    real = mask.bool()
-    assert (got[real] - want[real]).abs().max().item() <= TOL
+    check_left_padded_logits(*models, *_images(*SIZES))
 
 
 def test_greedy_generation_matches(models):
-    hf, ours = models
-    pixels, grid, tokens = _images(None)
-    ids = torch.tensor([_prompt(tokens)])
-    want = hf.generate(**_hf_inputs(ids), pixel_values=pixels, image_grid_thw=grid, max_new_tokens=20,
-                       do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
-    got = generate(ours, ids, GenerationConfig(max_new_tokens=20),
-                   prefill_inputs={"pixel_values": pixels, "image_grid_thw": grid}).token_ids[0]
-    assert len(want) == 20
-    assert len(set(want)) > 1  # the check means something only if the output is not one repeated token
-    assert got == want
+    check_greedy_generation(*models, *_images(None))
 
 
 def test_save_round_trip(models, tmp_path):
@@ -162,10 +105,10 @@ def test_save_round_trip(models, tmp_path):
     assert read_config(tmp_path)["model_type"] == "qwen2_5_vl"
     back = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path).eval()
     pixels, grid, tokens = _images(*SIZES)
-    ids = torch.tensor([_prompt(tokens)])
+    ids = torch.tensor([prompt(tokens)])
     with torch.no_grad():
-        want = hf(**_hf_inputs(ids), pixel_values=pixels, image_grid_thw=grid).logits
-        got = back(**_hf_inputs(ids), pixel_values=pixels, image_grid_thw=grid).logits
+        want = hf(**hf_inputs(ids), pixel_values=pixels, image_grid_thw=grid).logits
+        got = back(**hf_inputs(ids), pixel_values=pixels, image_grid_thw=grid).logits
     assert (got - want).abs().max().item() <= TOL
     assert QWEN2_5_VL.config_from_hf(read_config(tmp_path)) == ours.cfg
     again = from_pretrained(tmp_path)
@@ -177,9 +120,9 @@ def test_placeholder_count_mismatch_raises(models):
     _, ours = models
     pixels, grid, tokens = _images(None)
     with pytest.raises(ValueError, match="placeholder"):
-        ours(torch.tensor([_prompt([tokens[0] - 1])]), pixel_values=pixels, image_grid_thw=grid)
+        ours(torch.tensor([prompt([tokens[0] - 1])]), pixel_values=pixels, image_grid_thw=grid)
     with pytest.raises(ValueError, match="pixel_values has shape"):
-        ours(torch.tensor([_prompt(tokens)]), pixel_values=pixels[:-4], image_grid_thw=grid)
+        ours(torch.tensor([prompt(tokens)]), pixel_values=pixels[:-4], image_grid_thw=grid)
 
 
 def test_reads_flat_transformers4_config():

@@ -8,22 +8,29 @@ batch with images of two sizes, 20 greedy tokens with vlmkit.generate vs transfo
 generate, the save round trip, and the placeholder-count errors.
 """
 
-import matplotlib.cbook
 import pytest
 import torch
 import transformers
-from PIL import Image
+from qwen_vl_parity import (
+    IMAGE,
+    TOKENS,
+    TOL,
+    check_greedy_generation,
+    check_left_padded_logits,
+    check_logits,
+    hf_inputs,
+    images,
+    prompt,
+    text_config,
+    widen,
+)
 
 from vlmkit.generate import GenerationConfig, generate
-from vlmkit.schemes.dynamic import plan_dynamic
 from vlmkit.models.qwen2_vl import Qwen2VL, mrope_positions
 from vlmkit.weights import from_pretrained, save_pretrained
 from vlmkit.weights.qwen2_vl import QWEN2_VL
 from vlmkit.weights.safetensors_io import read_config
 
-VOCAB = 300
-IMAGE, VIDEO, START, END = 290, 291, 292, 293
-TOL = 1e-4
 MAX_PIXELS = 28 * 28 * 16  # the photo becomes a few dozen patches: a 4 x 4-ish merged grid
 
 
@@ -32,16 +39,8 @@ def _hf_qwen2_vl() -> transformers.Qwen2VLForConditionalGeneration:
     cfg = transformers.Qwen2VLConfig(
         vision_config=dict(depth=2, embed_dim=32, num_heads=4, hidden_size=64, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2),
-        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
-        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
-    model = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # the default init (std 0.02) leaves near-ties in the logits; widen them
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.15)
-    return model
+        text_config=text_config(), **TOKENS)
+    return widen(transformers.Qwen2VLForConditionalGeneration(cfg).eval(), biases=False)
 
 
 @pytest.fixture(scope="module")
@@ -52,33 +51,8 @@ def models(tmp_path_factory):
     return hf, from_pretrained(path)
 
 
-def _photo(size: tuple[int, int] | None = None) -> Image.Image:
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
-        photo = Image.open(f).convert("RGB")
-    return photo.resize(size) if size else photo
-
-
 def _images(*sizes):
-    """(pixel_values, image_grid_thw, tokens per image) of grace_hopper at each size, by plan_dynamic."""
-    plans = [plan_dynamic(_photo(s), max_pixels=MAX_PIXELS) for s in sizes]
-    pixels = torch.cat([p.pixel_values for p in plans])
-    grid = torch.tensor([p.extra["image_grid_thw"] for p in plans])
-    return pixels, grid, [p.num_tokens for p in plans]
-
-
-def _prompt(tokens: list[int], text_len: int = 6, seed: int = 1) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 280, (3,), generator=g).tolist()
-    for n in tokens:
-        ids += [START] + [IMAGE] * n + [END] + torch.randint(3, 280, (2,), generator=g).tolist()
-    return ids + torch.randint(3, 280, (text_len,), generator=g).tolist()
-
-
-def _hf_inputs(ids: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
-    inputs = {"input_ids": ids, "mm_token_type_ids": (ids == IMAGE).int()}
-    if mask is not None:
-        inputs["attention_mask"] = mask
-    return inputs
+    return images(*sizes, max_pixels=MAX_PIXELS)
 
 
 def test_vision_features_match(models):
@@ -94,7 +68,7 @@ def test_vision_features_match(models):
 def test_rope_index_matches_get_rope_index(models):
     hf, ours = models
     _, grid, tokens = _images(None, (300, 200))
-    a, b = _prompt(tokens), _prompt(tokens[:1], text_len=2, seed=2)
+    a, b = prompt(tokens), prompt(tokens[:1], text_len=2, seed=2)
     ids = torch.zeros(2, len(a), dtype=torch.long)
     mask = torch.zeros_like(ids)
     ids[0], mask[0] = torch.tensor(a), 1
@@ -106,49 +80,22 @@ def test_rope_index_matches_get_rope_index(models):
 
 
 def test_logits_match(models):
-    hf, ours = models
-    pixels, grid, tokens = _images(None)
-    ids = torch.tensor([_prompt(tokens)])
-    with torch.no_grad():
-        want = hf(**_hf_inputs(ids), pixel_values=pixels, image_grid_thw=grid).logits
-        got = ours(ids, pixel_values=pixels, image_grid_thw=grid).logits
-    assert (got - want).abs().max().item() <= TOL
+    check_logits(*models, *_images(None))
 
 
 def test_left_padded_batch_logits_match(models):
-    hf, ours = models
-    pixels, grid, tokens = _images(None, (300, 200))
-    a, b = _prompt(tokens[:1], text_len=9), _prompt(tokens[1:], seed=3)
-    T = max(len(a), len(b))
-    ids = torch.zeros(2, T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate((a, b)):
-        ids[row, T - len(p):], mask[row, T - len(p):] = torch.tensor(p), 1
-    with torch.no_grad():
-        want = hf(**_hf_inputs(ids, mask), pixel_values=pixels, image_grid_thw=grid).logits
-        got = ours(ids, pixel_values=pixels, image_grid_thw=grid, attention_mask=mask).logits
-    real = mask.bool()
-    assert (got[real] - want[real]).abs().max().item() <= TOL
+    check_left_padded_logits(*models, *_images(None, (300, 200)))
 
 
 def test_greedy_generation_matches(models):
-    hf, ours = models
-    pixels, grid, tokens = _images(None)
-    ids = torch.tensor([_prompt(tokens)])
-    want = hf.generate(**_hf_inputs(ids), pixel_values=pixels, image_grid_thw=grid, max_new_tokens=20,
-                       do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
-    got = generate(ours, ids, GenerationConfig(max_new_tokens=20),
-                   prefill_inputs={"pixel_values": pixels, "image_grid_thw": grid}).token_ids[0]
-    assert len(want) == 20
-    assert len(set(want)) > 1  # the check means something only if the output is not one repeated token
-    assert got == want
+    check_greedy_generation(*models, *_images(None))
 
 
 def test_greedy_batch_matches_single_prompts(models):
     """A left-padded batch continues each row from its own M-RoPE offset (the cache's rope_deltas)."""
     _, ours = models
     pixels, grid, tokens = _images(None, (300, 200))
-    a, b = _prompt(tokens[:1], text_len=9), _prompt(tokens[1:], seed=3)
+    a, b = prompt(tokens[:1], text_len=9), prompt(tokens[1:], seed=3)
     cfg = GenerationConfig(max_new_tokens=8)
     batch = generate(ours, [a, b], cfg, prefill_inputs={"pixel_values": pixels, "image_grid_thw": grid}).token_ids
     split = tokens[0] * 4  # patch rows of the first image
@@ -162,10 +109,10 @@ def test_save_round_trip(models, tmp_path):
     save_pretrained(ours, tmp_path)
     back = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tmp_path).eval()
     pixels, grid, tokens = _images(None)
-    ids = torch.tensor([_prompt(tokens)])
+    ids = torch.tensor([prompt(tokens)])
     with torch.no_grad():
         want = ours(ids, pixel_values=pixels, image_grid_thw=grid).logits
-        got = back(**_hf_inputs(ids), pixel_values=pixels, image_grid_thw=grid).logits
+        got = back(**hf_inputs(ids), pixel_values=pixels, image_grid_thw=grid).logits
     assert (got - want).abs().max().item() <= TOL
     assert QWEN2_VL.config_from_hf(read_config(tmp_path)) == ours.cfg
     assert isinstance(from_pretrained(tmp_path), Qwen2VL)
@@ -174,11 +121,11 @@ def test_save_round_trip(models, tmp_path):
 def test_placeholder_count_mismatch_raises(models):
     _, ours = models
     pixels, grid, tokens = _images(None)
-    ids = torch.tensor([_prompt([tokens[0] - 1])])
+    ids = torch.tensor([prompt([tokens[0] - 1])])
     with pytest.raises(ValueError, match="placeholder"):
         ours(ids, pixel_values=pixels, image_grid_thw=grid)
     with pytest.raises(ValueError, match="image_grid_thw"):
-        ours(torch.tensor([_prompt(tokens)]), pixel_values=pixels)
+        ours(torch.tensor([prompt(tokens)]), pixel_values=pixels)
 
 
 def test_reads_flat_transformers4_config():

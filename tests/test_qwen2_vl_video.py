@@ -21,6 +21,7 @@ import skimage.data
 import torch
 import transformers
 from PIL import Image
+from qwen_vl_parity import END, IMAGE, START, TOKENS, TOL, VIDEO, text_config, widen
 
 from vlmkit.generate import GenerationConfig, generate
 from vlmkit.schemes.dynamic import plan_dynamic, plan_video_dynamic
@@ -29,40 +30,24 @@ from vlmkit.weights import from_pretrained
 from vlmkit.models.mrope import mrope_positions
 from vlmkit.schemes.dynamic import dynamic_inputs
 
-VOCAB = 300
-IMAGE, VIDEO, START, END = 290, 291, 292, 293
-TOL = 1e-4
 FRAME_PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 12)  # 84 x 112 px: 3 x 4 merged tokens
 SECONDS = {"qwen2_vl": None, "qwen2_5_vl": torch.tensor([1.5])}  # Qwen2.5-VL: time ids step 2 * 1.5 = 3
 
 
-def _text_config() -> dict:
-    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-
-
 def _hf_model(kind: str) -> transformers.PreTrainedModel:
     torch.manual_seed(0)
-    tokens = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
     if kind == "qwen2_vl":
         vision = dict(depth=2, embed_dim=32, num_heads=4, hidden_size=64, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2)
         model = transformers.Qwen2VLForConditionalGeneration(
-            transformers.Qwen2VLConfig(vision_config=vision, text_config=_text_config(), **tokens))
+            transformers.Qwen2VLConfig(vision_config=vision, text_config=text_config(), **TOKENS))
     else:  # windows of 2 x 2 merged tokens: the 3 x 4 grid has a short bottom row of windows
         vision = dict(depth=4, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=64, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1, 3],
                       tokens_per_second=2)
         model = transformers.Qwen2_5_VLForConditionalGeneration(
-            transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=_text_config(), **tokens))
-    with torch.no_grad():  # the default init (std 0.02) leaves near-ties in the logits; widen them
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.15)
-            elif not torch.all(p == 1):  # biases; norm weights stay ones
-                p.normal_(0, 0.05)
-    return model.eval()
+            transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text_config(), **TOKENS))
+    return widen(model)  # biases too; norm weights stay ones
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])

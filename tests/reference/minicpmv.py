@@ -53,7 +53,6 @@ Outputs (tests/fixtures/minicpmv/):
 
 from __future__ import annotations
 
-import argparse
 import builtins
 import importlib
 import json
@@ -65,10 +64,13 @@ import typing
 from pathlib import Path
 
 import torch
-from PIL import Image
+
+from shared import check_fixture_logits, parse_args, photos
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests" / "fixtures" / "minicpmv"
+# the photos processed (shared.PHOTOS: scikit-image's data, of different sizes and aspect ratios)
+PHOTOS = ("astronaut", "chelsea", "rocket", "camera", "hubble", "coffee_strip", "astronaut_tall", "coffee_big")
 SEED = 3
 BPE_SIZE = 300
 ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "</image>", "<ref>", "</ref>", "<box>", "</box>",
@@ -82,23 +84,6 @@ CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0][
                  "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 IMAGE = "(<image>./</image>)"  # what MiniCPMV.chat writes for an image, one line of the message
 QUESTION = "What do the two photos show?"
-
-
-def photos() -> dict[str, Image.Image]:
-    """Real photos of different sizes and aspect ratios (scikit-image's data)."""
-    import skimage.data as d
-
-    coffee = d.coffee()
-    return {
-        "astronaut": Image.fromarray(d.astronaut()),  # 512 x 512: 2 slices
-        "chelsea": Image.fromarray(d.chelsea()),  # 451 x 300: not sliced
-        "rocket": Image.fromarray(d.rocket()),  # 427 x 640, tall
-        "camera": Image.fromarray(d.camera()),  # 512 x 512, grayscale
-        "hubble": Image.fromarray(d.hubble_deep_field()),  # 1000 x 872: 2 x 2 slices
-        "coffee_strip": Image.fromarray(coffee[120:270]),  # 600 x 150, wide
-        "astronaut_tall": Image.fromarray(d.astronaut()[:, 180:330]),  # 150 x 512, tall
-        "coffee_big": Image.fromarray(coffee).resize((1400, 1050)),  # 1400 x 1050: 8 or 9 slices
-    }
 
 
 def import_reference(src: Path, work: Path) -> types.ModuleType:
@@ -221,25 +206,17 @@ def check_saved(folder: Path, ref) -> None:
     # the fixture's tokenizer files: the tokenizers library vlmkit runs (0.23) writes BPE merges as pairs, which
     # the 0.19 that transformers 4.40 needs cannot read; the check is of the model and processor files
     processor, _ = processor_for(ref, folder, processor_for(ref, OUT / "tiny")[1])
-    pics = photos()
+    pics = photos(*PHOTOS)
     inputs = processor([report["prompt"]], [[pics[n] for n in report["prompt_images"]]], return_tensors="pt")
     want = load_file(str(OUT / "reference.safetensors"))
     if not torch.equal(inputs["input_ids"][0].long(), want["input_ids"]):
         raise SystemExit("the saved folder's tokenizer/processor gives other input ids than the fixture's")
     logits = logits_of(model, inputs)[want["logit_rows"]]
-    diff = (logits - want["logits"]).abs().max().item()
-    print(f"{folder}: loaded by the reference, logits max |diff| from the fixture {diff:.3g}")
-    if diff > 1e-5:
-        raise SystemExit("the saved folder does not reproduce the reference's logits")
+    check_fixture_logits(folder, logits, want["logits"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("reference", type=Path, help="folder with the reference .py files")
-    parser.add_argument("--check-saved", type=Path, metavar="DIR",
-                        help="instead of writing fixtures, load DIR (the tiny model as vlmkit's save_pretrained wrote "
-                        "it) with the reference code and compare its logits with the fixture's")
-    args = parser.parse_args()
+    args = parse_args(__doc__, "folder with the reference .py files")
     torch.manual_seed(SEED)
     torch.set_num_threads(1)
     ref = import_reference(args.reference.resolve(), Path(tempfile.mkdtemp(prefix="minicpmv-ref-")))
@@ -265,7 +242,7 @@ def main() -> None:
               metadata={"format": "pt"})
 
     processor, tokenizer = processor_for(ref, tiny)
-    pics = photos()
+    pics = photos(*PHOTOS)
     two = ["hubble", "chelsea"]
     prompt = chat_text(tokenizer, [{"role": "user", "content": ["image", "image", QUESTION]}])
     inputs = processor([prompt], [[pics[n] for n in two]], return_tensors="pt")

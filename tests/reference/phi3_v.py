@@ -54,7 +54,6 @@ Outputs (tests/fixtures/phi3_v/):
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import shutil
@@ -67,6 +66,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from shared import check_fixture_logits, parse_args, photos
+
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests" / "fixtures" / "phi3_v"
 KEEP_VOCAB = 600
@@ -74,23 +75,9 @@ TINY_CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_
                  image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
                  projection_dim=16)
 NUM_CROPS = 4
+# the photos processed (shared.PHOTOS: scikit-image's data, of different sizes and aspect ratios)
+PHOTOS = ("astronaut", "chelsea", "rocket", "camera", "hubble", "coffee_strip", "astronaut_tall")
 SEED = 1
-
-
-def photos() -> dict[str, Image.Image]:
-    """Real photos of different sizes and aspect ratios (scikit-image's data)."""
-    import skimage.data as d
-
-    coffee = d.coffee()
-    return {
-        "astronaut": Image.fromarray(d.astronaut()),  # 512 x 512
-        "chelsea": Image.fromarray(d.chelsea()),  # 451 x 300
-        "rocket": Image.fromarray(d.rocket()),  # 427 x 640, tall
-        "camera": Image.fromarray(d.camera()),  # 512 x 512, grayscale
-        "hubble": Image.fromarray(d.hubble_deep_field()),  # 1000 x 872
-        "coffee_strip": Image.fromarray(coffee[120:270]),  # 600 x 150, wide (1 x 4 crops)
-        "astronaut_tall": Image.fromarray(d.astronaut()[:, 180:330]),  # 150 x 512, tall (3 x 1 crops)
-    }
 
 
 def import_reference(src: Path, work: Path) -> types.ModuleType:
@@ -185,7 +172,7 @@ def check_saved(folder: Path, config_class, model_class, image_processor_class, 
     # the fixture's tokenizer files: vlmkit's tokenizers (0.23) writes tokenizer.json in a form 0.19 cannot read
     processor = processor_class(image_processor, transformers.AutoTokenizer.from_pretrained(str(OUT / "tiny")))
     report = json.loads((OUT / "reference.json").read_text())
-    pics = photos()
+    pics = photos(*PHOTOS)
     inputs = processor(report["prompt"], [pics[n] for n in report["prompt_images"]], return_tensors="pt")
     from safetensors.torch import load_file as load
 
@@ -194,20 +181,11 @@ def check_saved(folder: Path, config_class, model_class, image_processor_class, 
         raise SystemExit("the saved folder's tokenizer/processor gives other input ids than the fixture's")
     with torch.no_grad():
         logits = model(**inputs).logits[0, want["logit_rows"]]
-    diff = (logits - want["logits"]).abs().max().item()
-    print(f"{folder}: loaded by the reference, logits max |diff| from the fixture {diff:.3g}")
-    if diff > 1e-5:
-        raise SystemExit("the saved folder does not reproduce the reference's logits")
+    check_fixture_logits(folder, logits, want["logits"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("reference", type=Path, help="folder with the reference .py files, tokenizer.json and "
-                        "tokenizer_config.json")
-    parser.add_argument("--check-saved", type=Path, metavar="DIR",
-                        help="instead of writing fixtures, load DIR (the tiny model as vlmkit's save_pretrained wrote "
-                        "it) with the reference code and compare its logits with the fixture's")
-    args = parser.parse_args()
+    args = parse_args(__doc__, "folder with the reference .py files, tokenizer.json and tokenizer_config.json")
     src = args.reference.resolve()
     torch.manual_seed(SEED)
     torch.set_num_threads(1)
@@ -253,7 +231,7 @@ def main() -> None:
     image_processor.num_img_tokens = preprocessor["num_img_tokens"]
     processor = Phi3VProcessor(image_processor, tokenizer)
 
-    pics = photos()
+    pics = photos(*PHOTOS)
     messages = [{"role": "user", "content": "<|image_1|>\n<|image_2|>\nWhat do the two photos show?"}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     two = [pics["astronaut"], pics["coffee_strip"]]

@@ -55,7 +55,6 @@ Outputs (tests/fixtures/qwen_vl_chat/):
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -66,12 +65,15 @@ import types
 from pathlib import Path
 
 import torch
-from PIL import Image
+
+from shared import check_fixture_logits, parse_args, photos
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests" / "fixtures" / "qwen_vl_chat"
 SMALL_VOCAB = ROOT / "tests" / "fixtures" / "qwen_tiktoken"
 KEEP_RANKS = 300
+# the photos processed (shared.PHOTOS: scikit-image's data, of different sizes and aspect ratios)
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble", "astronaut_tall")
 SEED = 7
 TINY_LM = {"hidden_size": 32, "num_attention_heads": 4, "kv_channels": 8, "intermediate_size": 64,
            "num_hidden_layers": 2}
@@ -79,21 +81,6 @@ TINY_VISUAL = {"width": 16, "layers": 2, "heads": 2, "mlp_ratio": 2.0, "output_d
 HEADS_EDIT = ("num_heads=output_dim // 128", "num_heads=max(1, output_dim // 128)")
 QUESTION = "What do the two photos show?"
 PROMPT_PHOTOS = ("astronaut", "coffee")
-
-
-def photos() -> dict[str, Image.Image]:
-    """Real photos of different sizes and aspect ratios (scikit-image's data)."""
-    import skimage.data as d
-
-    return {
-        "astronaut": Image.fromarray(d.astronaut()),  # 512 x 512
-        "coffee": Image.fromarray(d.coffee()),  # 600 x 400, wide
-        "chelsea": Image.fromarray(d.chelsea()),  # 451 x 300
-        "rocket": Image.fromarray(d.rocket()),  # 427 x 640, tall
-        "camera": Image.fromarray(d.camera()),  # 512 x 512, grayscale
-        "hubble": Image.fromarray(d.hubble_deep_field()),  # 1000 x 872
-        "astronaut_tall": Image.fromarray(d.astronaut()[:, 180:330]),  # 150 x 512, tall
-    }
 
 
 def import_reference(src: Path, work: Path) -> types.ModuleType:
@@ -166,10 +153,7 @@ def check_saved(folder: Path, ref) -> None:
         raise SystemExit("the saved folder's tokenizer gives other input ids than the fixture's")
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0, want["logit_rows"]]
-    diff = (logits - want["logits"]).abs().max().item()
-    print(f"{folder}: loaded by the reference, logits max |diff| from the fixture {diff:.3g}")
-    if diff > 1e-5:
-        raise SystemExit("the saved folder does not reproduce the reference's logits")
+    check_fixture_logits(folder, logits, want["logits"])
     import transformers  # model.chat reads chat_format, max_window_size and the stop ids in generation_config.json
 
     model.generation_config = transformers.GenerationConfig.from_pretrained(str(folder))
@@ -178,12 +162,7 @@ def check_saved(folder: Path, ref) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("reference", type=Path, help="folder with the reference .py files")
-    parser.add_argument("--check-saved", type=Path, metavar="DIR",
-                        help="instead of writing fixtures, load DIR (the tiny model as vlmkit's save_pretrained wrote "
-                        "it) with the reference code and compare its logits with the fixture's")
-    args = parser.parse_args()
+    args = parse_args(__doc__, "folder with the reference .py files")
     src = args.reference.resolve()
     check = args.check_saved.resolve() if args.check_saved is not None else None
     torch.manual_seed(SEED)
@@ -196,7 +175,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     print(f"transformers {transformers.__version__}, reference {ref.__name__} from {src}")
-    pics = photos()
+    pics = photos(*PHOTOS)
     os.chdir(work)  # the reference opens the images by the paths written in the prompt
     for name in PROMPT_PHOTOS:
         pics[name].save(f"{name}.png")  # PNG: the same pixels back

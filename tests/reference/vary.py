@@ -67,7 +67,6 @@ Outputs (tests/fixtures/vary/):
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import shutil
@@ -78,7 +77,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from phi3_v import photos  # the seven photos of tests/reference/phi3_v.py (scikit-image's data)
+
+from phi3_v import PHOTOS  # the seven photos of tests/reference/phi3_v.py
+from shared import check_fixture_logits, parse_args, photos
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests" / "fixtures" / "vary"
@@ -236,22 +237,14 @@ def check_saved(ref, folder: Path) -> None:
     ids = torch.tensor(tok(report["prompt"]).input_ids)
     if not torch.equal(ids, want["input_ids"]):
         raise SystemExit("the saved folder's tokenizer gives other input ids than the fixture's")
-    pics = photos()
+    pics = photos(*PHOTOS)
     low, high = pixels(ref, [pics[n] for n in report["prompt_images"]])
     logits = forward_logits(model, ids, low, high)[want["logit_rows"]]
-    diff = (logits - want["logits"]).abs().max().item()
-    print(f"{folder}: loaded by the reference, logits max |diff| from the fixture {diff:.3g}")
-    if diff > 1e-5:
-        raise SystemExit("the saved folder does not reproduce the reference's logits")
+    check_fixture_logits(folder, logits, want["logits"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("reference", type=Path, help="Vary-toy's Vary-master folder (holding vary/)")
-    parser.add_argument("--check-saved", type=Path, metavar="DIR",
-                        help="instead of writing fixtures, load DIR (the tiny model as vlmkit's save_pretrained wrote "
-                        "it) with the reference code and compare its logits with the fixture's")
-    args = parser.parse_args()
+    args = parse_args(__doc__, "Vary-toy's Vary-master folder (holding vary/)")
     torch.manual_seed(SEED)
     torch.set_num_threads(1)
     vocab = sum(1 for line in RANKS.read_bytes().splitlines() if line.strip())
@@ -288,7 +281,7 @@ def main() -> None:
     (tiny / "generation_config.json").write_text(json.dumps({
         "chat_format": "chatml", "eos_token_id": eod, "pad_token_id": eod, "max_new_tokens": 2048}, indent=2) + "\n")
 
-    pics = photos()
+    pics = photos(*PHOTOS)
     names = ["astronaut", "rocket"]
     prompt = prompt_text(ref, [(image_block(2) + QUESTION, None)])
     ids = torch.tensor(tok(prompt).input_ids)
