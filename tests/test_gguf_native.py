@@ -39,20 +39,75 @@ from vlmkit.quantize import Int4Linear, Int8GroupLinear, QuantizedEmbedding
 from vlmkit.weights import gguf as vgguf
 from vlmkit.weights.gguf import load_gguf, native_embedding, native_linear
 
-NATIVE = (QT.Q4_0, QT.Q4_1, QT.Q8_0)
+NATIVE = (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K)
+K_TYPES = (QT.Q4_K, QT.Q6_K)
+
+
+def k_quantize(w: np.ndarray, qtype: QT) -> np.ndarray:
+    """(rows, cols) float32 -> raw Q4_K / Q6_K rows (gguf 0.19 quantizes neither): a plain round-to-nearest
+    quantizer writing ggml's block layout (ggml-common.h's block_q4_K / block_q6_K), so that the tensors carry
+    the weights; gguf.quants.dequantize of its bytes stays the oracle, and test_k_quantize_keeps_the_weights checks the packing."""
+    n = w.shape[0]
+    x = w.reshape(-1, 256).astype(np.float64)  # one super-block a row
+    if qtype == QT.Q4_K:
+        sub = x.reshape(-1, 8, 32)
+        low = np.minimum(sub.min(-1), 0)  # (B, 8): w = step q - m with m = -low >= 0
+        step = (sub.max(-1) - low) / 15
+        d = (step.max(-1, keepdims=True) / 63).astype(np.float16)  # (B, 1)
+        dmin = (-low).max(-1, keepdims=True) / 63
+        dmin = dmin.astype(np.float16)
+        sc = np.clip(np.round(step / np.where(d > 0, d, 1)), 0, 63).astype(np.uint8)
+        mn = np.clip(np.round(-low / np.where(dmin > 0, dmin, 1)), 0, 63).astype(np.uint8)
+        s = d.astype(np.float64) * sc
+        q = np.clip(np.round((sub + (dmin.astype(np.float64) * mn)[..., None]) / np.where(s > 0, s, 1)[..., None]),
+                    0, 15).astype(np.uint8)  # (B, 8, 32)
+        scales = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+                                 (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)], axis=1)  # get_scale_min's packing
+        qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(-1, 128)  # 32 bytes: sub-block 2c low nibbles, 2c+1 high
+        out = np.concatenate([d.view(np.uint8), dmin.view(np.uint8), scales, qs], axis=1)
+    else:
+        sub = x.reshape(-1, 16, 16)
+        step = np.abs(sub).max(-1) / 31  # (B, 16): w = step (q - 32), q - 32 in [-32, 31]
+        d = (step.max(-1, keepdims=True) / 127).astype(np.float16)
+        sc = np.clip(np.round(step / np.where(d > 0, d, 1)), -128, 127).astype(np.int8)
+        s = d.astype(np.float64) * sc
+        q = (np.clip(np.round(sub / np.where(s != 0, s, 1)[..., None]), -32, 31) + 32).astype(np.uint8)
+        q = q.reshape(-1, 2, 4, 32)  # (B, half, quarter, l): the layout of vgguf._q6_k_codes
+        lo, hi = q & 15, q >> 4
+        ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)
+        qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+        out = np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8), d.view(np.uint8)], axis=1)
+    return out.reshape(n, -1)
+
+
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_k_quantize_keeps_the_weights(qtype):
+    """The test's own Q4_K / Q6_K writer: gguf's dequantization of its bytes is within one step of the weights
+    (a wrongly packed scale or code would be far off), so the tiny models below carry their weights."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((8, 512)) * 0.1 + 0.02).astype(np.float32)
+    err = np.abs(gguf.quants.dequantize(k_quantize(w, qtype), qtype) - w)
+    assert err.max() < (0.03 if qtype == QT.Q4_K else 0.008)  # measured 0.019 (step ~0.05), 0.006 (~0.012)
+
+
+def quantize_any(w: np.ndarray, qtype: QT) -> np.ndarray:
+    return k_quantize(w, qtype) if qtype in K_TYPES else gguf.quants.quantize(w, qtype)
 
 
 def blocks(qtype: QT, rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
     """(raw rows (rows, bytes) uint8 as llama.cpp's quantizer writes them, gguf's dequantization (rows, cols))."""
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((rows, cols)) * 0.1 + rng.uniform(-0.05, 0.05, (rows, 1))).astype(np.float32)
-    raw = gguf.quants.quantize(w, qtype)
+    raw = quantize_any(w, qtype)
     return torch.from_numpy(raw.copy()), gguf.quants.dequantize(raw, qtype).astype(np.float64)
 
 
 def steps(raw: np.ndarray, qtype: QT) -> torch.Tensor:
-    """Per weight, the step d of its block's codes."""
-    d = raw.reshape(-1, vgguf.DEQUANTIZERS[qtype][1])[:, :2].copy().view("<f2").astype(np.float64)
+    """Per weight, the step of its group's codes: d of the block, d * scale of the sub-block for Q4_K."""
+    b = raw.reshape(-1, vgguf.DEQUANTIZERS[qtype][1])
+    d = b[:, :2].copy().view("<f2").astype(np.float64)
+    if qtype == QT.Q4_K:
+        d = d * gguf.quants.Q4_K.get_scale_min(b[:, 4:16])[0].astype(np.float64)  # (B, 8)
     return torch.from_numpy(np.repeat(np.abs(d).reshape(raw.shape[0], -1), 32, axis=1))
 
 
@@ -71,12 +126,12 @@ def kernel_form(x: torch.Tensor, w: torch.Tensor, step: torch.Tensor, qtype: QT)
 @pytest.mark.parametrize("qtype", NATIVE, ids=lambda t: t.name)
 @pytest.mark.parametrize("out_features", [48, 40])  # 48: the CPU kernel; 40: the dequantizing path
 def test_native_linear_equals_gguf_dequantized(qtype, dtype, out_features):
-    raw, w = blocks(qtype, out_features, 128)
+    raw, w = blocks(qtype, out_features, 256)
     layer = native_linear(raw, qtype, dtype, "cpu")
     assert isinstance(layer, Int8GroupLinear if qtype == QT.Q8_0 else Int4Linear)
     assert (layer.planes if qtype == QT.Q8_0 else layer).kernel == (out_features % 16 == 0 and dtype != torch.float64)
     torch.manual_seed(0)
-    x = torch.randn(3, 128).to(dtype)
+    x = torch.randn(3, 256).to(dtype)
     y = layer(x)
     assert y.dtype == dtype and y.shape == (3, out_features)
     w = torch.from_numpy(w)
@@ -86,7 +141,7 @@ def test_native_linear_equals_gguf_dequantized(qtype, dtype, out_features):
     tol = bound(xk, wk, y_ref, dtype, step)
     err = (y.double() - y_ref).abs()
     assert (err <= tol).all(), f"max excess {(err - tol).max().item():.3g}"
-    if qtype == QT.Q4_1 and dtype != torch.bfloat16:  # the test can fail: Q4_1's offset taken as m, not m + 8d
+    if qtype in (QT.Q4_1, QT.Q4_K) and dtype != torch.bfloat16:  # the test can fail: offset m, not m + 8d
         q, d, m = vgguf.decode_blocks(raw, qtype)
         wrong = Int4Linear.from_codes(q, d, m, 32, dtype)
         assert ((wrong(x).double() - y_ref).abs() > tol).float().mean() > 0.5
@@ -101,11 +156,18 @@ def test_int4_packing_in_row_blocks_gives_the_whole_layout(monkeypatch):
     assert torch.equal(quantize.pack_int4(q), whole)
 
 
-@pytest.mark.parametrize("qtype", NATIVE, ids=lambda t: t.name)
+def test_q6_k_matrices_have_no_int4_layout():
+    raw, _ = blocks(QT.Q6_K, 16, 256)
+    with pytest.raises(ValueError, match="Q6_K matrices have no int4 layout: its 16-value sub-blocks"):
+        native_linear(raw, QT.Q6_K, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("qtype", [*NATIVE, QT.Q6_K], ids=lambda t: t.name)
 def test_native_embedding_rows_equal_gguf_dequantized(qtype):
-    raw, w = blocks(qtype, 50, 96, seed=3)
+    raw, w = blocks(qtype, 50, 256 if qtype in K_TYPES else 96, seed=3)
     emb = native_embedding(raw, qtype, torch.float32, "cpu")
     assert isinstance(emb, QuantizedEmbedding) and emb.codes.dtype == torch.int8
+    assert emb.group_size == (16 if qtype == QT.Q6_K else 32)
     ids = torch.tensor([[0, 7, 49], [7, 7, 1]])
     assert torch.equal(emb(ids).double(), torch.from_numpy(w)[ids])
     assert native_embedding(raw, qtype, torch.bfloat16, "cpu")(ids).dtype == torch.bfloat16
