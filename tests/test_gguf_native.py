@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -204,6 +205,42 @@ def test_tiny_gguf_native_equals_dequantized(arch, bpe, tmp_path, monkeypatch): 
     assert lm.new_cache(1, 8).keys[0].dtype == torch.float32
     assert load_model(str(path), quantize="gguf", dtype=torch.float64).model.new_cache(1, 8).keys[0].dtype == \
         torch.float64
+
+
+# as llama.cpp's Q4_K_M mixes them: matrices Q4_K, some Q6_K (llama: ffn_down and the head, dequantized; qwen2:
+# a Q6_K embedding, native, and its tied head, dequantized). K-quant rows need 256 inputs: hidden 256, MLP 512.
+K_MIX = {"token_embd": QT.Q4_K, "attn_q": QT.Q4_K, "attn_k": QT.Q4_K, "attn_v": QT.Q4_K, "attn_output": QT.Q4_K,
+         "ffn_gate": QT.Q4_K, "ffn_up": QT.Q4_K, "ffn_down": QT.Q6_K, "output": QT.Q6_K}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_k_quant_gguf_native_equals_dequantized(arch, bpe, tmp_path, monkeypatch):  # noqa: F811
+    types = K_MIX if arch == "llama" else dict(K_MIX, token_embd=QT.Q6_K, ffn_down=QT.Q4_K)
+    monkeypatch.setattr(test_gguf, "TENSOR_TYPES", types)
+    monkeypatch.setattr(test_gguf, "QUANTIZE", quantize_any)
+    model = tiny_hf_model(arch, len(bpe[0]), hidden_size=256, intermediate_size=512)
+    path = write_gguf(tmp_path / f"tiny-k-{arch}.gguf", model, arch, bpe)
+    reference, tok = load_gguf(path)
+    seen: list[QT] = []
+    dequantize = vgguf.dequantize
+    monkeypatch.setattr(vgguf, "dequantize", lambda data, qtype, shape: seen.append(QT(qtype)) or
+                        dequantize(data, qtype, shape))
+    first = "blk.0.ffn_down.weight (Q6_K)" if arch == "llama" else "token_embd.weight (Q6_K, as the tied head)"
+    with pytest.warns(UserWarning, match=rf"\({re.escape(first)}.*Q6_K matrices: its 16-value sub-blocks"):
+        loaded = load_model(str(path), quantize="gguf", dtype=torch.float32)
+    assert set(seen) == {QT.F32, QT.Q6_K}  # the norms and the Q6_K matrices only
+    lm = loaded.model
+    assert isinstance(lm.embed, QuantizedEmbedding) and lm.embed.group_size == (32 if arch == "llama" else 16)
+    assert type(lm.lm_head) is torch.nn.Linear
+    for layer in lm.layers:
+        assert isinstance(layer.attn.qkv, Int4Linear) and isinstance(layer.attn.out, Int4Linear)
+        assert isinstance(layer.mlp.gate_up, Int4Linear)
+        assert isinstance(layer.mlp.down, torch.nn.Linear if arch == "llama" else Int4Linear)
+    ids = torch.tensor([tok.encode("<|im_start|>user\nHello world, 2024!<|im_end|>\n<|im_start|>assistant\n")])
+    with torch.no_grad():
+        ours, theirs = lm(ids).logits, reference(ids).logits
+        assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+        assert test_gguf.greedy(lm, ids, 20) == test_gguf.greedy(reference, ids, 20)
 
 
 def test_other_types_are_dequantized_with_a_warning(bpe, tmp_path, monkeypatch):  # noqa: F811
