@@ -239,25 +239,28 @@ class Int4Linear(nn.Module):
 
 
 class Int8GroupLinear(nn.Module):
-    """A linear layer with int8 weights and one scale per group of `group_size` inputs (a GGUF Q8_0 tensor:
-    W = q * d, q in [-128, 127]), which `_weight_int8pack_mm` cannot take (its scales are per output channel).
-    It is split exactly into two int4 planes: with u = q + 128 = 16 h + l (h, l in [0, 15]),
-    q * d = (h - 8) * 16d + ((l - 8) * d + 8d). Both planes sit side by side in one Int4Linear over 2K inputs
-    (`planes`: groups of h with scale 16d, offset 0, then groups of l with scale d, offset 8d) fed [x, x], so
-    one int4 kernel call sums them in its fp32 accumulator. 8 bits a weight, as int8; 16d and d are exact in
-    any float type that holds d. Chosen by measurement against a dequantized bf16 / fp32 matrix and int4
-    re-quantization on SmolLM2's tied head (49152 x 576): bench/bench_gguf_q8.py."""
+    """A linear layer with int8 weights and one scale (and optionally one offset) per group of `group_size` inputs:
+    W = q * d + offset, q in [-128, 127] (a GGUF Q8_0 tensor; a 5-bit Q5_x one, whose codes fit in int8), which
+    `_weight_int8pack_mm` cannot take (its scales are per output channel). It is split exactly into two int4
+    planes: with u = q + 128 = 16 h + l (h, l in [0, 15]), q * d + offset = (h - 8) * 16d + ((l - 8) * d + 8d +
+    offset). Both planes sit side by side in one Int4Linear over 2K inputs (`planes`: groups of h with scale 16d,
+    offset 0, then groups of l with scale d, offset 8d + offset) fed [x, x], so one int4 kernel call sums them in
+    its fp32 accumulator. 8 bits a weight, as int8; 16d and d are exact in any float type that holds d (8d +
+    offset is rounded once, as a Q4_1 offset). Chosen by measurement against a dequantized bf16 / fp32 matrix and
+    int4 re-quantization on SmolLM2's tied head (49152 x 576): bench/bench_gguf_q8.py."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None, bias: torch.Tensor | None = None) -> None:
+                 device: torch.device | str | None = None, bias: torch.Tensor | None = None,
+                 offset: torch.Tensor | None = None) -> None:
         super().__init__()
         u = q.to(torch.int8).view(torch.uint8) ^ 128  # q + 128 as a byte
         scale = scale.float()
+        low_offset = 8 * scale if offset is None else 8 * scale + offset.float()
         codes = torch.cat([u >> 4, u & 15], dim=1)
         del u
         self.planes = Int4Linear.from_codes(codes, torch.cat([16 * scale, scale], dim=1),
-                                            torch.cat([torch.zeros_like(scale), 8 * scale], dim=1), group_size, dtype,
-                                            device, bias)
+                                            torch.cat([torch.zeros_like(scale), low_offset], dim=1), group_size,
+                                            dtype, device, bias)
         self.in_features, self.out_features, self.group_size = q.shape[1], q.shape[0], group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

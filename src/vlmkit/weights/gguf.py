@@ -67,18 +67,19 @@ def _dequant_q4_1(b: np.ndarray) -> np.ndarray:
 
 
 def _q5(b: np.ndarray, qh_at: int) -> np.ndarray:
-    """The 5-bit values of a q5_0/q5_1 block: low nibbles | bit j of qh << 4 (qh: uint32 after the scales)."""
-    return (_nibbles(b[:, qh_at + 4:qh_at + 20]) | (_bits(b[:, qh_at:qh_at + 4], 32) << 4)).astype(np.float32)
+    """The 5-bit values (uint8) of a q5_0/q5_1 block: low nibbles | bit j of qh << 4 (qh: uint32 after the
+    scales)."""
+    return _nibbles(b[:, qh_at + 4:qh_at + 20]) | (_bits(b[:, qh_at:qh_at + 4], 32) << 4)
 
 
 def _dequant_q5_0(b: np.ndarray) -> np.ndarray:
     # block_q5_0 {fp16 d; uint8 qh[4]; uint8 qs[16]}: x = (q - 16) * d
-    return (_q5(b, 2) - 16) * _f16(b, 0)
+    return (_q5(b, 2).astype(np.float32) - 16) * _f16(b, 0)
 
 
 def _dequant_q5_1(b: np.ndarray) -> np.ndarray:
     # block_q5_1 {fp16 d, m; uint8 qh[4]; uint8 qs[16]}: x = q * d + m
-    return _q5(b, 4) * _f16(b, 0) + _f16(b, 2)
+    return _q5(b, 4).astype(np.float32) * _f16(b, 0) + _f16(b, 2)
 
 
 def _dequant_q8_0(b: np.ndarray) -> np.ndarray:
@@ -109,13 +110,18 @@ def _dequant_q4_k(b: np.ndarray) -> np.ndarray:
     return ((d * scales)[:, :, None] * q - (dmin * mins)[:, :, None]).reshape(-1, 256)
 
 
-def _dequant_q5_k(b: np.ndarray) -> np.ndarray:
-    # block_q5_K {fp16 d, dmin; uint8 scales[12]; uint8 qh[32]; uint8 qs[128]}: as q4_K with a
-    # fifth bit: sub-block s takes bit s of qh[l] for its value l.
-    scales, mins = _k_scales(b[:, 4:16])
+def _q5_k_codes(b: np.ndarray) -> np.ndarray:
+    """block_q5_K {fp16 d, dmin; uint8 scales[12]; uint8 qh[32]; uint8 qs[128]}: as q4_K with a fifth bit:
+    sub-block s takes bit s of qh[l] for its value l. -> (n, 8, 32) uint8 in [0, 31]."""
     qh = b[:, 16:48]  # (n, 32)
     high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # (n, 8, 32)
-    q = (_k_sub_blocks(b[:, 48:176]) | (high << 4)).astype(np.float32)
+    return _k_sub_blocks(b[:, 48:176]) | (high << 4)
+
+
+def _dequant_q5_k(b: np.ndarray) -> np.ndarray:
+    # x = d * scale[s] * q - dmin * min[s], layout in _q5_k_codes
+    scales, mins = _k_scales(b[:, 4:16])
+    q = _q5_k_codes(b).astype(np.float32)
     d, dmin = _f16(b, 0), _f16(b, 2)
     return ((d * scales)[:, :, None] * q - (dmin * mins)[:, :, None]).reshape(-1, 256)
 
@@ -301,9 +307,10 @@ def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> dict[st
 def read_gguf(path: str | Path, keep: frozenset[QT] = frozenset()) -> tuple[dict[str, Any], dict[str, torch.Tensor],
                                                                       dict[str, Any]]:
     """(transformers config dict, transformers-named float32 state dict, raw metadata) of a GGUF LM. A matrix of a
-    type in `keep` stays as its raw blocks, a (rows, blocks, block bytes) uint8 tensor (the last two name the
-    type: NATIVE_TYPES differ in them): a block never crosses a row, so the renaming, the Q/K row unpermutation and the converter's row concatenations (q/k/v, gate/up) apply to the
-    blocks as to floats (load_gguf(native=True)). Tensors fused with one of another type are dequantized."""
+    type in `keep` stays as its raw blocks, a (rows, blocks, block bytes) uint8 tensor (values per block and
+    block bytes tell NATIVE_TYPES apart): a block never crosses a row, so the renaming, the Q/K row unpermutation
+    and the converter's row concatenations (q/k/v, gate/up) apply to the blocks as to floats
+    (load_gguf(native=True)). Tensors fused with one of another type are dequantized."""
     reader = _open(path)
     meta = _metadata(reader)
     names = {t.name for t in reader.tensors}
@@ -366,23 +373,26 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, native: bool
 
 
 # --- native (still quantized) loading --------------------------------------------------------------
-# ggml block types whose matrices map exactly onto int4 groups of 32 (Int4Linear.from_codes; Q8_0 as
+# ggml block types whose matrices map exactly onto int4 groups of 32 (Q4_x: Int4Linear.from_codes; Q5_x and Q8_0:
 # Int8GroupLinear's two int4 planes), and the types kept as blocks at all: Q6_K only for the token embedding
 # (QuantizedEmbedding takes any group), its matrices are dequantized (_NO_LINEAR says why).
-LINEAR_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K})
+INT4_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q4_K})
+LINEAR_TYPES = INT4_TYPES | {QT.Q5_0, QT.Q5_1, QT.Q5_K, QT.Q8_0}
 NATIVE_TYPES = LINEAR_TYPES | {QT.Q6_K}
 _NO_LINEAR = {QT.Q6_K: "its 16-value sub-blocks are finer than the int4 kernel's groups (32 to 256)"}
 _NATIVE_BY_LAYOUT = {DEQUANTIZERS[t][:2]: t for t in NATIVE_TYPES}  # (values, bytes) of a block -> type
 _FLOAT_TYPES = frozenset({QT.F32, QT.F16, QT.BF16})
+_CODE_ZERO = {QT.Q4_0: 8, QT.Q5_0: 16}  # w = (q - zero) d; the other types' w = q d (+ m)
 BLOCK = 32
 
 
 def decode_blocks(rows: torch.Tensor, qtype: QT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(N, bytes) (or (N, blocks, block bytes)) raw rows -> codes q (N, K), a step d (N, K / g) and m (N, K / g)
-    fp32 (None for Q4_0 / Q8_0 / Q6_K) per group of g = 32 values (16 for Q6_K), with ggml's formulas:
-    Q4_0 w = (q - 8) d, Q4_1 and Q4_K w = q d + m (q uint8 in [0, 15]), Q8_0 and Q6_K w = q d (q int8).
-    Q4_K's 8 sub-blocks of 32 give d = d_block * scale_s and m = -dmin * min_s, Q6_K's 16 sub-blocks of 16
-    d = d_block * scale_s: fp16 times a 6- or 8-bit integer, exact in fp32."""
+    fp32 (None for Q4_0 / Q5_0 / Q8_0 / Q6_K) per group of g = 32 values (16 for Q6_K), with ggml's formulas:
+    Q4_0 w = (q - 8) d, Q5_0 w = (q - 16) d, Q4_1 / Q4_K / Q5_1 / Q5_K w = q d + m (q uint8 in [0, 15] or
+    [0, 31]), Q8_0 and Q6_K w = q d (q int8). Q4_K's / Q5_K's 8 sub-blocks of 32 give d = d_block * scale_s
+    and m = -dmin * min_s, Q6_K's 16 sub-blocks of 16 d = d_block * scale_s: fp16 times a 6- or 8-bit integer,
+    exact in fp32."""
     n = rows.shape[0]
     b = rows.numpy().reshape(-1, DEQUANTIZERS[qtype][1])  # (N * blocks, block bytes)
     m = None
@@ -392,10 +402,14 @@ def decode_blocks(rows: torch.Tensor, qtype: QT) -> tuple[torch.Tensor, torch.Te
         q, d = _nibbles(b[:, 2:18]), _f16(b, 0)
     elif qtype == QT.Q4_1:
         q, d, m = _nibbles(b[:, 4:20]), _f16(b, 0), torch.from_numpy(_f16(b, 2)).view(n, -1)
-    elif qtype == QT.Q4_K:
+    elif qtype == QT.Q5_0:
+        q, d = _q5(b, 2), _f16(b, 0)
+    elif qtype == QT.Q5_1:
+        q, d, m = _q5(b, 4), _f16(b, 0), torch.from_numpy(_f16(b, 2)).view(n, -1)
+    elif qtype in (QT.Q4_K, QT.Q5_K):
         scales, mins = _k_scales(b[:, 4:16])  # (N * blocks, 8)
-        q, d = _k_sub_blocks(b[:, 16:144]), _f16(b, 0) * scales
-        m = torch.from_numpy(-(_f16(b, 2) * mins)).view(n, -1)
+        q = _k_sub_blocks(b[:, 16:144]) if qtype == QT.Q4_K else _q5_k_codes(b)
+        d, m = _f16(b, 0) * scales, torch.from_numpy(-(_f16(b, 2) * mins)).view(n, -1)
     elif qtype == QT.Q6_K:
         q, d = _q6_k_codes(b), _q6_k_steps(b)
     else:
@@ -407,22 +421,23 @@ def decode_blocks(rows: torch.Tensor, qtype: QT) -> tuple[torch.Tensor, torch.Te
 def native_linear(rows: torch.Tensor, qtype: QT, dtype: torch.dtype, device: torch.device | str,
                   bias: torch.Tensor | None = None) -> nn.Module:
     """The linear layer of a matrix in raw blocks: Q4_0 / Q4_1 / Q4_K as an Int4Linear (its W = (q - 8) scale +
-    offset per group of 32: Q4_0 is scale d, offset 0; Q4_1 / Q4_K scale d, offset m + 8d), Q8_0 as an
-    Int8GroupLinear. ValueError for a type of NATIVE_TYPES not in LINEAR_TYPES (Q6_K)."""
+    offset per group of 32: Q4_0 is scale d, offset 0; Q4_1 / Q4_K scale d, offset m + 8d), Q8_0 and Q5_x as an
+    Int8GroupLinear (W = c d + m with int8 codes c: q, or q - 16 for Q5_0). ValueError for a type of NATIVE_TYPES
+    not in LINEAR_TYPES (Q6_K)."""
     if qtype in _NO_LINEAR:
         raise ValueError(f"{qtype.name} matrices have no int4 layout: {_NO_LINEAR[qtype]}; dequantize them")
     q, d, m = decode_blocks(rows, qtype)
-    if qtype == QT.Q8_0:
-        return Int8GroupLinear(q, d, BLOCK, dtype, device, bias)
+    if qtype not in INT4_TYPES:
+        return Int8GroupLinear(q.to(torch.int8) - _CODE_ZERO.get(qtype, 0), d, BLOCK, dtype, device, bias, m)
     offset = torch.zeros_like(d) if m is None else m + 8 * d
     return Int4Linear.from_codes(q, d, offset, BLOCK, dtype, device, bias)
 
 
 def native_embedding(rows: torch.Tensor, qtype: QT, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """The token embedding of a matrix in raw blocks, dequantizing only the rows looked up (QuantizedEmbedding:
-    codes * d + m with codes q - 8 for Q4_0, q for the others; groups of 32, of 16 for Q6_K)."""
+    codes * d + m with codes q - 8 for Q4_0, q - 16 for Q5_0, q for the others; groups of 32, of 16 for Q6_K)."""
     q, d, m = decode_blocks(rows, qtype)
-    codes = q.to(torch.int8) - 8 if qtype == QT.Q4_0 else q.to(torch.int8)
+    codes = q.to(torch.int8) - _CODE_ZERO.get(qtype, 0)
     return QuantizedEmbedding(codes, d, m, q.shape[1] // d.shape[1], dtype, device)
 
 
