@@ -1,14 +1,17 @@
-"""--quantize gguf (weights/gguf.py load_native): a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks kept as integer weights.
+"""--quantize gguf (weights/gguf.py load_native): a GGUF file's Q4_x / Q5_x / Q8_0 blocks kept as integer weights.
 
 Oracles:
 - layers: the native layers (torch's int4 CPU kernel, which computes (q - 8) * scale + offset per group, and the
   dequantizing path) equal F.linear with the weights dequantized by the `gguf` package's own
   `gguf.quants.dequantize` (llama.cpp's formulas) in float64, within test_quantize's derived `bound`; and a layer
-  built with a wrong offset (Q4_1's min m where m + 8d is due) is far outside it, so the test can fail;
-- the quantized embedding's rows equal gguf.quants.dequantize's rows exactly (the same fp32 operations);
+  built with a wrong offset (Q4_1's / Q4_K's min m where m + 8d is due, Q5_x planes without m) is far outside
+  it, so the test can fail; gguf-py writes no K-quants, so the test's k_quantize writes their blocks;
+- the quantized embedding's rows (Q6_K's too) equal gguf.quants.dequantize's rows exactly (the same fp32
+  operations);
 - whole model: a tiny llama / qwen2 GGUF (written as llama.cpp's converter writes it: test_gguf.write_gguf) loaded
   natively in fp32 gives the logits and greedy tokens of the same file dequantized (load_gguf, itself checked
-  against transformers in test_gguf), and never dequantizes a Q4_0 / Q4_1 / Q8_0 tensor;
+  against transformers in test_gguf), and never dequantizes a Q4_0 / Q4_1 / Q8_0 tensor; the same for a
+  Q4_K_M-like file (Q4_K, Q5_x, Q6_K: only its Q6_K matrices are dequantized);
 - SmolLM2-135M-Instruct Q4_1 (slow): the same greedy tokens over 64 steps as the file dequantized to fp32 on 10
   prompts, perplexity of test_quantize's PROSE within 8% of fp32's, and a peak memory of loading lower than the
   dequantizing load's by more than the float32 weights' size.

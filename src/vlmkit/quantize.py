@@ -28,9 +28,11 @@ its own quantized copy; the embedding stays float, read one row per token). MoE 
 not nn.Linear) and the router (read as a float matrix) stay float. The vision tower and projector stay float:
 they run once per image over hundreds of rows, where the kernels are slower than float weights.
 
-`--quantize gguf` does not quantize: it keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks (weights/gguf.py
-load_native), Q4_x as Int4Linear.from_codes, Q8_0 as an Int8GroupLinear (two exact int4 planes), and the token
-embedding as a QuantizedEmbedding (only looked-up rows dequantized; a tied head gets its own layer).
+`--quantize gguf` does not quantize: it keeps a GGUF file's blocks (weights/gguf.py load_native): Q4_0 / Q4_1 /
+Q4_K as Int4Linear.from_codes (groups of 32: Q4_K's sub-blocks), Q5_0 / Q5_1 / Q5_K / Q8_0 as an Int8GroupLinear
+(two exact int4 planes), and the token embedding (those types or Q6_K) as a QuantizedEmbedding (only looked-up
+rows dequantized; a tied head gets its own layer). Q6_K matrices are dequantized: their 16-value sub-blocks are
+finer than the kernel's groups.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from torch import nn
 
 GROUP_SIZES = (32, 64, 128)
 # --quantize choices: int4 is group 32 (the most accurate; the kernel is as fast at 32 as at 64 or 128)
-# nf4: train/qlora.py's NF4 layers; gguf: a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks loaded as they are
+# nf4: train/qlora.py's NF4 layers; gguf: a GGUF file's Q4_x / Q5_x / Q8_0 blocks loaded as they are
 # (weights/gguf.py load_gguf(native=True))
 GGUF_NATIVE = "gguf"
 QUANTIZE_CHOICES = ("int8", "int4", "int4-g64", "int4-g128", "nf4", GGUF_NATIVE)
@@ -186,7 +188,7 @@ class Int4Linear(nn.Module):
                    dtype: torch.dtype, device: torch.device | str | None = None,
                    bias: torch.Tensor | None = None) -> Int4Linear:
         """A layer whose weights are already int4 codes: q (N, K) in [0, 15], scale and offset (N, K / group_size)
-        with W = (q - 8) * scale + offset per group, the kernel's own form (a GGUF Q4_0 / Q4_1 block maps onto it
+        with W = (q - 8) * scale + offset per group, the kernel's own form (a GGUF Q4_0 / Q4_1 / Q4_K block maps onto it
         exactly: weights/gguf.py). Nothing is rounded but scale and offset to dtype on the kernel path. device:
         where the layer lives (None: torch's default device)."""
         layer = cls.__new__(cls)
@@ -273,7 +275,7 @@ class Int8GroupLinear(nn.Module):
 class QuantizedEmbedding(nn.Module):
     """A token embedding kept in group-quantized form: row v is codes[v] * scale[v, g] + low[v, g] per group of
     `group_size` (int8 codes; low zero when absent), dequantized only for the rows looked up, in fp32 and then
-    cast to `dtype`, the model's float type (a GGUF Q8_0 / Q4_0 / Q4_1 token_embd: weights/gguf.py)."""
+    cast to `dtype`, the model's float type (a GGUF token_embd: weights/gguf.py native_embedding)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None, group_size: int,
                  dtype: torch.dtype, device: torch.device | str | None = None) -> None:
