@@ -160,6 +160,8 @@ def bpe():
 TENSOR_TYPES = {"token_embd": QT.Q8_0, "attn_q": QT.Q4_0, "attn_k": QT.Q4_1, "attn_v": QT.Q5_0,
                 "attn_output": QT.Q5_1, "ffn_gate": QT.BF16, "ffn_up": QT.F16, "ffn_down": QT.Q8_0,
                 "output": QT.F16}
+# write_gguf's quantizer (test_gguf_native swaps in one that also writes Q4_K / Q6_K, which gguf-py cannot)
+QUANTIZE = gguf.quants.quantize
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
@@ -221,7 +223,7 @@ def write_gguf(path, model, arch: str, bpe, pre: str = "gpt2", add_bos: bool = F
         elif qtype == QT.F16:
             w.add_tensor(gname, data.astype(np.float16))
         else:
-            w.add_tensor(gname, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            w.add_tensor(gname, QUANTIZE(data, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -229,12 +231,13 @@ def write_gguf(path, model, arch: str, bpe, pre: str = "gpt2", add_bos: bool = F
     return path
 
 
-def tiny_hf_model(arch: str, vocab_size: int):
+def tiny_hf_model(arch: str, vocab_size: int, hidden_size: int = 64, intermediate_size: int = 128):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  rms_norm_eps=1e-5)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, rope_theta=10000.0, tie_word_embeddings=False))
     else:

@@ -28,9 +28,11 @@ its own quantized copy; the embedding stays float, read one row per token). MoE 
 not nn.Linear) and the router (read as a float matrix) stay float. The vision tower and projector stay float:
 they run once per image over hundreds of rows, where the kernels are slower than float weights.
 
-`--quantize gguf` does not quantize: it keeps a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks (weights/gguf.py
-load_native), Q4_x as Int4Linear.from_codes, Q8_0 as an Int8GroupLinear (two exact int4 planes), and the token
-embedding as a QuantizedEmbedding (only looked-up rows dequantized; a tied head gets its own layer).
+`--quantize gguf` does not quantize: it keeps a GGUF file's blocks (weights/gguf.py load_native): Q4_0 / Q4_1 /
+Q4_K as Int4Linear.from_codes (groups of 32: Q4_K's sub-blocks), Q5_0 / Q5_1 / Q5_K / Q8_0 as an Int8GroupLinear
+(two exact int4 planes), and the token embedding (those types or Q6_K) as a QuantizedEmbedding (only looked-up
+rows dequantized; a tied head gets its own layer). Q6_K matrices are dequantized: their 16-value sub-blocks are
+finer than the kernel's groups.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from torch import nn
 
 GROUP_SIZES = (32, 64, 128)
 # --quantize choices: int4 is group 32 (the most accurate; the kernel is as fast at 32 as at 64 or 128)
-# nf4: train/qlora.py's NF4 layers; gguf: a GGUF file's Q4_0 / Q4_1 / Q8_0 blocks loaded as they are
+# nf4: train/qlora.py's NF4 layers; gguf: a GGUF file's Q4_x / Q5_x / Q8_0 blocks loaded as they are
 # (weights/gguf.py load_gguf(native=True))
 GGUF_NATIVE = "gguf"
 QUANTIZE_CHOICES = ("int8", "int4", "int4-g64", "int4-g128", "nf4", GGUF_NATIVE)
@@ -186,7 +188,7 @@ class Int4Linear(nn.Module):
                    dtype: torch.dtype, device: torch.device | str | None = None,
                    bias: torch.Tensor | None = None) -> Int4Linear:
         """A layer whose weights are already int4 codes: q (N, K) in [0, 15], scale and offset (N, K / group_size)
-        with W = (q - 8) * scale + offset per group, the kernel's own form (a GGUF Q4_0 / Q4_1 block maps onto it
+        with W = (q - 8) * scale + offset per group, the kernel's own form (a GGUF Q4_0 / Q4_1 / Q4_K block maps onto it
         exactly: weights/gguf.py). Nothing is rounded but scale and offset to dtype on the kernel path. device:
         where the layer lives (None: torch's default device)."""
         layer = cls.__new__(cls)
@@ -239,25 +241,28 @@ class Int4Linear(nn.Module):
 
 
 class Int8GroupLinear(nn.Module):
-    """A linear layer with int8 weights and one scale per group of `group_size` inputs (a GGUF Q8_0 tensor:
-    W = q * d, q in [-128, 127]), which `_weight_int8pack_mm` cannot take (its scales are per output channel).
-    It is split exactly into two int4 planes: with u = q + 128 = 16 h + l (h, l in [0, 15]),
-    q * d = (h - 8) * 16d + ((l - 8) * d + 8d). Both planes sit side by side in one Int4Linear over 2K inputs
-    (`planes`: groups of h with scale 16d, offset 0, then groups of l with scale d, offset 8d) fed [x, x], so
-    one int4 kernel call sums them in its fp32 accumulator. 8 bits a weight, as int8; 16d and d are exact in
-    any float type that holds d. Chosen by measurement against a dequantized bf16 / fp32 matrix and int4
-    re-quantization on SmolLM2's tied head (49152 x 576): bench/bench_gguf_q8.py."""
+    """A linear layer with int8 weights and one scale (and optionally one offset) per group of `group_size` inputs:
+    W = q * d + offset, q in [-128, 127] (a GGUF Q8_0 tensor; a 5-bit Q5_x one, whose codes fit in int8), which
+    `_weight_int8pack_mm` cannot take (its scales are per output channel). It is split exactly into two int4
+    planes: with u = q + 128 = 16 h + l (h, l in [0, 15]), q * d + offset = (h - 8) * 16d + ((l - 8) * d + 8d +
+    offset). Both planes sit side by side in one Int4Linear over 2K inputs (`planes`: groups of h with scale 16d,
+    offset 0, then groups of l with scale d, offset 8d + offset) fed [x, x], so one int4 kernel call sums them in
+    its fp32 accumulator. 8 bits a weight, as int8; 16d and d are exact in any float type that holds d (8d +
+    offset is rounded once, as a Q4_1 offset). Chosen by measurement against a dequantized bf16 / fp32 matrix and
+    int4 re-quantization on SmolLM2's tied head (49152 x 576): bench/bench_gguf_q8.py."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None, bias: torch.Tensor | None = None) -> None:
+                 device: torch.device | str | None = None, bias: torch.Tensor | None = None,
+                 offset: torch.Tensor | None = None) -> None:
         super().__init__()
         u = q.to(torch.int8).view(torch.uint8) ^ 128  # q + 128 as a byte
         scale = scale.float()
+        low_offset = 8 * scale if offset is None else 8 * scale + offset.float()
         codes = torch.cat([u >> 4, u & 15], dim=1)
         del u
         self.planes = Int4Linear.from_codes(codes, torch.cat([16 * scale, scale], dim=1),
-                                            torch.cat([torch.zeros_like(scale), 8 * scale], dim=1), group_size, dtype,
-                                            device, bias)
+                                            torch.cat([torch.zeros_like(scale), low_offset], dim=1), group_size,
+                                            dtype, device, bias)
         self.in_features, self.out_features, self.group_size = q.shape[1], q.shape[0], group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -270,7 +275,7 @@ class Int8GroupLinear(nn.Module):
 class QuantizedEmbedding(nn.Module):
     """A token embedding kept in group-quantized form: row v is codes[v] * scale[v, g] + low[v, g] per group of
     `group_size` (int8 codes; low zero when absent), dequantized only for the rows looked up, in fp32 and then
-    cast to `dtype`, the model's float type (a GGUF Q8_0 / Q4_0 / Q4_1 token_embd: weights/gguf.py)."""
+    cast to `dtype`, the model's float type (a GGUF token_embd: weights/gguf.py native_embedding)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None, group_size: int,
                  dtype: torch.dtype, device: torch.device | str | None = None) -> None:

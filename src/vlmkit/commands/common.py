@@ -39,9 +39,10 @@ def add_model_flag(p: argparse.ArgumentParser) -> None:
                         "groups) weights for the language model's linear layers, through PyTorch's CPU kernels: "
                          "faster decoding, slower prefill; computes in bfloat16 unless --dtype says otherwise "
                          "(float32 is slower than unquantized float32 on a CPU); nf4: QLoRA's 4-bit NormalFloat "
-                         "(torchao, dequantized per matmul: smallest, slowest); gguf keeps a .gguf file's Q4_0 / "
-                         "Q4_1 / Q8_0 blocks as they are (other types are dequantized, with a warning). A model "
-                         "folder is quantized layer by layer as it loads, so it never exists in full as floats")
+                         "(torchao, dequantized per matmul: smallest, slowest); gguf keeps a .gguf file's Q4_x / "
+                         "Q5_x / Q8_0 blocks as they are (Q6_K matrices and other types are dequantized, with a "
+                         "warning). A model folder is quantized layer by layer as it loads, so it never exists "
+                         "in full as floats")
     p.add_argument("--compile", action="store_true",
                    help="run the decode step through torch.compile: the first steps compile it (tens of seconds on a "
                         "CPU, reported on stderr), later ones run faster; needs a C++ compiler on a CPU")

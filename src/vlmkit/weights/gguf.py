@@ -67,18 +67,19 @@ def _dequant_q4_1(b: np.ndarray) -> np.ndarray:
 
 
 def _q5(b: np.ndarray, qh_at: int) -> np.ndarray:
-    """The 5-bit values of a q5_0/q5_1 block: low nibbles | bit j of qh << 4 (qh: uint32 after the scales)."""
-    return (_nibbles(b[:, qh_at + 4:qh_at + 20]) | (_bits(b[:, qh_at:qh_at + 4], 32) << 4)).astype(np.float32)
+    """The 5-bit values (uint8) of a q5_0/q5_1 block: low nibbles | bit j of qh << 4 (qh: uint32 after the
+    scales)."""
+    return _nibbles(b[:, qh_at + 4:qh_at + 20]) | (_bits(b[:, qh_at:qh_at + 4], 32) << 4)
 
 
 def _dequant_q5_0(b: np.ndarray) -> np.ndarray:
     # block_q5_0 {fp16 d; uint8 qh[4]; uint8 qs[16]}: x = (q - 16) * d
-    return (_q5(b, 2) - 16) * _f16(b, 0)
+    return (_q5(b, 2).astype(np.float32) - 16) * _f16(b, 0)
 
 
 def _dequant_q5_1(b: np.ndarray) -> np.ndarray:
     # block_q5_1 {fp16 d, m; uint8 qh[4]; uint8 qs[16]}: x = q * d + m
-    return _q5(b, 4) * _f16(b, 0) + _f16(b, 2)
+    return _q5(b, 4).astype(np.float32) * _f16(b, 0) + _f16(b, 2)
 
 
 def _dequant_q8_0(b: np.ndarray) -> np.ndarray:
@@ -109,28 +110,41 @@ def _dequant_q4_k(b: np.ndarray) -> np.ndarray:
     return ((d * scales)[:, :, None] * q - (dmin * mins)[:, :, None]).reshape(-1, 256)
 
 
-def _dequant_q5_k(b: np.ndarray) -> np.ndarray:
-    # block_q5_K {fp16 d, dmin; uint8 scales[12]; uint8 qh[32]; uint8 qs[128]}: as q4_K with a
-    # fifth bit: sub-block s takes bit s of qh[l] for its value l.
-    scales, mins = _k_scales(b[:, 4:16])
+def _q5_k_codes(b: np.ndarray) -> np.ndarray:
+    """block_q5_K {fp16 d, dmin; uint8 scales[12]; uint8 qh[32]; uint8 qs[128]}: as q4_K with a fifth bit:
+    sub-block s takes bit s of qh[l] for its value l. -> (n, 8, 32) uint8 in [0, 31]."""
     qh = b[:, 16:48]  # (n, 32)
     high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # (n, 8, 32)
-    q = (_k_sub_blocks(b[:, 48:176]) | (high << 4)).astype(np.float32)
+    return _k_sub_blocks(b[:, 48:176]) | (high << 4)
+
+
+def _dequant_q5_k(b: np.ndarray) -> np.ndarray:
+    # x = d * scale[s] * q - dmin * min[s], layout in _q5_k_codes
+    scales, mins = _k_scales(b[:, 4:16])
+    q = _q5_k_codes(b).astype(np.float32)
     d, dmin = _f16(b, 0), _f16(b, 2)
     return ((d * scales)[:, :, None] * q - (dmin * mins)[:, :, None]).reshape(-1, 256)
 
 
-def _dequant_q6_k(b: np.ndarray) -> np.ndarray:
-    # block_q6_K {uint8 ql[128]; uint8 qh[64]; int8 scales[16]; fp16 d}: two halves of 128 values;
-    # in half h, value l (< 32) of quarter k takes a nibble of ql (quarters 0/1: low nibbles of
-    # ql[l], ql[l+32]; 2/3: high nibbles) and bits 2k, 2k+1 of qh[l]; x = d * scale[p // 16] * (q - 32).
+def _q6_k_codes(b: np.ndarray) -> np.ndarray:
+    """block_q6_K {uint8 ql[128]; uint8 qh[64]; int8 scales[16]; fp16 d}: two halves of 128 values; in half h,
+    value l (< 32) of quarter k takes a nibble of ql (quarters 0/1: low nibbles of ql[l], ql[l+32]; 2/3: high
+    nibbles) and bits 2k, 2k+1 of qh[l]. -> (n, 16, 16) int8 q - 32, one row per sub-block of 16."""
     ql = b[:, 0:128].reshape(-1, 2, 2, 32)  # (n, half, l // 32, l % 32)
     qh = b[:, 128:192].reshape(-1, 2, 1, 32)
     low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # (n, 2, 4, 32): quarters 0, 1, 2, 3
     high = (qh >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3  # (n, 2, 4, 32)
-    q = (low | (high << 4)).astype(np.float32).reshape(-1, 16, 16) - 32
-    scales = b[:, 192:208].copy().view(np.int8).astype(np.float32)  # (n, 16)
-    return (_f16(b, 208)[:, :, None] * scales[:, :, None] * q).reshape(-1, 256)
+    return ((low | (high << 4)).astype(np.int8) - 32).reshape(-1, 16, 16)
+
+
+def _q6_k_steps(b: np.ndarray) -> np.ndarray:
+    """d * scale[s] of a q6_K block's 16 sub-blocks, (n, 16) float32 (exact: an fp16 times an int8)."""
+    return _f16(b, 208) * b[:, 192:208].copy().view(np.int8).astype(np.float32)
+
+
+def _dequant_q6_k(b: np.ndarray) -> np.ndarray:
+    # x = d * scale[p // 16] * (q - 32), layout in _q6_k_codes
+    return (_q6_k_steps(b)[:, :, None] * _q6_k_codes(b).astype(np.float32)).reshape(-1, 256)
 
 
 def _dequant_bf16(b: np.ndarray) -> np.ndarray:
@@ -293,9 +307,10 @@ def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> dict[st
 def read_gguf(path: str | Path, keep: frozenset[QT] = frozenset()) -> tuple[dict[str, Any], dict[str, torch.Tensor],
                                                                       dict[str, Any]]:
     """(transformers config dict, transformers-named float32 state dict, raw metadata) of a GGUF LM. A matrix of a
-    type in `keep` stays as its raw blocks, a (rows, bytes) uint8 tensor: a block never crosses a row, so the
-    renaming, the Q/K row unpermutation and the converter's row concatenations (q/k/v, gate/up) apply to the
-    blocks as to floats (load_gguf(native=True)). Tensors fused with one of another type are dequantized."""
+    type in `keep` stays as its raw blocks, a (rows, blocks, block bytes) uint8 tensor (values per block and
+    block bytes tell NATIVE_TYPES apart): a block never crosses a row, so the renaming, the Q/K row unpermutation
+    and the converter's row concatenations (q/k/v, gate/up) apply to the blocks as to floats
+    (load_gguf(native=True)). Tensors fused with one of another type are dequantized."""
     reader = _open(path)
     meta = _metadata(reader)
     names = {t.name for t in reader.tensors}
@@ -306,9 +321,10 @@ def read_gguf(path: str | Path, keep: frozenset[QT] = frozenset()) -> tuple[dict
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dims innermost first
         if QT(t.tensor_type) in keep and len(shape) == 2 and t.name not in mixed:
+            values, block_bytes = DEQUANTIZERS[QT(t.tensor_type)][:2]
             with warnings.catch_warnings():  # the file's read-only map, never written: only read, or copied by
                 warnings.simplefilter("ignore", UserWarning)  # the unpermutation and the converter's concatenation
-                tensor = torch.from_numpy(t.data.reshape(shape[0], -1))
+                tensor = torch.from_numpy(t.data.reshape(shape[0], shape[1] // values, block_bytes))
         else:
             tensor = dequantize(t.data, t.tensor_type, shape)
         name = hf_tensor_name(t.name)
@@ -344,7 +360,8 @@ def _mixed_fused_groups(tensors: list[Any], keep: frozenset[QT]) -> set[str]:
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, native: bool = False,
               device: torch.device | str | None = None) -> tuple[CausalLM, HFTokenizer]:
     """A vlmkit CausalLM (eval mode) and its tokenizer from a GGUF file: weights dequantized to dtype, or with
-    native (`--quantize gguf`) the Q4_0 / Q4_1 / Q8_0 matrices kept in their blocks (load_native)."""
+    native (`--quantize gguf`) the matrices of LINEAR_TYPES and a Q6_K token embedding kept in their blocks
+    (load_native)."""
     if native:
         return load_native(path, dtype, device)
     config, state, meta = read_gguf(path)
@@ -356,64 +373,89 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, native: bool
 
 
 # --- native (still quantized) loading --------------------------------------------------------------
-# ggml block layouts that map exactly onto group-32 integer weights (block bytes -> type: they differ)
-NATIVE_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q8_0})
-_NATIVE_BY_BLOCK_BYTES = {DEQUANTIZERS[t][1]: t for t in NATIVE_TYPES}
+# ggml block types whose matrices map exactly onto int4 groups of 32 (Q4_x: Int4Linear.from_codes; Q5_x and Q8_0:
+# Int8GroupLinear's two int4 planes), and the types kept as blocks at all: Q6_K only for the token embedding
+# (QuantizedEmbedding takes any group), its matrices are dequantized (_NO_LINEAR says why).
+INT4_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q4_K})
+LINEAR_TYPES = INT4_TYPES | {QT.Q5_0, QT.Q5_1, QT.Q5_K, QT.Q8_0}
+NATIVE_TYPES = LINEAR_TYPES | {QT.Q6_K}
+_NO_LINEAR = {QT.Q6_K: "its 16-value sub-blocks are finer than the int4 kernel's groups (32 to 256)"}
+_NATIVE_BY_LAYOUT = {DEQUANTIZERS[t][:2]: t for t in NATIVE_TYPES}  # (values, bytes) of a block -> type
 _FLOAT_TYPES = frozenset({QT.F32, QT.F16, QT.BF16})
+_CODE_ZERO = {QT.Q4_0: 8, QT.Q5_0: 16}  # w = (q - zero) d; the other types' w = q d (+ m)
 BLOCK = 32
 
 
 def decode_blocks(rows: torch.Tensor, qtype: QT) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(N, bytes) raw rows of Q4_0 / Q4_1 / Q8_0 blocks -> codes q (N, K) (uint8 in [0, 15] for Q4_x, int8 for
-    Q8_0), d (N, K / 32) and m (N, K / 32) fp32 (None but for Q4_1), with ggml's formulas per block:
-    Q4_0 w = (q - 8) d, Q4_1 w = q d + m, Q8_0 w = q d."""
+    """(N, bytes) (or (N, blocks, block bytes)) raw rows -> codes q (N, K), a step d (N, K / g) and m (N, K / g)
+    fp32 (None for Q4_0 / Q5_0 / Q8_0 / Q6_K) per group of g = 32 values (16 for Q6_K), with ggml's formulas:
+    Q4_0 w = (q - 8) d, Q5_0 w = (q - 16) d, Q4_1 / Q4_K / Q5_1 / Q5_K w = q d + m (q uint8 in [0, 15] or
+    [0, 31]), Q8_0 and Q6_K w = q d (q int8). Q4_K's / Q5_K's 8 sub-blocks of 32 give d = d_block * scale_s
+    and m = -dmin * min_s, Q6_K's 16 sub-blocks of 16 d = d_block * scale_s: fp16 times a 6- or 8-bit integer,
+    exact in fp32."""
     n = rows.shape[0]
-    b = rows.numpy().reshape(-1, DEQUANTIZERS[qtype][1])  # (N * G, block bytes)
+    b = rows.numpy().reshape(-1, DEQUANTIZERS[qtype][1])  # (N * blocks, block bytes)
     m = None
     if qtype == QT.Q8_0:
-        q = b[:, 2:34].copy().view(np.int8)
+        q, d = b[:, 2:34].copy().view(np.int8), _f16(b, 0)
     elif qtype == QT.Q4_0:
-        q = _nibbles(b[:, 2:18])
+        q, d = _nibbles(b[:, 2:18]), _f16(b, 0)
     elif qtype == QT.Q4_1:
-        q, m = _nibbles(b[:, 4:20]), torch.from_numpy(_f16(b, 2)).view(n, -1)
+        q, d, m = _nibbles(b[:, 4:20]), _f16(b, 0), torch.from_numpy(_f16(b, 2)).view(n, -1)
+    elif qtype == QT.Q5_0:
+        q, d = _q5(b, 2), _f16(b, 0)
+    elif qtype == QT.Q5_1:
+        q, d, m = _q5(b, 4), _f16(b, 0), torch.from_numpy(_f16(b, 2)).view(n, -1)
+    elif qtype in (QT.Q4_K, QT.Q5_K):
+        scales, mins = _k_scales(b[:, 4:16])  # (N * blocks, 8)
+        q = _k_sub_blocks(b[:, 16:144]) if qtype == QT.Q4_K else _q5_k_codes(b)
+        d, m = _f16(b, 0) * scales, torch.from_numpy(-(_f16(b, 2) * mins)).view(n, -1)
+    elif qtype == QT.Q6_K:
+        q, d = _q6_k_codes(b), _q6_k_steps(b)
     else:
         raise ValueError(f"{qtype.name} blocks have no integer layout here; native types: "
                          f"{', '.join(t.name for t in NATIVE_TYPES)}")
-    return torch.from_numpy(q).view(n, -1), torch.from_numpy(_f16(b, 0)).view(n, -1), m
+    return torch.from_numpy(q).view(n, -1), torch.from_numpy(d).view(n, -1), m
 
 
 def native_linear(rows: torch.Tensor, qtype: QT, dtype: torch.dtype, device: torch.device | str,
                   bias: torch.Tensor | None = None) -> nn.Module:
-    """The linear layer of a matrix in raw blocks: Q4_0 / Q4_1 as an Int4Linear (its W = (q - 8) scale + offset
-    per group of 32: Q4_0 is scale d, offset 0; Q4_1 scale d, offset m + 8d), Q8_0 as an Int8GroupLinear."""
+    """The linear layer of a matrix in raw blocks: Q4_0 / Q4_1 / Q4_K as an Int4Linear (its W = (q - 8) scale +
+    offset per group of 32: Q4_0 is scale d, offset 0; Q4_1 / Q4_K scale d, offset m + 8d), Q8_0 and Q5_x as an
+    Int8GroupLinear (W = c d + m with int8 codes c: q, or q - 16 for Q5_0). ValueError for a type of NATIVE_TYPES
+    not in LINEAR_TYPES (Q6_K)."""
+    if qtype in _NO_LINEAR:
+        raise ValueError(f"{qtype.name} matrices have no int4 layout: {_NO_LINEAR[qtype]}; dequantize them")
     q, d, m = decode_blocks(rows, qtype)
-    if qtype == QT.Q8_0:
-        return Int8GroupLinear(q, d, BLOCK, dtype, device, bias)
+    if qtype not in INT4_TYPES:
+        return Int8GroupLinear(q.to(torch.int8) - _CODE_ZERO.get(qtype, 0), d, BLOCK, dtype, device, bias, m)
     offset = torch.zeros_like(d) if m is None else m + 8 * d
     return Int4Linear.from_codes(q, d, offset, BLOCK, dtype, device, bias)
 
 
 def native_embedding(rows: torch.Tensor, qtype: QT, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """The token embedding of a matrix in raw blocks, dequantizing only the rows looked up (QuantizedEmbedding:
-    codes * d + m with codes q - 8 for Q4_0, q for Q4_1 and Q8_0)."""
+    codes * d + m with codes q - 8 for Q4_0, q - 16 for Q5_0, q for the others; groups of 32, of 16 for Q6_K)."""
     q, d, m = decode_blocks(rows, qtype)
-    codes = q.to(torch.int8) - 8 if qtype == QT.Q4_0 else q.to(torch.int8)
-    return QuantizedEmbedding(codes, d, m, BLOCK, dtype, device)
+    codes = q.to(torch.int8) - _CODE_ZERO.get(qtype, 0)
+    return QuantizedEmbedding(codes, d, m, q.shape[1] // d.shape[1], dtype, device)
 
 
 def load_native(path: str | Path, dtype: torch.dtype,
                 device: torch.device | str | None = None) -> tuple[CausalLM, HFTokenizer]:
-    """A CausalLM whose Q4_0 / Q4_1 / Q8_0 matrices go from the file's blocks straight into integer layers
-    (native_linear, native_embedding; a tied head gets its own layer from the same blocks), never through a float
-    matrix: the model is built on the meta device and only the float tensors (norms, matrices of other types,
-    dequantized with a warning naming them) are materialized, in dtype. The KV cache follows dtype
+    """A CausalLM whose matrices of LINEAR_TYPES (and a token embedding of NATIVE_TYPES) go from the file's blocks
+    straight into integer layers (native_linear, native_embedding; a tied head gets its own layer from the same
+    blocks), never through a float matrix: the model is built on the meta device and only the float tensors
+    (norms, matrices of other types, dequantized with a warning naming them) are materialized, in dtype. The KV cache follows dtype
     (CausalLM.new_cache reads the norm's type)."""
     config, state, meta = read_gguf(path, keep=NATIVE_TYPES)
     others = _dequantized_matrices(path)
     if others:
+        why = "".join(f"; {t.name} matrices: {reason}" for t, reason in _NO_LINEAR.items() if f"({t.name}" in
+                      " ".join(others))
         warnings.warn(f"--quantize gguf: {len(others)} matrices have no integer layout here and are dequantized to "
                       f"{dtype} ({', '.join(others[:4])}{' ...' if len(others) > 4 else ''}); native: "
-                      f"{', '.join(sorted(t.name for t in NATIVE_TYPES))}", stacklevel=2)
+                      f"{', '.join(sorted(t.name for t in LINEAR_TYPES))}{why}", stacklevel=2)
     cfg = lm_config_from_hf(config)
     state = lm_state_from_hf(state, cfg)
     with torch.device("meta"):
@@ -424,7 +466,10 @@ def load_native(path: str | Path, dtype: torch.dtype,
         if not isinstance(module, (nn.Linear, nn.Embedding)) or weight is None or weight.dtype != torch.uint8:
             continue
         width = module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
-        qtype = _NATIVE_BY_BLOCK_BYTES[weight.shape[1] * BLOCK // width]
+        qtype = _NATIVE_BY_LAYOUT[(width // weight.shape[1], weight.shape[2])]
+        if isinstance(module, nn.Linear) and qtype not in LINEAR_TYPES:  # Q6_K: the embedding's type, tied or not
+            state[f"{name}.weight"] = dequantize(weight.numpy(), qtype, (module.out_features, width))
+            continue
         state.pop(f"{name}.weight")
         if isinstance(module, nn.Embedding):
             new = native_embedding(weight, qtype, dtype, device)
@@ -444,11 +489,22 @@ def load_native(path: str | Path, dtype: torch.dtype,
 
 
 def _dequantized_matrices(path: str | Path) -> list[str]:
-    """The matrices of a GGUF file that native loading dequantizes, each with its type."""
+    """The matrices of a GGUF file that native loading dequantizes, each with its type (a token embedding of
+    NATIVE_TYPES only as a tied head outside LINEAR_TYPES)."""
     tensors = _open(path).tensors
     mixed = _mixed_fused_groups(tensors, NATIVE_TYPES)
-    return [f"{t.name} ({QT(t.tensor_type).name})" for t in tensors if len(t.shape) == 2
-            and QT(t.tensor_type) not in _FLOAT_TYPES and (QT(t.tensor_type) not in NATIVE_TYPES or t.name in mixed)]
+    tied = "output.weight" not in {t.name for t in tensors}
+    found = []
+    for t in tensors:
+        qtype = QT(t.tensor_type)
+        if len(t.shape) != 2 or qtype in _FLOAT_TYPES:
+            continue
+        if t.name == "token_embd.weight" and qtype in NATIVE_TYPES:
+            if tied and qtype not in LINEAR_TYPES:
+                found.append(f"{t.name} ({qtype.name}, as the tied head)")
+        elif qtype not in LINEAR_TYPES or t.name in mixed:
+            found.append(f"{t.name} ({qtype.name})")
+    return found
 
 
 def smollm2_gguf_path() -> Path:
