@@ -19,7 +19,7 @@ from torch.distributed.fsdp import FSDPModule
 from vlmkit.hub import hub_folder, is_hub_spec
 from vlmkit.plugins import load_plugins
 from vlmkit.train.lora import without_adapters
-from vlmkit.weights.converter import Converter, StateDict
+from vlmkit.weights.converter import Converter, StateDict, resolve
 from vlmkit.weights.materialize import LayerQuantizer, build_on_meta, check_state, from_state, materialize
 from vlmkit.weights.safetensors_io import read_config
 
@@ -80,9 +80,10 @@ def get_converter(model_type: str | None) -> Converter:
 
 
 def load_state(model: nn.Module, state: StateDict, source: str) -> None:
-    """Copy state into model, requiring the same names and shapes (no silent partial loads)."""
+    """Copy state (a converter's: fused tensors made here) into model, requiring the same names and shapes (no
+    silent partial loads)."""
     check_state(model, state, source)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict({name: resolve(value) for name, value in state.items()}, strict=True)
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,

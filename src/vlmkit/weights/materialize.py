@@ -34,7 +34,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-StateDict = dict[str, torch.Tensor]
+from vlmkit.weights.converter import StateDict, resolve
+
 # the value of one tensor: (full name, the tensor as built, in the target dtype: a meta parameter or a real
 # buffer) -> its value, or None to keep the built buffer
 Values = Callable[[str, torch.Tensor], torch.Tensor | None]
@@ -76,9 +77,10 @@ def check_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
 
 
 def from_state(state: StateDict) -> Values:
-    """Values taken out of state (each entry is removed when used, so the state dict lets go of it)."""
+    """Values taken out of state (each entry is removed when used, so the state dict lets go of it); a fused
+    tensor a converter left unmade (weights/converter.py Joined) is made then."""
     def take(name: str, built: torch.Tensor) -> torch.Tensor:
-        return state.pop(name)
+        return resolve(state.pop(name))
     return take
 
 
