@@ -94,13 +94,15 @@ PEAK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _save(cfg: LMConfig, path) -> None:  # noqa: ANN001
+def _save(cfg: LMConfig, path) -> None:
     model = materialize(build_on_meta(CausalLM, cfg), random_values(), dtype=torch.bfloat16)
     save_pretrained(model, path, model_type="llama")
 
 
 @pytest.mark.slow
 def test_int4_load_holds_one_layers_fused_tensors_at_a_time(tmp_path):
+    """Measured: peak 273 MiB of anonymous memory, bound 311 MiB (int4 layers 161 MiB); with every layer fused
+    before loading (the converters' torch.cat) the same load peaked at 451 MiB."""
     big, tiny = LMConfig(**BIG), LMConfig(**TINY)
     _save(tiny, tmp_path / "tiny")
     _save(big, tmp_path / "big")

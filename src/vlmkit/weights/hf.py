@@ -92,7 +92,8 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     owner/name@revision, when no folder has that name: vlmkit.hub.hub_folder), and load its weights: built on
     the meta device and materialized module by module (weights/materialize.py) in dtype (float tensors; default
     fp32) on device, with the layers quantize(model on meta) names replaced by their quantized form as they are
-    loaded (vlmkit.quantize.quantize_plan, train/qlora.py frozen_linears), so no full float copy ever exists."""
+    loaded (vlmkit.quantize.quantize_plan, train/qlora.py frozen_linears), so no full float copy ever exists:
+    the checkpoint is memory-mapped and the tensors the converter fuses (Joined) are made as their module is."""
     if not Path(path).is_dir() and is_hub_spec(str(path)):
         path = hub_folder(str(path))
     config = read_config(path)
