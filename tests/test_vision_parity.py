@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 from vlmkit.config import VisionConfig  # noqa: E402
 from vlmkit.weights import from_pretrained, save_pretrained  # noqa: E402
 from vlmkit.models.vit import VisionTower  # noqa: E402
+from vlmkit.weights.converter import resolve  # noqa: E402
 from vlmkit.weights.vision import vision_state_from_hf, vision_state_to_hf  # noqa: E402
 
 TOL = 1e-4
@@ -168,7 +169,7 @@ def test_prefixed_and_unprefixed_names_load_the_same(tmp_path):
     cfg = from_pretrained(tmp_path).cfg
     plain = dict(ref.state_dict())
     prefixed = {f"vision_model.{k}": v for k, v in plain.items()}
-    a, b = vision_state_from_hf(plain, cfg), vision_state_from_hf(prefixed, cfg)
+    a, b = ({k: resolve(v) for k, v in vision_state_from_hf(state, cfg).items()} for state in (plain, prefixed))
     assert a.keys() == b.keys() == VisionTower(cfg).state_dict().keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert vision_state_to_hf(a, cfg, prefix="").keys() == plain.keys()

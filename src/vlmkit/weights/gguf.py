@@ -30,6 +30,7 @@ from vlmkit.models.lm import CausalLM
 from vlmkit.models.rope import RotaryEmbedding
 from vlmkit.quantize import Int4Linear, Int8GroupLinear, QuantizedEmbedding
 from vlmkit.text.tokenizer import HFTokenizer
+from vlmkit.weights.converter import resolve
 from vlmkit.weights.hf import load_state
 from vlmkit.weights.llama import lm_config_from_hf, lm_state_from_hf
 
@@ -467,19 +468,19 @@ def load_native(path: str | Path, dtype: torch.dtype,
             continue
         width = module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
         qtype = _NATIVE_BY_LAYOUT[(width // weight.shape[1], weight.shape[2])]
+        weight = resolve(state.pop(f"{name}.weight"))  # q|k|v and gate|up blocks are joined here
         if isinstance(module, nn.Linear) and qtype not in LINEAR_TYPES:  # Q6_K: the embedding's type, tied or not
             state[f"{name}.weight"] = dequantize(weight.numpy(), qtype, (module.out_features, width))
             continue
-        state.pop(f"{name}.weight")
         if isinstance(module, nn.Embedding):
             new = native_embedding(weight, qtype, dtype, device)
         else:
             bias = state.pop(f"{name}.bias", None)
-            new = native_linear(weight, qtype, dtype, device, None if bias is None else bias.to(dtype))
+            new = native_linear(weight, qtype, dtype, device, None if bias is None else resolve(bias).to(dtype))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-    result = model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False,
-                                   assign=True)
+    result = model.load_state_dict({k: resolve(v).to(device=device, dtype=dtype) for k, v in state.items()},
+                                   strict=False, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left or result.unexpected_keys:
         raise RuntimeError(f"{path}: native loading left {left[:4]} unset and {result.unexpected_keys[:4]} unused "

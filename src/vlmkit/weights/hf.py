@@ -19,7 +19,7 @@ from torch.distributed.fsdp import FSDPModule
 from vlmkit.hub import hub_folder, is_hub_spec
 from vlmkit.plugins import load_plugins
 from vlmkit.train.lora import without_adapters
-from vlmkit.weights.converter import Converter, StateDict
+from vlmkit.weights.converter import Converter, StateDict, resolve
 from vlmkit.weights.materialize import LayerQuantizer, build_on_meta, check_state, from_state, materialize
 from vlmkit.weights.safetensors_io import read_config
 
@@ -80,9 +80,10 @@ def get_converter(model_type: str | None) -> Converter:
 
 
 def load_state(model: nn.Module, state: StateDict, source: str) -> None:
-    """Copy state into model, requiring the same names and shapes (no silent partial loads)."""
+    """Copy state (a converter's: fused tensors made here) into model, requiring the same names and shapes (no
+    silent partial loads)."""
     check_state(model, state, source)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict({name: resolve(value) for name, value in state.items()}, strict=True)
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
@@ -91,7 +92,8 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     owner/name@revision, when no folder has that name: vlmkit.hub.hub_folder), and load its weights: built on
     the meta device and materialized module by module (weights/materialize.py) in dtype (float tensors; default
     fp32) on device, with the layers quantize(model on meta) names replaced by their quantized form as they are
-    loaded (vlmkit.quantize.quantize_plan, train/qlora.py frozen_linears), so no full float copy ever exists."""
+    loaded (vlmkit.quantize.quantize_plan, train/qlora.py frozen_linears), so no full float copy ever exists:
+    the checkpoint is memory-mapped and the tensors the converter fuses (Joined) are made as their module is."""
     if not Path(path).is_dir() and is_hub_spec(str(path)):
         path = hub_folder(str(path))
     config = read_config(path)

@@ -35,7 +35,7 @@ import torch
 from vlmkit.config import LMConfig
 from vlmkit.models.lm import CausalLM
 from vlmkit.models.rope import rope_parameters
-from vlmkit.weights.converter import Converter, StateDict
+from vlmkit.weights.converter import Converter, Joined, StateDict
 
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -241,11 +241,12 @@ class StateReader:
             raise ValueError(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {rows} rows for this config")
         return tensor
 
-    def joined(self, fused: str, parts: list[str], sizes: list[int]) -> torch.Tensor:
-        """The fused tensor if the checkpoint has it, else its parts concatenated along dim 0."""
+    def joined(self, fused: str, parts: list[str], sizes: list[int]) -> torch.Tensor | Joined:
+        """The fused tensor if the checkpoint has it, else its parts concatenated along dim 0 (a Joined: made
+        when the loader reaches its module)."""
         if self.has(fused):
             return self.take(fused, sum(sizes))
-        return torch.cat([self.take(p, n) for p, n in zip(parts, sizes)], dim=0)
+        return Joined([self.take(p, n) for p, n in zip(parts, sizes)])
 
 
 def attention_from_hf(src: StateReader, hf: str, vk: str, cfg: LMConfig) -> StateDict:

@@ -10,7 +10,9 @@ cost more memory than the float model. Here nothing is allocated at build time; 
 then made in the target dtype and on the target device (taken from the state dict, which gives up its
 reference, or drawn by an init function), and a layer named in `quantize` is replaced by its quantized form
 right after its weight exists. The float weight of one layer is the only float copy at any time, so the peak
-is about the quantized model (plus the state dict the tensors come from, which shrinks as they are used).
+is about the quantized model (plus the state dict the tensors come from: a checkpoint's are pages of the
+memory-mapped file, and the tensors its converter fuses, q|k|v and gate|up, are made only when their module is
+reached: weights/converter.py Joined).
 
 Load and the trainers use it for every model folder (weights/hf.py from_pretrained), the verbs' `--quantize
 int8|int4|nf4` (vlmkit.quantize.quantize_plan) and `vlmkit train --quantize nf4` (train/qlora.py
@@ -34,7 +36,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-StateDict = dict[str, torch.Tensor]
+from vlmkit.weights.converter import StateDict, resolve
+
 # the value of one tensor: (full name, the tensor as built, in the target dtype: a meta parameter or a real
 # buffer) -> its value, or None to keep the built buffer
 Values = Callable[[str, torch.Tensor], torch.Tensor | None]
@@ -76,9 +79,10 @@ def check_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
 
 
 def from_state(state: StateDict) -> Values:
-    """Values taken out of state (each entry is removed when used, so the state dict lets go of it)."""
+    """Values taken out of state (each entry is removed when used, so the state dict lets go of it); a fused
+    tensor a converter left unmade (weights/converter.py Joined) is made then."""
     def take(name: str, built: torch.Tensor) -> torch.Tensor:
-        return state.pop(name)
+        return resolve(state.pop(name))
     return take
 
 

@@ -44,12 +44,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vlmkit.config import LMConfig
 from vlmkit.models.lm import CausalLM
 from vlmkit.models.rope import rope_parameters
-from vlmkit.weights.converter import Converter, StateDict, write_files
+from vlmkit.weights.converter import Converter, Joined, StateDict, write_files
 from vlmkit.weights.llama import StateReader
 
 MODEL_TYPE = "qwen"
@@ -166,8 +164,8 @@ def lm_state_from_qwen(state: StateDict, cfg: LMConfig, prefix: str = "transform
         out[f"{vk}attn.qkv.bias"] = src.take(f"{q}attn.c_attn.bias", 3 * width)
         out[f"{vk}attn.out.weight"] = src.take(f"{q}attn.c_proj.weight", width)
         out[f"{vk}mlp_norm.weight"] = src.take(f"{q}ln_2.weight", width)
-        out[f"{vk}mlp.gate_up.weight"] = torch.cat([src.take(f"{q}mlp.w2.weight", inter),
-                                                   src.take(f"{q}mlp.w1.weight", inter)], dim=0)
+        out[f"{vk}mlp.gate_up.weight"] = Joined([src.take(f"{q}mlp.w2.weight", inter),
+                                                 src.take(f"{q}mlp.w1.weight", inter)])
         out[f"{vk}mlp.down.weight"] = src.take(f"{q}mlp.c_proj.weight", width)
     out["norm.weight"] = src.take(f"{prefix}ln_f.weight", width)
     if cfg.tie_word_embeddings:

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from vlmkit.models.qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLConfig, Qwen2_5_VLVisionConfig
-from vlmkit.weights.converter import Converter, StateDict
+from vlmkit.weights.converter import Converter, Joined, StateDict
 from vlmkit.weights.llama import lm_state_from_hf, lm_state_to_hf
 from vlmkit.weights.qwen2_vl import text_config_from_hf, split_checkpoint, text_config_to_hf
 
@@ -78,7 +76,7 @@ def _vision_from_hf(state: StateDict) -> StateDict:
             up = state.get(key.replace(_GATE, _UP))
             if up is None:
                 raise ValueError(f"qwen2_5_vl checkpoint has visual.{key} but no {key.replace(_GATE, _UP)}")
-            out[key.replace(_GATE, ".mlp.gate_up.")] = torch.cat([tensor, up])  # (2I, E) or (2I,)
+            out[key.replace(_GATE, ".mlp.gate_up.")] = Joined([tensor, up])  # (2I, E) or (2I,)
         elif _UP in key:
             continue  # joined to its gate_proj above
         else:

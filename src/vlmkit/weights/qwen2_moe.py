@@ -27,7 +27,7 @@ import torch
 
 from vlmkit.config import LMConfig
 from vlmkit.models.lm import CausalLM
-from vlmkit.weights.converter import Converter, StateDict
+from vlmkit.weights.converter import Converter, Joined, StateDict
 from vlmkit.weights.llama import (StateReader, attention_from_hf, head_from_hf, lm_config_from_hf, lm_config_to_hf,
                                   norms_from_hf)
 
@@ -96,9 +96,9 @@ def config_to_hf(cfg: LMConfig) -> dict[str, Any]:
     return hf
 
 
-def _gate_up(src: StateReader, prefix: str, inter: int) -> torch.Tensor:
-    """[gate; up] (2 inter, C) from {prefix}gate_proj.weight and {prefix}up_proj.weight."""
-    return torch.cat([src.take(f"{prefix}gate_proj.weight", inter), src.take(f"{prefix}up_proj.weight", inter)])
+def _gate_up(src: StateReader, prefix: str, inter: int) -> Joined:
+    """[gate; up] (2 inter, C) from {prefix}gate_proj.weight and {prefix}up_proj.weight, made when loaded."""
+    return Joined([src.take(f"{prefix}gate_proj.weight", inter), src.take(f"{prefix}up_proj.weight", inter)])
 
 
 def dense_mlp_from_hf(src: StateReader, hf: str, vk: str, cfg: LMConfig) -> StateDict:
@@ -107,14 +107,15 @@ def dense_mlp_from_hf(src: StateReader, hf: str, vk: str, cfg: LMConfig) -> Stat
             f"{vk}mlp.down.weight": src.take(f"{hf}mlp.down_proj.weight", cfg.hidden_size)}
 
 
-def _experts_from_hf(src: StateReader, hf: str, cfg: LMConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked (E, 2I, C) gate|up and (E, C, I) down weights, from the fused or the per-expert layout."""
+def _experts_from_hf(src: StateReader, hf: str, cfg: LMConfig) -> tuple[torch.Tensor | Joined, torch.Tensor | Joined]:
+    """Stacked (E, 2I, C) gate|up and (E, C, I) down weights, from the fused or the per-expert layout (stacked
+    when loaded)."""
     E, inter = cfg.num_experts, cfg.moe_intermediate_size
     if src.has(f"{hf}mlp.experts.gate_up_proj"):
         return src.take(f"{hf}mlp.experts.gate_up_proj", E), src.take(f"{hf}mlp.experts.down_proj", E)
-    gate_up = torch.stack([_gate_up(src, f"{hf}mlp.experts.{j}.", inter) for j in range(E)])  # (E, 2I, C)
-    down = torch.stack([src.take(f"{hf}mlp.experts.{j}.down_proj.weight", cfg.hidden_size)
-                        for j in range(E)])  # (E, C, I)
+    gate_up = Joined([_gate_up(src, f"{hf}mlp.experts.{j}.", inter) for j in range(E)], stack=True)  # (E, 2I, C)
+    down = Joined([src.take(f"{hf}mlp.experts.{j}.down_proj.weight", cfg.hidden_size)
+                   for j in range(E)], stack=True)  # (E, C, I)
     return gate_up, down
 
 

@@ -34,7 +34,7 @@ import torch
 
 from vlmkit.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, VisionConfig
 from vlmkit.models.vit import VisionTower
-from vlmkit.weights.converter import Converter, StateDict
+from vlmkit.weights.converter import Converter, Joined, StateDict
 
 # Per-architecture facts transformers' config does not spell out (it is the model_type).
 _ARCH = {
@@ -178,7 +178,7 @@ def vision_state_from_hf(sd: StateDict, cfg: VisionConfig, prefix: str | None = 
         if missing:
             raise ValueError(f"checkpoint layer {layer} has no self_attn.{missing[0]}_proj.{param}: "
                              "the q, k and v projections must all be present")
-        out[f"layers.{layer}.attn.qkv.{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+        out[f"layers.{layer}.attn.qkv.{param}"] = Joined([parts["q"], parts["k"], parts["v"]])
     return out
 
 
