@@ -29,7 +29,9 @@ the model parameter use_extra_bufts = false, which Llama() does not take: the be
 parameters Llama() starts from). On this machine's CPU (a Xeon with AVX-512 and AMX) 0.3.36 built as above loads
 the SmolLM2 Q4_1 GGUF and then dies with a segmentation fault at its first evaluation unless repacking is off; so
 the bench first loads and runs llama.cpp in a child process and reports such a crash (pointing at
---llama-cpp-no-repack) instead of dying with it.
+--llama-cpp-no-repack) instead of dying with it. Built without AMX (CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON
+-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF
+-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF") it runs with repacking on, as fast for this Q4_1 file.
 """
 
 from __future__ import annotations
