@@ -216,8 +216,8 @@ def write_gguf(path, model, arch: str, bpe, pre: str = "gpt2", add_bos: bool = F
             data = _llama_cpp_permute(data, cfg.num_attention_heads)
         elif arch == "llama" and ".attn_k." in gname:
             data = _llama_cpp_permute(data, cfg.num_key_value_heads)
-        kind = gname.split(".")[-2]
-        qtype = TENSOR_TYPES.get(kind, QT.F32) if data.ndim == 2 else QT.F32
+        kind = gname.rsplit(".", 1)[0]  # a type for this tensor ("blk.0.attn_v") before one for its kind ("attn_v")
+        qtype = TENSOR_TYPES.get(kind, TENSOR_TYPES.get(kind.split(".")[-1], QT.F32)) if data.ndim == 2 else QT.F32
         if qtype == QT.F32:
             w.add_tensor(gname, data)
         elif qtype == QT.F16:

@@ -11,7 +11,8 @@ Oracles:
 - whole model: a tiny llama / qwen2 GGUF (written as llama.cpp's converter writes it: test_gguf.write_gguf) loaded
   natively in fp32 gives the logits and greedy tokens of the same file dequantized (load_gguf, itself checked
   against transformers in test_gguf), and never dequantizes a Q4_0 / Q4_1 / Q8_0 tensor; the same for a
-  Q4_K_M-like file (Q4_K, Q5_x, Q6_K: only its Q6_K matrices are dequantized);
+  Q4_K_M-like file (Q4_K, Q5_x, Q6_K: only its Q6_K matrices are dequantized), also where a Q6_K v is fused with
+  Q4_K q and k (a StackedLinear: F.linear with the oracle's concatenated matrix, within `bound`);
 - SmolLM2-135M-Instruct Q4_1 (slow): the same greedy tokens over 64 steps as the file dequantized to fp32 on 10
   prompts, perplexity of test_quantize's PROSE within 8% of fp32's, and a peak memory of loading lower than the
   dequantizing load's by more than the float32 weights' size.
@@ -39,9 +40,20 @@ from test_quantize import bound, perplexity
 from vlmkit import quantize
 from vlmkit.cli import build_parser
 from vlmkit.load import load_model
-from vlmkit.quantize import Int4Linear, Int8GroupLinear, QuantizedEmbedding
+from vlmkit.quantize import (
+    Int4Linear,
+    Int8GroupLinear,
+    QuantizedEmbedding,
+    StackedLinear,
+)
 from vlmkit.weights import gguf as vgguf
-from vlmkit.weights.gguf import load_gguf, native_embedding, native_linear
+from vlmkit.weights.gguf import (
+    BlockPart,
+    load_gguf,
+    native_embedding,
+    native_linear,
+    stacked_linear,
+)
 
 NATIVE = (QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q5_0, QT.Q5_1, QT.Q5_K)
 K_TYPES = (QT.Q4_K, QT.Q5_K, QT.Q6_K)
@@ -164,6 +176,36 @@ def test_native_linear_equals_gguf_dequantized(qtype, dtype, out_features):
         assert ((wrong(x).double() - y_ref).abs() > tol).float().mean() > 0.5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_linear_equals_gguf_dequantized(dtype):
+    """q, k in Q4_K (the int4 kernel, then its dequantizing path: 40 rows) and v in Q6_K (a float nn.Linear of its
+    dequantized rows), with a bias: F.linear with the three oracle-dequantized matrices concatenated, within
+    test_quantize's bound (for the float part: step 0, leaving its weights' and outputs' rounding to dtype and the
+    fp32 sums)."""
+    specs = [(QT.Q4_K, 48), (QT.Q4_K, 40), (QT.Q6_K, 32)]
+    made = [blocks(qtype, rows, 512, seed=i) for i, (qtype, rows) in enumerate(specs)]
+    parts = [BlockPart(raw.view(rows, 2, -1), qtype) for (raw, _), (qtype, rows) in zip(made, specs)]
+    torch.manual_seed(0)
+    bias = torch.randn(120) * 0.1
+    layer = stacked_linear(parts, dtype, "cpu", bias)
+    assert isinstance(layer, StackedLinear) and (layer.in_features, layer.out_features) == (512, 120)
+    assert [type(p) for p in layer.parts] == [Int4Linear, Int4Linear, torch.nn.Linear]
+    assert [p.kernel for p in layer.parts[:2]] == [True, False]
+    x = torch.randn(2, 3, 512).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (2, 3, 120)
+    w = torch.from_numpy(np.concatenate([oracle for _, oracle in made]))  # (120, 512) float64
+    y_ref = x.double() @ w.T + bias.to(dtype).double()
+    step = torch.cat([steps(made[0][0].numpy(), QT.Q4_K), steps(made[1][0].numpy(), QT.Q4_K),
+                      torch.zeros(32, 512, dtype=torch.float64)])
+    tol = bound(x, w, y_ref, dtype, step) + 2.0 ** {torch.float32: -24, torch.bfloat16: -8}[dtype] * bias.abs()
+    err = (y.double() - y_ref).abs()
+    print(f"{dtype}: max |error| {err.max().item():.3g}, max error / bound {(err / tol).max().item():.3g}")
+    assert (err <= tol).all(), f"max excess {(err - tol).max().item():.3g}"
+    swapped = StackedLinear([layer.parts[1], layer.parts[0], layer.parts[2]])  # the test can fail: q and k swapped
+    assert ((swapped(x).double() - y_ref).abs() > tol)[..., :88].float().mean() > 0.5
+
+
 def test_int4_packing_in_row_blocks_gives_the_whole_layout(monkeypatch):
     q = torch.randint(0, 16, (320, 96), dtype=torch.uint8)
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
@@ -260,19 +302,57 @@ def test_tiny_k_quant_gguf_native_equals_dequantized(arch, bpe, tmp_path, monkey
         assert test_gguf.greedy(lm, ids, 20) == test_gguf.greedy(reference, ids, 20)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases, split across the parts
+def test_fused_parts_of_different_types_stay_native(arch, bpe, tmp_path, monkeypatch):  # noqa: F811
+    """As in a Q4_K_M file, layer 0's v is Q6_K beside Q4_K q and k (and here its up Q5_K beside a Q4_K gate);
+    layer 1 is uniform. Layer 0's q/k/v and gate/up become StackedLinears whose only float part is the Q6_K v,
+    layer 1's stay one native layer each, and the model gives the dequantized file's logits and greedy tokens."""
+    types = K_MIX if arch == "llama" else dict(K_MIX, token_embd=QT.Q6_K, attn_output=QT.Q5_1, ffn_down=QT.Q5_K)
+    monkeypatch.setattr(test_gguf, "TENSOR_TYPES", {**types, "blk.0.attn_v": QT.Q6_K, "blk.0.ffn_up": QT.Q5_K})
+    monkeypatch.setattr(test_gguf, "QUANTIZE", quantize_any)
+    model = tiny_hf_model(arch, len(bpe[0]), hidden_size=256, intermediate_size=512)
+    path = write_gguf(tmp_path / f"tiny-mixed-{arch}.gguf", model, arch, bpe)
+    reference, tok = load_gguf(path)
+    seen: list[QT] = []
+    dequantize = vgguf.dequantize
+    monkeypatch.setattr(vgguf, "dequantize", lambda data, qtype, shape: seen.append(QT(qtype)) or
+                        dequantize(data, qtype, shape))
+    with pytest.warns(UserWarning, match="dequantized") as caught:
+        lm = load_model(str(path), quantize="gguf", dtype=torch.float32).model
+    message = next(str(w.message) for w in caught if "--quantize gguf" in str(w.message))
+    named = re.findall(r"([\w.]+\.weight) \((\w+)", message)
+    assert ("blk.0.attn_v.weight", "Q6_K") in named and all(qtype == "Q6_K" for _, qtype in named), named
+    assert set(seen) == {QT.F32, QT.Q6_K}  # the norms and the Q6_K matrices only
+    first, second = lm.layers
+    assert isinstance(first.attn.qkv, StackedLinear) and isinstance(first.mlp.gate_up, StackedLinear)
+    assert [type(p) for p in first.attn.qkv.parts] == [Int4Linear, Int4Linear, torch.nn.Linear]
+    assert [type(p) for p in first.mlp.gate_up.parts] == [Int4Linear, Int8GroupLinear]
+    assert (first.attn.qkv.parts[0].bias is not None) == (arch == "qwen2")
+    assert type(second.attn.qkv) is Int4Linear and type(second.mlp.gate_up) is Int4Linear
+    ids = torch.tensor([tok.encode("<|im_start|>user\nHello world, 2024!<|im_end|>\n<|im_start|>assistant\n")])
+    with torch.no_grad():
+        ours, theirs = lm(ids).logits, reference(ids).logits
+        print(f"{arch}: max |logit difference| {(ours - theirs).abs().max().item():.3g} of max |logit| "
+              f"{theirs.abs().max().item():.3g}")
+        assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+        assert test_gguf.greedy(lm, ids, 20) == test_gguf.greedy(reference, ids, 20)
+
+
 def test_other_types_are_dequantized_with_a_warning(bpe, tmp_path, monkeypatch):  # noqa: F811
     types = dict(ALL_NATIVE, attn_v=QT.Q6_K, ffn_down=QT.Q6_K, ffn_up=QT.F16)
     monkeypatch.setattr(test_gguf, "TENSOR_TYPES", types)
     monkeypatch.setattr(test_gguf, "QUANTIZE", quantize_any)
     model = tiny_hf_model("llama", len(bpe[0]), hidden_size=256, intermediate_size=512)
     path = write_gguf(tmp_path / "mixed.gguf", model, "llama", bpe)
-    with pytest.warns(UserWarning, match=r"dequantized to torch.float32 \(blk.0.attn_q.weight \(Q4_1\).*; Q6_K "
+    with pytest.warns(UserWarning, match=r"4 matrices .* dequantized to torch.float32 \(blk.0.attn_v.weight \(Q6_K\), "
+                      r"blk.0.ffn_down.weight \(Q6_K\), blk.1.attn_v.weight \(Q6_K\).*; Q6_K "
                       r"matrices: its 16-value sub-blocks are finer than the int4 kernel's groups \(32 to 256\)"):
         loaded = load_model(str(path), quantize="gguf", dtype=torch.float32)
     lm = loaded.model
-    # q/k/v are fused with a Q6_K v: dequantized together; gate (Q4_0) is fused with an F16 up: the same; the
-    # Q6_K down has no int4 layout
-    assert type(lm.layers[0].attn.qkv) is torch.nn.Linear and type(lm.layers[0].mlp.gate_up) is torch.nn.Linear
+    # q/k (Q4_1) stay native beside a float Q6_K v; gate (Q4_0) beside the F16 up; the Q6_K down has no int4 layout
+    qkv, gate_up = lm.layers[0].attn.qkv, lm.layers[0].mlp.gate_up
+    assert [type(p) for p in qkv.parts] == [Int4Linear, Int4Linear, torch.nn.Linear]
+    assert [type(p) for p in gate_up.parts] == [Int4Linear, torch.nn.Linear]
     assert type(lm.layers[0].mlp.down) is torch.nn.Linear and isinstance(lm.layers[0].attn.out, Int4Linear)
     reference, tok = load_gguf(path)
     ids = torch.tensor([tok.encode("Hello world")])

@@ -32,7 +32,8 @@ they run once per image over hundreds of rows, where the kernels are slower than
 Q4_K as Int4Linear.from_codes (groups of 32: Q4_K's sub-blocks), Q5_0 / Q5_1 / Q5_K / Q8_0 as an Int8GroupLinear
 (two exact int4 planes), and the token embedding (those types or Q6_K) as a QuantizedEmbedding (only looked-up
 rows dequantized; a tied head gets its own layer). Q6_K matrices are dequantized: their 16-value sub-blocks are
-finer than the kernel's groups.
+finer than the kernel's groups. A fused matrix whose parts differ in type (q/k/v with a Q6_K v) is a StackedLinear
+of each part's own layer.
 """
 
 from __future__ import annotations
@@ -270,6 +271,28 @@ class Int8GroupLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+class StackedLinear(nn.Module):
+    """A linear layer made of row blocks that are layers of their own (any of the above, or nn.Linear), all over the
+    same inputs: its output is theirs concatenated along the last dim, in order, as one linear layer over the
+    stacked matrix would give. A GGUF matrix fused from parts of different block types (q/k/v with a Q6_K v) keeps
+    each part native where its type allows it (weights/gguf.py stacked_linear)."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        widths = {part.in_features for part in parts}
+        if len(widths) != 1:
+            raise ValueError(f"row blocks must share in_features; got {sorted(widths)}")
+        self.parts = nn.ModuleList(parts)
+        self.in_features = widths.pop()
+        self.out_features = sum(part.out_features for part in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)  # (..., sum of the parts' out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 class QuantizedEmbedding(nn.Module):

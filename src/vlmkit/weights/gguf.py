@@ -28,9 +28,14 @@ from torch import nn
 
 from vlmkit.models.lm import CausalLM
 from vlmkit.models.rope import RotaryEmbedding
-from vlmkit.quantize import Int4Linear, Int8GroupLinear, QuantizedEmbedding
+from vlmkit.quantize import (
+    Int4Linear,
+    Int8GroupLinear,
+    QuantizedEmbedding,
+    StackedLinear,
+)
 from vlmkit.text.tokenizer import HFTokenizer
-from vlmkit.weights.converter import resolve
+from vlmkit.weights.converter import Joined, resolve
 from vlmkit.weights.hf import load_state
 from vlmkit.weights.llama import lm_config_from_hf, lm_state_from_hf
 
@@ -311,7 +316,8 @@ def read_gguf(path: str | Path, keep: frozenset[QT] = frozenset()) -> tuple[dict
     type in `keep` stays as its raw blocks, a (rows, blocks, block bytes) uint8 tensor (values per block and
     block bytes tell NATIVE_TYPES apart): a block never crosses a row, so the renaming, the Q/K row unpermutation
     and the converter's row concatenations (q/k/v, gate/up) apply to the blocks as to floats
-    (load_gguf(native=True)). Tensors fused with one of another type are dequantized."""
+    (load_gguf(native=True)). A matrix fused with one of another type (_mixed_fused_groups) is a BlockPart, which
+    the converter's Joined holds as one of its parts and load_native makes a layer of (stacked_linear)."""
     reader = _open(path)
     meta = _metadata(reader)
     names = {t.name for t in reader.tensors}
@@ -321,11 +327,8 @@ def read_gguf(path: str | Path, keep: frozenset[QT] = frozenset()) -> tuple[dict
     state: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape))  # ggml lists dims innermost first
-        if QT(t.tensor_type) in keep and len(shape) == 2 and t.name not in mixed:
-            values, block_bytes = DEQUANTIZERS[QT(t.tensor_type)][:2]
-            with warnings.catch_warnings():  # the file's read-only map, never written: only read, or copied by
-                warnings.simplefilter("ignore", UserWarning)  # the unpermutation and the converter's concatenation
-                tensor = torch.from_numpy(t.data.reshape(shape[0], shape[1] // values, block_bytes))
+        if t.name in mixed or (QT(t.tensor_type) in keep and len(shape) == 2):
+            tensor = _raw_blocks(t.data, QT(t.tensor_type), shape)
         else:
             tensor = dequantize(t.data, t.tensor_type, shape)
         name = hf_tensor_name(t.name)
@@ -333,8 +336,29 @@ def read_gguf(path: str | Path, keep: frozenset[QT] = frozenset()) -> tuple[dict
             tensor = unpermute_rope_rows(tensor, heads)
         elif config["model_type"] == "llama" and ".attn_k." in t.name:
             tensor = unpermute_rope_rows(tensor, kv_heads)
-        state[name] = tensor
+        state[name] = BlockPart(tensor, QT(t.tensor_type)) if t.name in mixed else tensor
     return config, state, meta
+
+
+def _raw_blocks(data: np.ndarray, qtype: QT, shape: tuple[int, ...]) -> torch.Tensor:
+    """A matrix's bytes in the file as (rows, blocks, block bytes) uint8 (a float type: blocks of one value)."""
+    values, block_bytes = DEQUANTIZERS[qtype][:2]
+    with warnings.catch_warnings():  # the file's read-only map, never written: only read, or copied by the
+        warnings.simplefilter("ignore", UserWarning)  # unpermutation and the converter's concatenation
+        return torch.from_numpy(data.view(np.uint8).reshape(shape[0], shape[1] // values, block_bytes))
+
+
+class BlockPart:
+    """One matrix of a fused group whose parts differ in type (a Q4_K q beside a Q6_K v), kept as its raw blocks
+    (rows, blocks, block bytes) and type. To the converter it is a (rows, cols) uint8 tensor it joins with the
+    others (converter.Joined reads only shape, dtype and device); raw rows of different block sizes cannot be
+    concatenated, so load_native makes one layer per part from the Joined's parts (stacked_linear) and never
+    resolves the Joined."""
+
+    def __init__(self, blocks: torch.Tensor, qtype: QT) -> None:
+        self.blocks, self.qtype = blocks, qtype
+        self.shape = torch.Size((blocks.shape[0], blocks.shape[1] * DEQUANTIZERS[qtype][0]))
+        self.dtype, self.device = blocks.dtype, blocks.device
 
 
 # tensors the converter concatenates into one vlmkit matrix (attention q/k/v, the MLP's gate/up)
@@ -342,8 +366,8 @@ _FUSED = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
 
 
 def _mixed_fused_groups(tensors: list[Any], keep: frozenset[QT]) -> set[str]:
-    """Names of the matrices fused with one of another type where one of them would stay as blocks: raw rows of
-    different block sizes cannot be concatenated, so the whole group is dequantized."""
+    """Names of the matrices fused with one of another type where one of them would stay as blocks, of types
+    DEQUANTIZERS reads (another type fails in dequantize): each is kept as a BlockPart."""
     types = {t.name: QT(t.tensor_type) for t in tensors}
     mixed: set[str] = set()
     for name in types:
@@ -353,7 +377,7 @@ def _mixed_fused_groups(tensors: list[Any], keep: frozenset[QT]) -> set[str]:
             continue
         members = [f"blk.{match.group(1)}.{part}.weight" for part in group]
         kinds = {types[m] for m in members if m in types}
-        if len(kinds) > 1 and kinds & keep:
+        if len(kinds) > 1 and kinds & keep and kinds <= DEQUANTIZERS.keys():
             mixed.add(name)
     return mixed
 
@@ -442,13 +466,34 @@ def native_embedding(rows: torch.Tensor, qtype: QT, dtype: torch.dtype, device: 
     return QuantizedEmbedding(codes, d, m, q.shape[1] // d.shape[1], dtype, device)
 
 
+def stacked_linear(parts: list[BlockPart], dtype: torch.dtype, device: torch.device | str | None,
+                   bias: torch.Tensor | None = None) -> StackedLinear:
+    """The layer of a fused matrix whose parts differ in type: each part native where its type is in LINEAR_TYPES
+    (native_linear), else a float nn.Linear of its dequantized rows in dtype; the bias split across the parts."""
+    rows = [part.shape[0] for part in parts]
+    biases = [None] * len(parts) if bias is None else list(bias.split(rows))
+    layers: list[nn.Module] = []
+    for part, part_bias in zip(parts, biases):
+        if part.qtype in LINEAR_TYPES:
+            layers.append(native_linear(part.blocks, part.qtype, dtype, device, part_bias))
+            continue
+        layer = nn.Linear(part.shape[1], part.shape[0], bias=part_bias is not None, device="meta")
+        layer.weight = nn.Parameter(dequantize(part.blocks.numpy(), part.qtype, tuple(part.shape)).to(device=device,
+                                    dtype=dtype), requires_grad=False)
+        if part_bias is not None:
+            layer.bias = nn.Parameter(part_bias.to(device=device, dtype=dtype), requires_grad=False)
+        layers.append(layer)
+    return StackedLinear(layers)
+
+
 def load_native(path: str | Path, dtype: torch.dtype,
                 device: torch.device | str | None = None) -> tuple[CausalLM, HFTokenizer]:
     """A CausalLM whose matrices of LINEAR_TYPES (and a token embedding of NATIVE_TYPES) go from the file's blocks
     straight into integer layers (native_linear, native_embedding; a tied head gets its own layer from the same
     blocks), never through a float matrix: the model is built on the meta device and only the float tensors
-    (norms, matrices of other types, dequantized with a warning naming them) are materialized, in dtype. The KV cache follows dtype
-    (CausalLM.new_cache reads the norm's type)."""
+    (norms, matrices of other types, dequantized with a warning naming them) are materialized, in dtype. A fused
+    q/k/v or gate/up whose parts differ in type is a StackedLinear of the parts' own layers. The KV cache follows
+    dtype (CausalLM.new_cache reads the norm's type)."""
     config, state, meta = read_gguf(path, keep=NATIVE_TYPES)
     others = _dequantized_matrices(path)
     if others:
@@ -466,17 +511,22 @@ def load_native(path: str | Path, dtype: torch.dtype,
         weight = state.get(f"{name}.weight")
         if not isinstance(module, (nn.Linear, nn.Embedding)) or weight is None or weight.dtype != torch.uint8:
             continue
-        width = module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
-        qtype = _NATIVE_BY_LAYOUT[(width // weight.shape[1], weight.shape[2])]
-        weight = resolve(state.pop(f"{name}.weight"))  # q|k|v and gate|up blocks are joined here
-        if isinstance(module, nn.Linear) and qtype not in LINEAR_TYPES:  # Q6_K: the embedding's type, tied or not
-            state[f"{name}.weight"] = dequantize(weight.numpy(), qtype, (module.out_features, width))
-            continue
-        if isinstance(module, nn.Embedding):
-            new = native_embedding(weight, qtype, dtype, device)
-        else:
+        if isinstance(weight, Joined) and isinstance(weight.parts[0], BlockPart):  # parts of different types
             bias = state.pop(f"{name}.bias", None)
-            new = native_linear(weight, qtype, dtype, device, None if bias is None else resolve(bias).to(dtype))
+            new = stacked_linear(state.pop(f"{name}.weight").parts, dtype, device,
+                                 None if bias is None else resolve(bias))
+        else:
+            width = module.in_features if isinstance(module, nn.Linear) else module.embedding_dim
+            qtype = _NATIVE_BY_LAYOUT[(width // weight.shape[1], weight.shape[2])]
+            weight = resolve(state.pop(f"{name}.weight"))  # q|k|v and gate|up blocks are joined here
+            if isinstance(module, nn.Linear) and qtype not in LINEAR_TYPES:  # Q6_K: the embedding's type, tied or not
+                state[f"{name}.weight"] = dequantize(weight.numpy(), qtype, (module.out_features, width))
+                continue
+            if isinstance(module, nn.Embedding):
+                new = native_embedding(weight, qtype, dtype, device)
+            else:
+                bias = state.pop(f"{name}.bias", None)
+                new = native_linear(weight, qtype, dtype, device, None if bias is None else resolve(bias).to(dtype))
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     result = model.load_state_dict({k: resolve(v).to(device=device, dtype=dtype) for k, v in state.items()},
@@ -493,7 +543,6 @@ def _dequantized_matrices(path: str | Path) -> list[str]:
     """The matrices of a GGUF file that native loading dequantizes, each with its type (a token embedding of
     NATIVE_TYPES only as a tied head outside LINEAR_TYPES)."""
     tensors = _open(path).tensors
-    mixed = _mixed_fused_groups(tensors, NATIVE_TYPES)
     tied = "output.weight" not in {t.name for t in tensors}
     found = []
     for t in tensors:
@@ -503,7 +552,7 @@ def _dequantized_matrices(path: str | Path) -> list[str]:
         if t.name == "token_embd.weight" and qtype in NATIVE_TYPES:
             if tied and qtype not in LINEAR_TYPES:
                 found.append(f"{t.name} ({qtype.name}, as the tied head)")
-        elif qtype not in LINEAR_TYPES or t.name in mixed:
+        elif qtype not in LINEAR_TYPES:
             found.append(f"{t.name} ({qtype.name})")
     return found
 
