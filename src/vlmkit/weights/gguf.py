@@ -28,12 +28,7 @@ from torch import nn
 
 from vlmkit.models.lm import CausalLM
 from vlmkit.models.rope import RotaryEmbedding
-from vlmkit.quantize import (
-    Int4Linear,
-    Int8GroupLinear,
-    QuantizedEmbedding,
-    StackedLinear,
-)
+from vlmkit.quantize import Int4Linear, Int8GroupLinear, QuantizedEmbedding, StackedLinear
 from vlmkit.text.tokenizer import HFTokenizer
 from vlmkit.weights.converter import Joined, resolve
 from vlmkit.weights.hf import load_state
