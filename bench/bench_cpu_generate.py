@@ -64,7 +64,8 @@ TEXT = ("The river town woke slowly in the autumn. Before the sun cleared the hi
         "as the stories said.")
 
 LINEARS = (torch.nn.Linear, Int8Linear, Int4Linear, Int8GroupLinear)
-# (prompt ids, new tokens) -> (prefill s, decode s; prefill 0: none); engines come with the bytes a decoding step reads (0: unknown)
+# (prompt ids, new tokens) -> (prefill s, decode s; prefill 0: none); engines come with the bytes a decoding step
+# reads (0: unknown)
 Run = Callable[[list[int], int], tuple[float, float]]
 
 
