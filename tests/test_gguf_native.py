@@ -272,18 +272,36 @@ K_MIX = {"token_embd": QT.Q4_K, "attn_q": QT.Q4_K, "attn_k": QT.Q4_K, "attn_v": 
          "ffn_gate": QT.Q4_K, "ffn_up": QT.Q4_K, "ffn_down": QT.Q6_K, "output": QT.Q6_K}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_tiny_k_quant_gguf_native_equals_dequantized(arch, bpe, tmp_path, monkeypatch):  # noqa: F811
-    types = K_MIX if arch == "llama" else dict(K_MIX, token_embd=QT.Q6_K, attn_output=QT.Q5_1, ffn_down=QT.Q5_K)
+def k_quant_file(arch: str, types: dict, bpe, tmp_path, monkeypatch):  # noqa: F811
+    """A tiny arch model written as a GGUF with these tensor types, the file dequantized to fp32 (the reference
+    model) and its tokenizer, and the list every later vgguf.dequantize call appends its type to."""
     monkeypatch.setattr(test_gguf, "TENSOR_TYPES", types)
     monkeypatch.setattr(test_gguf, "QUANTIZE", quantize_any)
     model = tiny_hf_model(arch, len(bpe[0]), hidden_size=256, intermediate_size=512)
-    path = write_gguf(tmp_path / f"tiny-k-{arch}.gguf", model, arch, bpe)
+    path = write_gguf(tmp_path / f"tiny-{arch}.gguf", model, arch, bpe)
     reference, tok = load_gguf(path)
     seen: list[QT] = []
     dequantize = vgguf.dequantize
     monkeypatch.setattr(vgguf, "dequantize", lambda data, qtype, shape: seen.append(QT(qtype)) or
                         dequantize(data, qtype, shape))
+    return path, reference, tok, seen
+
+
+def check_answers_as_dequantized(lm, reference, tok) -> None:
+    """fp32 logits within 1e-4 of the largest and 20 equal greedy tokens on a chat prompt."""
+    ids = torch.tensor([tok.encode("<|im_start|>user\nHello world, 2024!<|im_end|>\n<|im_start|>assistant\n")])
+    with torch.no_grad():
+        ours, theirs = lm(ids).logits, reference(ids).logits
+        print(f"max |logit difference| {(ours - theirs).abs().max().item():.3g} of max |logit| "
+              f"{theirs.abs().max().item():.3g}")
+        assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+        assert test_gguf.greedy(lm, ids, 20) == test_gguf.greedy(reference, ids, 20)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_k_quant_gguf_native_equals_dequantized(arch, bpe, tmp_path, monkeypatch):  # noqa: F811
+    types = K_MIX if arch == "llama" else dict(K_MIX, token_embd=QT.Q6_K, attn_output=QT.Q5_1, ffn_down=QT.Q5_K)
+    path, reference, tok, seen = k_quant_file(arch, types, bpe, tmp_path, monkeypatch)
     first = "blk.0.ffn_down.weight (Q6_K)" if arch == "llama" else "token_embd.weight (Q6_K, as the tied head)"
     with pytest.warns(UserWarning, match=rf"\({re.escape(first)}.*Q6_K matrices: its 16-value sub-blocks"):
         loaded = load_model(str(path), quantize="gguf", dtype=torch.float32)
@@ -295,11 +313,7 @@ def test_tiny_k_quant_gguf_native_equals_dequantized(arch, bpe, tmp_path, monkey
         assert isinstance(layer.attn.qkv, Int4Linear) and isinstance(layer.mlp.gate_up, Int4Linear)
         assert isinstance(layer.attn.out, Int4Linear if arch == "llama" else Int8GroupLinear)
         assert type(layer.mlp.down) is (torch.nn.Linear if arch == "llama" else Int8GroupLinear)
-    ids = torch.tensor([tok.encode("<|im_start|>user\nHello world, 2024!<|im_end|>\n<|im_start|>assistant\n")])
-    with torch.no_grad():
-        ours, theirs = lm(ids).logits, reference(ids).logits
-        assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
-        assert test_gguf.greedy(lm, ids, 20) == test_gguf.greedy(reference, ids, 20)
+    check_answers_as_dequantized(lm, reference, tok)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases, split across the parts
@@ -308,15 +322,8 @@ def test_fused_parts_of_different_types_stay_native(arch, bpe, tmp_path, monkeyp
     layer 1 is uniform. Layer 0's q/k/v and gate/up become StackedLinears whose only float part is the Q6_K v,
     layer 1's stay one native layer each, and the model gives the dequantized file's logits and greedy tokens."""
     types = K_MIX if arch == "llama" else dict(K_MIX, token_embd=QT.Q6_K, attn_output=QT.Q5_1, ffn_down=QT.Q5_K)
-    monkeypatch.setattr(test_gguf, "TENSOR_TYPES", {**types, "blk.0.attn_v": QT.Q6_K, "blk.0.ffn_up": QT.Q5_K})
-    monkeypatch.setattr(test_gguf, "QUANTIZE", quantize_any)
-    model = tiny_hf_model(arch, len(bpe[0]), hidden_size=256, intermediate_size=512)
-    path = write_gguf(tmp_path / f"tiny-mixed-{arch}.gguf", model, arch, bpe)
-    reference, tok = load_gguf(path)
-    seen: list[QT] = []
-    dequantize = vgguf.dequantize
-    monkeypatch.setattr(vgguf, "dequantize", lambda data, qtype, shape: seen.append(QT(qtype)) or
-                        dequantize(data, qtype, shape))
+    path, reference, tok, seen = k_quant_file(arch, {**types, "blk.0.attn_v": QT.Q6_K, "blk.0.ffn_up": QT.Q5_K}, bpe,
+                                              tmp_path, monkeypatch)
     with pytest.warns(UserWarning, match="dequantized") as caught:
         lm = load_model(str(path), quantize="gguf", dtype=torch.float32).model
     message = next(str(w.message) for w in caught if "--quantize gguf" in str(w.message))
@@ -329,13 +336,7 @@ def test_fused_parts_of_different_types_stay_native(arch, bpe, tmp_path, monkeyp
     assert [type(p) for p in first.mlp.gate_up.parts] == [Int4Linear, Int8GroupLinear]
     assert (first.attn.qkv.parts[0].bias is not None) == (arch == "qwen2")
     assert type(second.attn.qkv) is Int4Linear and type(second.mlp.gate_up) is Int4Linear
-    ids = torch.tensor([tok.encode("<|im_start|>user\nHello world, 2024!<|im_end|>\n<|im_start|>assistant\n")])
-    with torch.no_grad():
-        ours, theirs = lm(ids).logits, reference(ids).logits
-        print(f"{arch}: max |logit difference| {(ours - theirs).abs().max().item():.3g} of max |logit| "
-              f"{theirs.abs().max().item():.3g}")
-        assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
-        assert test_gguf.greedy(lm, ids, 20) == test_gguf.greedy(reference, ids, 20)
+    check_answers_as_dequantized(lm, reference, tok)
 
 
 def test_other_types_are_dequantized_with_a_warning(bpe, tmp_path, monkeypatch):  # noqa: F811
